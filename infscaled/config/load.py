@@ -1,0 +1,67 @@
+"""Entry points: a TOML job file (or already-parsed data) -> a validated `JobConfig`."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+from infscaled.config.messages import MISSING, config_error
+from infscaled.config.schema import JobConfig
+from infscaled.config.sections import parse_model, parse_pipeline, parse_placement, parse_workload
+from infscaled.config.values import Section
+
+STRING_PATH: Final = "<string>"
+# Name of a job parsed from data that gave none (there is no file stem to fall back on).
+DEFAULT_NAME: Final = "job"
+TOP_LEVEL_KEYS: Final = ("name", "model", "pipeline", "placement", "workload")
+
+
+def load_job(path: str | Path) -> JobConfig:
+    """Read and validate a TOML job file; every problem raises one ConfigError naming file and key."""
+    shown = str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise config_error(shown, "", None, "a path to an existing TOML job file", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise config_error(shown, "", None, "a readable UTF-8 TOML job file", f"cannot read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise config_error(shown, "", None, "TOML syntax (https://toml.io)", f"invalid TOML: {exc}") from None
+    return parse_job(data, shown, base_dir=Path(path).resolve().parent)
+
+
+def parse_job(
+    data: Mapping[str, Any], path: str = STRING_PATH, *, base_dir: str | Path | None = None
+) -> JobConfig:
+    """Validate already-parsed job data (e.g. from the REST API).
+
+    `path` is only used in messages and as the default name; relative paths in the data are
+    resolved against `base_dir` (default: the directory of `path`, or the working directory).
+    """
+    if not isinstance(data, Mapping):
+        allowed = "a table of [model], [pipeline], [placement], [workload]"
+        raise config_error(path, "", None, allowed, "expected a table")
+    if base_dir is None:
+        base_dir = Path.cwd() if path == STRING_PATH else Path(path).resolve().parent
+    base = Path(base_dir).resolve()
+    top = Section(path, "", data)
+    top.check_keys(TOP_LEVEL_KEYS)
+    default_name = DEFAULT_NAME if path == STRING_PATH else Path(path).stem
+    name = top.get_str("name", default_name, "a non-empty string")
+    if not top.has("model"):
+        raise top.error("model", MISSING, "a [model] table with at least `source`", "missing required table")
+    model = parse_model(top.table("model"), base)
+    pipeline = parse_pipeline(top.table("pipeline"))
+    return JobConfig(
+        name=name,
+        path=path,
+        base_dir=str(base),
+        model=model,
+        pipeline=pipeline,
+        placement=parse_placement(top.table("placement"), pipeline.replicas),
+        workload=parse_workload(top.table("workload"), pipeline.micro_batch_size, base),
+    )

@@ -1,0 +1,125 @@
+"""The job file as nested frozen dataclasses (see docs/job-file.md for the user-facing reference).
+
+Instances are built by `parse_job`/`load_job`, which validate every field; constructing them
+by hand skips those checks. Relative paths are already resolved to absolute ones here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+DTYPES: Final = ("float32", "bfloat16", "float16")
+GRAPHS: Final = ("mesh", "parallel", "explicit")
+POLICIES: Final = ("round_robin", "random", "shortest_queue", "static", "weighted")
+AUTO_DEVICES: Final = "auto"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """[model]: what to serve."""
+
+    source: str
+    """"builtin:NAME", "python:MODULE:FACTORY", an absolute model directory, or a Hugging Face id."""
+    dtype: str = "float32"
+    """Parameter and activation dtype; one of DTYPES."""
+    seed: int = 0
+    """Seed for randomly initialised weights (builtin:, python:, or HF configs without weights)."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """[pipeline]: how the model is cut into stages and how stages are connected."""
+
+    stages: int | None = None
+    """Stage count, balanced by parameter count at plan time; None when `layers` is given."""
+    layers: tuple[tuple[int, int], ...] | None = None
+    """Inclusive (first_unit, last_unit) per stage; None when `stages` is given."""
+    replicas: tuple[int, ...] = ()
+    """Replica count per stage; always one entry per stage after loading (default all 1)."""
+    graph: str = "mesh"
+    """How replicas of consecutive stages are linked; one of GRAPHS."""
+    edges: tuple[tuple[str, str], ...] = ()
+    """("STAGE.REPLICA", "STAGE.REPLICA") pairs between consecutive stages; only for graph "explicit"."""
+    policy: str = "round_robin"
+    """How a sender picks among its downstream replicas; one of POLICIES."""
+    micro_batch_size: int = 8
+    """Samples per micro-batch."""
+    max_inflight: int = 4
+    """Micro-batches in flight in the whole pipeline at once."""
+    max_wait_ms: float = 2.0
+    """How long the dispatcher waits to fill a micro-batch before sending it part-full."""
+    edge_timeout_s: float = 60.0
+    """Timeout of each edge's process group."""
+
+    @property
+    def stage_count(self) -> int:
+        """Number of stages, from `layers` if given, else `stages`."""
+        if self.layers is not None:
+            return len(self.layers)
+        assert self.stages is not None, "a loaded PipelineConfig has stages or layers"
+        return self.stages
+
+    @property
+    def replica_total(self) -> int:
+        """Stage replicas in the whole pipeline (= worker processes)."""
+        return sum(self.replicas)
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """[placement]: where each stage replica runs."""
+
+    devices: tuple[str, ...] | str = AUTO_DEVICES
+    """"auto", or one of "cpu" / "cuda" / "cuda:N" per stage replica in stage-major order."""
+    host: str = "127.0.0.1"
+    """Address workers bind their edges to on this host."""
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """[workload]: the requests a run sends."""
+
+    requests: int = 100
+    """Requests to send in total."""
+    rate: float = 0.0
+    """Poisson arrival rate in requests/s; 0 = closed loop."""
+    concurrency: int = 0
+    """Closed loop only: requests outstanding at once; 0 = chosen automatically."""
+    samples: tuple[int, int] = (1, 1)
+    """(min, max) samples per request, drawn uniformly; max <= pipeline.micro_batch_size."""
+    seq_len: tuple[int, int] = (16, 16)
+    """(min, max) tokens per sample, for token models."""
+    image_size: int = 0
+    """Image side in pixels, for image models; 0 = the model's default."""
+    seed: int = 0
+    """Seed for generated request inputs and arrival times."""
+    input_file: str | None = None
+    """Absolute path of a .safetensors file of request inputs, or None to generate them."""
+    request_timeout_s: float = 120.0
+    """How long one request may take end to end before it fails."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole job file."""
+
+    name: str
+    """Job name; defaults to the file's stem."""
+    path: str
+    """The file it was loaded from, as given; "<string>" when parsed from data."""
+    base_dir: str
+    """Absolute directory that relative paths in the file were resolved against."""
+    model: ModelConfig
+    """[model] table."""
+    pipeline: PipelineConfig
+    """[pipeline] table."""
+    placement: PlacementConfig
+    """[placement] table."""
+    workload: WorkloadConfig
+    """[workload] table."""
+
+    @property
+    def stage_count(self) -> int:
+        """Number of pipeline stages."""
+        return self.pipeline.stage_count

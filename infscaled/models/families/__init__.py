@@ -1,0 +1,1 @@
+"""One adapter per model family; each turns a model into ordered units."""

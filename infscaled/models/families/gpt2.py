@@ -1,0 +1,67 @@
+"""GPT-2: units = [embed (wte + wpe), block 0..n-1, head (ln_f + lm_head)]."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
+from infscaled.models.families.common import causal_context
+
+
+class GPT2Embed(Unit):
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.wte, self.wpe, self.drop = transformer.wte, transformer.wpe, transformer.drop
+
+    def forward(self, act: Activation, ctx: Context) -> Activation:
+        ids = act["input_ids"]  # [B, T]
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        hidden = self.drop(self.wte(ids) + self.wpe(positions))
+        return {"hidden": hidden, "attention_mask": act["attention_mask"]}
+
+
+class GPT2Block(Unit):
+    def __init__(self, block: nn.Module, config: Any) -> None:
+        super().__init__()
+        self.block = block
+        self.config = config
+
+    def forward(self, act: Activation, ctx: Context) -> Activation:
+        causal_context(self.config, act, ctx)
+        hidden = self.block(act["hidden"], None, ctx["mask"], use_cache=False, position_ids=ctx["position_ids"])
+        return {"hidden": hidden, "attention_mask": act["attention_mask"]}
+
+
+class GPT2Head(Unit):
+    def __init__(self, ln_f: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.ln_f, self.lm_head = ln_f, lm_head
+
+    def forward(self, act: Activation, ctx: Context) -> Activation:
+        return {"output": self.lm_head(self.ln_f(act["hidden"]))}  # [B, T, V]
+
+
+class GPT2Family(Family):
+    name = "gpt2"
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def build(self) -> nn.Module:
+        from transformers import GPT2LMHeadModel
+
+        return GPT2LMHeadModel(self.config)
+
+    def units(self, model: nn.Module) -> list[Unit]:
+        t = model.transformer
+        return [GPT2Embed(t), *(GPT2Block(b, self.config) for b in t.h), GPT2Head(t.ln_f, model.lm_head)]
+
+    def input_spec(self) -> InputSpec:
+        return InputSpec("tokens", vocab_size=self.config.vocab_size, max_positions=self.config.n_positions,
+                         per_token_output=True)
+
+    def reference_forward(self, model: nn.Module, inputs: Activation) -> torch.Tensor:
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits

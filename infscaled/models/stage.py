@@ -1,0 +1,151 @@
+"""Materialise a stage (a contiguous range of units) and only its weights.
+
+The full model is built as a skeleton with parameters on the meta device; the stage's
+units are then given real tensors one parameter at a time, read from the checkpoint or
+drawn from the seeded init. Other units' parameters are never allocated, so a worker's
+peak memory grows with its stage, not with the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from infscaled.errors import ModelError
+from infscaled.models.base import Activation, Context, Family, Unit
+from infscaled.models.meta import buffer_names, dtype_of, numel, param_aliases, params_on_meta
+from infscaled.models.sources import ResolvedModel
+from infscaled.models.weights import Checkpoint, seeded_tensor
+
+
+@dataclass(frozen=True)
+class Skeleton:
+    """A model built on meta and cut into units; costs no weight memory."""
+
+    family: Family
+    model: nn.Module
+    units: list[Unit]
+
+    @property
+    def unit_count(self) -> int:
+        return len(self.units)
+
+    def unit_weights(self) -> list[int]:
+        """Parameter count per unit (tied weights count in each unit that uses them)."""
+        return [numel(u) for u in self.units]
+
+
+def skeleton(resolved: ResolvedModel) -> Skeleton:
+    with params_on_meta():
+        model = resolved.family.build()
+    model.eval()
+    units = resolved.family.units(model)
+    if not units:
+        raise ModelError(f"{resolved.source}: the model has no units")
+    _check_units_cover(model, units, resolved.source)
+    return Skeleton(resolved.family, model, units)
+
+
+def _check_units_cover(model: nn.Module, units: list[Unit], source: str) -> None:
+    """Every parameter must belong to some unit, or a split would silently drop it."""
+    in_units = {id(p) for u in units for p in u.parameters()}
+    missing = [n for n, p in model.named_parameters() if id(p) not in in_units]
+    if missing:
+        raise ModelError(f"{source}: adapter bug: parameters in no unit: {missing[:5]}")
+
+
+class Stage(nn.Module):
+    """Units first..last of a model, on one device, ready to run micro-batches."""
+
+    def __init__(self, units: list[Unit], shared: dict[str, nn.Module], first: int, last: int,
+                 param_names: list[str]) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.shared = nn.ModuleDict(shared)
+        self.first, self.last = first, last
+        # Full-model (canonical) names of the parameters this stage holds.
+        self.param_names = param_names
+
+    def forward(self, act: Activation) -> Activation:  # type: ignore[override]
+        ctx: Context = {"shared": self.shared}
+        for unit in self.units:
+            act = unit(act, ctx)
+        return act
+
+
+def materialize(sk: Skeleton, first: int, last: int, device: str, dtype: str, seed: int,
+                checkpoint_dir: str | None) -> Stage:
+    """Give units first..last real tensors on `device`; the rest of the skeleton stays meta."""
+    if not 0 <= first <= last < sk.unit_count:
+        raise ModelError(f"unit range {first}..{last} outside 0..{sk.unit_count - 1}")
+    torch_dtype = dtype_of(dtype)
+    aliases = param_aliases(sk.model)
+    buffers = buffer_names(sk.model)
+    ckpt = Checkpoint(Path(checkpoint_dir)) if checkpoint_dir else None
+    prefix = getattr(sk.model, "base_model_prefix", "")
+    units = sk.units[first:last + 1]
+    made: dict[int, nn.Parameter] = {}  # keeps tied parameters tied inside the stage
+    names: list[str] = []
+    for unit in units:
+        for module in unit.modules():
+            for pname, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in made:
+                    full = aliases.get(id(p), [pname])
+                    value = _value(full, p.shape, seed, ckpt, prefix, device, sk)
+                    made[id(p)] = nn.Parameter(value.to(device=device, dtype=torch_dtype), requires_grad=False)
+                    names.append(full[0])
+                module._parameters[pname] = made[id(p)]
+            for bname, b in list(module._buffers.items()):
+                if b is None:
+                    continue
+                key = buffers.get(id(b))
+                if ckpt is not None and key is not None and (found := ckpt.find([key], prefix)):
+                    b = ckpt.load(found, "cpu")
+                b = b.to(device)
+                module._buffers[bname] = b.to(torch_dtype) if b.is_floating_point() else b
+    shared = {k: m.to(device) for k, m in sk.family.shared(sk.model).items()}
+    stage = Stage(list(units), shared, first, last, names)
+    stage.eval()
+    return stage
+
+
+def _value(full: list[str], shape: torch.Size, seed: int, ckpt: Checkpoint | None, prefix: str,
+           device: str, sk: Skeleton) -> torch.Tensor:
+    if ckpt is None:
+        return seeded_tensor(full[0], shape, seed)
+    key = ckpt.find(full, prefix)
+    if key is None:
+        raise ModelError(f"{ckpt.directory}: checkpoint has no tensor for parameter {full[0]}")
+    value = ckpt.load(key, device)
+    if value.shape != shape:
+        raise ModelError(f"{ckpt.directory}: tensor {key} has shape {tuple(value.shape)}, "
+                         f"the model expects {tuple(shape)}")
+    return value
+
+
+def build_stage(resolved: ResolvedModel, first: int, last: int, device: str, dtype: str, seed: int) -> Stage:
+    """A worker's stage: skeleton, then only units first..last materialised."""
+    ckpt = str(resolved.checkpoint_dir) if resolved.checkpoint_dir else None
+    return materialize(skeleton(resolved), first, last, device, dtype, seed, ckpt)
+
+
+class Monolith:
+    """The whole model materialised in one process: the reference a pipeline must match."""
+
+    def __init__(self, resolved: ResolvedModel, device: str, dtype: str, seed: int) -> None:
+        sk = skeleton(resolved)
+        ckpt = str(resolved.checkpoint_dir) if resolved.checkpoint_dir else None
+        self.stage = materialize(sk, 0, sk.unit_count - 1, device, dtype, seed, ckpt)
+        self.family = sk.family
+        self.model = sk.model
+        self.device = device
+
+    @torch.inference_mode()
+    def forward(self, inputs: Activation) -> torch.Tensor:
+        """The family's own (Hugging Face) forward on the full model, not our unit chain."""
+        return self.family.reference_forward(self.model, {k: v.to(self.device) for k, v in inputs.items()})

@@ -1,0 +1,70 @@
+"""Where a stage's tensor values come from: a safetensors checkpoint, or a seeded init.
+
+Both read or create one tensor at a time by full-model name, so a worker only ever
+holds its own stage's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from infscaled.errors import ModelError
+
+
+def seeded_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """Deterministic float32 values for the parameter called `name`.
+
+    Keyed by (seed, name) alone, so every stage that builds a parameter, and the
+    monolithic reference, get identical values no matter which other units exist.
+    Fan-in scaled normals keep activations O(1) through deep random nets (a fixed
+    small std would make deep CNN outputs vanish and comparisons meaningless).
+    """
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if len(shape) < 2:  # norm scales
+        return torch.ones(shape)
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+
+
+class Checkpoint:
+    """Lazy reader of a local safetensors checkpoint (single file or sharded index)."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        self._open = safe_open
+        self.directory = directory
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.exists():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            self._file_of = {k: directory / f for k, f in weight_map.items()}
+        elif single.exists():
+            with safe_open(str(single), framework="pt") as f:
+                self._file_of = {k: single for k in f.keys()}
+        else:
+            raise ModelError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+    def has(self, key: str) -> bool:
+        return key in self._file_of
+
+    def find(self, names: list[str], prefix: str) -> str | None:
+        """First checkpoint key among `names`, also trying them without the base-model prefix
+        (a checkpoint saved from the base model lacks e.g. "bert.")."""
+        for n in names:
+            for candidate in (n, n.removeprefix(prefix + ".") if prefix else n):
+                if candidate in self._file_of:
+                    return candidate
+        return None
+
+    def load(self, key: str, device: torch.device | str) -> torch.Tensor:
+        with self._open(str(self._file_of[key]), framework="pt", device=str(device)) as f:
+            return f.get_tensor(key)

@@ -1,0 +1,98 @@
+"""Control messages between a worker process and its supervisor (no torch).
+
+They travel over the worker's control pipe as versioned JSON, never pickle, so the same
+types can later cross a websocket between an agent and the controller unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from infscaled.errors import WireError
+
+CONTROL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """Counters of one stage replica since it became ready (monotonic seconds)."""
+
+    node: str
+    micro_batches: int = 0
+    samples: int = 0
+    busy_s: float = 0.0  # time spent computing
+    wall_s: float = 0.0  # time since the first micro-batch arrived
+    queue_depth: int = 0  # micro-batches received and not yet computed
+
+    @property
+    def busy(self) -> float:
+        """Fraction of wall time spent computing (occupancy)."""
+        return self.busy_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    type: ClassVar[str] = "ready"
+    node: str
+    pid: int
+    device: str
+    # Full-model names of the parameters this worker materialised, and their element count.
+    params: list[str] = field(default_factory=list)
+    param_numel: int = 0
+    load_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerStatsReport:
+    type: ClassVar[str] = "stats"
+    stats: StageStats
+
+
+@dataclass(frozen=True)
+class WorkerDone:
+    """The worker drained and stopped cleanly after a STOP on all its in-edges."""
+
+    type: ClassVar[str] = "done"
+    stats: StageStats
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    type: ClassVar[str] = "failed"
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopWorker:
+    """Supervisor -> worker: abort now (the clean path is a STOP on the data plane)."""
+
+    type: ClassVar[str] = "stop"
+    reason: str = ""
+
+
+ControlMessage = WorkerReady | WorkerStatsReport | WorkerDone | WorkerFailed | StopWorker
+_TYPES: dict[str, Any] = {c.type: c for c in (WorkerReady, WorkerStatsReport, WorkerDone, WorkerFailed, StopWorker)}
+
+
+def encode(msg: ControlMessage) -> bytes:
+    return json.dumps({"v": CONTROL_VERSION, "type": msg.type, "body": asdict(msg)}).encode()
+
+
+def decode(data: bytes) -> ControlMessage:
+    try:
+        raw = json.loads(data)
+        if raw.get("v") != CONTROL_VERSION:
+            raise WireError(f"control message version {raw.get('v')!r}, expected {CONTROL_VERSION}")
+        cls = _TYPES[raw["type"]]
+        body = raw["body"]
+        if "stats" in body:
+            body["stats"] = StageStats(**body["stats"])
+        msg: ControlMessage = cls(**body)
+        return msg
+    except WireError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WireError(f"malformed control message: {exc}") from exc

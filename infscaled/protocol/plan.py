@@ -1,0 +1,117 @@
+"""A job's execution plan: plain, immutable data shared by every role (no torch here).
+
+The launcher (and later the controller) turns a validated job config into a `JobPlan`;
+each worker receives the whole plan and picks out its own node, its edges and its units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DISPATCHER_STAGE = -1
+
+
+@dataclass(frozen=True, order=True)
+class Node:
+    """One endpoint of the data plane: a stage replica, or the dispatcher (stage -1)."""
+
+    stage: int
+    replica: int
+
+    @property
+    def is_dispatcher(self) -> bool:
+        return self.stage == DISPATCHER_STAGE
+
+    def __str__(self) -> str:
+        return "dispatcher" if self.is_dispatcher else f"{self.stage}.{self.replica}"
+
+    @staticmethod
+    def parse(text: str) -> Node:
+        """Parse "dispatcher" or "STAGE.REPLICA" (e.g. "1.0"); raises ValueError otherwise."""
+        if text == "dispatcher":
+            return DISPATCHER
+        stage_s, dot, replica_s = text.partition(".")
+        if not dot or not stage_s.isdigit() or not replica_s.isdigit():
+            raise ValueError(f"not a node name: {text!r} (expected 'dispatcher' or 'STAGE.REPLICA')")
+        return Node(int(stage_s), int(replica_s))
+
+
+DISPATCHER = Node(DISPATCHER_STAGE, 0)
+
+
+@dataclass(frozen=True)
+class EdgePlan:
+    """A directed data-plane edge with its own two-rank process group.
+
+    The sender (rank 0) hosts the edge's TCPStore at host:port; the receiver (rank 1)
+    connects to it. Data flows src -> dst; acknowledgements flow back dst -> src.
+    """
+
+    src: Node
+    dst: Node
+    host: str
+    port: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.src}->{self.dst}"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Stage `index` runs units first_unit..last_unit (inclusive) on `replicas` workers."""
+
+    index: int
+    first_unit: int
+    last_unit: int
+    replicas: int
+
+    @property
+    def units(self) -> range:
+        return range(self.first_unit, self.last_unit + 1)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """Where one stage replica runs: its device ("cpu", "cuda:1") and the host it binds to."""
+
+    node: Node
+    device: str
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything a worker or the dispatcher needs to join a job's data plane."""
+
+    job: str
+    model_source: str
+    dtype: str
+    seed: int
+    stages: tuple[StagePlan, ...]
+    workers: tuple[WorkerPlan, ...]
+    edges: tuple[EdgePlan, ...]
+    policy: str
+    micro_batch_size: int
+    max_inflight: int
+    max_wait_ms: float
+    edge_timeout_s: float
+    dispatcher_host: str = "127.0.0.1"
+    # Directory the job file lives in; relative model paths were already resolved against it.
+    base_dir: str = field(default=".")
+
+    def in_edges(self, node: Node) -> tuple[EdgePlan, ...]:
+        return tuple(e for e in self.edges if e.dst == node)
+
+    def out_edges(self, node: Node) -> tuple[EdgePlan, ...]:
+        return tuple(e for e in self.edges if e.src == node)
+
+    def worker(self, node: Node) -> WorkerPlan:
+        for w in self.workers:
+            if w.node == node:
+                return w
+        raise KeyError(f"no worker {node} in job {self.job}")
+
+    @property
+    def last_stage(self) -> int:
+        return len(self.stages) - 1

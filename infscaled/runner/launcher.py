@@ -1,0 +1,277 @@
+"""Run a job on this host: plan it, spawn its stage workers, host its dispatcher, supervise.
+
+`LocalJob` is a context manager. Start-up: validate the job against the real model
+(unit count) -> plan (partition, graph, placement, one port per edge) -> spawn one
+worker process per stage replica -> connect the dispatcher's edges while the workers
+build -> wait for every READY. Shutdown is the reverse: drain the dispatcher (STOP flows
+down the pipeline), wait for each worker to finish, then SIGTERM / SIGKILL whatever is
+left. A worker that exits unexpectedly fails the job at once with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+
+import torch
+
+from infscaled.config import JobConfig, check_against_model, check_builtin
+from infscaled.errors import ConfigError, InfscaledError, ModelError
+from infscaled.models.base import InputSpec
+from infscaled.models.builtins import BUILTIN_NAMES
+from infscaled.models.meta import dtype_of
+from infscaled.models.sources import ResolvedModel, resolve
+from infscaled.models.stage import skeleton
+from infscaled.planning import edge_count, make_plan
+from infscaled.planning.partition import balance
+from infscaled.planning.placement import place
+from infscaled.planning.ports import free_ports
+from infscaled.protocol import control
+from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
+from infscaled.worker.dispatcher import Dispatcher
+from infscaled.worker.entry import WorkerSpec, worker_main
+from infscaled.worker.transport import Edge, connect_all
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job checked against its model and planned; nothing started yet."""
+
+    cfg: JobConfig
+    resolved: ResolvedModel
+    spec: InputSpec
+    plan: JobPlan
+    unit_count: int
+
+
+def prepare(cfg: JobConfig) -> Prepared:
+    """Everything that can fail on bad input fails here, before any process starts."""
+    if cfg.model.source.startswith("builtin:"):
+        check_builtin(cfg, BUILTIN_NAMES)
+    try:
+        resolved = resolve(cfg.model.source)
+        sk = skeleton(resolved)
+    except ModelError as exc:
+        raise ConfigError(f"{cfg.path}: model.source = {cfg.model.source!r}: {exc}") from exc
+    cfg = check_against_model(cfg, sk.unit_count)
+    pipe = cfg.pipeline
+    ranges = pipe.layers if pipe.layers is not None else balance(sk.unit_weights(), pipe.stage_count)
+    replicas = pipe.replicas
+    explicit = tuple((Node.parse(a), Node.parse(b)) for a, b in pipe.edges)
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = place(cfg.placement.devices, replicas, available_cuda=cuda)
+    spec = sk.family.input_spec()
+    if spec.kind == "image" and cfg.workload.image_size:
+        spec = InputSpec("image", (spec.sample_shape[0], cfg.workload.image_size, cfg.workload.image_size))
+    host = cfg.placement.host
+    plan = make_plan(
+        job=cfg.name, model_source=cfg.model.source, dtype=cfg.model.dtype, seed=cfg.model.seed,
+        ranges=ranges, replicas=replicas, graph=pipe.graph, explicit_edges=explicit, devices=devices,
+        policy=pipe.policy, micro_batch_size=pipe.micro_batch_size, max_inflight=pipe.max_inflight,
+        max_wait_ms=pipe.max_wait_ms, edge_timeout_s=pipe.edge_timeout_s, host=host,
+        ports=free_ports(edge_count(replicas, pipe.graph, explicit), host), base_dir=cfg.base_dir,
+    )
+    return Prepared(cfg, resolved, spec, plan, sk.unit_count)
+
+
+@dataclass
+class WorkerHandle:
+    node: Node
+    process: BaseProcess
+    conn: Connection
+    ready: control.WorkerReady | None = None
+    stats: control.StageStats | None = None
+    done: bool = False
+    failure: str | None = None
+
+
+@dataclass
+class JobState:
+    """What the supervisor knows, for summaries and tests."""
+
+    workers: dict[Node, WorkerHandle] = field(default_factory=dict)
+    failure: str | None = None
+
+
+class LocalJob:
+    def __init__(self, prepared: Prepared, ready_timeout_s: float = 300.0, log_level: int = logging.WARNING) -> None:
+        self.prepared = prepared
+        self.plan = prepared.plan
+        self.ready_timeout_s = ready_timeout_s
+        self.log_level = log_level
+        self.state = JobState()
+        self.dispatcher: Dispatcher | None = None
+        self._edges: dict[str, Edge] = {}
+        self._all_ready = threading.Event()
+        self._changed = threading.Condition()
+        self._supervisor: threading.Thread | None = None
+        self._closing = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> LocalJob:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        for w in self.plan.workers:
+            parent, child = ctx.Pipe(duplex=True)
+            proc = ctx.Process(target=worker_main, args=(WorkerSpec(self.plan, w.node, self.log_level), child),
+                               name=f"infscaled-{self.plan.job}-{w.node}", daemon=False)
+            proc.start()
+            child.close()
+            self.state.workers[w.node] = WorkerHandle(w.node, proc, parent)
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor.start()
+        d_edges = self.plan.out_edges(DISPATCHER) + self.plan.in_edges(DISPATCHER)
+        self._edges = self._connect_dispatcher(list(d_edges))
+        if not self._wait_ready():
+            raise InfscaledError(self.state.failure or f"workers not ready within {self.ready_timeout_s:g} s")
+        cfg = self.prepared.cfg
+        self.dispatcher = Dispatcher(
+            self.prepared.spec, dtype_of(self.plan.dtype),
+            [self._edges[e.key] for e in self.plan.out_edges(DISPATCHER)],
+            [self._edges[e.key] for e in self.plan.in_edges(DISPATCHER)],
+            self.plan.policy, self.plan.micro_batch_size, self.plan.max_inflight, self.plan.max_wait_ms,
+            request_timeout_s=cfg.workload.request_timeout_s, seed=self.plan.seed)
+        self.dispatcher.start()
+        if self.state.failure:  # a worker may have died between READY and now
+            self.dispatcher.fail(self.state.failure)
+
+    def _connect_dispatcher(self, edges: list) -> dict[str, Edge]:  # type: ignore[type-arg]
+        # Connecting blocks until each peer worker has built its stage and joined, so a
+        # worker that dies while building must abort the wait: run it in a thread and
+        # give up when the supervisor reports a failure.
+        result: dict[str, Edge] = {}
+        error: list[BaseException] = []
+
+        def connect() -> None:
+            try:
+                result.update(connect_all(edges, DISPATCHER, self.plan.dispatcher_host,
+                                          self.ready_timeout_s))
+            except BaseException as exc:  # noqa: BLE001 - thread boundary
+                error.append(exc)
+
+        t = threading.Thread(target=connect, name="dispatcher-connect", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.1)
+            if self.state.failure:
+                raise InfscaledError(self.state.failure)
+        if error:
+            raise InfscaledError(self.state.failure or f"dispatcher could not connect: {error[0]}")
+        return result
+
+    def _wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.ready_timeout_s
+        with self._changed:
+            while not self.state.failure:
+                if all(h.ready for h in self.state.workers.values()):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return False
+
+    def submit(self, x: torch.Tensor) -> Future[torch.Tensor]:
+        assert self.dispatcher is not None, "job not started"
+        return self.dispatcher.submit(x)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Drain and stop; idempotent. Never leaves a worker process behind."""
+        if self._closing:
+            return
+        self._closing = True
+        if self.dispatcher is not None and not self.state.failure:
+            self.dispatcher.close(timeout_s=grace_s * 3)
+        deadline = time.monotonic() + grace_s
+        for h in self.state.workers.values():
+            h.process.join(max(0.0, deadline - time.monotonic()))
+        for h in self.state.workers.values():
+            if h.process.is_alive():
+                h.process.terminate()
+        for h in self.state.workers.values():
+            h.process.join(5.0)
+            if h.process.is_alive():
+                h.process.kill()
+                h.process.join(5.0)
+        for edge in self._edges.values():
+            edge.close()
+        for h in self.state.workers.values():
+            h.conn.close()
+
+    # -- supervision -----------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        by_conn = {h.conn: h for h in self.state.workers.values()}
+        by_sentinel = {h.process.sentinel: h for h in self.state.workers.values()}
+        live_conns = set(by_conn)
+        live_sentinels = set(by_sentinel)
+        while live_sentinels:
+            for ready in wait(list(live_conns) + list(live_sentinels)):
+                if ready in by_conn:
+                    h = by_conn[ready]  # type: ignore[index]
+                    try:
+                        self._on_message(h, control.decode(h.conn.recv_bytes()))
+                    except (EOFError, OSError):
+                        live_conns.discard(ready)  # type: ignore[arg-type]
+                else:
+                    h = by_sentinel[ready]  # type: ignore[index]
+                    live_sentinels.discard(ready)  # type: ignore[arg-type]
+                    self._drain(h, live_conns)
+                    self._on_exit(h)
+
+    def _drain(self, h: WorkerHandle, live_conns: set) -> None:  # type: ignore[type-arg]
+        """Read what an exited worker said last (its failure reason) before judging the exit."""
+        try:
+            while h.conn.poll():
+                self._on_message(h, control.decode(h.conn.recv_bytes()))
+        except (EOFError, OSError):
+            pass
+        live_conns.discard(h.conn)
+
+    def _on_message(self, h: WorkerHandle, msg: control.ControlMessage) -> None:
+        with self._changed:
+            if isinstance(msg, control.WorkerReady):
+                h.ready = msg
+            elif isinstance(msg, control.WorkerStatsReport):
+                h.stats = msg.stats
+            elif isinstance(msg, control.WorkerDone):
+                h.stats, h.done = msg.stats, True
+            elif isinstance(msg, control.WorkerFailed):
+                h.failure = msg.reason
+            self._changed.notify_all()
+
+    def _on_exit(self, h: WorkerHandle) -> None:
+        code = h.process.exitcode
+        if h.done and code == 0:
+            return
+        if self._closing and h.failure is None:
+            return
+        reason = f"worker {h.node} (pid {h.process.pid}) exited with code {code}"
+        if h.failure:
+            reason += f": {h.failure}"
+        with self._changed:
+            if self.state.failure is None:
+                self.state.failure = reason
+            self._changed.notify_all()
+        log.error("%s", reason)
+        if self.dispatcher is not None:
+            self.dispatcher.fail(reason)

@@ -1,0 +1,76 @@
+"""`infscaled run`: one job on this host, end to end, with a summary."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import torch
+
+from infscaled.config import JobConfig
+from infscaled.models import inputs
+from infscaled.models.stage import Monolith
+from infscaled.runner.launcher import LocalJob, Prepared, prepare
+from infscaled.runner.summary import Summary, Verification, summarize
+from infscaled.runner.workload import Outcome, RunResult, drive, requests_for
+
+log = logging.getLogger(__name__)
+
+# Allowed |pipeline - monolith| per element: float32 differs only by summation order;
+# half precision rounds every stage boundary.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+def run_job(cfg: JobConfig, *, requests: int | None = None, rate: float | None = None, verify: bool = False,
+            progress: bool = False, log_level: int = logging.WARNING) -> Summary:
+    if requests is not None or rate is not None:
+        wl = cfg.workload
+        cfg = replace(cfg, workload=replace(wl, requests=requests if requests is not None else wl.requests,
+                                            rate=rate if rate is not None else wl.rate))
+    prepared = prepare(cfg)
+    wl = cfg.workload
+    concurrency = wl.concurrency or cfg.pipeline.micro_batch_size * cfg.pipeline.max_inflight
+    with LocalJob(prepared, log_level=log_level) as job:
+        stream = requests_for(wl, prepared.spec, wl.requests)
+        run = _drive_with_progress(job, stream, wl.requests, wl.rate, concurrency, progress)
+        job.stop()
+        stages = [h.stats for h in job.state.workers.values() if h.stats is not None]
+        summary = summarize(cfg.name, run, sorted(stages, key=lambda s: s.node), job.state.failure)
+    if verify:
+        summary.verify = verify_outcomes(prepared, run.completed)
+    return summary
+
+
+def _drive_with_progress(job: LocalJob, stream, count: int, rate: float, concurrency: int,  # type: ignore[no-untyped-def]
+                         progress: bool) -> RunResult:
+    if not progress:
+        return drive(job.submit, stream, count, rate, concurrency)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task(f"{job.plan.job}", total=count)
+
+        def tick(_: Outcome) -> None:
+            bar.advance(task)
+
+        return drive(job.submit, stream, count, rate, concurrency, on_done=tick)
+
+
+def verify_outcomes(prepared: Prepared, outcomes: list[Outcome]) -> Verification:
+    """Compare every result with the monolithic model run on that request alone."""
+    plan = prepared.plan
+    mono = Monolith(prepared.resolved, "cpu", plan.dtype, plan.seed)
+    tol = TOLERANCE[plan.dtype]
+    v = Verification()
+    dtype = next(mono.stage.parameters()).dtype
+    for o in outcomes:
+        assert o.result is not None
+        expected = mono.forward(inputs.collate(prepared.spec, [o.request], dtype))
+        got = o.result.to(expected.dtype)
+        err = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
+        v.checked += 1
+        v.max_abs_err = max(v.max_abs_err, err)
+        if not (got.shape == expected.shape and torch.allclose(got, expected, atol=tol, rtol=tol)):
+            v.mismatched += 1
+    return v

@@ -1,0 +1,113 @@
+"""Entry point of a stage worker process (multiprocessing "spawn").
+
+Life cycle: build the stage (only its own weights) -> connect every edge -> READY on the
+control pipe -> serve until STOP -> final stats -> exit 0. Any failure is reported on
+the control pipe as WorkerFailed before exiting non-zero, so the supervisor always
+knows why. The worker dies with its supervisor: SIGINT is ignored (Ctrl-C belongs to
+the launcher), SIGTERM exits, the parent's death delivers SIGTERM (PR_SET_PDEATHSIG),
+and end-of-file on the control pipe exits too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from infscaled.protocol import control
+from infscaled.protocol.plan import JobPlan, Node
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process is told at spawn time: the job's plan and which node it is."""
+
+    plan: JobPlan
+    node: Node
+    log_level: int = logging.WARNING
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _watch_control(conn: Connection, node: str) -> None:
+    """Exit at once when the supervisor says stop or goes away (pipe closed)."""
+    try:
+        while True:
+            msg = control.decode(conn.recv_bytes())
+            if isinstance(msg, control.StopWorker):
+                log.warning("worker %s: stop requested (%s)", node, msg.reason)
+                os._exit(3)
+    except (EOFError, OSError):
+        os._exit(4)
+
+
+def worker_main(spec: WorkerSpec, conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    _die_with_parent()
+    node = str(spec.node)
+    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker {spec.plan.job}/{node} %(levelname)s %(message)s")
+    send_lock = threading.Lock()
+
+    def send(msg: control.ControlMessage) -> None:
+        with send_lock:
+            conn.send_bytes(control.encode(msg))
+
+    threading.Thread(target=_watch_control, args=(conn, node), daemon=True, name="control").start()
+    try:
+        _serve(spec, send)
+    except BaseException as exc:  # noqa: BLE001 - process boundary: report why, then exit non-zero
+        log.exception("worker %s failed", node)
+        try:
+            send(control.WorkerFailed(node, f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        os._exit(1)
+    os._exit(0)
+
+
+def _serve(spec: WorkerSpec, send: "callable") -> None:  # type: ignore[valid-type]
+    # torch is imported here, in the child, so the supervisor's import cost stays its own.
+    import torch
+
+    from infscaled.models.sources import resolve
+    from infscaled.models.stage import build_stage
+    from infscaled.worker.router import Router
+    from infscaled.worker.stage_loop import StageLoop
+    from infscaled.worker.transport import connect_all
+
+    torch.set_num_threads(max(1, int(os.environ.get("INFSCALED_WORKER_THREADS", "1"))))
+    plan, me = spec.plan, spec.node
+    worker = plan.worker(me)
+    stage_plan = plan.stages[me.stage]
+    started = time.monotonic()
+    stage = build_stage(resolve(plan.model_source), stage_plan.first_unit, stage_plan.last_unit,
+                        worker.device, plan.dtype, plan.seed)
+    load_s = time.monotonic() - started
+    in_plans, out_plans = plan.in_edges(me), plan.out_edges(me)
+    edges = connect_all(list(in_plans) + list(out_plans), me, worker.host, plan.edge_timeout_s)
+    try:
+        send(control.WorkerReady(str(me), os.getpid(), worker.device, list(stage.param_names),
+                                 sum(p.numel() for p in stage.parameters()), load_s))
+        loop = StageLoop(str(me), stage, worker.device, [edges[e.key] for e in in_plans],
+                         [edges[e.key] for e in out_plans], Router(plan.policy, len(out_plans), seed=plan.seed),
+                         queue_depth=max(2, plan.max_inflight),
+                         on_stats=lambda s: send(control.WorkerStatsReport(s)))
+        stats = loop.run()
+        send(control.WorkerDone(stats))
+    finally:
+        for edge in edges.values():
+            edge.close()

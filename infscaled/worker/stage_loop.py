@@ -1,0 +1,175 @@
+"""The steady-state loop of one stage replica.
+
+Thread contract (CPU path; the GPU path adds CUDA streams inside the same shape):
+- one *receiver* thread per in-edge: blocks in `Edge.recv`, puts messages on the inbox;
+- the *compute* thread (the caller of `run`): takes from the inbox, runs the stage
+  under `torch.inference_mode()`, acks the micro-batch on its in-edge, puts the result
+  on the outbox;
+- one *sender* thread: takes from the outbox, picks an out-edge with the forwarding
+  policy, sends;
+- one *ack* thread per out-edge: receives the downstream replica's acks, which keep the
+  router's outstanding counts and throughput estimates true.
+So receiving micro-batch k+1 and sending k-1 never wait for computing k. The inbox and
+outbox are bounded: when downstream is slow, the sender blocks, the outbox fills, the
+compute thread blocks, the inbox fills, and the receivers stop reading: back-pressure
+reaches the dispatcher, which caps micro-batches in flight anyway.
+
+Shutdown is a STOP that flows down the data plane: a replica finishes after STOP has
+arrived on every in-edge and everything before it was computed and sent; it then sends
+STOP on every out-edge and waits for each to be acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from infscaled.protocol.control import StageStats
+from infscaled.protocol.wire import DATA, STOP
+from infscaled.worker.router import Router
+from infscaled.worker.transport import ACK, STOP_ACK, Ack, Edge, Message
+
+log = logging.getLogger(__name__)
+
+# Activation key of the request table [n, 2] (request id, rows); it rides along unchanged.
+REQUESTS_KEY = "requests"
+
+
+@dataclass
+class _Inbound:
+    edge: int  # index into the in-edges
+    msg: Message | None  # None: the edge delivered STOP
+    error: BaseException | None = None
+
+
+class StageLoop:
+    def __init__(self, node: str, stage: torch.nn.Module, device: str, in_edges: list[Edge],
+                 out_edges: list[Edge], router: Router, queue_depth: int,
+                 on_stats: Callable[[StageStats], None] | None = None, stats_interval_s: float = 1.0) -> None:
+        self.node = node
+        self.stage = stage
+        self.device = torch.device(device)
+        self.in_edges = in_edges
+        self.out_edges = out_edges
+        self.router = router
+        self.inbox: queue.Queue[_Inbound] = queue.Queue(maxsize=queue_depth)
+        self.outbox: queue.Queue[Message | None] = queue.Queue(maxsize=queue_depth)
+        self.on_stats = on_stats
+        self.stats_interval_s = stats_interval_s
+        self._error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+        self._micro_batches = 0
+        self._samples = 0
+        self._busy_s = 0.0
+        self._first_at: float | None = None
+
+    # -- threads ---------------------------------------------------------------------------------
+
+    def _receiver(self, index: int) -> None:
+        edge = self.in_edges[index]
+        try:
+            while True:
+                msg = edge.recv()
+                if msg.kind == STOP:
+                    self.inbox.put(_Inbound(index, None))
+                    return
+                self.inbox.put(_Inbound(index, msg))
+        except BaseException as exc:  # noqa: BLE001 - thread boundary: hand the failure to compute
+            self.inbox.put(_Inbound(index, None, exc))
+
+    def _sender(self) -> None:
+        try:
+            while True:
+                msg = self.outbox.get()
+                if msg is None:
+                    for edge in self.out_edges:
+                        edge.send(Message(STOP, 0, 0, {}))
+                    return
+                index = self.router.pick(msg.route_key)
+                self.out_edges[index].send(msg)
+        except BaseException as exc:  # noqa: BLE001 - thread boundary
+            self._fail(exc)
+
+    def _acks(self, index: int) -> None:
+        edge = self.out_edges[index]
+        try:
+            while True:
+                ack = edge.recv_ack()
+                if ack.kind == STOP_ACK:
+                    return
+                self.router.acked(index, ack.samples, ack.compute_us / 1e6)
+        except BaseException as exc:  # noqa: BLE001 - thread boundary
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        # Unblock the compute thread so it can report and tear down.
+        try:
+            self.inbox.put_nowait(_Inbound(-1, None, exc))
+        except queue.Full:
+            pass
+
+    # -- compute ---------------------------------------------------------------------------------
+
+    def stats(self) -> StageStats:
+        wall = time.monotonic() - self._first_at if self._first_at is not None else 0.0
+        return StageStats(self.node, self._micro_batches, self._samples, self._busy_s, wall, self.inbox.qsize())
+
+    def run(self) -> StageStats:
+        """Serve until STOP arrived on every in-edge; raises on any failure (edges stay open)."""
+        self._start(threading.Thread(target=self._sender, name=f"{self.node}-send", daemon=True))
+        for i in range(len(self.in_edges)):
+            self._start(threading.Thread(target=self._receiver, args=(i,), name=f"{self.node}-recv{i}", daemon=True))
+        for i in range(len(self.out_edges)):
+            self._start(threading.Thread(target=self._acks, args=(i,), name=f"{self.node}-ack{i}", daemon=True))
+        stopped = 0
+        next_stats = time.monotonic() + self.stats_interval_s
+        with torch.inference_mode():
+            while stopped < len(self.in_edges):
+                item = self.inbox.get()
+                if item.error is not None:
+                    raise item.error
+                if item.msg is None:
+                    stopped += 1
+                    self.in_edges[item.edge].send_ack(Ack(STOP_ACK, 0, 0, 0))
+                    continue
+                self._compute(item.edge, item.msg)
+                if self.on_stats is not None and time.monotonic() >= next_stats:
+                    self.on_stats(self.stats())
+                    next_stats = time.monotonic() + self.stats_interval_s
+        self.outbox.put(None)
+        for t in self._threads:
+            t.join()
+        if self._error is not None:
+            raise self._error
+        return self.stats()
+
+    def _compute(self, edge: int, msg: Message) -> None:
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+        requests = msg.tensors.pop(REQUESTS_KEY)
+        act = {k: v.to(self.device, non_blocking=True) for k, v in msg.tensors.items()}
+        start = time.perf_counter()
+        out = self.stage(act)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        elapsed = time.perf_counter() - start
+        samples = int(requests[:, 1].sum())
+        self._busy_s += elapsed
+        self._micro_batches += 1
+        self._samples += samples
+        self.in_edges[edge].send_ack(Ack(ACK, msg.mb_id, samples, int(elapsed * 1e6)))
+        tensors = {REQUESTS_KEY: requests, **{k: v.cpu() for k, v in out.items()}}
+        self.outbox.put(Message(DATA, msg.mb_id, msg.route_key, tensors))
+
+    def _start(self, t: threading.Thread) -> None:
+        self._threads.append(t)
+        t.start()
+

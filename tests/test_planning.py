@@ -1,0 +1,345 @@
+"""Unit tests for partitioning, graph building, placement, ports and make_plan (no processes)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from infscaled.planning import edge_count, make_plan
+from infscaled.planning.graph import build_edges, check_paths, downstream, upstream
+from infscaled.planning.partition import balance, check_cover, stage_weights
+from infscaled.planning.placement import place
+from infscaled.planning.ports import free_ports
+from infscaled.protocol.plan import DISPATCHER, Node
+
+
+def brute_force_best(weights: list[float], stages: int) -> float:
+    """Smallest achievable heaviest stage, by trying every set of boundaries."""
+    n = len(weights)
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = (0, *cuts, n)
+        heaviest = max(sum(weights[a:b]) for a, b in itertools.pairwise(bounds))
+        best = min(best, heaviest)
+    return best
+
+
+# ---------------------------------------------------------------- partition
+
+
+@pytest.mark.parametrize(
+    ("weights", "stages", "expected"),
+    [
+        ([1, 1, 1, 1], 2, ((0, 1), (2, 3))),
+        ([1, 2, 3, 4, 5], 2, ((0, 2), (3, 4))),  # max 9 is optimal: 6|9
+        ([10, 1, 1, 1, 1], 2, ((0, 0), (1, 4))),
+        ([1, 1, 1, 10], 2, ((0, 2), (3, 3))),
+        ([5], 1, ((0, 0),)),
+        ([3, 3, 3], 3, ((0, 0), (1, 1), (2, 2))),
+        ([7, 2, 5, 10, 8], 2, ((0, 2), (3, 4))),  # classic: 14|18
+        ([7, 2, 5, 10, 8], 3, ((0, 2), (3, 3), (4, 4))),  # 14|10|8 beats 9|15|8
+    ],
+)
+def test_balance_hand_made(weights, stages, expected):
+    ranges = balance(weights, stages)
+    assert max(stage_weights(weights, ranges)) == brute_force_best(weights, stages)
+    assert ranges == expected
+
+
+def test_balance_prefers_earliest_boundaries():
+    # Zero-weight units make several splits optimal; the earliest boundaries win.
+    assert balance([1, 0, 0, 1], 2) == ((0, 0), (1, 3))  # 1|1 three ways
+    assert balance([0, 0, 0], 2) == ((0, 0), (1, 2))
+    assert balance([0, 1, 0, 1, 0], 2) == ((0, 1), (2, 4))
+    assert balance([0, 0, 1, 1], 2) == ((0, 2), (3, 3))  # the only split with max 1
+
+
+def test_balance_single_stage_takes_everything():
+    assert balance([4, 0, 9], 1) == ((0, 2),)
+
+
+def test_balance_floats_are_exact():
+    # 0.1 + 0.2 > 0.3 in floating point; exact sums must still see 0.1+0.2 vs 0.3 correctly.
+    weights = [0.1, 0.2, 0.3]
+    ranges = balance(weights, 2)
+    assert max(stage_weights(weights, ranges)) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("stages", [0, -1, 4])
+def test_balance_bad_stage_count(stages):
+    with pytest.raises(ValueError, match="stages"):
+        balance([1, 2, 3], stages)
+
+
+@pytest.mark.parametrize("bad", [-1, float("nan"), float("inf")])
+def test_balance_bad_weights(bad):
+    with pytest.raises(ValueError, match="unit 1"):
+        balance([1, bad, 1], 2)
+
+
+def test_balance_random_against_brute_force():
+    rng = random.Random(1234)
+    for _ in range(300):
+        n = rng.randint(1, 8)
+        weights = [rng.randint(0, 20) for _ in range(n)]
+        stages = rng.randint(1, n)
+        ranges = balance(weights, stages)
+        check_cover(ranges, n)
+        assert len(ranges) == stages
+        best = brute_force_best(weights, stages)
+        assert max(stage_weights(weights, ranges)) == best
+        # documented tie-break: among optimal splits, the earliest boundaries
+        optimal_ends = [
+            ends
+            for cuts in itertools.combinations(range(1, n), stages - 1)
+            if max(sum(weights[a:b]) for a, b in itertools.pairwise((0, *cuts, n))) == best
+            for ends in [tuple(c - 1 for c in (*cuts, n))]
+        ]
+        assert tuple(last for _, last in ranges) == min(optimal_ends)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_balance_property(data):
+    weights = data.draw(
+        st.lists(st.floats(min_value=0, max_value=1e6, allow_nan=False), min_size=1, max_size=9)
+    )
+    stages = data.draw(st.integers(min_value=1, max_value=len(weights)))
+    ranges = balance(weights, stages)
+    assert len(ranges) == stages
+    check_cover(ranges, len(weights))  # never drops or duplicates a unit
+    assert all(first <= last for first, last in ranges)
+    best = brute_force_best(weights, stages)
+    assert max(stage_weights(weights, ranges)) == pytest.approx(best, rel=1e-12, abs=1e-9)
+
+
+def test_balance_is_deterministic():
+    weights = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+    assert balance(weights, 4) == balance(list(weights), 4)
+
+
+@pytest.mark.parametrize(
+    ("ranges", "n", "match"),
+    [
+        ([], 3, "no stages"),
+        ([(1, 2)], 3, "leaves a gap"),
+        ([(0, 1), (1, 2)], 3, "overlaps"),
+        ([(0, 0), (2, 2)], 3, "leaves a gap"),
+        ([(0, 1)], 3, "end at unit 1"),
+        ([(0, 3)], 3, "end at unit 3"),
+        ([(0, -1), (0, 2)], 3, "empty"),
+        ([(0, 0)], 0, "at least one unit"),
+    ],
+)
+def test_check_cover_rejects(ranges, n, match):
+    with pytest.raises(ValueError, match=match):
+        check_cover(ranges, n)
+
+
+def test_check_cover_accepts_and_stage_weights():
+    check_cover([(0, 1), (2, 2), (3, 5)], 6)
+    assert stage_weights([1, 2, 3, 4, 5, 6], [(0, 1), (2, 2), (3, 5)]) == [3.0, 3.0, 15.0]
+
+
+# ---------------------------------------------------------------- graph
+
+
+def test_mesh_edges_and_counts():
+    edges = build_edges([1, 2, 3], "mesh")
+    assert len(edges) == 1 + 1 * 2 + 2 * 3 + 3  # dispatcher->stage0, 0->1, 1->2, stage2->dispatcher
+    assert edges == tuple(sorted(edges))
+    assert len(set(edges)) == len(edges)
+    assert downstream(edges, DISPATCHER) == (Node(0, 0),)
+    assert downstream(edges, Node(0, 0)) == (Node(1, 0), Node(1, 1))
+    assert downstream(edges, Node(1, 1)) == (Node(2, 0), Node(2, 1), Node(2, 2))
+    assert upstream(edges, DISPATCHER) == (Node(2, 0), Node(2, 1), Node(2, 2))
+    assert upstream(edges, Node(2, 1)) == (Node(1, 0), Node(1, 1))
+    check_paths(edges, [1, 2, 3])
+
+
+def test_single_stage_graph():
+    edges = build_edges([2], "mesh")
+    assert edges == (
+        (DISPATCHER, Node(0, 0)),
+        (DISPATCHER, Node(0, 1)),
+        (Node(0, 0), DISPATCHER),
+        (Node(0, 1), DISPATCHER),
+    )
+    assert build_edges([2], "parallel") == edges
+
+
+def test_parallel_edges():
+    edges = build_edges([2, 2, 2], "parallel")
+    assert len(edges) == 2 + 2 + 2 + 2
+    assert downstream(edges, Node(0, 1)) == (Node(1, 1),)
+    assert downstream(edges, Node(1, 0)) == (Node(2, 0),)
+    check_paths(edges, [2, 2, 2])
+
+
+def test_parallel_needs_equal_counts():
+    with pytest.raises(ValueError, match="stage 0 has 1 and stage 1 has 2"):
+        build_edges([1, 2], "parallel")
+
+
+def test_explicit_edges():
+    pairs = [(Node(0, 0), Node(1, 1)), (Node(0, 1), Node(1, 0)), (Node(0, 0), Node(1, 1))]
+    edges = build_edges([2, 2], "explicit", pairs)
+    assert len(edges) == 2 + 2 + 2  # duplicate collapsed
+    assert downstream(edges, Node(0, 0)) == (Node(1, 1),)
+    check_paths(edges, [2, 2])
+    # dispatcher edges inside the explicit list are accepted and deduplicated
+    with_dispatcher = build_edges([2, 2], "explicit", [*pairs, (DISPATCHER, Node(0, 0))])
+    assert with_dispatcher == edges
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        (Node(0, 0), Node(2, 0)),  # skips a stage
+        (Node(1, 0), Node(0, 0)),  # backwards
+        (Node(0, 5), Node(1, 0)),  # no such replica
+        (DISPATCHER, Node(1, 0)),  # dispatcher feeds only stage 0
+    ],
+)
+def test_explicit_edges_rejected(pair):
+    with pytest.raises(ValueError):
+        build_edges([1, 1, 1], "explicit", [pair])
+
+
+def test_explicit_stranded_replica():
+    edges = build_edges([2, 1], "explicit", [(Node(0, 0), Node(1, 0))])
+    with pytest.raises(ValueError, match="0.1 is stranded.*back to the dispatcher"):
+        check_paths(edges, [2, 1])
+    edges = build_edges([1, 2], "explicit", [(Node(0, 0), Node(1, 0))])
+    with pytest.raises(ValueError, match="1.1 is stranded.*from the dispatcher"):
+        check_paths(edges, [1, 2])
+
+
+def test_build_edges_bad_inputs():
+    with pytest.raises(ValueError, match="unknown graph"):
+        build_edges([1], "ring")
+    with pytest.raises(ValueError, match="at least one stage"):
+        build_edges([], "mesh")
+    with pytest.raises(ValueError, match="at least 1"):
+        build_edges([1, 0], "mesh")
+    with pytest.raises(ValueError, match="graph = 'explicit'"):
+        build_edges([1, 1], "mesh", [(Node(0, 0), Node(1, 0))])
+
+
+def test_extra_edges_extend_the_graph():
+    loop = (Node(1, 0), Node(0, 0))
+    edges = build_edges([1, 1], "mesh", extra=[loop])
+    assert loop in edges and len(edges) == 4
+    check_paths(edges, [1, 1])
+    with pytest.raises(ValueError, match="self-loop"):
+        build_edges([1, 1], "mesh", extra=[(Node(0, 0), Node(0, 0))])
+    with pytest.raises(ValueError, match="not a node"):
+        build_edges([1, 1], "mesh", extra=[(Node(3, 0), Node(0, 0))])
+
+
+def test_check_paths_unknown_node():
+    with pytest.raises(ValueError, match="not a node"):
+        check_paths([(DISPATCHER, Node(0, 0)), (Node(0, 0), Node(4, 4))], [1])
+
+
+# ---------------------------------------------------------------- placement
+
+
+def test_place_auto():
+    assert place("auto", [1, 2], available_cuda=0) == ("cpu", "cpu", "cpu")
+    assert place("auto", [2, 2, 1], available_cuda=2) == ("cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0")
+    assert place("auto", [1, 1], available_cuda=4) == ("cuda:0", "cuda:1")
+
+
+def test_place_explicit():
+    assert place(["cuda", "cpu", "CUDA:3"], [1, 2]) == ("cuda:0", "cpu", "cuda:3")
+    assert place("cuda", [2]) == ("cuda:0", "cuda:0")
+    with pytest.raises(ValueError, match="2 devices given for 3"):
+        place(["cpu", "cpu"], [1, 2])
+    with pytest.raises(ValueError, match="bad device"):
+        place(["cpu", "tpu"], [2])
+    with pytest.raises(ValueError, match="bad device"):
+        place("cuda:x", [1])
+
+
+# ---------------------------------------------------------------- ports
+
+
+def test_free_ports_distinct():
+    ports = free_ports(20)
+    assert len(ports) == 20 and len(set(ports)) == 20
+    assert all(0 < p < 65536 for p in ports)
+    assert free_ports(0) == []
+
+
+# ---------------------------------------------------------------- make_plan
+
+
+def _plan(**overrides):
+    replicas = [1, 2]
+    kwargs = dict(
+        job="j",
+        model_source="tiny",
+        dtype="float32",
+        seed=7,
+        ranges=[(0, 1), (2, 4)],
+        replicas=replicas,
+        graph="mesh",
+        explicit_edges=(),
+        devices=place("auto", replicas, available_cuda=2),
+        policy="round_robin",
+        micro_batch_size=4,
+        max_inflight=8,
+        max_wait_ms=2.0,
+        edge_timeout_s=30.0,
+        host="127.0.0.1",
+        ports=list(range(5000, 5000 + edge_count(replicas, "mesh", ()))),
+        base_dir="/tmp/jobs",
+    )
+    kwargs.update(overrides)
+    return make_plan(**kwargs)
+
+
+def test_make_plan_end_to_end():
+    plan = _plan()
+    stages = [(s.index, s.first_unit, s.last_unit, s.replicas) for s in plan.stages]
+    assert stages == [(0, 0, 1, 1), (1, 2, 4, 2)]
+    assert [(str(w.node), w.device, w.host) for w in plan.workers] == [
+        ("0.0", "cuda:0", "127.0.0.1"),
+        ("1.0", "cuda:1", "127.0.0.1"),
+        ("1.1", "cuda:0", "127.0.0.1"),
+    ]
+    assert [(e.key, e.port) for e in plan.edges] == [
+        ("dispatcher->0.0", 5000),
+        ("0.0->1.0", 5001),
+        ("0.0->1.1", 5002),
+        ("1.0->dispatcher", 5003),
+        ("1.1->dispatcher", 5004),
+    ]
+    assert plan.last_stage == 1
+    assert [e.key for e in plan.out_edges(Node(0, 0))] == ["0.0->1.0", "0.0->1.1"]
+    assert [e.key for e in plan.in_edges(DISPATCHER)] == ["1.0->dispatcher", "1.1->dispatcher"]
+    assert plan.worker(Node(1, 1)).device == "cuda:0"
+    assert (plan.policy, plan.micro_batch_size, plan.max_inflight) == ("round_robin", 4, 8)
+    assert (plan.dispatcher_host, plan.base_dir, plan.seed) == ("127.0.0.1", "/tmp/jobs", 7)
+
+
+def test_make_plan_rejects_inconsistent_shapes():
+    with pytest.raises(ValueError, match="2 stage ranges but 3"):
+        _plan(replicas=[1, 1, 1])
+    with pytest.raises(ValueError, match="leaves a gap"):
+        _plan(ranges=[(0, 1), (3, 4)])
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        _plan(policy="fastest")
+    with pytest.raises(ValueError, match="distinct"):
+        _plan(ports=[5000] * 5)
+    with pytest.raises(ValueError, match="2 devices for 3"):
+        _plan(devices=["cpu", "cpu"])
+    with pytest.raises(AssertionError):
+        _plan(ports=[5000, 5001])
+    with pytest.raises(ValueError, match="stranded"):
+        _plan(graph="explicit", explicit_edges=[(Node(0, 0), Node(1, 0))], ports=list(range(4)))
