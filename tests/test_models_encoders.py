@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 import types
@@ -38,7 +39,7 @@ CUTS = {
 
 def ranges(n: int, cuts: tuple[int, ...]) -> list[tuple[int, int]]:
     bounds = (0, *cuts, n)
-    return [(a, b - 1) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [(a, b - 1) for a, b in itertools.pairwise(bounds)]
 
 
 @cache

@@ -21,8 +21,9 @@ def seeded_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
 
     Keyed by (seed, name) alone, so every stage that builds a parameter, and the
     monolithic reference, get identical values no matter which other units exist.
-    Fan-in scaled normals keep activations O(1) through deep random nets (a fixed
-    small std would make deep CNN outputs vanish and comparisons meaningless).
+    He-scaled normals (std sqrt(2 / fan_in)) keep activations O(1) through deep random
+    ReLU nets; a fixed small std would make deep CNN outputs vanish and comparisons
+    between pipeline and monolith meaningless.
     """
     if name.endswith("bias"):
         return torch.zeros(shape)
@@ -31,7 +32,7 @@ def seeded_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+    return torch.randn(shape, generator=gen) * math.sqrt(2.0 / fan_in)
 
 
 class Checkpoint:

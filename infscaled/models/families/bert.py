@@ -81,12 +81,13 @@ class BertFamily(Family):
         return BertForSequenceClassification(self.config)
 
     def units(self, model: nn.Module) -> list[Unit]:
-        bert = model.bert
+        hf: Any = model  # transformers' submodule attributes are untyped
+        bert = hf.bert
         if bert.pooler is None:
             raise ModelError("BERT model without a pooler cannot classify sequences")
         # model.config, not self.config: building the model fills in `_attn_implementation`.
-        layers = [BertLayerUnit(layer, model.config) for layer in bert.encoder.layer]
-        return [BertEmbed(bert.embeddings), *layers, BertHead(bert.pooler, model.dropout, model.classifier)]
+        layers = [BertLayerUnit(layer, hf.config) for layer in bert.encoder.layer]
+        return [BertEmbed(bert.embeddings), *layers, BertHead(bert.pooler, hf.dropout, hf.classifier)]
 
     def input_spec(self) -> InputSpec:
         return InputSpec("tokens", vocab_size=self.config.vocab_size,

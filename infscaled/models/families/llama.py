@@ -90,16 +90,18 @@ class LlamaFamily(Family):
         return cls(self.config)
 
     def units(self, model: nn.Module) -> list[Unit]:
-        base = model.model
+        causal_lm: Any = model  # transformers modules are untyped attribute bags to mypy
+        base = causal_lm.model
         kinds = layer_attention_kinds(self.config)
         return [
             LlamaEmbed(base.embed_tokens),
             *(LlamaBlock(layer, self.config, kind) for layer, kind in zip(base.layers, kinds, strict=True)),
-            LlamaHead(base.norm, model.lm_head),
+            LlamaHead(base.norm, causal_lm.lm_head),
         ]
 
     def shared(self, model: nn.Module) -> dict[str, nn.Module]:
-        return {"rotary": model.model.rotary_emb}
+        causal_lm: Any = model
+        return {"rotary": causal_lm.model.rotary_emb}
 
     def input_spec(self) -> InputSpec:
         return InputSpec("tokens", vocab_size=self.config.vocab_size,

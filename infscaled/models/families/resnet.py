@@ -57,9 +57,10 @@ class ResNetFamily(Family):
         return ResNetForImageClassification(self.config)
 
     def units(self, model: nn.Module) -> list[Unit]:
-        net = model.resnet
+        hf: Any = model  # transformers' submodule attributes are untyped
+        net = hf.resnet
         layers = [ResNetResidual(layer) for stage in net.encoder.stages for layer in stage.layers]
-        return [ResNetStem(net.embedder), *layers, ResNetHead(net.pooler, model.classifier)]
+        return [ResNetStem(net.embedder), *layers, ResNetHead(net.pooler, hf.classifier)]
 
     def input_spec(self) -> InputSpec:
         size = int(getattr(self.config, "image_size", DEFAULT_IMAGE_SIZE))
