@@ -73,7 +73,8 @@ def test_known_layout() -> None:
 
 
 def test_largest_dim_round_trips() -> None:
-    header = Header(DATA, 1, 0, (TensorMeta("big", "uint8", (2**32 - 1,)), TensorMeta("z", "float64", (0, 2**32 - 1))))
+    metas = (TensorMeta("big", "uint8", (2**32 - 1,)), TensorMeta("z", "float64", (0, 2**32 - 1)))
+    header = Header(DATA, 1, 0, metas)
     assert decode_header(encode_header(header)) == header
 
 
@@ -126,7 +127,8 @@ def test_malformed_header(data: bytes, match: str) -> None:
 
 
 def test_duplicate_names_rejected_on_decode() -> None:
-    data = bytearray(encode_header(Header(DATA, 1, 0, (TensorMeta("a", "uint8", (1,)), TensorMeta("b", "uint8", (1,))))))
+    metas = (TensorMeta("a", "uint8", (1,)), TensorMeta("b", "uint8", (1,)))
+    data = bytearray(encode_header(Header(DATA, 1, 0, metas)))
     data[DESC + 44] = ord("a")
     with pytest.raises(WireError, match="duplicate tensor names"):
         decode_header(bytes(data))
@@ -170,14 +172,17 @@ def test_encode_side_validation(build, match: str) -> None:  # type: ignore[no-u
         build()
 
 
+_ACK1 = encode_ack(Ack(STOP_ACK, 1))
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [
-        (encode_ack(Ack(ACK, 1))[:31], "ack record is 31 bytes, expected 32"),
-        (b"XXXX" + encode_ack(Ack(ACK, 1))[4:], "bad ack magic"),
-        (encode_ack(Ack(ACK, 1))[:4] + b"\x09\x00" + encode_ack(Ack(ACK, 1))[6:], "unsupported ack version 9"),
-        (encode_ack(Ack(ACK, 1))[:6] + b"\x07\x00" + encode_ack(Ack(ACK, 1))[8:], "unknown ack kind 7"),
-        (encode_ack(Ack(STOP_ACK, 1))[:20] + b"\x01" + encode_ack(Ack(ACK, 1))[21:], "reserved"),
+        (_ACK1[:31], "ack record is 31 bytes, expected 32"),
+        (b"XXXX" + _ACK1[4:], "bad ack magic"),
+        (_ACK1[:4] + b"\x09\x00" + _ACK1[6:], "unsupported ack version 9"),
+        (_ACK1[:6] + b"\x07\x00" + _ACK1[8:], "unknown ack kind 7"),
+        (_ACK1[:20] + b"\x01" + _ACK1[21:], "reserved"),
     ],
 )
 def test_malformed_ack(data: bytes, match: str) -> None:

@@ -127,7 +127,8 @@ class TensorMeta:
     def __post_init__(self) -> None:
         _check_name(self.name)
         if self.dtype not in DTYPES:
-            raise WireError(f"tensor {self.name!r}: dtype {self.dtype!r} unsupported, allowed: {sorted(DTYPES)}")
+            raise WireError(f"tensor {self.name!r}: dtype {self.dtype!r} unsupported, "
+                            f"allowed: {sorted(DTYPES)}")
         shape = tuple(int(d) for d in self.shape)
         object.__setattr__(self, "shape", shape)
         if len(shape) > MAX_NDIM:
@@ -164,7 +165,7 @@ class Header:
         try:
             object.__setattr__(self, "kind", MsgKind(self.kind))
         except ValueError:
-            raise WireError(f"unknown message kind {self.kind}, allowed: {[int(k) for k in MsgKind]}") from None
+            raise WireError(f"unknown message kind {self.kind}, allowed: {sorted(_MSG_KINDS)}") from None
         for fname, value, hi in (("mb_id", self.mb_id, _U64), ("route_key", self.route_key, _U64)):
             if not 0 <= value <= hi:
                 raise WireError(f"{fname} {value} outside 0..{hi}")
@@ -221,7 +222,7 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
     if version != VERSION:
         raise WireError(f"unsupported header version {version}, this build speaks {VERSION}")
     if kind not in _MSG_KINDS:
-        raise WireError(f"unknown message kind {kind}, allowed: {[int(k) for k in MsgKind]}")
+        raise WireError(f"unknown message kind {kind}, allowed: {sorted(_MSG_KINDS)}")
     if n_tensors > MAX_TENSORS:
         raise WireError(f"header announces {n_tensors} tensors, at most {MAX_TENSORS} allowed")
     if data[28:32] != bytes(4):

@@ -65,6 +65,7 @@ class Dispatcher:
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._inflight: dict[int, _InFlight] = {}
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when nothing is in flight
         self._ids = itertools.count()
         self._mb_ids = itertools.count()
         self._closing = False
@@ -104,6 +105,7 @@ class Dispatcher:
         with self._lock:
             lost = [r for f in self._inflight.values() for r in f.requests]
             self._inflight.clear()
+            self._idle.notify_all()
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -120,9 +122,10 @@ class Dispatcher:
         self._closing = True
         self._queue.put(None)
         deadline = time.monotonic() + timeout_s
-        for t in self._threads:
+        data_threads = [t for t in self._threads if t.name != "dispatch-watchdog"]
+        for t in data_threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        if any(t.is_alive() for t in self._threads if t.name != "dispatch-watchdog"):
+        if any(t.is_alive() for t in data_threads):
             self.fail("shutdown timed out")
         self._stopped.set()
 
@@ -190,8 +193,8 @@ class Dispatcher:
 
     def _drain_then_stop(self) -> None:
         # Wait until every micro-batch came back, then STOP flows down the pipeline.
-        while self._failure is None and self.inflight() > 0:
-            time.sleep(0.005)
+        with self._idle:
+            self._idle.wait_for(lambda: self._failure is not None or not self._inflight)
         if self._failure is None:
             for edge in self.out_edges:
                 edge.send(Message(STOP, 0, 0, {}))
@@ -204,8 +207,9 @@ class Dispatcher:
                 if msg.kind == STOP:
                     edge.send_ack(Ack(STOP_ACK, 0, 0, 0))
                     return
-                with self._lock:
+                with self._idle:
                     flight = self._inflight.pop(msg.mb_id, None)
+                    self._idle.notify_all()
                 edge.send_ack(Ack(ACK, msg.mb_id, int(msg.tensors[REQUESTS_KEY][:, 1].sum()), 0))
                 if flight is None:
                     continue  # timed out meanwhile; its requests were already failed
@@ -235,6 +239,7 @@ class Dispatcher:
             with self._lock:
                 late = [mb for mb, f in self._inflight.items() if now - f.sent_at > self.request_timeout_s]
                 expired = [self._inflight.pop(mb) for mb in late]
+                self._idle.notify_all()
             for f in expired:
                 self._slots.release()
                 for r in f.requests:

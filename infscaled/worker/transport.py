@@ -14,8 +14,10 @@ group works (verified on torch 2.13 with 2000 messages + acks), so there is no s
 
 Timeouts, as gloo behaves on torch 2.13 (each point verified with two processes):
 - connect: `timeout_s` bounds reaching the store and the group rendezvous.
-- send / send_ack: the peer must take each buffer within `timeout_s` (a large tensor waits for
-  the peer's matching recv), so receivers keep a thread parked in `recv()`.
+- send / send_ack: every gloo send, however small, completes only once the peer has posted
+  the matching recv, which must happen within `timeout_s`: receivers keep a thread in `recv()`.
+  For the same reason a message costs one extra rendezvous (~90 us on loopback): the receiver
+  can post its tensor recvs only after the header told it their sizes.
 - recv / recv_ack wait for the next header or ack without limit: idle edges are normal, and any
   gloo recv timeout closes the whole group ("Application timeout caused pair closure"). The
   tensors that follow a header are bounded by `timeout_s`.
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
-from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore
+from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore, Work
 
 from infscaled.errors import TransportError, WireError
 from infscaled.protocol.plan import EdgePlan, Node
@@ -91,7 +93,8 @@ class Message:
 def _meta(name: str, t: torch.Tensor) -> TensorMeta:
     dtype = DTYPE_NAMES.get(t.dtype)
     if dtype is None:
-        raise WireError(f"tensor {name!r}: dtype {t.dtype} cannot go on the wire, allowed: {sorted(TORCH_DTYPES)}")
+        raise WireError(f"tensor {name!r}: dtype {t.dtype} cannot go on the wire, "
+                        f"allowed: {sorted(TORCH_DTYPES)}")
     return TensorMeta(name, dtype, tuple(t.shape))
 
 
@@ -109,7 +112,7 @@ class Transport:
         self.key = key
         self.rank = rank
         self.peer = 1 - rank
-        self.store = store  # kept: a CUDA subclass builds its NCCL group on the same store
+        self.store: Store | None = store  # a CUDA subclass builds its NCCL group on this store
         self.timeout = timedelta(seconds=timeout_s)
         self._pg: ProcessGroupGloo | None = pg
         self._header_buf = torch.empty(HEADER_BYTES, dtype=torch.uint8)
@@ -126,7 +129,8 @@ class Transport:
                              wait_for_workers=False)
         except RuntimeError as e:
             verb = "host its store at" if rank == 0 else "reach its store at"
-            raise TransportError(f"edge {plan.key}: cannot {verb} {where} within {timeout_s}s: {_first_line(e)}") from e
+            raise TransportError(f"edge {plan.key}: cannot {verb} {where} within {timeout_s}s: "
+                                 f"{_first_line(e)}") from e
         options = ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # missing from torch's stubs
         options._devices = [_gloo_device(bind_host)]
         options._timeout = timedelta(seconds=max(deadline - time.monotonic(), 0.1))
@@ -134,8 +138,8 @@ class Transport:
             pg = ProcessGroupGloo(PrefixStore(f"edge/{plan.key}", store), rank, 2, options)
         except RuntimeError as e:
             peer = plan.dst if rank == 0 else plan.src
-            raise TransportError(f"edge {plan.key}: peer {peer} did not join via {where} within {timeout_s}s: "
-                                 f"{_first_line(e)}") from e
+            raise TransportError(f"edge {plan.key}: peer {peer} did not join via {where} "
+                                 f"within {timeout_s}s: {_first_line(e)}") from e
         return cls(plan.key, rank, store, pg, timeout_s)
 
     def _group(self, what: str) -> ProcessGroupGloo:
@@ -143,17 +147,18 @@ class Transport:
             raise TransportError(f"edge {self.key}: cannot {what}, the edge is closed")
         return self._pg
 
-    def _wait(self, works: Iterable[torch.distributed.Work], what: str, timeout: timedelta) -> None:
+    def _wait(self, works: Iterable[Work], what: str, timeout: timedelta) -> None:
         try:
             for work in works:
                 work.wait(timeout)
         except RuntimeError as e:
             raise TransportError(f"edge {self.key}: {what} failed: {_first_line(e)}") from e
 
-    def _post(self, what: str, op: str, bufs: Sequence[torch.Tensor], tag: int) -> list[torch.distributed.Work]:
+    def _post(self, what: str, op: str, bufs: Sequence[torch.Tensor], tag: int) -> list[Work]:
         pg = self._group(what)
         try:
-            fn = pg.send if op == "send" else pg.recv  # type: ignore[attr-defined]  # missing from torch's stubs
+            # send/recv are missing from torch's stubs for ProcessGroupGloo.
+            fn = pg.send if op == "send" else pg.recv  # type: ignore[attr-defined]
             return [fn([b], self.peer, tag) for b in bufs]
         except RuntimeError as e:
             raise TransportError(f"edge {self.key}: {what} failed: {_first_line(e)}") from e
@@ -193,7 +198,7 @@ class Transport:
         return self._ack_buf.numpy().tobytes()
 
     def close(self) -> None:
-        pg, self._pg = self._pg, None
+        pg, self._pg, self.store = self._pg, None, None  # the sender's store frees its port
         if pg is not None:
             try:
                 pg.shutdown()
@@ -324,7 +329,8 @@ def connect_all(plans: Sequence[EdgePlan], me: Node, bind_host: str, timeout_s: 
     if not plans:
         return {}
     with ThreadPoolExecutor(max_workers=len(plans), thread_name_prefix=f"connect-{me}") as pool:
-        futures = {p.key: pool.submit(Edge.connect, p, me, bind_host, timeout_s, transport_cls) for p in plans}
+        futures = {p.key: pool.submit(Edge.connect, p, me, bind_host, timeout_s, transport_cls)
+                   for p in plans}
     edges: dict[str, Edge] = {}
     errors: dict[str, BaseException] = {}
     for key, fut in futures.items():
@@ -338,5 +344,6 @@ def connect_all(plans: Sequence[EdgePlan], me: Node, bind_host: str, timeout_s: 
             edge.close()
         first = next(iter(errors.values()))
         detail = "; ".join(str(e) for e in errors.values())
-        raise TransportError(f"{me}: {len(errors)} of {len(plans)} edges failed to connect: {detail}") from first
+        raise TransportError(f"{me}: {len(errors)} of {len(plans)} edges failed to connect: "
+                             f"{detail}") from first
     return edges
