@@ -40,6 +40,9 @@ from infscaled.worker.transport import Edge, connect_all
 
 log = logging.getLogger(__name__)
 
+# How long a broken edge waits for the supervisor to name the worker that caused it.
+EXPLAIN_WAIT_S = 3.0
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -149,7 +152,8 @@ class LocalJob:
             [self._edges[e.key] for e in self.plan.out_edges(DISPATCHER)],
             [self._edges[e.key] for e in self.plan.in_edges(DISPATCHER)],
             self.plan.policy, self.plan.micro_batch_size, self.plan.max_inflight, self.plan.max_wait_ms,
-            request_timeout_s=cfg.workload.request_timeout_s, seed=self.plan.seed)
+            request_timeout_s=cfg.workload.request_timeout_s, seed=self.plan.seed,
+            on_broken=self._edge_broke)
         self.dispatcher.start()
         if self.state.failure:  # a worker may have died between READY and now
             self.dispatcher.fail(self.state.failure)
@@ -217,6 +221,15 @@ class LocalJob:
         for h in self.state.workers.values():
             h.conn.close()
 
+    def _edge_broke(self, detail: str) -> None:
+        """An edge of the dispatcher broke. A peer's death is its usual cause, and the supervisor
+        names it (worker, pid, exit code, its last words) a moment later: prefer that reason."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.state.failure is not None, timeout=EXPLAIN_WAIT_S)
+            reason = self.state.failure or detail
+        assert self.dispatcher is not None
+        self.dispatcher.fail(reason)
+
     # -- supervision -----------------------------------------------------------------------------
 
     def _supervise(self) -> None:
@@ -260,6 +273,7 @@ class LocalJob:
             self._changed.notify_all()
 
     def _on_exit(self, h: WorkerHandle) -> None:
+        h.process.join(5.0)  # the sentinel fired: reap it so the exit code is known
         code = h.process.exitcode
         if h.done and code == 0:
             return

@@ -19,7 +19,8 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import torch
@@ -52,7 +53,8 @@ class _InFlight:
 class Dispatcher:
     def __init__(self, spec: InputSpec, dtype: torch.dtype, out_edges: list[Edge], in_edges: list[Edge],
                  policy: str, micro_batch_size: int, max_inflight: int, max_wait_ms: float,
-                 request_timeout_s: float = 120.0, max_queued: int = 4096, seed: int = 0) -> None:
+                 request_timeout_s: float = 120.0, max_queued: int = 4096, seed: int = 0,
+                 on_broken: Callable[[str], None] | None = None) -> None:
         self.spec = spec
         self.dtype = dtype
         self.out_edges = out_edges
@@ -72,6 +74,9 @@ class Dispatcher:
         self._failure: str | None = None
         self._threads: list[threading.Thread] = []
         self._stopped = threading.Event()
+        # Called when an edge breaks. The supervisor usually knows the first cause (which
+        # worker died, and how) a moment later, so it may wait for that before failing.
+        self._on_broken = on_broken or self.fail
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -95,27 +100,35 @@ class Dispatcher:
             self._queue.put_nowait(req)
         except queue.Full:
             raise RequestError(f"request queue full ({self._queue.maxsize} waiting); retry later") from None
+        if self._failure is not None:  # failed while we queued: nobody will take it now
+            _resolve(req.future, exc=RequestError(f"pipeline failed: {self._failure}"))
         return req.future
 
     def fail(self, reason: str) -> None:
         """Fail every queued and in-flight request (a worker died, an edge broke)."""
-        if self._failure is None:
-            self._failure = reason
-            log.error("dispatcher: pipeline failed: %s", reason)
         with self._lock:
+            if self._failure is None:
+                self._failure = reason
+                log.error("dispatcher: pipeline failed: %s", reason)
             lost = [r for f in self._inflight.values() for r in f.requests]
+            freed = len(self._inflight)
             self._inflight.clear()
             self._idle.notify_all()
+        for _ in range(freed):
+            self._slots.release()  # wakes a batcher waiting for a slot: it fails its batch
+        for r in lost + self._take_queued():
+            _resolve(r.future, exc=RequestError(f"pipeline failed: {self._failure}"))
+        self._stopped.set()
+
+    def _take_queued(self) -> list[_Request]:
+        taken = []
         while True:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return taken
             if item is not None:
-                lost.append(item)
-        for r in lost:
-            _resolve(r.future, exc=RequestError(f"pipeline failed: {reason}"))
-        self._stopped.set()
+                taken.append(item)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Drain: finish queued and in-flight requests, then STOP the data plane in order."""
@@ -151,11 +164,14 @@ class Dispatcher:
                 self._send(batch)
                 if end:
                     break
-            if carry is not None and self._failure is None:
+            if carry is not None:
                 self._send([carry])
             self._drain_then_stop()
+            # A request may have slipped in while fail() emptied the queue: fail it too.
+            for r in self._take_queued() if self._failure is not None else []:
+                _resolve(r.future, exc=RequestError(f"pipeline failed: {self._failure}"))
         except BaseException as exc:  # noqa: BLE001 - thread boundary
-            self.fail(f"dispatcher send failed: {exc}")
+            self._on_broken(f"dispatcher send failed: {exc}")
 
     def _fill(self, first: _Request) -> tuple[list[_Request], _Request | None, bool]:
         """Add queued requests to `first` until the micro-batch is full or max_wait passes.
@@ -177,16 +193,20 @@ class Dispatcher:
 
     def _send(self, batch: list[_Request]) -> None:
         self._slots.acquire()  # back-pressure: at most max_inflight micro-batches in the pipeline
-        if self._failure is not None:
-            self._slots.release()
-            for r in batch:
-                _resolve(r.future, exc=RequestError(f"pipeline failed: {self._failure}"))
-            return
         mb_id = next(self._mb_ids)
         act = inputs.collate(self.spec, [r.x for r in batch], self.dtype)
         table = torch.tensor([[r.id, r.x.shape[0]] for r in batch], dtype=torch.int64)  # [n, 2]
+        # Registering under the lock that fail() takes means a batch is either failed by
+        # fail() or sees the failure here: never stranded in between.
         with self._lock:
-            self._inflight[mb_id] = _InFlight(batch, time.monotonic())
+            failure = self._failure
+            if failure is None:
+                self._inflight[mb_id] = _InFlight(batch, time.monotonic())
+        if failure is not None:
+            self._slots.release()
+            for r in batch:
+                _resolve(r.future, exc=RequestError(f"pipeline failed: {failure}"))
+            return
         # The first request's id keys sticky ("static") routing.
         index = self.router.pick(batch[0].id)
         self.out_edges[index].send(Message(DATA, mb_id, batch[0].id, {REQUESTS_KEY: table, **act}))
@@ -219,7 +239,7 @@ class Dispatcher:
                     _resolve(r.future, result=out)
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             if self._failure is None:
-                self.fail(f"receiving results failed: {exc}")
+                self._on_broken(f"receiving results failed: {exc}")
 
     def _acks(self, index: int) -> None:
         edge = self.out_edges[index]
@@ -231,7 +251,7 @@ class Dispatcher:
                 self.router.acked(index, ack.samples, ack.compute_us / 1e6)
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             if self._failure is None:
-                self.fail(f"stage-0 acknowledgements failed: {exc}")
+                self._on_broken(f"stage-0 acknowledgements failed: {exc}")
 
     def _watchdog(self) -> None:
         while not self._stopped.wait(0.5):
@@ -253,9 +273,10 @@ class Dispatcher:
 
 def _resolve(future: Future[torch.Tensor], *, result: torch.Tensor | None = None,
              exc: BaseException | None = None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+    except InvalidStateError:
+        pass  # already resolved by a racing failure path: the first outcome stands
