@@ -50,7 +50,7 @@ def _tensors(i: int) -> dict[str, torch.Tensor]:
 
 
 def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
-    pairs = zip(got.values(), want.values())
+    pairs = zip(got.values(), want.values(), strict=True)
     return list(got) == list(want) and all(
         g.dtype == w.dtype and g.shape == w.shape and torch.equal(g, w) for g, w in pairs
     )

@@ -50,7 +50,7 @@ class Checkpoint:
             self._file_of = {k: directory / f for k, f in weight_map.items()}
         elif single.exists():
             with safe_open(str(single), framework="pt") as f:
-                self._file_of = {k: single for k in f.keys()}
+                self._file_of = {k: single for k in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
         else:
             raise ModelError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 

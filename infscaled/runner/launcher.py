@@ -135,7 +135,8 @@ class LocalJob:
         ctx = mp.get_context("spawn")
         for w in self.plan.workers:
             parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=worker_main, args=(WorkerSpec(self.plan, w.node, self.log_level), child),
+            spec = WorkerSpec(self.plan, w.node, self.log_level, self.ready_timeout_s)
+            proc = ctx.Process(target=worker_main, args=(spec, child),
                                name=f"infscaled-{self.plan.job}-{w.node}", daemon=False)
             proc.start()
             child.close()

@@ -105,12 +105,13 @@ def render(summary: Summary) -> Any:
         ("latency p50 / p90 / p99", " / ".join(f"{percentile(lat, q):.1f}" for q in (50, 90, 99)) + " ms"),
     ]
     if summary.verify is not None:
-        v = summary.verify
-        rows.append(("verified", f"{v.checked} checked, {v.mismatched} mismatched, max |err| {v.max_abs_err:.2e}"))
+        ver = summary.verify
+        text = f"{ver.checked} checked, {ver.mismatched} mismatched, max |err| {ver.max_abs_err:.2e}"
+        rows.append(("verified", text))
     if summary.failure:
         rows.append(("failure", summary.failure))
-    for k, v in rows:
-        head.add_row(k, v)
+    for label, value in rows:
+        head.add_row(label, value)
     stages = Table(title="stages")
     for col in ("stage.replica", "micro-batches", "samples", "busy"):
         stages.add_column(col, justify="right")

@@ -6,6 +6,7 @@ request's latency and outcome is recorded; nothing is dropped silently.
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
 import time
@@ -113,7 +114,7 @@ def drive(submit: Callable[[torch.Tensor], Future[torch.Tensor]], requests: Iter
             failed: Future[torch.Tensor] = Future()
             failed.set_exception(exc)
             fut = failed
-        fut.add_done_callback(lambda f, o=outcome, b=began: finish(o, b, f))
+        fut.add_done_callback(functools.partial(finish, outcome, began))
     if count > 0:
         all_done.wait()
     result.wall_s = time.monotonic() - start

@@ -121,7 +121,7 @@ class Dispatcher:
         self._stopped.set()
 
     def _take_queued(self) -> list[_Request]:
-        taken = []
+        taken: list[_Request] = []
         while True:
             try:
                 item = self._queue.get_nowait()

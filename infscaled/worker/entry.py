@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -32,6 +33,9 @@ class WorkerSpec:
     plan: JobPlan
     node: Node
     log_level: int = logging.WARNING
+    # Peers build their stages before joining an edge, so connecting may wait for the slowest
+    # build: this is the supervisor's READY timeout, not the (steady-state) edge timeout.
+    connect_timeout_s: float = 300.0
 
 
 def _die_with_parent() -> None:
@@ -59,7 +63,9 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
     _die_with_parent()
     node = str(spec.node)
-    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s worker {spec.plan.job}/{node} %(levelname)s %(message)s")
+    # Log lines say which job and stage replica they come from.
+    prefix = f"worker {spec.plan.job}/{node}"
+    logging.basicConfig(level=spec.log_level, format=f"%(asctime)s {prefix} %(levelname)s %(message)s")
     send_lock = threading.Lock()
 
     def send(msg: control.ControlMessage) -> None:
@@ -79,7 +85,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     os._exit(0)
 
 
-def _serve(spec: WorkerSpec, send: "callable") -> None:  # type: ignore[valid-type]
+def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None]) -> None:
     # torch is imported here, in the child, so the supervisor's import cost stays its own.
     import torch
 
@@ -98,7 +104,7 @@ def _serve(spec: WorkerSpec, send: "callable") -> None:  # type: ignore[valid-ty
                         worker.device, plan.dtype, plan.seed)
     load_s = time.monotonic() - started
     in_plans, out_plans = plan.in_edges(me), plan.out_edges(me)
-    edges = connect_all(list(in_plans) + list(out_plans), me, worker.host, plan.edge_timeout_s)
+    edges = connect_all(list(in_plans) + list(out_plans), me, worker.host, spec.connect_timeout_s)
     try:
         send(control.WorkerReady(str(me), os.getpid(), worker.device, list(stage.param_names),
                                  sum(p.numel() for p in stage.parameters()), load_s))
