@@ -15,7 +15,6 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch stays pinned below 2.14 so pip takes the CPU wheel on CPU-only hosts.
 	$(BIN)/pip install -q "torch>=2.4,<2.14"
 	$(BIN)/pip install -q -e ".[test]"

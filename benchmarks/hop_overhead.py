@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import threading
 import time
@@ -71,7 +72,7 @@ def counts_for(size: int, quick: bool) -> Counts:
     """Messages per tier and round."""
     big = size >= 1 << 20
     if quick:
-        return Counts(5, 20, 40) if big else Counts(10, 40, 150)
+        return Counts(5, 15, 30) if big else Counts(10, 30, 120)
     return Counts(10, 50, 120) if big else Counts(20, 100, 400)
 
 
@@ -345,6 +346,7 @@ def compare(rows: list[Row]) -> list[dict[str, Any]]:
                 "goal_met_latency": pipe.hop_us - raw.hop_us <= raw.hop_us,
                 "raw_msgs_per_s": raw.msgs_per_s, "edge_msgs_per_s": edge.msgs_per_s,
                 "pipeline_msgs_per_s": pipe.msgs_per_s,
+                "msgs_per_s_range": {r.tier: [r.msgs_per_s_min, r.msgs_per_s_max] for r in (raw, edge, pipe)},
                 # Inverse throughput spread over the hops: CPU-bound on 2 cores, every hop costs.
                 "overhead_per_msg_hop_us": (pipe_msg_us - raw_msg_us) / hops,
                 "goal_met_throughput": pipe_msg_us - raw_msg_us <= raw_msg_us,
@@ -353,31 +355,39 @@ def compare(rows: list[Row]) -> list[dict[str, Any]]:
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
-    lines = [
-        "| bytes | k | raw us/hop | Edge us/hop | pipeline us/hop | overhead us/hop | lat. goal "
-        "| raw msg/s | Edge msg/s | pipeline msg/s | overhead us/msg/hop | thr. goal |",
-        "|---:|---:|---:|---:|---:|---:|:-:|---:|---:|---:|---:|:-:|",
-    ]
+    """Two tables: latency per hop (one in flight), and throughput (WINDOW in flight)."""
+    lat = ["| bytes | k | raw us/hop | Edge us/hop | pipeline us/hop | overhead us/hop | pipeline <= 2x raw |",
+           "|---:|---:|---:|---:|---:|---:|:-:|"]
+    thr = ["| bytes | k | raw msg/s | Edge msg/s | pipeline msg/s | overhead us/msg/hop | pipeline >= raw/2 |",
+           "|---:|---:|---:|---:|---:|---:|:-:|"]
+
+    def rate(r: dict[str, Any], tier: str) -> str:
+        lo, hi = r["msgs_per_s_range"][tier]
+        return f"{r[tier + '_msgs_per_s']:.0f} ({lo:.0f}–{hi:.0f})"
+
     for r in table:
-        lines.append(
-            f"| {r['bytes']} | {r['stages']} | {r['raw_hop_us']:.0f} | {r['edge_hop_us']:.0f} "
-            f"| {r['pipeline_hop_us']:.0f} | {r['overhead_hop_us']:+.0f} | {'yes' if r['goal_met_latency'] else 'no'} "
-            f"| {r['raw_msgs_per_s']:.0f} | {r['edge_msgs_per_s']:.0f} | {r['pipeline_msgs_per_s']:.0f} "
-            f"| {r['overhead_per_msg_hop_us']:+.0f} | {'yes' if r['goal_met_throughput'] else 'no'} |")
-    return "\n".join(lines)
+        lat.append(f"| {r['bytes']} | {r['stages']} | {r['raw_hop_us']:.0f} | {r['edge_hop_us']:.0f} "
+                   f"| {r['pipeline_hop_us']:.0f} | {r['overhead_hop_us']:+.0f} "
+                   f"| {'yes' if r['goal_met_latency'] else 'no'} |")
+        thr.append(f"| {r['bytes']} | {r['stages']} | {rate(r, 'raw')} | {rate(r, 'edge')} | {rate(r, 'pipeline')} "
+                   f"| {r['overhead_per_msg_hop_us']:+.0f} | {'yes' if r['goal_met_throughput'] else 'no'} |")
+    return "Latency (one request in flight; median round trip / (k+1)):\n\n" + "\n".join(lat) + \
+        f"\n\nThroughput ({WINDOW} in flight; median (min–max) over rounds):\n\n" + "\n".join(thr)
 
 
 def run(quick: bool, out_dir: Path, depths: tuple[int, ...] = DEPTHS, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
     counts = [counts_for(s, quick) for s in sizes]
     rows: list[Row] = []
     rounds = ROUNDS_QUICK if quick else ROUNDS
+    load: dict[str, list[float]] = {}
     for k in depths:
         for size, c in zip(sizes, counts, strict=True):
-            started = time.monotonic()
+            started, load_before = time.monotonic(), os.getloadavg()[0]
             rows += bench_depth_size(k, size, c, rounds)
+            load[f"k={k} bytes={size}"] = [load_before, os.getloadavg()[0]]
             print(f"  hop k={k} bytes={size}: {time.monotonic() - started:.1f} s", flush=True)
     table = compare(rows)
-    doc = {"window": WINDOW, "rounds": rounds,
+    doc = {"window": WINDOW, "rounds": rounds, "loadavg_1m_before_after": load,
            "counts_per_round": {s: asdict(c) for s, c in zip(sizes, counts, strict=True)},
            "rows": [asdict(r) for r in rows], "comparison": table}
     out_dir.mkdir(parents=True, exist_ok=True)
