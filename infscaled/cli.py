@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args, console, level)
     except InfscaledError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        # Plain text, never re-wrapped: the message quotes user values (which may look like
+        # markup) and its "FILE: KEY = VALUE" line must stay greppable.
+        from rich.text import Text
+
+        Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(exc)))
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; workers stopped")

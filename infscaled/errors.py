@@ -23,3 +23,7 @@ class TransportError(InfscaledError):
 
 class RequestError(InfscaledError):
     """A request was rejected or failed inside the pipeline."""
+
+
+class PipelineFailedError(RequestError):
+    """The pipeline serving a request has failed (a worker died, an edge broke); retrying will not help."""

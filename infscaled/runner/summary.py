@@ -81,10 +81,10 @@ class Summary:
 def summarize(job: str, run: RunResult, stages: list[StageStats], failure: str | None) -> Summary:
     done = run.completed
     return Summary(
-        job=job, completed=len(done), failed=len(run.failed), wall_s=run.wall_s,
+        job=job, completed=len(done), failed=len(run.failed) + run.unsent, wall_s=run.wall_s,
         samples=sum(o.request.shape[0] for o in done),
         latencies_ms=[o.latency_s * 1000 for o in done], stages=stages, failure=failure,
-        errors=sorted({o.error for o in run.failed if o.error}),
+        errors=sorted({o.error for o in run.failed if o.error} | ({run.unsent_reason} if run.unsent_reason else set())),
     )
 
 

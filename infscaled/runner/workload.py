@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from infscaled.config import WorkloadConfig
-from infscaled.errors import InfscaledError
+from infscaled.errors import InfscaledError, PipelineFailedError
 from infscaled.models.base import InputSpec
 from infscaled.models.inputs import example_request
 
@@ -37,6 +37,9 @@ class Outcome:
 class RunResult:
     outcomes: list[Outcome] = field(default_factory=list)
     wall_s: float = 0.0
+    # Requests never sent because the pipeline had already failed (they count as failed).
+    unsent: int = 0
+    unsent_reason: str | None = None
 
     @property
     def completed(self) -> list[Outcome]:
@@ -72,6 +75,7 @@ def drive(submit: Callable[[torch.Tensor], Future[torch.Tensor]], requests: Iter
     else Poisson arrivals at `rate` requests/s. Returns when every request has an outcome."""
     result = RunResult()
     all_done = threading.Event()
+    pipeline_failed = threading.Event()
     remaining = [count]
     lock = threading.Lock()
     slots = threading.Semaphore(max(1, concurrency)) if rate <= 0 else None
@@ -80,6 +84,8 @@ def drive(submit: Callable[[torch.Tensor], Future[torch.Tensor]], requests: Iter
     def finish(outcome: Outcome, started: float, fut: Future[torch.Tensor]) -> None:
         outcome.latency_s = time.monotonic() - started
         exc = fut.exception()
+        if isinstance(exc, PipelineFailedError):
+            pipeline_failed.set()
         if exc is not None:
             outcome.error = str(exc)
         else:
@@ -104,12 +110,21 @@ def drive(submit: Callable[[torch.Tensor], Future[torch.Tensor]], requests: Iter
             next_at += arrivals.expovariate(rate)
             delay = next_at - time.monotonic()
             if delay > 0:
-                time.sleep(delay)  # pacing Poisson arrivals, not synchronisation
+                pipeline_failed.wait(delay)  # paces arrivals; a failure ends the wait early
         outcome = Outcome(i, x)
         result.outcomes.append(outcome)
         began = time.monotonic()
         try:
             fut = submit(x)
+        except PipelineFailedError as exc:
+            # Nothing sent from now on can succeed: stop pacing and count the rest as failed.
+            result.outcomes.pop()
+            result.unsent, result.unsent_reason = count - i, str(exc)
+            with lock:
+                remaining[0] -= count - i
+                if remaining[0] == 0:
+                    all_done.set()
+            break
         except InfscaledError as exc:
             failed: Future[torch.Tensor] = Future()
             failed.set_exception(exc)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infscaled.errors import RequestError
+from infscaled.errors import PipelineFailedError, RequestError
 from infscaled.models import inputs
 from infscaled.models.base import InputSpec
 from infscaled.protocol.wire import DATA, STOP
@@ -91,7 +91,7 @@ class Dispatcher:
     def submit(self, x: torch.Tensor) -> Future[torch.Tensor]:
         """Queue one request; its future resolves to exactly its own output (or a RequestError)."""
         if self._failure is not None:
-            raise RequestError(f"pipeline failed: {self._failure}")
+            raise PipelineFailedError(f"pipeline failed: {self._failure}")
         if self._closing:
             raise RequestError("dispatcher is shutting down; no new requests")
         inputs.check_request(self.spec, x, self.micro_batch_size)
@@ -101,7 +101,7 @@ class Dispatcher:
         except queue.Full:
             raise RequestError(f"request queue full ({self._queue.maxsize} waiting); retry later") from None
         if self._failure is not None:  # failed while we queued: nobody will take it now
-            _resolve(req.future, exc=RequestError(f"pipeline failed: {self._failure}"))
+            _resolve(req.future, exc=PipelineFailedError(f"pipeline failed: {self._failure}"))
         return req.future
 
     def fail(self, reason: str) -> None:
@@ -117,7 +117,7 @@ class Dispatcher:
         for _ in range(freed):
             self._slots.release()  # wakes a batcher waiting for a slot: it fails its batch
         for r in lost + self._take_queued():
-            _resolve(r.future, exc=RequestError(f"pipeline failed: {self._failure}"))
+            _resolve(r.future, exc=PipelineFailedError(f"pipeline failed: {self._failure}"))
         self._stopped.set()
 
     def _take_queued(self) -> list[_Request]:
@@ -169,7 +169,7 @@ class Dispatcher:
             self._drain_then_stop()
             # A request may have slipped in while fail() emptied the queue: fail it too.
             for r in self._take_queued() if self._failure is not None else []:
-                _resolve(r.future, exc=RequestError(f"pipeline failed: {self._failure}"))
+                _resolve(r.future, exc=PipelineFailedError(f"pipeline failed: {self._failure}"))
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             self._on_broken(f"dispatcher send failed: {exc}")
 
@@ -205,7 +205,7 @@ class Dispatcher:
         if failure is not None:
             self._slots.release()
             for r in batch:
-                _resolve(r.future, exc=RequestError(f"pipeline failed: {failure}"))
+                _resolve(r.future, exc=PipelineFailedError(f"pipeline failed: {failure}"))
             return
         # The first request's id keys sticky ("static") routing.
         index = self.router.pick(batch[0].id)
