@@ -171,7 +171,7 @@ class _RawChainEnd:
     """The dispatcher's two raw hops: out to stage 0, in from the last stage."""
 
     def __init__(self, k: int, ports: list[int]) -> None:
-        device = ProcessGroupGloo.create_device(hostname=HOST)
+        device = ProcessGroupGloo.create_device(hostname=HOST, lazy_init=False)
         self.out, self.inp = _raw_group(ports[0], 0, device), _raw_group(ports[k], 1, device)
 
     def phase(self, size: int, n: int, window: int) -> tuple[list[float], float]:
@@ -244,7 +244,7 @@ def _relay_main(index: int, k: int, raw_ports: list[int], edge_ports: list[int],
                 per_round: int, rounds: int) -> None:
     """Relay `index` of both chains: per round, forward `per_round` raw messages, then as many Edge messages."""
     torch.set_num_threads(1)  # as stage workers run
-    device = ProcessGroupGloo.create_device(hostname=HOST)
+    device = ProcessGroupGloo.create_device(hostname=HOST, lazy_init=False)
     raw_in, raw_out = _raw_group(raw_ports[index], 1, device), _raw_group(raw_ports[index + 1], 0, device)
     plans = _edge_plans(k, edge_ports)
     edges = connect_all([plans[index], plans[index + 1]], Node(index, 0), HOST, TIMEOUT.total_seconds())

@@ -115,3 +115,33 @@ class JobPlan:
     @property
     def last_stage(self) -> int:
         return len(self.stages) - 1
+
+
+# -- serialisation: a plan crosses the controller -> agent websocket as plain JSON ---------------
+
+
+def plan_to_dict(plan: JobPlan) -> dict[str, object]:
+    """JSON-ready form of a plan (nodes as "STAGE.REPLICA" / "dispatcher" strings)."""
+    return {
+        "job": plan.job, "model_source": plan.model_source, "dtype": plan.dtype, "seed": plan.seed,
+        "stages": [[s.index, s.first_unit, s.last_unit, s.replicas] for s in plan.stages],
+        "workers": [[str(w.node), w.device, w.host] for w in plan.workers],
+        "edges": [[str(e.src), str(e.dst), e.host, e.port] for e in plan.edges],
+        "policy": plan.policy, "micro_batch_size": plan.micro_batch_size, "max_inflight": plan.max_inflight,
+        "max_wait_ms": plan.max_wait_ms, "edge_timeout_s": plan.edge_timeout_s,
+        "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir,
+    }
+
+
+def plan_from_dict(d: dict[str, object]) -> JobPlan:
+    """Inverse of plan_to_dict; raises KeyError / ValueError / TypeError on malformed input."""
+    stages = tuple(StagePlan(int(i), int(a), int(b), int(r)) for i, a, b, r in d["stages"])  # type: ignore[attr-defined]
+    workers = tuple(WorkerPlan(Node.parse(n), str(dev), str(h)) for n, dev, h in d["workers"])  # type: ignore[attr-defined]
+    edges = tuple(EdgePlan(Node.parse(s), Node.parse(t), str(h), int(p)) for s, t, h, p in d["edges"])  # type: ignore[attr-defined]
+    return JobPlan(
+        job=str(d["job"]), model_source=str(d["model_source"]), dtype=str(d["dtype"]), seed=int(d["seed"]),  # type: ignore[call-overload]
+        stages=stages, workers=workers, edges=edges, policy=str(d["policy"]),
+        micro_batch_size=int(d["micro_batch_size"]), max_inflight=int(d["max_inflight"]),  # type: ignore[call-overload]
+        max_wait_ms=float(d["max_wait_ms"]), edge_timeout_s=float(d["edge_timeout_s"]),  # type: ignore[arg-type]
+        dispatcher_host=str(d["dispatcher_host"]), base_dir=str(d["base_dir"]),
+    )

@@ -1,0 +1,214 @@
+"""Messages between agents and the controller over one websocket per agent (no torch).
+
+Every frame is a JSON text message `{"v": 1, "type": NAME, "body": {...}}` of at most
+MAX_MESSAGE_BYTES. `decode` checks the envelope, the type and every body field's type and
+raises `WireError` with a precise message, so a malformed, unknown or oversized message
+is answered with an `ErrorMsg` and logged, and never crashes either side.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar
+
+from infscaled.errors import WireError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20  # a plan for hundreds of workers fits easily
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device an agent offers: "cpu:0", "cuda:1"."""
+
+    id: str
+    kind: str  # "cpu" | "cuda"
+    name: str = ""
+    memory_bytes: int = 0
+
+
+# -- agent -> controller -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Register:
+    type: ClassVar[str] = "register"
+    agent_id: str
+    host: str  # hostname, for people
+    advertise: str  # address other hosts use to reach this agent's workers
+    devices: list[Device]
+    cpu_cores: int
+    ram_bytes: int
+    port_range: list[int]  # [first, last] ports the controller may assign to edges hosted here
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    type: ClassVar[str] = "heartbeat"
+    agent_id: str
+    workers: int = 0  # worker processes alive on the agent
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """A worker's state changed: starting, ready, exited (cleanly), failed."""
+
+    type: ClassVar[str] = "worker_state"
+    job_id: str
+    node: str
+    state: str
+    pid: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """Answer to Inspect: the model's unit count and per-unit weights, or the error."""
+
+    type: ClassVar[str] = "inspect_result"
+    request_id: str
+    ok: bool
+    unit_count: int = 0
+    unit_weights: list[int] = field(default_factory=list)
+    error: str = ""
+
+
+# -- controller -> agent -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Welcome:
+    type: ClassVar[str] = "welcome"
+    agent_id: str
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Deploy:
+    """Start this agent's part of a job: the nodes listed (stage replicas, maybe "dispatcher")."""
+
+    type: ClassVar[str] = "deploy"
+    job_id: str
+    plan: dict[str, Any]  # protocol.plan.plan_to_dict
+    nodes: list[str]
+    dispatcher_port: int = 0  # where the dispatcher's inference service listens, if hosted here
+    service_token: str = ""  # the controller authenticates to that service with it
+    request_timeout_s: float = 120.0
+    ready_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class StopJob:
+    type: ClassVar[str] = "stop_job"
+    job_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Inspect:
+    """Build the model's skeleton (meta device) and report its units, before planning."""
+
+    type: ClassVar[str] = "inspect"
+    request_id: str
+    source: str
+
+
+# -- both ways ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorMsg:
+    type: ClassVar[str] = "error"
+    message: str
+    in_reply_to: str = ""
+
+
+Message = Register | Heartbeat | WorkerState | InspectResult | Welcome | Deploy | StopJob | Inspect | ErrorMsg
+MESSAGE_TYPES: dict[str, type] = {
+    c.type: c for c in (Register, Heartbeat, WorkerState, InspectResult, Welcome, Deploy, StopJob, Inspect, ErrorMsg)
+}
+
+
+def encode(msg: Message) -> str:
+    text = json.dumps({"v": PROTOCOL_VERSION, "type": msg.type, "body": asdict(msg)})
+    if len(text.encode()) > MAX_MESSAGE_BYTES:
+        raise WireError(f"{msg.type} message of {len(text)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    return text
+
+
+def decode(data: str | bytes) -> Message:
+    """Parse and type-check one frame; raises WireError naming what is wrong."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError(f"message is not JSON: {exc}") from None
+    if not isinstance(raw, dict) or set(raw) != {"v", "type", "body"}:
+        raise WireError("message must be an object with exactly the keys v, type, body")
+    if raw["v"] != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {raw['v']!r} not supported; this side speaks {PROTOCOL_VERSION}")
+    cls = MESSAGE_TYPES.get(raw["type"]) if isinstance(raw["type"], str) else None
+    if cls is None:
+        raise WireError(f"unknown message type {raw['type']!r}; known: {', '.join(sorted(MESSAGE_TYPES))}")
+    body = raw["body"]
+    if not isinstance(body, dict):
+        raise WireError(f"{raw['type']}: body must be an object")
+    msg: Message = _build(cls, body, raw["type"])
+    return msg
+
+
+def _build(cls: type, body: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(body) - known
+    if unknown:
+        raise WireError(f"{where}: unknown field(s) {sorted(unknown)}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in body:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise WireError(f"{where}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _check(hints[f.name], body[f.name], f"{where}.{f.name}")
+    return cls(**kwargs)
+
+
+def _check(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise WireError(f"{where}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp in (str, int, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise WireError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise WireError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise WireError(f"{where}: expected an object")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check(option, value, where)
+            except WireError:
+                continue
+        raise WireError(f"{where}: unexpected value {value!r}")
+    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+        if not isinstance(value, dict):
+            raise WireError(f"{where}: expected an object")
+        return _build(tp, value, where)
+    raise WireError(f"{where}: unsupported field type {tp!r}")  # pragma: no cover - schema bug
