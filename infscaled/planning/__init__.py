@@ -6,12 +6,12 @@ and passes them to `make_plan`, which assigns them to edges in edge order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from infscaled.planning.graph import GRAPHS, build_edges, check_paths, downstream, upstream
 from infscaled.planning.partition import balance, check_cover, stage_weights
 from infscaled.planning.placement import normalise_device, place
-from infscaled.protocol.plan import EdgePlan, JobPlan, Node, StagePlan, WorkerPlan
+from infscaled.protocol.plan import DISPATCHER, EdgePlan, JobPlan, Node, StagePlan, WorkerPlan
 from infscaled.routing.policies import POLICIES
 
 __all__ = [
@@ -59,9 +59,12 @@ def make_plan(
     ports: Sequence[int],
     base_dir: str = ".",
     extra_edges: Sequence[tuple[Node, Node]] = (),
+    hosts: Mapping[Node, str] | None = None,
 ) -> JobPlan:
     """Assemble a JobPlan. `devices` has one entry per replica, stage-major (see `place`);
-    `ports` has one per edge in `build_edges` order (see `edge_count`).
+    `ports` has one per edge in `build_edges` order (see `edge_count`). `hosts` places nodes
+    (the dispatcher included) on hosts' addresses; a node missing from it gets `host`. An edge's
+    store lives with its sender, so it takes the sender's address.
 
     Raises ValueError if the shape is inconsistent (ranges vs replicas, stranded replicas,
     unknown policy, wrong device count, repeated ports).
@@ -85,12 +88,13 @@ def make_plan(
         for i, ((first, last), count) in enumerate(zip(ranges, replicas, strict=True))
     )
     nodes = [Node(stage, r) for stage, count in enumerate(replicas) for r in range(count)]
+    where = dict(hosts or {})
     workers = tuple(
-        WorkerPlan(node=node, device=normalise_device(device), host=host)
+        WorkerPlan(node=node, device=normalise_device(device), host=where.get(node, host))
         for node, device in zip(nodes, devices, strict=True)
     )
     edge_plans = tuple(
-        EdgePlan(src=src, dst=dst, host=host, port=port)
+        EdgePlan(src=src, dst=dst, host=where.get(src, host), port=port)
         for (src, dst), port in zip(edges, ports, strict=True)
     )
     return JobPlan(
@@ -106,6 +110,6 @@ def make_plan(
         max_inflight=max_inflight,
         max_wait_ms=max_wait_ms,
         edge_timeout_s=edge_timeout_s,
-        dispatcher_host=host,
+        dispatcher_host=where.get(DISPATCHER, host),
         base_dir=base_dir,
     )

@@ -21,15 +21,14 @@ from multiprocessing.process import BaseProcess
 
 import torch
 
-from infscaled.config import JobConfig, check_against_model, check_builtin
+from infscaled.config import JobConfig, check_builtin
 from infscaled.errors import ConfigError, InfscaledError, ModelError
 from infscaled.models.base import InputSpec
 from infscaled.models.builtins import BUILTIN_NAMES
 from infscaled.models.meta import dtype_of
 from infscaled.models.sources import ResolvedModel, resolve
 from infscaled.models.stage import skeleton
-from infscaled.planning import edge_count, make_plan
-from infscaled.planning.partition import balance
+from infscaled.planning.job import check_model, plan_job, ports_needed
 from infscaled.planning.placement import place
 from infscaled.planning.ports import free_ports
 from infscaled.protocol import control
@@ -64,24 +63,14 @@ def prepare(cfg: JobConfig) -> Prepared:
         sk = skeleton(resolved)
     except ModelError as exc:
         raise ConfigError(f"{cfg.path}: model.source = {cfg.model.source!r}: {exc}") from exc
-    cfg = check_against_model(cfg, sk.unit_count)
-    pipe = cfg.pipeline
-    ranges = pipe.layers if pipe.layers is not None else balance(sk.unit_weights(), pipe.stage_count)
-    replicas = pipe.replicas
-    explicit = tuple((Node.parse(a), Node.parse(b)) for a, b in pipe.edges)
+    cfg = check_model(cfg, sk.unit_count, BUILTIN_NAMES)
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    devices = place(cfg.placement.devices, replicas, available_cuda=cuda)
+    devices = place(cfg.placement.devices, cfg.pipeline.replicas, available_cuda=cuda)
     spec = sk.family.input_spec()
     if spec.kind == "image" and cfg.workload.image_size:
         spec = InputSpec("image", (spec.sample_shape[0], cfg.workload.image_size, cfg.workload.image_size))
     host = cfg.placement.host
-    plan = make_plan(
-        job=cfg.name, model_source=cfg.model.source, dtype=cfg.model.dtype, seed=cfg.model.seed,
-        ranges=ranges, replicas=replicas, graph=pipe.graph, explicit_edges=explicit, devices=devices,
-        policy=pipe.policy, micro_batch_size=pipe.micro_batch_size, max_inflight=pipe.max_inflight,
-        max_wait_ms=pipe.max_wait_ms, edge_timeout_s=pipe.edge_timeout_s, host=host,
-        ports=free_ports(edge_count(replicas, pipe.graph, explicit), host), base_dir=cfg.base_dir,
-    )
+    plan = plan_job(cfg, sk.unit_weights(), devices, free_ports(ports_needed(cfg), host), host)
     return Prepared(cfg, resolved, spec, plan, sk.unit_count)
 
 
