@@ -551,6 +551,41 @@ def test_bad_host(tmp_path: Path) -> None:
     assert_parts(message, "placement.host = 'not a host'", "allowed: an IP address or a host name")
 
 
+def test_placement_policy_and_static_agents(tmp_path: Path) -> None:
+    cfg = load_job(write(tmp_path, with_pipeline(
+        "stages = 2\nreplicas = [1, 2]", '[placement]\npolicy = "static"\nagents = ["a", "b", "b"]'
+    )))
+    assert cfg.placement.policy == "static"
+    assert cfg.placement.agents == ("a", "b", "b")
+    assert load_job(write(tmp_path, MINIMAL, name="ok.toml")).placement.policy == "pack"
+
+
+def test_unknown_placement_policy(tmp_path: Path) -> None:
+    message = load_error(tmp_path, with_pipeline("stages = 2", '[placement]\npolicy = "spraed"'))
+    assert_parts(
+        message, "placement.policy = 'spraed'", "unknown placement policy (did you mean 'spread'?)",
+        "allowed: pack, spread, static",
+    )
+
+
+def test_static_placement_needs_agents(tmp_path: Path) -> None:
+    message = load_error(tmp_path, with_pipeline("stages = 2", '[placement]\npolicy = "static"'))
+    assert_parts(message, "placement.agents:", "needs agents", "allowed: a list of 2 agent ids", "0.0, 1.0")
+
+
+def test_static_agents_count_and_type(tmp_path: Path) -> None:
+    text = with_pipeline("stages = 2\nreplicas = [1, 2]", '[placement]\npolicy = "static"\nagents = ["a", "b"]')
+    message = load_error(tmp_path, text)
+    assert_parts(message, "placement.agents = ['a', 'b']", "2 agent(s) for 3 stage replica(s)", "0.0, 1.0, 1.1")
+    message = load_error(tmp_path, with_pipeline("stages = 2", '[placement]\npolicy = "static"\nagents = ["a", 3]'))
+    assert_parts(message, "placement.agents[1] = 3", "expected a string", "allowed: an agent id")
+
+
+def test_agents_without_static_policy(tmp_path: Path) -> None:
+    message = load_error(tmp_path, with_pipeline("stages = 2", '[placement]\nagents = ["a", "b"]'))
+    assert_parts(message, "placement.agents = ['a', 'b']", "only used with policy = 'static' (policy is 'pack')")
+
+
 # --- [workload] ------------------------------------------------------------------------------
 
 

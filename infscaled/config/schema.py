@@ -13,6 +13,7 @@ DTYPES: Final = ("float32", "bfloat16", "float16")
 GRAPHS: Final = ("mesh", "parallel", "explicit")
 POLICIES: Final = ("round_robin", "random", "shortest_queue", "static", "weighted")
 AUTO_DEVICES: Final = "auto"
+PLACEMENT_POLICIES: Final = ("pack", "spread", "static")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class PlacementConfig:
     """"auto", or one of "cpu" / "cuda" / "cuda:N" per stage replica in stage-major order."""
     host: str = "127.0.0.1"
     """Address workers bind their edges to on this host."""
+    policy: str = "pack"
+    """How the controller spreads stage replicas over agents; one of PLACEMENT_POLICIES (`infscaled run` ignores it)."""
+    agents: tuple[str, ...] = ()
+    """One agent id per stage replica in stage-major order; given iff policy is "static"."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from infscaled.config.schema import (
     AUTO_DEVICES,
     DTYPES,
     GRAPHS,
+    PLACEMENT_POLICIES,
     POLICIES,
     ModelConfig,
     PipelineConfig,
@@ -148,7 +149,38 @@ def parse_placement(sec: Section, replicas: tuple[int, ...]) -> PlacementConfig:
     host = sec.get_str("host", PlacementConfig.host, host_allowed)
     if not _is_ip(host) and not _HOSTNAME.match(host):
         raise sec.error("host", host, host_allowed, "not an IP address or host name")
-    return PlacementConfig(devices=devices, host=host)
+    policy = sec.get_choice("policy", PlacementConfig.policy, PLACEMENT_POLICIES, "placement policy")
+    return PlacementConfig(devices=devices, host=host, policy=policy, agents=_parse_agents(sec, policy, replicas))
+
+
+def _parse_agents(sec: Section, policy: str, replicas: tuple[int, ...]) -> tuple[str, ...]:
+    """`placement.agents`: one agent id per stage replica, required exactly when policy = "static"."""
+    raw: Any = sec.raw("agents")
+    if policy != "static":
+        if raw is not MISSING:
+            raise sec.error(
+                "agents",
+                raw,
+                "no agents unless placement.policy = 'static'",
+                f"agents are only used with policy = 'static' (policy is {policy!r})",
+            )
+        return ()
+    allowed = (
+        f"a list of {sum(replicas)} agent ids, one per stage replica in stage-major order: "
+        f"{_device_order(replicas)}"
+    )
+    if raw is MISSING:
+        raise sec.error("agents", MISSING, allowed, "placement.policy = 'static' needs agents")
+    items = check_list(sec.path, sec.key("agents"), raw, allowed)
+    agents = tuple(check_str(sec.path, sec.key(f"agents[{i}]"), v, "an agent id") for i, v in enumerate(items))
+    if len(agents) != sum(replicas):
+        raise sec.error(
+            "agents",
+            raw,
+            allowed,
+            f"{len(agents)} agent(s) for {sum(replicas)} stage replica(s) (replicas = {list(replicas)})",
+        )
+    return agents
 
 
 def _is_ip(text: str) -> bool:

@@ -1,0 +1,189 @@
+"""REST handlers and the agents' websocket endpoint (reference: docs/controller-api.md).
+
+Every error is JSON `{"error": message}`; job-file errors carry exactly the text `infscaled run`
+prints for the same file (name it with the `X-Infscaled-Job-File` header).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import tomllib
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from infscaled.config import JobConfig, parse_job
+from infscaled.config.messages import config_error
+from infscaled.controller import proxy
+from infscaled.controller.config import ControllerConfig
+from infscaled.controller.jobs import JobState, JobStore, Rejected
+from infscaled.controller.registry import Registry
+from infscaled.errors import ConfigError
+from infscaled.protocol.messages import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", ControllerConfig)
+REGISTRY = web.AppKey("registry", Registry)
+JOBS = web.AppKey("jobs", JobStore)
+
+JOB_FILE_HEADER: Final = "X-Infscaled-Job-File"
+SUBMITTED: Final = "<submitted>"
+TOML_TYPES: Final = ("text/plain", "application/toml", "text/x-toml")
+# How long closing an agent's websocket waits for its close frame.
+WS_CLOSE_TIMEOUT_S: Final = 2.0
+
+
+def add_routes(app: web.Application) -> None:
+    app.add_routes([
+        web.get("/v1/health", health),
+        web.get("/v1/agents", list_agents),
+        web.get("/v1/agents/ws", agent_socket),
+        web.get("/v1/jobs", list_jobs),
+        web.post("/v1/jobs", submit_job),
+        web.get("/v1/jobs/{id}", get_job),
+        web.delete("/v1/jobs/{id}", stop_job),
+        web.post("/v1/jobs/{id}/infer", infer),
+    ])
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Rejected and aiohttp's own HTTP errors (404, 405, 413, ...) as JSON; a bug as a logged 500."""
+    try:
+        return await handler(request)
+    except Rejected as exc:
+        return web.json_response({"error": str(exc)}, status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+    except Exception:  # noqa: BLE001 - request boundary: answer, log, keep serving
+        log.exception("%s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error; see the controller's log"}, status=500)
+
+
+async def health(request: web.Request) -> web.Response:
+    jobs = request.app[JOBS]
+    return web.json_response({
+        "status": "draining" if jobs.draining else "ok",
+        "agents": len(request.app[REGISTRY].connected()),
+        "jobs": sum(1 for j in jobs.jobs.values() if j.state is JobState.RUNNING),
+    })
+
+
+# -- agents ----------------------------------------------------------------------------------------
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    users = request.app[JOBS].device_users()
+    now = time.monotonic()
+    agents = []
+    for a in request.app[REGISTRY]:
+        info = a.info
+        agents.append({
+            "id": a.id, "host": info.host, "advertise": info.advertise, "state": a.state,
+            "reason": a.lost_reason, "version": info.version, "port_range": info.port_range,
+            "devices": [{"id": d.id, "kind": d.kind, "name": d.name, "memory_bytes": d.memory_bytes,
+                         "job": users.get((a.id, d.id))} for d in info.devices],
+            "cpu_cores": info.cpu_cores, "ram_bytes": info.ram_bytes,
+            "last_heartbeat_age_s": round(now - a.last_seen, 3), "workers": a.workers,
+        })
+    return web.json_response(agents)
+
+
+async def agent_socket(request: web.Request) -> web.WebSocketResponse:
+    # Oversized frames make aiohttp close the connection (1009); the session then loses the agent.
+    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, timeout=WS_CLOSE_TIMEOUT_S, heartbeat=None)
+    await ws.prepare(request)
+    await request.app[REGISTRY].serve(ws, request.remote or "?")
+    return ws
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    jobs = sorted(request.app[JOBS].jobs.values(), key=lambda j: j.created)
+    return web.json_response([j.summary() for j in jobs])
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return web.json_response(request.app[JOBS].get(request.match_info["id"]).detail())
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    try:
+        cfg = await job_config(request)
+    except ConfigError as exc:
+        raise Rejected(400, str(exc)) from None
+    job = await request.app[JOBS].submit(cfg)
+    return web.json_response(job.summary(), status=201, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+async def stop_job(request: web.Request) -> web.Response:
+    job = await request.app[JOBS].stop(request.match_info["id"])
+    return web.json_response(job.summary(), status=202)
+
+
+async def job_config(request: web.Request) -> JobConfig:
+    """The request's job file as `load_job` would read it (ConfigError with the same text)."""
+    shown = request.headers.get(JOB_FILE_HEADER, "").strip() or SUBMITTED
+    name: str | None = None
+    raw = await request.read()
+    if request.content_type == "application/json":
+        body = _json_body(raw)
+        text = body["toml"]
+        name = body.get("name")
+    elif request.content_type in TOML_TYPES:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise config_error(shown, "", None, "a readable UTF-8 TOML job file", f"cannot read: {exc}") from None
+    else:
+        raise Rejected(415, f"content type {request.content_type!r} not accepted; send the job file as "
+                            f"{', '.join(TOML_TYPES)}, or JSON {{\"toml\": \"...\", \"name\": \"optional\"}}")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise config_error(shown, "", None, "TOML syntax (https://toml.io)", f"invalid TOML: {exc}") from None
+    if name is not None:
+        data["name"] = name
+    elif shown == SUBMITTED and "name" not in data:
+        data["name"] = "job"  # no file stem to name it after
+    return parse_job(data, shown)
+
+
+def _json_body(raw: bytes) -> dict[str, Any]:
+    shape = 'JSON {"toml": "<job file text>", "name": "<optional job name>"}'
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise Rejected(400, f"body is not JSON ({exc}); expected {shape}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("toml"), str) or set(body) - {"toml", "name"}:
+        raise Rejected(400, f"expected {shape}")
+    if "name" in body and not isinstance(body["name"], str):
+        raise Rejected(400, f"name must be a string; expected {shape}")
+    return body
+
+
+# -- inference -------------------------------------------------------------------------------------
+
+
+async def infer(request: web.Request) -> web.Response:
+    job = request.app[JOBS].get(request.match_info["id"])
+    if job.state is not JobState.RUNNING:
+        raise Rejected(409, job.describe())
+    agent = request.app[REGISTRY].agents[job.dispatcher_agent]
+    url = f"http://{_url_host(agent.info.advertise)}:{job.dispatcher_port}/infer"
+    body = await request.read()
+    cfg = request.app[CONFIG]
+    return await proxy.forward(request.app[proxy.SESSION], url, job.service_token, body,
+                               request.headers.get("Content-Type"), cfg.request_timeout_s)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -1,0 +1,90 @@
+"""The bearer token: where it comes from, and the middleware that checks it on every route.
+
+The CLI and the agent reuse `find_token` / `load_or_create_token`, so one host's controller,
+agent and CLI agree on the token without configuration. The token is never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from infscaled.controller.config import TOKEN_ENV, ControllerConfig
+from infscaled.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TOKEN_FILE = "token"
+
+
+def token_path(state_dir: str | Path) -> Path:
+    return Path(state_dir).expanduser() / TOKEN_FILE
+
+
+def _read(path: Path) -> str:
+    token = path.read_text(encoding="utf-8").strip()
+    if not token:
+        raise ConfigError(f"{path}: the token file is empty; delete it to have a new token generated")
+    return token
+
+
+def load_or_create_token(state_dir: str | Path) -> str:
+    """The token in `<state_dir>/token`, created (32 random bytes, url-safe; file 0600, dir 0700) if absent."""
+    path = token_path(state_dir)
+    if path.exists():
+        return _read(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    try:
+        # O_EXCL: two processes starting at once must not overwrite each other's token.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read(path)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(token + "\n")
+    log.info("generated a new API token in %s", path)
+    return token
+
+
+def find_token(state_dir: str | Path) -> str | None:
+    """$INFSCALED_TOKEN, else the token file in `state_dir`, else None (never creates one)."""
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    if env:
+        return env
+    path = token_path(state_dir)
+    return _read(path) if path.exists() else None
+
+
+def controller_token(cfg: ControllerConfig) -> str:
+    """What the controller accepts: $INFSCALED_TOKEN, else cfg.token, else the token file."""
+    return os.environ.get(TOKEN_ENV, "").strip() or cfg.token or load_or_create_token(cfg.state_dir)
+
+
+def auth_middleware(token: str) -> Middleware:
+    """Reject every request without `Authorization: Bearer <token>` with a 401 JSON error."""
+    expected = token.encode()
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        problem = None
+        if scheme.lower() != "bearer" or not given.strip():
+            problem = "missing bearer token"
+        elif not hmac.compare_digest(given.strip().encode(), expected):
+            problem = "wrong token"
+        if problem is not None:
+            log.warning("rejected %s %s from %s: %s", request.method, request.path, request.remote, problem)
+            return web.json_response(
+                {"error": f"unauthorized: {problem}; send 'Authorization: Bearer TOKEN'"},
+                status=401, headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await handler(request)
+
+    return check_token

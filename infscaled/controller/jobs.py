@@ -1,0 +1,479 @@
+"""Jobs: the store, the state machine, and deployment onto agents.
+
+    pending ──► deploying ──► running ──► stopping ──► stopped
+       │            │            │            ▲
+       └──(DELETE)──┼────────────┼────────────┘ (pending: at once)
+                    └──► failed ◄┘  (a worker failed or exited, an agent was lost, a send failed)
+
+A submitted job is inspected by one agent (unit count and weights), checked with the same
+`planning.job` functions as `infscaled run`, placed on connected agents' free devices
+(`planning.assign`), given one port per edge from the port range of the agent hosting the
+edge's sender, planned, and deployed: every agent of the job gets its Deploy, or, if any send
+fails, every agent gets StopJob and the job fails (never half-deployed). A job whose devices
+are busy waits as pending and is retried whenever devices free up or agents join.
+
+Everything here runs on the event loop; state changes between awaits are atomic, so two
+placements never take the same device or port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import re
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from infscaled.config import JobConfig
+from infscaled.controller.config import ControllerConfig
+from infscaled.controller.registry import InspectError, Registry, SendError
+from infscaled.errors import ConfigError, InfscaledError
+from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
+from infscaled.planning.graph import build_edges
+from infscaled.planning.job import check_model, explicit_edges, plan_job, stage_ranges
+from infscaled.protocol.messages import Deploy, StopJob, WorkerState
+from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_to_dict
+
+log = logging.getLogger(__name__)
+
+WORKER_STATES = ("starting", "ready", "exited", "failed")
+_GONE = ("exited", "failed", "lost")  # a node in one of these holds no process any more
+
+
+class JobState(enum.StrEnum):
+    PENDING = "pending"
+    DEPLOYING = "deploying"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+LIVE = (JobState.DEPLOYING, JobState.RUNNING, JobState.STOPPING)
+
+
+class Rejected(InfscaledError):
+    """A request the API answers with `status` and this message as {"error": ...}."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class NodeStatus:
+    """One node of a placed job: where it runs and what its agent last reported."""
+
+    agent: str
+    device: str  # the agent's device id ("cpu:0", "cuda:1"); "" for the dispatcher
+    state: str = "assigned"  # then one of WORKER_STATES, or "lost" with its agent
+    pid: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Job:
+    id: str
+    cfg: JobConfig
+    unit_weights: tuple[int, ...]
+    ranges: tuple[tuple[int, int], ...]  # each stage's (first_unit, last_unit)
+    created: float  # wall clock, for people
+    state: JobState = JobState.PENDING
+    reason: str = ""
+    plan: JobPlan | None = None
+    nodes: dict[str, NodeStatus] = field(default_factory=dict)  # "0.0", ..., "dispatcher"
+    ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # agent id -> ports held there
+    dispatcher_agent: str = ""
+    dispatcher_port: int = 0
+    service_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    # Monotonic: deploying -> ready deadline; stopping -> grace end; failed -> when resources free.
+    deadline: float = float("inf")
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def agents(self) -> list[str]:
+        return sorted({s.agent for s in self.nodes.values()})
+
+    @property
+    def drained(self) -> bool:
+        return all(s.state in _GONE for s in self.nodes.values())
+
+    def holds_resources(self, now: float) -> bool:
+        """Devices and ports stay taken while processes may still run on them."""
+        if self.state in LIVE:
+            return True
+        return self.state is JobState.FAILED and not self.drained and now < self.deadline
+
+    def describe(self) -> str:
+        return f"job {self.id} is {self.state}" + (f": {self.reason}" if self.reason else "")
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "state": str(self.state), "reason": self.reason,
+                "created": self.created}
+
+    def detail(self) -> dict[str, Any]:
+        stages = [{"index": i, "first_unit": a, "last_unit": b, "replicas": self.cfg.pipeline.replicas[i]}
+                  for i, (a, b) in enumerate(self.ranges)]
+        nodes = [{"node": name, "agent": s.agent, "device": s.device, "state": s.state, "pid": s.pid,
+                  "reason": s.reason} for name, s in self.nodes.items()]
+        return {**self.summary(), "model": self.cfg.model.source, "placement": self.cfg.placement.policy,
+                "stages": stages, "nodes": nodes,
+                "dispatcher": {"agent": self.dispatcher_agent, "port": self.dispatcher_port}
+                if self.dispatcher_agent else None,
+                "edges": [{"src": str(e.src), "dst": str(e.dst), "host": e.host, "port": e.port}
+                          for e in self.plan.edges] if self.plan is not None else []}
+
+
+@dataclass(frozen=True)
+class _Placement:
+    nodes: dict[Node, tuple[str, str]]  # stage replica -> (agent id, device id)
+    edge_ports: list[int]  # in build_edges order, as plan_job wants them
+    dispatcher_agent: str
+    dispatcher_port: int
+
+
+class JobStore:
+    def __init__(self, cfg: ControllerConfig, registry: Registry) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        registry.events = self
+        self.jobs: dict[str, Job] = {}
+        self.draining = False
+        self._changed = asyncio.Event()  # replaced on every change: a broadcast to waiters
+        self._wake = asyncio.Event()  # the reconciler has something to look at
+        self._rejoined: set[str] = set()  # agents that registered again since the last tick
+        self._orphans_stopped: set[tuple[str, str]] = set()  # (job id, agent id) told to stop on rejoin
+
+    # -- submission ------------------------------------------------------------------------------
+
+    async def submit(self, cfg: JobConfig) -> Job:
+        """Inspect, check, place and deploy a parsed job; raises Rejected with the HTTP status."""
+        if self.draining:
+            raise Rejected(503, "the controller is shutting down")
+        try:
+            agent_id, result = await self.registry.inspect(cfg.model.source)
+        except InspectError as exc:
+            raise Rejected(exc.status, str(exc)) from None
+        if not result.ok:
+            # The same shape `infscaled run` gives a model that cannot be resolved or built.
+            raise Rejected(400, f"{cfg.path}: model.source = {cfg.model.source!r}: {result.error}")
+        weights = result.unit_weights
+        if result.unit_count < 1 or len(weights) != result.unit_count or any(w < 0 for w in weights):
+            raise Rejected(502, f"agent {agent_id} answered Inspect with unit_count {result.unit_count} "
+                                f"and {len(weights)} unit weights")
+        # The agent built the model, so a builtin name it was given exists.
+        builtin = (cfg.model.source.removeprefix("builtin:"),)
+        try:
+            cfg = check_model(cfg, result.unit_count, builtin)
+            ranges = stage_ranges(cfg, weights)
+        except ConfigError as exc:
+            raise Rejected(400, str(exc)) from None
+        job = Job(_new_id(cfg.name, self.jobs), cfg, tuple(weights), ranges, time.time())
+        self._check_fits_cluster(job)
+        self.jobs[job.id] = job
+        log.info("job %s submitted (%s, %d stage(s), %d replica(s))", job.id, cfg.model.source,
+                 cfg.stage_count, cfg.pipeline.replica_total)
+        await self._try_start(job)
+        return job
+
+    def _check_fits_cluster(self, job: Job) -> None:
+        """409 unless the job fits every device of every agent we know, busy or not."""
+        offers = [AgentOffer(a.id, a.device_ids) for a in self.registry]
+        try:
+            trial = self._place(job, offers, {})
+        except PlacementError as exc:
+            raise Rejected(409, f"job {job.name} does not fit this cluster (all devices, busy or not): {exc}") from None
+        try:
+            self._plan(job, trial)
+        except ValueError as exc:
+            raise Rejected(400, f"{job.cfg.path}: cannot plan job {job.name}: {exc}") from None
+
+    def _place(self, job: Job, offers: Sequence[AgentOffer], ports_in_use: dict[str, set[int]]) -> _Placement:
+        cfg = job.cfg
+        replicas = cfg.pipeline.replicas
+        nodes = [Node(s, r) for s, count in enumerate(replicas) for r in range(count)]
+        wanted = cfg.placement.devices
+        devices = [wanted] * len(nodes) if isinstance(wanted, str) else list(wanted)
+        static = dict(zip(nodes, cfg.placement.agents, strict=True)) if cfg.placement.policy == "static" else None
+        placed = assign(list(zip(nodes, devices, strict=True)), offers, cfg.placement.policy, static)
+
+        where = {node: agent for node, (agent, _) in placed.items()}
+        where[DISPATCHER] = placed[Node(0, 0)][0]
+        edges = build_edges(replicas, cfg.pipeline.graph, explicit_edges(cfg))
+        need = Counter(where[src] for src, _ in edges)
+        need[where[DISPATCHER]] += 1  # the dispatcher's inference service
+        free: dict[str, Any] = {}
+        for agent_id, count in need.items():
+            first, last = self.registry.agents[agent_id].info.port_range
+            used = ports_in_use.get(agent_id, set())
+            ports = list(itertools.islice((p for p in range(first, last + 1) if p not in used), count))
+            if len(ports) < count:
+                raise PlacementError(f"agent {agent_id} needs {count} free port(s) in its port_range "
+                                     f"{first}..{last}, {len(ports)} free")
+            free[agent_id] = iter(ports)
+        # The dispatcher takes its agent's lowest free port, the edges the rest in edge order.
+        dispatcher_port = next(free[where[DISPATCHER]])
+        return _Placement(placed, [next(free[where[src]]) for src, _ in edges], where[DISPATCHER], dispatcher_port)
+
+    def _plan(self, job: Job, placement: _Placement) -> JobPlan:
+        advertise = {a.id: a.info.advertise for a in self.registry}
+        nodes = sorted(placement.nodes)
+        hosts = {node: advertise[placement.nodes[node][0]] for node in nodes}
+        hosts[DISPATCHER] = advertise[placement.dispatcher_agent]
+        devices = [_plan_device(placement.nodes[node][1]) for node in nodes]
+        # Plans and worker processes carry the job id, unique across the cluster, not the name.
+        return plan_job(replace(job.cfg, name=job.id), job.unit_weights, devices, placement.edge_ports,
+                        hosts[DISPATCHER], hosts)
+
+    async def _try_start(self, job: Job) -> None:
+        """Place a pending job on free devices and deploy it, or leave it pending with the reason."""
+        if job.state is not JobState.PENDING:  # stopped while another job was deploying
+            return
+        now = time.monotonic()
+        busy_devices: set[tuple[str, str]] = set()
+        busy_ports: dict[str, set[int]] = {}
+        for other in self.jobs.values():
+            if other.holds_resources(now):
+                busy_devices |= {(s.agent, s.device) for s in other.nodes.values() if s.device}
+                for agent_id, ports in other.ports.items():
+                    busy_ports.setdefault(agent_id, set()).update(ports)
+        offers = [AgentOffer(a.id, tuple(d for d in a.device_ids if (a.id, d) not in busy_devices))
+                  for a in self.registry.connected()]
+        try:
+            placement = self._place(job, offers, busy_ports)
+            plan = self._plan(job, placement)
+        except PlacementError as exc:
+            reason = f"waiting for free devices: {exc}"
+            if job.reason != reason:
+                job.reason = reason
+                log.info("job %s pending: %s", job.id, reason)
+                self._touch()
+            return
+        except ValueError as exc:  # checked at submission; a change of agents cannot cause it
+            await self._fail(job, f"cannot plan: {exc}")
+            return
+        job.plan = plan
+        job.nodes = {str(node): NodeStatus(agent, device) for node, (agent, device) in sorted(placement.nodes.items())}
+        job.nodes[str(DISPATCHER)] = NodeStatus(placement.dispatcher_agent, "")
+        held: dict[str, list[int]] = {placement.dispatcher_agent: [placement.dispatcher_port]}
+        for edge in plan.edges:
+            held.setdefault(job.nodes[str(edge.src)].agent, []).append(edge.port)
+        job.ports = {agent_id: tuple(ports) for agent_id, ports in held.items()}
+        job.dispatcher_agent, job.dispatcher_port = placement.dispatcher_agent, placement.dispatcher_port
+        job.state, job.reason = JobState.DEPLOYING, ""
+        job.deadline = now + self.cfg.ready_timeout_s + self.cfg.heartbeat_timeout_s
+        self._touch()
+        await self._deploy(job)
+
+    async def _deploy(self, job: Job) -> None:
+        assert job.plan is not None
+        plan = plan_to_dict(job.plan)
+        for agent_id in job.agents:
+            if job.state is not JobState.DEPLOYING:  # failed while we were sending (agent lost)
+                return
+            msg = Deploy(
+                job_id=job.id, plan=plan, nodes=[n for n, s in job.nodes.items() if s.agent == agent_id],
+                dispatcher_port=job.dispatcher_port if agent_id == job.dispatcher_agent else 0,
+                service_token=job.service_token, request_timeout_s=job.cfg.workload.request_timeout_s,
+                ready_timeout_s=self.cfg.ready_timeout_s,
+            )
+            try:
+                await self.registry.send(agent_id, msg)
+            except SendError as exc:
+                await self._fail(job, f"deploy failed: {exc}")
+                return
+        log.info("job %s deploying on %s", job.id, ", ".join(job.agents))
+
+    # -- stopping and failing --------------------------------------------------------------------
+
+    async def stop(self, job_id: str) -> Job:
+        """DELETE: a pending job stops at once, a deployed one asks its agents to stop its workers."""
+        job = self.get(job_id)
+        if job.state is JobState.PENDING:
+            self._set_stopped(job, "stopped on request before it was placed")
+        elif job.state in (JobState.DEPLOYING, JobState.RUNNING):
+            job.state, job.reason = JobState.STOPPING, "stop requested"
+            job.deadline = time.monotonic() + self.cfg.stop_grace_s
+            self._touch()
+            await self._send_stop(job, "stopped on request")
+            if job.state is JobState.STOPPING and job.drained:
+                self._set_stopped(job, "stopped on request")
+        return job
+
+    async def _fail(self, job: Job, reason: str) -> None:
+        if job.state not in (JobState.PENDING, *LIVE):
+            return
+        deployed = job.state is not JobState.PENDING
+        job.state, job.reason = JobState.FAILED, reason
+        job.deadline = time.monotonic() + self.cfg.stop_grace_s
+        log.warning("job %s failed: %s", job.id, reason)
+        self._touch()
+        if deployed:
+            await self._send_stop(job, reason)
+
+    async def _send_stop(self, job: Job, reason: str) -> None:
+        for agent_id in job.agents:
+            agent = self.registry.agents.get(agent_id)
+            if agent is None or agent.state != "connected":
+                continue
+            try:
+                await self.registry.send(agent_id, StopJob(job.id, reason))
+            except SendError as exc:
+                log.warning("job %s: %s", job.id, exc)
+
+    def _set_stopped(self, job: Job, reason: str) -> None:
+        job.state, job.reason = JobState.STOPPED, reason
+        log.info("job %s stopped", job.id)
+        self._touch()
+
+    async def stop_all(self, reason: str, timeout_s: float) -> None:
+        """Shutdown: refuse new jobs, stop every job, wait up to `timeout_s` for their workers' exits."""
+        self.draining = True
+        for job in list(self.jobs.values()):
+            if job.state is JobState.PENDING:
+                self._set_stopped(job, reason)
+            elif job.state in (JobState.DEPLOYING, JobState.RUNNING):
+                job.state, job.reason, job.deadline = JobState.STOPPING, reason, time.monotonic() + timeout_s
+                self._touch()
+                await self._send_stop(job, reason)
+        if not await self.wait_until(lambda: all(j.state is not JobState.STOPPING or j.drained
+                                                 for j in self.jobs.values()), timeout_s):
+            left = [j.id for j in self.jobs.values() if j.state is JobState.STOPPING and not j.drained]
+            log.warning("shutdown: job(s) %s did not report their workers' exit within %g s", ", ".join(left),
+                        timeout_s)
+
+    # -- what agents report (registry.AgentEvents) -----------------------------------------------
+
+    async def worker_state(self, agent_id: str, msg: WorkerState) -> str | None:
+        job = self.jobs.get(msg.job_id)
+        if job is None:
+            return f"unknown job {msg.job_id!r}"
+        status = job.nodes.get(msg.node)
+        if status is None or status.agent != agent_id:
+            return f"job {job.id} has no node {msg.node!r} on agent {agent_id}"
+        if msg.state not in WORKER_STATES:
+            return f"unknown worker state {msg.state!r}; allowed: {', '.join(WORKER_STATES)}"
+        status.state, status.reason = msg.state, msg.reason
+        status.pid = msg.pid or status.pid
+        self._touch()
+        if job.state in (JobState.DEPLOYING, JobState.RUNNING) and msg.state in ("exited", "failed"):
+            await self._fail(job, f"worker {msg.node} on agent {agent_id} {msg.state}"
+                                  + (f": {msg.reason}" if msg.reason else ""))
+        elif job.state is JobState.DEPLOYING and all(s.state == "ready" for s in job.nodes.values()):
+            job.state, job.deadline = JobState.RUNNING, float("inf")
+            log.info("job %s running", job.id)
+        elif job.state is JobState.STOPPING and job.drained:
+            self._set_stopped(job, "stopped on request" if job.reason == "stop requested" else job.reason)
+        return None
+
+    async def agent_lost(self, agent_id: str, reason: str) -> None:
+        for job in list(self.jobs.values()):
+            on_agent = [s for s in job.nodes.values() if s.agent == agent_id and s.state not in _GONE]
+            if not on_agent:
+                continue
+            for status in on_agent:
+                status.state = "lost"
+            if job.state in (JobState.DEPLOYING, JobState.RUNNING):
+                await self._fail(job, reason)
+            elif job.state is JobState.STOPPING and job.drained:
+                self._set_stopped(job, job.reason)
+        self._touch()
+
+    def agent_joined(self, agent_id: str) -> None:
+        self._rejoined.add(agent_id)
+        self._wake.set()  # pending jobs may fit now
+
+    # -- background ------------------------------------------------------------------------------
+
+    async def reconcile_forever(self) -> None:
+        """Deadlines and pending retries; woken by every change, and at least once a second."""
+        period = min(1.0, self.cfg.heartbeat_interval_s)
+        while True:
+            try:
+                async with asyncio.timeout(period):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - task boundary: a bug must not stop the reconciler
+                log.exception("job reconciler failed; retrying")
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        for job in list(self.jobs.values()):
+            if job.state is JobState.DEPLOYING and now > job.deadline:
+                late = [n for n, s in job.nodes.items() if s.state != "ready"]
+                await self._fail(job, f"worker(s) {', '.join(late)} not ready within "
+                                      f"{self.cfg.ready_timeout_s:g} s (ready_timeout_s)")
+            elif job.state is JobState.STOPPING and now > job.deadline:
+                late = [n for n, s in job.nodes.items() if s.state not in _GONE]
+                self._set_stopped(job, f"{job.reason}; node(s) {', '.join(late)} did not report their exit "
+                                       f"within {self.cfg.stop_grace_s:g} s")
+        rejoined, self._rejoined = self._rejoined, set()
+        for agent_id in rejoined:
+            # Workers an agent ran when it was lost belong to jobs that failed meanwhile: make sure
+            # they are gone, whatever the agent did when its connection dropped.
+            for job in list(self.jobs.values()):
+                lost_here = any(s.agent == agent_id and s.state == "lost" for s in job.nodes.values())
+                if job.state not in LIVE and lost_here and (job.id, agent_id) not in self._orphans_stopped:
+                    self._orphans_stopped.add((job.id, agent_id))
+                    try:
+                        await self.registry.send(agent_id, StopJob(job.id, job.reason))
+                    except SendError as exc:
+                        log.warning("job %s: %s", job.id, exc)
+        if not self.draining:
+            for job in [j for j in self.jobs.values() if j.state is JobState.PENDING]:
+                await self._try_start(job)
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise Rejected(404, f"no job {job_id!r}")
+        return job
+
+    def device_users(self) -> dict[tuple[str, str], str]:
+        """(agent id, device id) -> id of the job holding it."""
+        now = time.monotonic()
+        return {(s.agent, s.device): j.id for j in self.jobs.values() if j.holds_resources(now)
+                for s in j.nodes.values() if s.device}
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Wait until `predicate()` holds after some change, at most `timeout_s`; returns whether it holds."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate():
+                    await self._changed.wait()
+        except TimeoutError:
+            pass
+        return predicate()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        self._wake.set()
+
+
+def _plan_device(device_id: str) -> str:
+    """An agent's device id as a worker's torch device: "cpu:3" -> "cpu", "cuda:1" stays."""
+    return "cpu" if device_kind(device_id) == "cpu" else device_id
+
+
+def _new_id(name: str, taken: dict[str, Job]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:48] or "job"
+    while True:
+        job_id = f"{stem}-{secrets.token_hex(3)}"
+        if job_id not in taken:
+            return job_id

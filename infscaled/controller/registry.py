@@ -1,0 +1,306 @@
+"""Agents: one websocket each, registration, liveness, sends and the Inspect round trip.
+
+An agent's session: the first frame must be Register (else ErrorMsg and close); the controller
+answers Welcome. Every later frame is decoded with `protocol.messages.decode`; a malformed,
+unknown or unexpected one is answered with ErrorMsg and logged, and the session goes on. An
+agent silent for heartbeat_timeout_s, or whose websocket closes, is lost; the same id may
+register again later and is taken back. Job consequences go through `AgentEvents` (the job store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from infscaled.controller.config import ControllerConfig
+from infscaled.errors import InfscaledError, WireError
+from infscaled.protocol.messages import (
+    ErrorMsg,
+    Heartbeat,
+    Inspect,
+    InspectResult,
+    Message,
+    Register,
+    Welcome,
+    WorkerState,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECTED, LOST = "connected", "lost"
+_AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DEVICE_ID = re.compile(r"^(cpu|cuda):\d+$")
+
+
+class SendError(InfscaledError):
+    """A message could not be delivered to an agent (not connected, closed, timed out)."""
+
+
+class InspectError(InfscaledError):
+    """No agent could inspect a model: none connected (status 503) or no answer in time (504)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AgentEvents(Protocol):
+    """What the job store hears from the agents' sessions."""
+
+    async def agent_lost(self, agent_id: str, reason: str) -> None: ...
+
+    def agent_joined(self, agent_id: str) -> None: ...
+
+    async def worker_state(self, agent_id: str, msg: WorkerState) -> str | None:
+        """Apply a worker report; returns an error text for the agent when the report is wrong."""
+        ...
+
+
+@dataclass
+class Agent:
+    info: Register
+    ws: web.WebSocketResponse | None
+    state: str = CONNECTED
+    last_seen: float = field(default_factory=time.monotonic)
+    workers: int = 0
+    lost_reason: str = ""
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def id(self) -> str:
+        return self.info.agent_id
+
+    @property
+    def device_ids(self) -> tuple[str, ...]:
+        return tuple(d.id for d in self.info.devices)
+
+
+def register_problem(msg: Register) -> str | None:
+    """Why a Register cannot be accepted, or None."""
+    if not _AGENT_ID.match(msg.agent_id):
+        return f"agent_id {msg.agent_id!r}: 1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
+    if not msg.advertise.strip():
+        return "advertise: the address other hosts reach this agent's workers at must not be empty"
+    if len(msg.port_range) != 2 or not 1 <= msg.port_range[0] <= msg.port_range[1] <= 65535:
+        return f"port_range {msg.port_range}: expected [first, last] with 1 <= first <= last <= 65535"
+    ids = [d.id for d in msg.devices]
+    if len(set(ids)) != len(ids):
+        return f"devices: ids must be distinct, got {ids}"
+    for d in msg.devices:
+        if not _DEVICE_ID.match(d.id) or d.id.partition(":")[0] != d.kind:
+            return f"device {d.id!r} of kind {d.kind!r}: expected 'cpu:N' of kind 'cpu' or 'cuda:N' of kind 'cuda'"
+    if msg.cpu_cores < 0 or msg.ram_bytes < 0:
+        return "cpu_cores and ram_bytes must be >= 0"
+    return None
+
+
+class Registry:
+    def __init__(self, cfg: ControllerConfig) -> None:
+        self.cfg = cfg
+        self.agents: dict[str, Agent] = {}  # registration order: placement's "given order"
+        self.events: AgentEvents | None = None
+        self._inspects: dict[str, tuple[str, asyncio.Future[InspectResult]]] = {}
+        self._next_inspector = 0
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def connected(self) -> list[Agent]:
+        return [a for a in self.agents.values() if a.state == CONNECTED]
+
+    def __iter__(self) -> Iterator[Agent]:
+        return iter(list(self.agents.values()))
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def send(self, agent_id: str, msg: Message) -> None:
+        """Deliver one message within send_timeout_s, or raise SendError saying why not."""
+        agent = self.agents.get(agent_id)
+        ws = agent.ws if agent is not None else None
+        if agent is None or agent.state != CONNECTED or ws is None or ws.closed:
+            raise SendError(f"agent {agent_id} is not connected")
+        try:
+            text = encode(msg)
+        except WireError as exc:
+            raise SendError(f"cannot send {msg.type} to agent {agent_id}: {exc}") from None
+        try:
+            async with agent.send_lock, asyncio.timeout(self.cfg.send_timeout_s):
+                await ws.send_str(text)
+        except TimeoutError:
+            raise SendError(f"sending {msg.type} to agent {agent_id} timed out after "
+                            f"{self.cfg.send_timeout_s:g} s") from None
+        except (ConnectionError, RuntimeError) as exc:
+            raise SendError(f"sending {msg.type} to agent {agent_id} failed: {exc}") from None
+
+    async def inspect(self, source: str) -> tuple[str, InspectResult]:
+        """Ask one connected agent (in turn) to inspect `source`; returns (agent_id, result)."""
+        agents = self.connected()
+        if not agents:
+            raise InspectError("no agent is connected; start an agent with this controller's address and token", 503)
+        agent = agents[self._next_inspector % len(agents)]
+        self._next_inspector += 1
+        request_id = secrets.token_hex(8)
+        future: asyncio.Future[InspectResult] = asyncio.get_running_loop().create_future()
+        self._inspects[request_id] = (agent.id, future)
+        try:
+            await self.send(agent.id, Inspect(request_id, source))
+            async with asyncio.timeout(self.cfg.inspect_timeout_s):
+                return agent.id, await future
+        except SendError as exc:
+            raise InspectError(str(exc), 503) from None
+        except TimeoutError:
+            raise InspectError(f"agent {agent.id} did not answer Inspect of {source!r} within "
+                               f"{self.cfg.inspect_timeout_s:g} s (inspect_timeout_s)", 504) from None
+        finally:
+            self._inspects.pop(request_id, None)
+
+    # -- liveness --------------------------------------------------------------------------------
+
+    async def lose(self, agent: Agent, why: str) -> None:
+        """Mark `agent` lost and fail what depended on it; its session closes the websocket."""
+        if agent.state != CONNECTED:
+            return
+        reason = f"agent {agent.id} lost ({why})"
+        agent.state, agent.lost_reason, agent.ws = LOST, reason, None
+        log.warning("%s", reason)
+        for agent_id, future in self._inspects.values():
+            if agent_id == agent.id and not future.done():
+                future.set_exception(InspectError(f"{reason} during Inspect", 503))
+        if self.events is not None:
+            await self.events.agent_lost(agent.id, reason)
+
+    async def close_all(self, why: str) -> None:
+        """Shutdown: close every agent's websocket without failing jobs (they were stopped first)."""
+        sockets = [a.ws for a in self.connected() if a.ws is not None]
+        events, self.events = self.events, None
+        try:
+            for agent in self.connected():
+                await self.lose(agent, why)
+        finally:
+            self.events = events
+        await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=why.encode()[:120])
+                               for ws in sockets))
+
+    # -- one agent's session ---------------------------------------------------------------------
+
+    async def serve(self, ws: web.WebSocketResponse, peer: str) -> None:
+        """Run one agent's websocket session until it closes or the agent falls silent."""
+        agent = await self._handshake(ws, peer)
+        if agent is None:
+            return
+        why = "connection closed"
+        try:
+            while agent.ws is ws:
+                # Only protocol frames count as signs of life, not websocket pings.
+                silent_for = time.monotonic() - agent.last_seen
+                try:
+                    frame = await ws.receive(timeout=max(self.cfg.heartbeat_timeout_s - silent_for, 1e-3))
+                except TimeoutError:
+                    why = f"no heartbeat for {self.cfg.heartbeat_timeout_s:g} s"
+                    break
+                if frame.type == WSMsgType.ERROR:  # e.g. a frame over max_msg_size: aiohttp closes
+                    why = f"websocket error: {ws.exception()}"
+                    break
+                if frame.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
+                if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    continue
+                agent.last_seen = time.monotonic()
+                reply = await self._handle(agent, frame.data)
+                if reply is not None:
+                    log.warning("agent %s: %s", agent.id, reply.message)
+                    await self._reply(ws, reply, agent.send_lock)
+        finally:
+            # Only the session that still owns the agent loses it: a re-registration may own it now.
+            if agent.ws is ws:
+                await self.lose(agent, why)
+            if not ws.closed:
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=why.encode()[:120])
+
+    async def _handshake(self, ws: web.WebSocketResponse, peer: str) -> Agent | None:
+        try:
+            async with asyncio.timeout(self.cfg.heartbeat_timeout_s):
+                frame = await ws.receive()
+        except TimeoutError:
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"no register message")
+            return None
+        if frame.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return None
+        try:
+            msg = decode(frame.data)
+            problem = None if isinstance(msg, Register) else f"first message must be register, got {msg.type}"
+        except WireError as exc:
+            problem = f"first message must be register: {exc}"
+        if problem is None:
+            assert isinstance(msg, Register)
+            problem = register_problem(msg)
+        if problem is not None:
+            log.warning("agent connection from %s refused: %s", peer, problem)
+            await self._reply(ws, ErrorMsg(problem, "register"))
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"register refused")
+            return None
+        assert isinstance(msg, Register)
+        agent = await self._register(msg, ws, peer)
+        await self._reply(ws, Welcome(msg.agent_id, self.cfg.heartbeat_interval_s, self.cfg.heartbeat_timeout_s))
+        if self.events is not None:
+            self.events.agent_joined(agent.id)
+        return agent
+
+    async def _register(self, msg: Register, ws: web.WebSocketResponse, peer: str) -> Agent:
+        old = self.agents.get(msg.agent_id)
+        if old is not None and old.state == CONNECTED:
+            # The agent reconnected before we noticed its old connection died: the new one wins,
+            # and the old session ends at its next frame or timeout.
+            await self.lose(old, "replaced by a new connection")
+        agent = Agent(msg, ws)
+        if old is not None:
+            log.info("agent %s (%s) reconnected from %s", msg.agent_id, msg.host, peer)
+        else:
+            log.info("agent %s (%s) registered from %s: %s", msg.agent_id, msg.host, peer,
+                     ", ".join(agent.device_ids) or "no devices")
+        self.agents[msg.agent_id] = agent  # a re-registration keeps the agent's place in the order
+        return agent
+
+    async def _handle(self, agent: Agent, data: str | bytes) -> ErrorMsg | None:
+        try:
+            msg = decode(data)
+        except WireError as exc:
+            return ErrorMsg(str(exc))
+        if isinstance(msg, Heartbeat):
+            if msg.agent_id != agent.id:
+                return ErrorMsg(f"heartbeat names agent {msg.agent_id!r}, this connection is {agent.id!r}", msg.type)
+            agent.workers = msg.workers
+            return None
+        if isinstance(msg, WorkerState):
+            problem = await self.events.worker_state(agent.id, msg) if self.events is not None else None
+            return ErrorMsg(problem, msg.type) if problem else None
+        if isinstance(msg, InspectResult):
+            pending = self._inspects.get(msg.request_id)
+            if pending is None or pending[0] != agent.id:
+                log.info("agent %s: ignoring InspectResult %s nobody waits for", agent.id, msg.request_id)
+            elif not pending[1].done():
+                pending[1].set_result(msg)
+            return None
+        if isinstance(msg, ErrorMsg):
+            log.warning("agent %s reports an error (in reply to %r): %s", agent.id, msg.in_reply_to, msg.message)
+            return None
+        if isinstance(msg, Register):
+            return ErrorMsg(f"this connection is already registered as {agent.id!r}", msg.type)
+        return ErrorMsg(f"{msg.type} is a controller -> agent message; an agent may send "
+                        "heartbeat, worker_state, inspect_result, error", msg.type)
+
+    async def _reply(self, ws: web.WebSocketResponse, msg: Message, lock: asyncio.Lock | None = None) -> None:
+        try:
+            async with lock or asyncio.Lock(), asyncio.timeout(self.cfg.send_timeout_s):
+                await ws.send_str(encode(msg))
+        except (TimeoutError, ConnectionError, RuntimeError) as exc:
+            log.info("could not answer an agent (%s): %s", msg.type, exc)
