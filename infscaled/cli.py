@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 from infscaled import __version__
 from infscaled.errors import InfscaledError
@@ -13,8 +15,21 @@ from infscaled.errors import InfscaledError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infscaled", description="Serve models as pipelines of stage workers.")
     p.add_argument("--version", action="version", version=f"infscaled {__version__}")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="default: INFO for daemons, WARNING for commands")
+    daemon = p.add_argument_group("daemons", "infscaled --role controller|agent [options]")
+    daemon.add_argument("--role", choices=["controller", "agent"], help="run a daemon instead of a command")
+    daemon.add_argument("--config", help="controller: its TOML config (see configs/controller.toml)")
+    daemon.add_argument("--host", help="controller: address to bind (default 127.0.0.1)")
+    daemon.add_argument("--port", type=int, help="controller: port (default 8470)")
+    daemon.add_argument("--controller", dest="controller_url",
+                        help="agent: the controller's URL, e.g. http://10.0.0.5:8470")
+    daemon.add_argument("--id", dest="agent_id", help="agent: its name (default: the hostname)")
+    daemon.add_argument("--devices", default="auto", help="agent: auto | cpu:N | cuda:0,cuda:1 (default auto)")
+    daemon.add_argument("--advertise", default="", help="agent: the address other hosts reach this one at")
+    daemon.add_argument("--port-range", default="29500-29999", help="agent: FIRST-LAST ports for edges hosted here")
+    daemon.add_argument("--token", help="token (default: $INFSCALED_TOKEN, else the local controller's token file)")
+    sub = p.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run a job on this host: dispatcher + stage workers, then a summary")
     run.add_argument("job", help="job file (TOML)")
     run.add_argument("--requests", type=int, help="number of requests (overrides workload.requests)")
@@ -23,20 +38,51 @@ def _parser() -> argparse.ArgumentParser:
                      help="compare every result with the monolithic model (max abs error)")
     run.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    up = sub.add_parser("up", help="controller + local agent in one process: submit a job, drive it, stop")
+    up.add_argument("job", nargs="?", help="job file (default: configs/jobs/quickstart.toml)")
+    up.add_argument("--requests", type=int, help="number of requests (overrides workload.requests)")
+    up.add_argument("--rate", type=float, help="Poisson arrivals in requests/s (0 = closed loop)")
+    up.add_argument("--verify", action="store_true", help="compare every result with the monolithic model")
+    up.add_argument("--json", metavar="PATH", help="write the summary as JSON")
+    up.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    job = sub.add_parser("job", help="manage jobs on a controller")
+    job.add_argument("--controller", dest="job_controller", help="controller URL (default http://127.0.0.1:8470)")
+    job.add_argument("--token", dest="job_token", help="token (default: $INFSCALED_TOKEN or the local token file)")
+    actions = job.add_subparsers(dest="action", required=True)
+    actions.add_parser("submit", help="submit a job file").add_argument("file")
+    actions.add_parser("list", help="list jobs")
+    actions.add_parser("status", help="a job's state and where each stage replica runs").add_argument("id")
+    actions.add_parser("stop", help="stop a job").add_argument("id")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    level = getattr(logging, args.log_level)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.role is None) == (args.command is None):
+        parser.error("give either --role controller|agent or a command (run, up, job)")
+    level = getattr(logging, args.log_level or ("INFO" if args.role else "WARNING"))
     from rich.console import Console
     from rich.logging import RichHandler
 
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=Console(stderr=True))])
     console = Console()
     try:
+        if args.role == "controller":
+            return _controller(args)
+        if args.role == "agent":
+            return _agent(args, level)
         if args.command == "run":
             return _run(args, console, level)
+        if args.command == "up":
+            return _up(args, console, level)
+        if args.command == "job":
+            from infscaled.runner.jobcmd import run_job_command
+
+            return run_job_command(args.action, getattr(args, "file", None) or getattr(args, "id", None),
+                                   args.job_controller, args.job_token, console)
     except InfscaledError as exc:
         # Plain text, never re-wrapped: the message quotes user values (which may look like
         # markup) and its "FILE: KEY = VALUE" line must stay greppable.
@@ -66,6 +112,82 @@ def _run(args: argparse.Namespace, console: object, level: int) -> int:
     if args.json:
         summary.write_json(args.json)
     return 0 if summary.ok else 1
+
+
+def _controller(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from infscaled.controller.config import ControllerConfig, load_controller_config
+    from infscaled.controller.run import run
+
+    cfg = load_controller_config(args.config) if args.config else ControllerConfig()
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("token", args.token)) if v is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    _serve(run(cfg), cancel_on_signals=True)
+    return 0
+
+
+def _agent(args: argparse.Namespace, level: int) -> int:
+    from infscaled.agent.config import AgentConfig
+    from infscaled.agent.run import run
+    from infscaled.runner.jobcmd import resolve_token
+
+    if not args.controller_url:
+        raise InfscaledError("--role agent needs --controller URL (e.g. http://127.0.0.1:8470)")
+    first, _, last = args.port_range.partition("-")
+    if not (first.isdigit() and (last or first).isdigit()):
+        raise InfscaledError(f"--port-range {args.port_range!r}: expected FIRST-LAST, e.g. 29500-29999")
+    extra = {"agent_id": args.agent_id} if args.agent_id else {}
+    cfg = AgentConfig(controller=args.controller_url, token=resolve_token(args.token), devices=args.devices,
+                      advertise=args.advertise, port_range=(int(first), int(last or first)),
+                      worker_log_level=level, **extra)
+    _serve(run(cfg))
+    return 0
+
+
+def _serve(coro: Coroutine[Any, Any, None], cancel_on_signals: bool = False) -> None:
+    """Run a daemon until SIGINT/SIGTERM. Its shutdown is ordered (see each role's run): a
+    signal cancels the role's task, which then stops its work in reverse start-up order."""
+    import asyncio
+    import signal
+
+    async def main() -> None:
+        task = asyncio.ensure_future(coro)
+        if cancel_on_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+
+
+def _up(args: argparse.Namespace, console: object, level: int) -> int:
+    from infscaled.runner.summary import render
+    from infscaled.runner.up import run_up
+
+    if args.requests is not None and args.requests < 1:
+        raise InfscaledError(f"--requests {args.requests}: must be at least 1")
+    if args.rate is not None and args.rate < 0:
+        raise InfscaledError(f"--rate {args.rate}: must be 0 (closed loop) or positive")
+    result = run_up(args.job, requests=args.requests, rate=args.rate, verify=args.verify,
+                    progress=not args.no_progress and sys.stdout.isatty(), log_level=level)
+    console.print(render(result.summary))  # type: ignore[attr-defined]
+    console.print(f"job {result.job_id}: first result {result.submit_to_first_result_s:.2f} s after submit")  # type: ignore[attr-defined]
+    if args.json:
+        doc = result.summary.to_json() | {"submit_to_first_result_s": result.submit_to_first_result_s}
+        import json
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    return 0 if result.summary.ok else 1
 
 
 if __name__ == "__main__":

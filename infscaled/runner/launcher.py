@@ -5,19 +5,16 @@
 worker process per stage replica -> connect the dispatcher's edges while the workers
 build -> wait for every READY. Shutdown is the reverse: drain the dispatcher (STOP flows
 down the pipeline), wait for each worker to finish, then SIGTERM / SIGKILL whatever is
-left. A worker that exits unexpectedly fails the job at once with its reason.
+left. A worker that exits unexpectedly fails the job at once with its reason. Spawning and
+supervising the workers is `worker.group.WorkerGroup`'s job, shared with the agent daemon.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
 
 import torch
 
@@ -31,10 +28,10 @@ from infscaled.models.stage import skeleton
 from infscaled.planning.job import check_model, plan_job, ports_needed
 from infscaled.planning.placement import place
 from infscaled.planning.ports import free_ports
-from infscaled.protocol import control
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
 from infscaled.worker.dispatcher import Dispatcher
 from infscaled.worker.entry import WorkerSpec, worker_main
+from infscaled.worker.group import Member, WorkerGroup, WorkerHandle
 from infscaled.worker.transport import Edge, connect_all
 
 log = logging.getLogger(__name__)
@@ -75,17 +72,6 @@ def prepare(cfg: JobConfig) -> Prepared:
 
 
 @dataclass
-class WorkerHandle:
-    node: Node
-    process: BaseProcess
-    conn: Connection
-    ready: control.WorkerReady | None = None
-    stats: control.StageStats | None = None
-    done: bool = False
-    failure: str | None = None
-
-
-@dataclass
 class JobState:
     """What the supervisor knows, for summaries and tests."""
 
@@ -99,13 +85,14 @@ class LocalJob:
         self.plan = prepared.plan
         self.ready_timeout_s = ready_timeout_s
         self.log_level = log_level
-        self.state = JobState()
         self.dispatcher: Dispatcher | None = None
         self._edges: dict[str, Edge] = {}
-        self._all_ready = threading.Event()
-        self._changed = threading.Condition()
-        self._supervisor: threading.Thread | None = None
         self._closing = False
+        members = [Member(w.node, worker_main, WorkerSpec(self.plan, w.node, log_level, ready_timeout_s))
+                   for w in self.plan.workers]
+        self.group = WorkerGroup(self.plan.job, members, ready_timeout_s, on_exit=self._on_exit)
+        # The group fills in the handles as it spawns; the state shares its dict.
+        self.state = JobState(workers=self.group.handles)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -121,21 +108,11 @@ class LocalJob:
         self.stop()
 
     def start(self) -> None:
-        ctx = mp.get_context("spawn")
-        for w in self.plan.workers:
-            parent, child = ctx.Pipe(duplex=True)
-            spec = WorkerSpec(self.plan, w.node, self.log_level, self.ready_timeout_s)
-            proc = ctx.Process(target=worker_main, args=(spec, child),
-                               name=f"infscaled-{self.plan.job}-{w.node}", daemon=False)
-            proc.start()
-            child.close()
-            self.state.workers[w.node] = WorkerHandle(w.node, proc, parent)
-        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
-        self._supervisor.start()
+        self.group.start()
         d_edges = self.plan.out_edges(DISPATCHER) + self.plan.in_edges(DISPATCHER)
         self._edges = self._connect_dispatcher(list(d_edges))
-        if not self._wait_ready():
-            raise InfscaledError(self.state.failure or f"workers not ready within {self.ready_timeout_s:g} s")
+        if not self.group.wait_ready(self.ready_timeout_s):
+            raise InfscaledError(self.group.failure or f"workers not ready within {self.ready_timeout_s:g} s")
         cfg = self.prepared.cfg
         self.dispatcher = Dispatcher(
             self.prepared.spec, dtype_of(self.plan.dtype),
@@ -145,8 +122,8 @@ class LocalJob:
             request_timeout_s=cfg.workload.request_timeout_s, seed=self.plan.seed,
             on_broken=self._edge_broke)
         self.dispatcher.start()
-        if self.state.failure:  # a worker may have died between READY and now
-            self.dispatcher.fail(self.state.failure)
+        if self.group.failure:  # a worker may have died between READY and now
+            self.dispatcher.fail(self.group.failure)
 
     def _connect_dispatcher(self, edges: list) -> dict[str, Edge]:  # type: ignore[type-arg]
         # Connecting blocks until each peer worker has built its stage and joined, so a
@@ -166,23 +143,11 @@ class LocalJob:
         t.start()
         while t.is_alive():
             t.join(0.1)
-            if self.state.failure:
-                raise InfscaledError(self.state.failure)
+            if self.group.failure:
+                raise InfscaledError(self.group.failure)
         if error:
-            raise InfscaledError(self.state.failure or f"dispatcher could not connect: {error[0]}")
+            raise InfscaledError(self.group.failure or f"dispatcher could not connect: {error[0]}")
         return result
-
-    def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + self.ready_timeout_s
-        with self._changed:
-            while not self.state.failure:
-                if all(h.ready for h in self.state.workers.values()):
-                    return True
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._changed.wait(remaining)
-        return False
 
     def submit(self, x: torch.Tensor) -> Future[torch.Tensor]:
         assert self.dispatcher is not None, "job not started"
@@ -193,89 +158,24 @@ class LocalJob:
         if self._closing:
             return
         self._closing = True
-        if self.dispatcher is not None and not self.state.failure:
+        if self.dispatcher is not None and not self.group.failure:
             self.dispatcher.close(timeout_s=grace_s * 3)
-        deadline = time.monotonic() + grace_s
-        for h in self.state.workers.values():
-            h.process.join(max(0.0, deadline - time.monotonic()))
-        for h in self.state.workers.values():
-            if h.process.is_alive():
-                h.process.terminate()
-        for h in self.state.workers.values():
-            h.process.join(5.0)
-            if h.process.is_alive():
-                h.process.kill()
-                h.process.join(5.0)
+        self.group.stop(grace_s)
         for edge in self._edges.values():
             edge.close()
-        for h in self.state.workers.values():
-            h.conn.close()
 
     def _edge_broke(self, detail: str) -> None:
         """An edge of the dispatcher broke. A peer's death is its usual cause, and the supervisor
         names it (worker, pid, exit code, its last words) a moment later: prefer that reason."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.state.failure is not None, timeout=EXPLAIN_WAIT_S)
-            reason = self.state.failure or detail
+        reason = self.group.wait_failure(EXPLAIN_WAIT_S) or detail
         assert self.dispatcher is not None
         self.dispatcher.fail(reason)
 
-    # -- supervision -----------------------------------------------------------------------------
-
-    def _supervise(self) -> None:
-        by_conn = {h.conn: h for h in self.state.workers.values()}
-        by_sentinel = {h.process.sentinel: h for h in self.state.workers.values()}
-        live_conns = set(by_conn)
-        live_sentinels = set(by_sentinel)
-        while live_sentinels:
-            for ready in wait(list(live_conns) + list(live_sentinels)):
-                if ready in by_conn:
-                    h = by_conn[ready]  # type: ignore[index]
-                    try:
-                        self._on_message(h, control.decode(h.conn.recv_bytes()))
-                    except (EOFError, OSError):
-                        live_conns.discard(ready)  # type: ignore[arg-type]
-                else:
-                    h = by_sentinel[ready]  # type: ignore[index]
-                    live_sentinels.discard(ready)  # type: ignore[arg-type]
-                    self._drain(h, live_conns)
-                    self._on_exit(h)
-
-    def _drain(self, h: WorkerHandle, live_conns: set) -> None:  # type: ignore[type-arg]
-        """Read what an exited worker said last (its failure reason) before judging the exit."""
-        try:
-            while h.conn.poll():
-                self._on_message(h, control.decode(h.conn.recv_bytes()))
-        except (EOFError, OSError):
-            pass
-        live_conns.discard(h.conn)
-
-    def _on_message(self, h: WorkerHandle, msg: control.ControlMessage) -> None:
-        with self._changed:
-            if isinstance(msg, control.WorkerReady):
-                h.ready = msg
-            elif isinstance(msg, control.WorkerStatsReport):
-                h.stats = msg.stats
-            elif isinstance(msg, control.WorkerDone):
-                h.stats, h.done = msg.stats, True
-            elif isinstance(msg, control.WorkerFailed):
-                h.failure = msg.reason
-            self._changed.notify_all()
-
-    def _on_exit(self, h: WorkerHandle) -> None:
-        h.process.join(5.0)  # the sentinel fired: reap it so the exit code is known
-        code = h.process.exitcode
-        if h.done and code == 0:
+    def _on_exit(self, node: Node, code: int | None, reason: str) -> None:
+        """Supervisor thread: a worker is gone. An unexpected exit fails the job at once."""
+        if not reason:
             return
-        if self._closing and h.failure is None:
-            return
-        reason = f"worker {h.node} (pid {h.process.pid}) exited with code {code}"
-        if h.failure:
-            reason += f": {h.failure}"
-        with self._changed:
-            if self.state.failure is None:
-                self.state.failure = reason
-            self._changed.notify_all()
-        log.error("%s", reason)
+        if self.state.failure is None:
+            self.state.failure = reason
         if self.dispatcher is not None:
             self.dispatcher.fail(reason)

@@ -9,6 +9,8 @@ import torch
 
 from infscaled.config import JobConfig
 from infscaled.models import inputs
+from infscaled.models.base import InputSpec
+from infscaled.models.sources import ResolvedModel
 from infscaled.models.stage import Monolith
 from infscaled.runner.launcher import LocalJob, Prepared, prepare
 from infscaled.runner.summary import Summary, Verification, summarize
@@ -59,14 +61,18 @@ def _drive_with_progress(job: LocalJob, stream, count: int, rate: float, concurr
 
 def verify_outcomes(prepared: Prepared, outcomes: list[Outcome]) -> Verification:
     """Compare every result with the monolithic model run on that request alone."""
-    plan = prepared.plan
-    mono = Monolith(prepared.resolved, "cpu", plan.dtype, plan.seed)
-    tol = TOLERANCE[plan.dtype]
+    return verify_results(prepared.resolved, prepared.spec, prepared.plan.dtype, prepared.plan.seed, outcomes)
+
+
+def verify_results(resolved: ResolvedModel, spec: InputSpec, dtype_name: str, seed: int,
+                   outcomes: list[Outcome]) -> Verification:
+    mono = Monolith(resolved, "cpu", dtype_name, seed)
+    tol = TOLERANCE[dtype_name]
     v = Verification()
     dtype = next(mono.stage.parameters()).dtype
     for o in outcomes:
         assert o.result is not None
-        expected = mono.forward(inputs.collate(prepared.spec, [o.request], dtype))
+        expected = mono.forward(inputs.collate(spec, [o.request], dtype))
         got = o.result.to(expected.dtype)
         err = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
         v.checked += 1

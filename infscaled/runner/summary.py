@@ -117,4 +117,5 @@ def render(summary: Summary) -> Any:
         stages.add_column(col, justify="right")
     for s in summary.stages:
         stages.add_row(s.node, str(s.micro_batches), str(s.samples), f"{100 * s.busy:.0f} %")
-    return Group(head, stages)
+    # Stage counters come from the workers' supervisor: `run` has them, the daemon path not yet.
+    return Group(head, stages) if summary.stages else head

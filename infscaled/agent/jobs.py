@@ -1,0 +1,208 @@
+"""The agent's jobs: Deploy starts processes, StopJob stops them, Inspect builds a skeleton.
+
+Each deployed job is one `WorkerGroup` (stage workers, plus the dispatcher service when
+"dispatcher" is among the nodes). Its supervisor thread reports READY and exits through
+`loop.call_soon_threadsafe`, and every change is posted to the controller as a WorkerState:
+starting -> ready -> exited (clean, or stopped) | failed (with the reason).
+
+Processes are spawned on the event loop's thread: a child's PR_SET_PDEATHSIG fires when the
+thread that spawned it ends, so it must be the long-lived loop thread, not a pool thread.
+Stopping joins processes, so it runs in a thread (asyncio.to_thread). Slow work (stops,
+inspects) runs as tasks of the agent's TaskGroup; each catches and reports its own errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from infscaled.agent.config import AgentConfig
+from infscaled.errors import InfscaledError
+from infscaled.protocol.messages import Deploy, ErrorMsg, Inspect, InspectResult, Message, StopJob, WorkerState
+from infscaled.protocol.plan import DISPATCHER, Node, plan_from_dict
+from infscaled.worker.entry import WorkerSpec, worker_main
+from infscaled.worker.group import Member, WorkerGroup
+from infscaled.worker.inspect import inspect_in_subprocess
+from infscaled.worker.service import ServiceSpec, dispatcher_main
+
+log = logging.getLogger(__name__)
+
+STARTING, READY, EXITED, FAILED = "starting", "ready", "exited", "failed"
+
+
+class DeployError(InfscaledError):
+    """A Deploy this agent cannot carry out (malformed plan, unknown node, job already here)."""
+
+
+@dataclass
+class _Job:
+    job_id: str
+    group: WorkerGroup
+    states: dict[Node, WorkerState] = field(default_factory=dict)
+    stopping: bool = False
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class JobManager:
+    def __init__(self, cfg: AgentConfig, tg: asyncio.TaskGroup, post: Callable[[Message], None]) -> None:
+        self.cfg = cfg
+        self._tg = tg
+        self.post = post
+        self._loop = asyncio.get_running_loop()
+        self.jobs: dict[str, _Job] = {}
+        self._inspects: set[asyncio.Task[None]] = set()
+        self.closing = False  # set by stop_all: no new processes from then on
+
+    # -- controller messages (on the loop thread) ------------------------------------------------
+
+    def handle(self, msg: Message) -> None:
+        if isinstance(msg, Deploy):
+            try:
+                self.deploy(msg)
+            except DeployError as exc:
+                log.error("%s", exc)
+                self.post(ErrorMsg(str(exc), msg.type))
+        elif isinstance(msg, StopJob):
+            job = self.jobs.get(msg.job_id)
+            if job is None:
+                log.info("stop_job %s: no such job here (already stopped?)", msg.job_id)
+                return
+            self._tg.create_task(self._stop(job, msg.reason or "stop_job"), name=f"stop-{msg.job_id}")
+        elif isinstance(msg, Inspect):
+            if self.closing:
+                self.post(InspectResult(msg.request_id, False, error="the agent is shutting down"))
+                return
+            task = self._tg.create_task(self._inspect(msg), name=f"inspect-{msg.request_id}")
+            self._inspects.add(task)
+            task.add_done_callback(self._inspects.discard)
+        else:
+            raise DeployError(f"the agent does not handle {msg.type} messages")
+
+    def deploy(self, msg: Deploy) -> None:
+        if self.closing:
+            raise DeployError(f"deploy {msg.job_id}: the agent is shutting down")
+        if msg.job_id in self.jobs:
+            raise DeployError(f"deploy {msg.job_id}: the job is already running on this agent")
+        try:
+            plan = plan_from_dict(msg.plan)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DeployError(f"deploy {msg.job_id}: malformed plan: {type(exc).__name__}: {exc}") from None
+        if not msg.nodes:
+            raise DeployError(f"deploy {msg.job_id}: no nodes listed")
+        members = []
+        for name in msg.nodes:
+            try:
+                node = Node.parse(name)
+            except ValueError as exc:
+                raise DeployError(f"deploy {msg.job_id}: {exc}") from None
+            if node.is_dispatcher:
+                if not 1 <= msg.dispatcher_port <= 65535:
+                    raise DeployError(f"deploy {msg.job_id}: dispatcher_port {msg.dispatcher_port} outside 1..65535")
+                if not msg.service_token:
+                    raise DeployError(f"deploy {msg.job_id}: the dispatcher needs a service_token")
+                spec: object = ServiceSpec(plan, msg.dispatcher_port, msg.service_token, msg.request_timeout_s,
+                                           self.cfg.worker_log_level, msg.ready_timeout_s)
+                members.append(Member(node, dispatcher_main, spec))
+                continue
+            if node not in {w.node for w in plan.workers}:
+                known = ", ".join(["dispatcher", *(str(w.node) for w in plan.workers)])
+                raise DeployError(f"deploy {msg.job_id}: node {name!r} is not in the plan; plan nodes: {known}")
+            spec = WorkerSpec(plan, node, self.cfg.worker_log_level, msg.ready_timeout_s)
+            members.append(Member(node, worker_main, spec))
+        if len({m.node for m in members}) != len(members):
+            raise DeployError(f"deploy {msg.job_id}: a node is listed twice in {msg.nodes}")
+        job_id = msg.job_id
+        group = WorkerGroup(
+            job_id, members, msg.ready_timeout_s,
+            on_ready=lambda node, ready: self._soon(self._report, job_id, node, READY, ready.pid, ""),
+            on_exit=lambda node, code, reason: self._soon(self._exited, job_id, node, code, reason))
+        job = _Job(job_id, group)
+        self.jobs[job_id] = job
+        log.info("job %s: starting %s", job_id, ", ".join(msg.nodes))
+        try:
+            group.start()  # on this thread, deliberately: see the module docstring
+        except Exception as exc:  # noqa: BLE001 - spawning failed (fds, memory): undo and report
+            for node, h in group.handles.items():
+                self._report(job_id, node, STARTING, h.process.pid or 0, "")
+            self._tg.create_task(self._stop(job, "start failed"), name=f"undo-{job_id}")
+            raise DeployError(f"deploy {job_id}: starting processes failed: {type(exc).__name__}: {exc}") from exc
+        for node, h in group.handles.items():
+            self._report(job_id, node, STARTING, h.process.pid or 0, "")
+
+    async def _stop(self, job: _Job, reason: str) -> None:
+        """Stop a job's processes: dispatcher first (it drains, STOP flows down the pipeline),
+        then the workers; grace, SIGTERM, SIGKILL. Reports every node exited."""
+        if job.stopping:
+            await job.stopped.wait()
+            return
+        job.stopping = True
+        try:
+            log.info("job %s: stopping (%s)", job.job_id, reason)
+            await asyncio.to_thread(job.group.stop, self.cfg.stop_grace_s, [DISPATCHER], reason)
+            # stop() joined the supervisor, so its last reports are already queued on the loop.
+            await asyncio.sleep(0)
+            for node, h in job.group.handles.items():
+                if job.states.get(node, None) is None or job.states[node].state not in (EXITED, FAILED):
+                    self._report(job.job_id, node, EXITED, h.process.pid or 0, "")
+        except Exception as exc:  # noqa: BLE001 - task boundary: report, never tear down the agent
+            log.exception("job %s: stopping failed", job.job_id)
+            self.post(ErrorMsg(f"stop_job {job.job_id}: {type(exc).__name__}: {exc}", "stop_job"))
+        finally:
+            self.jobs.pop(job.job_id, None)
+            job.stopped.set()
+
+    async def stop_all(self) -> None:
+        """Stop every job (concurrently); the agent's shutdown, before its link closes."""
+        self.closing = True
+        for task in list(self._inspects):
+            task.cancel()
+        if self.jobs:
+            async with asyncio.TaskGroup() as tg:
+                for job in list(self.jobs.values()):
+                    tg.create_task(self._stop(job, "agent shutting down"))
+
+    async def _inspect(self, msg: Inspect) -> None:
+        try:
+            outcome = await inspect_in_subprocess(msg.source, self.cfg.inspect_timeout_s)
+            result = InspectResult(msg.request_id, outcome.ok, outcome.unit_count, outcome.unit_weights,
+                                   outcome.error)
+        except Exception as exc:  # noqa: BLE001 - task boundary: the controller gets an answer
+            log.exception("inspect %s failed", msg.source)
+            result = InspectResult(msg.request_id, False, error=f"inspect failed: {type(exc).__name__}: {exc}")
+        self.post(result)
+
+    # -- worker events (supervisor thread -> loop thread) ----------------------------------------
+
+    def _soon(self, callback: Callable[..., None], *args: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            log.info("event loop closed; dropping a worker report %s", args)
+
+    def _exited(self, job_id: str, node: Node, code: int | None, reason: str) -> None:
+        job = self.jobs.get(job_id)
+        pid = (job.group.handles[node].process.pid or 0) if job is not None else 0
+        self._report(job_id, node, FAILED if reason else EXITED, pid, reason)
+        if job is not None and not job.stopping and job.group.all_exited:
+            # Nothing left running: release the group (pipes, supervisor) and forget the job.
+            self._tg.create_task(self._stop(job, "all processes exited"), name=f"reap-{job_id}")
+
+    def _report(self, job_id: str, node: Node, state: str, pid: int, reason: str) -> None:
+        msg = WorkerState(job_id, str(node), state, pid, reason)
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.states[node] = msg
+        (log.error if state == FAILED else log.info)("job %s: %s %s%s", job_id, node, state,
+                                                       f": {reason}" if reason else "")
+        self.post(msg)
+
+    # -- views -----------------------------------------------------------------------------------
+
+    def snapshot(self) -> list[WorkerState]:
+        """The current state of every node of every job here (resent on reconnect)."""
+        return [s for job in self.jobs.values() for s in job.states.values()]
+
+    def workers_alive(self) -> int:
+        return sum(job.group.alive() for job in self.jobs.values())

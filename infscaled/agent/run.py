@@ -1,0 +1,77 @@
+"""`run(cfg)`: the agent daemon's life, one asyncio.TaskGroup.
+
+Start-up: discover devices and the address to advertise (in threads: NVML / nvidia-smi /
+DNS may block) -> keep the controller link up (its own task, reconnecting) -> handle the
+controller's messages. Shutdown (SIGINT / SIGTERM, the `stop` event, or cancellation) is the
+reverse: stop every job's processes FIRST (dispatchers drain, then workers; SIGTERM / SIGKILL
+after the grace), report their exits, then close the websocket. No process outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+from infscaled import __version__
+from infscaled.agent.client import ControllerLink
+from infscaled.agent.config import AgentConfig, resolve_advertise
+from infscaled.agent.devices import discover, host_resources
+from infscaled.agent.jobs import JobManager
+from infscaled.errors import ConfigError
+from infscaled.protocol.messages import Message, Register
+
+log = logging.getLogger(__name__)
+
+
+async def run(cfg: AgentConfig, stop: asyncio.Event | None = None, *, handle_signals: bool = True) -> None:
+    """Run the agent until `stop` is set (or SIGINT / SIGTERM when `handle_signals`, which needs
+    the main thread), or until cancelled. Raises ConfigError for devices this host lacks."""
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError) as exc:
+                log.info("no handler for %s here (%s); stop the agent with its stop event", sig.name, exc)
+    try:
+        await _run(cfg, stop)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _run(cfg: AgentConfig, stop: asyncio.Event) -> None:
+    try:
+        devices = await asyncio.to_thread(discover, cfg.devices)
+    except ValueError as exc:
+        raise ConfigError(f"agent: devices = {cfg.devices!r}: {exc}") from None
+    advertise = await asyncio.to_thread(resolve_advertise, cfg)
+    cores, ram = host_resources()
+    register = Register(agent_id=cfg.agent_id, host=socket.gethostname(), advertise=advertise, devices=devices,
+                        cpu_cores=cores, ram_bytes=ram, port_range=list(cfg.port_range), version=__version__)
+    log.info("agent %s: %d device(s) (%s), advertising %s", cfg.agent_id, len(devices),
+                ", ".join(d.id for d in devices), advertise)
+    async with asyncio.TaskGroup() as tg:
+        link: ControllerLink | None = None
+
+        def post(msg: Message) -> None:
+            assert link is not None
+            link.post(msg)
+
+        jobs = JobManager(cfg, tg, post)
+        link = ControllerLink(cfg, lambda: register, jobs.handle, jobs.snapshot, jobs.workers_alive)
+        link_task = tg.create_task(link.run(), name="controller-link")
+        try:
+            await stop.wait()
+            log.info("agent %s: stopping: workers first, then the controller link", cfg.agent_id)
+        finally:
+            # Whatever ended the wait (stop, cancellation, a failed task), no process outlives us.
+            await jobs.stop_all()
+            await link.flush(cfg.send_timeout_s)
+            await link.close()
+            link_task.cancel()

@@ -1,0 +1,209 @@
+"""`infscaled up [JOB.toml]`: a controller and a local agent in one process, the job submitted
+through the REST API, its workload driven through the inference API, a summary, then an
+ordered stop of everything (job, agent, controller).
+
+This process also builds the model's skeleton (torch) to generate the workload's inputs and,
+with --verify, the monolithic reference: it is the client here, not the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from infscaled.client import Client, Timeouts
+from infscaled.config import JobConfig, load_job
+from infscaled.errors import InfscaledError
+from infscaled.runner.summary import Summary, summarize
+from infscaled.runner.workload import Outcome, RunResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JOB = Path(__file__).resolve().parents[2] / "configs" / "jobs" / "quickstart.toml"
+READY_TIMEOUT_S = 300.0
+POLL_S = 0.1  # status polling period while waiting for the job to run or stop
+
+
+@dataclass
+class UpResult:
+    summary: Summary
+    job_id: str
+    submit_to_first_result_s: float
+
+
+async def _wait_for(check: Callable[[], object], what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise InfscaledError(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(POLL_S)
+
+
+async def up(job_path: Path, cfg: JobConfig, *, progress: bool, verify: bool,
+             log_level: int = logging.WARNING) -> UpResult:
+    from infscaled.agent.config import AgentConfig
+    from infscaled.agent.run import run as agent_run
+    from infscaled.controller.config import ControllerConfig
+    from infscaled.controller.run import run as controller_run
+
+    token = secrets.token_urlsafe(32)  # this run's own: nothing else may talk to these daemons
+    workers = cfg.pipeline.replica_total
+    with tempfile.TemporaryDirectory(prefix="infscaled-up-") as state_dir:
+        ccfg = ControllerConfig(host="127.0.0.1", port=0, token=token, state_dir=state_dir)
+        started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        stop_agent = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            controller = tg.create_task(controller_run(ccfg, on_ready=lambda c: started.set_result(c.url)),
+                                        name="controller")
+            url = await asyncio.wait_for(started, timeout=30)
+            acfg = AgentConfig(controller=url, token=token, agent_id="local", devices=f"cpu:{workers}",
+                               worker_log_level=log_level)
+            agent = tg.create_task(agent_run(acfg, stop_agent, handle_signals=False), name="agent")
+            try:
+                async with Client(url, token, Timeouts(infer_s=cfg.workload.request_timeout_s)) as client:
+                    return await _drive(client, job_path, cfg, progress=progress, verify=verify)
+            finally:
+                stop_agent.set()
+                await agent
+                controller.cancel()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _drive(client: Client, job_path: Path, cfg: JobConfig, *, progress: bool, verify: bool) -> UpResult:
+    import torch
+
+    from infscaled.models.sources import resolve
+    from infscaled.models.stage import skeleton
+    from infscaled.protocol import tensors
+    from infscaled.runner.run import verify_results
+    from infscaled.runner.workload import requests_for
+    from infscaled.worker.service import tensor_from_body, tensor_to_body
+
+    await _wait_for(lambda: _has_agent(client), "the local agent to register", 30)
+    submitted = time.monotonic()
+    job = await client.submit(job_path)
+    job_id = str(job["id"])
+    try:
+        await _wait_for(lambda: _is_running(client, job_id), f"job {job_id} to run", READY_TIMEOUT_S)
+        resolved = resolve(cfg.model.source)
+        sk = skeleton(resolved)
+        spec = sk.family.input_spec()
+        wl = cfg.workload
+        stream = list(requests_for(wl, spec, wl.requests))
+        first_result = [math.inf]
+        concurrency = wl.concurrency or cfg.pipeline.micro_batch_size * cfg.pipeline.max_inflight
+        bar = _Progress(job_id, len(stream)) if progress else None
+
+        async def one(i: int, x: torch.Tensor) -> Outcome:
+            outcome = Outcome(i, x)
+            began = time.monotonic()
+            try:
+                body = await client.infer_bytes(job_id, tensor_to_body(x))
+                outcome.result = tensor_from_body(*tensors.decode(body))
+                first_result[0] = min(first_result[0], time.monotonic())
+            except InfscaledError as exc:
+                outcome.error = str(exc)
+            outcome.latency_s = time.monotonic() - began
+            if bar is not None:
+                bar.advance()
+            return outcome
+
+        run = RunResult()
+        start = time.monotonic()
+        with bar or contextlib.nullcontext():
+            if wl.rate > 0:
+                run.outcomes = await _open_loop(one, stream, wl.rate)
+            else:
+                run.outcomes = await _closed_loop(one, stream, concurrency)
+        run.wall_s = time.monotonic() - start
+        job_state = await client.job(job_id)
+        summary = summarize(cfg.name, run, [], job_state.get("reason") if job_state["state"] == "failed" else None)
+        if verify:
+            summary.verify = verify_results(resolved, spec, cfg.model.dtype, cfg.model.seed, run.completed)
+        return UpResult(summary, job_id, first_result[0] - submitted)
+    finally:
+        with contextlib.suppress(InfscaledError):
+            await client.stop(job_id)
+            await _wait_for(lambda: _is_gone(client, job_id), f"job {job_id} to stop", 60)
+
+
+async def _closed_loop(one, stream, concurrency: int) -> list[Outcome]:  # type: ignore[no-untyped-def]
+    sem = asyncio.Semaphore(concurrency)
+
+    async def gated(i, x):  # type: ignore[no-untyped-def]
+        async with sem:
+            return await one(i, x)
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(gated(i, x)) for i, x in enumerate(stream)]
+    return [t.result() for t in tasks]
+
+
+async def _open_loop(one, stream, rate: float) -> list[Outcome]:  # type: ignore[no-untyped-def]
+    import random
+
+    arrivals = random.Random(len(stream))
+    async with asyncio.TaskGroup() as tg:
+        tasks = []
+        for i, x in enumerate(stream):
+            tasks.append(tg.create_task(one(i, x)))
+            await asyncio.sleep(arrivals.expovariate(rate))  # Poisson pacing
+    return [t.result() for t in tasks]
+
+
+async def _has_agent(client: Client) -> bool:
+    return any(a.get("state") == "connected" for a in await client.agents())
+
+
+async def _is_running(client: Client, job_id: str) -> bool:
+    job = await client.job(job_id)
+    if job["state"] in ("failed", "stopped"):
+        raise InfscaledError(f"job {job_id} {job['state']}: {job.get('reason')}")
+    return bool(job["state"] == "running")
+
+
+async def _is_gone(client: Client, job_id: str) -> bool:
+    return (await client.job(job_id))["state"] in ("stopped", "failed")
+
+
+class _Progress:
+    def __init__(self, label: str, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), transient=True)
+        self._task = self._progress.add_task(label, total=total)
+
+    def __enter__(self) -> _Progress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(None, None, None)
+
+    def advance(self) -> None:
+        self._progress.advance(self._task)
+
+
+def run_up(job: str | None, *, requests: int | None, rate: float | None, verify: bool, progress: bool,
+           log_level: int) -> UpResult:
+    path = Path(job) if job else DEFAULT_JOB
+    cfg = load_job(path)
+    if requests is not None or rate is not None:
+        wl = cfg.workload
+        cfg = replace(cfg, workload=replace(wl, requests=requests if requests is not None else wl.requests,
+                                            rate=rate if rate is not None else wl.rate))
+    return asyncio.run(up(path, cfg, progress=progress, verify=verify, log_level=log_level))

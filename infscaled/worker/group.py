@@ -1,0 +1,285 @@
+"""Spawn and supervise the processes of one job on this host (no torch here).
+
+`WorkerGroup` is the one supervisor behind both `infscaled run` (LocalJob, plain threads) and
+the agent daemon (asyncio: its callbacks hop onto the loop with `call_soon_threadsafe`).
+Every member is a process speaking the control-pipe protocol (`protocol/control.py`):
+READY once serving, stats now and then, DONE after a clean drain, FAILED with its reason
+before a non-zero exit. Stage workers (`worker.entry.worker_main`) and the dispatcher service
+(`worker.service.dispatcher_main`) both qualify.
+
+Threads: start() runs in the caller's thread (a worker's PR_SET_PDEATHSIG is tied to the
+thread that spawned it, so that thread must live as long as the group: the main thread or
+an event loop's thread, never a pool thread). One *supervisor* thread then waits on every
+control pipe and process sentinel and calls the callbacks:
+
+    on_ready(node, WorkerReady)      the member said READY
+    on_stats(node, StageStats)       a periodic or final stats report
+    on_exit(node, exitcode, reason)  the member is gone; reason is "" for an expected exit
+                                     (DONE and code 0, or stopped by stop() without a
+                                     complaint), else why, naming node, pid, code, last words
+
+A member that is not READY within `ready_timeout_s` is terminated with that reason. stop()
+blocks (run it in a thread from asyncio): ask the `first` members (the dispatcher) to drain,
+wait for everyone to finish, then SIGTERM, then SIGKILL; it never returns with a live member.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from infscaled.protocol import control
+from infscaled.protocol.plan import Node
+
+log = logging.getLogger(__name__)
+
+# After SIGTERM, how long a member gets before SIGKILL; and how long a reap may take after that.
+TERM_GRACE_S = 5.0
+KILL_WAIT_S = 5.0
+
+OnReady = Callable[[Node, control.WorkerReady], None]
+OnStats = Callable[[Node, control.StageStats], None]
+OnExit = Callable[[Node, "int | None", str], None]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One process to spawn: `target(spec, conn)` runs in the child (spawn start method)."""
+
+    node: Node
+    target: Callable[[Any, Connection], None]
+    spec: Any
+
+
+@dataclass
+class WorkerHandle:
+    """What the supervisor knows about one member."""
+
+    node: Node
+    process: BaseProcess
+    conn: Connection
+    ready: control.WorkerReady | None = None
+    stats: control.StageStats | None = None
+    done: bool = False
+    failure: str | None = None  # the member's own last words (WorkerFailed), or the supervisor's
+    exited: bool = False  # reaped by the supervisor; `exitcode` is then final
+    exitcode: int | None = None
+
+
+def describe(node: Node) -> str:
+    return "dispatcher" if node.is_dispatcher else f"worker {node}"
+
+
+class WorkerGroup:
+    def __init__(self, name: str, members: Sequence[Member], ready_timeout_s: float = 300.0, *,
+                 on_ready: OnReady | None = None, on_stats: OnStats | None = None,
+                 on_exit: OnExit | None = None) -> None:
+        self.name = name
+        self.members = list(members)
+        self.ready_timeout_s = ready_timeout_s
+        self.handles: dict[Node, WorkerHandle] = {}
+        self.failure: str | None = None  # the first unexpected exit, with its reason
+        self._on_ready, self._on_stats, self._on_exit = on_ready, on_stats, on_exit
+        self._changed = threading.Condition()
+        self._supervisor: threading.Thread | None = None
+        self._closing = False
+        self._stopped = False
+        self._stop_done = threading.Event()
+        self._ready_deadline = 0.0
+        self._ready_expired = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Spawn every member (in this thread: see the module docstring) and start supervising."""
+        ctx = mp.get_context("spawn")
+        self._ready_deadline = time.monotonic() + self.ready_timeout_s
+        try:
+            for m in self.members:
+                parent, child = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=m.target, args=(m.spec, child),
+                                   name=f"infscaled-{self.name}-{m.node}", daemon=False)
+                proc.start()
+                child.close()
+                self.handles[m.node] = WorkerHandle(m.node, proc, parent)
+        finally:
+            # Even a partial start is supervised, so stop() reaps what did start.
+            self._supervisor = threading.Thread(target=self._supervise, name=f"supervisor-{self.name}",
+                                                daemon=True)
+            self._supervisor.start()
+
+    def wait_ready(self, timeout_s: float | None = None) -> bool:
+        """Block until every member is READY (True), or one failed / the group stops / timeout (False)."""
+        deadline = time.monotonic() + (self.ready_timeout_s + TERM_GRACE_S if timeout_s is None else timeout_s)
+        with self._changed:
+            while self.failure is None and not self._closing:
+                if self.handles and all(h.ready for h in self.handles.values()):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._changed.wait(remaining)
+        return False
+
+    def wait_failure(self, timeout_s: float) -> str | None:
+        """The group's failure, waiting up to `timeout_s` for one to be known."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.failure is not None, timeout=timeout_s)
+            return self.failure
+
+    def wait_exited(self, nodes: Iterable[Node] | None = None, timeout_s: float | None = None) -> bool:
+        """Block until the given members (default: all) were reaped; False on timeout."""
+        handles = list(self.handles.values()) if nodes is None else [self.handles[n] for n in nodes]
+        with self._changed:
+            return self._changed.wait_for(lambda: all(h.exited for h in handles), timeout_s)
+
+    def alive(self) -> int:
+        return sum(1 for h in self.handles.values() if not h.exited)
+
+    @property
+    def all_exited(self) -> bool:
+        return all(h.exited for h in self.handles.values())
+
+    def stop(self, grace_s: float = 10.0, first: Iterable[Node] = (), reason: str = "") -> None:
+        """Stop every member; blocking and idempotent. `first` members get StopWorker (they drain
+        and exit 0) and up to `grace_s` to go; then everyone else gets up to `grace_s` to finish
+        (stage workers end after STOP on the data plane); then SIGTERM; then SIGKILL."""
+        with self._changed:
+            if self._stopped:
+                already = True
+            else:
+                already, self._stopped, self._closing = False, True, True
+                self._changed.notify_all()
+        if already:  # another thread is stopping the group: return once it is done
+            self._stop_done.wait()
+            return
+        try:
+            self._stop(grace_s, first, reason)
+        finally:
+            self._stop_done.set()
+
+    def _stop(self, grace_s: float, first: Iterable[Node], reason: str) -> None:
+        # Only the supervisor reaps (waitpid from two threads loses exit codes), so this thread
+        # waits on its reports and signals members it has not reaped yet.
+        first = [n for n in first if n in self.handles]
+        for node in first:
+            h = self.handles[node]
+            if not h.exited:
+                try:
+                    h.conn.send_bytes(control.encode(control.StopWorker(reason or "stop")))
+                except OSError:
+                    pass  # it is already gone; its sentinel tells the supervisor
+        self.wait_exited(first, grace_s)
+        self.wait_exited(None, grace_s)
+        for h in self.handles.values():
+            if not h.exited:
+                log.warning("%s %s: still running after %g s; SIGTERM", self.name, describe(h.node), grace_s)
+                h.process.terminate()
+        self.wait_exited(None, TERM_GRACE_S)
+        for h in self.handles.values():
+            if not h.exited:
+                log.warning("%s %s: ignored SIGTERM; SIGKILL", self.name, describe(h.node))
+                h.process.kill()
+        if not self.wait_exited(None, KILL_WAIT_S):  # pragma: no cover - the supervisor itself is stuck
+            for h in self.handles.values():
+                h.process.join(KILL_WAIT_S)
+        if self._supervisor is not None:
+            # Every member was reaped, so the supervisor is delivering its last on_exit calls.
+            self._supervisor.join(KILL_WAIT_S)
+        for h in self.handles.values():
+            h.conn.close()
+
+    # -- supervision (its own thread) ------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        by_conn: dict[Any, WorkerHandle] = {h.conn: h for h in self.handles.values()}
+        by_sentinel: dict[Any, WorkerHandle] = {h.process.sentinel: h for h in self.handles.values()}
+        live_conns: set[Any] = set(by_conn)
+        live_sentinels: set[Any] = set(by_sentinel)
+        while live_sentinels:
+            timeout = None
+            if not self._ready_expired:
+                if all(h.ready for h in self.handles.values()) or self._closing:
+                    self._ready_expired = True  # nothing left to time out
+                else:
+                    timeout = max(0.0, self._ready_deadline - time.monotonic())
+            ready = wait(list(live_conns) + list(live_sentinels), timeout)
+            if not ready and timeout is not None:
+                self._ready_timed_out()
+            for obj in ready:
+                if obj in by_conn:
+                    h = by_conn[obj]
+                    try:
+                        self._on_message(h, control.decode(h.conn.recv_bytes()))
+                    except (EOFError, OSError):
+                        live_conns.discard(obj)
+                else:
+                    h = by_sentinel[obj]
+                    live_sentinels.discard(obj)
+                    self._drain(h)
+                    live_conns.discard(h.conn)
+                    self._exited(h)
+
+    def _ready_timed_out(self) -> None:
+        self._ready_expired = True
+        for h in self.handles.values():
+            if h.ready is None and not h.exited:
+                h.failure = h.failure or f"not ready within {self.ready_timeout_s:g} s"
+                log.error("%s %s: %s; terminating it", self.name, describe(h.node), h.failure)
+                h.process.terminate()
+
+    def _drain(self, h: WorkerHandle) -> None:
+        """Read what an exited member said last (its failure reason) before judging the exit."""
+        try:
+            while h.conn.poll():
+                self._on_message(h, control.decode(h.conn.recv_bytes()))
+        except (EOFError, OSError):
+            pass
+
+    def _on_message(self, h: WorkerHandle, msg: control.ControlMessage) -> None:
+        with self._changed:
+            if isinstance(msg, control.WorkerReady):
+                h.ready = msg
+            elif isinstance(msg, control.WorkerStatsReport):
+                h.stats = msg.stats
+            elif isinstance(msg, control.WorkerDone):
+                h.stats, h.done = msg.stats, True
+            elif isinstance(msg, control.WorkerFailed):
+                h.failure = msg.reason
+            self._changed.notify_all()
+        if isinstance(msg, control.WorkerReady) and self._on_ready is not None:
+            self._call(self._on_ready, h.node, msg)
+        elif isinstance(msg, control.WorkerStatsReport | control.WorkerDone) and self._on_stats is not None:
+            self._call(self._on_stats, h.node, msg.stats)
+
+    def _exited(self, h: WorkerHandle) -> None:
+        h.process.join(KILL_WAIT_S)  # the sentinel fired: reap it so the exit code is known
+        code = h.process.exitcode
+        reason = ""
+        if not (h.done and code == 0) and not (self._closing and h.failure is None):
+            reason = f"{describe(h.node)} (pid {h.process.pid}) exited with code {code}"
+            if h.failure:
+                reason += f": {h.failure}"
+        with self._changed:
+            h.exited, h.exitcode = True, code
+            if reason and self.failure is None:
+                self.failure = reason
+            self._changed.notify_all()
+        if reason:
+            log.error("%s: %s", self.name, reason)
+        if self._on_exit is not None:
+            self._call(self._on_exit, h.node, code, reason)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        # A failing callback must not end supervision: the remaining members still need reaping.
+        try:
+            callback(*args)
+        except Exception:  # noqa: BLE001 - thread boundary: log and keep supervising
+            log.exception("%s: callback %s failed", self.name, getattr(callback, "__name__", callback))

@@ -1,0 +1,376 @@
+"""The dispatcher as its own process, serving the job's HTTP inference API.
+
+`dispatcher_main(spec, conn)` is spawned like a stage worker and speaks the same control-pipe
+protocol (READY / failed / done; see `worker.group`). Life cycle: build the model skeleton
+(meta device: the InputSpec, no weights) -> connect the dispatcher's edges (waits for the
+stage workers to build) -> start the Dispatcher -> listen on (plan.dispatcher_host, port) ->
+READY -> serve until STOP -> stop listening, drain (dispatcher.close(): in-flight requests
+finish, then STOP flows down the pipeline) -> DONE -> exit 0.
+
+STOP is the control pipe's StopWorker or SIGTERM. Before serving there is nothing to drain,
+so either exits at once. Like a stage worker it ignores SIGINT, dies with its supervisor
+(PR_SET_PDEATHSIG) and exits on end-of-file of its control pipe.
+
+HTTP API (aiohttp, in this process's asyncio loop; torch work runs in threads):
+
+    POST /infer   Authorization: Bearer <service_token>   (401 otherwise)
+      JSON    {"inputs": nested list}: token ids -> int64 [S, T]; other models -> float32 [S, ...]
+              -> {"output": nested list, "shape": [...], "dtype": "float32"}
+      binary  Content-Type: application/x-infscaled-tensor (protocol/tensors.py), same back
+      errors  JSON {"error": message}: 400 bad request, 503 pipeline failed or shutting down,
+              504 timed out, 413 body above max_body_bytes
+    GET /health   same auth -> {"status": "serving" | "draining" | "failed", "failure": ...}
+
+torch is imported only inside functions, so a supervisor (the agent) can name `dispatcher_main`
+as a spawn target without importing torch itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from infscaled.errors import PipelineFailedError, RequestError, WireError
+from infscaled.protocol import control, tensors
+from infscaled.protocol.plan import DISPATCHER, JobPlan
+from infscaled.protocol.wire import MAX_NDIM
+from infscaled.worker.entry import _die_with_parent
+
+if TYPE_CHECKING:
+    import torch
+
+    from infscaled.models.base import InputSpec
+    from infscaled.worker.dispatcher import Dispatcher
+
+log = logging.getLogger(__name__)
+
+NODE = str(DISPATCHER)
+# The dispatcher's own watchdog fires this much after the HTTP timeout, so a slow request is
+# always answered 504 by the handler; the watchdog only frees its pipeline slot afterwards.
+WATCHDOG_SLACK_S = 5.0
+JSON_SHAPE_HINT = "inputs must be a non-empty rectangular list of numbers"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What the dispatcher process is told at spawn time."""
+
+    plan: JobPlan
+    port: int  # listens on (plan.dispatcher_host, port)
+    token: str  # clients send `Authorization: Bearer <token>`; empty rejects everyone
+    request_timeout_s: float = 120.0  # per request, from submit to result (504 past it)
+    log_level: int = logging.WARNING
+    connect_timeout_s: float = 300.0  # connecting edges waits for the slowest stage build
+    body_timeout_s: float = 30.0  # reading one request body
+    drain_timeout_s: float = 30.0  # finishing in-flight work on STOP
+    max_body_bytes: int = 64 << 20
+
+
+# -- the process -----------------------------------------------------------------------------------
+
+
+class _ControlLink:
+    """The control pipe: sends READY / DONE / FAILED; a watcher thread turns StopWorker into a
+    drain once serving (an exit before), and the supervisor's disappearance into an exit."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    def send(self, msg: control.ControlMessage) -> None:
+        with self._lock:
+            self.conn.send_bytes(control.encode(msg))
+
+    def serving(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        with self._lock:
+            self._loop, self._stop = loop, stop
+
+    def start(self) -> None:
+        threading.Thread(target=self._watch, name="control", daemon=True).start()
+
+    def _watch(self) -> None:
+        try:
+            while True:
+                try:
+                    msg = control.decode(self.conn.recv_bytes())
+                except WireError as exc:
+                    log.warning("ignoring a malformed control message: %s", exc)
+                    continue
+                if not isinstance(msg, control.StopWorker):
+                    continue
+                with self._lock:
+                    loop, stop = self._loop, self._stop
+                if loop is None or stop is None:
+                    log.warning("stop requested before serving (%s)", msg.reason)
+                    os._exit(3)
+                try:
+                    loop.call_soon_threadsafe(stop.set)
+                except RuntimeError:
+                    pass  # the loop already ended: the process is exiting anyway
+        except (EOFError, OSError):
+            os._exit(4)
+
+
+def dispatcher_main(spec: ServiceSpec, conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Until the service runs there is nothing to drain; serving installs a draining handler.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    _die_with_parent()
+    logging.basicConfig(level=spec.log_level,
+                        format=f"%(asctime)s dispatcher {spec.plan.job} %(levelname)s %(message)s")
+    link = _ControlLink(conn)
+    link.start()
+    try:
+        stats = _run(spec, link)
+        link.send(control.WorkerDone(stats))
+    except BaseException as exc:  # noqa: BLE001 - process boundary: report why, then exit non-zero
+        log.exception("dispatcher failed")
+        try:
+            link.send(control.WorkerFailed(NODE, f"{type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        os._exit(1)
+    os._exit(0)
+
+
+def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
+    import torch
+
+    from infscaled.models.meta import dtype_of
+    from infscaled.models.sources import resolve
+    from infscaled.models.stage import skeleton
+    from infscaled.worker.dispatcher import Dispatcher
+    from infscaled.worker.transport import connect_all
+
+    torch.set_num_threads(max(1, int(os.environ.get("INFSCALED_WORKER_THREADS", "1"))))
+    plan = spec.plan
+    started = time.monotonic()
+    input_spec = skeleton(resolve(plan.model_source)).family.input_spec()
+    out_plans, in_plans = plan.out_edges(DISPATCHER), plan.in_edges(DISPATCHER)
+    edges = connect_all(list(out_plans) + list(in_plans), DISPATCHER, plan.dispatcher_host,
+                        spec.connect_timeout_s)
+    try:
+        dispatcher = Dispatcher(
+            input_spec, dtype_of(plan.dtype), [edges[e.key] for e in out_plans], [edges[e.key] for e in in_plans],
+            plan.policy, plan.micro_batch_size, plan.max_inflight, plan.max_wait_ms,
+            request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S, seed=plan.seed)
+        dispatcher.start()
+        return asyncio.run(_serve(spec, dispatcher, input_spec, link, time.monotonic() - started))
+    finally:
+        for edge in edges.values():
+            edge.close()
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Service:
+    spec: ServiceSpec
+    dispatcher: Dispatcher
+    input_spec: InputSpec
+    draining: bool = False
+    requests: int = 0
+    samples: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def authorized(self, header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        return (bool(self.spec.token) and scheme.lower() == "bearer"
+                and hmac.compare_digest(token.strip().encode(), self.spec.token.encode()))
+
+
+SERVICE = web.AppKey("service", _Service)
+
+
+async def _serve(spec: ServiceSpec, dispatcher: Dispatcher, input_spec: InputSpec, link: _ControlLink,
+                 load_s: float) -> control.StageStats:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    svc = _Service(spec, dispatcher, input_spec)
+    app = web.Application(client_max_size=spec.max_body_bytes)
+    app[SERVICE] = svc
+    app.router.add_post("/infer", _infer)
+    app.router.add_get("/health", _health)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, spec.plan.dispatcher_host, spec.port)
+        await site.start()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        link.serving(loop, stop)
+        link.send(control.WorkerReady(NODE, os.getpid(), "cpu", [], 0, load_s))
+        log.info("serving on %s:%d", spec.plan.dispatcher_host, spec.port)
+        await stop.wait()
+        log.info("stopping: no new requests, draining in-flight work")
+        svc.draining = True
+        await site.stop()  # stop listening; requests already read still get their answers
+        if dispatcher.failure is None:
+            await asyncio.to_thread(dispatcher.close, spec.drain_timeout_s)
+    finally:
+        await runner.cleanup()
+    wall = time.monotonic() - svc.started
+    return control.StageStats(NODE, micro_batches=svc.requests, samples=svc.samples, wall_s=wall)
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+async def _health(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    if not svc.authorized(request.headers.get("Authorization", "")):
+        return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
+    failure = svc.dispatcher.failure
+    status = "failed" if failure else "draining" if svc.draining else "serving"
+    return web.json_response({"status": status, "failure": failure or "", "inflight": svc.dispatcher.inflight()})
+
+
+async def _infer(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE]
+    if not svc.authorized(request.headers.get("Authorization", "")):
+        return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
+    if svc.draining:
+        return _error(503, "the service is shutting down; no new requests")
+    binary = request.content_type == tensors.CONTENT_TYPE
+    try:
+        async with asyncio.timeout(svc.spec.body_timeout_s):
+            body = await request.read()
+    except TimeoutError:
+        return _error(408, f"request body not received within {svc.spec.body_timeout_s:g} s")
+    try:
+        x = await asyncio.to_thread(parse_request, body, binary, svc.input_spec)
+    except (RequestError, WireError) as exc:
+        return _error(400, str(exc))
+    timeout_s = svc.spec.request_timeout_s
+    try:
+        future = svc.dispatcher.submit(x)
+        async with asyncio.timeout(timeout_s):
+            y = await asyncio.wrap_future(future)
+    except PipelineFailedError as exc:
+        return _error(503, str(exc))
+    except RequestError as exc:
+        return _error(400, str(exc))
+    except TimeoutError:
+        return _error(504, f"request timed out after {timeout_s:g} s")
+    svc.requests += 1
+    svc.samples += int(x.shape[0])
+    out, content_type = await asyncio.to_thread(render_response, y, binary)
+    return web.Response(body=out, content_type=content_type)
+
+
+# -- request and response bodies -------------------------------------------------------------------
+
+
+def nested_shape(value: Any) -> tuple[list[int], list[Any]]:
+    """Shape and row-major leaves of a non-empty rectangular nested list of numbers (pure Python).
+    Raises RequestError naming the first offending position, e.g. `inputs[1]`."""
+    shape: list[int] = []
+    probe = value
+    while isinstance(probe, list):
+        if not probe:
+            where = "inputs" + "[0]" * len(shape)
+            raise RequestError(f"{JSON_SHAPE_HINT}; {where} is empty")
+        shape.append(len(probe))
+        probe = probe[0]
+    if not shape:
+        raise RequestError(f"{JSON_SHAPE_HINT}, got {type(value).__name__}")
+    if len(shape) > MAX_NDIM:
+        raise RequestError(f"{JSON_SHAPE_HINT} of at most {MAX_NDIM} dimensions, got {len(shape)}")
+    leaves: list[Any] = []
+
+    def walk(v: Any, depth: int, where: str) -> None:
+        if depth == len(shape):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise RequestError(f"{JSON_SHAPE_HINT}; {where} is {type(v).__name__}, not a number")
+            leaves.append(v)
+            return
+        if not isinstance(v, list) or len(v) != shape[depth]:
+            got = f"{len(v)} items" if isinstance(v, list) else f"a {type(v).__name__}"
+            raise RequestError(f"{JSON_SHAPE_HINT}; {where} has {got}, expected {shape[depth]} items "
+                               f"like inputs{'[0]' * depth}")
+        for i, item in enumerate(v):
+            walk(item, depth + 1, f"{where}[{i}]")
+
+    walk(value, 0, "inputs")
+    return shape, leaves
+
+
+def parse_request(body: bytes, binary: bool, spec: InputSpec) -> torch.Tensor:
+    """A request body as the tensor to submit: RequestError / WireError say what is wrong."""
+    import torch
+
+    if binary:
+        header, data = tensors.decode(body)
+        return tensor_from_body(header, data)
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(f'body must be JSON {{"inputs": [...]}} or {tensors.CONTENT_TYPE}') from None
+    if not isinstance(doc, dict) or "inputs" not in doc:
+        raise RequestError('body must be a JSON object {"inputs": nested list}')
+    if set(doc) != {"inputs"}:
+        raise RequestError(f"unknown field(s) {sorted(set(doc) - {'inputs'})}; allowed: inputs")
+    shape, leaves = nested_shape(doc["inputs"])
+    if spec.kind == "tokens":
+        if not all(isinstance(v, int) for v in leaves):
+            raise RequestError("token ids must be integers")
+        if not all(-(1 << 63) <= v < (1 << 63) for v in leaves):
+            raise RequestError(f"token ids must be in 0..{spec.vocab_size - 1}")
+        return torch.tensor(leaves, dtype=torch.int64).reshape(shape)
+    return torch.tensor(leaves, dtype=torch.float32).reshape(shape)
+
+
+def render_response(y: torch.Tensor, binary: bool) -> tuple[bytes, str]:
+    """(body, content type) of a result, in the request's kind."""
+    import torch
+
+    y = y.detach().cpu()
+    if binary:
+        return tensor_to_body(y), tensors.CONTENT_TYPE
+    if y.is_floating_point():
+        y = y.to(torch.float32)
+    from infscaled.worker.transport import DTYPE_NAMES
+
+    doc = {"output": y.tolist(), "shape": list(y.shape), "dtype": DTYPE_NAMES[y.dtype]}
+    return json.dumps(doc).encode(), "application/json"
+
+
+def tensor_to_body(t: torch.Tensor) -> bytes:
+    """A tensor in the binary format (header + raw little-endian bytes)."""
+    import torch
+
+    from infscaled.worker.transport import DTYPE_NAMES
+
+    assert sys.byteorder == "little", "the tensor body format is little-endian"
+    t = t.detach().cpu().contiguous()
+    header = tensors.TensorHeader(DTYPE_NAMES[t.dtype], tuple(t.shape))
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return tensors.encode(header, raw)
+
+
+def tensor_from_body(header: tensors.TensorHeader, data: memoryview) -> torch.Tensor:
+    """The tensor a decoded binary body holds (a copy: the body buffer is not kept)."""
+    import torch
+
+    from infscaled.worker.transport import TORCH_DTYPES
+
+    assert sys.byteorder == "little", "the tensor body format is little-endian"
+    dtype = TORCH_DTYPES[header.dtype]
+    if header.nbytes == 0:
+        return torch.empty(header.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(header.shape)
