@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# The main job on its embedded default: a controller and a local agent in one process
+# (`infscaled up`), the quickstart job submitted through the API and driven through it.
 run: $(STAMP)
-	$(BIN)/infscaled run $(JOB)
+	$(BIN)/infscaled up $(JOB)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
