@@ -67,7 +67,7 @@ def make_plan(
     store lives with its sender, so it takes the sender's address.
 
     Raises ValueError if the shape is inconsistent (ranges vs replicas, stranded replicas,
-    unknown policy, wrong device count, repeated ports).
+    unknown policy, wrong device count, a port repeated on one host).
     """
     if len(ranges) != len(replicas):
         raise ValueError(f"{len(ranges)} stage ranges but {len(replicas)} replica counts; give one per stage")
@@ -78,8 +78,12 @@ def make_plan(
     edges = build_edges(replicas, graph, explicit_edges, extra_edges)
     check_paths(edges, replicas)
     assert len(ports) == len(edges), f"make_plan: {len(ports)} ports for {len(edges)} edges (use edge_count)"
-    if len(set(ports)) != len(ports):
-        raise ValueError(f"edge ports must be distinct, got {list(ports)}")
+    where = dict(hosts or {})
+    # Each edge's store listens on its sender's host: ports need only be distinct per host
+    # (agents on different hosts may share a port range).
+    endpoints = [(where.get(src, host), port) for (src, _), port in zip(edges, ports, strict=True)]
+    if len(set(endpoints)) != len(endpoints):
+        raise ValueError(f"edge ports must be distinct per host, got {[f'{h}:{p}' for h, p in endpoints]}")
     if len(devices) != sum(replicas):
         raise ValueError(f"{len(devices)} devices for {sum(replicas)} stage replicas; give one per replica")
 
@@ -88,7 +92,6 @@ def make_plan(
         for i, ((first, last), count) in enumerate(zip(ranges, replicas, strict=True))
     )
     nodes = [Node(stage, r) for stage, count in enumerate(replicas) for r in range(count)]
-    where = dict(hosts or {})
     workers = tuple(
         WorkerPlan(node=node, device=normalise_device(device), host=where.get(node, host))
         for node, device in zip(nodes, devices, strict=True)
