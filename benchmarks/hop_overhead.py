@@ -46,6 +46,7 @@ from infscaled.worker.transport import Message, connect_all
 
 HOST = "127.0.0.1"
 SIZES = tuple(sorted(FACTORIES))
+QUICK_SIZES = (SIZES[0], SIZES[-1])  # --quick skips the middle size: each (k, size) starts 2k processes
 DEPTHS = (1, 2, 4)
 WINDOW = 8  # micro-batches in flight for throughput (the pipeline's max_inflight)
 TIMEOUT = timedelta(seconds=120)
@@ -88,15 +89,51 @@ class Row:
     msgs_per_s_min: float
     msgs_per_s_max: float
     mb_per_s: float  # payload, 10^6 bytes / s
+    cpu_us_per_msg_hop: float  # CPU time of every process in the run / messages / hops (throughput phase)
+    gloo_loop_cpu_share: float  # part of that CPU spent in gloo's event-loop threads
 
 
-def _row(tier: str, k: int, size: int, rtts: list[float], rates: list[float]) -> Row:
-    """Latency over every round's round trips; throughput: median, min and max over rounds."""
+def _row(tier: str, k: int, size: int, rtts: list[float], rates: list[float], cpu: list[float]) -> Row:
+    """Latency over every round's round trips; throughput: median, min and max over rounds.
+    `cpu` = [messages, loop seconds, other seconds] summed over the throughput phases."""
     p50 = statistics.median(rtts)
     p90 = sorted(rtts)[int(0.9 * (len(rtts) - 1))]
     rate = statistics.median(rates)
+    n, loop_s, other_s = cpu
     return Row(tier, k, size, p50 * 1e6, p90 * 1e6, p50 / (k + 1) * 1e6, rate, min(rates), max(rates),
-               rate * size / 1e6)
+               rate * size / 1e6, (loop_s + other_s) / n / (k + 1) * 1e6,
+               loop_s / (loop_s + other_s) if loop_s + other_s else 0.0)
+
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pids: list[int]) -> tuple[float, dict[tuple[int, str], float]]:
+    """CPU seconds used so far by these processes (the process total keeps the time of threads
+    that ended), and by each of their gloo event-loop threads, keyed by (pid, thread id)."""
+    total, loops = 0.0, {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) * _TICK_S  # utime + stime
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                if (task / "comm").read_text().startswith("gloo"):
+                    f = (task / "stat").read_text().rpartition(")")[2].split()
+                    loops[(pid, task.name)] = (int(f[11]) + int(f[12])) * _TICK_S
+            except OSError:
+                continue  # the thread ended meanwhile
+    return total, loops
+
+
+def _cpu_delta(before: tuple[float, dict[tuple[int, str], float]],
+               after: tuple[float, dict[tuple[int, str], float]]) -> tuple[float, float]:
+    """(loop seconds, other seconds) between two `_cpu_s` snapshots; loop threads that came or
+    went in between are left out of the loop share (they stay in the total)."""
+    loop = sum(v - before[1][k] for k, v in after[1].items() if k in before[1])
+    return loop, max(0.0, after[0] - before[0] - loop)
 
 
 # -- dispatcher side of the raw and edge chains ----------------------------------------------------
@@ -305,16 +342,27 @@ def bench_depth_size(k: int, size: int, c: Counts, rounds: int) -> list[Row]:
                           daemon=True) for i in range(k)]
     for p in relays:
         p.start()
-    samples: dict[str, tuple[list[float], list[float]]] = {t: ([], []) for t in ("raw", "edge", "pipeline")}
+    tiers = ("raw", "edge", "pipeline")
+    samples: dict[str, tuple[list[float], list[float]]] = {t: ([], []) for t in tiers}
+    cpu = {t: [0.0, 0.0, 0.0] for t in tiers}
     pipe = _PipelineEnd(k, size)
     try:
         with pipe.job:
             raw, edge = _RawChainEnd(k, raw_ports), _EdgeChainEnd(k, edge_ports)
+            # Every process of all three tiers: idle ones add nothing.
+            pids = [os.getpid()] + [p.pid for p in relays if p.pid is not None] + \
+                [h.process.pid for h in pipe.job.state.workers.values() if h.process.pid is not None]
             for _ in range(rounds):
                 for tier, end in (("raw", raw), ("edge", edge), ("pipeline", pipe)):
                     end.phase(size, c.warmup, WINDOW)
                     rtts, _ = end.phase(size, c.latency, 1)
+                    before = _cpu_s(pids)
                     _, wall = end.phase(size, c.throughput, WINDOW)
+                    after = _cpu_s(pids)
+                    cpu[tier][0] += c.throughput
+                    loop_s, other_s = _cpu_delta(before, after)
+                    cpu[tier][1] += loop_s
+                    cpu[tier][2] += other_s
                     samples[tier][0].extend(rtts)
                     samples[tier][1].append(c.throughput / wall)
             raw.close()
@@ -325,7 +373,7 @@ def bench_depth_size(k: int, size: int, c: Counts, rounds: int) -> list[Row]:
             if p.is_alive():
                 p.kill()
                 p.join()
-    return [_row(t, k, size, rtts, rates) for t, (rtts, rates) in samples.items()]
+    return [_row(t, k, size, rtts, rates, cpu[t]) for t, (rtts, rates) in samples.items()]
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -350,6 +398,8 @@ def compare(rows: list[Row]) -> list[dict[str, Any]]:
                 # Inverse throughput spread over the hops: CPU-bound on 2 cores, every hop costs.
                 "overhead_per_msg_hop_us": (pipe_msg_us - raw_msg_us) / hops,
                 "goal_met_throughput": pipe_msg_us - raw_msg_us <= raw_msg_us,
+                "cpu_us_per_msg_hop": {r.tier: r.cpu_us_per_msg_hop for r in (raw, edge, pipe)},
+                "gloo_loop_cpu_share": {r.tier: r.gloo_loop_cpu_share for r in (raw, edge, pipe)},
             })
     return out
 
@@ -360,6 +410,11 @@ def markdown(table: list[dict[str, Any]]) -> str:
            "|---:|---:|---:|---:|---:|---:|:-:|"]
     thr = ["| bytes | k | raw msg/s | Edge msg/s | pipeline msg/s | overhead us/msg/hop | pipeline >= raw/2 |",
            "|---:|---:|---:|---:|---:|---:|:-:|"]
+    cpu = ["| bytes | k | raw | Edge | pipeline |", "|---:|---:|---:|---:|---:|"]
+
+    def cost(r: dict[str, Any], tier: str) -> str:
+        return f"{r['cpu_us_per_msg_hop'][tier]:.0f} ({100 * r['gloo_loop_cpu_share'][tier]:.0f} %)"
+
 
     def rate(r: dict[str, Any], tier: str) -> str:
         lo, hi = r["msgs_per_s_range"][tier]
@@ -371,11 +426,17 @@ def markdown(table: list[dict[str, Any]]) -> str:
                    f"| {'yes' if r['goal_met_latency'] else 'no'} |")
         thr.append(f"| {r['bytes']} | {r['stages']} | {rate(r, 'raw')} | {rate(r, 'edge')} | {rate(r, 'pipeline')} "
                    f"| {r['overhead_per_msg_hop_us']:+.0f} | {'yes' if r['goal_met_throughput'] else 'no'} |")
+        cpu.append(f"| {r['bytes']} | {r['stages']} | {cost(r, 'raw')} | {cost(r, 'edge')} | {cost(r, 'pipeline')} |")
     return "Latency (one request in flight; median round trip / (k+1)):\n\n" + "\n".join(lat) + \
-        f"\n\nThroughput ({WINDOW} in flight; median (min–max) over rounds):\n\n" + "\n".join(thr)
+        f"\n\nThroughput ({WINDOW} in flight; median (min–max) over rounds):\n\n" + "\n".join(thr) + \
+        "\n\nCPU per message per hop, us, all processes (share in gloo's event-loop threads), throughput phase:\n\n" \
+        + "\n".join(cpu)
 
 
-def run(quick: bool, out_dir: Path, depths: tuple[int, ...] = DEPTHS, sizes: tuple[int, ...] = SIZES) -> dict[str, Any]:
+def run(quick: bool, out_dir: Path, depths: tuple[int, ...] = DEPTHS,
+        sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    if sizes is None:
+        sizes = QUICK_SIZES if quick else SIZES
     counts = [counts_for(s, quick) for s in sizes]
     rows: list[Row] = []
     rounds = ROUNDS_QUICK if quick else ROUNDS
@@ -400,10 +461,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer messages per phase")
     parser.add_argument("--out", default="out/bench", help="directory for hop_overhead.json")
     parser.add_argument("--depths", default=",".join(map(str, DEPTHS)), help="pipeline depths k")
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help=f"payload bytes, from {SIZES}")
+    parser.add_argument("--sizes", default=None, help=f"payload bytes, from {SIZES} (default: all; --quick: "
+                                                      f"{QUICK_SIZES})")
     args = parser.parse_args()
     doc = run(args.quick, Path(args.out), tuple(int(d) for d in args.depths.split(",")),
-              tuple(int(s) for s in args.sizes.split(",")))
+              tuple(int(s) for s in args.sizes.split(",")) if args.sizes else None)
     print(markdown(doc["comparison"]))
 
 

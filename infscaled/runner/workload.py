@@ -7,6 +7,7 @@ request's latency and outcome is recorded; nothing is dropped silently.
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 import threading
 import time
@@ -101,9 +102,9 @@ def drive(submit: Callable[[torch.Tensor], Future[torch.Tensor]], requests: Iter
 
     start = time.monotonic()
     next_at = start
-    for i, x in enumerate(requests):
-        if i >= count:
-            break
+    sent = 0
+    for i, x in enumerate(itertools.islice(requests, count)):
+        sent = i + 1
         if slots is not None:
             slots.acquire()
         else:
@@ -130,6 +131,11 @@ def drive(submit: Callable[[torch.Tensor], Future[torch.Tensor]], requests: Iter
             failed.set_exception(exc)
             fut = failed
         fut.add_done_callback(functools.partial(finish, outcome, began))
+    if result.unsent == 0 and sent < count:  # the request source ran dry early
+        with lock:
+            remaining[0] -= count - sent
+            if remaining[0] == 0:
+                all_done.set()
     if count > 0:
         all_done.wait()
     result.wall_s = time.monotonic() - start

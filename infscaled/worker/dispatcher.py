@@ -230,13 +230,13 @@ class Dispatcher:
                 with self._idle:
                     flight = self._inflight.pop(msg.mb_id, None)
                     self._idle.notify_all()
+                if flight is not None:  # else it timed out meanwhile; its requests were already failed
+                    self._slots.release()
+                    outputs = inputs.split(self.spec, msg.tensors["output"], [r.x for r in flight.requests])
+                    for r, out in zip(flight.requests, outputs, strict=True):
+                        _resolve(r.future, result=out)
+                # Acked after the results are out: the blocking ack never delays a caller.
                 edge.send_ack(Ack(ACK, msg.mb_id, int(msg.tensors[REQUESTS_KEY][:, 1].sum()), 0))
-                if flight is None:
-                    continue  # timed out meanwhile; its requests were already failed
-                self._slots.release()
-                outputs = inputs.split(self.spec, msg.tensors["output"], [r.x for r in flight.requests])
-                for r, out in zip(flight.requests, outputs, strict=True):
-                    _resolve(r.future, result=out)
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             if self._failure is None:
                 self._on_broken(f"receiving results failed: {exc}")

@@ -60,7 +60,9 @@ def _watch_control(conn: Connection, node: str) -> None:
 
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
+    # The default action, not a Python handler: it works even while the main thread is
+    # blocked inside a C++ call (a gloo wait), where a Python handler would never run.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent()
     node = str(spec.node)
     # Log lines say which job and stage replica they come from.

@@ -165,9 +165,10 @@ class StageLoop:
         self._busy_s += elapsed
         self._micro_batches += 1
         self._samples += samples
-        self.in_edges[edge].send_ack(Ack(ACK, msg.mb_id, samples, int(elapsed * 1e6)))
         tensors = {REQUESTS_KEY: requests, **{k: v.cpu() for k, v in out.items()}}
         self.outbox.put(Message(DATA, msg.mb_id, msg.route_key, tensors))
+        # Ack after handing the result on, so the (blocking) ack never delays the send.
+        self.in_edges[edge].send_ack(Ack(ACK, msg.mb_id, samples, int(elapsed * 1e6)))
 
     def _start(self, t: threading.Thread) -> None:
         self._threads.append(t)
