@@ -20,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from infscaled.models import inputs
 from infscaled.models.sources import resolve
@@ -188,6 +189,8 @@ def test_mesh_job_across_two_agents_serves_correct_results_and_stops_cleanly(clu
         expected = mono.forward(inputs.collate(mono.family.input_spec(), [x], torch.float32))
         torch.testing.assert_close(torch.tensor(out["output"]), expected, atol=1e-4, rtol=1e-4)
 
+    _check_metrics(cluster, job_id, detail, requests=3)
+
     workers = cluster.worker_pids()
     assert len(workers) >= 5, "4 stage workers and a dispatcher run under the agents"
     status, _ = cluster.call("DELETE", f"/v1/jobs/{job_id}")
@@ -196,6 +199,32 @@ def test_mesh_job_across_two_agents_serves_correct_results_and_stops_cleanly(clu
     cluster.wait_for("workers gone", lambda: not any(_alive(p) for p in workers), 30)
     status, err = cluster.call("POST", f"/v1/jobs/{job_id}/infer", {"inputs": [[1, 2]]})
     assert status == 409 and "stopped" in err["error"]
+
+
+def _check_metrics(c: Cluster, job_id: str, detail: dict[str, Any], requests: int) -> None:
+    """Stats flow worker -> agent -> controller: the JSON snapshot and the Prometheus text agree."""
+    placed = {n["node"]: n["agent"] for n in detail["nodes"] if n["node"] != "dispatcher"}
+
+    def complete() -> dict[str, Any] | None:
+        snap = c.call("GET", f"/v1/jobs/{job_id}/metrics")[1]
+        stages = {s["node"]: s for s in snap["stages"]}
+        done = (set(stages) == set(placed) and all(s["samples"] > 0 for s in stages.values())
+                and snap["dispatcher"] is not None and snap["dispatcher"]["requests"] >= requests)
+        return snap if done else None
+
+    snap = c.wait_for("metrics of every stage", complete, 30)
+    assert {s["node"]: s["agent"] for s in snap["stages"]} == placed
+    req = urllib.request.Request(c.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(resp.read().decode())}
+    occupancy = {(s.labels["job"], f"{s.labels['stage']}.{s.labels['replica']}", s.labels["agent"])
+                 for s in families["infscaled_stage_occupancy_ratio"].samples}
+    assert occupancy == {(job_id, node, agent) for node, agent in placed.items()}
+    assert families["infscaled_agents_connected"].samples[0].value == 2
+    assert any(s.labels == {"job": job_id, "state": "running"} and s.value == 1
+               for s in families["infscaled_job_state"].samples)
+    assert c.call("GET", "/metrics", token="wrong")[0] == 401
 
 
 def test_wrong_token_is_refused(cluster: Cluster) -> None:

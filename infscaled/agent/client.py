@@ -35,6 +35,7 @@ from infscaled.protocol.messages import (
     Heartbeat,
     Inspect,
     Message,
+    Metrics,
     Register,
     StopJob,
     Welcome,
@@ -81,6 +82,9 @@ class ControllerLink:
     # -- API for the rest of the agent -----------------------------------------------------------
 
     def post(self, msg: Message) -> None:
+        if isinstance(msg, Metrics):
+            # Only the newest snapshot matters: a link that is down must not pile them up.
+            self._outbox = deque(m for m in self._outbox if not (isinstance(m, Metrics) and m.job_id == msg.job_id))
         if len(self._outbox) >= MAX_OUTBOX:
             dropped = self._outbox.popleft()
             log.warning("outbox full (%d): dropping the oldest message (%s)", MAX_OUTBOX, dropped.type)

@@ -50,6 +50,8 @@ class AgentConfig:
     """Building a model's skeleton for an Inspect, in its child process."""
     worker_log_level: int = logging.WARNING
     """Log level of the worker and dispatcher processes."""
+    metrics_interval_s: float = 1.0
+    """Sending each job's latest worker and dispatcher stats to the controller: at most this often."""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.controller)
@@ -69,7 +71,8 @@ class AgentConfig:
             raise config_error("agent", "port_range", list(self.port_range),
                                "[FIRST, LAST] with 1 <= FIRST <= LAST <= 65535")
         for name in ("connect_timeout_s", "handshake_timeout_s", "send_timeout_s", "ping_interval_s",
-                     "backoff_initial_s", "backoff_max_s", "stop_grace_s", "inspect_timeout_s"):
+                     "backoff_initial_s", "backoff_max_s", "stop_grace_s", "inspect_timeout_s",
+                     "metrics_interval_s"):
             if not getattr(self, name) > 0:
                 raise config_error("agent", name, getattr(self, name), "a positive number of seconds")
 

@@ -20,7 +20,17 @@ from dataclasses import dataclass, field
 
 from infscaled.agent.config import AgentConfig
 from infscaled.errors import InfscaledError
-from infscaled.protocol.messages import Deploy, ErrorMsg, Inspect, InspectResult, Message, StopJob, WorkerState
+from infscaled.protocol.control import DispatcherStats, StageStats
+from infscaled.protocol.messages import (
+    Deploy,
+    ErrorMsg,
+    Inspect,
+    InspectResult,
+    Message,
+    Metrics,
+    StopJob,
+    WorkerState,
+)
 from infscaled.protocol.plan import DISPATCHER, Node, plan_from_dict
 from infscaled.worker.entry import WorkerSpec, worker_main
 from infscaled.worker.group import Member, WorkerGroup
@@ -43,6 +53,10 @@ class _Job:
     states: dict[Node, WorkerState] = field(default_factory=dict)
     stopping: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    # The latest stats per node, sent on by `metrics_forever`; `fresh` says something new arrived.
+    stages: dict[Node, StageStats] = field(default_factory=dict)
+    dispatcher: DispatcherStats | None = None
+    fresh: bool = False
 
 
 class JobManager:
@@ -117,6 +131,7 @@ class JobManager:
         group = WorkerGroup(
             job_id, members, msg.ready_timeout_s,
             on_ready=lambda node, ready: self._soon(self._report, job_id, node, READY, ready.pid, ""),
+            on_stats=lambda node, stats: self._soon(self._stats, job_id, node, stats),
             on_exit=lambda node, code, reason: self._soon(self._exited, job_id, node, code, reason))
         job = _Job(job_id, group)
         self.jobs[job_id] = job
@@ -188,6 +203,28 @@ class JobManager:
         if job is not None and not job.stopping and job.group.all_exited:
             # Nothing left running: release the group (pipes, supervisor) and forget the job.
             self._tg.create_task(self._stop(job, "all processes exited"), name=f"reap-{job_id}")
+
+    def _stats(self, job_id: str, node: Node, stats: StageStats | DispatcherStats) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        if isinstance(stats, DispatcherStats):
+            job.dispatcher = stats
+        elif node.is_dispatcher:
+            return  # the service's final StageStats only repeats its DispatcherStats counters
+        else:
+            job.stages[node] = stats
+        job.fresh = True
+
+    async def metrics_forever(self) -> None:
+        """Every metrics_interval_s, one Metrics per job whose stats changed (the agent's task)."""
+        while True:
+            await asyncio.sleep(self.cfg.metrics_interval_s)
+            for job in list(self.jobs.values()):
+                if job.fresh:
+                    job.fresh = False
+                    stages = [job.stages[n] for n in sorted(job.stages, key=str)]
+                    self.post(Metrics(job.job_id, stages, job.dispatcher))
 
     def _report(self, job_id: str, node: Node, state: str, pid: int, reason: str) -> None:
         msg = WorkerState(job_id, str(node), state, pid, reason)

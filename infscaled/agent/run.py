@@ -66,6 +66,7 @@ async def _run(cfg: AgentConfig, stop: asyncio.Event) -> None:
         jobs = JobManager(cfg, tg, post)
         link = ControllerLink(cfg, lambda: register, jobs.handle, jobs.snapshot, jobs.workers_alive)
         link_task = tg.create_task(link.run(), name="controller-link")
+        metrics_task = tg.create_task(jobs.metrics_forever(), name="metrics")
         try:
             await stop.wait()
             log.info("agent %s: stopping: workers first, then the controller link", cfg.agent_id)
@@ -73,5 +74,6 @@ async def _run(cfg: AgentConfig, stop: asyncio.Event) -> None:
             # Whatever ended the wait (stop, cancellation, a failed task), no process outlives us.
             await jobs.stop_all()
             await link.flush(cfg.send_timeout_s)
+            metrics_task.cancel()
             await link.close()
             link_task.cancel()

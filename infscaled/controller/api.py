@@ -17,7 +17,7 @@ from aiohttp.typedefs import Handler
 
 from infscaled.config import JobConfig, parse_job
 from infscaled.config.messages import config_error
-from infscaled.controller import proxy
+from infscaled.controller import export, proxy
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.jobs import JobState, JobStore, Rejected
 from infscaled.controller.registry import Registry
@@ -47,6 +47,8 @@ def add_routes(app: web.Application) -> None:
         web.get("/v1/jobs/{id}", get_job),
         web.delete("/v1/jobs/{id}", stop_job),
         web.post("/v1/jobs/{id}/infer", infer),
+        web.get("/v1/jobs/{id}/metrics", job_metrics),
+        web.get("/metrics", prometheus_metrics),
     ])
 
 
@@ -168,6 +170,18 @@ def _json_body(raw: bytes) -> dict[str, Any]:
     if "name" in body and not isinstance(body["name"], str):
         raise Rejected(400, f"name must be a string; expected {shape}")
     return body
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    families = export.collect(request.app[JOBS].jobs.values(), len(request.app[REGISTRY].connected()))
+    return web.Response(text=export.render(families), headers={"Content-Type": export.CONTENT_TYPE})
+
+
+async def job_metrics(request: web.Request) -> web.Response:
+    return web.json_response(export.job_snapshot(request.app[JOBS].get(request.match_info["id"])))
 
 
 # -- inference -------------------------------------------------------------------------------------

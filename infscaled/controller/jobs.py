@@ -37,7 +37,7 @@ from infscaled.errors import ConfigError, InfscaledError
 from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
 from infscaled.planning.graph import build_edges
 from infscaled.planning.job import check_model, explicit_edges, plan_job, stage_ranges
-from infscaled.protocol.messages import Deploy, StopJob, WorkerState
+from infscaled.protocol.messages import Deploy, Metrics, StopJob, WorkerState
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_to_dict
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class Job:
     service_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
     # Monotonic: deploying -> ready deadline; stopping -> grace end; failed -> when resources free.
     deadline: float = float("inf")
+    # The latest Metrics per agent and when it arrived (monotonic): bounded by the job's agents.
+    metrics: dict[str, tuple[float, Metrics]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -373,6 +375,21 @@ class JobStore:
             log.info("job %s running", job.id)
         elif job.state is JobState.STOPPING and job.drained:
             self._set_stopped(job, "stopped on request" if job.reason == "stop requested" else job.reason)
+        return None
+
+    def metrics(self, agent_id: str, msg: Metrics) -> str | None:
+        """Keep the newest snapshot of a job's nodes on this agent (reports of other nodes dropped)."""
+        job = self.jobs.get(msg.job_id)
+        if job is None:
+            # A stopped job's last report can cross the controller's restart: nothing to correct.
+            log.debug("metrics for unknown job %s from agent %s ignored", msg.job_id, agent_id)
+            return None
+        if agent_id not in job.agents:
+            return f"job {job.id} has no node on agent {agent_id}"
+        mine = [s for s in msg.stages
+                if s.node != "dispatcher" and (st := job.nodes.get(s.node)) is not None and st.agent == agent_id]
+        dispatcher = msg.dispatcher if job.dispatcher_agent == agent_id else None
+        job.metrics[agent_id] = (time.monotonic(), Metrics(msg.job_id, mine, dispatcher))
         return None
 
     async def agent_lost(self, agent_id: str, reason: str) -> None:

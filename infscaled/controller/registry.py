@@ -28,6 +28,7 @@ from infscaled.protocol.messages import (
     Inspect,
     InspectResult,
     Message,
+    Metrics,
     Register,
     Welcome,
     WorkerState,
@@ -63,6 +64,10 @@ class AgentEvents(Protocol):
 
     async def worker_state(self, agent_id: str, msg: WorkerState) -> str | None:
         """Apply a worker report; returns an error text for the agent when the report is wrong."""
+        ...
+
+    def metrics(self, agent_id: str, msg: Metrics) -> str | None:
+        """Keep a job's latest stats from this agent; an error text when the report is wrong."""
         ...
 
 
@@ -283,6 +288,9 @@ class Registry:
         if isinstance(msg, WorkerState):
             problem = await self.events.worker_state(agent.id, msg) if self.events is not None else None
             return ErrorMsg(problem, msg.type) if problem else None
+        if isinstance(msg, Metrics):
+            problem = self.events.metrics(agent.id, msg) if self.events is not None else None
+            return ErrorMsg(problem, msg.type) if problem else None
         if isinstance(msg, InspectResult):
             pending = self._inspects.get(msg.request_id)
             if pending is None or pending[0] != agent.id:
@@ -296,7 +304,7 @@ class Registry:
         if isinstance(msg, Register):
             return ErrorMsg(f"this connection is already registered as {agent.id!r}", msg.type)
         return ErrorMsg(f"{msg.type} is a controller -> agent message; an agent may send "
-                        "heartbeat, worker_state, inspect_result, error", msg.type)
+                        "heartbeat, worker_state, inspect_result, metrics, error", msg.type)
 
     async def _reply(self, ws: web.WebSocketResponse, msg: Message, lock: asyncio.Lock | None = None) -> None:
         try:

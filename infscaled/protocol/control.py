@@ -25,11 +25,39 @@ class StageStats:
     busy_s: float = 0.0  # time spent computing
     wall_s: float = 0.0  # time since the first micro-batch arrived
     queue_depth: int = 0  # micro-batches received and not yet computed
+    # Over the last `window_s` (protocol/window.py), so a dashboard sees now, not the job's average.
+    window_s: float = 0.0
+    occupancy: float = 0.0  # compute seconds / wall seconds in the window
+    inflight: int = 0  # micro-batches received here and not yet sent on
+    recv_wait_s: float = 0.0  # mean time a receiver waited for each micro-batch
+    compute_s: float = 0.0  # mean compute time per micro-batch
+    send_s: float = 0.0  # mean time sending each micro-batch downstream took
+    samples_per_s: float = 0.0
 
     @property
     def busy(self) -> float:
         """Fraction of wall time spent computing (occupancy)."""
         return self.busy_s / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class DispatcherStats:
+    """The dispatcher service's view of requests: counters since start, rates and latency
+    quantiles over the last `window_s`."""
+
+    requests: int = 0  # completed
+    samples: int = 0
+    rejected: int = 0  # refused before entering the pipeline (bad input, queue full, draining, failed)
+    timed_out: int = 0
+    inflight_requests: int = 0  # accepted HTTP requests waiting for their result
+    inflight_micro_batches: int = 0
+    window_s: float = 0.0
+    requests_per_s: float = 0.0
+    samples_per_s: float = 0.0
+    latency_p50_s: float = 0.0
+    latency_p90_s: float = 0.0
+    latency_p99_s: float = 0.0
+    latency_sum_s: float = 0.0  # over every completed request: a Prometheus summary's _sum
 
 
 @dataclass(frozen=True)
@@ -48,6 +76,12 @@ class WorkerReady:
 class WorkerStatsReport:
     type: ClassVar[str] = "stats"
     stats: StageStats
+
+
+@dataclass(frozen=True)
+class DispatcherStatsReport:
+    type: ClassVar[str] = "dispatcher_stats"
+    stats: DispatcherStats
 
 
 @dataclass(frozen=True)
@@ -73,8 +107,9 @@ class StopWorker:
     reason: str = ""
 
 
-ControlMessage = WorkerReady | WorkerStatsReport | WorkerDone | WorkerFailed | StopWorker
-_TYPES: dict[str, Any] = {c.type: c for c in (WorkerReady, WorkerStatsReport, WorkerDone, WorkerFailed, StopWorker)}
+ControlMessage = WorkerReady | WorkerStatsReport | DispatcherStatsReport | WorkerDone | WorkerFailed | StopWorker
+_TYPES: dict[str, Any] = {c.type: c for c in (WorkerReady, WorkerStatsReport, DispatcherStatsReport, WorkerDone,
+                                              WorkerFailed, StopWorker)}
 
 
 def encode(msg: ControlMessage) -> bytes:
@@ -89,7 +124,8 @@ def decode(data: bytes) -> ControlMessage:
         cls = _TYPES[raw["type"]]
         body = raw["body"]
         if "stats" in body:
-            body["stats"] = StageStats(**body["stats"])
+            stats_cls = DispatcherStats if cls is DispatcherStatsReport else StageStats
+            body["stats"] = stats_cls(**body["stats"])
         msg: ControlMessage = cls(**body)
         return msg
     except WireError:

@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from infscaled.errors import WireError
+from infscaled.protocol.control import DispatcherStats, StageStats
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # a plan for hundreds of workers fits easily
@@ -77,6 +78,17 @@ class InspectResult:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class Metrics:
+    """The latest stats of a job's processes on this agent, at most once per metrics_interval_s;
+    the controller keeps only the newest per (job, agent), so a lost one costs nothing."""
+
+    type: ClassVar[str] = "metrics"
+    job_id: str
+    stages: list[StageStats] = field(default_factory=list)
+    dispatcher: DispatcherStats | None = None
+
+
 # -- controller -> agent -----------------------------------------------------------------------
 
 
@@ -128,9 +140,11 @@ class ErrorMsg:
     in_reply_to: str = ""
 
 
-Message = Register | Heartbeat | WorkerState | InspectResult | Welcome | Deploy | StopJob | Inspect | ErrorMsg
+Message = (Register | Heartbeat | WorkerState | InspectResult | Metrics | Welcome | Deploy | StopJob | Inspect
+           | ErrorMsg)
 MESSAGE_TYPES: dict[str, type] = {
-    c.type: c for c in (Register, Heartbeat, WorkerState, InspectResult, Welcome, Deploy, StopJob, Inspect, ErrorMsg)
+    c.type: c for c in (Register, Heartbeat, WorkerState, InspectResult, Metrics, Welcome, Deploy, StopJob, Inspect,
+                        ErrorMsg)
 }
 
 
@@ -183,6 +197,10 @@ def _check(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if tp is type(None):
+        if value is not None:
+            raise WireError(f"{where}: expected null, got {type(value).__name__}")
+        return None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise WireError(f"{where}: expected a number, got {type(value).__name__}")

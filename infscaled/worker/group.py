@@ -13,7 +13,8 @@ an event loop's thread, never a pool thread). One *supervisor* thread then waits
 control pipe and process sentinel and calls the callbacks:
 
     on_ready(node, WorkerReady)      the member said READY
-    on_stats(node, StageStats)       a periodic or final stats report
+    on_stats(node, StageStats)       a periodic or final stats report (DispatcherStats from the
+                                     dispatcher service)
     on_exit(node, exitcode, reason)  the member is gone; reason is "" for an expected exit
                                      (DONE and code 0, or stopped by stop() without a
                                      complaint), else why, naming node, pid, code, last words
@@ -45,7 +46,7 @@ TERM_GRACE_S = 5.0
 KILL_WAIT_S = 5.0
 
 OnReady = Callable[[Node, control.WorkerReady], None]
-OnStats = Callable[[Node, control.StageStats], None]
+OnStats = Callable[[Node, "control.StageStats | control.DispatcherStats"], None]
 OnExit = Callable[[Node, "int | None", str], None]
 
 
@@ -256,7 +257,8 @@ class WorkerGroup:
             self._changed.notify_all()
         if isinstance(msg, control.WorkerReady) and self._on_ready is not None:
             self._call(self._on_ready, h.node, msg)
-        elif isinstance(msg, control.WorkerStatsReport | control.WorkerDone) and self._on_stats is not None:
+        elif (isinstance(msg, control.WorkerStatsReport | control.WorkerDone | control.DispatcherStatsReport)
+              and self._on_stats is not None):
             self._call(self._on_stats, h.node, msg.stats)
 
     def _exited(self, h: WorkerHandle) -> None:

@@ -47,6 +47,7 @@ from infscaled.protocol import control, tensors
 from infscaled.protocol.plan import DISPATCHER, JobPlan
 from infscaled.protocol.wire import MAX_NDIM
 from infscaled.worker.entry import _die_with_parent
+from infscaled.worker.request_stats import RequestStats
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +77,7 @@ class ServiceSpec:
     body_timeout_s: float = 30.0  # reading one request body
     drain_timeout_s: float = 30.0  # finishing in-flight work on STOP
     max_body_bytes: int = 64 << 20
+    stats_interval_s: float = 1.0  # DispatcherStats reports on the control pipe
 
 
 # -- the process -----------------------------------------------------------------------------------
@@ -184,8 +186,7 @@ class _Service:
     dispatcher: Dispatcher
     input_spec: InputSpec
     draining: bool = False
-    requests: int = 0
-    samples: int = 0
+    stats: RequestStats = field(default_factory=RequestStats)
     started: float = field(default_factory=time.monotonic)
 
     def authorized(self, header: str) -> bool:
@@ -215,7 +216,13 @@ async def _serve(spec: ServiceSpec, dispatcher: Dispatcher, input_spec: InputSpe
         link.serving(loop, stop)
         link.send(control.WorkerReady(NODE, os.getpid(), "cpu", [], 0, load_s))
         log.info("serving on %s:%d", spec.plan.dispatcher_host, spec.port)
-        await stop.wait()
+        reporter = asyncio.create_task(_report_stats(svc, link), name="dispatcher-stats")
+        try:
+            await stop.wait()
+        finally:
+            reporter.cancel()
+            # The reporter's own CancelledError comes back as a value; ours still propagates.
+            await asyncio.gather(reporter, return_exceptions=True)
         log.info("stopping: no new requests, draining in-flight work")
         svc.draining = True
         await site.stop()  # stop listening; requests already read still get their answers
@@ -224,7 +231,19 @@ async def _serve(spec: ServiceSpec, dispatcher: Dispatcher, input_spec: InputSpe
     finally:
         await runner.cleanup()
     wall = time.monotonic() - svc.started
-    return control.StageStats(NODE, micro_batches=svc.requests, samples=svc.samples, wall_s=wall)
+    return control.StageStats(NODE, micro_batches=svc.stats.requests, samples=svc.stats.samples, wall_s=wall)
+
+
+async def _report_stats(svc: _Service, link: _ControlLink) -> None:
+    """Every stats_interval_s, the request view on the control pipe (the agent forwards it)."""
+    while True:
+        await asyncio.sleep(svc.spec.stats_interval_s)
+        stats = svc.stats.snapshot(svc.dispatcher.inflight())
+        try:
+            link.send(control.DispatcherStatsReport(stats))  # a few hundred bytes: does not block the loop
+        except OSError as exc:
+            log.info("stats not reported: %s", exc)
+            return
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
@@ -245,6 +264,7 @@ async def _infer(request: web.Request) -> web.Response:
     if not svc.authorized(request.headers.get("Authorization", "")):
         return _error(401, "missing or invalid bearer token", **{"WWW-Authenticate": "Bearer"})
     if svc.draining:
+        svc.stats.rejected += 1
         return _error(503, "the service is shutting down; no new requests")
     binary = request.content_type == tensors.CONTENT_TYPE
     try:
@@ -255,20 +275,27 @@ async def _infer(request: web.Request) -> web.Response:
     try:
         x = await asyncio.to_thread(parse_request, body, binary, svc.input_spec)
     except (RequestError, WireError) as exc:
+        svc.stats.rejected += 1
         return _error(400, str(exc))
     timeout_s = svc.spec.request_timeout_s
+    started = time.monotonic()
+    svc.stats.inflight += 1
     try:
         future = svc.dispatcher.submit(x)
         async with asyncio.timeout(timeout_s):
             y = await asyncio.wrap_future(future)
     except PipelineFailedError as exc:
+        svc.stats.rejected += 1
         return _error(503, str(exc))
     except RequestError as exc:
+        svc.stats.rejected += 1
         return _error(400, str(exc))
     except TimeoutError:
+        svc.stats.timed_out += 1
         return _error(504, f"request timed out after {timeout_s:g} s")
-    svc.requests += 1
-    svc.samples += int(x.shape[0])
+    finally:
+        svc.stats.inflight -= 1
+    svc.stats.finished(int(x.shape[0]), time.monotonic() - started)
     out, content_type = await asyncio.to_thread(render_response, y, binary)
     return web.Response(body=out, content_type=content_type)
 

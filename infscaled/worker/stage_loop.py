@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from infscaled.protocol.control import StageStats
+from infscaled.protocol.window import EventWindow, mean, rate, span
 from infscaled.protocol.wire import DATA, STOP
 from infscaled.worker.router import Router
 from infscaled.worker.transport import ACK, STOP_ACK, Ack, Edge, Message
@@ -68,6 +69,13 @@ class StageLoop:
         self._samples = 0
         self._busy_s = 0.0
         self._first_at: float | None = None
+        # Windows for live metrics: plain clock reads around calls that block anyway, so they add
+        # no host sync. Each is written by its own thread(s) and read by the stats path.
+        self._computed = EventWindow()  # (t, samples, compute_s)
+        self._received = EventWindow()  # (t, recv_wait_s)
+        self._sent = EventWindow()  # (t, send_s)
+        self._inflight = 0  # received DATA not yet sent on; receivers and the sender update it
+        self._inflight_lock = threading.Lock()
 
     # -- threads ---------------------------------------------------------------------------------
 
@@ -75,10 +83,14 @@ class StageLoop:
         edge = self.in_edges[index]
         try:
             while True:
+                waited = time.monotonic()
                 msg = edge.recv()
                 if msg.kind == STOP:
                     self.inbox.put(_Inbound(index, None))
                     return
+                now = time.monotonic()
+                self._received.add(now, now - waited)
+                self._count_inflight(+1)
                 self.inbox.put(_Inbound(index, msg))
         except BaseException as exc:  # noqa: BLE001 - thread boundary: hand the failure to compute
             self.inbox.put(_Inbound(index, None, exc))
@@ -92,7 +104,11 @@ class StageLoop:
                         edge.send(Message(STOP, 0, 0, {}))
                     return
                 index = self.router.pick(msg.route_key)
+                started = time.monotonic()
                 self.out_edges[index].send(msg)
+                now = time.monotonic()
+                self._sent.add(now, now - started)
+                self._count_inflight(-1)
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             self._fail(exc)
 
@@ -107,6 +123,10 @@ class StageLoop:
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             self._fail(exc)
 
+    def _count_inflight(self, delta: int) -> None:
+        with self._inflight_lock:
+            self._inflight += delta
+
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
@@ -119,8 +139,18 @@ class StageLoop:
     # -- compute ---------------------------------------------------------------------------------
 
     def stats(self) -> StageStats:
-        wall = time.monotonic() - self._first_at if self._first_at is not None else 0.0
-        return StageStats(self.node, self._micro_batches, self._samples, self._busy_s, wall, self.inbox.qsize())
+        now = time.monotonic()
+        wall = now - self._first_at if self._first_at is not None else 0.0
+        window_s = self._computed.window_s
+        covered = span(now, self._first_at, window_s)
+        computed, (samples, compute_s) = self._computed.sums(now, 2)
+        received, (recv_s,) = self._received.sums(now, 1)
+        sent, (send_s,) = self._sent.sums(now, 1)
+        return StageStats(
+            self.node, self._micro_batches, self._samples, self._busy_s, wall, self.inbox.qsize(),
+            window_s=window_s, occupancy=min(1.0, rate(compute_s, covered)), inflight=max(0, self._inflight),
+            recv_wait_s=mean(recv_s, received), compute_s=mean(compute_s, computed), send_s=mean(send_s, sent),
+            samples_per_s=rate(samples, covered))
 
     def run(self) -> StageStats:
         """Serve until STOP arrived on every in-edge; raises on any failure (edges stay open)."""
@@ -133,7 +163,14 @@ class StageLoop:
         next_stats = time.monotonic() + self.stats_interval_s
         with torch.inference_mode():
             while stopped < len(self.in_edges):
-                item = self.inbox.get()
+                try:
+                    # Wake up when idle too, so reports show the window emptying, not a frozen busy one.
+                    item = self.inbox.get(timeout=self.stats_interval_s)
+                except queue.Empty:
+                    if self.on_stats is not None:
+                        self.on_stats(self.stats())
+                        next_stats = time.monotonic() + self.stats_interval_s
+                    continue
                 if item.error is not None:
                     raise item.error
                 if item.msg is None:
@@ -163,6 +200,7 @@ class StageLoop:
         elapsed = time.perf_counter() - start
         samples = int(requests[:, 1].sum())
         self._busy_s += elapsed
+        self._computed.add(time.monotonic(), samples, elapsed)
         self._micro_batches += 1
         self._samples += samples
         tensors = {REQUESTS_KEY: requests, **{k: v.cpu() for k, v in out.items()}}
