@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from infscaled.config.messages import MISSING, config_error
+from infscaled.config.messages import MISSING, config_error, read_toml
 from infscaled.config.schema import JobConfig
 from infscaled.config.sections import parse_model, parse_pipeline, parse_placement, parse_workload
 from infscaled.config.values import Section
@@ -21,16 +20,7 @@ TOP_LEVEL_KEYS: Final = ("name", "model", "pipeline", "placement", "workload")
 def load_job(path: str | Path) -> JobConfig:
     """Read and validate a TOML job file; every problem raises one ConfigError naming file and key."""
     shown = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise config_error(shown, "", None, "a path to an existing TOML job file", "no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise config_error(shown, "", None, "a readable UTF-8 TOML job file", f"cannot read: {exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise config_error(shown, "", None, "TOML syntax (https://toml.io)", f"invalid TOML: {exc}") from None
+    data = read_toml(path, "job file")
     return parse_job(data, shown, base_dir=Path(path).resolve().parent)
 
 

@@ -8,8 +8,10 @@ same places.
 from __future__ import annotations
 
 import difflib
+import tomllib
 from collections.abc import Iterable
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 from infscaled.errors import ConfigError
 
@@ -58,3 +60,19 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A hint like " (did you mean 'x'?)" naming the closest choice, or "" when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a TOML file (`what`: "job file", "config file"); a missing, unreadable or invalid
+    file is one ConfigError naming it."""
+    shown = str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise config_error(shown, "", None, f"a path to an existing TOML {what}", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise config_error(shown, "", None, f"a readable UTF-8 TOML {what}", f"cannot read: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise config_error(shown, "", None, "TOML syntax (https://toml.io)", f"invalid TOML: {exc}") from None

@@ -7,13 +7,12 @@ as ConfigError, so a bad daemon config reads like a bad job file.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
-from infscaled.config.messages import config_error
+from infscaled.config.messages import read_toml
 from infscaled.config.values import Section
 
 STATE_DIR_ENV: Final = "INFSCALED_STATE_DIR"
@@ -67,16 +66,7 @@ _TIMEOUTS: Final = tuple(f.name for f in fields(ControllerConfig) if f.name.ends
 def load_controller_config(path: str | Path) -> ControllerConfig:
     """Read and validate a controller TOML file; every problem is one ConfigError naming file and key."""
     shown = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise config_error(shown, "", None, "a path to an existing TOML config file", "no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise config_error(shown, "", None, "a readable UTF-8 TOML file", f"cannot read: {exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise config_error(shown, "", None, "TOML syntax (https://toml.io)", f"invalid TOML: {exc}") from None
+    data = read_toml(path, "config file")
     return parse_controller_config(data, shown, base_dir=Path(path).resolve().parent)
 
 
