@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from infscaled.errors import WireError
+from infscaled.protocol.typed import build
 
 CONTROL_VERSION = 1
 
@@ -123,10 +124,9 @@ def decode(data: bytes) -> ControlMessage:
             raise WireError(f"control message version {raw.get('v')!r}, expected {CONTROL_VERSION}")
         cls = _TYPES[raw["type"]]
         body = raw["body"]
-        if "stats" in body:
-            stats_cls = DispatcherStats if cls is DispatcherStatsReport else StageStats
-            body["stats"] = stats_cls(**body["stats"])
-        msg: ControlMessage = cls(**body)
+        if not isinstance(body, dict):
+            raise WireError(f"control message {raw['type']}: body must be an object")
+        msg: ControlMessage = build(cls, body, f"control message {raw['type']}")
         return msg
     except WireError:
         raise

@@ -9,13 +9,12 @@ is answered with an `ErrorMsg` and logged, and never crashes either side.
 from __future__ import annotations
 
 import json
-import types
-import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from infscaled.errors import WireError
 from infscaled.protocol.control import DispatcherStats, StageStats
+from infscaled.protocol.typed import build
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # a plan for hundreds of workers fits easily
@@ -173,60 +172,5 @@ def decode(data: str | bytes) -> Message:
     body = raw["body"]
     if not isinstance(body, dict):
         raise WireError(f"{raw['type']}: body must be an object")
-    msg: Message = _build(cls, body, raw["type"])
+    msg: Message = build(cls, body, raw["type"])
     return msg
-
-
-def _build(cls: type, body: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = set(body) - known
-    if unknown:
-        raise WireError(f"{where}: unknown field(s) {sorted(unknown)}")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name not in body:
-            if f.default is MISSING and f.default_factory is MISSING:
-                raise WireError(f"{where}: missing field {f.name!r}")
-            continue
-        kwargs[f.name] = _check(hints[f.name], body[f.name], f"{where}.{f.name}")
-    return cls(**kwargs)
-
-
-def _check(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is not None:
-            raise WireError(f"{where}: expected null, got {type(value).__name__}")
-        return None
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise WireError(f"{where}: expected a number, got {type(value).__name__}")
-        return float(value)
-    if tp in (str, int, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise WireError(f"{where}: expected {tp.__name__}, got {type(value).__name__}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise WireError(f"{where}: expected a list, got {type(value).__name__}")
-        return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise WireError(f"{where}: expected an object")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _check(option, value, where)
-            except WireError:
-                continue
-        raise WireError(f"{where}: unexpected value {value!r}")
-    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
-        if not isinstance(value, dict):
-            raise WireError(f"{where}: expected an object")
-        return _build(tp, value, where)
-    raise WireError(f"{where}: unsupported field type {tp!r}")  # pragma: no cover - schema bug
