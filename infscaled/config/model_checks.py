@@ -39,11 +39,16 @@ def check_against_model(cfg: JobConfig, n_units: int) -> JobConfig:
 
 def check_builtin(cfg: JobConfig, names: Sequence[str]) -> None:
     """For a "builtin:NAME" source, check that NAME is one of `names`; other sources pass."""
-    source = cfg.model.source
-    if not source.startswith("builtin:"):
-        return
+    problem = builtin_problem(cfg.model.source, names)
+    if problem is not None:
+        allowed, what = problem
+        raise config_error(cfg.path, "model.source", cfg.model.source, allowed, what)
+
+
+def builtin_problem(source: str, names: Sequence[str]) -> tuple[str, str] | None:
+    """(allowed, problem) when `source` names a builtin model not in `names`, else None."""
     name = source.removeprefix("builtin:")
-    if name not in names:
-        allowed = ", ".join(f"builtin:{n}" for n in sorted(names)) or "(no builtin models are registered)"
-        hint = did_you_mean(name, names)
-        raise config_error(cfg.path, "model.source", source, allowed, f"unknown builtin model{hint}")
+    if not source.startswith("builtin:") or name in names:
+        return None
+    allowed = ", ".join(f"builtin:{n}" for n in sorted(names)) or "(no builtin models are registered)"
+    return allowed, f"unknown builtin model{did_you_mean(name, names)}"

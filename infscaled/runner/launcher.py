@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infscaled.config import JobConfig, check_builtin
+from infscaled.config import JobConfig, check_against_model, check_builtin
 from infscaled.errors import ConfigError, InfscaledError, ModelError
 from infscaled.models.base import InputSpec
 from infscaled.models.builtins import BUILTIN_NAMES
 from infscaled.models.meta import dtype_of
 from infscaled.models.sources import ResolvedModel, resolve
 from infscaled.models.stage import skeleton
-from infscaled.planning.job import check_model, plan_job, ports_needed
+from infscaled.planning.job import plan_job, ports_needed
 from infscaled.planning.placement import place
 from infscaled.planning.ports import free_ports
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
@@ -60,7 +60,7 @@ def prepare(cfg: JobConfig) -> Prepared:
         sk = skeleton(resolved)
     except ModelError as exc:
         raise ConfigError(f"{cfg.path}: model.source = {cfg.model.source!r}: {exc}") from exc
-    cfg = check_model(cfg, sk.unit_count, BUILTIN_NAMES)
+    cfg = check_against_model(cfg, sk.unit_count)  # the builtin name was checked above
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     devices = place(cfg.placement.devices, cfg.pipeline.replicas, available_cuda=cuda)
     spec = sk.family.input_spec()

@@ -19,7 +19,8 @@ import signal
 import sys
 from dataclasses import asdict, dataclass, field
 
-from infscaled.config.messages import did_you_mean, format_error, short_repr
+from infscaled.config.messages import format_error, short_repr
+from infscaled.config.model_checks import builtin_problem
 from infscaled.worker.entry import _die_with_parent
 
 # Stderr kept for the error text when the child dies without its JSON line.
@@ -38,13 +39,12 @@ class InspectOutcome:
 
 def unknown_builtin_error(source: str, names: tuple[str, ...]) -> str | None:
     """`infscaled run`'s message for a builtin name not in `names` (None when it is known)."""
-    name = source.removeprefix("builtin:")
-    if not source.startswith("builtin:") or name in names:
+    problem = builtin_problem(source, names)
+    if problem is None:
         return None
-    allowed = ", ".join(f"builtin:{n}" for n in sorted(names)) or "(no builtin models are registered)"
+    allowed, what = problem
     # format_error's "PATH: KEY = VALUE" head with no path: the key leads.
-    return format_error(f"model.source = {short_repr(source)}", "", None, allowed,
-                        f"unknown builtin model{did_you_mean(name, names)}")
+    return format_error(f"model.source = {short_repr(source)}", "", None, allowed, what)
 
 
 def inspect_model(source: str) -> InspectOutcome:
