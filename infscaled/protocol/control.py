@@ -17,6 +17,14 @@ CONTROL_VERSION = 1
 
 
 @dataclass(frozen=True)
+class EdgeRate:
+    """Samples per second that arrived over one in-edge, in the stats window."""
+
+    src: str  # the sending node ("dispatcher", "0.1", ...)
+    samples_per_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class StageStats:
     """Counters of one stage replica since it became ready (monotonic seconds)."""
 
@@ -34,6 +42,7 @@ class StageStats:
     compute_s: float = 0.0  # mean compute time per micro-batch
     send_s: float = 0.0  # mean time sending each micro-batch downstream took
     samples_per_s: float = 0.0
+    inputs: list[EdgeRate] = field(default_factory=list)  # one per in-edge: the edges' throughput
 
     @property
     def busy(self) -> float:

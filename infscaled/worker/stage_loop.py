@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infscaled.protocol.control import StageStats
+from infscaled.protocol.control import EdgeRate, StageStats
 from infscaled.protocol.window import EventWindow, mean, rate, span
 from infscaled.protocol.wire import DATA, STOP
 from infscaled.worker.router import Router
@@ -72,7 +72,7 @@ class StageLoop:
         # Windows for live metrics: plain clock reads around calls that block anyway, so they add
         # no host sync. Each is written by its own thread(s) and read by the stats path.
         self._computed = EventWindow()  # (t, samples, compute_s)
-        self._received = EventWindow()  # (t, recv_wait_s)
+        self._received = EventWindow()  # (t, recv_wait_s, in-edge index, samples)
         self._sent = EventWindow()  # (t, send_s)
         self._inflight = 0  # received DATA not yet sent on; receivers and the sender update it
         self._inflight_lock = threading.Lock()
@@ -89,7 +89,8 @@ class StageLoop:
                     self.inbox.put(_Inbound(index, None))
                     return
                 now = time.monotonic()
-                self._received.add(now, now - waited)
+                # The request table is a host tensor: reading it costs no device sync.
+                self._received.add(now, now - waited, index, int(msg.tensors[REQUESTS_KEY][:, 1].sum()))
                 self._count_inflight(+1)
                 self.inbox.put(_Inbound(index, msg))
         except BaseException as exc:  # noqa: BLE001 - thread boundary: hand the failure to compute
@@ -144,13 +145,18 @@ class StageLoop:
         window_s = self._computed.window_s
         covered = span(now, self._first_at, window_s)
         computed, (samples, compute_s) = self._computed.sums(now, 2)
-        received, (recv_s,) = self._received.sums(now, 1)
+        arrivals = self._received.snapshot(now)
+        recv_s = sum(e[1] for e in arrivals)
+        per_edge = [0.0] * len(self.in_edges)
+        for e in arrivals:
+            per_edge[int(e[2])] += e[3]
         sent, (send_s,) = self._sent.sums(now, 1)
         return StageStats(
             self.node, self._micro_batches, self._samples, self._busy_s, wall, self.inbox.qsize(),
             window_s=window_s, occupancy=min(1.0, rate(compute_s, covered)), inflight=max(0, self._inflight),
-            recv_wait_s=mean(recv_s, received), compute_s=mean(compute_s, computed), send_s=mean(send_s, sent),
-            samples_per_s=rate(samples, covered))
+            recv_wait_s=mean(recv_s, len(arrivals)), compute_s=mean(compute_s, computed), send_s=mean(send_s, sent),
+            samples_per_s=rate(samples, covered),
+            inputs=[EdgeRate(str(e.peer), rate(n, covered)) for e, n in zip(self.in_edges, per_edge, strict=True)])
 
     def run(self) -> StageStats:
         """Serve until STOP arrived on every in-edge; raises on any failure (edges stay open)."""
