@@ -32,17 +32,23 @@ from infscaled.controller import (
     run,
 )
 from infscaled.controller.app import Controller
+from infscaled.controller.events import SUBSCRIBER_QUEUE, EventLog
 from infscaled.errors import WireError
+from infscaled.protocol import watch
+from infscaled.protocol.control import DispatcherStats, EdgeRate, StageStats
 from infscaled.protocol.messages import (
     MAX_MESSAGE_BYTES,
     MESSAGE_TYPES,
     Deploy,
     Device,
+    DeviceUsage,
     ErrorMsg,
     Heartbeat,
+    HostMetrics,
     Inspect,
     InspectResult,
     Message,
+    Metrics,
     Register,
     StopJob,
     Welcome,
@@ -291,7 +297,8 @@ def test_register_welcome_and_bad_messages_keep_the_session(tmp_path: Path) -> N
             assert status == 200
             got = [(a["id"], a["state"], a["workers"], len(a["devices"])) for a in agents]
             assert got == [("a1", "connected", 3, 3)]
-            assert agents[0]["devices"][0] == {"id": "cpu:0", "kind": "cpu", "name": "", "memory_bytes": 0, "job": None}
+            assert agents[0]["devices"][0] == {"id": "cpu:0", "kind": "cpu", "name": "", "memory_bytes": 0, "job": "",
+                                               "util_ratio": -1.0, "memory_used_bytes": -1}
 
     asyncio.run(scenario())
 
@@ -528,7 +535,7 @@ def test_deploy_run_stop_across_two_agents(tmp_path: Path) -> None:
             assert "service_token" not in json.dumps(detail) and d1.service_token not in json.dumps(detail)
             assert (await api.call("GET", "/v1/jobs"))[1][0]["state"] == "running"
             agents = (await api.call("GET", "/v1/agents"))[1]
-            assert [d["job"] for d in agents[0]["devices"]] == [job_id, job_id, None]
+            assert [d["job"] for d in agents[0]["devices"]] == [job_id, job_id, ""]
 
             status, body = await api.call("DELETE", f"/v1/jobs/{job_id}")
             assert status == 202 and body["state"] == "stopping"
@@ -718,3 +725,157 @@ def test_controller_does_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
+
+
+# --- /v1/watch: snapshots and events ---------------------------------------------------------------
+
+
+class Watcher:
+    """A /v1/watch client that sorts what arrives into events and the latest snapshot."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.events: list[watch.Event] = []
+        self.snapshot: watch.Snapshot | None = None
+
+    async def until(self, predicate: Any, timeout: float = 5.0) -> None:
+        """Read frames until predicate(self) holds."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                frame = await self.ws.receive()
+                assert frame.type == WSMsgType.TEXT, f"watch closed: {frame.type} {frame.data!r}"
+                msg = watch.decode(frame.data)
+                if isinstance(msg, watch.Event):
+                    self.events.append(msg)
+                else:
+                    self.snapshot = msg
+
+    def kinds(self) -> list[tuple[str, str, str]]:
+        return [(e.kind, e.node or e.agent or e.job, e.state) for e in self.events]
+
+    def job(self) -> watch.JobView:
+        assert self.snapshot is not None and self.snapshot.jobs
+        return self.snapshot.jobs[-1]
+
+
+def _stats(node: str, occupancy: float, inputs: list[tuple[str, float]]) -> StageStats:
+    return StageStats(node, micro_batches=10, samples=40, occupancy=occupancy, queue_depth=2, samples_per_s=8.0,
+                      inputs=[EdgeRate(src, rate) for src, rate in inputs])
+
+
+def test_watch_streams_events_and_live_snapshots(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with controller(make_cfg(tmp_path)) as ctl, aiohttp.ClientSession() as http:
+            api = Api(http, ctl.url)
+            ws = await http.ws_connect(ctl.url + "/v1/watch?interval_s=0.1", headers=api.headers)
+            w = Watcher(ws)
+            await w.until(lambda w: w.snapshot is not None)
+            assert w.snapshot is not None and w.snapshot.agents == [] and w.snapshot.interval_s == 0.1
+
+            agent = FakeAgent(http, ctl.url)
+            await agent.connect()
+            await w.until(lambda w: ("agent_joined", "a1", "connected") in w.kinds())
+            await agent.send(HostMetrics("a1", 0.25, 3 << 30, [DeviceUsage("cpu:0")]))
+            await w.until(lambda w: w.snapshot.agents and w.snapshot.agents[0].cpu_ratio == 0.25)
+            a = w.snapshot.agents[0]  # type: ignore[union-attr]
+            assert (a.host, a.state, a.ram_used_bytes, a.ram_bytes, [d.id for d in a.devices]) == (
+                "host-a1", "connected", 3 << 30, 8 << 30, ["cpu:0", "cpu:1", "cpu:2"])
+            await agent.send(HostMetrics("a2", 0.5, 0))  # another agent's usage on this connection
+            assert "names agent 'a2'" in (await agent.expect(ErrorMsg)).message
+
+            _, job = await submit_inspected(api, agent, QUICKSTART)  # stages 2, replicas [1, 2]
+            job_id = job["id"]
+            deploy = await agent.expect(Deploy)
+            await agent.report(job_id, deploy.nodes, "starting")
+            await agent.report(job_id, deploy.nodes, "ready")
+            await w.until(lambda w: ("job_state", job_id, "running") in w.kinds())
+            for node in ("0.0", "1.0", "1.1", "dispatcher"):
+                assert ("worker_state", node, "starting") in w.kinds() and ("worker_state", node, "ready") in w.kinds()
+            ready = next(e for e in w.events if e.kind == "worker_state" and e.node == "1.1" and e.state == "ready")
+            assert ready.message == f"job {job_id}: 1.1 on a1 ready (pid 1002)" and ready.agent == "a1"
+            seqs = [e.seq for e in w.events]
+            assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+            # Stage 1's two replicas are busier than stage 0: it is the bottleneck.
+            stages = [_stats("0.0", 0.4, [("dispatcher", 16.0)]), _stats("1.0", 0.9, [("0.0", 7.0)]),
+                      _stats("1.1", 0.7, [("0.0", 9.0)])]
+            dispatcher = DispatcherStats(requests=5, samples=40, requests_per_s=3.5, latency_p99_s=0.25)
+            await agent.send(Metrics(job_id, stages, dispatcher))
+            await w.until(lambda w: w.snapshot.jobs and w.job().dispatcher is not None)
+            view = w.job()
+            assert (view.id, view.state, view.model, view.bottleneck) == (job_id, "running", "builtin:gpt2-tiny", 1)
+            assert [(s.index, s.first_unit, s.last_unit, s.replicas) for s in view.stages] == [(0, 0, 2, 1),
+                                                                                               (1, 3, 5, 2)]
+            assert [(r.node, r.agent, r.device, r.state, r.stats and r.stats.occupancy) for r in view.replicas] == [
+                ("0.0", "a1", "cpu:0", "ready", 0.4), ("1.0", "a1", "cpu:1", "ready", 0.9),
+                ("1.1", "a1", "cpu:2", "ready", 0.7)]
+            rates = {(e.src, e.dst): e.samples_per_s for e in view.edges}
+            assert rates == {("dispatcher", "0.0"): 16.0, ("0.0", "1.0"): 7.0, ("0.0", "1.1"): 9.0,
+                             ("1.0", "dispatcher"): 8.0, ("1.1", "dispatcher"): 8.0}
+            assert view.dispatcher == dispatcher
+            assert [d.job for d in w.snapshot.agents[0].devices] == [job_id] * 3  # type: ignore[union-attr]
+
+            # A late watcher gets the history first, in order.
+            late = Watcher(await http.ws_connect(ctl.url + "/v1/watch", headers=api.headers))
+            await late.until(lambda w: w.snapshot is not None)
+            assert [e.seq for e in late.events] == [e.seq for e in w.events][:len(late.events)]
+            assert late.kinds()[0] == ("agent_joined", "a1", "connected")
+
+            await api.call("DELETE", f"/v1/jobs/{job_id}")
+            await agent.report(job_id, deploy.nodes, "exited")
+            await w.until(lambda w: ("job_state", job_id, "stopped") in w.kinds())
+            await w.until(lambda w: w.job().state == "stopped")
+            assert all(r.stats is None for r in w.job().replicas) and w.job().dispatcher is None
+            await agent.close()
+            await w.until(lambda w: ("agent_lost", "a1", "lost") in w.kinds())
+            lost = w.events[-1]
+            assert lost.message == "agent a1 lost (connection closed)"
+            await late.ws.close()
+        # Shutdown closed the remaining watcher.
+        frame = await ws.receive(timeout=5)
+        assert frame.type in (WSMsgType.CLOSE, WSMsgType.CLOSED), frame
+
+    asyncio.run(scenario())
+
+
+def test_watch_needs_the_token_and_a_sane_interval(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with controller(make_cfg(tmp_path)) as ctl, aiohttp.ClientSession() as http:
+            api = Api(http, ctl.url)
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(ctl.url + "/v1/watch")
+            assert refused.value.status == 401
+            for bad in ("0", "abc", "nan", "61"):
+                status, body = await api.call("GET", f"/v1/watch?interval_s={bad}")
+                assert status == 400, (bad, status, body)
+                assert body["error"] == f"interval_s={bad!r}: expected a number of seconds from 0.1 to 60"
+            assert len(ctl.watchers) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_slow_watcher_loses_its_oldest_events_not_the_controller() -> None:
+    async def scenario() -> None:
+        log = EventLog(keep=3)
+        with log.subscribe() as queue:
+            for i in range(SUBSCRIBER_QUEUE + 5):
+                log.emit("job_state", f"event {i}")
+            assert queue.qsize() == SUBSCRIBER_QUEUE
+            assert queue.get_nowait().message == "event 5"
+            assert [e.message for e in log.recent] == [f"event {i}" for i in range(SUBSCRIBER_QUEUE + 2,
+                                                                                     SUBSCRIBER_QUEUE + 5)]
+        assert log.subscribers == 0
+
+    asyncio.run(scenario())
+
+
+def test_bottleneck_is_the_busiest_stage_on_average() -> None:
+    def replica(stage: int, occupancy: float | None) -> watch.ReplicaView:
+        stats = None if occupancy is None else StageStats(f"{stage}.0", occupancy=occupancy)
+        return watch.ReplicaView(f"{stage}.0", stage, 0, "a", "cpu:0", "ready", stats=stats)
+
+    assert watch.bottleneck_stage([]) == -1
+    assert watch.bottleneck_stage([replica(0, None)]) == -1
+    # Stage 1 has one busy and one idle replica (mean 0.5): stage 0 at 0.6 is the bottleneck.
+    assert watch.bottleneck_stage([replica(0, 0.6), replica(1, 1.0), replica(1, 0.0)]) == 0
+    assert watch.bottleneck_stage([replica(0, 0.5), replica(1, 0.5)]) == 1  # ties: the later stage

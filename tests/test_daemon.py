@@ -3,6 +3,7 @@ jobs submitted over REST, inference through the controller, results checked agai
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 import torch
@@ -25,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from infscaled.models import inputs
 from infscaled.models.sources import resolve
 from infscaled.models.stage import Monolith
+from infscaled.protocol import watch
 
 INFSCALED = [sys.executable, "-m", "infscaled.cli"]
 TOKEN = "test-token-" + "x" * 20
@@ -225,6 +228,42 @@ def _check_metrics(c: Cluster, job_id: str, detail: dict[str, Any], requests: in
     assert any(s.labels == {"job": job_id, "state": "running"} and s.value == 1
                for s in families["infscaled_job_state"].samples)
     assert c.call("GET", "/metrics", token="wrong")[0] == 401
+    _check_watch(c, job_id, placed)
+
+
+def _check_watch(c: Cluster, job_id: str, placed: dict[str, str]) -> None:
+    """/v1/watch: the history of events, then a snapshot with the agents' host usage and the job's
+    replicas, stats and edge rates (fresh: a request just went through every stage)."""
+    status, _ = c.call("POST", f"/v1/jobs/{job_id}/infer", {"inputs": [[1, 2, 3]] * 4})
+    assert status == 200
+
+    async def watch_once() -> tuple[list[watch.Event], watch.Snapshot]:
+        events: list[watch.Event] = []
+        async with aiohttp.ClientSession() as http, http.ws_connect(
+                c.url + "/v1/watch", headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+            async for frame in ws:
+                msg = watch.decode(frame.data)
+                if not isinstance(msg, watch.Snapshot):
+                    events.append(msg)
+                elif any(j.id == job_id and j.dispatcher and j.dispatcher.requests >= 4 for j in msg.jobs):
+                    return events, msg  # the snapshot that includes the request above
+        raise AssertionError("watch closed before a snapshot with the request")
+
+    events, snap = asyncio.run(asyncio.wait_for(watch_once(), 30))
+    seen = {(e.kind, e.node or e.agent or e.job, e.state) for e in events}
+    assert {("agent_joined", "a1", "connected"), ("agent_joined", "a2", "connected"),
+            ("job_state", job_id, "running")} <= seen
+    assert {("worker_state", node, "ready") for node in [*placed, "dispatcher"]} <= seen
+    assert {a.id for a in snap.agents} == {"a1", "a2"}
+    for a in snap.agents:  # psutil's numbers from the agents' HostMetrics
+        assert 0.0 <= a.cpu_ratio <= 1.0 and 0 < a.ram_used_bytes <= a.ram_bytes, a
+    (job,) = [j for j in snap.jobs if j.id == job_id]
+    assert {r.node: r.agent for r in job.replicas} == placed
+    assert all(r.state == "ready" and r.stats is not None and r.stats.samples > 0 for r in job.replicas)
+    assert len(job.edges) == 2 + 4 + 2  # dispatcher -> 2 replicas, 2 x 2 mesh, 2 replicas -> dispatcher
+    into_stage0 = sum(e.samples_per_s for e in job.edges if e.src == "dispatcher")
+    assert into_stage0 > 0, job.edges
+    assert job.bottleneck in (0, 1)
 
 
 def test_wrong_token_is_refused(cluster: Cluster) -> None:

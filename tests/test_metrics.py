@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from infscaled.config import parse_job
 from infscaled.controller import export
 from infscaled.controller.jobs import Job, JobState, NodeStatus
+from infscaled.errors import WireError
 from infscaled.protocol import messages
 from infscaled.protocol.control import DispatcherStats, StageStats
 from infscaled.protocol.window import EventWindow, mean, percentile, rate, span
@@ -69,7 +70,7 @@ def test_metrics_message_round_trips_and_checks_types() -> None:
     assert messages.decode(messages.encode(msg)) == msg
     assert messages.decode(messages.encode(messages.Metrics("j1"))) == messages.Metrics("j1")
     bad = messages.encode(msg).replace('"occupancy": 0.25', '"occupancy": "high"')
-    with pytest.raises(messages.WireError, match="occupancy"):
+    with pytest.raises(WireError, match="occupancy"):
         messages.decode(bad)
 
 
@@ -111,6 +112,21 @@ def test_prometheus_text_parses_with_labels_and_units() -> None:
     job.state = JobState.STOPPED  # no stale numbers for a job that is gone
     families = {f.name: f for f in text_string_to_metric_families(export.render(export.collect([job], 0)))}
     assert not families["infscaled_stage_occupancy_ratio"].samples
+
+
+def test_host_and_device_usage_series() -> None:
+    usage = [messages.HostMetrics("a1", 0.5, 1 << 30, [messages.DeviceUsage("cuda:0", 0.75, 2 << 30),
+                                                       messages.DeviceUsage("cuda:1", 0.0, 0)]),
+             messages.HostMetrics("a2", 0.25, 2 << 30, [messages.DeviceUsage("cpu:0")])]  # unmeasured
+    families = {f.name: f for f in text_string_to_metric_families(
+        export.render(export.collect([], agents_connected=2, usage=usage)))}
+    assert {s.labels["agent"]: s.value for s in families["infscaled_agent_cpu_ratio"].samples} == {"a1": 0.5,
+                                                                                                  "a2": 0.25}
+    assert families["infscaled_agent_memory_used_bytes"].samples[1].value == 2 << 30
+    util = {(s.labels["agent"], s.labels["device"]): s.value
+            for s in families["infscaled_device_utilization_ratio"].samples}
+    assert util == {("a1", "cuda:0"): 0.75, ("a1", "cuda:1"): 0.0}  # a CPU slot has no series
+    assert [s.value for s in families["infscaled_device_memory_used_bytes"].samples] == [2 << 30, 0]
 
 
 def test_label_values_are_escaped() -> None:

@@ -33,6 +33,7 @@ from infscaled.protocol.messages import (
     Deploy,
     ErrorMsg,
     Heartbeat,
+    HostMetrics,
     Inspect,
     Message,
     Metrics,
@@ -82,9 +83,9 @@ class ControllerLink:
     # -- API for the rest of the agent -----------------------------------------------------------
 
     def post(self, msg: Message) -> None:
-        if isinstance(msg, Metrics):
+        if isinstance(msg, Metrics | HostMetrics):
             # Only the newest snapshot matters: a link that is down must not pile them up.
-            self._outbox = deque(m for m in self._outbox if not (isinstance(m, Metrics) and m.job_id == msg.job_id))
+            self._outbox = deque(m for m in self._outbox if not _same_snapshot(m, msg))
         if len(self._outbox) >= MAX_OUTBOX:
             dropped = self._outbox.popleft()
             log.warning("outbox full (%d): dropping the oldest message (%s)", MAX_OUTBOX, dropped.type)
@@ -276,3 +277,10 @@ def _peek_type(text: str) -> str:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _same_snapshot(queued: Message, new: Metrics | HostMetrics) -> bool:
+    """Whether `new` supersedes `queued` (the same job's stats, or the host's usage)."""
+    if isinstance(new, Metrics):
+        return isinstance(queued, Metrics) and queued.job_id == new.job_id
+    return isinstance(queued, HostMetrics)

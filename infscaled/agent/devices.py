@@ -10,10 +10,11 @@ import os
 import re
 import shutil
 import subprocess
+from typing import Any
 
 import psutil
 
-from infscaled.protocol.messages import Device
+from infscaled.protocol.messages import Device, DeviceUsage, HostMetrics
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +121,54 @@ def parse_nvidia_smi(text: str) -> list[Device]:
         mib = int(memory) if memory.isdigit() else 0
         gpus.append(Device(f"cuda:{index}", "cuda", name, mib << 20))
     return gpus
+
+
+class UsageSampler:
+    """The host's CPU and RAM (psutil) and each GPU's utilisation and memory (NVML when it works).
+
+    NVML is initialised once and kept: a sample is then a few cheap driver queries. `sample`
+    blocks briefly (driver calls): call it in a thread from asyncio code. CPU slots are not
+    measured per device (a worker's threads float over the cores); they report -1.
+    """
+
+    def __init__(self, devices: list[Device]) -> None:
+        self.devices = devices
+        self._nvml: Any = None
+        self._handles: dict[str, Any] = {}
+        psutil.cpu_percent(None)  # primes the counter: the first real sample covers one interval
+        if any(d.kind == "cuda" for d in devices):
+            self._open_nvml()
+
+    def _open_nvml(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handles = {d.id: pynvml.nvmlDeviceGetHandleByIndex(int(d.id.partition(":")[2]))
+                             for d in self.devices if d.kind == "cuda"}
+            self._nvml = pynvml
+        except Exception as exc:  # noqa: BLE001 - ImportError or NVML's own errors: usage unmeasured
+            log.info("GPU usage not measured: NVML unavailable (%s)", exc)
+
+    def sample(self, agent_id: str) -> HostMetrics:
+        ram = psutil.virtual_memory()
+        usage = []
+        for d in self.devices:
+            util, used = -1.0, -1
+            handle = self._handles.get(d.id)
+            if handle is not None:
+                try:
+                    util = self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0
+                    used = int(self._nvml.nvmlDeviceGetMemoryInfo(handle).used)
+                except Exception as exc:  # noqa: BLE001 - a GPU that fell off the bus must not stop the agent
+                    log.warning("NVML query of %s failed: %s", d.id, exc)
+            usage.append(DeviceUsage(d.id, util, used))
+        return HostMetrics(agent_id, psutil.cpu_percent(None) / 100.0, int(ram.total - ram.available), usage)
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001 - best effort at exit
+                pass
+            self._nvml = None

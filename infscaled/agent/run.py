@@ -13,14 +13,15 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Callable
 
 from infscaled import __version__
 from infscaled.agent.client import ControllerLink
 from infscaled.agent.config import AgentConfig, resolve_advertise
-from infscaled.agent.devices import discover, host_resources
+from infscaled.agent.devices import UsageSampler, discover, host_resources
 from infscaled.agent.jobs import JobManager
 from infscaled.errors import ConfigError
-from infscaled.protocol.messages import Message, Register
+from infscaled.protocol.messages import Device, Message, Register
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ async def _run(cfg: AgentConfig, stop: asyncio.Event) -> None:
         link = ControllerLink(cfg, lambda: register, jobs.handle, jobs.snapshot, jobs.workers_alive)
         link_task = tg.create_task(link.run(), name="controller-link")
         metrics_task = tg.create_task(jobs.metrics_forever(), name="metrics")
+        usage_task = tg.create_task(_usage_forever(cfg, devices, post), name="host-usage")
         try:
             await stop.wait()
             log.info("agent %s: stopping: workers first, then the controller link", cfg.agent_id)
@@ -75,5 +77,17 @@ async def _run(cfg: AgentConfig, stop: asyncio.Event) -> None:
             await jobs.stop_all()
             await link.flush(cfg.send_timeout_s)
             metrics_task.cancel()
+            usage_task.cancel()
             await link.close()
             link_task.cancel()
+
+
+async def _usage_forever(cfg: AgentConfig, devices: list[Device], post: Callable[[Message], None]) -> None:
+    """Every metrics_interval_s, the host's CPU/RAM and the devices' usage, as HostMetrics."""
+    sampler = await asyncio.to_thread(UsageSampler, devices)
+    try:
+        while True:
+            await asyncio.sleep(cfg.metrics_interval_s)
+            post(await asyncio.to_thread(sampler.sample, cfg.agent_id))
+    finally:
+        await asyncio.to_thread(sampler.close)

@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import tomllib
+from dataclasses import asdict
 from typing import Any, Final
 
 from aiohttp import web
@@ -17,7 +18,7 @@ from aiohttp.typedefs import Handler
 
 from infscaled.config import JobConfig, parse_job
 from infscaled.config.messages import config_error
-from infscaled.controller import export, proxy
+from infscaled.controller import export, proxy, watch
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.jobs import JobState, JobStore, Rejected
 from infscaled.controller.registry import Registry
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", ControllerConfig)
 REGISTRY = web.AppKey("registry", Registry)
 JOBS = web.AppKey("jobs", JobStore)
+WATCHERS = web.AppKey("watchers", watch.Watchers)
 
 JOB_FILE_HEADER: Final = "X-Infscaled-Job-File"
 SUBMITTED: Final = "<submitted>"
@@ -49,6 +51,7 @@ def add_routes(app: web.Application) -> None:
         web.post("/v1/jobs/{id}/infer", infer),
         web.get("/v1/jobs/{id}/metrics", job_metrics),
         web.get("/metrics", prometheus_metrics),
+        web.get("/v1/watch", watch_socket),
     ])
 
 
@@ -83,18 +86,8 @@ async def health(request: web.Request) -> web.Response:
 async def list_agents(request: web.Request) -> web.Response:
     users = request.app[JOBS].device_users()
     now = time.monotonic()
-    agents = []
-    for a in request.app[REGISTRY]:
-        info = a.info
-        agents.append({
-            "id": a.id, "host": info.host, "advertise": info.advertise, "state": a.state,
-            "reason": a.lost_reason, "version": info.version, "port_range": info.port_range,
-            "devices": [{"id": d.id, "kind": d.kind, "name": d.name, "memory_bytes": d.memory_bytes,
-                         "job": users.get((a.id, d.id))} for d in info.devices],
-            "cpu_cores": info.cpu_cores, "ram_bytes": info.ram_bytes,
-            "last_heartbeat_age_s": round(now - a.last_seen, 3), "workers": a.workers,
-        })
-    return web.json_response(agents)
+    return web.json_response([{**asdict(watch.agent_view(a, users, now)), "version": a.info.version,
+                               "port_range": a.info.port_range} for a in request.app[REGISTRY]])
 
 
 async def agent_socket(request: web.Request) -> web.WebSocketResponse:
@@ -176,12 +169,23 @@ def _json_body(raw: bytes) -> dict[str, Any]:
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
-    families = export.collect(request.app[JOBS].jobs.values(), len(request.app[REGISTRY].connected()))
+    connected = request.app[REGISTRY].connected()
+    families = export.collect(request.app[JOBS].jobs.values(), len(connected),
+                              usage=[a.usage for a in connected if a.usage is not None])
     return web.Response(text=export.render(families), headers={"Content-Type": export.CONTENT_TYPE})
 
 
 async def job_metrics(request: web.Request) -> web.Response:
     return web.json_response(export.job_snapshot(request.app[JOBS].get(request.match_info["id"])))
+
+
+async def watch_socket(request: web.Request) -> web.WebSocketResponse:
+    interval_s = watch.interval_from_query(request)  # a bad value is a 400 before the upgrade
+    # Watchers send nothing: a small frame limit; aiohttp's pings notice a vanished client.
+    ws = web.WebSocketResponse(max_msg_size=64 << 10, timeout=WS_CLOSE_TIMEOUT_S, heartbeat=30.0)
+    await ws.prepare(request)
+    await request.app[WATCHERS].serve(ws, interval_s)
+    return ws
 
 
 # -- inference -------------------------------------------------------------------------------------

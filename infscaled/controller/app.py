@@ -12,6 +12,7 @@ from infscaled.controller.auth import auth_middleware, controller_token
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Registry
+from infscaled.controller.watch import Watchers
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,7 @@ def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobSto
     app[api.CONFIG] = cfg
     app[api.REGISTRY] = registry
     app[api.JOBS] = jobs
+    app[api.WATCHERS] = Watchers(registry, jobs, cfg.send_timeout_s)
     app.cleanup_ctx.append(proxy.session_context(cfg))
     api.add_routes(app)
     return app
@@ -39,6 +41,10 @@ class Controller:
     runner: web.AppRunner
     token: str = field(repr=False)
     port: int = 0
+
+    @property
+    def watchers(self) -> Watchers:
+        return self.runner.app[api.WATCHERS]
 
     @property
     def url(self) -> str:

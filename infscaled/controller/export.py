@@ -16,6 +16,7 @@ from typing import Any
 
 from infscaled.controller.jobs import LIVE, Job, JobState
 from infscaled.protocol.control import DispatcherStats, StageStats
+from infscaled.protocol.messages import HostMetrics
 from infscaled.protocol.plan import Node
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -97,11 +98,14 @@ def render(families: Iterable[Family]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def collect(jobs: Iterable[Job], agents_connected: int, now: float | None = None) -> list[Family]:
-    """Every family from the controller's state: cluster, job states, and the latest stage and
-    dispatcher snapshots of live jobs (a stopped job's last numbers would read as current)."""
+def collect(jobs: Iterable[Job], agents_connected: int, now: float | None = None,
+            usage: Iterable[HostMetrics] = ()) -> list[Family]:
+    """Every family from the controller's state: cluster, connected agents' host and device usage,
+    job states, and the latest stage and dispatcher snapshots of live jobs (a stopped job's last
+    numbers would read as current)."""
     now = time.monotonic() if now is None else now
     agents = Family("agents_connected", "gauge", "Agents with an open websocket.", [("", {}, agents_connected)])
+    hosts = _usage_families(usage)
     state = Family("job_state", "gauge", "1 for the job's current state, 0 for the others.")
     age = Family("metrics_age_seconds", "gauge", "Seconds since the agent's latest metrics for the job.")
     stage = {n: Family(_full(n, k), k, h) for n, k, h, _ in STAGE_SERIES}
@@ -129,7 +133,25 @@ def collect(jobs: Iterable[Job], agents_connected: int, now: float | None = None
                     latency.samples.append(("", {**labels, "quantile": str(q)}, v))
                 latency.samples.append(("_sum", labels, d.latency_sum_s))
                 latency.samples.append(("_count", labels, d.requests))
-    return [agents, state, age, *stage.values(), *disp.values(), latency]
+    return [agents, *hosts, state, age, *stage.values(), *disp.values(), latency]
+
+
+def _usage_families(usage: Iterable[HostMetrics]) -> list[Family]:
+    """Agents' CPU and RAM, and their devices' utilisation and memory where measured (NVML)."""
+    cpu = Family("agent_cpu_ratio", "gauge", "Whole-host CPU busy fraction.")
+    ram = Family("agent_memory_used_bytes", "gauge", "Host RAM in use (total minus available).")
+    util = Family("device_utilization_ratio", "gauge", "Fraction of NVML's sample period a kernel ran.")
+    mem = Family("device_memory_used_bytes", "gauge", "Device memory in use.")
+    for u in usage:
+        cpu.samples.append(("", {"agent": u.agent_id}, u.cpu_ratio))
+        ram.samples.append(("", {"agent": u.agent_id}, u.ram_used_bytes))
+        for d in u.devices:
+            labels = {"agent": u.agent_id, "device": d.id}
+            if d.util_ratio >= 0:
+                util.samples.append(("", labels, d.util_ratio))
+            if d.memory_used_bytes >= 0:
+                mem.samples.append(("", labels, d.memory_used_bytes))
+    return [cpu, ram, util, mem]
 
 
 def _full(name: str, kind: str) -> str:

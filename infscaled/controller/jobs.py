@@ -148,6 +148,7 @@ class JobStore:
         self.cfg = cfg
         self.registry = registry
         registry.events = self
+        self.event_log = registry.event_log
         self.jobs: dict[str, Job] = {}
         self.draining = False
         self._changed = asyncio.Event()  # replaced on every change: a broadcast to waiters
@@ -182,6 +183,8 @@ class JobStore:
         job = Job(_new_id(cfg.name, self.jobs), cfg, tuple(weights), ranges, time.time())
         self._check_fits_cluster(job)
         self.jobs[job.id] = job
+        self.event_log.emit("job_state", f"job {job.id} submitted ({cfg.model.source})", job=job.id,
+                         state=str(job.state))
         log.info("job %s submitted (%s, %d stage(s), %d replica(s))", job.id, cfg.model.source,
                  cfg.stage_count, cfg.pipeline.replica_total)
         await self._try_start(job)
@@ -271,9 +274,8 @@ class JobStore:
             held.setdefault(job.nodes[str(edge.src)].agent, []).append(edge.port)
         job.ports = {agent_id: tuple(ports) for agent_id, ports in held.items()}
         job.dispatcher_agent, job.dispatcher_port = placement.dispatcher_agent, placement.dispatcher_port
-        job.state, job.reason = JobState.DEPLOYING, ""
         job.deadline = now + self.cfg.ready_timeout_s + self.cfg.heartbeat_timeout_s
-        self._touch()
+        self._set_state(job, JobState.DEPLOYING, "", f"on {', '.join(job.agents)}")
         await self._deploy(job)
 
     async def _deploy(self, job: Job) -> None:
@@ -303,9 +305,8 @@ class JobStore:
         if job.state is JobState.PENDING:
             self._set_stopped(job, "stopped on request before it was placed")
         elif job.state in (JobState.DEPLOYING, JobState.RUNNING):
-            job.state, job.reason = JobState.STOPPING, "stop requested"
             job.deadline = time.monotonic() + self.cfg.stop_grace_s
-            self._touch()
+            self._set_state(job, JobState.STOPPING, "stop requested")
             await self._send_stop(job, "stopped on request")
             if job.state is JobState.STOPPING and job.drained:
                 self._set_stopped(job, "stopped on request")
@@ -315,10 +316,9 @@ class JobStore:
         if job.state not in (JobState.PENDING, *LIVE):
             return
         deployed = job.state is not JobState.PENDING
-        job.state, job.reason = JobState.FAILED, reason
         job.deadline = time.monotonic() + self.cfg.stop_grace_s
         log.warning("job %s failed: %s", job.id, reason)
-        self._touch()
+        self._set_state(job, JobState.FAILED, reason)
         if deployed:
             await self._send_stop(job, reason)
 
@@ -333,9 +333,8 @@ class JobStore:
                 log.warning("job %s: %s", job.id, exc)
 
     def _set_stopped(self, job: Job, reason: str) -> None:
-        job.state, job.reason = JobState.STOPPED, reason
         log.info("job %s stopped", job.id)
-        self._touch()
+        self._set_state(job, JobState.STOPPED, reason)
 
     async def stop_all(self, reason: str, timeout_s: float) -> None:
         """Shutdown: refuse new jobs, stop every job, wait up to `timeout_s` for their workers' exits."""
@@ -344,8 +343,8 @@ class JobStore:
             if job.state is JobState.PENDING:
                 self._set_stopped(job, reason)
             elif job.state in (JobState.DEPLOYING, JobState.RUNNING):
-                job.state, job.reason, job.deadline = JobState.STOPPING, reason, time.monotonic() + timeout_s
-                self._touch()
+                job.deadline = time.monotonic() + timeout_s
+                self._set_state(job, JobState.STOPPING, reason)
                 await self._send_stop(job, reason)
         if not await self.wait_until(lambda: all(j.state is not JobState.STOPPING or j.drained
                                                  for j in self.jobs.values()), timeout_s):
@@ -366,13 +365,18 @@ class JobStore:
             return f"unknown worker state {msg.state!r}; allowed: {', '.join(WORKER_STATES)}"
         status.state, status.reason = msg.state, msg.reason
         status.pid = msg.pid or status.pid
+        self.event_log.emit("worker_state", f"job {job.id}: {msg.node} on {agent_id} {msg.state}"
+                         + (f" (pid {status.pid})" if msg.state in ("starting", "ready") and status.pid else "")
+                         + (f": {msg.reason}" if msg.reason else ""),
+                         agent=agent_id, job=job.id, node=msg.node, state=msg.state)
         self._touch()
         if job.state in (JobState.DEPLOYING, JobState.RUNNING) and msg.state in ("exited", "failed"):
             await self._fail(job, f"worker {msg.node} on agent {agent_id} {msg.state}"
                                   + (f": {msg.reason}" if msg.reason else ""))
         elif job.state is JobState.DEPLOYING and all(s.state == "ready" for s in job.nodes.values()):
-            job.state, job.deadline = JobState.RUNNING, float("inf")
+            job.deadline = float("inf")
             log.info("job %s running", job.id)
+            self._set_state(job, JobState.RUNNING, "")
         elif job.state is JobState.STOPPING and job.drained:
             self._set_stopped(job, "stopped on request" if job.reason == "stop requested" else job.reason)
         return None
@@ -476,6 +480,14 @@ class JobStore:
         except TimeoutError:
             pass
         return predicate()
+
+    def _set_state(self, job: Job, state: JobState, reason: str, detail: str = "") -> None:
+        """Every job state change goes through here: it is an event for watchers."""
+        job.state, job.reason = state, reason
+        said = reason or detail
+        self.event_log.emit("job_state", f"job {job.id} {state}" + (f": {said}" if said else ""), job=job.id,
+                         state=str(state))
+        self._touch()
 
     def _touch(self) -> None:
         self._changed.set()

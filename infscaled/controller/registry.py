@@ -21,10 +21,12 @@ from typing import Protocol
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from infscaled.controller.config import ControllerConfig
+from infscaled.controller.events import EventLog
 from infscaled.errors import InfscaledError, WireError
 from infscaled.protocol.messages import (
     ErrorMsg,
     Heartbeat,
+    HostMetrics,
     Inspect,
     InspectResult,
     Message,
@@ -79,6 +81,7 @@ class Agent:
     last_seen: float = field(default_factory=time.monotonic)
     workers: int = 0
     lost_reason: str = ""
+    usage: HostMetrics | None = None  # the latest host and device usage it reported
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -114,6 +117,7 @@ class Registry:
         self.cfg = cfg
         self.agents: dict[str, Agent] = {}  # registration order: placement's "given order"
         self.events: AgentEvents | None = None
+        self.event_log = EventLog()
         self._inspects: dict[str, tuple[str, asyncio.Future[InspectResult]]] = {}
         self._next_inspector = 0
 
@@ -177,6 +181,7 @@ class Registry:
         reason = f"agent {agent.id} lost ({why})"
         agent.state, agent.lost_reason, agent.ws = LOST, reason, None
         log.warning("%s", reason)
+        self.event_log.emit("agent_lost", reason, agent=agent.id, state=LOST)
         for agent_id, future in self._inspects.values():
             if agent_id == agent.id and not future.done():
                 future.set_exception(InspectError(f"{reason} during Inspect", 503))
@@ -256,6 +261,9 @@ class Registry:
         assert isinstance(msg, Register)
         agent = await self._register(msg, ws, peer)
         await self._reply(ws, Welcome(msg.agent_id, self.cfg.heartbeat_interval_s, self.cfg.heartbeat_timeout_s))
+        devices = ", ".join(agent.device_ids) or "no devices"
+        self.event_log.emit("agent_joined", f"agent {agent.id} ({msg.host}) joined with {devices}", agent=agent.id,
+                            state=CONNECTED)
         if self.events is not None:
             self.events.agent_joined(agent.id)
         return agent
@@ -291,6 +299,12 @@ class Registry:
         if isinstance(msg, Metrics):
             problem = self.events.metrics(agent.id, msg) if self.events is not None else None
             return ErrorMsg(problem, msg.type) if problem else None
+        if isinstance(msg, HostMetrics):
+            if msg.agent_id != agent.id:
+                return ErrorMsg(f"host_metrics names agent {msg.agent_id!r}, this connection is {agent.id!r}",
+                                msg.type)
+            agent.usage = msg
+            return None
         if isinstance(msg, InspectResult):
             pending = self._inspects.get(msg.request_id)
             if pending is None or pending[0] != agent.id:
@@ -304,7 +318,7 @@ class Registry:
         if isinstance(msg, Register):
             return ErrorMsg(f"this connection is already registered as {agent.id!r}", msg.type)
         return ErrorMsg(f"{msg.type} is a controller -> agent message; an agent may send "
-                        "heartbeat, worker_state, inspect_result, metrics, error", msg.type)
+                        "heartbeat, worker_state, inspect_result, metrics, host_metrics, error", msg.type)
 
     async def _reply(self, ws: web.WebSocketResponse, msg: Message, lock: asyncio.Lock | None = None) -> None:
         try:

@@ -19,8 +19,9 @@ async def run(cfg: ControllerConfig, *, on_ready: Callable[[Controller], None] |
 
     Shutdown: announce draining (new jobs get 503), stop accepting connections, stop every job
     (StopJob to its agents, wait up to shutdown_grace_s for their workers' exits), close the
-    agents' websockets, cancel and await the reconciler, then clean up the aiohttp runner
-    (in-flight requests get shutdown_grace_s; the proxy's client session closes last).
+    agents' websockets, then the watchers' (they saw the jobs stop), cancel and await the
+    reconciler, then clean up the aiohttp runner (in-flight requests get shutdown_grace_s; the
+    proxy's client session closes last).
     `on_ready` is called once the controller listens (tests read the port from it).
     """
     ctl = await start_controller(cfg)
@@ -46,3 +47,4 @@ async def _drain(ctl: Controller) -> None:
         await site.stop()
     await ctl.jobs.stop_all(SHUTDOWN_REASON, ctl.cfg.shutdown_grace_s)
     await ctl.registry.close_all(SHUTDOWN_REASON)
+    await ctl.watchers.close_all(SHUTDOWN_REASON)

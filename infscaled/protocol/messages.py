@@ -8,13 +8,11 @@ is answered with an `ErrorMsg` and logged, and never crashes either side.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from infscaled.errors import WireError
 from infscaled.protocol.control import DispatcherStats, StageStats
-from infscaled.protocol.typed import build
+from infscaled.protocol.envelope import decode_frame, encode_frame
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # a plan for hundreds of workers fits easily
@@ -88,6 +86,24 @@ class Metrics:
     dispatcher: DispatcherStats | None = None
 
 
+@dataclass(frozen=True)
+class DeviceUsage:
+    id: str
+    util_ratio: float = -1.0  # busy fraction over NVML's last sample period; -1: not measured
+    memory_used_bytes: int = -1
+
+
+@dataclass(frozen=True)
+class HostMetrics:
+    """The agent's host and devices, every metrics_interval_s (latest wins, like Metrics)."""
+
+    type: ClassVar[str] = "host_metrics"
+    agent_id: str
+    cpu_ratio: float  # whole-host CPU busy fraction since the previous report (psutil)
+    ram_used_bytes: int
+    devices: list[DeviceUsage] = field(default_factory=list)
+
+
 # -- controller -> agent -----------------------------------------------------------------------
 
 
@@ -139,38 +155,19 @@ class ErrorMsg:
     in_reply_to: str = ""
 
 
-Message = (Register | Heartbeat | WorkerState | InspectResult | Metrics | Welcome | Deploy | StopJob | Inspect
-           | ErrorMsg)
+Message = (Register | Heartbeat | WorkerState | InspectResult | Metrics | HostMetrics | Welcome | Deploy | StopJob
+           | Inspect | ErrorMsg)
 MESSAGE_TYPES: dict[str, type] = {
-    c.type: c for c in (Register, Heartbeat, WorkerState, InspectResult, Metrics, Welcome, Deploy, StopJob, Inspect,
-                        ErrorMsg)
+    c.type: c for c in (Register, Heartbeat, WorkerState, InspectResult, Metrics, HostMetrics, Welcome, Deploy,
+                        StopJob, Inspect, ErrorMsg)
 }
 
 
 def encode(msg: Message) -> str:
-    text = json.dumps({"v": PROTOCOL_VERSION, "type": msg.type, "body": asdict(msg)})
-    if len(text.encode()) > MAX_MESSAGE_BYTES:
-        raise WireError(f"{msg.type} message of {len(text)} bytes exceeds {MAX_MESSAGE_BYTES}")
-    return text
+    return encode_frame(msg, PROTOCOL_VERSION, MAX_MESSAGE_BYTES)
 
 
 def decode(data: str | bytes) -> Message:
     """Parse and type-check one frame; raises WireError naming what is wrong."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise WireError(f"message of {len(data)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
-    try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise WireError(f"message is not JSON: {exc}") from None
-    if not isinstance(raw, dict) or set(raw) != {"v", "type", "body"}:
-        raise WireError("message must be an object with exactly the keys v, type, body")
-    if raw["v"] != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {raw['v']!r} not supported; this side speaks {PROTOCOL_VERSION}")
-    cls = MESSAGE_TYPES.get(raw["type"]) if isinstance(raw["type"], str) else None
-    if cls is None:
-        raise WireError(f"unknown message type {raw['type']!r}; known: {', '.join(sorted(MESSAGE_TYPES))}")
-    body = raw["body"]
-    if not isinstance(body, dict):
-        raise WireError(f"{raw['type']}: body must be an object")
-    msg: Message = build(cls, body, raw["type"])
+    msg: Message = decode_frame(data, MESSAGE_TYPES, PROTOCOL_VERSION, MAX_MESSAGE_BYTES)
     return msg

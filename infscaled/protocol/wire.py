@@ -23,7 +23,9 @@ Tensor descriptor (44 bytes):
     0       16    name        ASCII, printable, no spaces, NUL-padded; 1..16 bytes
     16      1     dtype       u8 code, see DTYPE_CODES
     17      1     ndim        u8, <= MAX_NDIM (6); 0 is a scalar
-    18      2     reserved    zero
+    18      1     reserved    zero
+    19      1     flags       u8: bit 0 HOST (the tensor travels on the header channel, e.g. gloo,
+                              even on an edge whose data channel is NCCL); other bits zero
     20      24    dims        6 x u32; dims past ndim are zero
 
 Dims are u32, not u64: eight descriptors with six u64 dims and 16-byte names do not fit in
@@ -71,7 +73,8 @@ _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 
 _FIXED = struct.Struct("<4sHHQQHH4x")  # 32 bytes
-_DESC = struct.Struct(f"<{NAME_BYTES}sBB2x{MAX_NDIM}I")  # 44 bytes
+_DESC = struct.Struct(f"<{NAME_BYTES}sBBxB{MAX_NDIM}I")  # 44 bytes
+DESC_HOST = 0x01  # descriptor flag: the tensor rides the header channel
 _ACK = struct.Struct("<4sHHQI4xQ")  # 32 bytes
 assert _FIXED.size == 32 and _DESC.size == 44 and _ACK.size == ACK_BYTES
 assert _FIXED.size + MAX_TENSORS * _DESC.size <= HEADER_BYTES
@@ -118,11 +121,16 @@ def _check_name(name: str) -> None:
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """Name, dtype name (a key of DTYPES) and shape of one tensor in a message."""
+    """Name, dtype name (a key of DTYPES) and shape of one tensor in a message.
+
+    `host`: the tensor travels on the edge's header channel (host memory, gloo) even where the
+    data channel moves device memory (NCCL): small host-side tables such as the request table.
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    host: bool = False
 
     def __post_init__(self) -> None:
         _check_name(self.name)
@@ -207,7 +215,7 @@ def encode_header(header: Header) -> bytes:
     for i, meta in enumerate(header.tensors):
         dims = list(meta.shape) + [0] * (MAX_NDIM - len(meta.shape))
         _DESC.pack_into(out, _FIXED.size + i * _DESC.size, meta.name.encode("ascii"),
-                        DTYPES[meta.dtype][0], len(meta.shape), *dims)
+                        DTYPES[meta.dtype][0], len(meta.shape), DESC_HOST if meta.host else 0, *dims)
     return bytes(out)
 
 
@@ -239,9 +247,11 @@ def decode_header(data: bytes | bytearray | memoryview) -> Header:
 
 def _decode_desc(data: bytes, i: int) -> TensorMeta:
     off = _FIXED.size + i * _DESC.size
-    if data[off + 18:off + 20] != b"\0\0":
+    if data[off + 18] != 0:
         raise WireError(f"tensor descriptor {i}: reserved bytes are not zero")
-    raw_name, code, ndim, *dims = _DESC.unpack_from(data, off)
+    raw_name, code, ndim, dflags, *dims = _DESC.unpack_from(data, off)
+    if dflags & ~DESC_HOST:
+        raise WireError(f"tensor descriptor {i}: unknown flags {dflags:#04x} (known: {DESC_HOST:#04x})")
     name_bytes, _, rest = raw_name.partition(b"\0")
     if rest.strip(b"\0"):
         raise WireError(f"tensor descriptor {i}: name {raw_name!r} has bytes after its NUL terminator")
@@ -257,7 +267,7 @@ def _decode_desc(data: bytes, i: int) -> TensorMeta:
     if any(dims[ndim:]):
         raise WireError(f"tensor {name!r}: dims past ndim={ndim} are not zero: {dims}")
     try:
-        return TensorMeta(name, DTYPE_CODES[code], tuple(dims[:ndim]))
+        return TensorMeta(name, DTYPE_CODES[code], tuple(dims[:ndim]), bool(dflags & DESC_HOST))
     except WireError as e:
         raise WireError(f"tensor descriptor {i}: {e}") from None
 
