@@ -20,13 +20,22 @@ def _gpt2_tiny() -> Any:
                       bos_token_id=0, eos_token_id=0)
 
 
-def _llama(**kw: Any) -> Callable[[], Any]:
+def _llama(logits: str = "all", **kw: Any) -> Callable[[], Any]:
     def make() -> Any:
         from transformers import LlamaConfig
 
-        return LlamaConfig(**kw)
+        config = LlamaConfig(**kw)
+        if logits != "all":
+            config.infscaled_logits = logits  # read by the llama adapter (families/llama.py)
+        return config
 
     return make
+
+
+_LLAMA_TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+_LLAMA_3B = dict(vocab_size=32000, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                 num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=4096)
 
 
 def _mistral_tiny() -> Any:
@@ -64,15 +73,17 @@ def _resnet_tiny() -> Any:
 
 _CONFIGS: dict[str, Callable[[], Any]] = {
     "gpt2-tiny": _gpt2_tiny,
-    "llama-tiny": _llama(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "llama-tiny": _llama(**_LLAMA_TINY),
     "mistral-tiny": _mistral_tiny,
     "qwen2-tiny": _qwen2_tiny,
     "bert-tiny": _bert_tiny,
     "resnet-tiny": _resnet_tiny,
     # ~3.0B parameters: the GPU benchmark model (hidden 3072, 28 layers, 32k vocab).
-    "llama-3b": _llama(vocab_size=32000, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                       num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=4096),
+    "llama-3b": _llama(**_LLAMA_3B),
+    # The same models returning next-token logits [B, V] (each row's last real position) instead
+    # of [B, T, V]: prompt processing as a server answers it (benchmarks/gpu_bench.py).
+    "llama-tiny-last": _llama("last", **_LLAMA_TINY),
+    "llama-3b-last": _llama("last", **_LLAMA_3B),
 }
 
 BUILTIN_NAMES: tuple[str, ...] = tuple(_CONFIGS)

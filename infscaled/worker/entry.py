@@ -93,6 +93,7 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None]) -> 
 
     from infscaled.models.sources import resolve
     from infscaled.models.stage import build_stage
+    from infscaled.worker.nccl import transport_chooser
     from infscaled.worker.router import Router
     from infscaled.worker.stage_loop import StageLoop
     from infscaled.worker.transport import connect_all
@@ -106,12 +107,15 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None]) -> 
     plan, me = spec.plan, spec.node
     worker = plan.worker(me)
     stage_plan = plan.stages[me.stage]
+    if worker.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(worker.device))  # NCCL and the default streams use it
     started = time.monotonic()
     stage = build_stage(resolve(plan.model_source), stage_plan.first_unit, stage_plan.last_unit,
                         worker.device, plan.dtype, plan.seed)
     load_s = time.monotonic() - started
     in_plans, out_plans = plan.in_edges(me), plan.out_edges(me)
-    edges = connect_all(list(in_plans) + list(out_plans), me, worker.host, spec.connect_timeout_s)
+    edges = connect_all(list(in_plans) + list(out_plans), me, worker.host, spec.connect_timeout_s,
+                        transport_for=transport_chooser(plan, me))
     try:
         send(control.WorkerReady(str(me), os.getpid(), worker.device, list(stage.param_names),
                                  sum(p.numel() for p in stage.parameters()), load_s))

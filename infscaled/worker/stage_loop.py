@@ -17,6 +17,34 @@ reaches the dispatcher, which caps micro-batches in flight anyway.
 Shutdown is a STOP that flows down the data plane: a replica finishes after STOP has
 arrived on every in-edge and everything before it was computed and sent; it then sends
 STOP on every out-edge and waits for each to be acknowledged.
+
+CUDA stream contract (a stage on a CUDA device; the threads above stay as they are):
+- streams, all owned by this stage on its device: `recv{i}` (one per in-edge), `compute`,
+  `send`; the caller's default stream carries no data-plane work.
+- receive (receiver thread i, on `recv{i}`): an NCCL in-edge receives device tensors into
+  buffers of the stage's `BufferPool` (a reused buffer is first ordered after its previous
+  reader's event); a gloo in-edge (from the dispatcher) lands in pinned host memory and is
+  copied into pool buffers with non-blocking copies. Either way an event `ready` is recorded
+  on `recv{i}` after the data, and travels with the message.
+- compute (compute thread, on `compute`): `compute.wait_event(ready)`, run the stage between
+  two timing events `start` / `end`, hand the input buffers back to the pool with `end`
+  (buffers an output aliases stay with that output), and put the result on the outbox
+  with `ready = end`. The compute thread never waits for the GPU, so it enqueues micro-batch
+  k+1 while k still runs; the receive of k+1 and the send of k-1 run on their own streams.
+- send (sender thread, on `send`): `send.wait_event(ready)`, then NCCL sends device to device;
+  to a gloo out-edge (the dispatcher) the outputs are copied into pinned host memory with
+  non-blocking copies and the sender thread (only it) waits for that copy's event.
+- completion thread (CUDA only): waits for each micro-batch's `end` event in order, reads the
+  GPU time between `start` and `end`, updates the stats and sends the ack. So acks are sent
+  once the GPU finished the micro-batch, and `compute_s` on a GPU is GPU time between the
+  stage's first and last kernel of a micro-batch (it includes launch gaps when the host is
+  late, never the wait for the input to arrive); no host thread of the data path blocks
+  on the device except this one and the sender before a device-to-host send.
+- host-side tensors: the request table and `attention_mask` (HOST_KEYS) stay in host memory
+  (they ride the header channel: tiny, and models decide "nothing is padded" on the host
+  without a device sync); units copy a mask to the device only when it masks something.
+- every device tensor used on a stream other than the one that allocated it is
+  `record_stream`-ed there, so the caching allocator never hands it out early.
 """
 
 from __future__ import annotations
@@ -27,6 +55,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,6 +69,8 @@ log = logging.getLogger(__name__)
 
 # Activation key of the request table [n, 2] (request id, rows); it rides along unchanged.
 REQUESTS_KEY = "requests"
+# Tensors a CUDA stage keeps in host memory (see the stream contract above).
+HOST_KEYS = frozenset({REQUESTS_KEY, "attention_mask"})
 
 
 @dataclass
@@ -76,6 +107,29 @@ class StageLoop:
         self._sent = EventWindow()  # (t, send_s)
         self._inflight = 0  # received DATA not yet sent on; receivers and the sender update it
         self._inflight_lock = threading.Lock()
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self._setup_cuda()
+
+    def _setup_cuda(self) -> None:
+        from infscaled.worker.nccl import BufferPool
+
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.recv_streams = [torch.cuda.Stream(self.device) for _ in self.in_edges]
+        self.compute_stream = torch.cuda.Stream(self.device)
+        self.send_stream = torch.cuda.Stream(self.device)
+        self.pool = BufferPool(self.device, per_key=max(4, self.inbox.maxsize + 2))
+        for edge, stream in zip(self.in_edges, self.recv_streams, strict=True):
+            edge.transport.pin = True  # host tensors land in pinned memory
+            if edge.device_channel:
+                edge.transport.recv_stream = stream  # type: ignore[attr-defined]
+                edge.transport.pool = self.pool  # type: ignore[attr-defined]
+        for edge in self.out_edges:
+            if edge.device_channel:
+                edge.transport.send_stream = self.send_stream  # type: ignore[attr-defined]
+        # (start, end, in-edge, mb_id, samples), or ("stop", in-edge), in compute order; None ends.
+        self._done: queue.Queue[Any] = queue.Queue()
 
     # -- threads ---------------------------------------------------------------------------------
 
@@ -88,6 +142,8 @@ class StageLoop:
                 if msg.kind == STOP:
                     self.inbox.put(_Inbound(index, None))
                     return
+                if self.cuda and not edge.device_channel:
+                    msg = self._to_device(msg, self.recv_streams[index])
                 now = time.monotonic()
                 # The request table is a host tensor: reading it costs no device sync.
                 self._received.add(now, now - waited, index, int(msg.tensors[REQUESTS_KEY][:, 1].sum()))
@@ -106,6 +162,8 @@ class StageLoop:
                     return
                 index = self.router.pick(msg.route_key)
                 started = time.monotonic()
+                if self.cuda and not self.out_edges[index].device_channel:
+                    msg = self._to_host(msg)
                 self.out_edges[index].send(msg)
                 now = time.monotonic()
                 self._sent.add(now, now - started)
@@ -121,6 +179,66 @@ class StageLoop:
                 if ack.kind == STOP_ACK:
                     return
                 self.router.acked(index, ack.samples, ack.compute_us / 1e6)
+        except BaseException as exc:  # noqa: BLE001 - thread boundary
+            self._fail(exc)
+
+    def _to_device(self, msg: Message, stream: Any) -> Message:
+        """Receiver thread, gloo in-edge: pinned host tensors -> pool buffers, on `stream`."""
+        tensors: dict[str, torch.Tensor] = {}
+        buffers: list[torch.Tensor] = []
+        # Not under inference_mode: pool buffers are reused by NCCL receives, which run outside it.
+        with torch.cuda.stream(stream):
+            for name, t in msg.tensors.items():
+                if name in HOST_KEYS:
+                    tensors[name] = t
+                    continue
+                buf = self.pool.take(t.shape, t.dtype, stream)
+                buf.copy_(t, non_blocking=True)
+                tensors[name] = buf
+                buffers.append(buf)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return Message(msg.kind, msg.mb_id, msg.route_key, tensors, ready, buffers)
+
+    def _to_host(self, msg: Message) -> Message:
+        """Sender thread, gloo out-edge: device outputs -> pinned host memory, non-blocking copies
+        on the send stream; only this thread waits for them."""
+        stream = self.send_stream
+        tensors: dict[str, torch.Tensor] = {}
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            if msg.ready is not None:
+                stream.wait_event(msg.ready)
+            for name, t in msg.tensors.items():
+                if t.device.type == "cpu":
+                    tensors[name] = t
+                    continue
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                t.record_stream(stream)
+                tensors[name] = host
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        copied.synchronize()
+        return Message(msg.kind, msg.mb_id, msg.route_key, tensors)
+
+    def _completions(self) -> None:
+        """CUDA: in compute order, wait for each micro-batch's end event, then count and ack it."""
+        try:
+            while True:
+                item = self._done.get()
+                if item is None:
+                    return
+                if item[0] == "stop":
+                    self.in_edges[item[1]].send_ack(Ack(STOP_ACK, 0, 0, 0))
+                    continue
+                start, end, edge, mb_id, samples = item
+                end.synchronize()
+                elapsed = start.elapsed_time(end) / 1e3
+                self._busy_s += elapsed
+                self._computed.add(time.monotonic(), samples, elapsed)
+                self._micro_batches += 1
+                self._samples += samples
+                self.in_edges[edge].send_ack(Ack(ACK, mb_id, samples, int(elapsed * 1e6)))
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             self._fail(exc)
 
@@ -165,6 +283,8 @@ class StageLoop:
             self._start(threading.Thread(target=self._receiver, args=(i,), name=f"{self.node}-recv{i}", daemon=True))
         for i in range(len(self.out_edges)):
             self._start(threading.Thread(target=self._acks, args=(i,), name=f"{self.node}-ack{i}", daemon=True))
+        if self.cuda:
+            self._start(threading.Thread(target=self._completions, name=f"{self.node}-done", daemon=True))
         stopped = 0
         next_stats = time.monotonic() + self.stats_interval_s
         with torch.inference_mode():
@@ -181,13 +301,21 @@ class StageLoop:
                     raise item.error
                 if item.msg is None:
                     stopped += 1
-                    self.in_edges[item.edge].send_ack(Ack(STOP_ACK, 0, 0, 0))
+                    if self.cuda:  # after the acks of everything computed before it
+                        self._done.put(("stop", item.edge))
+                    else:
+                        self.in_edges[item.edge].send_ack(Ack(STOP_ACK, 0, 0, 0))
                     continue
-                self._compute(item.edge, item.msg)
+                if self.cuda:
+                    self._compute_cuda(item.edge, item.msg)
+                else:
+                    self._compute(item.edge, item.msg)
                 if self.on_stats is not None and time.monotonic() >= next_stats:
                     self.on_stats(self.stats())
                     next_stats = time.monotonic() + self.stats_interval_s
         self.outbox.put(None)
+        if self.cuda:
+            self._done.put(None)
         for t in self._threads:
             t.join()
         if self._error is not None:
@@ -213,6 +341,32 @@ class StageLoop:
         self.outbox.put(Message(DATA, msg.mb_id, msg.route_key, tensors))
         # Ack after handing the result on, so the (blocking) ack never delays the send.
         self.in_edges[edge].send_ack(Ack(ACK, msg.mb_id, samples, int(elapsed * 1e6)))
+
+    def _compute_cuda(self, edge: int, msg: Message) -> None:
+        """Enqueue one micro-batch on the compute stream; never waits for the GPU."""
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+        requests = msg.tensors.pop(REQUESTS_KEY)
+        act = msg.tensors
+        stream = self.compute_stream
+        with torch.cuda.stream(stream):
+            if msg.ready is not None:
+                stream.wait_event(msg.ready)
+            for t in act.values():
+                if t.is_cuda:
+                    t.record_stream(stream)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True, blocking=True)
+            start.record(stream)
+            out = self.stage(act)
+            end.record(stream)
+        aliased = {t.untyped_storage().data_ptr() for t in out.values() if t.is_cuda}
+        for buf in msg.buffers:
+            if buf.untyped_storage().data_ptr() not in aliased:
+                self.pool.give(buf, end)
+        samples = int(requests[:, 1].sum())  # host tensor: no device sync
+        self.outbox.put(Message(DATA, msg.mb_id, msg.route_key, {REQUESTS_KEY: requests, **out}, ready=end))
+        self._done.put((start, end, edge, msg.mb_id, samples))
 
     def _start(self, t: threading.Thread) -> None:
         self._threads.append(t)

@@ -26,9 +26,11 @@ Timeouts, as gloo behaves on torch 2.13 (each point verified with two processes)
   a thread of this process blocked in recv() on the same edge (gloo's abort()/shutdown() don't
   either); that thread wakes when the peer closes or dies, or with its process.
 
-`Transport` moves raw buffers and is the seam for a CUDA variant: a subclass can create a
-ProcessGroupNCCL on the same store and override `empty`, `send_tensors` and `recv_into` for
-device tensors, while headers and acks keep going over gloo.
+`Transport` moves raw buffers over gloo (host memory). `NcclTransport` (worker/nccl.py) adds a
+two-rank ProcessGroupNCCL on the same store for device tensors, while headers, acks and the
+small host-side tensors (descriptor flag HOST, e.g. the request table) keep going over gloo.
+The per-edge choice is made by the worker (`worker/entry.py`): NCCL when both ends are CUDA
+devices, gloo otherwise (the dispatcher is a CPU process).
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore, Work
@@ -62,7 +65,7 @@ from infscaled.protocol.wire import (
     encode_header,
 )
 
-__all__ = ["ACK", "STOP_ACK", "Ack", "Edge", "Message", "Transport", "connect_all"]
+__all__ = ["ACK", "STOP_ACK", "Ack", "Connector", "Edge", "Message", "Transport", "connect_all"]
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +91,20 @@ class Message:
     mb_id: int
     route_key: int = 0
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # CUDA only: the event after which the device tensors are valid (a sender records it on its
+    # compute stream; a receiver on its receive stream), and the receive buffers of a buffer
+    # pool in `tensors`, which the consumer hands back once its reads are ordered by an event.
+    ready: Any = None  # torch.cuda.Event | None
+    buffers: list[torch.Tensor] = field(default_factory=list)
 
 
-def _meta(name: str, t: torch.Tensor) -> TensorMeta:
+def _meta(name: str, t: torch.Tensor, device_channel: bool) -> TensorMeta:
     dtype = DTYPE_NAMES.get(t.dtype)
     if dtype is None:
         raise WireError(f"tensor {name!r}: dtype {t.dtype} cannot go on the wire, "
                         f"allowed: {sorted(TORCH_DTYPES)}")
-    return TensorMeta(name, dtype, tuple(t.shape))
+    # Only an edge with a device channel distinguishes host tensors; gloo-only headers stay as before.
+    return TensorMeta(name, dtype, tuple(t.shape), host=device_channel and t.device.type == "cpu")
 
 
 @functools.cache
@@ -105,8 +114,14 @@ def _gloo_device(bind_host: str) -> ProcessGroupGloo.Device:
     return ProcessGroupGloo.create_device(hostname=bind_host, lazy_init=False)
 
 
+Connector = Callable[[EdgePlan, int, str, float], "Transport"]
+
+
 class Transport:
     """Raw buffers over one edge's two-rank gloo group; errors become TransportError."""
+
+    # True where device tensors travel device to device (NcclTransport); False: host memory only.
+    device_channel = False
 
     def __init__(self, key: str, rank: int, store: Store, pg: ProcessGroupGloo, timeout_s: float):
         self.key = key
@@ -117,11 +132,19 @@ class Transport:
         self._pg: ProcessGroupGloo | None = pg
         self._header_buf = torch.empty(HEADER_BYTES, dtype=torch.uint8)
         self._ack_buf = torch.empty(ACK_BYTES, dtype=torch.uint8)
+        # Receive host tensors into pinned memory (a CUDA stage then copies them to its device
+        # with non-blocking copies); the stage loop sets it.
+        self.pin = False
 
     @classmethod
     def connect(cls, plan: EdgePlan, rank: int, bind_host: str, timeout_s: float) -> Transport:
         """Host (rank 0) or reach (rank 1) the edge's store, then build its group; blocks until
         the peer does the same, or raises TransportError after about `timeout_s`."""
+        store, pg = cls._connect_gloo(plan, rank, bind_host, timeout_s)
+        return cls(plan.key, rank, store, pg, timeout_s)
+
+    @staticmethod
+    def _connect_gloo(plan: EdgePlan, rank: int, bind_host: str, timeout_s: float) -> tuple[TCPStore, ProcessGroupGloo]:
         deadline = time.monotonic() + timeout_s
         where = f"{plan.host}:{plan.port}"
         try:
@@ -140,7 +163,7 @@ class Transport:
             peer = plan.dst if rank == 0 else plan.src
             raise TransportError(f"edge {plan.key}: peer {peer} did not join via {where} "
                                  f"within {timeout_s}s: {_first_line(e)}") from e
-        return cls(plan.key, rank, store, pg, timeout_s)
+        return store, pg
 
     def _group(self, what: str) -> ProcessGroupGloo:
         if self._pg is None:
@@ -163,8 +186,11 @@ class Transport:
         except RuntimeError as e:
             raise TransportError(f"edge {self.key}: {what} failed: {_first_line(e)}") from e
 
-    def send(self, header: bytes, tensors: Sequence[torch.Tensor]) -> None:
-        """Send one header and its tensors (those with bytes), in order."""
+    def send(self, header: bytes, tensors: Sequence[torch.Tensor], ready: Any = None) -> None:
+        """Send one header and its tensors (those with bytes), in order. `ready` (a CUDA event
+        ordering device tensors) matters only to transports with a device channel."""
+        if ready is not None and any(t.device.type != "cpu" for t in tensors):
+            ready.synchronize()  # the copies below run on another stream than the one that wrote them
         hdr = torch.frombuffer(bytearray(header), dtype=torch.uint8)
         works = self._post("send header", "send", [hdr], TAG_HEADER)
         self.send_tensors(tensors)
@@ -177,8 +203,15 @@ class Transport:
         return self._header_buf.numpy().tobytes()
 
     def empty(self, meta: TensorMeta) -> torch.Tensor:
-        """Allocate the buffer a received tensor lands in."""
-        return torch.empty(meta.shape, dtype=TORCH_DTYPES[meta.dtype])
+        """Allocate the (host) buffer a received tensor lands in."""
+        return torch.empty(meta.shape, dtype=TORCH_DTYPES[meta.dtype], pin_memory=self.pin)
+
+    def recv_tensors(self, metas: Sequence[TensorMeta]) -> tuple[dict[str, torch.Tensor], Any, list[torch.Tensor]]:
+        """Receive the tensors a header announced: (tensors by name, ready event or None, pool
+        buffers among them). Host memory only here; NcclTransport overrides it."""
+        tensors = {m.name: self.empty(m) for m in metas}
+        self.recv_into([t for t in tensors.values() if t.numel() > 0])
+        return tensors, None, []
 
     def send_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
         bufs = [t.detach().to("cpu").contiguous() for t in tensors]
@@ -196,6 +229,10 @@ class Transport:
         """Wait, without limit, for the next ack record."""
         self._wait(self._post("receive ack", "recv", [self._ack_buf], TAG_ACK), "receive ack", IDLE_WAIT)
         return self._ack_buf.numpy().tobytes()
+
+    def abort(self) -> None:
+        """The edge broke (its peer died, or a message was malformed): release what could hang.
+        Gloo fails on its own; a device channel must be aborted (NCCL does not notice dead peers)."""
 
     def close(self) -> None:
         pg, self._pg, self.store = self._pg, None, None  # the sender's store frees its port
@@ -239,12 +276,14 @@ class Edge:
 
     @classmethod
     def connect(cls, plan: EdgePlan, me: Node, bind_host: str, timeout_s: float,
-                transport_cls: type[Transport] = Transport) -> Edge:
+                transport_cls: type[Transport] | Connector = Transport) -> Edge:
         """Join `plan` as its src (rank 0) or dst (rank 1); blocks until the peer joins, or
-        raises TransportError naming the edge after about `timeout_s`."""
+        raises TransportError naming the edge after about `timeout_s`. `transport_cls` is a
+        Transport class or any connector (plan, rank, bind_host, timeout_s) -> Transport."""
         if me not in (plan.src, plan.dst):
             raise ValueError(f"node {me} is not an end of edge {plan.key}")
-        transport = transport_cls.connect(plan, 0 if me == plan.src else 1, bind_host, timeout_s)
+        connect = transport_cls.connect if isinstance(transport_cls, type) else transport_cls
+        transport = connect(plan, 0 if me == plan.src else 1, bind_host, timeout_s)
         log.debug("edge %s connected as %s", plan.key, "sender" if me == plan.src else "receiver")
         return cls(plan, me, transport)
 
@@ -257,35 +296,44 @@ class Edge:
         if self._broken is not None:
             raise TransportError(f"edge {self.key}: cannot {op}(), the edge is broken: {self._broken}")
 
+    @property
+    def device_channel(self) -> bool:
+        """Whether device tensors go device to device on this edge (NCCL)."""
+        return self.transport.device_channel
+
     def _broke(self, e: Exception) -> None:
         if self._broken is None:
             self._broken = str(e)
+            self.transport.abort()
 
     def send(self, msg: Message) -> None:
-        """Send a message; tensors are sent as contiguous CPU copies (by the gloo transport)."""
+        """Send a message. Gloo: tensors are sent as contiguous CPU copies. NCCL: device tensors
+        go device to device once `msg.ready` has fired, host tensors over gloo."""
         self._check("send", sender=True)
+        dc = self.transport.device_channel
         header = Header(msg.kind, msg.mb_id, msg.route_key,
-                        tuple(_meta(name, t) for name, t in msg.tensors.items()))  # WireError: caller's bug
+                        tuple(_meta(name, t, dc) for name, t in msg.tensors.items()))  # WireError: caller's bug
         try:
-            self.transport.send(encode_header(header), [t for t in msg.tensors.values() if t.numel() > 0])
+            self.transport.send(encode_header(header), [t for t in msg.tensors.values() if t.numel() > 0],
+                                ready=msg.ready)
         except TransportError as e:
             self._broke(e)
             raise
 
     def recv(self) -> Message:
-        """Wait for the next message; its tensors are allocated from the header."""
+        """Wait for the next message; its tensors are allocated from the header (NCCL: device
+        tensors in pool buffers, valid once the message's `ready` event has fired)."""
         self._check("recv", sender=False)
         try:
             header = decode_header(self.transport.recv_header())
-            tensors = {m.name: self.transport.empty(m) for m in header.tensors}
-            self.transport.recv_into([t for t in tensors.values() if t.numel() > 0])
+            tensors, ready, buffers = self.transport.recv_tensors(header.tensors)
         except WireError as e:
             self._broke(e)
             raise WireError(f"edge {self.key}: {e}") from None
         except TransportError as e:
             self._broke(e)
             raise
-        return Message(header.kind, header.mb_id, header.route_key, tensors)
+        return Message(header.kind, header.mb_id, header.route_key, tensors, ready, buffers)
 
     def send_ack(self, ack: Ack) -> None:
         self._check("send_ack", sender=False)
@@ -319,8 +367,12 @@ class Edge:
 
 
 def connect_all(plans: Sequence[EdgePlan], me: Node, bind_host: str, timeout_s: float,
-                transport_cls: type[Transport] = Transport) -> dict[str, Edge]:
+                transport_cls: type[Transport] | Connector = Transport,
+                transport_for: Callable[[EdgePlan], type[Transport] | Connector] | None = None) -> dict[str, Edge]:
     """Connect all of `me`'s edges concurrently, keyed by edge key.
+
+    `transport_for(plan)`, if given, picks each edge's transport (class or connector);
+    otherwise every edge uses `transport_cls`.
 
     Concurrent because building a group blocks until the peer builds it: connecting one edge at
     a time deadlocks when two nodes wait on each other's edges in opposite orders. On any failure
@@ -329,7 +381,8 @@ def connect_all(plans: Sequence[EdgePlan], me: Node, bind_host: str, timeout_s: 
     if not plans:
         return {}
     with ThreadPoolExecutor(max_workers=len(plans), thread_name_prefix=f"connect-{me}") as pool:
-        futures = {p.key: pool.submit(Edge.connect, p, me, bind_host, timeout_s, transport_cls)
+        futures = {p.key: pool.submit(Edge.connect, p, me, bind_host, timeout_s,
+                                      transport_for(p) if transport_for is not None else transport_cls)
                    for p in plans}
     edges: dict[str, Edge] = {}
     errors: dict[str, BaseException] = {}

@@ -15,6 +15,7 @@ from torch import nn
 
 from infscaled.errors import ModelError
 from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
+from infscaled.models.families.common import device_mask
 
 
 def padding_context(config: Any, act: Activation, ctx: Context) -> None:
@@ -30,7 +31,7 @@ def padding_context(config: Any, act: Activation, ctx: Context) -> None:
     from transformers.masking_utils import create_bidirectional_mask
 
     ctx["mask"] = create_bidirectional_mask(config=config, inputs_embeds=act["hidden"],
-                                            attention_mask=act["attention_mask"])
+                                            attention_mask=device_mask(act))
 
 
 class BertEmbed(Unit):

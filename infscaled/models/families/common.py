@@ -23,11 +23,31 @@ _MASK_BUILDERS = {
 
 def position_ids(act: Activation, ctx: Context) -> torch.Tensor:
     """Positions 0..T-1 shared by every row (right padding), computed once per stage and micro-batch."""
+    if "position_ids" not in ctx and "position_ids" in act:
+        ctx["position_ids"] = act["position_ids"]  # decode steps: each row's own position [B, 1]
     if "position_ids" not in ctx:
         hidden = act["hidden"]  # [B, T, D]
         ctx["position_ids"] = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)  # [1, T]
     positions: torch.Tensor = ctx["position_ids"]
     return positions
+
+
+def device_mask(act: Activation) -> torch.Tensor | None:
+    """The padding mask [B, T] for the hidden states' device, without a device sync.
+
+    On a CUDA stage the mask stays in (pinned) host memory (worker/stage_loop.py HOST_KEYS): if
+    nothing is padded this returns None, decided on the host, which lets transformers skip the
+    mask (sdpa's `is_causal` fast path) exactly as it does after its own `mask.all()` check;
+    otherwise a non-blocking copy to the device. Where mask and hidden share a device (CPU
+    stages, tests) the mask is returned unchanged.
+    """
+    mask = act["attention_mask"]
+    hidden = act["hidden"]
+    if mask.device == hidden.device:
+        return mask
+    if mask.device.type == "cpu" and bool(mask.all()):
+        return None
+    return mask.to(hidden.device, non_blocking=True)
 
 
 def causal_mask(config: Any, act: Activation, ctx: Context, kind: str = "full_attention") -> Any:
@@ -36,11 +56,16 @@ def causal_mask(config: Any, act: Activation, ctx: Context, kind: str = "full_at
     May be None: with sdpa and no padding, transformers relies on `is_causal` instead.
     """
     masks: dict[str, Any] = ctx.setdefault("masks", {})
+    kv = ctx.get("kv")
+    if kind not in masks and kv is not None and kv.decoding:
+        # A decode step attends to each row's cached keys (left-padded to a common length).
+        masks[kind] = kv.decode_mask(kind, config, act["hidden"].dtype)
+        position_ids(act, ctx)  # what the builder below would have filled in ctx
     if kind not in masks:
         from transformers import masking_utils
 
         build = getattr(masking_utils, _MASK_BUILDERS[kind])
-        masks[kind] = build(config=config, inputs_embeds=act["hidden"], attention_mask=act["attention_mask"],
+        masks[kind] = build(config=config, inputs_embeds=act["hidden"], attention_mask=device_mask(act),
                             cache=None, position_ids=position_ids(act, ctx))
     return masks[kind]
 

@@ -38,6 +38,15 @@ def position_embeddings(act: Activation, ctx: Context) -> tuple[torch.Tensor, to
     return cos_sin
 
 
+def carry(act: Activation, hidden: torch.Tensor) -> Activation:
+    """A unit's output: the new hidden states, plus what every later layer needs again (the
+    padding mask, and during generation each row's position, which rotary needs at every stage)."""
+    out = {"hidden": hidden, "attention_mask": act["attention_mask"]}
+    if "position_ids" in act:
+        out["position_ids"] = act["position_ids"]
+    return out
+
+
 class LlamaEmbed(Unit):
     def __init__(self, embed_tokens: nn.Module) -> None:
         super().__init__()
@@ -45,7 +54,7 @@ class LlamaEmbed(Unit):
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         hidden = self.embed_tokens(act["input_ids"])  # [B, T, D]
-        return {"hidden": hidden, "attention_mask": act["attention_mask"]}
+        return carry(act, hidden)
 
 
 class LlamaBlock(Unit):
@@ -61,18 +70,36 @@ class LlamaBlock(Unit):
             attention_mask=causal_mask(self.config, act, ctx, self.attention_kind),
             position_ids=position_ids(act, ctx),
             position_embeddings=position_embeddings(act, ctx),
+            cache=ctx.get("kv"),  # generation: this stage's KV cache of the micro-batch's sequences
             use_cache=False,
         )
-        return {"hidden": hidden, "attention_mask": act["attention_mask"]}
+        return carry(act, hidden)
 
 
 class LlamaHead(Unit):
-    def __init__(self, norm: nn.Module, lm_head: nn.Module) -> None:
+    """norm + lm_head: logits of every position [B, T, V], or with `last` only of each row's last
+    real token [B, V] (next-token logits: what prompt processing returns; the lm_head then runs
+    on B rows instead of B * T)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, last: bool = False) -> None:
         super().__init__()
         self.norm, self.lm_head = norm, lm_head
+        self.last = last
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
-        return {"output": self.lm_head(self.norm(act["hidden"]))}  # [B, T, V]
+        hidden = act["hidden"]  # [B, T, D]
+        if self.last:
+            hidden = last_positions(hidden, act["attention_mask"])  # [B, D]
+        return {"output": self.lm_head(self.norm(hidden))}  # [B, T, V] or [B, V]
+
+
+def last_positions(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, D] at each row's last real token (right padding) -> [B, D]; decided on the
+    host when the mask is there (a CUDA stage keeps it in host memory), so no device sync."""
+    if mask.device.type == "cpu" and bool(mask.all()):
+        return hidden[:, -1]
+    last = mask.to(hidden.device, non_blocking=True).sum(dim=1) - 1  # [B]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 class LlamaFamily(Family):
@@ -80,6 +107,8 @@ class LlamaFamily(Family):
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        # Builtins such as llama-3b-last set this: the head returns next-token logits only.
+        self.last = getattr(config, "infscaled_logits", "all") == "last"
 
     def build(self) -> nn.Module:
         import transformers
@@ -96,7 +125,7 @@ class LlamaFamily(Family):
         return [
             LlamaEmbed(base.embed_tokens),
             *(LlamaBlock(layer, self.config, kind) for layer, kind in zip(base.layers, kinds, strict=True)),
-            LlamaHead(base.norm, causal_lm.lm_head),
+            LlamaHead(base.norm, causal_lm.lm_head, last=self.last),
         ]
 
     def shared(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -105,8 +134,11 @@ class LlamaFamily(Family):
 
     def input_spec(self) -> InputSpec:
         return InputSpec("tokens", vocab_size=self.config.vocab_size,
-                         max_positions=self.config.max_position_embeddings, per_token_output=True)
+                         max_positions=self.config.max_position_embeddings, per_token_output=not self.last)
 
     def reference_forward(self, model: nn.Module, inputs: Activation) -> torch.Tensor:
         logits: torch.Tensor = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        if self.last:  # [B, T, V] -> [B, V] at each row's last real token
+            last = inputs["attention_mask"].sum(dim=1) - 1
+            return logits[torch.arange(logits.shape[0], device=logits.device), last]
         return logits
