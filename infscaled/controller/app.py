@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from infscaled.controller import api, proxy
+from infscaled.controller import api, openai_proxy, proxy
 from infscaled.controller.auth import auth_middleware, controller_token
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.jobs import JobStore
@@ -28,6 +28,7 @@ def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobSto
     app[api.WATCHERS] = Watchers(registry, jobs, cfg.send_timeout_s)
     app.cleanup_ctx.append(proxy.session_context(cfg))
     api.add_routes(app)
+    openai_proxy.add_routes(app)
     return app
 
 

@@ -1,0 +1,188 @@
+"""Tokenizers (a byte-level one for builtin models, transformers' for model directories) and the
+incremental detokenizer that turns streamed token ids into text deltas and applies stop strings.
+
+Torch-free; transformers is imported only when an HFTokenizer is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from infscaled.errors import ModelError
+from infscaled.generation.errors import RequestError
+
+CHAT_ROLES = ("system", "user", "assistant")
+# Any of these in a directory means it holds a transformers tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_REPLACEMENT = "\ufffd"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the front end needs from a tokenizer."""
+
+    @property
+    def eos_token_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; an incomplete UTF-8 sequence at the end decodes to U+FFFD."""
+        ...
+
+    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids for chat `messages` ([{role, content}]) ending with the assistant's turn."""
+        ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids, for builtin models (random weights, vocab 512 or more); works offline.
+
+    ids 0..255 are the bytes, 256 is end-of-text (eos), 257 beginning-of-text (never added by
+    `encode`). Every other id (258 up to the model's vocab) decodes to "" (no text), as do 256
+    and 257: a random model can emit any id, and silently dropping them keeps streamed text
+    valid UTF-8 rather than filling it with replacement characters.
+
+    Chat template: each message as "<|role|>\\ncontent\\n", then "<|assistant|>\\n"; the markers
+    are plain bytes, not special ids.
+    """
+
+    EOS = 256
+    BOS = 257
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.EOS
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        return self.encode(text + "<|assistant|>\n")
+
+
+class HFTokenizer:
+    """A transformers tokenizer from a local model directory (or the local hub cache); never downloads.
+
+    `encode` adds the tokenizer's special tokens (a BOS where the model expects one); `decode`
+    skips special tokens. Chat uses the tokenizer's own chat template; without one a chat request
+    is a 400.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.source = str(path)
+        try:
+            self.tok: Any = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model.source {self.source!r}: cannot load its tokenizer: {exc}") from exc
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.tok.eos_token_id
+        return eos if isinstance(eos, int) else None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=True))
+
+    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tok, "chat_template", None):
+            raise RequestError(400, f"the model's tokenizer ({self.source}) has no chat template: "
+                                    "use /v1/completions with a prompt", param="messages")
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # The template writes the special tokens itself (BOS included): do not add them again.
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+
+def load_tokenizer(source: str) -> Tokenizer:
+    """The tokenizer for a job's `model.source`: builtin -> ByteTokenizer; a directory or a cached
+    Hugging Face id with tokenizer files -> HFTokenizer; anything else raises ModelError."""
+    if source.startswith("builtin:"):
+        return ByteTokenizer()
+    if source.startswith("python:"):
+        raise ModelError(f"model.source {source!r}: python: models have no tokenizer; generation needs a "
+                         "builtin model or a transformers directory with tokenizer files")
+    path = Path(source)
+    if path.is_dir():
+        if not any((path / name).exists() for name in TOKENIZER_FILES):
+            raise ModelError(f"model.source {source!r}: no tokenizer files in the directory "
+                             f"(looked for {', '.join(TOKENIZER_FILES)})")
+        return HFTokenizer(path)
+    return HFTokenizer(source)  # a hub id: only the local cache is read
+
+
+class StreamDecoder:
+    """Turns token ids, fed one at a time, into text deltas that are safe to send.
+
+    - Never emits a partial UTF-8 character: text whose decoding ends in U+FFFD waits for the
+      next ids (vLLM / TGI's prefix-offset method, which also keeps tokenizers that merge spaces
+      across tokens right).
+    - Stop strings: once the text contains one, `stopped` is set, `stop_string` says which, and
+      the text before it is the last delta. Text that could be the start of a stop string is held
+      back until decided. `flush()` returns what is held when the sequence ends otherwise.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.stopped = False
+        self.stop_string: str | None = None
+        self.text = ""  # everything emitted so far
+        self._ids: list[int] = []
+        self._prefix = 0  # ids[prefix:read] decode to text already taken
+        self._read = 0
+        self._held = ""  # decoded, not emitted: might begin a stop string
+
+    def feed(self, token_id: int) -> str:
+        """The text this id completes (possibly ""); "" once stopped."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        prefix_text = self.tokenizer.decode(self._ids[self._prefix:self._read])
+        new_text = self.tokenizer.decode(self._ids[self._prefix:])
+        if new_text.endswith(_REPLACEMENT) or len(new_text) <= len(prefix_text):
+            return ""  # an incomplete character, or nothing new yet
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._emit(self._held + new_text[len(prefix_text):])
+
+    def flush(self) -> str:
+        """At the end of the sequence: the held text and any undecodable tail (as U+FFFD)."""
+        if self.stopped:
+            return ""
+        prefix_text = self.tokenizer.decode(self._ids[self._prefix:self._read])
+        tail = self.tokenizer.decode(self._ids[self._prefix:])[len(prefix_text):]
+        self._prefix = self._read = len(self._ids)
+        out, self._held = self._held + tail, ""
+        self.text += out
+        return out
+
+    def _emit(self, pending: str) -> str:
+        hits = [(i, s) for s in self.stop if (i := pending.find(s)) >= 0]
+        if hits:
+            index, self.stop_string = min(hits)
+            self.stopped = True
+            self._held = ""
+            self.text += pending[:index]
+            return pending[:index]
+        keep = self._stop_prefix_len(pending)
+        out, self._held = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        self.text += out
+        return out
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest end of `text` that some stop string starts with."""
+        longest = min(len(text), max((len(s) - 1 for s in self.stop), default=0))
+        for k in range(longest, 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stop):
+                return k
+        return 0

@@ -1,0 +1,301 @@
+"""The OpenAI-compatible API driven by the official `openai` client: a real aiohttp server on
+127.0.0.1 over ReferenceBackend (a tiny Llama run in-process), then the controller's routes in
+front of such a server standing in for a job's dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from test_controller import TOKEN, Api, FakeAgent, _free_port, controller, make_cfg, submit_inspected, wait_state
+
+from infscaled.generation.errors import GenerationError
+from infscaled.generation.openai_api import make_handlers
+from infscaled.generation.params import SamplingParams
+from infscaled.generation.reference import ReferenceBackend, model_limits
+from infscaled.generation.tokenizer import ByteTokenizer
+from infscaled.protocol.messages import Deploy
+
+SOURCE = "builtin:llama-tiny"
+NO_EOS = {"ignore_eos": True}  # a random model may emit eos anywhere: fixed lengths where they matter
+
+
+@pytest.fixture(scope="module")
+def model() -> Any:
+    return ReferenceBackend.from_source(SOURCE).model
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("INFSCALED_TOKEN", raising=False)
+
+
+@asynccontextmanager
+async def serve(backend: Any, port: int = 0, token: str | None = None) -> AsyncIterator[str]:
+    """make_handlers over `backend` on 127.0.0.1 (checking a service token if given); yields the URL."""
+    context, vocab = model_limits(backend.model.config) if hasattr(backend, "model") else (256, 512)
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is not None and request.headers.get("Authorization") != f"Bearer {token}":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return await handler(request)
+
+    app = web.Application(middlewares=[auth])
+    app.add_routes(make_handlers(backend, ByteTokenizer(), "tiny", context, vocab).routes())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def client(url: str, api_key: str = "unused") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+async def collect(stream: Any) -> tuple[str, list[Any]]:
+    chunks = [c async for c in stream]
+    text = "".join(ch.text if hasattr(ch, "text") else (ch.delta.content or "")
+                   for c in chunks for ch in c.choices)
+    return text, chunks
+
+
+def test_completions_stream_and_not_agree_with_the_reference(model: Any) -> None:
+    async def scenario() -> None:
+        backend = ReferenceBackend(model)
+        async with serve(backend) as url, client(url) as api:
+            done = await api.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0,
+                                                extra_body=NO_EOS)
+            assert done.object == "text_completion" and done.id.startswith("cmpl-") and done.model == "tiny"
+            assert done.choices[0].finish_reason == "length"
+            assert done.usage is not None and (done.usage.prompt_tokens, done.usage.completion_tokens,
+                                               done.usage.total_tokens) == (5, 12, 17)
+            ids = [t async for t in backend.generate(list(b"Hello"), SamplingParams(12, temperature=0.0))]
+            assert done.choices[0].text == ByteTokenizer().decode(ids)
+
+            stream = await api.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True},
+                                                  extra_body=NO_EOS)
+            text, chunks = await collect(stream)
+            assert text == done.choices[0].text
+            assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] == "length"
+            assert chunks[-1].choices == [] and chunks[-1].usage == done.usage
+            # Token ids as the prompt; without include_usage there is no usage chunk.
+            stream = await api.completions.create(model="tiny", prompt=list(b"Hello"), max_tokens=12, temperature=0,
+                                                  stream=True, extra_body=NO_EOS)
+            assert (await collect(stream))[0] == text
+            assert backend.finished == 4 and backend.cancelled == 0
+
+    asyncio.run(scenario())
+
+
+def test_chat_with_a_seed_is_reproducible_streamed_or_not(model: Any) -> None:
+    async def scenario() -> None:
+        async with serve(ReferenceBackend(model)) as url, client(url) as api:
+            messages: Any = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+            kw: Any = dict(model="tiny", messages=messages, max_completion_tokens=20, temperature=0.8, top_p=0.95,
+                           seed=7, extra_body={"top_k": 50, **NO_EOS})
+            done = await api.chat.completions.create(**kw)
+            choice = done.choices[0]
+            assert done.object == "chat.completion" and done.id.startswith("chatcmpl-")
+            assert choice.message.role == "assistant" and choice.finish_reason == "length"
+            prompt = ByteTokenizer().apply_chat(messages)
+            assert done.usage is not None and done.usage.prompt_tokens == len(prompt)
+            assert done.usage.completion_tokens == 20
+            text, chunks = await collect(await api.chat.completions.create(**kw, stream=True))
+            assert text == choice.message.content
+            assert chunks[0].choices[0].delta.role == "assistant"
+            assert chunks[-1].choices[0].finish_reason == "length"
+            other = await api.chat.completions.create(**{**kw, "seed": 8})
+            assert other.choices[0].message.content != choice.message.content
+
+    asyncio.run(scenario())
+
+
+def test_stop_strings_and_stop_token_ids(model: Any) -> None:
+    async def scenario() -> None:
+        backend = ReferenceBackend(model)
+        async with serve(backend) as url, client(url) as api:
+            kw: Any = dict(model="tiny", prompt="Once upon", max_tokens=40, temperature=1.0, seed=3)
+            full = (await api.completions.create(**kw, extra_body=NO_EOS)).choices[0].text
+            assert len(full) >= 6, full
+            stop = full[len(full) // 2:len(full) // 2 + 2]
+            expected = full[:full.find(stop)]
+            done = await api.completions.create(**kw, stop=[stop, "never-there"], extra_body=NO_EOS)
+            assert (done.choices[0].text, done.choices[0].finish_reason) == (expected, "stop")
+            text, chunks = await collect(await api.completions.create(**kw, stop=stop, stream=True,
+                                                                      extra_body=NO_EOS))
+            assert text == expected and chunks[-1].choices[0].finish_reason == "stop"
+
+            params = SamplingParams(40, temperature=1.0, seed=3)
+            ids = [t async for t in backend.generate(list(b"Once upon"), params)]
+            stop_id = ids[5]
+            done = await api.completions.create(**kw, extra_body={"stop_token_ids": [stop_id], **NO_EOS})
+            assert done.choices[0].finish_reason == "stop"
+            assert done.usage is not None and done.usage.completion_tokens == ids.index(stop_id) + 1
+            assert done.choices[0].text == ByteTokenizer().decode(ids[:ids.index(stop_id)])
+
+    asyncio.run(scenario())
+
+
+def test_client_disconnect_mid_stream_cancels_the_sequence(model: Any) -> None:
+    async def scenario() -> None:
+        backend = ReferenceBackend(model)
+        async with serve(backend) as url, client(url) as api:
+            stream = await api.completions.create(model="tiny", prompt="Hello", max_tokens=200, stream=True,
+                                                  extra_body=NO_EOS)
+            got = 0
+            async for _ in stream:
+                got += 1
+                if got == 2:
+                    break
+            await stream.close()
+            await asyncio.wait_for(backend.cancelled_event.wait(), 10)
+            assert (backend.started, backend.cancelled, backend.finished) == (1, 1, 0)
+            # The backend is free again.
+            done = await api.completions.create(model="tiny", prompt="Hi", max_tokens=3, extra_body=NO_EOS)
+            assert done.usage is not None and done.usage.completion_tokens == 3
+
+    asyncio.run(scenario())
+
+
+BAD_COMPLETIONS: list[tuple[dict[str, Any], str]] = [
+    ({"temperature": 5}, "temperature = 5: must be a number from 0 to 2"),
+    ({"top_p": 0}, "top_p = 0: must be a number greater than 0 and at most 1"),
+    ({"n": 2}, "n = 2: only n = 1 is supported"),
+    ({"seed": "x"}, "seed = 'x': must be an integer"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop = ['a', 'b', 'c', 'd', 'e']: must be a non-empty string or a list"),
+    ({"max_tokens": 250}, "prompt has 10 tokens; with max_tokens 250 it needs 260 positions, the model has 256"),
+    ({"prompt": "x" * 300}, "prompt has 300 tokens, the model has 256 positions"),
+    ({"prompt": ["a", "b"]}, "prompt is a list of 2 prompts: only one prompt per request is supported"),
+    ({"prompt": [1, 600]}, "prompt = [1, 600]: must be a string, a list of one string, or a list of token ids"),
+    ({"echo": True}, "echo = True: echo is not supported by this server"),
+    ({"logprobs": 2}, "logprobs = 2: logprobs are not supported by this server"),
+    ({"stream": "yes"}, "stream = 'yes': must be true or false"),
+    ({"top_k": -2}, "top_k = -2: must be an integer >= 0"),
+    ({"stop_token_ids": [999]}, "stop_token_ids = [999]: must be a list of token ids from 0 to 511"),
+]
+
+
+def test_bad_requests_are_400s_with_our_messages(model: Any) -> None:
+    async def scenario() -> None:
+        backend = ReferenceBackend(model)
+        async with serve(backend) as url, aiohttp.ClientSession() as http, client(url) as api:
+            for extra, message in BAD_COMPLETIONS:
+                body = {"prompt": "0123456789", **extra}
+                with pytest.raises(openai.BadRequestError) as err:
+                    await api.completions.create(model="tiny", prompt=body.pop("prompt"), extra_body=body)
+                assert err.value.status_code == 400
+                assert message in err.value.message, (extra, err.value.message)
+                assert isinstance(err.value.body, dict) and err.value.body["type"] == "invalid_request_error"
+                param = next(iter(extra))
+                assert err.value.param == ("prompt" if param == "prompt" else param)
+            for messages, message in [
+                ([{"role": "tool", "content": "x"}], "messages[0].role = 'tool': must be one of system, user"),
+                ([{"role": "user", "content": 3}], "messages[0].content = 3: must be a string"),
+                ([], "messages = []: must be a non-empty list"),
+            ]:
+                with pytest.raises(openai.BadRequestError, match=r".*") as err:
+                    await api.chat.completions.create(model="tiny", messages=messages)
+                assert message in err.value.message
+            async with http.post(f"{url}/v1/completions", data=b"{not json") as resp:
+                assert resp.status == 400
+                assert (await resp.json())["error"]["message"].startswith("the request body is not valid JSON")
+            assert backend.started == 0
+
+    asyncio.run(scenario())
+
+
+class Refusing:
+    """A backend whose pipeline is down: it refuses every sequence."""
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+        raise GenerationError(503, "the pipeline of job x has failed: worker 1.0 exited")
+        yield 0  # pragma: no cover - makes this an async generator
+
+
+def test_a_refusing_backend_gives_its_status_streamed_or_not() -> None:
+    async def scenario() -> None:
+        async with serve(Refusing()) as url, client(url) as api:
+            for stream in (False, True):
+                with pytest.raises(openai.InternalServerError, match="worker 1.0 exited") as err:
+                    await api.completions.create(model="tiny", prompt="hi", stream=stream)
+                assert err.value.status_code == 503
+
+    asyncio.run(scenario())
+
+
+# -- through the controller ---------------------------------------------------------------------
+
+
+JOB = """
+name = "chat"
+
+[model]
+source = "builtin:gpt2-tiny"
+
+[pipeline]
+stages = 2
+"""
+
+
+def test_controller_routes_model_to_the_job_and_streams_through(model: Any, tmp_path: Any) -> None:
+    async def scenario() -> None:
+        backend = ReferenceBackend(model)
+        async with (controller(make_cfg(tmp_path)) as ctl, aiohttp.ClientSession() as http,
+                    client(ctl.url, api_key=TOKEN) as api):
+            rest = Api(http, ctl.url)
+            port = _free_port()
+            agent = FakeAgent(http, ctl.url, devices=3, port_range=(port, port + 20))
+            await agent.connect()
+            _, job = await submit_inspected(rest, agent, JOB)
+            deploy = await agent.expect(Deploy)
+
+            with pytest.raises(openai.APIStatusError, match=f"job {job['id']} is deploying") as conflict:
+                await api.completions.create(model="chat", prompt="hi")
+            assert conflict.value.status_code == 409
+            await agent.report(job["id"], deploy.nodes, "ready")
+            await wait_state(ctl, job["id"], "running")
+            assert [m.id for m in (await api.models.list()).data] == [job["id"]]
+
+            with pytest.raises(openai.NotFoundError) as err:
+                await api.completions.create(model="nope", prompt="hi")
+            assert err.value.message.endswith(f"- The model 'nope' does not exist; running jobs: chat ({job['id']})")
+            assert isinstance(err.value.body, dict) and err.value.body["code"] == "model_not_found"
+            with pytest.raises(openai.InternalServerError, match="unreachable") as down:
+                await api.completions.create(model="chat", prompt="hi")
+            assert down.value.status_code == 502
+
+            async with serve(backend, port=deploy.dispatcher_port, token=deploy.service_token):
+                kw: Any = dict(prompt="Hello", max_tokens=10, temperature=0, extra_body=NO_EOS)
+                done = await api.completions.create(model="chat", **kw)
+                assert done.choices[0].finish_reason == "length" and done.model == "chat"
+                text, chunks = await collect(await api.completions.create(model=job["id"], stream=True, **kw))
+                assert text == done.choices[0].text and chunks[-1].choices[0].finish_reason == "length"
+                chat = await api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
+                                                         max_tokens=4, extra_body=NO_EOS)
+                assert chat.usage is not None and chat.usage.completion_tokens == 4
+                with pytest.raises(openai.BadRequestError, match="temperature = 9: must be a number from 0 to 2"):
+                    await api.completions.create(model="chat", prompt="hi", temperature=9)
+
+                stream = await api.completions.create(model="chat", prompt="Hello", max_tokens=200, stream=True,
+                                                      extra_body=NO_EOS)
+                async for _ in stream:
+                    break
+                await stream.close()
+                await asyncio.wait_for(backend.cancelled_event.wait(), 10)
+                assert backend.cancelled == 1
+
+    asyncio.run(scenario())

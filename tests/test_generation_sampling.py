@@ -1,0 +1,139 @@
+"""Sampling: validation of OpenAI fields (every bad value gets a message naming it) and sample_next."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from infscaled.generation.errors import RequestError
+from infscaled.generation.sampling import SamplingParams, make_generator, parse_sampling, sample_next
+
+LIMITS = dict(prompt_tokens=10, context_length=256, vocab_size=512)
+
+
+def parse(**body: Any) -> SamplingParams:
+    return parse_sampling(body, **LIMITS)  # type: ignore[arg-type]
+
+
+def test_defaults_and_accepted_values() -> None:
+    assert parse() == SamplingParams(max_new_tokens=16)
+    p = parse(max_tokens=5, temperature=0, top_p=0.5, top_k=3, seed=-7, stop="x", stop_token_ids=[1, 2, 1],
+              n=1, ignore_eos=True, user="ignored", frequency_penalty=0)
+    assert p == SamplingParams(5, 0.0, 3, 0.5, -7, (1, 2), ("x",), True)
+    assert parse(max_completion_tokens=4, max_tokens=9).max_new_tokens == 4
+    assert parse(stop=["a", "bb", "a"]).stop == ("a", "bb")
+    # Without max_tokens the default is clipped to the room the context leaves.
+    assert parse_sampling({}, prompt_tokens=250, context_length=256, vocab_size=512).max_new_tokens == 6
+
+
+def test_eos_joins_stop_ids_unless_ignore_eos() -> None:
+    assert parse_sampling({"stop_token_ids": [3]}, **LIMITS, eos_token_id=256).stop_token_ids == (3, 256)
+    assert parse_sampling({"ignore_eos": True}, **LIMITS, eos_token_id=256).stop_token_ids == ()
+
+
+BAD = [
+    ("max_tokens", 0, "max_tokens = 0: must be an integer >= 1"),
+    ("max_tokens", 2.5, "max_tokens = 2.5: must be an integer >= 1"),
+    ("max_tokens", "8", "max_tokens = '8': must be an integer >= 1"),
+    ("max_completion_tokens", -1, "max_completion_tokens = -1: must be an integer >= 1"),
+    ("temperature", 2.5, "temperature = 2.5: must be a number from 0 to 2"),
+    ("temperature", -0.1, "temperature = -0.1: must be a number from 0 to 2"),
+    ("temperature", "hot", "temperature = 'hot': must be a number from 0 to 2"),
+    ("temperature", True, "temperature = True: must be a number from 0 to 2"),
+    ("temperature", float("nan"), "temperature = nan: must be a number from 0 to 2"),
+    ("top_p", 0, "top_p = 0: must be a number greater than 0 and at most 1"),
+    ("top_p", 1.5, "top_p = 1.5: must be a number greater than 0 and at most 1"),
+    ("top_k", -1, "top_k = -1: must be an integer >= 0 (0 = off)"),
+    ("top_k", 2.0, "top_k = 2.0: must be an integer >= 0 (0 = off)"),
+    ("seed", "42", "seed = '42': must be an integer from"),
+    ("seed", 2**64, f"seed = {2**64}: must be an integer from"),
+    ("stop", "", "stop = '': must be a non-empty string or a list of at most 4 non-empty strings"),
+    ("stop", ["a", ""], "stop = ['a', '']: must be a non-empty string or a list"),
+    ("stop", ["a", "b", "c", "d", "e"], "stop = ['a', 'b', 'c', 'd', 'e']: must be a non-empty string or a list"),
+    ("stop", 5, "stop = 5: must be"),
+    ("stop_token_ids", [1, 512], "stop_token_ids = [1, 512]: must be a list of token ids from 0 to 511"),
+    ("stop_token_ids", [-1], "stop_token_ids = [-1]: must be a list of token ids from 0 to 511"),
+    ("stop_token_ids", 3, "stop_token_ids = 3: must be a list of token ids"),
+    ("n", 2, "n = 2: only n = 1 is supported"),
+    ("n", True, "n = True: only n = 1 is supported"),
+    ("ignore_eos", "yes", "ignore_eos = 'yes': must be true or false"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), BAD, ids=[f"{f}={v!r}" for f, v, _ in BAD])
+def test_bad_values_name_the_field_the_value_and_what_is_allowed(field: str, value: Any, message: str) -> None:
+    with pytest.raises(RequestError) as err:
+        parse(**{field: value})
+    assert err.value.status == 400 and err.value.param == field
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_prompt_and_context_limits() -> None:
+    with pytest.raises(RequestError, match="prompt has 300 tokens, the model has 256 positions") as err:
+        parse_sampling({}, prompt_tokens=300, context_length=256, vocab_size=512)
+    assert err.value.param == "prompt"
+    msg = "prompt has 240 tokens; with max_tokens 17 it needs 257 positions, the model has 256"
+    with pytest.raises(RequestError, match=msg) as err:
+        parse_sampling({"max_tokens": 17}, prompt_tokens=240, context_length=256, vocab_size=512)
+    assert err.value.param == "max_tokens"
+    with pytest.raises(RequestError, match="the prompt is empty"):
+        parse_sampling({}, prompt_tokens=0, context_length=256, vocab_size=512)
+
+
+# -- sample_next ---------------------------------------------------------------------------------
+
+V = 64
+
+
+def logits(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_is_argmax(dtype: torch.dtype) -> None:
+    x = logits(5, dtype=dtype)
+    out = sample_next(x, [SamplingParams(4, temperature=0.0)] * 5, [None] * 5)
+    assert out.dtype == torch.long and torch.equal(out, x.argmax(-1))
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy() -> None:
+    x = logits(6, seed=1)
+    params = [SamplingParams(4, temperature=1.5, top_k=1)] * 3 + [SamplingParams(4, temperature=1.5, top_p=1e-6)] * 3
+    gens = [make_generator(i, "cpu") for i in range(6)]
+    for _ in range(5):
+        assert torch.equal(sample_next(x, params, gens), x.argmax(-1))
+
+
+def test_a_seed_gives_the_same_tokens_in_any_batch() -> None:
+    target = SamplingParams(4, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
+    row = logits(1, seed=7)
+
+    def draw(batch: list[tuple[torch.Tensor, SamplingParams]], steps: int = 8) -> list[list[int]]:
+        gens = [make_generator(p.seed, "cpu") if p.seed is not None else None for _, p in batch]
+        x = torch.cat([r for r, _ in batch])
+        return [sample_next(x, [p for _, p in batch], gens).tolist() for _ in range(steps)]
+
+    alone = [step[0] for step in draw([(row, target)])]
+    others = [(logits(1, seed=s), SamplingParams(4, temperature=t, seed=s or None)) for s, t in
+              [(0, 1.0), (3, 0.0), (5, 2.0)]]
+    mixed = [step[2] for step in draw([others[0], others[1], (row, target), others[2]])]
+    assert alone == mixed
+    assert len(set(alone)) > 1  # it does sample
+    assert alone != [step[0] for step in draw([(row, SamplingParams(4, temperature=0.9, top_k=20, top_p=0.9,
+                                                                    seed=99))])]
+
+
+def test_filters_keep_only_allowed_tokens() -> None:
+    x = logits(1, seed=3)
+    top5 = set(x[0].topk(5).indices.tolist())
+    gen = make_generator(0, "cpu")
+    seen = {int(sample_next(x, [SamplingParams(4, temperature=2.0, top_k=5)], [gen])[0]) for _ in range(200)}
+    assert seen <= top5 and len(seen) > 1
+    probs = torch.softmax(x[0], -1)
+    order = probs.argsort(descending=True)
+    # The nucleus of top_p = mass of the 3 most likely minus a little is exactly those 3 tokens.
+    p3 = float(probs[order[:3]].sum()) - 1e-4
+    seen = {int(sample_next(x, [SamplingParams(4, top_p=p3)], [gen])[0]) for _ in range(200)}
+    assert seen == set(order[:3].tolist())

@@ -1,0 +1,129 @@
+"""Tokenizers and the incremental detokenizer: UTF-8 split across ids, stop strings across tokens,
+and a real transformers tokenizer built offline in a temp directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infscaled.errors import ModelError
+from infscaled.generation.errors import RequestError
+from infscaled.generation.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, Tokenizer, load_tokenizer
+
+TEXT = "héllo wörld → 你好 🙂!"
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def stream(tokenizer: Tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[list[str], StreamDecoder]:
+    decoder = StreamDecoder(tokenizer, stop)
+    deltas = [decoder.feed(i) for i in ids]
+    if not decoder.stopped:
+        deltas.append(decoder.flush())
+    return deltas, decoder
+
+
+def test_byte_tokenizer_round_trip_and_specials() -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode(TEXT)
+    assert ids == list(TEXT.encode()) and tok.decode(ids) == TEXT
+    assert tok.eos_token_id == 256
+    assert tok.decode([104, 256, 257, 300, 511, 105]) == "hi"  # ids >= 256 carry no text
+    assert tok.decode(tok.apply_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])) \
+        == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_stream_never_emits_partial_utf8() -> None:
+    tok = ByteTokenizer()
+    deltas, decoder = stream(tok, tok.encode(TEXT))
+    assert "".join(deltas) == TEXT == decoder.text
+    assert all("\ufffd" not in d for d in deltas)
+    assert deltas[:3] == ["h", "", "é"]  # é is two bytes: nothing after the first
+    # An incomplete character at the very end comes out as U+FFFD on flush; junk ids are skipped.
+    deltas, _ = stream(tok, [104, 400, 0xE4, 0xBD])
+    assert deltas == ["h", "", "", "", "\ufffd"]
+
+
+@pytest.mark.parametrize(("stop", "expected"), [
+    (("wör",), "héllo "),  # a multi-byte stop string split across ids
+    (("o w", "llo"), "hé"),  # the earliest match wins
+    (("lo", "héllo wörld"), "hél"),
+    (("!",), "héllo wörld → 你好 🙂"),
+    (("你好 🙂!x",), TEXT),  # a prefix held back to the end, then released
+    (("zzz",), TEXT),
+])
+def test_stop_strings_across_token_boundaries(stop: tuple[str, ...], expected: str) -> None:
+    tok = ByteTokenizer()
+    deltas, decoder = stream(tok, tok.encode(TEXT), stop)
+    assert "".join(deltas) == expected == decoder.text
+    assert decoder.stopped == (expected != TEXT)
+    if decoder.stopped:
+        assert decoder.stop_string in stop
+        assert decoder.feed(104) == ""
+
+
+def test_held_back_text_is_released_once_the_stop_string_is_ruled_out() -> None:
+    tok = ByteTokenizer()
+    decoder = StreamDecoder(tok, ("abc",))
+    assert [decoder.feed(i) for i in tok.encode("xab")] == ["x", "", ""]
+    assert decoder.feed(ord("d")) == "abd"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A byte-level BPE tokenizer trained on a few lines, with BOS/EOS and a chat template."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(["hello world", "hello there world", "the world says hello"] * 20, trainer)
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    path = tmp_path_factory.mktemp("hf-tokenizer")
+    tok.save_pretrained(path)
+    return path
+
+
+def test_hf_tokenizer_from_a_directory(hf_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = load_tokenizer(str(hf_dir))
+    assert isinstance(tok, HFTokenizer) and tok.eos_token_id == 1
+    ids = tok.encode(TEXT)
+    assert ids[0] == 0 and tok.decode(ids) == TEXT  # BOS added, skipped when decoding
+    # Characters outside the training text are split into byte tokens: the decoder waits for them.
+    deltas, decoder = stream(tok, ids[1:] + [1])
+    assert "".join(deltas) == TEXT and all("\ufffd" not in d for d in deltas)
+    assert len([d for d in deltas if d]) < len(ids) - 1
+    deltas, _ = stream(tok, tok.encode("hello world says hello")[1:], ("ld s",))
+    assert "".join(deltas) == "hello wor"
+    chat = tok.apply_chat([{"role": "user", "content": "hello"}])
+    assert tok.tok.decode(chat) == "<|user|>hello</s><|assistant|>"  # the template's tokens, no extra BOS
+    assert tok.decode(chat) == "<|user|>hello<|assistant|>"
+
+
+def test_hf_tokenizer_without_chat_template_refuses_chat(hf_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(RequestError, match="has no chat template: use /v1/completions") as err:
+        HFTokenizer(tmp_path).apply_chat([{"role": "user", "content": "hi"}])
+    assert err.value.status == 400
+
+
+def test_load_tokenizer_by_source(tmp_path: Path) -> None:
+    assert isinstance(load_tokenizer("builtin:llama-tiny"), ByteTokenizer)
+    with pytest.raises(ModelError, match="python: models have no tokenizer"):
+        load_tokenizer("python:infscaled.models.zoo:vgg_tiny")
+    with pytest.raises(ModelError, match="no tokenizer files in the directory"):
+        load_tokenizer(str(tmp_path))
