@@ -302,15 +302,25 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
                   vocab_size: int, *, default_max_tokens: int = 16) -> Handlers:
     """aiohttp handlers for `POST /v1/completions` and `POST /v1/chat/completions` over `backend`."""
     info = ModelInfo(model_name, context_length, vocab_size, default_max_tokens)
+    # Tokenizing a long prompt is CPU work: off the event loop, one at a time (transformers' fast
+    # tokenizers are not safe to drive from several threads at once).
+    tokenizing = asyncio.Lock()
 
     async def handle(request: web.Request, kind: Kind) -> web.StreamResponse:
+        try:
+            return await _handle(request, kind)
+        except Exception:  # noqa: BLE001 - request boundary: answer in OpenAI's shape, log, keep serving
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(GenerationError(500, "internal error; see the dispatcher's log"))
+
+    async def _handle(request: web.Request, kind: Kind) -> web.StreamResponse:
         try:
             try:
                 body = await request.json()
             except ValueError as exc:
                 raise RequestError(400, f"the request body is not valid JSON: {exc}") from exc
-            # Tokenizing a long prompt is CPU work: keep it off the event loop.
-            req = await asyncio.to_thread(parse_request, kind, body, tokenizer, info)
+            async with tokenizing:
+                req = await asyncio.to_thread(parse_request, kind, body, tokenizer, info)
         except GenerationError as exc:
             return error_response(exc)
         envelope = Envelope.new(kind, req.model)
