@@ -8,13 +8,19 @@ from typing import Any, Final
 
 from infscaled.config.messages import MISSING, config_error, read_toml
 from infscaled.config.schema import JobConfig
-from infscaled.config.sections import parse_model, parse_pipeline, parse_placement, parse_workload
+from infscaled.config.sections import (
+    parse_generation,
+    parse_model,
+    parse_pipeline,
+    parse_placement,
+    parse_workload,
+)
 from infscaled.config.values import Section
 
 STRING_PATH: Final = "<string>"
 # Name of a job parsed from data that gave none (there is no file stem to fall back on).
 DEFAULT_NAME: Final = "job"
-TOP_LEVEL_KEYS: Final = ("name", "model", "pipeline", "placement", "workload")
+TOP_LEVEL_KEYS: Final = ("name", "model", "pipeline", "placement", "workload", "generation")
 
 
 def load_job(path: str | Path) -> JobConfig:
@@ -33,7 +39,7 @@ def parse_job(
     resolved against `base_dir` (default: the directory of `path`, or the working directory).
     """
     if not isinstance(data, Mapping):
-        allowed = "a table of [model], [pipeline], [placement], [workload]"
+        allowed = "a table of [model], [pipeline], [placement], [workload], [generation]"
         raise config_error(path, "", None, allowed, "expected a table")
     if base_dir is None:
         base_dir = Path.cwd() if path == STRING_PATH else Path(path).resolve().parent
@@ -54,4 +60,5 @@ def parse_job(
         pipeline=pipeline,
         placement=parse_placement(top.table("placement"), pipeline.replicas),
         workload=parse_workload(top.table("workload"), pipeline.micro_batch_size, base),
+        generation=parse_generation(top.table("generation"), pipeline) if top.has("generation") else None,
     )

@@ -106,6 +106,24 @@ class WorkloadConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """[generation]: serve a decoder LLM's text generation (KV caches in the stages)."""
+
+    kv_budget_tokens: int = 8192
+    """KV-cache positions each stage replica may hold; a sequence reserves prompt + max_new_tokens."""
+    max_batch_sequences: int = 16
+    """Most sequences in one micro-batch (prefill or decode step)."""
+    micro_batches_in_flight: int = 0
+    """Decode micro-batches kept in flight per replica chain; 0 = one per stage."""
+    max_new_tokens: int = 16
+    """Default when a request does not say."""
+    prompt_tokens: tuple[int, int] = (8, 32)
+    """`infscaled run` workload: (min, max) prompt length in tokens, drawn uniformly."""
+    output_tokens: tuple[int, int] = (8, 32)
+    """`infscaled run` workload: (min, max) new tokens per request, drawn uniformly."""
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A whole job file."""
 
@@ -123,6 +141,8 @@ class JobConfig:
     """[placement] table."""
     workload: WorkloadConfig
     """[workload] table."""
+    generation: GenerationConfig | None = None
+    """[generation] table; None: a forward-only job (one result per request)."""
 
     @property
     def stage_count(self) -> int:

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from infscaled.config.messages import MISSING
+from infscaled.config.messages import MISSING, config_error
 from infscaled.config.ranges import UnitRange, layers_allowed, range_problem
 from infscaled.config.schema import (
     AUTO_DEVICES,
@@ -16,6 +16,7 @@ from infscaled.config.schema import (
     GRAPHS,
     PLACEMENT_POLICIES,
     POLICIES,
+    GenerationConfig,
     ModelConfig,
     PipelineConfig,
     PlacementConfig,
@@ -247,6 +248,27 @@ def parse_workload(sec: Section, micro_batch_size: int, base_dir: Path) -> Workl
         request_timeout_s=sec.get_float(
             "request_timeout_s", WorkloadConfig.request_timeout_s, 0.0, lo_open=True
         ),
+    )
+
+
+def parse_generation(sec: Section, pipeline: PipelineConfig) -> GenerationConfig:
+    """[generation]; a sequence sticks to one replica chain, so every stage has the same replica
+    count and the graph is "parallel" (chain r = replica r of every stage)."""
+    sec.check_keys(field_names(GenerationConfig))
+    replicas = pipeline.replicas
+    if len(set(replicas)) != 1 or (replicas[0] > 1 and len(replicas) > 1 and pipeline.graph != "parallel"):
+        raise config_error(sec.path, "pipeline.replicas", list(replicas),
+                           "the same replica count for every stage, with pipeline.graph = \"parallel\"",
+                           f"[generation] needs replica chains (a sequence stays on replica r of every stage), "
+                           f"but pipeline.graph = {pipeline.graph!r}")
+    return GenerationConfig(
+        kv_budget_tokens=sec.get_int("kv_budget_tokens", GenerationConfig.kv_budget_tokens, lo=1),
+        max_batch_sequences=sec.get_int("max_batch_sequences", GenerationConfig.max_batch_sequences, lo=1),
+        micro_batches_in_flight=sec.get_int("micro_batches_in_flight", GenerationConfig.micro_batches_in_flight,
+                                            lo=0),
+        max_new_tokens=sec.get_int("max_new_tokens", GenerationConfig.max_new_tokens, lo=1),
+        prompt_tokens=_parse_min_max(sec, "prompt_tokens", GenerationConfig.prompt_tokens),
+        output_tokens=_parse_min_max(sec, "output_tokens", GenerationConfig.output_tokens),
     )
 
 

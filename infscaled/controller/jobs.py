@@ -36,7 +36,7 @@ from infscaled.controller.registry import InspectError, Registry, SendError
 from infscaled.errors import ConfigError, InfscaledError
 from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
 from infscaled.planning.graph import build_edges
-from infscaled.planning.job import check_model, explicit_edges, plan_job, stage_ranges
+from infscaled.planning.job import check_model, explicit_edges, loop_edges, plan_job, stage_ranges
 from infscaled.protocol.messages import Deploy, Metrics, StopJob, WorkerState
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_to_dict
 
@@ -213,7 +213,7 @@ class JobStore:
 
         where = {node: agent for node, (agent, _) in placed.items()}
         where[DISPATCHER] = placed[Node(0, 0)][0]
-        edges = build_edges(replicas, cfg.pipeline.graph, explicit_edges(cfg))
+        edges = build_edges(replicas, cfg.pipeline.graph, explicit_edges(cfg), loop_edges(cfg))
         need = Counter(where[src] for src, _ in edges)
         need[where[DISPATCHER]] += 1  # the dispatcher's inference service
         free: dict[str, Any] = {}

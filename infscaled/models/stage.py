@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,8 +70,12 @@ class Stage(nn.Module):
         # Full-model (canonical) names of the parameters this stage holds.
         self.param_names = param_names
 
-    def forward(self, act: Activation) -> Activation:  # type: ignore[override]
+    def forward(self, act: Activation, kv: Any = None) -> Activation:  # type: ignore[override]
+        """Run the units; `kv` (generation.kv.BatchKV) gives the attention layers the KV cache of
+        the micro-batch's sequences and collects their new keys and values."""
         ctx: Context = {"shared": self.shared}
+        if kv is not None:
+            ctx["kv"] = kv
         for unit in self.units:
             act = unit(act, ctx)
         return act

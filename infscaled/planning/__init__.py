@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from infscaled.planning.graph import GRAPHS, build_edges, check_paths, downstream, upstream
 from infscaled.planning.partition import balance, check_cover, stage_weights
 from infscaled.planning.placement import normalise_device, place
-from infscaled.protocol.plan import DISPATCHER, EdgePlan, JobPlan, Node, StagePlan, WorkerPlan
+from infscaled.protocol.plan import DISPATCHER, EdgePlan, GenerationPlan, JobPlan, Node, StagePlan, WorkerPlan
 from infscaled.routing.policies import POLICIES
 
 __all__ = [
@@ -60,6 +60,7 @@ def make_plan(
     base_dir: str = ".",
     extra_edges: Sequence[tuple[Node, Node]] = (),
     hosts: Mapping[Node, str] | None = None,
+    generation: GenerationPlan | None = None,
 ) -> JobPlan:
     """Assemble a JobPlan. `devices` has one entry per replica, stage-major (see `place`);
     `ports` has one per edge in `build_edges` order (see `edge_count`). `hosts` places nodes
@@ -115,4 +116,5 @@ def make_plan(
         edge_timeout_s=edge_timeout_s,
         dispatcher_host=where.get(DISPATCHER, host),
         base_dir=base_dir,
+        generation=generation,
     )

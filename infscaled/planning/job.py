@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from infscaled.config import JobConfig, check_against_model, check_builtin
 from infscaled.planning import edge_count, make_plan
 from infscaled.planning.partition import balance
-from infscaled.protocol.plan import JobPlan, Node
+from infscaled.protocol.plan import GenerationPlan, JobPlan, Node
 
 
 def check_model(cfg: JobConfig, unit_count: int, builtin_names: Sequence[str]) -> JobConfig:
@@ -33,9 +33,27 @@ def explicit_edges(cfg: JobConfig) -> tuple[tuple[Node, Node], ...]:
     return tuple((Node.parse(a), Node.parse(b)) for a, b in cfg.pipeline.edges)
 
 
+def loop_edges(cfg: JobConfig) -> tuple[tuple[Node, Node], ...]:
+    """A generation job's decode loop: last stage -> first stage of each replica chain (none with
+    one stage: that stage feeds its own tokens back)."""
+    replicas = cfg.pipeline.replicas
+    if cfg.generation is None or len(replicas) < 2:
+        return ()
+    last = len(replicas) - 1
+    return tuple((Node(last, r), Node(0, r)) for r in range(replicas[0]))
+
+
+def generation_plan(cfg: JobConfig) -> GenerationPlan | None:
+    gen = cfg.generation
+    if gen is None:
+        return None
+    return GenerationPlan(gen.kv_budget_tokens, gen.max_batch_sequences,
+                          gen.micro_batches_in_flight or cfg.pipeline.stage_count)
+
+
 def ports_needed(cfg: JobConfig) -> int:
     pipe = cfg.pipeline
-    return edge_count(pipe.replicas, pipe.graph, explicit_edges(cfg))
+    return edge_count(pipe.replicas, pipe.graph, explicit_edges(cfg), loop_edges(cfg))
 
 
 def plan_job(cfg: JobConfig, unit_weights: Sequence[int], devices: Sequence[str], ports: Sequence[int],
@@ -49,4 +67,5 @@ def plan_job(cfg: JobConfig, unit_weights: Sequence[int], devices: Sequence[str]
         explicit_edges=explicit_edges(cfg), devices=devices, policy=pipe.policy,
         micro_batch_size=pipe.micro_batch_size, max_inflight=pipe.max_inflight, max_wait_ms=pipe.max_wait_ms,
         edge_timeout_s=pipe.edge_timeout_s, host=host, ports=ports, base_dir=cfg.base_dir, hosts=hosts,
+        extra_edges=loop_edges(cfg), generation=generation_plan(cfg),
     )

@@ -81,6 +81,15 @@ class WorkerPlan:
 
 
 @dataclass(frozen=True)
+class GenerationPlan:
+    """A generation job's decode loop: edges last stage -> first stage close each replica chain."""
+
+    kv_budget_tokens: int  # per stage replica
+    max_batch_sequences: int
+    micro_batches_in_flight: int  # per chain, >= 1
+
+
+@dataclass(frozen=True)
 class JobPlan:
     """Everything a worker or the dispatcher needs to join a job's data plane."""
 
@@ -99,6 +108,7 @@ class JobPlan:
     dispatcher_host: str = "127.0.0.1"
     # Directory the job file lives in; relative model paths were already resolved against it.
     base_dir: str = field(default=".")
+    generation: GenerationPlan | None = None
 
     def in_edges(self, node: Node) -> tuple[EdgePlan, ...]:
         return tuple(e for e in self.edges if e.dst == node)
@@ -130,6 +140,9 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "policy": plan.policy, "micro_batch_size": plan.micro_batch_size, "max_inflight": plan.max_inflight,
         "max_wait_ms": plan.max_wait_ms, "edge_timeout_s": plan.edge_timeout_s,
         "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir,
+        "generation": None if plan.generation is None else [
+            plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
+            plan.generation.micro_batches_in_flight],
     }
 
 
@@ -144,4 +157,5 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         micro_batch_size=int(d["micro_batch_size"]), max_inflight=int(d["max_inflight"]),  # type: ignore[call-overload]
         max_wait_ms=float(d["max_wait_ms"]), edge_timeout_s=float(d["edge_timeout_s"]),  # type: ignore[arg-type]
         dispatcher_host=str(d["dispatcher_host"]), base_dir=str(d["base_dir"]),
+        generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
     )

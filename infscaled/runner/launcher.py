@@ -31,6 +31,7 @@ from infscaled.planning.ports import free_ports
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
 from infscaled.worker.dispatcher import Dispatcher
 from infscaled.worker.entry import WorkerSpec, worker_main
+from infscaled.worker.gen_dispatcher import GenDispatcher
 from infscaled.worker.group import Member, WorkerGroup, WorkerHandle
 from infscaled.worker.transport import Edge, connect_all
 
@@ -85,7 +86,7 @@ class LocalJob:
         self.plan = prepared.plan
         self.ready_timeout_s = ready_timeout_s
         self.log_level = log_level
-        self.dispatcher: Dispatcher | None = None
+        self.dispatcher: Dispatcher | GenDispatcher | None = None
         self._edges: dict[str, Edge] = {}
         self._closing = False
         members = [Member(w.node, worker_main, WorkerSpec(self.plan, w.node, log_level, ready_timeout_s))
@@ -114,6 +115,16 @@ class LocalJob:
         if not self.group.wait_ready(self.ready_timeout_s):
             raise InfscaledError(self.group.failure or f"workers not ready within {self.ready_timeout_s:g} s")
         cfg = self.prepared.cfg
+        if self.plan.generation is not None:
+            self.dispatcher = GenDispatcher(
+                [self._edges[e.key] for e in self.plan.out_edges(DISPATCHER)],
+                [self._edges[e.key] for e in self.plan.in_edges(DISPATCHER)],
+                self.plan.generation, request_timeout_s=cfg.workload.request_timeout_s,
+                on_broken=self._edge_broke)
+            self.dispatcher.start()
+            if self.group.failure:
+                self.dispatcher.fail(self.group.failure)
+            return
         self.dispatcher = Dispatcher(
             self.prepared.spec, dtype_of(self.plan.dtype),
             [self._edges[e.key] for e in self.plan.out_edges(DISPATCHER)],
@@ -150,8 +161,14 @@ class LocalJob:
         return result
 
     def submit(self, x: torch.Tensor) -> Future[torch.Tensor]:
-        assert self.dispatcher is not None, "job not started"
+        assert isinstance(self.dispatcher, Dispatcher), "job not started, or a generation job (use generator)"
         return self.dispatcher.submit(x)
+
+    @property
+    def generator(self) -> GenDispatcher:
+        """A generation job's dispatcher (submit sequences, cancel them)."""
+        assert isinstance(self.dispatcher, GenDispatcher), "job not started, or not a generation job"
+        return self.dispatcher
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Drain and stop; idempotent. Never leaves a worker process behind."""

@@ -119,11 +119,17 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None]) -> 
     try:
         send(control.WorkerReady(str(me), os.getpid(), worker.device, list(stage.param_names),
                                  sum(p.numel() for p in stage.parameters()), load_s))
-        loop = StageLoop(str(me), stage, worker.device, [edges[e.key] for e in in_plans],
-                         [edges[e.key] for e in out_plans], Router(plan.policy, len(out_plans), seed=plan.seed),
-                         queue_depth=max(2, plan.max_inflight),
-                         on_stats=lambda s: send(control.WorkerStatsReport(s)))
-        stats = loop.run()
+        ins, outs = [edges[e.key] for e in in_plans], [edges[e.key] for e in out_plans]
+        report = lambda s: send(control.WorkerStatsReport(s))  # noqa: E731 - one line, two users
+        if plan.generation is not None:
+            from infscaled.worker.gen_loop import GenStageLoop
+
+            stats = GenStageLoop(me, stage, worker.device, ins, outs, plan.generation, len(plan.stages),
+                                 on_stats=report).run()
+        else:
+            stats = StageLoop(str(me), stage, worker.device, ins, outs,
+                              Router(plan.policy, len(out_plans), seed=plan.seed),
+                              queue_depth=max(2, plan.max_inflight), on_stats=report).run()
         send(control.WorkerDone(stats))
     finally:
         for edge in edges.values():

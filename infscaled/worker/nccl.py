@@ -75,6 +75,8 @@ def edge_backend(plan: JobPlan, edge: EdgePlan) -> str:
     """"nccl" when both ends are CUDA devices (on different GPUs, or on different hosts), else "gloo"."""
     if os.environ.get(TRANSPORT_ENV, "").lower() == "gloo" or not nccl_available():
         return "gloo"
+    if plan.generation is not None:
+        return "gloo"  # the generation loop (worker/gen_loop.py) moves host tensors for now
     (src_host, src), (dst_host, dst) = _device_of(plan, edge.src), _device_of(plan, edge.dst)
     if src.type != "cuda" or dst.type != "cuda":
         return "gloo"
@@ -229,9 +231,12 @@ class NcclTransport(Transport):
         nccl = self._nccl_group("send tensors")
         stream = self.send_stream
         try:
+            caller = torch.cuda.current_stream(self.device)
             with torch.cuda.stream(stream):
                 if ready is not None:
                     stream.wait_event(ready)
+                else:  # no event: order after whatever the caller's current stream wrote
+                    stream.wait_stream(caller)
                 for t in tensors:
                     t = t.contiguous()
                     nccl.send([t], self.peer, TAG_TENSOR).wait()  # GPU-side: send_stream waits for it

@@ -18,7 +18,9 @@ class GPT2Embed(Unit):
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         ids = act["input_ids"]  # [B, T]
-        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        positions = act.get("position_ids")  # decode steps: each row's own position [B, 1]
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         hidden = self.drop(self.wte(ids) + self.wpe(positions))
         return {"hidden": hidden, "attention_mask": act["attention_mask"]}
 
@@ -31,7 +33,9 @@ class GPT2Block(Unit):
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         causal_context(self.config, act, ctx)
-        hidden = self.block(act["hidden"], None, ctx["mask"], use_cache=False, position_ids=ctx["position_ids"])
+        # ctx["kv"]: generation's KV cache of the micro-batch's sequences, None otherwise.
+        hidden = self.block(act["hidden"], ctx.get("kv"), ctx["mask"], use_cache=False,
+                            position_ids=ctx["position_ids"])
         return {"hidden": hidden, "attention_mask": act["attention_mask"]}
 
 

@@ -1,0 +1,185 @@
+"""Generation through real worker processes over gloo: KV caches in the stages, the decode loop
+inside each replica chain, continuous batching, KV-budget admission, cancellation.
+
+Reference: Hugging Face `generate` (greedy) on the monolithic model, one sequence at a time.
+Sequences of different prompt and output lengths are submitted while others run, so they join
+and leave the chains' micro-batches at every step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from infscaled.config import parse_job
+from infscaled.generation.kv import StageKV
+from infscaled.generation.params import SamplingParams
+from infscaled.models.sources import resolve
+from infscaled.models.stage import Monolith, materialize, skeleton
+from infscaled.runner.launcher import LocalJob, prepare
+from infscaled.worker.gen_dispatcher import GenDispatcher
+
+
+def hf_greedy(mono: Monolith, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = mono.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+class Collected:
+    """What one sequence's consumer received."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.error: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, token: int, done: bool, error: str | None) -> None:
+        if error is not None:
+            self.error = error
+        else:
+            self.tokens.append(token)
+        if done:
+            self.done.set()
+
+
+def gen_job(model: str, stages: int, replicas: int, **generation: Any) -> Any:
+    pipeline: dict[str, Any] = {"stages": stages, "replicas": [replicas] * stages}
+    if replicas > 1 and stages > 1:
+        pipeline["graph"] = "parallel"
+    return parse_job({"name": f"gen-{model}", "model": {"source": f"builtin:{model}"}, "pipeline": pipeline,
+                      "generation": generation})
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[tuple[list[int], int]]:
+    gen = torch.Generator().manual_seed(7)
+    lengths = [(5, 6), (12, 3), (3, 9), (8, 1), (20, 5), (2, 7), (9, 4), (14, 8)]
+    return [(torch.randint(0, 512, (p,), generator=gen).tolist(), n) for p, n in lengths]
+
+
+def run_staggered(gen: GenDispatcher, work: list[tuple[list[int], int]]) -> list[Collected]:
+    """Submit half, wait for some tokens, submit the rest while the first ones still run."""
+    results = [Collected() for _ in work]
+    half = len(work) // 2
+    for (prompt, new), got in zip(work[:half], results[:half], strict=True):
+        gen.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), got)
+    deadline = time.monotonic() + 60
+    while sum(len(r.tokens) for r in results[:half]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for (prompt, new), got in zip(work[half:], results[half:], strict=True):
+        gen.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), got)
+    for r in results:
+        assert r.done.wait(120), "a sequence never finished"
+    return results
+
+
+@pytest.mark.parametrize(("model", "stages", "replicas"), [
+    ("gpt2-tiny", 1, 1), ("gpt2-tiny", 2, 2), ("qwen2-tiny", 3, 1), ("llama-tiny", 4, 2),
+])
+def test_greedy_generation_equals_hf_generate(model: str, stages: int, replicas: int,
+                                              prompts: list[tuple[list[int], int]]) -> None:
+    cfg = gen_job(model, stages, replicas, max_batch_sequences=3)
+    mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
+    expected = [hf_greedy(mono, p, n) for p, n in prompts]
+    with LocalJob(prepare(cfg)) as job:
+        results = run_staggered(job.generator, prompts)
+        assert [r.error for r in results] == [None] * len(prompts)
+        assert [r.tokens for r in results] == expected
+        assert job.generator.live() == 0 and job.generator.finished == len(prompts)
+
+
+def test_more_sequences_than_the_kv_budget_queue_and_all_finish(prompts: list[tuple[list[int], int]]) -> None:
+    # Room for about two sequences at a time per stage: the others wait for their turn.
+    cfg = gen_job("gpt2-tiny", 2, 1, kv_budget_tokens=30, max_batch_sequences=4)
+    mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
+    work = [(p, n) for p, n in prompts if len(p) + n <= 30]
+    with LocalJob(prepare(cfg)) as job:
+        results = run_staggered(job.generator, work)
+        assert [r.tokens for r in results] == [hf_greedy(mono, p, n) for p, n in work]
+        with pytest.raises(Exception, match="needs 31 KV positions; each stage of this job holds at most 30"):
+            job.generator.submit([1] * 21, SamplingParams(max_new_tokens=10), Collected())
+
+
+def test_cancel_frees_the_caches_on_every_stage() -> None:
+    """A cancelled sequence (its client went away) leaves no cache behind, as every stage reports."""
+    cfg = gen_job("llama-tiny", 3, 1, kv_budget_tokens=4096)
+    with LocalJob(prepare(cfg)) as job:
+        handles = job.group.handles
+
+        def kv_report() -> list[tuple[int, int, int]]:
+            return [(h.stats.kv_sequences, h.stats.kv_tokens, h.stats.kv_reserved_tokens) if h.stats else (-1, -1, -1)
+                    for h in handles.values()]
+
+        long = Collected()
+        seq = job.generator.submit(list(range(1, 30)), SamplingParams(max_new_tokens=220, temperature=0.0), long)
+        wait_for(lambda: all(n == 1 and t >= 29 and r == 29 + 220 for n, t, r in kv_report()), "the cache in use")
+        job.generator.cancel(seq)
+        wait_for(lambda: kv_report() == [(0, 0, 0)] * 3, "every stage to free the cancelled sequence")
+        assert not long.done.is_set() and 5 <= len(long.tokens) < 220
+        short = Collected()
+        job.generator.submit([3, 4, 5], SamplingParams(max_new_tokens=4, temperature=0.0), short)
+        assert short.done.wait(60) and len(short.tokens) == 4 and short.error is None
+        assert job.generator.live() == 0
+
+
+def wait_for(check: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_single_process_kv_decode_matches_hf_for_every_decoder_family() -> None:
+    """The stage-level KV path without processes: prefill in one batch, decode in changing groups."""
+    for name in ("gpt2-tiny", "llama-tiny", "qwen2-tiny", "mistral-tiny"):
+        resolved = resolve("builtin:" + name)
+        mono = Monolith(resolved, "cpu", "float32", 0)
+        n = skeleton(resolved).unit_count
+        stages = [materialize(skeleton(resolved), a, b, "cpu", "float32", 0, None)
+                  for a, b in ((0, 1), (2, n - 2), (n - 1, n - 1))]
+        kvs = [StageKV(1000) for _ in stages]
+        gen = torch.Generator().manual_seed(3)
+        prompts = [torch.randint(0, 512, (length,), generator=gen).tolist() for length in (5, 9, 3)]
+        new = [6, 4, 8]
+        got = decode_in_process(stages, kvs, prompts, new)
+        assert got == [hf_greedy(mono, p, m) for p, m in zip(prompts, new, strict=True)], name
+        assert all(kv.held_tokens == sum(len(p) + m - 1 for p, m in zip(prompts, new, strict=True)) for kv in kvs)
+
+
+def decode_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list[int]],
+                      new: list[int]) -> list[list[int]]:
+    seqs = list(range(len(prompts)))
+    lengths = [len(p) for p in prompts]
+    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
+    act: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    with torch.inference_mode():
+        for stage, kv in zip(stages, kvs, strict=True):
+            batch = kv.prefill(seqs, lengths, [n + m for n, m in zip(lengths, new, strict=True)])
+            act = stage(act, batch)
+            kv.store(seqs, batch)
+        out = [[int(act["output"][i, lengths[i] - 1].argmax())] for i in seqs]
+        step = 0
+        while live := [s for s in seqs if len(out[s]) < new[s]]:
+            groups = [live] if step % 2 == 0 else [[s] for s in live]  # batches change every step
+            step += 1
+            for group in groups:
+                act = {"input_ids": torch.tensor([[out[s][-1]] for s in group]),
+                       "attention_mask": torch.ones(len(group), 1, dtype=torch.int64),
+                       "position_ids": torch.tensor([[lengths[s] + len(out[s]) - 1] for s in group])}
+                for stage, kv in zip(stages, kvs, strict=True):
+                    batch = kv.decode(group)
+                    act = stage(act, batch)
+                    kv.store(group, batch)
+                for i, s in enumerate(group):
+                    out[s].append(int(act["output"][i, -1].argmax()))
+    return out
