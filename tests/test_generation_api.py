@@ -248,6 +248,8 @@ source = "builtin:gpt2-tiny"
 
 [pipeline]
 stages = 2
+
+[generation]
 """
 
 

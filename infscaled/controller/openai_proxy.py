@@ -43,9 +43,10 @@ def _running(request: web.Request) -> list[Job]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """Every running job, as OpenAI models: `id` is the job id; `name` (also accepted as `model`)."""
+    """Every running generation job, as OpenAI models: `id` is the job id; `name` (also accepted as `model`)."""
     data = [{"id": j.id, "object": "model", "created": int(j.created), "owned_by": "infscaled", "name": j.name,
-             "root": j.cfg.model.source} for j in sorted(_running(request), key=lambda j: j.created)]
+             "root": j.cfg.model.source} for j in sorted(_running(request), key=lambda j: j.created)
+            if j.cfg.generation is not None]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -67,6 +68,9 @@ def resolve_model(request: web.Request, model: Any) -> Job | web.Response:
         job = named[-1]
     if job.state is not JobState.RUNNING:
         return _error(409, job.describe(), param="model")
+    if job.cfg.generation is None:
+        return _error(400, f"job {job.id} serves forward passes (POST /v1/jobs/{job.id}/infer), not text "
+                           "generation: its job file has no [generation] table", param="model")
     return job
 
 

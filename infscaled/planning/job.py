@@ -48,7 +48,7 @@ def generation_plan(cfg: JobConfig) -> GenerationPlan | None:
     if gen is None:
         return None
     return GenerationPlan(gen.kv_budget_tokens, gen.max_batch_sequences,
-                          gen.micro_batches_in_flight or cfg.pipeline.stage_count)
+                          gen.micro_batches_in_flight or cfg.pipeline.stage_count, gen.max_new_tokens)
 
 
 def ports_needed(cfg: JobConfig) -> int:

@@ -87,6 +87,7 @@ class GenerationPlan:
     kv_budget_tokens: int  # per stage replica
     max_batch_sequences: int
     micro_batches_in_flight: int  # per chain, >= 1
+    default_max_new_tokens: int = 16  # when a request does not say
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir,
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
-            plan.generation.micro_batches_in_flight],
+            plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens],
     }
 
 

@@ -175,6 +175,10 @@ class GenDispatcher:
     def failure(self) -> str | None:
         return self._failure
 
+    def inflight(self) -> int:
+        """Sequences admitted or waiting (the service's health and stats call it this)."""
+        return self.live()
+
     def live(self) -> int:
         with self._lock:
             return len(self._seqs)

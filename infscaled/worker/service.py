@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
     from infscaled.models.base import InputSpec
     from infscaled.worker.dispatcher import Dispatcher
+    from infscaled.worker.gen_dispatcher import GenDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
     from infscaled.models.sources import resolve
     from infscaled.models.stage import skeleton
     from infscaled.worker.dispatcher import Dispatcher
+    from infscaled.worker.gen_dispatcher import GenDispatcher
     from infscaled.worker.transport import connect_all
 
     torch.set_num_threads(max(1, int(os.environ.get("INFSCALED_WORKER_THREADS", "1"))))
@@ -166,10 +168,15 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
     edges = connect_all(list(out_plans) + list(in_plans), DISPATCHER, plan.dispatcher_host,
                         spec.connect_timeout_s)
     try:
-        dispatcher = Dispatcher(
-            input_spec, dtype_of(plan.dtype), [edges[e.key] for e in out_plans], [edges[e.key] for e in in_plans],
-            plan.policy, plan.micro_batch_size, plan.max_inflight, plan.max_wait_ms,
-            request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S, seed=plan.seed)
+        dispatcher: Dispatcher | GenDispatcher
+        if plan.generation is not None:
+            dispatcher = GenDispatcher([edges[e.key] for e in out_plans], [edges[e.key] for e in in_plans],
+                                       plan.generation, request_timeout_s=spec.request_timeout_s)
+        else:
+            dispatcher = Dispatcher(
+                input_spec, dtype_of(plan.dtype), [edges[e.key] for e in out_plans],
+                [edges[e.key] for e in in_plans], plan.policy, plan.micro_batch_size, plan.max_inflight,
+                plan.max_wait_ms, request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S, seed=plan.seed)
         dispatcher.start()
         return asyncio.run(_serve(spec, dispatcher, input_spec, link, time.monotonic() - started))
     finally:
@@ -183,7 +190,7 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
 @dataclass
 class _Service:
     spec: ServiceSpec
-    dispatcher: Dispatcher
+    dispatcher: Dispatcher | GenDispatcher
     input_spec: InputSpec
     draining: bool = False
     stats: RequestStats = field(default_factory=RequestStats)
@@ -198,15 +205,18 @@ class _Service:
 SERVICE = web.AppKey("service", _Service)
 
 
-async def _serve(spec: ServiceSpec, dispatcher: Dispatcher, input_spec: InputSpec, link: _ControlLink,
-                 load_s: float) -> control.StageStats:
+async def _serve(spec: ServiceSpec, dispatcher: Dispatcher | GenDispatcher, input_spec: InputSpec,
+                 link: _ControlLink, load_s: float) -> control.StageStats:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     svc = _Service(spec, dispatcher, input_spec)
-    app = web.Application(client_max_size=spec.max_body_bytes)
+    app = web.Application(client_max_size=spec.max_body_bytes, middlewares=[_generation_auth])
     app[SERVICE] = svc
-    app.router.add_post("/infer", _infer)
     app.router.add_get("/health", _health)
+    if spec.plan.generation is not None:
+        app.add_routes(await asyncio.to_thread(_generation_routes, spec, dispatcher, input_spec))
+    else:
+        app.router.add_post("/infer", _infer)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -232,6 +242,33 @@ async def _serve(spec: ServiceSpec, dispatcher: Dispatcher, input_spec: InputSpe
         await runner.cleanup()
     wall = time.monotonic() - svc.started
     return control.StageStats(NODE, micro_batches=svc.stats.requests, samples=svc.stats.samples, wall_s=wall)
+
+
+def _generation_routes(spec: ServiceSpec, dispatcher: Any, input_spec: InputSpec) -> list[web.RouteDef]:
+    """The OpenAI-compatible endpoints over the pipeline (the tokenizer loads from local files)."""
+    from infscaled.generation.openai_api import make_handlers
+    from infscaled.generation.tokenizer import load_tokenizer
+    from infscaled.worker.gen_dispatcher import PipelineBackend
+
+    plan = spec.plan
+    assert plan.generation is not None
+    handlers = make_handlers(PipelineBackend(dispatcher), load_tokenizer(plan.model_source), plan.job,
+                             input_spec.max_positions, input_spec.vocab_size,
+                             default_max_tokens=plan.generation.default_max_new_tokens)
+    routes: list[web.RouteDef] = handlers.routes()
+    return routes
+
+
+@web.middleware
+async def _generation_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The generation routes answer in OpenAI's error shape; /infer and /health check for themselves."""
+    authorized = request.app[SERVICE].authorized(request.headers.get("Authorization", ""))
+    if request.path.startswith("/v1/") and not authorized:
+        from infscaled.generation.errors import error_body
+
+        return web.json_response(error_body(401, "missing or invalid bearer token"), status=401)
+    result: web.StreamResponse = await handler(request)
+    return result
 
 
 async def _report_stats(svc: _Service, link: _ControlLink) -> None:

@@ -1,0 +1,140 @@
+"""Generation end to end through the daemons: a controller and an agent as subprocesses, a
+generation job of real worker processes, the official `openai` client pointed at the controller."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from cluster import TOKEN, Cluster, local_cluster
+
+from infscaled.generation.tokenizer import ByteTokenizer
+from infscaled.models.sources import resolve
+from infscaled.models.stage import Monolith
+
+GEN_JOB = """
+name = "chat"
+[model]
+source = "builtin:llama-tiny"
+[pipeline]
+stages = 2
+[generation]
+kv_budget_tokens = 160
+max_batch_sequences = 4
+"""
+
+FORWARD_JOB = """
+name = "fwd"
+[model]
+source = "builtin:gpt2-tiny"
+[pipeline]
+stages = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
+    with local_cluster(tmp_path_factory.mktemp("state"), {"a1": "cpu:3"}) as c:
+        detail = c.run_job(GEN_JOB)
+        yield c, detail["id"]
+
+
+def client(c: Cluster) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{c.url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+
+
+def expected_text(prompt: str, new: int) -> tuple[str, int]:
+    """What greedy decoding of the monolithic model produces (HF generate), as text."""
+    tok = ByteTokenizer()
+    mono = Monolith(resolve("builtin:llama-tiny"), "cpu", "float32", 0)
+    ids = torch.tensor([tok.encode(prompt)])
+    with torch.inference_mode():
+        out = mono.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)
+    return tok.decode(out[0, ids.shape[1]:].tolist()), ids.shape[1]
+
+
+def kv_in_use(c: Cluster, job_id: str) -> list[tuple[int, int]]:
+    stages = c.call("GET", f"/v1/jobs/{job_id}/metrics")[1]["stages"]
+    return [(s["kv_sequences"], s["kv_reserved_tokens"]) for s in stages]
+
+
+def test_completions_and_chat_through_the_controller_equal_hf_generate(cluster: tuple[Cluster, str]) -> None:
+    c, job_id = cluster
+    text, prompt_tokens = expected_text("Hello pipeline", 12)
+
+    async def scenario() -> None:
+        async with client(c) as api:
+            models = await api.models.list()
+            assert [m.id for m in models.data] == [job_id]
+            done = await api.completions.create(model="chat", prompt="Hello pipeline", max_tokens=12, temperature=0,
+                                                extra_body={"ignore_eos": True})
+            assert done.choices[0].text == text and done.choices[0].finish_reason == "length"
+            assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (prompt_tokens, 12)
+            stream = await api.completions.create(model=job_id, prompt="Hello pipeline", max_tokens=12, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+            assert "".join([ch.choices[0].text async for ch in stream if ch.choices]) == text
+            chat = await api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=5, temperature=0.7, seed=3, stream=True)
+            pieces = [ch async for ch in chat]
+            assert pieces[-1].choices[0].finish_reason in ("stop", "length")
+            with pytest.raises(openai.NotFoundError, match="The model 'nope' does not exist"):
+                await api.completions.create(model="nope", prompt="x", max_tokens=1)
+            with pytest.raises(openai.BadRequestError, match="temperature"):
+                await api.completions.create(model="chat", prompt="x", max_tokens=1, temperature=5)
+            with pytest.raises(openai.BadRequestError, match="the model has 256"):
+                await api.completions.create(model="chat", prompt="x" * 300, max_tokens=1)
+
+    asyncio.run(scenario())
+
+
+def test_more_sequences_than_the_kv_budget_wait_and_all_finish(cluster: tuple[Cluster, str]) -> None:
+    c, _ = cluster
+    # 160 KV positions per stage; each request reserves 10 + 30: at most 4 at once, 10 are sent.
+    text, _ = expected_text("0123456789", 30)
+
+    async def scenario() -> list[str]:
+        async with client(c) as api:
+            answers = await asyncio.gather(*(api.completions.create(
+                model="chat", prompt="0123456789", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+                for _ in range(10)))
+            return [a.choices[0].text for a in answers]
+
+    assert asyncio.run(scenario()) == [text] * 10
+
+
+def test_client_disconnect_mid_stream_frees_the_caches(cluster: tuple[Cluster, str]) -> None:
+    c, job_id = cluster
+
+    async def scenario() -> None:
+        async with client(c) as api:
+            stream = await api.completions.create(model="chat", prompt="go", max_tokens=150, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+            got = 0
+            async for _ in stream:
+                got += 1
+                if got == 3:
+                    c.wait_for("the sequence's caches in use", lambda: kv_in_use(c, job_id) == [(1, 152)] * 2, 10)
+                    break
+            await stream.close()  # the client goes away mid-stream
+
+    asyncio.run(scenario())
+    c.wait_for("every stage to free the caches", lambda: kv_in_use(c, job_id) == [(0, 0)] * 2, 30)
+
+
+def test_a_forward_job_is_not_a_model(cluster: tuple[Cluster, str], tmp_path: Path) -> None:
+    c, _ = cluster
+    status, err = c.call("POST", "/v1/completions", {"model": "nope-job", "prompt": "x"})
+    assert status == 404 and err["error"]["code"] == "model_not_found"
+    fwd = c.run_job(FORWARD_JOB)
+    status, err = c.call("POST", "/v1/completions", {"model": "fwd", "prompt": "x"})
+    assert status == 400
+    assert err["error"]["message"] == (f"job {fwd['id']} serves forward passes (POST /v1/jobs/{fwd['id']}/infer), "
+                                       "not text generation: its job file has no [generation] table")
+    c.call("DELETE", f"/v1/jobs/{fwd['id']}")
+    c.wait_for("stopped", lambda: c.job(fwd["id"])["state"] == "stopped", 60)
+
