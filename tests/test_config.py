@@ -640,3 +640,35 @@ def test_parse_job_names_string_source() -> None:
     with pytest.raises(ConfigError) as info:
         parse_job({"model": {"source": "builtin:x"}, "pipeline": {"stages": 1, "graph": "star"}})
     assert str(info.value).startswith("<string>: pipeline.graph = 'star': unknown graph")
+
+
+# --- [generation] ------------------------------------------------------------------------------
+
+
+def test_generation_defaults_and_loop_edges(tmp_path: Path) -> None:
+    from infscaled.planning.job import generation_plan, loop_edges, ports_needed
+    from infscaled.protocol.plan import Node
+
+    cfg = load_job(write(tmp_path, with_pipeline('stages = 3\nreplicas = [2, 2, 2]\ngraph = "parallel"',
+                                                 "[generation]\nkv_budget_tokens = 512")))
+    assert cfg.generation is not None and cfg.generation.kv_budget_tokens == 512
+    assert loop_edges(cfg) == ((Node(2, 0), Node(0, 0)), (Node(2, 1), Node(0, 1)))
+    assert generation_plan(cfg).micro_batches_in_flight == 3  # type: ignore[union-attr] # one per stage
+    assert ports_needed(cfg) == 2 + 2 * 2 + 2 + 2  # dispatcher in, 2 hops x 2 chains, out, 2 loop edges
+
+
+def test_generation_needs_replica_chains(tmp_path: Path) -> None:
+    message = load_error(tmp_path, with_pipeline("stages = 2\nreplicas = [1, 2]", "[generation]"))
+    assert_parts(message, "pipeline.replicas = [1, 2]", "[generation] needs replica chains",
+                 'allowed: the same replica count for every stage, with pipeline.graph = "parallel"')
+    message = load_error(tmp_path, with_pipeline("stages = 2\nreplicas = [2, 2]", "[generation]"))
+    assert_parts(message, "pipeline.replicas = [2, 2]", "but pipeline.graph = 'mesh'")
+
+
+def test_generation_bad_values(tmp_path: Path) -> None:
+    message = load_error(tmp_path, with_pipeline("stages = 2", "[generation]\nkv_budget_tokens = 0"))
+    assert_parts(message, "generation.kv_budget_tokens = 0", "allowed: an integer >= 1")
+    message = load_error(tmp_path, with_pipeline("stages = 2", "[generation]\noutput_tokens = [9, 3]"))
+    assert_parts(message, "generation.output_tokens = [9, 3]", "1 <= min <= max")
+    message = load_error(tmp_path, with_pipeline("stages = 2", "[generation]\nkv_budget = 64"))
+    assert_parts(message, "generation.kv_budget = 64", "did you mean 'kv_budget_tokens'?")

@@ -183,3 +183,18 @@ def decode_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list[
                 for i, s in enumerate(group):
                     out[s].append(int(act["output"][i, -1].argmax()))
     return out
+
+
+def test_infscaled_run_drives_a_generation_workload(tmp_path: Any) -> None:
+    from infscaled.runner.run import render_summary, run_job
+
+    cfg = parse_job({"name": "g", "model": {"source": "builtin:gpt2-tiny"}, "pipeline": {"stages": 2},
+                     "generation": {"prompt_tokens": [2, 12], "output_tokens": [3, 9], "max_batch_sequences": 4},
+                     "workload": {"requests": 10, "seed": 4}})
+    summary = run_job(cfg, verify=True)
+    doc = summary.to_json()
+    assert (doc["completed"], doc["failed"], doc["verify"]) == (10, 0, {"checked": 10, "mismatched": 0})
+    assert doc["output_tokens"] == sum(len(o.tokens) for o in summary.outcomes) > 10 and doc["tokens_per_s"] > 0
+    q = doc["latency_ms"]
+    assert 0 < q["ttft_p50"] <= q["ttft_p99"] and 0 < q["tpot_p50"] <= q["tpot_p99"]
+    assert render_summary(summary) is not None

@@ -12,8 +12,9 @@ from infscaled.models import inputs
 from infscaled.models.base import InputSpec
 from infscaled.models.sources import ResolvedModel
 from infscaled.models.stage import Monolith
+from infscaled.runner.genload import GenSummary, drive_generation, gen_requests, render_generation
 from infscaled.runner.launcher import LocalJob, Prepared, prepare
-from infscaled.runner.summary import Summary, Verification, summarize
+from infscaled.runner.summary import Summary, Verification, render, summarize
 from infscaled.runner.workload import Outcome, RunResult, drive, requests_for
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,13 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 
 def run_job(cfg: JobConfig, *, requests: int | None = None, rate: float | None = None, verify: bool = False,
-            progress: bool = False, log_level: int = logging.WARNING) -> Summary:
+            progress: bool = False, log_level: int = logging.WARNING) -> Summary | GenSummary:
     if requests is not None or rate is not None:
         wl = cfg.workload
         cfg = replace(cfg, workload=replace(wl, requests=requests if requests is not None else wl.requests,
                                             rate=rate if rate is not None else wl.rate))
+    if cfg.generation is not None:
+        return run_generation(cfg, verify=verify, log_level=log_level)
     prepared = prepare(cfg)
     wl = cfg.workload
     concurrency = wl.concurrency or cfg.pipeline.micro_batch_size * cfg.pipeline.max_inflight
@@ -80,3 +83,35 @@ def verify_results(resolved: ResolvedModel, spec: InputSpec, dtype_name: str, se
         if not (got.shape == expected.shape and torch.allclose(got, expected, atol=tol, rtol=tol)):
             v.mismatched += 1
     return v
+
+
+def run_generation(cfg: JobConfig, *, verify: bool = False, log_level: int = logging.WARNING) -> GenSummary:
+    """A generation job's workload: greedy sequences of the [generation] lengths; `verify` checks
+    every sequence against Hugging Face `generate` on the monolithic model."""
+    assert cfg.generation is not None
+    prepared = prepare(cfg)
+    wl, gen = cfg.workload, cfg.generation
+    chains = cfg.pipeline.replicas[0]
+    concurrency = wl.concurrency or gen.max_batch_sequences * max(1, gen.micro_batches_in_flight or
+                                                                  cfg.stage_count) * chains
+    work = list(gen_requests(cfg, prepared.spec.vocab_size, wl.requests))
+    with LocalJob(prepared, log_level=log_level) as job:
+        outcomes, wall = drive_generation(job.generator.submit, iter(work), wl.requests, wl.rate, concurrency)
+        job.stop()
+        stages = sorted((h.stats for h in job.state.workers.values() if h.stats is not None), key=lambda s: s.node)
+        summary = GenSummary(cfg.name, outcomes, wall, stages, job.state.failure)
+    if verify:
+        mono = Monolith(prepared.resolved, "cpu", prepared.plan.dtype, prepared.plan.seed)
+        for o in summary.completed:
+            ids = torch.tensor([o.prompt])
+            with torch.inference_mode():
+                out = mono.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=o.max_new,
+                                          do_sample=False, pad_token_id=0, eos_token_id=None)
+            summary.verified += 1
+            summary.mismatched += out[0, len(o.prompt):].tolist() != o.tokens
+    return summary
+
+
+def render_summary(summary: Summary | GenSummary) -> object:
+    """The rich table of either kind of run."""
+    return render_generation(summary) if isinstance(summary, GenSummary) else render(summary)

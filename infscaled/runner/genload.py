@@ -1,0 +1,174 @@
+"""Generation workloads: prompts and output lengths drawn from the job's [generation] ranges,
+closed loop or Poisson arrivals, and per-sequence timing (time to first token, time per output
+token). Greedy and with fixed lengths (no stop ids), so runs are comparable and checkable.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from infscaled.config import JobConfig
+from infscaled.generation.params import SamplingParams
+from infscaled.protocol.control import StageStats
+from infscaled.runner.summary import percentile
+
+Submit = Callable[[list[int], SamplingParams, Callable[[int, bool, str | None], None]], Any]
+
+
+@dataclass
+class SeqOutcome:
+    index: int
+    prompt: list[int]
+    max_new: int
+    submitted: float = 0.0
+    first_at: float = 0.0
+    last_at: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    error: str | None = None
+    done: bool = False
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_at - self.submitted
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (None for a single token)."""
+        return (self.last_at - self.first_at) / (len(self.tokens) - 1) if len(self.tokens) > 1 else None
+
+
+def gen_requests(cfg: JobConfig, vocab_size: int, count: int) -> Iterator[tuple[list[int], int]]:
+    """(prompt token ids, new tokens) per request, deterministic for the workload's seed."""
+    assert cfg.generation is not None
+    rng = random.Random(cfg.workload.seed)
+    for _ in range(count):
+        prompt = [rng.randrange(vocab_size) for _ in range(rng.randint(*cfg.generation.prompt_tokens))]
+        yield prompt, rng.randint(*cfg.generation.output_tokens)
+
+
+def drive_generation(submit: Submit, requests: Iterator[tuple[list[int], int]], count: int, rate: float,
+                     concurrency: int) -> tuple[list[SeqOutcome], float]:
+    """Send `count` sequences (closed loop with `concurrency` live, or Poisson at `rate`/s);
+    returns every outcome and the wall time, once all ended."""
+    outcomes: list[SeqOutcome] = []
+    slots = threading.Semaphore(max(1, concurrency)) if rate <= 0 else None
+    ended = threading.Semaphore(0)
+    arrivals = random.Random(count)
+    start = next_at = time.monotonic()
+    for i, (prompt, new) in enumerate(requests):
+        if i == count:
+            break
+        if slots is not None:
+            slots.acquire()
+        else:
+            next_at += arrivals.expovariate(rate)
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        o = SeqOutcome(i, prompt, new, submitted=time.monotonic())
+        outcomes.append(o)
+
+        def consume(token: int, done: bool, error: str | None, o: SeqOutcome = o) -> None:
+            now = time.monotonic()
+            if error is not None:
+                o.error = error
+            else:
+                o.first_at = o.first_at or now
+                o.last_at = now
+                o.tokens.append(token)
+            if done:
+                o.done = True
+                if slots is not None:
+                    slots.release()
+                ended.release()
+
+        try:
+            submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), consume)
+        except Exception as exc:  # noqa: BLE001 - a refused sequence is an outcome, not a crash
+            consume(-1, True, str(exc))
+    for _ in outcomes:
+        ended.acquire()
+    return outcomes, time.monotonic() - start
+
+
+@dataclass
+class GenSummary:
+    job: str
+    outcomes: list[SeqOutcome]
+    wall_s: float
+    stages: list[StageStats]
+    failure: str | None = None
+    verified: int = 0
+    mismatched: int = 0
+
+    @property
+    def completed(self) -> list[SeqOutcome]:
+        return [o for o in self.outcomes if o.error is None]
+
+    @property
+    def failed(self) -> int:
+        return len(self.outcomes) - len(self.completed)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(len(o.tokens) for o in self.completed)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.failure is None and self.mismatched == 0
+
+    def quantiles_ms(self) -> dict[str, float]:
+        ttft = [o.ttft_s * 1000 for o in self.completed]
+        tpot = [t * 1000 for o in self.completed if (t := o.tpot_s) is not None]
+        return {"ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+                "tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99)}
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "job": self.job, "completed": len(self.completed), "failed": self.failed, "wall_s": self.wall_s,
+            "output_tokens": self.output_tokens, "tokens_per_s": self.tokens_per_s,
+            "latency_ms": self.quantiles_ms(),
+            "stages": [{"node": s.node, "busy": s.busy, "micro_batches": s.micro_batches} for s in self.stages],
+        }
+        if self.verified:
+            doc["verify"] = {"checked": self.verified, "mismatched": self.mismatched}
+        if self.failure:
+            doc["failure"] = self.failure
+        errors = sorted({o.error for o in self.outcomes if o.error})
+        if errors:
+            doc["errors"] = errors[:20]
+        return doc
+
+    def write_json(self, path: str) -> None:
+        import json
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def render_generation(summary: GenSummary) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"job {summary.job} (generation)", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    q = summary.quantiles_ms()
+    rows = [("sequences completed", str(len(summary.completed))), ("sequences failed", str(summary.failed)),
+            ("output tokens", str(summary.output_tokens)), ("tokens/s", f"{summary.tokens_per_s:.1f}"),
+            ("time to first token p50 / p99", f"{q['ttft_p50']:.1f} / {q['ttft_p99']:.1f} ms"),
+            ("time per output token p50 / p99", f"{q['tpot_p50']:.2f} / {q['tpot_p99']:.2f} ms")]
+    if summary.verified:
+        checked = f"{summary.verified} checked, {summary.mismatched} mismatched"
+        rows.append(("verified (greedy == HF generate)", checked))
+    if summary.failure:
+        rows.append(("failure", summary.failure))
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
