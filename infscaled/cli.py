@@ -46,6 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--verify", action="store_true", help="compare every result with the monolithic model")
     up.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     up.add_argument("--no-progress", action="store_true", help="no progress bar")
+    up.add_argument("--tui", action="store_true",
+                    help="watch the job in the TUI while the workload runs; quitting the TUI stops everything")
+
+    tui = sub.add_parser("tui", help="live dashboard of a controller: agents, jobs, pipelines, events")
+    tui.add_argument("--controller", dest="tui_controller", metavar="URL",
+                     help="controller URL (default http://127.0.0.1:8470)")
+    tui.add_argument("--token", dest="tui_token", metavar="TOKEN",
+                     help="token (default: $INFSCALED_TOKEN or the local token file)")
+    tui.add_argument("--interval", dest="tui_interval", type=float, metavar="SECONDS",
+                     help="seconds between snapshots (default: the controller's, 1 s)")
+    tui.add_argument("--job", dest="tui_job", metavar="ID",
+                     help="the job whose pipeline to show first (default: the newest running)")
 
     job = sub.add_parser("job", help="manage jobs on a controller")
     job.add_argument("--controller", dest="job_controller", help="controller URL (default http://127.0.0.1:8470)")
@@ -62,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if (args.role is None) == (args.command is None):
-        parser.error("give either --role controller|agent or a command (run, up, job)")
+        parser.error("give either --role controller|agent or a command (run, up, tui, job)")
     level = getattr(logging, args.log_level or ("INFO" if args.role else "WARNING"))
     from rich.console import Console
     from rich.logging import RichHandler
@@ -78,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, console, level)
         if args.command == "up":
             return _up(args, console, level)
+        if args.command == "tui":
+            return _tui(args)
         if args.command == "job":
             from infscaled.runner.jobcmd import run_job_command
 
@@ -169,6 +183,25 @@ def _serve(coro: Coroutine[Any, Any, None], cancel_on_signals: bool = False) -> 
         pass
 
 
+def _needs_terminal(what: str) -> None:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise InfscaledError(f"{what} needs an interactive terminal (stdin and stdout are not both a tty)")
+
+
+def _tui(args: argparse.Namespace) -> int:
+    # No torch on this path: the TUI imports only protocol, client and the token lookup.
+    from infscaled.client import DEFAULT_CONTROLLER
+    from infscaled.runner.jobcmd import resolve_token
+    from infscaled.tui.app import TuiApp
+
+    if args.tui_interval is not None and args.tui_interval <= 0:
+        raise InfscaledError(f"--interval {args.tui_interval}: must be positive (seconds)")
+    token = resolve_token(args.tui_token)
+    _needs_terminal("infscaled tui")
+    TuiApp(args.tui_controller or DEFAULT_CONTROLLER, token, interval_s=args.tui_interval, job=args.tui_job).run()
+    return 0
+
+
 def _up(args: argparse.Namespace, console: object, level: int) -> int:
     from infscaled.runner.summary import render
     from infscaled.runner.up import run_up
@@ -177,8 +210,14 @@ def _up(args: argparse.Namespace, console: object, level: int) -> int:
         raise InfscaledError(f"--requests {args.requests}: must be at least 1")
     if args.rate is not None and args.rate < 0:
         raise InfscaledError(f"--rate {args.rate}: must be 0 (closed loop) or positive")
+    if args.tui:
+        _needs_terminal("infscaled up --tui")
     result = run_up(args.job, requests=args.requests, rate=args.rate, verify=args.verify,
-                    progress=not args.no_progress and sys.stdout.isatty(), log_level=level)
+                    progress=not args.no_progress and not args.tui and sys.stdout.isatty(), log_level=level,
+                    tui=args.tui)
+    if result is None:
+        console.print("the TUI was closed before the workload finished: the job was stopped, no summary")  # type: ignore[attr-defined]
+        return 0
     console.print(render(result.summary))  # type: ignore[attr-defined]
     console.print(f"job {result.job_id}: first result {result.submit_to_first_result_s:.2f} s after submit")  # type: ignore[attr-defined]
     if args.json:

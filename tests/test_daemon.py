@@ -4,33 +4,24 @@ jobs submitted over REST, inference through the controller, results checked agai
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 import pytest
 import torch
+from cluster import INFSCALED, TOKEN, Cluster, alive, local_cluster
 from prometheus_client.parser import text_string_to_metric_families
 
 from infscaled.models import inputs
 from infscaled.models.sources import resolve
 from infscaled.models.stage import Monolith
 from infscaled.protocol import watch
-
-INFSCALED = [sys.executable, "-m", "infscaled.cli"]
-TOKEN = "test-token-" + "x" * 20
 
 MESH_JOB = """
 name = "mesh2"
@@ -46,137 +37,14 @@ policy = "spread"
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Cluster:
-    url: str
-    env: dict[str, str]
-    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def call(self, method: str, path: str, body: Any = None, token: str | None = TOKEN,
-             headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, Any]:
-        data = body.encode() if isinstance(body, str) else (json.dumps(body).encode() if body is not None else None)
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
-        if body is not None and not isinstance(body, str):
-            req.add_header("Content-Type", "application/json")
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-    def wait_for(self, what: str, check: Any, timeout: float = 120) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = check()
-            if value:
-                return value
-            time.sleep(0.2)  # polling the controller's API, the only view a client has
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def start_agent(self, name: str, first_port: int) -> None:
-        self.procs[name] = subprocess.Popen(
-            [*INFSCALED, "--role", "agent", "--controller", self.url, "--id", name, "--devices", "cpu:2",
-             "--port-range", f"{first_port}-{first_port + 40}"], env=self.env)
-
-    def agent_states(self) -> dict[str, str]:
-        status, agents = self.call("GET", "/v1/agents")
-        return {a["id"]: a["state"] for a in agents} if status == 200 else {}
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        return self.call("GET", f"/v1/jobs/{job_id}")[1]
-
-    def worker_pids(self) -> set[int]:
-        """Worker and dispatcher processes (multiprocessing's resource tracker lives with its agent)."""
-        pids = set()
-        for p in self.procs.values():
-            try:
-                children = psutil.Process(p.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                continue
-            for c in children:
-                try:
-                    if "spawn_main" in " ".join(c.cmdline()):
-                        pids.add(c.pid)
-                except psutil.NoSuchProcess:
-                    pass
-        return pids
-
-
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    port = free_port()
-    env = {**os.environ, "INFSCALED_TOKEN": TOKEN, "INFSCALED_STATE_DIR": str(tmp_path / "state"),
-           "HF_HUB_OFFLINE": "1"}
-    c = Cluster(f"http://127.0.0.1:{port}", env)
-    c.procs["controller"] = subprocess.Popen([*INFSCALED, "--role", "controller", "--port", str(port)], env=env)
-    base = 20000 + (os.getpid() % 200) * 100
-    try:
-        c.wait_for("controller", lambda: _up(c), 30)
-        c.start_agent("a1", base)
-        c.start_agent("a2", base + 50)
-        c.wait_for("both agents", lambda: c.agent_states() == {"a1": "connected", "a2": "connected"}, 60)
+    with local_cluster(tmp_path / "state", {"a1": "cpu:2", "a2": "cpu:2"}) as c:
         yield c
-    finally:
-        everything = c.worker_pids() | {p.pid for p in c.procs.values()}
-        for p in c.procs.values():
-            try:
-                everything |= {ch.pid for ch in psutil.Process(p.pid).children(recursive=True)}
-            except psutil.NoSuchProcess:
-                pass
-        for p in c.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in c.procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        # multiprocessing's resource tracker exits once its agent's pipes close: allow a moment.
-        deadline = time.monotonic() + 15
-        while any(_alive(pid) for pid in everything) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        leftovers = [(pid, _cmd(pid)) for pid in everything if _alive(pid)]
-        for pid, _ in leftovers:
-            os.kill(pid, signal.SIGKILL)
-        assert not leftovers, f"processes outlived the cluster: {leftovers}"
-
-
-def _up(c: Cluster) -> bool:
-    try:
-        return c.call("GET", "/v1/agents", timeout=2)[0] == 200
-    except OSError:
-        return False
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return " ".join(psutil.Process(pid).cmdline())[:120]
-    except psutil.NoSuchProcess:
-        return "?"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def submit(c: Cluster, toml: str, name: str = "job.toml") -> tuple[int, Any]:
-    return c.call("POST", "/v1/jobs", toml, headers={"Content-Type": "application/toml",
-                                                      "X-Infscaled-Job-File": name}, timeout=180)
 
 
 def test_mesh_job_across_two_agents_serves_correct_results_and_stops_cleanly(cluster: Cluster) -> None:
-    status, job = submit(cluster, MESH_JOB)
+    status, job = cluster.submit(MESH_JOB)
     assert status == 201, job
     job_id = job["id"]
     detail = cluster.wait_for("running", lambda: (d := cluster.job(job_id))["state"] == "running" and d, 180)
@@ -199,7 +67,7 @@ def test_mesh_job_across_two_agents_serves_correct_results_and_stops_cleanly(clu
     status, _ = cluster.call("DELETE", f"/v1/jobs/{job_id}")
     assert status in (200, 202)
     cluster.wait_for("stopped", lambda: cluster.job(job_id)["state"] == "stopped", 60)
-    cluster.wait_for("workers gone", lambda: not any(_alive(p) for p in workers), 30)
+    cluster.wait_for("workers gone", lambda: not any(alive(p) for p in workers), 30)
     status, err = cluster.call("POST", f"/v1/jobs/{job_id}/infer", {"inputs": [[1, 2]]})
     assert status == 409 and "stopped" in err["error"]
 
@@ -286,13 +154,13 @@ def test_job_file_error_reads_the_same_as_infscaled_run(cluster: Cluster, tmp_pa
 
 
 def test_more_devices_than_the_cluster_has_is_refused(cluster: Cluster) -> None:
-    status, err = submit(cluster, MESH_JOB.replace("replicas = [2, 2]", "replicas = [4, 3]"))
+    status, err = cluster.submit(MESH_JOB.replace("replicas = [2, 2]", "replicas = [4, 3]"))
     assert status == 409, err
     assert "7" in err["error"] and "cpu" in err["error"]
 
 
 def test_killed_agent_fails_its_job_with_a_reason_naming_it(cluster: Cluster) -> None:
-    status, job = submit(cluster, MESH_JOB)
+    status, job = cluster.submit(MESH_JOB)
     assert status == 201, job
     job_id = job["id"]
     cluster.wait_for("running", lambda: cluster.job(job_id)["state"] == "running", 180)
@@ -300,6 +168,6 @@ def test_killed_agent_fails_its_job_with_a_reason_naming_it(cluster: Cluster) ->
     cluster.procs["a2"].send_signal(signal.SIGKILL)
     failed = cluster.wait_for("failed", lambda: (d := cluster.job(job_id))["state"] == "failed" and d, 60)
     assert "a2" in failed["reason"], failed["reason"]
-    cluster.wait_for("no orphan workers", lambda: not any(_alive(p) for p in workers), 60)
+    cluster.wait_for("no orphan workers", lambda: not any(alive(p) for p in workers), 60)
     status, err = cluster.call("POST", f"/v1/jobs/{job_id}/infer", {"inputs": [[1, 2]]})
     assert status == 409 and "failed" in err["error"]

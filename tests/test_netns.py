@@ -19,15 +19,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
+from cluster import alive, descendants, spawned, stop_all, wait_for
 
 from infscaled.models import inputs
 from infscaled.models.sources import resolve
@@ -105,13 +104,7 @@ class NetnsCluster:
         return answer["status"], answer["body"]
 
     def wait_for(self, what: str, check: Any, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = check()
-            if value:
-                return value
-            time.sleep(0.3)  # polling the controller's API, the only view a client has
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_for(what, check, timeout, poll_s=0.3)
 
     def agent_states(self) -> dict[str, str]:
         status, agents = self.call("GET", "/v1/agents", timeout=5)
@@ -120,25 +113,9 @@ class NetnsCluster:
     def job(self, job_id: str) -> dict[str, Any]:
         return self.call("GET", f"/v1/jobs/{job_id}")[1]
 
-    def descendants(self) -> set[int]:
-        pids = set()
-        for p in self.procs.values():
-            try:
-                pids |= {c.pid for c in psutil.Process(p.pid).children(recursive=True)}
-            except psutil.NoSuchProcess:
-                pass
-        return pids
-
     def worker_pids(self) -> set[int]:
         """Worker and dispatcher processes (spawned by multiprocessing) under the agents."""
-        pids = set()
-        for pid in self.descendants():
-            try:
-                if "spawn_main" in " ".join(psutil.Process(pid).cmdline()):
-                    pids.add(pid)
-            except psutil.NoSuchProcess:
-                pass
-        return pids
+        return spawned(descendants(self.procs.values()))
 
     def ns_pids(self) -> dict[str, list[int]]:
         """Every process still inside one of our namespaces."""
@@ -165,20 +142,6 @@ def _build_network(ns: dict[str, str]) -> None:
         _ip("-n", ns[role], "link", "set", "lo", "up")
         _ip("-n", ns[role], "addr", "add", f"{addr}/24", "dev", "eth0")
         _ip("-n", ns[role], "link", "set", "eth0", "up")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _cmd(pid: int) -> str:
-    try:
-        return " ".join(psutil.Process(pid).cmdline())[:120]
-    except psutil.NoSuchProcess:
-        return "?"
 
 
 @pytest.fixture
@@ -218,22 +181,10 @@ def netns_cluster(tmp_path: Path) -> Iterator[NetnsCluster]:
             c.wait_for(f"agent {name}", lambda n=name: c.agent_states().get(n) == "connected", 60)
         yield c
     finally:
-        everything = c.descendants() | {p.pid for p in c.procs.values()}
-        for p in c.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in c.procs.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        # multiprocessing's resource tracker exits once its agent's pipes close: allow a moment.
-        deadline = time.monotonic() + 15
-        while (any(_alive(pid) for pid in everything) or c.ns_pids()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        leftovers = {pid: _cmd(pid) for pid in everything if _alive(pid)}
+        everything = descendants(c.procs.values()) | {p.pid for p in c.procs.values()}
+        leftovers = stop_all(c.procs.values(), everything, still_there=lambda: bool(c.ns_pids()))
         in_ns = c.ns_pids()
-        for pid in set(leftovers) | {pid for pids in in_ns.values() for pid in pids}:
+        for pid in {pid for pids in in_ns.values() for pid in pids} - set(leftovers):
             try:
                 os.kill(pid, signal.SIGKILL)  # only processes this test started, in its own namespaces
             except ProcessLookupError:
@@ -277,6 +228,6 @@ def test_mesh_job_across_three_network_namespaces(netns_cluster: NetnsCluster) -
     status, _ = c.call("DELETE", f"/v1/jobs/{job_id}")
     assert status in (200, 202)
     c.wait_for("stopped", lambda: c.job(job_id)["state"] == "stopped", 60)
-    c.wait_for("workers gone", lambda: not any(_alive(p) for p in workers), 30)
+    c.wait_for("workers gone", lambda: not any(alive(p) for p in workers), 30)
     status, err = c.call("POST", f"/v1/jobs/{job_id}/infer", {"inputs": [[1, 2]]})
     assert status == 409 and "stopped" in err["error"]

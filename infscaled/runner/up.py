@@ -1,6 +1,7 @@
 """`infscaled up [JOB.toml]`: a controller and a local agent in one process, the job submitted
 through the REST API, its workload driven through the inference API, a summary, then an
-ordered stop of everything (job, agent, controller).
+ordered stop of everything (job, agent, controller). With --tui the TUI watches the embedded
+controller from this same event loop, and quitting it starts that ordered stop.
 
 This process also builds the model's skeleton (torch) to generate the workload's inputs and,
 with --verify, the monolithic reference: it is the client here, not the controller.
@@ -15,9 +16,10 @@ import math
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from infscaled.client import Client, Timeouts
 from infscaled.config import JobConfig, load_job
@@ -52,15 +54,17 @@ async def _wait_for(check: Callable[[], object], what: str, timeout_s: float) ->
         await asyncio.sleep(POLL_S)
 
 
-async def up(job_path: Path, cfg: JobConfig, *, progress: bool, verify: bool,
-             log_level: int = logging.WARNING) -> UpResult:
+@contextlib.asynccontextmanager
+async def embedded_cluster(devices: str, log_level: int = logging.WARNING) -> AsyncIterator[tuple[str, str]]:
+    """A controller and one local agent (id "local", `devices`) in this process, on 127.0.0.1 with
+    a token of their own; yields (url, token). On exit the agent stops first (its workers with
+    it), then the controller: the reverse of start-up."""
     from infscaled.agent.config import AgentConfig
     from infscaled.agent.run import run as agent_run
     from infscaled.controller.config import ControllerConfig
     from infscaled.controller.run import run as controller_run
 
     token = secrets.token_urlsafe(32)  # this run's own: nothing else may talk to these daemons
-    workers = cfg.pipeline.replica_total
     with tempfile.TemporaryDirectory(prefix="infscaled-up-") as state_dir:
         ccfg = ControllerConfig(host="127.0.0.1", port=0, token=token, state_dir=state_dir)
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -69,17 +73,50 @@ async def up(job_path: Path, cfg: JobConfig, *, progress: bool, verify: bool,
             controller = tg.create_task(controller_run(ccfg, on_ready=lambda c: started.set_result(c.url)),
                                         name="controller")
             url = await asyncio.wait_for(started, timeout=30)
-            acfg = AgentConfig(controller=url, token=token, agent_id="local", devices=f"cpu:{workers}",
+            acfg = AgentConfig(controller=url, token=token, agent_id="local", devices=devices,
                                worker_log_level=log_level)
             agent = tg.create_task(agent_run(acfg, stop_agent, handle_signals=False), name="agent")
             try:
-                async with Client(url, token, Timeouts(infer_s=cfg.workload.request_timeout_s)) as client:
-                    return await _drive(client, job_path, cfg, progress=progress, verify=verify)
+                yield url, token
             finally:
                 stop_agent.set()
                 await agent
                 controller.cancel()
+
+
+async def up(job_path: Path, cfg: JobConfig, *, progress: bool, verify: bool,
+             log_level: int = logging.WARNING, tui: bool = False) -> UpResult | None:
+    """Run the job on an embedded cluster; with `tui`, under the TUI until the user quits it
+    (None when they quit before the workload finished)."""
+    async with embedded_cluster(f"cpu:{cfg.pipeline.replica_total}", log_level) as (url, token), \
+            Client(url, token, Timeouts(infer_s=cfg.workload.request_timeout_s)) as client:
+        if tui:
+            return await _drive_under_tui(client, token, job_path, cfg, verify=verify)
+        return await _drive(client, job_path, cfg, progress=progress, verify=verify)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _drive_under_tui(client: Client, token: str, job_path: Path, cfg: JobConfig, *,
+                           verify: bool) -> UpResult | None:
+    """The workload runs as a task beside the TUI, on this event loop. Quitting the TUI cancels
+    what is left of the workload; `_drive`'s cleanup then stops the job, and only then does
+    `up` stop the agent and the controller."""
+    from multiprocessing import resource_tracker
+
+    from infscaled.tui.app import TuiApp
+
+    # While Textual runs, sys.stderr is its capture object, whose fileno() is -1; multiprocessing
+    # passes sys.stderr's fd to the resource tracker it starts with the first spawned process,
+    # so the agent's first worker would fail to spawn ("bad value(s) in fds_to_keep"). Started
+    # now, the tracker is reused by every later spawn.
+    resource_tracker.ensure_running()
+    drive = asyncio.create_task(_drive(client, job_path, cfg, progress=False, verify=verify), name="workload")
+    try:
+        await TuiApp(client.url, token).run_async()
+    finally:
+        drive.cancel()  # a no-op once the workload is done
+        await asyncio.wait([drive])
+    return None if drive.cancelled() else drive.result()  # a failed job raises its error here
 
 
 async def _drive(client: Client, job_path: Path, cfg: JobConfig, *, progress: bool, verify: bool) -> UpResult:
@@ -98,11 +135,16 @@ async def _drive(client: Client, job_path: Path, cfg: JobConfig, *, progress: bo
     job_id = str(job["id"])
     try:
         await _wait_for(lambda: _is_running(client, job_id), f"job {job_id} to run", READY_TIMEOUT_S)
-        resolved = resolve(cfg.model.source)
-        sk = skeleton(resolved)
-        spec = sk.family.input_spec()
         wl = cfg.workload
-        stream = list(requests_for(wl, spec, wl.requests))
+
+        def build_workload() -> tuple[Any, Any, list[torch.Tensor]]:
+            resolved = resolve(cfg.model.source)
+            spec = skeleton(resolved).family.input_spec()
+            return resolved, spec, list(requests_for(wl, spec, wl.requests))
+
+        # Model building and input generation are torch work: off the event loop, which also
+        # runs the controller, the agent and (with --tui) the TUI.
+        resolved, spec, stream = await asyncio.to_thread(build_workload)
         first_result = [math.inf]
         concurrency = wl.concurrency or cfg.pipeline.micro_batch_size * cfg.pipeline.max_inflight
         bar = _Progress(job_id, len(stream)) if progress else None
@@ -132,7 +174,8 @@ async def _drive(client: Client, job_path: Path, cfg: JobConfig, *, progress: bo
         job_state = await client.job(job_id)
         summary = summarize(cfg.name, run, [], job_state.get("reason") if job_state["state"] == "failed" else None)
         if verify:
-            summary.verify = verify_results(resolved, spec, cfg.model.dtype, cfg.model.seed, run.completed)
+            summary.verify = await asyncio.to_thread(verify_results, resolved, spec, cfg.model.dtype, cfg.model.seed,
+                                                     run.completed)
         return UpResult(summary, job_id, first_result[0] - submitted)
     finally:
         with contextlib.suppress(InfscaledError):
@@ -199,11 +242,11 @@ class _Progress:
 
 
 def run_up(job: str | None, *, requests: int | None, rate: float | None, verify: bool, progress: bool,
-           log_level: int) -> UpResult:
+           log_level: int, tui: bool = False) -> UpResult | None:
     path = Path(job) if job else DEFAULT_JOB
     cfg = load_job(path)
     if requests is not None or rate is not None:
         wl = cfg.workload
         cfg = replace(cfg, workload=replace(wl, requests=requests if requests is not None else wl.requests,
                                             rate=rate if rate is not None else wl.rate))
-    return asyncio.run(up(path, cfg, progress=progress, verify=verify, log_level=log_level))
+    return asyncio.run(up(path, cfg, progress=progress, verify=verify, log_level=log_level, tui=tui))

@@ -1,0 +1,194 @@
+"""Real daemons for tests: a controller and agents as subprocesses on 127.0.0.1, driven over the
+REST API, and the cleanup that proves no process outlives them (test_daemon, test_tui, test_netns)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+INFSCALED = [sys.executable, "-m", "infscaled.cli"]
+TOKEN = "test-token-" + "x" * 20
+_clusters = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())[:120]
+    except psutil.NoSuchProcess:
+        return "?"
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float, poll_s: float = 0.2) -> Any:
+    """Poll `check` until it returns something truthy (and return that); the daemons' APIs are
+    the only view a client has, so tests poll them rather than sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def descendants(procs: Iterable[subprocess.Popen[bytes]]) -> set[int]:
+    pids = set()
+    for p in procs:
+        try:
+            pids |= {c.pid for c in psutil.Process(p.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def spawned(pids: Iterable[int]) -> set[int]:
+    """Worker and dispatcher processes (multiprocessing's spawn children) among `pids`."""
+    out = set()
+    for pid in pids:
+        try:
+            if "spawn_main" in " ".join(psutil.Process(pid).cmdline()):
+                out.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]], everything: set[int],
+             still_there: Callable[[], bool] = lambda: False) -> dict[int, str]:
+    """SIGTERM the daemons, wait for them (SIGKILL after 30 s), give their children a moment
+    (multiprocessing's resource tracker exits once its agent's pipes close), then SIGKILL and
+    return whatever of `everything` is still alive: a test asserts that this is empty."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    deadline = time.monotonic() + 15
+    while (any(alive(pid) for pid in everything) or still_there()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftovers = {pid: cmdline(pid) for pid in everything if alive(pid)}
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)  # only processes this test started
+    return leftovers
+
+
+@dataclass
+class Cluster:
+    """Daemons started by a test; `call` talks to the controller over HTTP with the test token."""
+
+    url: str
+    env: dict[str, str]
+    port: int = 0
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def call(self, method: str, path: str, body: Any = None, token: str | None = TOKEN,
+             headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, Any]:
+        data = body.encode() if isinstance(body, str) else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        if body is not None and not isinstance(body, str):
+            req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 120) -> Any:
+        return wait_for(what, check, timeout)
+
+    def start_controller(self) -> None:
+        self.procs["controller"] = subprocess.Popen([*INFSCALED, "--role", "controller", "--port", str(self.port)],
+                                                    env=self.env)
+        self.wait_for("the controller", self.reachable, 30)
+
+    def kill_controller(self) -> None:
+        proc = self.procs.pop("controller")
+        proc.kill()
+        proc.wait(10)
+
+    def reachable(self) -> bool:
+        try:
+            return self.call("GET", "/v1/agents", timeout=2)[0] == 200
+        except OSError:
+            return False
+
+    def start_agent(self, name: str, first_port: int, devices: str = "cpu:2") -> None:
+        self.procs[name] = subprocess.Popen(
+            [*INFSCALED, "--role", "agent", "--controller", self.url, "--id", name, "--devices", devices,
+             "--port-range", f"{first_port}-{first_port + 40}"], env=self.env)
+
+    def agent_states(self) -> dict[str, str]:
+        status, agents = self.call("GET", "/v1/agents")
+        return {a["id"]: a["state"] for a in agents} if status == 200 else {}
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.call("GET", f"/v1/jobs/{job_id}")[1]
+
+    def submit(self, toml: str, name: str = "job.toml") -> tuple[int, Any]:
+        return self.call("POST", "/v1/jobs", toml, headers={"Content-Type": "application/toml",
+                                                             "X-Infscaled-Job-File": name}, timeout=180)
+
+    def run_job(self, toml: str, timeout: float = 180) -> dict[str, Any]:
+        """Submit and wait until running; returns the job's detail."""
+        status, job = self.submit(toml)
+        assert status == 201, job
+        return self.wait_for("the job to run", lambda: (d := self.job(job["id"]))["state"] == "running" and d,
+                             timeout)
+
+    def worker_pids(self) -> set[int]:
+        """Worker and dispatcher processes (multiprocessing's resource tracker lives with its agent)."""
+        return spawned(descendants(self.procs.values()))
+
+
+@contextmanager
+def local_cluster(state_dir: Path, agents: dict[str, str]) -> Iterator[Cluster]:
+    """A controller and the named agents (name -> devices, registered in that order), each with
+    its own range of edge ports; on exit, everything they started must be gone."""
+    port = free_port()
+    env = {**os.environ, "INFSCALED_TOKEN": TOKEN, "INFSCALED_STATE_DIR": str(state_dir), "HF_HUB_OFFLINE": "1"}
+    c = Cluster(f"http://127.0.0.1:{port}", env, port)
+    # Edge ports: distinct per test process and per cluster alive at once (4 in turn).
+    base = 20000 + ((os.getpid() % 50) * 4 + next(_clusters) % 4) * 100
+    try:
+        c.start_controller()
+        for i, (name, devices) in enumerate(agents.items()):
+            c.start_agent(name, base + 50 * i, devices)
+        c.wait_for("the agents", lambda: c.agent_states() == dict.fromkeys(agents, "connected"), 60)
+        yield c
+    finally:
+        everything = c.worker_pids() | descendants(c.procs.values()) | {p.pid for p in c.procs.values()}
+        leftovers = stop_all(c.procs.values(), everything)
+        assert not leftovers, f"processes outlived the cluster: {leftovers}"
