@@ -198,3 +198,29 @@ def test_infscaled_run_drives_a_generation_workload(tmp_path: Any) -> None:
     q = doc["latency_ms"]
     assert 0 < q["ttft_p50"] <= q["ttft_p99"] and 0 < q["tpot_p50"] <= q["tpot_p99"]
     assert render_summary(summary) is not None
+
+
+def test_stage_kv_keeps_groups_together_and_splits_them_on_change() -> None:
+    kv = StageKV(100)
+
+    def step(seqs: list[int], lengths: list[int] | None = None) -> Any:
+        batch = kv.prefill(seqs, lengths, [20] * len(seqs)) if lengths else kv.decode(seqs)
+        t = 1 if batch.decoding else max(lengths or [1])
+        for layer in (3, 4):  # what two attention layers would do: new keys / values [B, H, t, Dh]
+            batch.update(torch.randn(len(seqs), 2, t, 4), torch.randn(len(seqs), 2, t, 4), layer)
+        kv.store(seqs, batch)
+        return batch
+
+    step([1, 2, 3], [4, 6, 2])
+    first = step([1, 2, 3])  # assembled from the prefill rows
+    assert first.lengths == [4, 6, 2] and first.past[3][0].shape == (3, 2, 6, 4)
+    second = step([1, 2, 3])  # the same group: last step's block is the past, no copy
+    assert second.past[3][0] is first.out[3][0] and second.lengths == [5, 7, 3]
+    kv.free([2])  # a member leaves: the others get blocks of their own
+    assert kv.held_tokens == 6 + 4 and kv.reserved_tokens == 40 and sorted(kv.seqs) == [1, 3]
+    third = step([3, 1])
+    assert third.lengths == [4, 6] and third.past[4][0].shape == (2, 2, 6, 4)
+    row1 = second.out[4][0][0, :, -6:]  # sequence 1's keys as the second step left them
+    assert torch.equal(third.past[4][0][1], row1)
+    with pytest.raises(MemoryError, match="KV budget exceeded: 40 of 100 tokens reserved, 80 more asked"):
+        kv.prefill([7, 8], [3, 3], [40, 40])

@@ -29,10 +29,20 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
-class SequenceCache:
-    length: int  # positions cached
-    reserved: int  # positions this sequence may grow to (prompt + max_new_tokens)
-    layers: dict[int, KV] = field(default_factory=dict)  # layer_idx -> (K, V) [H, length, Dh]
+class Block:
+    """The caches of some sequences as one batch: row i of every layer's (K, V) [B, H, width, Dh]
+    holds sequence seqs[i]'s lengths[i] positions, right-aligned (left padding before them)."""
+
+    seqs: list[int]
+    lengths: list[int]
+    layers: dict[int, KV] = field(default_factory=dict)
+
+    def row(self, i: int) -> Block:
+        """Row i alone, copied out (its own memory, no padding)."""
+        n = self.lengths[i]
+        return Block([self.seqs[i]], [n], {layer: (k[i:i + 1, :, k.shape[2] - n:].clone(),
+                                                   v[i:i + 1, :, v.shape[2] - n:].clone())
+                                           for layer, (k, v) in self.layers.items()})
 
 
 class BatchKV:
@@ -78,36 +88,71 @@ class BatchKV:
 
 
 class StageKV:
-    """Every live sequence's cache at one stage, within a token budget."""
+    """Every live sequence's cache at one stage, within a token budget.
+
+    Caches live in blocks: after a decode step the micro-batch's keys and values stay together as
+    one block, so when the same sequences decode together again (the steady state: stage 0 keeps
+    its groups) the block is the next step's past as is, with no copy but transformers' own
+    concatenation of the new position. A block is broken into single-sequence blocks (one copy
+    per row) only when its group changes: a member finishes, is cancelled, or is batched with
+    others.
+    """
 
     def __init__(self, budget_tokens: int) -> None:
         if budget_tokens < 1:
             raise ValueError(f"KV budget must be >= 1 token, got {budget_tokens}")
         self.budget_tokens = budget_tokens
-        self.seqs: dict[int, SequenceCache] = {}
+        self.reserved: dict[int, int] = {}  # live sequence -> positions it may grow to
+        self.length: dict[int, int] = {}  # live sequence -> positions cached
+        self._block: dict[int, Block] = {}  # live sequence -> the block holding its cache
 
     # -- accounting --------------------------------------------------------------------------------
 
     @property
+    def seqs(self) -> dict[int, int]:
+        """Live sequences (-> cached positions)."""
+        return self.length
+
+    @property
     def reserved_tokens(self) -> int:
-        return sum(s.reserved for s in self.seqs.values())
+        return sum(self.reserved.values())
 
     @property
     def held_tokens(self) -> int:
-        return sum(s.length for s in self.seqs.values())
+        return sum(self.length.values())
 
     def fits(self, reserve: int) -> bool:
         return self.reserved_tokens + reserve <= self.budget_tokens
 
     def free(self, seq_ids: Sequence[int]) -> None:
-        for s in seq_ids:
-            self.seqs.pop(int(s), None)
+        gone = {int(s) for s in seq_ids} & set(self.length)
+        for s in gone:
+            self._split(s, keep=False)
+            del self.reserved[s], self.length[s]
+
+    def _split(self, seq: int, keep: bool = True) -> None:
+        """Break the block holding `seq` into single-sequence blocks (a copy of each row that
+        stays); `keep=False` drops `seq`'s own row."""
+        block = self._block.get(seq)
+        if block is None:
+            return
+        if len(block.seqs) == 1:
+            if not keep:
+                del self._block[seq]
+            return
+        for i, other in enumerate(block.seqs):
+            if self._block.get(other) is not block:
+                continue
+            if other == seq and not keep:
+                del self._block[other]
+            else:
+                self._block[other] = block.row(i)
 
     # -- micro-batches -----------------------------------------------------------------------------
 
     def prefill(self, seq_ids: Sequence[int], lengths: Sequence[int], reserves: Sequence[int]) -> BatchKV:
         for s, n, r in zip(seq_ids, lengths, reserves, strict=True):
-            if s in self.seqs:
+            if s in self.length:
                 raise ValueError(f"sequence {s} is already cached here")
             if n > r:
                 raise ValueError(f"sequence {s}: prompt of {n} tokens exceeds its reservation of {r}")
@@ -116,39 +161,46 @@ class StageKV:
             raise MemoryError(f"KV budget exceeded: {self.reserved_tokens} of {self.budget_tokens} tokens reserved, "
                               f"{need} more asked")
         for s, r in zip(seq_ids, reserves, strict=True):
-            self.seqs[s] = SequenceCache(0, r)
+            self.reserved[s], self.length[s] = r, 0
         return BatchKV(lengths, None, decoding=False)
 
     def decode(self, seq_ids: Sequence[int]) -> BatchKV:
-        """The left-padded past of these sequences: layer -> (K, V) [B, H, Lmax, Dh]."""
-        caches = [self.seqs[s] for s in seq_ids]
-        for s, c in zip(seq_ids, caches, strict=True):
-            if c.length + 1 > c.reserved:
-                raise ValueError(f"sequence {s} would grow past its reservation of {c.reserved} tokens")
-        lengths = [c.length for c in caches]
+        """The past of these sequences, left-padded to the longest: layer -> (K, V) [B, H, Lmax, Dh]."""
+        seqs = list(seq_ids)
+        for s in seqs:
+            if self.length[s] + 1 > self.reserved[s]:
+                raise ValueError(f"sequence {s} would grow past its reservation of {self.reserved[s]} tokens")
+        block = self._block.get(seqs[0])
+        if block is not None and block.seqs == seqs:
+            return BatchKV(list(block.lengths), block.layers, decoding=True)  # the group as it was
+        for s in seqs:
+            self._split(s)  # each of them now has a block of its own
+        rows = [self._block[s] for s in seqs]
+        lengths = [r.lengths[0] for r in rows]
         lmax = max(lengths)
         past: dict[int, KV] = {}
-        for layer in caches[0].layers:
-            k0, v0 = caches[0].layers[layer]
-            heads, dim = k0.shape[0], k0.shape[2]
-            keys = k0.new_zeros((len(caches), heads, lmax, dim))
-            values = v0.new_zeros((len(caches), heads, lmax, dim))
-            for i, c in enumerate(caches):
-                k, v = c.layers[layer]
-                keys[i, :, lmax - c.length:] = k
-                values[i, :, lmax - c.length:] = v
+        for layer in rows[0].layers:
+            k0, v0 = rows[0].layers[layer]
+            keys = k0.new_zeros((len(rows), k0.shape[1], lmax, k0.shape[3]))
+            values = v0.new_zeros((len(rows), v0.shape[1], lmax, v0.shape[3]))
+            for i, r in enumerate(rows):
+                k, v = r.layers[layer]
+                keys[i, :, lmax - lengths[i]:] = k[0]
+                values[i, :, lmax - lengths[i]:] = v[0]
             past[layer] = (keys, values)
         return BatchKV(lengths, past, decoding=True)
 
     def store(self, seq_ids: Sequence[int], kv: BatchKV) -> None:
-        """Keep each row's real positions of what the layers produced."""
-        lmax = kv.past_len
-        for i, s in enumerate(seq_ids):
-            cache = self.seqs[s]
-            if kv.decoding:
-                first, length = lmax - kv.lengths[i], kv.lengths[i] + 1
-            else:
-                first, length = 0, kv.lengths[i]
-            cache.layers = {layer: (k[i, :, first:first + length].clone(), v[i, :, first:first + length].clone())
-                            for layer, (k, v) in kv.out.items()}
-            cache.length = length
+        """Keep what the layers produced: a decode step's batch as one block; a prefill's rows
+        (right-padded) each as its own block of its real positions."""
+        seqs = list(seq_ids)
+        if kv.decoding:
+            block = Block(seqs, [n + 1 for n in kv.lengths], kv.out)
+            for s, n in zip(seqs, block.lengths, strict=True):
+                self._block[s], self.length[s] = block, n
+            return
+        for i, s in enumerate(seqs):
+            n = kv.lengths[i]
+            self._block[s] = Block([s], [n], {layer: (k[i:i + 1, :, :n].clone(), v[i:i + 1, :, :n].clone())
+                                              for layer, (k, v) in kv.out.items()})
+            self.length[s] = n

@@ -342,7 +342,10 @@ class GenStageLoop:
         started = time.perf_counter()
         out = self.stage(act, kv)
         self.kv.store(seqs, kv)  # type: ignore[arg-type]
-        out = {k: v.cpu() for k, v in out.items()}  # the gloo edges carry host tensors
+        if not self.last:
+            out = {k: v.cpu() for k, v in out.items()}  # the gloo edges carry host tensors
+        elif self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # so compute time is GPU time
         elapsed = time.perf_counter() - started
         self._busy_s += elapsed
         self._micro_batches += 1
