@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, console: object, level: int) -> int:
     from infscaled.config import load_job
-    from infscaled.runner.run import run_job
-    from infscaled.runner.summary import render
+    from infscaled.runner.run import render_summary, run_job
 
     if args.requests is not None and args.requests < 1:
         raise InfscaledError(f"--requests {args.requests}: must be at least 1")
@@ -122,7 +121,7 @@ def _run(args: argparse.Namespace, console: object, level: int) -> int:
     cfg = load_job(args.job)
     summary = run_job(cfg, requests=args.requests, rate=args.rate, verify=args.verify,
                       progress=not args.no_progress and sys.stdout.isatty(), log_level=level)
-    console.print(render(summary))  # type: ignore[attr-defined]
+    console.print(render_summary(summary))  # type: ignore[attr-defined]
     if args.json:
         summary.write_json(args.json)
     return 0 if summary.ok else 1
