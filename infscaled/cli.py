@@ -202,7 +202,7 @@ def _tui(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace, console: object, level: int) -> int:
-    from infscaled.runner.summary import render
+    from infscaled.runner.run import render_summary
     from infscaled.runner.up import run_up
 
     if args.requests is not None and args.requests < 1:
@@ -217,7 +217,7 @@ def _up(args: argparse.Namespace, console: object, level: int) -> int:
     if result is None:
         console.print("the TUI was closed before the workload finished: the job was stopped, no summary")  # type: ignore[attr-defined]
         return 0
-    console.print(render(result.summary))  # type: ignore[attr-defined]
+    console.print(render_summary(result.summary))  # type: ignore[attr-defined]
     console.print(f"job {result.job_id}: first result {result.submit_to_first_result_s:.2f} s after submit")  # type: ignore[attr-defined]
     if args.json:
         doc = result.summary.to_json() | {"submit_to_first_result_s": result.submit_to_first_result_s}

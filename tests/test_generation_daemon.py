@@ -138,3 +138,21 @@ def test_a_forward_job_is_not_a_model(cluster: tuple[Cluster, str], tmp_path: Pa
     c.call("DELETE", f"/v1/jobs/{fwd['id']}")
     c.wait_for("stopped", lambda: c.job(fwd["id"])["state"] == "stopped", 60)
 
+
+
+def test_infscaled_up_drives_a_generation_job_through_the_api(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "up.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFSCALED_STATE_DIR": str(tmp_path / "state")}
+    job = Path(__file__).resolve().parents[1] / "configs" / "jobs" / "llama-generate.toml"
+    proc = subprocess.run([sys.executable, "-m", "infscaled.cli", "up", str(job), "--requests", "6", "--verify",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert (doc["completed"], doc["failed"], doc["verify"]) == (6, 0, {"checked": 6, "mismatched": 0})
+    assert doc["tokens_per_s"] > 0 and doc["latency_ms"]["ttft_p50"] > 0 and doc["latency_ms"]["tpot_p50"] > 0
+    assert "time per output token" in proc.stdout

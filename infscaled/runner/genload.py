@@ -31,6 +31,12 @@ class SeqOutcome:
     tokens: list[int] = field(default_factory=list)
     error: str | None = None
     done: bool = False
+    text: str = ""  # through the HTTP API: the text and the usage count instead of the ids
+    count: int = 0
+
+    @property
+    def produced(self) -> int:
+        return len(self.tokens) or self.count
 
     @property
     def ttft_s(self) -> float:
@@ -39,7 +45,7 @@ class SeqOutcome:
     @property
     def tpot_s(self) -> float | None:
         """Mean time per output token after the first (None for a single token)."""
-        return (self.last_at - self.first_at) / (len(self.tokens) - 1) if len(self.tokens) > 1 else None
+        return (self.last_at - self.first_at) / (self.produced - 1) if self.produced > 1 else None
 
 
 def gen_requests(cfg: JobConfig, vocab_size: int, count: int) -> Iterator[tuple[list[int], int]]:
@@ -114,7 +120,7 @@ class GenSummary:
 
     @property
     def output_tokens(self) -> int:
-        return sum(len(o.tokens) for o in self.completed)
+        return sum(o.produced for o in self.completed)
 
     @property
     def tokens_per_s(self) -> float:

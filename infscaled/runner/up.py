@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import secrets
@@ -24,6 +25,7 @@ from typing import Any
 from infscaled.client import Client, Timeouts
 from infscaled.config import JobConfig, load_job
 from infscaled.errors import InfscaledError
+from infscaled.runner.genload import GenSummary, SeqOutcome
 from infscaled.runner.summary import Summary, summarize
 from infscaled.runner.workload import Outcome, RunResult
 
@@ -36,7 +38,7 @@ POLL_S = 0.1  # status polling period while waiting for the job to run or stop
 
 @dataclass
 class UpResult:
-    summary: Summary
+    summary: Summary | GenSummary
     job_id: str
     submit_to_first_result_s: float
 
@@ -92,7 +94,7 @@ async def up(job_path: Path, cfg: JobConfig, *, progress: bool, verify: bool,
             Client(url, token, Timeouts(infer_s=cfg.workload.request_timeout_s)) as client:
         if tui:
             return await _drive_under_tui(client, token, job_path, cfg, verify=verify)
-        return await _drive(client, job_path, cfg, progress=progress, verify=verify)
+        return await _drive(client, token, job_path, cfg, progress=progress, verify=verify)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -110,7 +112,7 @@ async def _drive_under_tui(client: Client, token: str, job_path: Path, cfg: JobC
     # so the agent's first worker would fail to spawn ("bad value(s) in fds_to_keep"). Started
     # now, the tracker is reused by every later spawn.
     resource_tracker.ensure_running()
-    drive = asyncio.create_task(_drive(client, job_path, cfg, progress=False, verify=verify), name="workload")
+    drive = asyncio.create_task(_drive(client, token, job_path, cfg, progress=False, verify=verify), name="workload")
     try:
         await TuiApp(client.url, token).run_async()
     finally:
@@ -119,7 +121,8 @@ async def _drive_under_tui(client: Client, token: str, job_path: Path, cfg: JobC
     return None if drive.cancelled() else drive.result()  # a failed job raises its error here
 
 
-async def _drive(client: Client, job_path: Path, cfg: JobConfig, *, progress: bool, verify: bool) -> UpResult:
+async def _drive(client: Client, token: str, job_path: Path, cfg: JobConfig, *, progress: bool,
+                 verify: bool) -> UpResult:
     import torch
 
     from infscaled.models.sources import resolve
@@ -135,6 +138,8 @@ async def _drive(client: Client, job_path: Path, cfg: JobConfig, *, progress: bo
     job_id = str(job["id"])
     try:
         await _wait_for(lambda: _is_running(client, job_id), f"job {job_id} to run", READY_TIMEOUT_S)
+        if cfg.generation is not None:
+            return await _drive_generation(client, token, job_id, cfg, submitted, verify=verify)
         wl = cfg.workload
 
         def build_workload() -> tuple[Any, Any, list[torch.Tensor]]:
@@ -181,6 +186,98 @@ async def _drive(client: Client, job_path: Path, cfg: JobConfig, *, progress: bo
         with contextlib.suppress(InfscaledError):
             await client.stop(job_id)
             await _wait_for(lambda: _is_gone(client, job_id), f"job {job_id} to stop", 60)
+
+
+async def _drive_generation(client: Client, token: str, job_id: str, cfg: JobConfig, submitted: float, *,
+                            verify: bool) -> UpResult:
+    """A generation job's workload through the controller's OpenAI-compatible API, streamed: the
+    response headers come with the first token (time to first token), `[DONE]` after the last;
+    the usage chunk gives the token count. Prompts go as token ids, greedy, fixed lengths."""
+    import aiohttp
+
+    from infscaled.runner.genload import gen_requests
+
+    assert cfg.generation is not None
+    wl, gen = cfg.workload, cfg.generation
+    vocab = await asyncio.to_thread(_vocab_size, cfg.model.source)
+    work = list(gen_requests(cfg, vocab, wl.requests))
+    first_result = [math.inf]
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = aiohttp.ClientTimeout(total=wl.request_timeout_s)
+
+    async def one(i: int, item: tuple[list[int], int]) -> SeqOutcome:
+        prompt, new = item
+        o = SeqOutcome(i, prompt, new, submitted=time.monotonic())
+        body = {"model": job_id, "prompt": prompt, "max_tokens": new, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            async with session.post(f"{client.url}/v1/completions", json=body, headers=headers,
+                                    timeout=timeout) as resp:
+                o.first_at = time.monotonic()
+                first_result[0] = min(first_result[0], o.first_at)
+                if resp.status != 200:
+                    o.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                    return o
+                async for line in resp.content:
+                    text = line.decode().strip()
+                    if not text.startswith("data: ") or text == "data: [DONE]":
+                        continue
+                    chunk = json.loads(text[6:])
+                    if "error" in chunk:
+                        o.error = chunk["error"].get("message", str(chunk["error"]))
+                    for choice in chunk.get("choices") or []:
+                        o.text += choice.get("text") or ""
+                    if chunk.get("usage"):
+                        o.count = int(chunk["usage"]["completion_tokens"])
+                o.last_at = time.monotonic()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            o.error = f"{type(exc).__name__}: {exc}"
+        return o
+
+    concurrency = wl.concurrency or gen.max_batch_sequences * max(1, gen.micro_batches_in_flight or
+                                                                  cfg.stage_count) * cfg.pipeline.replicas[0]
+    start = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        if wl.rate > 0:
+            outcomes = await _open_loop(one, work, wl.rate)
+        else:
+            outcomes = await _closed_loop(one, work, concurrency)
+    wall = time.monotonic() - start
+    job_state = await client.job(job_id)
+    summary = GenSummary(cfg.name, outcomes, wall, [],
+                         job_state.get("reason") if job_state["state"] == "failed" else None)
+    if verify:
+        expected = await asyncio.to_thread(_greedy_texts, cfg, [(o.prompt, o.max_new) for o in summary.completed])
+        summary.verified = len(expected)
+        summary.mismatched = sum(o.text != e for o, e in zip(summary.completed, expected, strict=True))
+    return UpResult(summary, job_id, first_result[0] - submitted)
+
+
+def _vocab_size(source: str) -> int:
+    from infscaled.models.sources import resolve
+    from infscaled.models.stage import skeleton
+
+    return skeleton(resolve(source)).family.input_spec().vocab_size
+
+
+def _greedy_texts(cfg: JobConfig, work: list[tuple[list[int], int]]) -> list[str]:
+    """What Hugging Face `generate` (greedy, on the monolithic model) makes of each prompt, as text."""
+    import torch
+
+    from infscaled.generation.tokenizer import load_tokenizer
+    from infscaled.models.sources import resolve
+    from infscaled.models.stage import Monolith
+
+    tokenizer = load_tokenizer(cfg.model.source)
+    mono = Monolith(resolve(cfg.model.source), "cpu", cfg.model.dtype, cfg.model.seed)
+    texts = []
+    with torch.inference_mode():
+        for prompt, new in work:
+            ids = torch.tensor([prompt])
+            out = mono.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                      pad_token_id=0, eos_token_id=None)
+            texts.append(tokenizer.decode(out[0, len(prompt):].tolist()))
+    return texts
 
 
 async def _closed_loop(one, stream, concurrency: int) -> list[Outcome]:  # type: ignore[no-untyped-def]
