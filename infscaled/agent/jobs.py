@@ -139,10 +139,13 @@ class JobManager:
         try:
             group.start()  # on this thread, deliberately: see the module docstring
         except Exception as exc:  # noqa: BLE001 - spawning failed (fds, memory): undo and report
-            for node, h in group.handles.items():
-                self._report(job_id, node, STARTING, h.process.pid or 0, "")
+            # Each node failed, with the reason: the controller fails the job at once and says why.
+            why = f"starting processes failed: {type(exc).__name__}: {exc}"
+            for m in members:
+                h = group.handles.get(m.node)
+                self._report(job_id, m.node, FAILED, (h.process.pid or 0) if h is not None else 0, why)
             self._tg.create_task(self._stop(job, "start failed"), name=f"undo-{job_id}")
-            raise DeployError(f"deploy {job_id}: starting processes failed: {type(exc).__name__}: {exc}") from exc
+            raise DeployError(f"deploy {job_id}: {why}") from exc
         for node, h in group.handles.items():
             self._report(job_id, node, STARTING, h.process.pid or 0, "")
 
