@@ -4,9 +4,13 @@ Tests marked `gpu` need CUDA and at least two GPUs; they are skipped cleanly els
 CPU only). The transport choice itself is checked on any machine.
 
 Tolerances: float32 pipelines must match the monolithic float32 reference (run on the CPU)
-with allclose(atol=rtol=1e-4) (TF32 is off for float32 jobs); bfloat16 pipelines are compared
-with the same float32 reference by relative error ||out - ref|| / ||ref|| < 3e-2 (bf16 has 8
-bits of mantissa; a few layers of bf16 matmuls land near 1e-2).
+with allclose(atol=rtol=1e-4) (TF32 is off for float32 jobs). Half-precision pipelines are
+compared with the same float32 reference by relative error ||out - ref|| / ||ref|| per request:
+below 5e-2 for bfloat16 and 1e-2 for float16. Those bounds come from the monolith itself: the
+bf16 monolith (CPU) is 2.4e-2 (median) and 3.1e-2 (worst) away from the float32 one on these
+random-weight inputs (bf16 keeps 8 mantissa bits; the fp16 monolith: 2.9e-3 and 4.1e-3), so
+the pipeline must be no worse than the model's own precision allows; the test prints the
+worst error it saw.
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ def test_nccl_pipeline_half_precision(tmp_path: Path, dtype: str) -> None:
         assert got.shape == ref.shape and torch.isfinite(got).all()
         worst = max(worst, float((got - ref).norm() / ref.norm()))
     print(f"{dtype}: worst relative error {worst:.2e}")
-    assert worst < 3e-2
+    assert worst < {"bfloat16": 5e-2, "float16": 1e-2}[dtype]
 
 
 # -- edge-failure isolation -------------------------------------------------------------------------
