@@ -75,6 +75,10 @@ def edge_backend(plan: JobPlan, edge: EdgePlan) -> str:
     """"nccl" when both ends are CUDA devices (on different GPUs, or on different hosts), else "gloo"."""
     if os.environ.get(TRANSPORT_ENV, "").lower() == "gloo" or not nccl_available():
         return "gloo"
+    if getattr(plan, "generation", None) is not None:
+        # The generation loop (gen_loop.py) does not follow the CUDA stream contract of
+        # stage_loop.py (ready events, buffer pool) yet: its edges stay on gloo, host copies.
+        return "gloo"
     if plan.generation is not None:
         return "gloo"  # the generation loop (worker/gen_loop.py) moves host tensors for now
     (src_host, src), (dst_host, dst) = _device_of(plan, edge.src), _device_of(plan, edge.dst)
