@@ -34,7 +34,7 @@ from infscaled.generation.errors import GenerationError
 from infscaled.generation.params import SamplingParams
 from infscaled.protocol.plan import GenerationPlan
 from infscaled.protocol.wire import DATA, STOP
-from infscaled.worker.gen_loop import REQUESTS_KEY, gen_params_row
+from infscaled.worker.gen_loop import REQUESTS_KEY, drain_acks, gen_params_row
 from infscaled.worker.transport import ACK, STOP_ACK, Ack, Edge, Message
 
 log = logging.getLogger(__name__)
@@ -278,10 +278,8 @@ class GenDispatcher:
                 self._on_broken(f"sending to stage 0 replica {index} failed: {exc}")
 
     def _acks(self, index: int) -> None:
-        edge = self.out_edges[index]
         try:
-            while edge.recv_ack().kind != STOP_ACK:
-                pass
+            drain_acks(self.out_edges[index])
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             if self._failure is None:
                 self._on_broken(f"stage-0 acknowledgements failed: {exc}")

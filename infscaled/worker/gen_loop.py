@@ -154,10 +154,8 @@ class GenStageLoop:
             self._fail(exc)
 
     def _acks(self, index: int) -> None:
-        edge = self.out_edges[index]
         try:
-            while edge.recv_ack().kind != STOP_ACK:
-                pass  # a generation chain routes by sequence, not by acks: they only pace gloo
+            drain_acks(self.out_edges[index])
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             self._fail(exc)
 
@@ -399,6 +397,13 @@ class GenStageLoop:
             compute_s=mean(compute_s, count), samples_per_s=rate(rows, covered),
             kv_tokens=self.kv.held_tokens, kv_reserved_tokens=self.kv.reserved_tokens,
             kv_budget_tokens=self.kv.budget_tokens, kv_sequences=len(self.kv.seqs))
+
+
+def drain_acks(edge: Edge) -> None:
+    """Read a sending edge's acks until its STOP_ACK. A generation chain routes by sequence, not
+    by acks, but every ack must still be received: a gloo send completes only once it is."""
+    while edge.recv_ack().kind != STOP_ACK:
+        pass
 
 
 def _table(seqs: list[int]) -> torch.Tensor:
