@@ -2,8 +2,8 @@
 
     python -m benchmarks.run_all [--quick] [--out out/bench]
 
-Writes machine.json (CPU, cores, torch, date, load), quickstart.json, hop_overhead.json and
-results.md (the tables BENCHMARKS.md quotes).
+Writes machine.json (CPU, cores, torch, date, load), quickstart.json, hop_overhead.json,
+metrics_overhead.json and results.md (the tables BENCHMARKS.md quotes).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import hop_overhead, quickstart_bench
+from benchmarks import hop_overhead, metrics_overhead, quickstart_bench
 
 
 def machine() -> dict[str, Any]:
@@ -53,6 +53,8 @@ def main() -> None:
     qs = quickstart_bench.run(args.quick, out)
     print("hop overhead", flush=True)
     hop = hop_overhead.run(args.quick, out)
+    print("metrics on vs off", flush=True)
+    metrics_overhead.run(2 if args.quick else 4, 300 if args.quick else 600, out)
     info["loadavg_at_end"] = os.getloadavg()
     info["elapsed_s"] = time.monotonic() - started
     (out / "machine.json").write_text(json.dumps(info, indent=2) + "\n")

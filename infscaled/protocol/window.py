@@ -66,6 +66,14 @@ class EventWindow:
         return len(events), totals
 
 
+class NullWindow(EventWindow):
+    """A window that records nothing: live metrics switched off (INFSCALED_METRICS=off), so the
+    data path does no bookkeeping at all; benchmarks compare the two."""
+
+    def add(self, t: float, *values: float) -> None:
+        return None
+
+
 def span(now: float, started: float | None, window_s: float) -> float:
     """Seconds the window really covers: the whole window, or less right after start-up, so
     rates are not understated during the first seconds."""

@@ -23,6 +23,16 @@ from multiprocessing.connection import Connection
 from infscaled.protocol import control
 from infscaled.protocol.plan import JobPlan, Node
 
+METRICS_ENV = "INFSCALED_METRICS"  # "off": stage workers keep no live metrics (benchmarks compare)
+
+
+def metrics_enabled() -> bool:
+    value = os.environ.get(METRICS_ENV, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{METRICS_ENV}={value!r}: expected 'on' or 'off'")
+    return value == "on"
+
+
 # GIL switch interval of generation workers (see _serve).
 GEN_SWITCH_INTERVAL_S = 0.0002
 
@@ -136,9 +146,11 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None]) -> 
             stats = GenStageLoop(me, stage, worker.device, ins, outs, plan.generation, len(plan.stages),
                                  on_stats=report).run()
         else:
+            measure = metrics_enabled()
             stats = StageLoop(str(me), stage, worker.device, ins, outs,
                               Router(plan.policy, len(out_plans), seed=plan.seed),
-                              queue_depth=max(2, plan.max_inflight), on_stats=report).run()
+                              queue_depth=max(2, plan.max_inflight), on_stats=report if measure else None,
+                              measure=measure).run()
         send(control.WorkerDone(stats))
     finally:
         for edge in edges.values():

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 
 from infscaled.protocol.control import EdgeRate, StageStats
-from infscaled.protocol.window import EventWindow, mean, rate, span
+from infscaled.protocol.window import EventWindow, NullWindow, mean, rate, span
 from infscaled.protocol.wire import DATA, STOP
 from infscaled.worker.router import Router
 from infscaled.worker.transport import ACK, STOP_ACK, Ack, Edge, Message
@@ -93,8 +93,10 @@ class _Inbound:
 class StageLoop:
     def __init__(self, node: str, stage: torch.nn.Module, device: str, in_edges: list[Edge],
                  out_edges: list[Edge], router: Router, queue_depth: int,
-                 on_stats: Callable[[StageStats], None] | None = None, stats_interval_s: float = 1.0) -> None:
+                 on_stats: Callable[[StageStats], None] | None = None, stats_interval_s: float = 1.0,
+                 measure: bool = True) -> None:
         self.node = node
+        self.measure = measure  # False: no live-metrics bookkeeping at all (INFSCALED_METRICS=off)
         self.stage = stage
         self.device = torch.device(device)
         self.in_edges = in_edges
@@ -112,9 +114,10 @@ class StageLoop:
         self._first_at: float | None = None
         # Windows for live metrics: plain clock reads around calls that block anyway, so they add
         # no host sync. Each is written by its own thread(s) and read by the stats path.
-        self._computed = EventWindow()  # (t, samples, compute_s)
-        self._received = EventWindow()  # (t, recv_wait_s, in-edge index, samples)
-        self._sent = EventWindow()  # (t, send_s)
+        window = EventWindow if measure else NullWindow
+        self._computed = window()  # (t, samples, compute_s)
+        self._received = window()  # (t, recv_wait_s, in-edge index, samples)
+        self._sent = window()  # (t, send_s)
         self._inflight = 0  # received DATA not yet sent on; receivers and the sender update it
         self._inflight_lock = threading.Lock()
         self.cuda = self.device.type == "cuda"
@@ -159,7 +162,8 @@ class StageLoop:
                     msg = self._to_device(msg, self.recv_streams[index])
                 now = time.monotonic()
                 # The request table is a host tensor: reading it costs no device sync.
-                self._received.add(now, now - waited, index, int(msg.tensors[REQUESTS_KEY][:, 1].sum()))
+                if self.measure:
+                    self._received.add(now, now - waited, index, int(msg.tensors[REQUESTS_KEY][:, 1].sum()))
                 self._count_inflight(+1)
                 self.inbox.put(_Inbound(index, msg))
         except BaseException as exc:  # noqa: BLE001 - thread boundary: hand the failure to compute
