@@ -145,3 +145,15 @@ def test_job_snapshot_lists_every_stage_in_order() -> None:
         [("0.0", "a1", 20), ("1.0", "a1", 8), ("1.1", "a2", 12)]
     assert snap["dispatcher"]["requests"] == 4 and snap["dispatcher"]["agent"] == "a1"
     assert snap["stages"][2]["age_s"] == 0.5
+
+
+def test_metrics_switch_reads_on_or_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infscaled.worker.entry import METRICS_ENV, metrics_enabled
+
+    monkeypatch.delenv(METRICS_ENV, raising=False)
+    assert metrics_enabled()
+    monkeypatch.setenv(METRICS_ENV, "OFF")
+    assert not metrics_enabled()
+    monkeypatch.setenv(METRICS_ENV, "maybe")
+    with pytest.raises(ValueError, match="INFSCALED_METRICS='maybe': expected 'on' or 'off'"):
+        metrics_enabled()
