@@ -76,7 +76,10 @@ def replica_text(r: ReplicaView) -> Text:
         text.append("no stats yet\n", style="dim")
     else:
         text.append(fmt.bar(s.occupancy, BAR_WIDTH)).append(f" {s.occupancy * 100:3.0f} %\n")
-        text.append(f"queue {s.queue_depth}  in-flight {s.inflight}\n")
+        text.append(f"queue {s.queue_depth}  in-flight {s.inflight}")
+        if s.kv_budget_tokens:  # a generation stage: how full its KV cache budget is
+            text.append(f"  kv {100 * s.kv_reserved_tokens / s.kv_budget_tokens:.0f} %", style="magenta")
+        text.append("\n")
         text.append(f"{fmt.rate(s.samples_per_s)}  {fmt.ms(s.compute_s)}\n")
     where = f"{r.agent} {r.device}"
     if r.state in fmt.BAD_STATES and r.reason:
