@@ -90,6 +90,11 @@ def test_completions_and_chat_through_the_controller_equal_hf_generate(cluster: 
                 await api.completions.create(model="chat", prompt="x" * 300, max_tokens=1)
 
     asyncio.run(scenario())
+    # The dispatcher counts sequences (tokens as samples) with time to first token / per token.
+    disp = c.wait_for("generation stats", lambda: (d := c.call("GET", f"/v1/jobs/{job_id}/metrics")[1]["dispatcher"])
+                      and d["requests"] >= 3 and d["ttft_p50_s"] > 0 and d["tpot_p50_s"] > 0 and d, 15)
+    assert disp["samples"] >= 24 and disp["inflight_requests"] == 0
+    assert disp["rejected"] >= 0 and disp["ttft_p50_s"] <= disp["ttft_p99_s"]
 
 
 def test_more_sequences_than_the_kv_budget_wait_and_all_finish(cluster: tuple[Cluster, str]) -> None:

@@ -47,7 +47,7 @@ source = "builtin:gpt2-tiny"
 stages = 2
 replicas = [1, 2]
 graph = "mesh"
-policy = "shortest_queue"
+policy = "round_robin"  # every replica sees traffic even under a light load
 """
 
 

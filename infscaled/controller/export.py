@@ -112,6 +112,10 @@ def collect(jobs: Iterable[Job], agents_connected: int, now: float | None = None
     disp = {n: Family(_full(n, k), k, h) for n, k, h, _ in DISPATCHER_SERIES}
     latency = Family("dispatcher_latency_seconds", "summary",
                      "Request latency: quantiles over the stats window; sum and count since start.")
+    ttft = Family("dispatcher_time_to_first_token_seconds", "gauge",
+                  "Generation jobs: time to first token, quantiles over the stats window.")
+    tpot = Family("dispatcher_time_per_output_token_seconds", "gauge",
+                  "Generation jobs: time per output token after the first, quantiles over the stats window.")
     for job in jobs:
         for s in JobState:
             state.samples.append(("", {"job": job.id, "state": str(s)}, 1.0 if job.state is s else 0.0))
@@ -133,7 +137,12 @@ def collect(jobs: Iterable[Job], agents_connected: int, now: float | None = None
                     latency.samples.append(("", {**labels, "quantile": str(q)}, v))
                 latency.samples.append(("_sum", labels, d.latency_sum_s))
                 latency.samples.append(("_count", labels, d.requests))
-    return [agents, *hosts, state, age, *stage.values(), *disp.values(), latency]
+                if job.cfg.generation is not None:
+                    for family, (p50, p99) in ((ttft, (d.ttft_p50_s, d.ttft_p99_s)),
+                                               (tpot, (d.tpot_p50_s, d.tpot_p99_s))):
+                        family.samples += [("", {**labels, "quantile": "0.5"}, p50),
+                                           ("", {**labels, "quantile": "0.99"}, p99)]
+    return [agents, *hosts, state, age, *stage.values(), *disp.values(), latency, ttft, tpot]
 
 
 def _usage_families(usage: Iterable[HostMetrics]) -> list[Family]:

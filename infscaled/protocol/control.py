@@ -73,6 +73,11 @@ class DispatcherStats:
     latency_p90_s: float = 0.0
     latency_p99_s: float = 0.0
     latency_sum_s: float = 0.0  # over every completed request: a Prometheus summary's _sum
+    # Generation jobs (requests are sequences, samples are generated tokens), over the window:
+    ttft_p50_s: float = 0.0  # time to first token
+    ttft_p99_s: float = 0.0
+    tpot_p50_s: float = 0.0  # time per output token after the first
+    tpot_p99_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from infscaled.generation.params import SamplingParams
 from infscaled.protocol.plan import GenerationPlan
 from infscaled.protocol.wire import DATA, STOP
 from infscaled.worker.gen_loop import REQUESTS_KEY, drain_acks, gen_params_row
+from infscaled.worker.request_stats import RequestStats
 from infscaled.worker.transport import ACK, STOP_ACK, Ack, Edge, Message
 
 log = logging.getLogger(__name__)
@@ -329,10 +330,14 @@ class GenDispatcher:
 
 
 class PipelineBackend:
-    """The pipeline as a `generation.openai_api.GenerationBackend`: tokens onto the event loop."""
+    """The pipeline as a `generation.openai_api.GenerationBackend`: tokens onto the event loop.
 
-    def __init__(self, dispatcher: GenDispatcher) -> None:
+    With `stats` (the service's RequestStats, event-loop only) every sequence is counted: a
+    finished one with its tokens, latency, time to first token and time per output token."""
+
+    def __init__(self, dispatcher: GenDispatcher, stats: RequestStats | None = None) -> None:
         self.dispatcher = dispatcher
+        self.stats = stats
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
         loop = asyncio.get_running_loop()
@@ -341,14 +346,33 @@ class PipelineBackend:
         def consume(token: int, done: bool, error: str | None) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (token, done, error))
 
-        seq_id = self.dispatcher.submit(prompt_ids, params, consume)
+        stats = self.stats
+        try:
+            seq_id = self.dispatcher.submit(prompt_ids, params, consume)
+        except GenerationError:
+            if stats is not None:
+                stats.rejected += 1
+            raise
+        submitted, first_at, produced = time.monotonic(), 0.0, 0
         finished = False
+        if stats is not None:
+            stats.inflight += 1
         try:
             while not finished:
                 token, finished, error = await events.get()
                 if error is not None:
+                    if stats is not None and "timed out" in error:
+                        stats.timed_out += 1
                     raise GenerationError(503 if "failed" in error or "shutting" in error else 504, error)
+                produced += 1
+                first_at = first_at or time.monotonic()
                 yield token
+            if stats is not None:
+                now = time.monotonic()
+                tpot = (now - first_at) / (produced - 1) if produced > 1 else None
+                stats.generated(produced, now - submitted, first_at - submitted, tpot, now)
         finally:
+            if stats is not None:
+                stats.inflight -= 1
             if not finished:  # the consumer stopped early (client gone) or we failed: free it
                 self.dispatcher.cancel(seq_id)

@@ -214,7 +214,7 @@ async def _serve(spec: ServiceSpec, dispatcher: Dispatcher | GenDispatcher, inpu
     app[SERVICE] = svc
     app.router.add_get("/health", _health)
     if spec.plan.generation is not None:
-        app.add_routes(await asyncio.to_thread(_generation_routes, spec, dispatcher, input_spec))
+        app.add_routes(await asyncio.to_thread(_generation_routes, spec, dispatcher, input_spec, svc.stats))
     else:
         app.router.add_post("/infer", _infer)
     runner = web.AppRunner(app, access_log=None)
@@ -244,7 +244,8 @@ async def _serve(spec: ServiceSpec, dispatcher: Dispatcher | GenDispatcher, inpu
     return control.StageStats(NODE, micro_batches=svc.stats.requests, samples=svc.stats.samples, wall_s=wall)
 
 
-def _generation_routes(spec: ServiceSpec, dispatcher: Any, input_spec: InputSpec) -> list[web.RouteDef]:
+def _generation_routes(spec: ServiceSpec, dispatcher: Any, input_spec: InputSpec,
+                       stats: RequestStats) -> list[web.RouteDef]:
     """The OpenAI-compatible endpoints over the pipeline (the tokenizer loads from local files)."""
     from infscaled.generation.openai_api import make_handlers
     from infscaled.generation.tokenizer import load_tokenizer
@@ -252,7 +253,7 @@ def _generation_routes(spec: ServiceSpec, dispatcher: Any, input_spec: InputSpec
 
     plan = spec.plan
     assert plan.generation is not None
-    handlers = make_handlers(PipelineBackend(dispatcher), load_tokenizer(plan.model_source), plan.job,
+    handlers = make_handlers(PipelineBackend(dispatcher, stats), load_tokenizer(plan.model_source), plan.job,
                              input_spec.max_positions, input_spec.vocab_size,
                              default_max_tokens=plan.generation.default_max_new_tokens)
     routes: list[web.RouteDef] = handlers.routes()
