@@ -202,9 +202,7 @@ class GenDispatcher:
                 self._waiting.remove(seq)
             except ValueError:
                 pass
-        if not self._seqs:
-            self._wake.notify_all()  # close() may be waiting for this
-        self._wake.notify_all()
+        self._wake.notify_all()  # room for waiting sequences; close() may wait for the last one
 
     def _admissible(self) -> tuple[int, list[_Sequence]] | None:
         """Under the lock: the chain for the head of the queue and the waiting sequences that go
