@@ -224,3 +224,29 @@ def test_stage_kv_keeps_groups_together_and_splits_them_on_change() -> None:
     assert torch.equal(third.past[4][0][1], row1)
     with pytest.raises(MemoryError, match="KV budget exceeded: 40 of 100 tokens reserved, 80 more asked"):
         kv.prefill([7, 8], [3, 3], [40, 40])
+
+
+def test_a_timed_out_sequence_is_failed_and_its_caches_freed() -> None:
+    import os
+    import signal
+
+    from infscaled.protocol.plan import Node
+
+    cfg = parse_job({"name": "t", "model": {"source": "builtin:llama-tiny"}, "pipeline": {"stages": 2},
+                     "generation": {}, "workload": {"request_timeout_s": 1.0}})
+    with LocalJob(prepare(cfg)) as job:
+        slow = Collected()
+        job.generator.submit([1, 2, 3], SamplingParams(max_new_tokens=240, temperature=0.0), slow)
+        wait_for(lambda: len(slow.tokens) >= 3, "the first tokens")
+        last = job.group.handles[Node(1, 0)].process.pid
+        assert last is not None
+        os.kill(last, signal.SIGSTOP)  # the chain stalls: the sequence cannot finish in time
+        try:
+            assert slow.done.wait(30)
+        finally:
+            os.kill(last, signal.SIGCONT)
+        assert slow.error == "timed out after 1 s" and len(slow.tokens) < 240
+        handles = job.group.handles.values()
+        wait_for(lambda: all(h.stats is not None and (h.stats.kv_sequences, h.stats.kv_reserved_tokens) == (0, 0)
+                             for h in handles), "the stages to free the timed-out sequence")
+        assert job.generator.live() == 0
