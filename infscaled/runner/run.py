@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -101,11 +102,11 @@ def run_generation(cfg: JobConfig, *, verify: bool = False, log_level: int = log
         stages = sorted((h.stats for h in job.state.workers.values() if h.stats is not None), key=lambda s: s.node)
         summary = GenSummary(cfg.name, outcomes, wall, stages, job.state.failure)
     if verify:
-        mono = Monolith(prepared.resolved, "cpu", prepared.plan.dtype, prepared.plan.seed)
+        model: Any = Monolith(prepared.resolved, "cpu", prepared.plan.dtype, prepared.plan.seed).model
         for o in summary.completed:
             ids = torch.tensor([o.prompt])
             with torch.inference_mode():
-                out = mono.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=o.max_new,
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=o.max_new,
                                           do_sample=False, pad_token_id=0, eos_token_id=None)
             summary.verified += 1
             summary.mismatched += out[0, len(o.prompt):].tolist() != o.tokens

@@ -244,7 +244,7 @@ async def _drive_generation(client: Client, token: str, job_id: str, cfg: JobCon
             outcomes = await _closed_loop(one, work, concurrency)
     wall = time.monotonic() - start
     job_state = await client.job(job_id)
-    summary = GenSummary(cfg.name, outcomes, wall, [],
+    summary = GenSummary(cfg.name, outcomes, wall, [],  # type: ignore[arg-type] # the loops return what `one` does
                          job_state.get("reason") if job_state["state"] == "failed" else None)
     if verify:
         expected = await asyncio.to_thread(_greedy_texts, cfg, [(o.prompt, o.max_new) for o in summary.completed])
@@ -269,7 +269,7 @@ def _greedy_texts(cfg: JobConfig, work: list[tuple[list[int], int]]) -> list[str
     from infscaled.models.stage import Monolith
 
     tokenizer = load_tokenizer(cfg.model.source)
-    mono = Monolith(resolve(cfg.model.source), "cpu", cfg.model.dtype, cfg.model.seed)
+    mono: Any = Monolith(resolve(cfg.model.source), "cpu", cfg.model.dtype, cfg.model.seed)
     texts = []
     with torch.inference_mode():
         for prompt, new in work:

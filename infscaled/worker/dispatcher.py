@@ -31,7 +31,7 @@ from infscaled.models.base import InputSpec
 from infscaled.protocol.wire import DATA, STOP
 from infscaled.worker.router import Router
 from infscaled.worker.stage_loop import REQUESTS_KEY
-from infscaled.worker.transport import ACK, STOP_ACK, Ack, Edge, Message
+from infscaled.worker.transport import ACK, STOP_ACK, Ack, Edge, Message, until_stop
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +222,7 @@ class Dispatcher:
     def _collector(self, index: int) -> None:
         edge = self.in_edges[index]
         try:
-            while True:
-                msg = edge.recv()
-                if msg.kind == STOP:
-                    edge.send_ack(Ack(STOP_ACK, 0, 0, 0))
-                    return
+            for msg in until_stop(edge):
                 with self._idle:
                     flight = self._inflight.pop(msg.mb_id, None)
                     self._idle.notify_all()

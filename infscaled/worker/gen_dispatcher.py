@@ -19,6 +19,7 @@ collector thread: `PipelineBackend` moves their tokens onto an asyncio loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
@@ -36,7 +37,7 @@ from infscaled.protocol.plan import GenerationPlan
 from infscaled.protocol.wire import DATA, STOP
 from infscaled.worker.gen_loop import REQUESTS_KEY, drain_acks, gen_params_row
 from infscaled.worker.request_stats import RequestStats
-from infscaled.worker.transport import ACK, STOP_ACK, Ack, Edge, Message
+from infscaled.worker.transport import ACK, Ack, Edge, Message, until_stop
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,10 @@ class GenDispatcher:
     def start(self) -> None:
         self._spawn(self._scheduler, "gen-scheduler")
         for i in range(len(self.out_edges)):
-            self._spawn(lambda i=i: self._sender(i), f"gen-send{i}")
-            self._spawn(lambda i=i: self._acks(i), f"gen-ack{i}")
+            self._spawn(functools.partial(self._sender, i), f"gen-send{i}")
+            self._spawn(functools.partial(self._acks, i), f"gen-ack{i}")
         for i in range(len(self.in_edges)):
-            self._spawn(lambda i=i: self._collector(i), f"gen-collect{i}")
+            self._spawn(functools.partial(self._collector, i), f"gen-collect{i}")
         self._spawn(self._watchdog, "gen-watchdog")
 
     def submit(self, prompt: list[int], params: SamplingParams, consume: Consumer) -> int:
@@ -215,7 +216,8 @@ class GenDispatcher:
         best = max(range(len(room)), key=lambda r: room[r])
         if room[best] < head.reserve:
             return None
-        batch, left = [], room[best]
+        batch: list[_Sequence] = []
+        left = room[best]
         for seq in list(self._waiting):
             if len(batch) == self.plan.max_batch_sequences or seq.reserve > left:
                 break  # first come, first served: nobody overtakes the one that does not fit
@@ -286,11 +288,7 @@ class GenDispatcher:
     def _collector(self, index: int) -> None:
         edge = self.in_edges[index]
         try:
-            while True:
-                msg = edge.recv()
-                if msg.kind == STOP:
-                    edge.send_ack(Ack(STOP_ACK, 0, 0, 0))
-                    return
+            for msg in until_stop(edge):
                 t = msg.tensors
                 for s, tok, done in zip(t[REQUESTS_KEY][:, 0].tolist(), t["tokens"].tolist(), t["done"].tolist(),
                                         strict=True):

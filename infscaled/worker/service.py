@@ -38,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
@@ -319,7 +319,7 @@ async def _infer(request: web.Request) -> web.Response:
     started = time.monotonic()
     svc.stats.inflight += 1
     try:
-        future = svc.dispatcher.submit(x)
+        future = cast("Dispatcher", svc.dispatcher).submit(x)  # /infer is mounted for forward jobs only
         async with asyncio.timeout(timeout_s):
             y = await asyncio.wrap_future(future)
     except PipelineFailedError as exc:

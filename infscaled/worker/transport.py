@@ -39,7 +39,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -54,6 +54,7 @@ from infscaled.protocol.wire import (
     ACK,
     ACK_BYTES,
     HEADER_BYTES,
+    STOP,
     STOP_ACK,
     Ack,
     Header,
@@ -65,7 +66,7 @@ from infscaled.protocol.wire import (
     encode_header,
 )
 
-__all__ = ["ACK", "STOP_ACK", "Ack", "Connector", "Edge", "Message", "Transport", "connect_all"]
+__all__ = ["ACK", "STOP_ACK", "Ack", "Connector", "Edge", "Message", "Transport", "connect_all", "until_stop"]
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +365,16 @@ class Edge:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"broken: {self._broken}" if self._broken else "open"
         return f"Edge({self.key}, me={self.me}, {state})"
+
+
+def until_stop(edge: Edge) -> Iterator[Message]:
+    """The receiving end's messages up to STOP, which it acknowledges (a collector's loop)."""
+    while True:
+        msg = edge.recv()
+        if msg.kind == STOP:
+            edge.send_ack(Ack(STOP_ACK, 0, 0, 0))
+            return
+        yield msg
 
 
 def connect_all(plans: Sequence[EdgePlan], me: Node, bind_host: str, timeout_s: float,
