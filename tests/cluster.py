@@ -181,7 +181,8 @@ def local_cluster(state_dir: Path, agents: dict[str, str]) -> Iterator[Cluster]:
     env = {**os.environ, "INFSCALED_TOKEN": TOKEN, "INFSCALED_STATE_DIR": str(state_dir), "HF_HUB_OFFLINE": "1"}
     c = Cluster(f"http://127.0.0.1:{port}", env, port)
     # Edge ports: distinct per test process and per cluster alive at once (4 in turn).
-    base = 20000 + ((os.getpid() % 50) * 4 + next(_clusters) % 4) * 100
+    # Below Linux's ephemeral range (32768+), where any outgoing connection may hold a port.
+    base = 20000 + ((os.getpid() % 30) * 4 + next(_clusters) % 4) * 100
     try:
         c.start_controller()
         for i, (name, devices) in enumerate(agents.items()):
