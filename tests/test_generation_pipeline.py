@@ -250,3 +250,32 @@ def test_a_timed_out_sequence_is_failed_and_its_caches_freed() -> None:
         wait_for(lambda: all(h.stats is not None and (h.stats.kv_sequences, h.stats.kv_reserved_tokens) == (0, 0)
                              for h in handles), "the stages to free the timed-out sequence")
         assert job.generator.live() == 0
+
+
+def test_seeded_sampling_through_the_pipeline_equals_the_single_process_reference() -> None:
+    """Temperature / top_k / top_p with a seed: the same tokens as ReferenceBackend (the model's own
+    forward in one process), whatever else shares the micro-batches."""
+    import asyncio
+
+    from infscaled.generation.reference import ReferenceBackend
+
+    cfg = gen_job("gpt2-tiny", 2, 1, max_batch_sequences=4)
+    params = [SamplingParams(max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.9, seed=s) for s in (1, 2, 3)]
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
+    reference = ReferenceBackend.from_source(cfg.model.source)
+
+    async def expected() -> list[list[int]]:
+        return [[t async for t in reference.generate(p, sp)] for p, sp in zip(prompts, params, strict=True)]
+
+    want = asyncio.run(expected())
+    with LocalJob(prepare(cfg)) as job:
+        got = [Collected() for _ in prompts]
+        for p, sp, c in zip(prompts, params, got, strict=True):
+            job.generator.submit(p, sp, c)
+        again = Collected()  # the first sequence once more, now alone
+        for c in got:
+            assert c.done.wait(60) and c.error is None
+        job.generator.submit(prompts[0], params[0], again)
+        assert again.done.wait(60)
+    assert [c.tokens for c in got] == want
+    assert again.tokens == want[0]
