@@ -279,3 +279,16 @@ def test_seeded_sampling_through_the_pipeline_equals_the_single_process_referenc
         assert again.done.wait(60)
     assert [c.tokens for c in got] == want
     assert again.tokens == want[0]
+
+
+def test_a_workload_longer_than_the_context_is_refused_before_starting() -> None:
+    from infscaled.errors import ConfigError
+    from infscaled.runner.run import run_job
+
+    cfg = parse_job({"name": "long", "model": {"source": "builtin:gpt2-tiny"}, "pipeline": {"stages": 2},
+                     "generation": {"prompt_tokens": [8, 200], "output_tokens": [8, 100]}})
+    with pytest.raises(ConfigError) as info:
+        run_job(cfg)
+    assert str(info.value) == (
+        "<string>: generation.output_tokens = [8, 100]: the longest prompt (200 tokens) plus the longest output "
+        "(100) needs 300 positions; allowed: lengths with prompt + output <= 256 (the context of builtin:gpt2-tiny)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infscaled.config import JobConfig
+from infscaled.config.messages import config_error
 from infscaled.generation.params import SamplingParams
 from infscaled.protocol.control import StageStats
 from infscaled.runner.summary import percentile
@@ -46,6 +47,17 @@ class SeqOutcome:
     def tpot_s(self) -> float | None:
         """Mean time per output token after the first (None for a single token)."""
         return (self.last_at - self.first_at) / (self.produced - 1) if self.produced > 1 else None
+
+
+def check_lengths(cfg: JobConfig, max_positions: int) -> None:
+    """The workload's longest prompt plus longest output must fit the model's context."""
+    assert cfg.generation is not None
+    prompt, output = cfg.generation.prompt_tokens[1], cfg.generation.output_tokens[1]
+    if max_positions and prompt + output > max_positions:
+        raise config_error(cfg.path, "generation.output_tokens", list(cfg.generation.output_tokens),
+                           f"lengths with prompt + output <= {max_positions} (the context of {cfg.model.source})",
+                           f"the longest prompt ({prompt} tokens) plus the longest output ({output}) needs "
+                           f"{prompt + output} positions")
 
 
 def gen_requests(cfg: JobConfig, vocab_size: int, count: int) -> Iterator[tuple[list[int], int]]:

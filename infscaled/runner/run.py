@@ -13,7 +13,7 @@ from infscaled.models import inputs
 from infscaled.models.base import InputSpec
 from infscaled.models.sources import ResolvedModel
 from infscaled.models.stage import Monolith
-from infscaled.runner.genload import GenSummary, drive_generation, gen_requests, render_generation
+from infscaled.runner.genload import GenSummary, check_lengths, drive_generation, gen_requests, render_generation
 from infscaled.runner.launcher import LocalJob, Prepared, prepare
 from infscaled.runner.summary import Summary, Verification, render, summarize
 from infscaled.runner.workload import Outcome, RunResult, drive, requests_for
@@ -91,6 +91,7 @@ def run_generation(cfg: JobConfig, *, verify: bool = False, log_level: int = log
     every sequence against Hugging Face `generate` on the monolithic model."""
     assert cfg.generation is not None
     prepared = prepare(cfg)
+    check_lengths(cfg, prepared.spec.max_positions)
     wl, gen = cfg.workload, cfg.generation
     chains = cfg.pipeline.replicas[0]
     concurrency = wl.concurrency or gen.max_batch_sequences * max(1, gen.micro_batches_in_flight or

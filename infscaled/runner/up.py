@@ -195,11 +195,12 @@ async def _drive_generation(client: Client, token: str, job_id: str, cfg: JobCon
     the usage chunk gives the token count. Prompts go as token ids, greedy, fixed lengths."""
     import aiohttp
 
-    from infscaled.runner.genload import gen_requests
+    from infscaled.runner.genload import check_lengths, gen_requests
 
     assert cfg.generation is not None
     wl, gen = cfg.workload, cfg.generation
-    vocab = await asyncio.to_thread(_vocab_size, cfg.model.source)
+    vocab, positions = await asyncio.to_thread(_token_limits, cfg.model.source)
+    check_lengths(cfg, positions)
     work = list(gen_requests(cfg, vocab, wl.requests))
     first_result = [math.inf]
     headers = {"Authorization": f"Bearer {token}"}
@@ -253,11 +254,13 @@ async def _drive_generation(client: Client, token: str, job_id: str, cfg: JobCon
     return UpResult(summary, job_id, first_result[0] - submitted)
 
 
-def _vocab_size(source: str) -> int:
+def _token_limits(source: str) -> tuple[int, int]:
+    """(vocabulary size, context length) of a token model."""
     from infscaled.models.sources import resolve
     from infscaled.models.stage import skeleton
 
-    return skeleton(resolve(source)).family.input_spec().vocab_size
+    spec = skeleton(resolve(source)).family.input_spec()
+    return spec.vocab_size, spec.max_positions
 
 
 def _greedy_texts(cfg: JobConfig, work: list[tuple[list[int], int]]) -> list[str]:
