@@ -120,6 +120,10 @@ def test_cancel_frees_the_caches_on_every_stage() -> None:
         long = Collected()
         seq = job.generator.submit(list(range(1, 30)), SamplingParams(max_new_tokens=220, temperature=0.0), long)
         wait_for(lambda: all(n == 1 and t >= 29 and r == 29 + 220 for n, t, r in kv_report()), "the cache in use")
+        from infscaled.protocol.plan import Node
+
+        middle = handles[Node(1, 0)].stats
+        assert middle is not None and [(e.src, e.samples_per_s > 0) for e in middle.inputs] == [("0.0", True)]
         job.generator.cancel(seq)
         wait_for(lambda: kv_report() == [(0, 0, 0)] * 3, "every stage to free the cancelled sequence")
         assert not long.done.is_set() and 5 <= len(long.tokens) < 220

@@ -39,7 +39,7 @@ import torch
 
 from infscaled.generation.kv import StageKV
 from infscaled.generation.sampling import SamplingParams, make_generator, sample_next
-from infscaled.protocol.control import StageStats
+from infscaled.protocol.control import EdgeRate, StageStats
 from infscaled.protocol.plan import GenerationPlan, Node
 from infscaled.protocol.window import EventWindow, mean, rate, span
 from infscaled.protocol.wire import DATA, STOP
@@ -116,6 +116,7 @@ class GenStageLoop:
         self._busy_s = 0.0
         self._first_at: float | None = None
         self._computed = EventWindow()  # (t, rows, compute_s)
+        self._received = EventWindow()  # (t, in-edge index, rows): the edges' throughput
         # Which edge is which: the dispatcher's, the loop's (stage 0 in, last stage out), the next stage's.
         self.from_dispatcher = self._index(in_edges, lambda peer: peer.is_dispatcher)
         self.from_loop = self._index(in_edges, lambda peer: not peer.is_dispatcher) if self.first else None
@@ -135,9 +136,11 @@ class GenStageLoop:
         try:
             while True:
                 msg = edge.recv()
-                self.inbox.put(_Inbound(index, None if msg.kind == STOP else msg))
                 if msg.kind == STOP:
+                    self.inbox.put(_Inbound(index, None))
                     return
+                self._received.add(time.monotonic(), index, int(msg.tensors[REQUESTS_KEY].shape[0]))
+                self.inbox.put(_Inbound(index, msg))
         except BaseException as exc:  # noqa: BLE001 - thread boundary: hand the failure to compute
             self.inbox.put(_Inbound(index, None, exc))
 
@@ -390,13 +393,17 @@ class GenStageLoop:
         window_s = self._computed.window_s
         covered = span(now, self._first_at, window_s)
         count, (rows, compute_s) = self._computed.sums(now, 2)
+        per_edge = [0.0] * len(self.in_edges)
+        for _, index, n in self._received.snapshot(now):
+            per_edge[int(index)] += n
         return StageStats(
             str(self.node), self._micro_batches, self._samples, self._busy_s,
             now - self._first_at if self._first_at is not None else 0.0, self.inbox.qsize(),
             window_s=window_s, occupancy=min(1.0, rate(compute_s, covered)), inflight=self.chain.inflight,
             compute_s=mean(compute_s, count), samples_per_s=rate(rows, covered),
             kv_tokens=self.kv.held_tokens, kv_reserved_tokens=self.kv.reserved_tokens,
-            kv_budget_tokens=self.kv.budget_tokens, kv_sequences=len(self.kv.seqs))
+            kv_budget_tokens=self.kv.budget_tokens, kv_sequences=len(self.kv.seqs),
+            inputs=[EdgeRate(str(e.peer), rate(n, covered)) for e, n in zip(self.in_edges, per_edge, strict=True)])
 
 
 def drain_acks(edge: Edge) -> None:
