@@ -41,6 +41,7 @@ from infscaled.protocol.messages import (
 log = logging.getLogger(__name__)
 
 CONNECTED, LOST = "connected", "lost"
+CLOSED_BY_AGENT = "connection closed"
 _AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DEVICE_ID = re.compile(r"^(cpu|cuda):\d+$")
 
@@ -180,7 +181,9 @@ class Registry:
             return
         reason = f"agent {agent.id} lost ({why})"
         agent.state, agent.lost_reason, agent.ws = LOST, reason, None
-        log.warning("%s", reason)
+        # The agent closing its own link is how it stops (or restarts): worth a line, not a warning.
+        # Silence (no heartbeat) or a broken socket is. Either way jobs on it fail (below).
+        (log.info if why == CLOSED_BY_AGENT else log.warning)("%s", reason)
         self.event_log.emit("agent_lost", reason, agent=agent.id, state=LOST)
         for agent_id, future in self._inspects.values():
             if agent_id == agent.id and not future.done():
@@ -207,7 +210,7 @@ class Registry:
         agent = await self._handshake(ws, peer)
         if agent is None:
             return
-        why = "connection closed"
+        why = CLOSED_BY_AGENT
         try:
             while agent.ws is ws:
                 # Only protocol frames count as signs of life, not websocket pings.
