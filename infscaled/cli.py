@@ -110,14 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, console: object, level: int) -> int:
-    from infscaled.config import load_job
-    from infscaled.runner.run import render_summary, run_job
-
+def _check_workload_args(args: argparse.Namespace) -> None:
+    """--requests / --rate of `run` and `up`."""
     if args.requests is not None and args.requests < 1:
         raise InfscaledError(f"--requests {args.requests}: must be at least 1")
     if args.rate is not None and args.rate < 0:
         raise InfscaledError(f"--rate {args.rate}: must be 0 (closed loop) or positive")
+
+
+def _run(args: argparse.Namespace, console: object, level: int) -> int:
+    from infscaled.config import load_job
+    from infscaled.runner.run import render_summary, run_job
+
+    _check_workload_args(args)
     cfg = load_job(args.job)
     summary = run_job(cfg, requests=args.requests, rate=args.rate, verify=args.verify,
                       progress=not args.no_progress and sys.stdout.isatty(), log_level=level)
@@ -205,10 +210,7 @@ def _up(args: argparse.Namespace, console: object, level: int) -> int:
     from infscaled.runner.run import render_summary
     from infscaled.runner.up import run_up
 
-    if args.requests is not None and args.requests < 1:
-        raise InfscaledError(f"--requests {args.requests}: must be at least 1")
-    if args.rate is not None and args.rate < 0:
-        raise InfscaledError(f"--rate {args.rate}: must be 0 (closed loop) or positive")
+    _check_workload_args(args)
     if args.tui:
         _needs_terminal("infscaled up --tui")
     result = run_up(args.job, requests=args.requests, rate=args.rate, verify=args.verify,

@@ -60,6 +60,34 @@ def check_lengths(cfg: JobConfig, max_positions: int) -> None:
                            f"{prompt + output} positions")
 
 
+def default_concurrency(cfg: JobConfig) -> int:
+    """Closed-loop sequences in flight: workload.concurrency, else enough to fill every chain's
+    micro-batches in the loop."""
+    assert cfg.generation is not None
+    gen = cfg.generation
+    in_flight = gen.micro_batches_in_flight or cfg.stage_count
+    return cfg.workload.concurrency or gen.max_batch_sequences * max(1, in_flight) * cfg.pipeline.replicas[0]
+
+
+def greedy_reference(cfg: JobConfig, work: list[tuple[list[int], int]]) -> list[list[int]]:
+    """The new token ids Hugging Face `generate` (greedy, the monolithic model with the weights
+    the stages get) makes of each (prompt, new tokens): what --verify compares with."""
+    import torch
+
+    from infscaled.models.sources import resolve
+    from infscaled.models.stage import Monolith
+
+    model: Any = Monolith(resolve(cfg.model.source), "cpu", cfg.model.dtype, cfg.model.seed).model
+    out = []
+    with torch.inference_mode():
+        for prompt, new in work:
+            ids = torch.tensor([prompt])
+            tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                                    pad_token_id=0, eos_token_id=None)
+            out.append(tokens[0, len(prompt):].tolist())
+    return out
+
+
 def gen_requests(cfg: JobConfig, vocab_size: int, count: int) -> Iterator[tuple[list[int], int]]:
     """(prompt token ids, new tokens) per request, deterministic for the workload's seed."""
     assert cfg.generation is not None

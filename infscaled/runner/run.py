@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any
 
 import torch
 
@@ -13,7 +12,15 @@ from infscaled.models import inputs
 from infscaled.models.base import InputSpec
 from infscaled.models.sources import ResolvedModel
 from infscaled.models.stage import Monolith
-from infscaled.runner.genload import GenSummary, check_lengths, drive_generation, gen_requests, render_generation
+from infscaled.runner.genload import (
+    GenSummary,
+    check_lengths,
+    default_concurrency,
+    drive_generation,
+    gen_requests,
+    greedy_reference,
+    render_generation,
+)
 from infscaled.runner.launcher import LocalJob, Prepared, prepare
 from infscaled.runner.summary import Summary, Verification, render, summarize
 from infscaled.runner.workload import Outcome, RunResult, drive, requests_for
@@ -92,25 +99,18 @@ def run_generation(cfg: JobConfig, *, verify: bool = False, log_level: int = log
     assert cfg.generation is not None
     prepared = prepare(cfg)
     check_lengths(cfg, prepared.spec.max_positions)
-    wl, gen = cfg.workload, cfg.generation
-    chains = cfg.pipeline.replicas[0]
-    concurrency = wl.concurrency or gen.max_batch_sequences * max(1, gen.micro_batches_in_flight or
-                                                                  cfg.stage_count) * chains
+    wl = cfg.workload
     work = list(gen_requests(cfg, prepared.spec.vocab_size, wl.requests))
     with LocalJob(prepared, log_level=log_level) as job:
-        outcomes, wall = drive_generation(job.generator.submit, iter(work), wl.requests, wl.rate, concurrency)
+        outcomes, wall = drive_generation(job.generator.submit, iter(work), wl.requests, wl.rate,
+                                          default_concurrency(cfg))
         job.stop()
         stages = sorted((h.stats for h in job.state.workers.values() if h.stats is not None), key=lambda s: s.node)
         summary = GenSummary(cfg.name, outcomes, wall, stages, job.state.failure)
     if verify:
-        model: Any = Monolith(prepared.resolved, "cpu", prepared.plan.dtype, prepared.plan.seed).model
-        for o in summary.completed:
-            ids = torch.tensor([o.prompt])
-            with torch.inference_mode():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=o.max_new,
-                                          do_sample=False, pad_token_id=0, eos_token_id=None)
-            summary.verified += 1
-            summary.mismatched += out[0, len(o.prompt):].tolist() != o.tokens
+        expected = greedy_reference(cfg, [(o.prompt, o.max_new) for o in summary.completed])
+        summary.verified = len(expected)
+        summary.mismatched = sum(o.tokens != e for o, e in zip(summary.completed, expected, strict=True))
     return summary
 
 

@@ -195,10 +195,10 @@ async def _drive_generation(client: Client, token: str, job_id: str, cfg: JobCon
     the usage chunk gives the token count. Prompts go as token ids, greedy, fixed lengths."""
     import aiohttp
 
-    from infscaled.runner.genload import check_lengths, gen_requests
+    from infscaled.runner.genload import check_lengths, default_concurrency, gen_requests
 
     assert cfg.generation is not None
-    wl, gen = cfg.workload, cfg.generation
+    wl = cfg.workload
     vocab, positions = await asyncio.to_thread(_token_limits, cfg.model.source)
     check_lengths(cfg, positions)
     work = list(gen_requests(cfg, vocab, wl.requests))
@@ -235,8 +235,7 @@ async def _drive_generation(client: Client, token: str, job_id: str, cfg: JobCon
             o.error = f"{type(exc).__name__}: {exc}"
         return o
 
-    concurrency = wl.concurrency or gen.max_batch_sequences * max(1, gen.micro_batches_in_flight or
-                                                                  cfg.stage_count) * cfg.pipeline.replicas[0]
+    concurrency = default_concurrency(cfg)
     start = time.monotonic()
     async with aiohttp.ClientSession() as session:
         if wl.rate > 0:
@@ -264,23 +263,12 @@ def _token_limits(source: str) -> tuple[int, int]:
 
 
 def _greedy_texts(cfg: JobConfig, work: list[tuple[list[int], int]]) -> list[str]:
-    """What Hugging Face `generate` (greedy, on the monolithic model) makes of each prompt, as text."""
-    import torch
-
+    """What Hugging Face `generate` makes of each prompt, as the API would answer it: text."""
     from infscaled.generation.tokenizer import load_tokenizer
-    from infscaled.models.sources import resolve
-    from infscaled.models.stage import Monolith
+    from infscaled.runner.genload import greedy_reference
 
     tokenizer = load_tokenizer(cfg.model.source)
-    mono: Any = Monolith(resolve(cfg.model.source), "cpu", cfg.model.dtype, cfg.model.seed)
-    texts = []
-    with torch.inference_mode():
-        for prompt, new in work:
-            ids = torch.tensor([prompt])
-            out = mono.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                                      pad_token_id=0, eos_token_id=None)
-            texts.append(tokenizer.decode(out[0, len(prompt):].tolist()))
-    return texts
+    return [tokenizer.decode(tokens) for tokens in greedy_reference(cfg, work)]
 
 
 async def _closed_loop(one, stream, concurrency: int) -> list[Outcome]:  # type: ignore[no-untyped-def]
