@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # Called with (token, done, error): a token with done=False, the last token with done=True,
 # or (-1, True, reason) when the sequence failed.
 Consumer = Callable[[int, bool, str | None], None]
+TIMED_OUT = "timed out"  # how the watchdog's reason starts
 
 
 @dataclass
@@ -316,7 +317,7 @@ class GenDispatcher:
             with self._lock:
                 late = [s for s in self._seqs.values() if now > s.deadline]
             for seq in late:
-                seq.consume(-1, True, f"timed out after {self.request_timeout_s:g} s")
+                seq.consume(-1, True, f"{TIMED_OUT} after {self.request_timeout_s:g} s")
                 self.cancel(seq.id)
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
@@ -357,9 +358,11 @@ class PipelineBackend:
             while not finished:
                 token, finished, error = await events.get()
                 if error is not None:
-                    if stats is not None and "timed out" in error:
+                    # The watchdog's reason is the one timeout; the others (failed, shutting down) are 503.
+                    timed_out = error.startswith(TIMED_OUT)
+                    if stats is not None and timed_out:
                         stats.timed_out += 1
-                    raise GenerationError(503 if "failed" in error or "shutting" in error else 504, error)
+                    raise GenerationError(504 if timed_out else 503, error)
                 produced += 1
                 first_at = first_at or time.monotonic()
                 yield token
