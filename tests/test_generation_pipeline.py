@@ -204,30 +204,72 @@ def test_infscaled_run_drives_a_generation_workload(tmp_path: Any) -> None:
     assert render_summary(summary) is not None
 
 
-def test_stage_kv_keeps_groups_together_and_splits_them_on_change() -> None:
-    kv = StageKV(100)
+def test_paged_kv_writes_gathers_masks_and_frees_pages() -> None:
+    from infscaled.generation.kv import PAGE_TOKENS, PagedBatch
 
-    def step(seqs: list[int], lengths: list[int] | None = None) -> Any:
-        batch = kv.prefill(seqs, lengths, [20] * len(seqs)) if lengths else kv.decode(seqs)
+    kv = StageKV(100)  # 7 pages of 16 tokens + the scratch page
+    assert (kv.page_count, kv.scratch_page) == (7, 7)
+    written: dict[int, list[torch.Tensor]] = {}  # sequence -> its keys of layer 3, position by position
+
+    def step(seqs: list[int], lengths: list[int] | None = None, batch: Any = None) -> Any:
+        if batch is None:
+            batch = kv.prefill(seqs, lengths, [20] * len(seqs)) if lengths else kv.decode(seqs)
+        else:
+            batch.load(seqs)
         t = 1 if batch.decoding else max(lengths or [1])
+        rows = batch.positions.shape[0] if batch.decoding else len(seqs)
+        out = {}
         for layer in (3, 4):  # what two attention layers would do: new keys / values [B, H, t, Dh]
-            batch.update(torch.randn(len(seqs), 2, t, 4), torch.randn(len(seqs), 2, t, 4), layer)
+            key = torch.randn(rows, 2, t, 4)
+            out[layer] = batch.update(key, key * 2, layer)
+            if layer == 3:
+                for i, s in enumerate(seqs):
+                    n = 1 if batch.decoding else lengths[i]
+                    written.setdefault(s, []).extend(key[i, :, j] for j in range(n))
         kv.store(seqs, batch)
-        return batch
+        return batch, out
 
     step([1, 2, 3], [4, 6, 2])
-    first = step([1, 2, 3])  # assembled from the prefill rows
-    assert first.lengths == [4, 6, 2] and first.past[3][0].shape == (3, 2, 6, 4)
-    second = step([1, 2, 3])  # the same group: last step's block is the past, no copy
-    assert second.past[3][0] is first.out[3][0] and second.lengths == [5, 7, 3]
-    kv.free([2])  # a member leaves: the others get blocks of their own
-    assert kv.held_tokens == 6 + 4 and kv.reserved_tokens == 40 and sorted(kv.seqs) == [1, 3]
-    third = step([3, 1])
-    assert third.lengths == [4, 6] and third.past[4][0].shape == (2, 2, 6, 4)
-    row1 = second.out[4][0][0, :, -6:]  # sequence 1's keys as the second step left them
-    assert torch.equal(third.past[4][0][1], row1)
-    with pytest.raises(MemoryError, match="KV budget exceeded: 40 of 100 tokens reserved, 80 more asked"):
+    assert kv.pages == {1: [0, 1], 2: [2, 3], 3: [4, 5]} and kv.held_tokens == 12
+    batch, out = step([1, 2, 3])
+    keys, values = out[3]  # [B, H, P * PAGE, Dh]: each row's own positions, the new one included
+    assert keys.shape == (3, 2, 2 * PAGE_TOKENS, 4) and torch.equal(values, keys * 2)
+    for i, s in enumerate([1, 2, 3]):
+        n = len(written[s])
+        assert torch.equal(keys[i, :, :n], torch.stack(written[s], dim=1)), s
+    mask = batch.decode_mask("full_attention", object(), torch.float32)[:, 0, 0]
+    assert [int((row == 0).sum()) for row in mask] == [5, 7, 3]  # positions 0..p_b are visible
+    kv.free([2])  # its pages go back and are handed out again first
+    assert kv.held_tokens == 5 + 3 and kv.reserved_tokens == 40 and sorted(kv.seqs) == [1, 3]
+    assert not kv.fits(60) and kv.fits(60 - 20) and not kv.fits_all([20, 20, 20])
+    step([9], [3])
+    assert kv.pages[9] == [2, 3]
+    # A static batch of 4 rows x 4 pages (a CUDA graph's): padding rows point at the scratch page.
+    static = PagedBatch.static(kv, 4, 4)
+    static_batch, out = step([3, 1], batch=static)
+    assert static_batch is static and static.table[2:].eq(kv.scratch_page).all() and static.table[0, 2:].eq(7).all()
+    keys, _ = out[3]
+    for i, s in enumerate([3, 1]):
+        assert torch.equal(keys[i, :, :len(written[s])], torch.stack(written[s], dim=1)), s
+    assert kv.length == {1: 6, 3: 4, 9: 3}
+    with pytest.raises(MemoryError, match="KV budget exceeded: 60 of 100 tokens reserved, 80 more asked"):
         kv.prefill([7, 8], [3, 3], [40, 40])
+    with pytest.raises(ValueError, match="3 sequences do not fit a decode batch of 2 x 4 pages"):
+        PagedBatch.static(kv, 2, 4).load([1, 3, 9])
+
+
+def test_sliding_window_decode_mask() -> None:
+    kv = StageKV(64)
+    kv.prefill([5], [10], [20])
+    kv.store([6], kv.prefill([6], [3], [20]))
+    kv.length[5] = 10
+    batch = kv.decode([5, 6])
+    config = type("C", (), {"sliding_window": 4})()
+    full = batch.decode_mask("full_attention", config, torch.float32)[:, 0, 0] == 0
+    window = batch.decode_mask("sliding_attention", config, torch.float32)[:, 0, 0] == 0
+    assert full[0].nonzero().flatten().tolist() == list(range(11))
+    assert window[0].nonzero().flatten().tolist() == [7, 8, 9, 10]  # the new token at 10 and 3 before it
+    assert window[1].nonzero().flatten().tolist() == [0, 1, 2, 3]
 
 
 def test_a_timed_out_sequence_is_failed_and_its_caches_freed() -> None:

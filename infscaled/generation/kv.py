@@ -1,110 +1,162 @@
-"""KV caches of one stage for generation: one cache per live sequence, batched per micro-batch.
+"""KV caches of one stage for generation: pages of a preallocated pool, gathered per micro-batch.
 
-Each stage keeps, for every sequence it serves, the keys and values of its own layers only:
-`SequenceCache.layers[layer_idx] = (K, V)`, each [kv_heads, length, head_dim]. A micro-batch
-of sequences gets a `BatchKV`, the object transformers' attention layers call `update` on:
+Each stage keeps, for every sequence it serves, the keys and values of its own layers only, in
+fixed-size pages: per layer one pool K (and one V) [pages + 1, PAGE_TOKENS, kv_heads, head_dim],
+allocated once, on the first prefill, for the whole budget. A sequence owns the pages of its
+reservation (prompt + max_new_tokens, rounded up to pages) from admission to free; its position
+p lives in page `table[p // PAGE_TOKENS]` at offset `p % PAGE_TOKENS`. The last page of the pool
+is a scratch page: padding rows of a micro-batch and unused table entries point at it.
 
-- prefill (a new sequence's prompt, right-padded to the batch's longest): no past; the layers'
-  keys and values [B, H, T, Dh] are kept, and each row's first `length` positions stored.
-- decode (one new token per sequence): each row's past is left-padded to the batch's longest
-  past Lmax, so every row's new token sits at index Lmax; `decode_mask` hides the padding.
-  After the step each row keeps its last length + 1 positions.
+A micro-batch of sequences gets a `PagedBatch`, the object transformers' attention layers call
+`update` on (it duck-types `Cache.update`):
 
-Assembling and splitting copies each row's cache once per step. That is simple and exact;
-a slot-based paged cache would avoid the copies (see docs/generation.md).
+- prefill (prompts right-padded to the batch's longest, no past): the layer's keys and values
+  [B, H, T, Dh] are used as they are, and each row's real positions are written to its pages.
+- decode (one new token per sequence, at position `positions[b]`): the new key and value are
+  written to their page, then every row's pages are gathered into [B, H, P * PAGE_TOKENS, Dh];
+  `decode_mask` lets row b see positions <= positions[b] (and, for a sliding-window layer, only
+  the window), so stale or scratch slots beyond a row's length are never attended to.
 
-The budget is in tokens: a sequence reserves prompt + max_new_tokens positions when admitted,
-so a stage never holds more than `budget_tokens` positions of cache, whatever the sequences do.
+Why pages and a gather rather than per-sequence tensors: every address a decode step touches is
+fixed (the pools) or lives in small index tensors (`positions`, `table`), so a decode step of a
+given shape can be captured once as a CUDA graph and replayed for any sequences
+(generation/graphs.py). Nothing is copied between steps, nothing grows, and memory is bounded by
+the budget from the first step.
+
+The budget is in tokens: a sequence reserves prompt + max_new_tokens positions when admitted, so
+a stage never holds more than `budget_tokens` positions of cache, whatever the sequences do; its
+pages (the reservation rounded up) come from a pool of ceil(budget / PAGE_TOKENS) pages, which
+one sequence within the budget always fits when alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 KV = tuple[torch.Tensor, torch.Tensor]
+PAGE_TOKENS = 16
 
 
-@dataclass
-class Block:
-    """The caches of some sequences as one batch: row i of every layer's (K, V) [B, H, width, Dh]
-    holds sequence seqs[i]'s lengths[i] positions, right-aligned (left padding before them)."""
-
-    seqs: list[int]
-    lengths: list[int]
-    layers: dict[int, KV] = field(default_factory=dict)
-
-    def row(self, i: int) -> Block:
-        """Row i alone, copied out (its own memory, no padding)."""
-        n = self.lengths[i]
-        return Block([self.seqs[i]], [n], {layer: (k[i:i + 1, :, k.shape[2] - n:].clone(),
-                                                   v[i:i + 1, :, v.shape[2] - n:].clone())
-                                           for layer, (k, v) in self.layers.items()})
+def pages_for(tokens: int) -> int:
+    return -(-tokens // PAGE_TOKENS)
 
 
-class BatchKV:
-    """The cache transformers' attention sees for one micro-batch (duck-types `Cache.update`)."""
+class PagedBatch:
+    """The cache transformers' attention sees for one micro-batch (duck-types `Cache.update`).
 
-    def __init__(self, lengths: Sequence[int], past: dict[int, KV] | None, decoding: bool) -> None:
-        self.lengths = list(lengths)  # per row: prefill: real prompt length; decode: cached length
-        self.past = past or {}
+    Decode batches may be *static* (generation/graphs.py): created once for a shape, `load`-ed
+    with each step's sequences, their index tensors updated in place so a captured graph sees them.
+    """
+
+    def __init__(self, kv: StageKV, decoding: bool, lengths: Sequence[int]) -> None:
+        self.kv = kv
         self.decoding = decoding
-        self.out: dict[int, KV] = {}  # layer_idx -> the layer's full keys and values after update
+        self.lengths = list(lengths)  # per row: prefill: the prompt length; decode: cached length
+        self.positions: torch.Tensor | None = None  # decode: [B] int64, where each new token goes
+        self.table: torch.Tensor | None = None  # decode: [B, P] int64 page ids
+        self._write: tuple[torch.Tensor, ...] | None = None  # prefill: rows, cols, pages, offsets
         self._masks: dict[str, torch.Tensor] = {}
 
-    @property
-    def past_len(self) -> int:
-        return max(self.lengths) if self.decoding and self.lengths else 0
+    # -- what the attention layers call --------------------------------------------------------
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> KV:
-        past = self.past.get(layer_idx)
-        if past is not None:
-            key = torch.cat([past[0], key], dim=2)  # [B, H, Lmax + 1, Dh]
-            value = torch.cat([past[1], value], dim=2)
-        self.out[layer_idx] = (key, value)
-        return key, value
+        pool_k, pool_v = self.kv.pool(layer_idx, key)
+        if not self.decoding:
+            assert self._write is not None
+            rows, cols, pages, offsets = self._write
+            # key [B, H, T, Dh] -> the real positions' [N, H, Dh] into their pages.
+            pool_k[pages, offsets] = key.transpose(1, 2)[rows, cols]
+            pool_v[pages, offsets] = value.transpose(1, 2)[rows, cols]
+            return key, value
+        assert self.positions is not None and self.table is not None
+        page = self.table.gather(1, (self.positions // PAGE_TOKENS).unsqueeze(1)).squeeze(1)  # [B]
+        offset = self.positions % PAGE_TOKENS
+        pool_k[page, offset] = key[:, :, 0]  # key [B, H, 1, Dh]
+        pool_v[page, offset] = value[:, :, 0]
+        b, p = self.table.shape
+        # [B, P, PAGE, H, Dh] -> [B, H, P * PAGE, Dh]
+        keys = pool_k[self.table].reshape(b, p * PAGE_TOKENS, *pool_k.shape[2:]).transpose(1, 2)
+        values = pool_v[self.table].reshape(b, p * PAGE_TOKENS, *pool_v.shape[2:]).transpose(1, 2)
+        return keys, values
 
     def decode_mask(self, kind: str, config: Any, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [B, 1, 1, Lmax + 1] for a decode step: row i sees its own cached positions
-        (the last L_i of the Lmax padded ones) and its new token; a sliding-window layer only the
-        positions within the window."""
+        """Additive mask [B, 1, 1, P * PAGE] for a decode step: row b sees its positions 0..p_b
+        (p_b = its new token's position); a sliding-window layer only the last `window` of them."""
         if kind not in self._masks:
-            device = next(iter(self.past.values()))[0].device if self.past else torch.device("cpu")
-            lmax = self.past_len
-            lengths = torch.tensor(self.lengths, device=device).unsqueeze(1)  # [B, 1]
-            j = torch.arange(lmax + 1, device=device).unsqueeze(0)  # [1, Lmax + 1]
-            position = j - (lmax - lengths)  # each key's position in its own sequence (< 0: padding)
-            allowed = position >= 0
+            assert self.positions is not None and self.table is not None
+            j = torch.arange(self.table.shape[1] * PAGE_TOKENS, device=self.positions.device).unsqueeze(0)
+            last = self.positions.unsqueeze(1)  # [B, 1]
+            allowed = j <= last
             window = getattr(config, "sliding_window", None)
             if kind == "sliding_attention" and window:
-                allowed &= position > lengths - window  # the new token sits at position L_i
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+                allowed &= j > last - window
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
             mask.masked_fill_(~allowed, torch.finfo(dtype).min)
             self._masks[kind] = mask[:, None, None, :]
         return self._masks[kind]
 
+    @classmethod
+    def static(cls, kv: StageKV, rows: int, width: int) -> PagedBatch:
+        """A decode batch of fixed shape (rows x width pages) whose tensors stay where they are."""
+        batch = cls(kv, decoding=True, lengths=[])
+        batch.table = torch.full((rows, width), kv.scratch_page, dtype=torch.int64, device=kv.device)
+        batch.positions = torch.zeros(rows, dtype=torch.int64, device=kv.device)
+        return batch
+
+    # -- filling ---------------------------------------------------------------------------------
+
+    def load(self, seq_ids: Sequence[int]) -> None:
+        """Decode: point this batch at these sequences (rows beyond them are padding: position 0
+        of the scratch page). Static batches keep their tensors; only the values change."""
+        kv = self.kv
+        rows = len(seq_ids)
+        width = self.table.shape[1] if self.table is not None else max(len(kv.pages[s]) for s in seq_ids)
+        size = self.table.shape[0] if self.table is not None else rows
+        if rows > size or any(len(kv.pages[s]) > width for s in seq_ids):
+            raise ValueError(f"{rows} sequences do not fit a decode batch of {size} x {width} pages")
+        table = torch.full((size, width), kv.scratch_page, dtype=torch.int64)
+        positions = torch.zeros(size, dtype=torch.int64)
+        for i, s in enumerate(seq_ids):
+            table[i, :len(kv.pages[s])] = torch.tensor(kv.pages[s], dtype=torch.int64)
+            positions[i] = kv.length[s]
+        self.lengths = [kv.length[s] for s in seq_ids]
+        if self.table is None or self.positions is None:
+            self.table, self.positions = table.to(kv.device), positions.to(kv.device)
+        else:
+            self.table.copy_(table, non_blocking=False)
+            self.positions.copy_(positions, non_blocking=False)
+        self._masks = {}  # an eager step after a captured one must build its own
+
+    def _prefill_index(self, seq_ids: Sequence[int]) -> None:
+        kv = self.kv
+        rows, cols, pages, offsets = [], [], [], []
+        for i, (s, n) in enumerate(zip(seq_ids, self.lengths, strict=True)):
+            for t in range(n):
+                rows.append(i)
+                cols.append(t)
+                pages.append(kv.pages[s][t // PAGE_TOKENS])
+                offsets.append(t % PAGE_TOKENS)
+        self._write = tuple(torch.tensor(x, dtype=torch.int64, device=kv.device) for x in (rows, cols, pages, offsets))
+
 
 class StageKV:
-    """Every live sequence's cache at one stage, within a token budget.
+    """Every live sequence's cache at one stage, within a token budget, in pages of a pool."""
 
-    Caches live in blocks: after a decode step the micro-batch's keys and values stay together as
-    one block, so when the same sequences decode together again (the steady state: stage 0 keeps
-    its groups) the block is the next step's past as is, with no copy but transformers' own
-    concatenation of the new position. A block is broken into single-sequence blocks (one copy
-    per row) only when its group changes: a member finishes, is cancelled, or is batched with
-    others.
-    """
-
-    def __init__(self, budget_tokens: int) -> None:
+    def __init__(self, budget_tokens: int, device: str | torch.device = "cpu") -> None:
         if budget_tokens < 1:
             raise ValueError(f"KV budget must be >= 1 token, got {budget_tokens}")
         self.budget_tokens = budget_tokens
+        self.device = torch.device(device)
+        self.page_count = pages_for(budget_tokens)
+        self.scratch_page = self.page_count  # the pool's extra last page
+        self._free_pages = list(range(self.page_count - 1, -1, -1))  # a stack: low ids first
         self.reserved: dict[int, int] = {}  # live sequence -> positions it may grow to
         self.length: dict[int, int] = {}  # live sequence -> positions cached
-        self._block: dict[int, Block] = {}  # live sequence -> the block holding its cache
+        self.pages: dict[int, list[int]] = {}  # live sequence -> its pages, in position order
+        self._pools: dict[int, KV] = {}  # layer_idx -> (K, V) [page_count + 1, PAGE, H, Dh]
 
     # -- accounting --------------------------------------------------------------------------------
 
@@ -121,86 +173,65 @@ class StageKV:
     def held_tokens(self) -> int:
         return sum(self.length.values())
 
+    @property
+    def max_pages(self) -> int:
+        """The most pages any live sequence holds (the width a decode batch of them needs)."""
+        return max((len(p) for p in self.pages.values()), default=0)
+
     def fits(self, reserve: int) -> bool:
-        return self.reserved_tokens + reserve <= self.budget_tokens
+        return self.reserved_tokens + reserve <= self.budget_tokens and pages_for(reserve) <= len(self._free_pages)
+
+    def fits_all(self, reserves: Sequence[int]) -> bool:
+        need_pages = sum(pages_for(r) for r in reserves)
+        return self.reserved_tokens + sum(reserves) <= self.budget_tokens and need_pages <= len(self._free_pages)
 
     def free(self, seq_ids: Sequence[int]) -> None:
-        gone = {int(s) for s in seq_ids} & set(self.length)
-        for s in gone:
-            self._split(s, keep=False)
+        for s in {int(s) for s in seq_ids} & set(self.length):
+            self._free_pages.extend(reversed(self.pages.pop(s)))
             del self.reserved[s], self.length[s]
 
-    def _split(self, seq: int, keep: bool = True) -> None:
-        """Break the block holding `seq` into single-sequence blocks (a copy of each row that
-        stays); `keep=False` drops `seq`'s own row."""
-        block = self._block.get(seq)
-        if block is None:
-            return
-        if len(block.seqs) == 1:
-            if not keep:
-                del self._block[seq]
-            return
-        for i, other in enumerate(block.seqs):
-            if self._block.get(other) is not block:
-                continue
-            if other == seq and not keep:
-                del self._block[other]
-            else:
-                self._block[other] = block.row(i)
+    def pool(self, layer_idx: int, like: torch.Tensor) -> KV:
+        """Layer `layer_idx`'s pools, allocated on first use for the whole budget (a key [B, H, T, Dh]
+        gives heads, head size, dtype and device)."""
+        pools = self._pools.get(layer_idx)
+        if pools is None:
+            shape = (self.page_count + 1, PAGE_TOKENS, like.shape[1], like.shape[3])
+            pools = (torch.zeros(shape, dtype=like.dtype, device=like.device),
+                     torch.zeros(shape, dtype=like.dtype, device=like.device))
+            self._pools[layer_idx] = pools
+        return pools
 
     # -- micro-batches -----------------------------------------------------------------------------
 
-    def prefill(self, seq_ids: Sequence[int], lengths: Sequence[int], reserves: Sequence[int]) -> BatchKV:
+    def prefill(self, seq_ids: Sequence[int], lengths: Sequence[int], reserves: Sequence[int]) -> PagedBatch:
         for s, n, r in zip(seq_ids, lengths, reserves, strict=True):
             if s in self.length:
                 raise ValueError(f"sequence {s} is already cached here")
             if n > r:
                 raise ValueError(f"sequence {s}: prompt of {n} tokens exceeds its reservation of {r}")
-        need = sum(reserves)
-        if not self.fits(need):
+        if not self.fits_all(reserves):
             raise MemoryError(f"KV budget exceeded: {self.reserved_tokens} of {self.budget_tokens} tokens reserved, "
-                              f"{need} more asked")
+                              f"{sum(reserves)} more asked")
         for s, r in zip(seq_ids, reserves, strict=True):
             self.reserved[s], self.length[s] = r, 0
-        return BatchKV(lengths, None, decoding=False)
+            self.pages[s] = [self._free_pages.pop() for _ in range(pages_for(r))]
+        batch = PagedBatch(self, decoding=False, lengths=lengths)
+        batch._prefill_index(seq_ids)
+        return batch
 
-    def decode(self, seq_ids: Sequence[int]) -> BatchKV:
-        """The past of these sequences, left-padded to the longest: layer -> (K, V) [B, H, Lmax, Dh]."""
-        seqs = list(seq_ids)
-        for s in seqs:
+    def check_decode(self, seq_ids: Sequence[int]) -> None:
+        for s in seq_ids:
             if self.length[s] + 1 > self.reserved[s]:
                 raise ValueError(f"sequence {s} would grow past its reservation of {self.reserved[s]} tokens")
-        block = self._block.get(seqs[0])
-        if block is not None and block.seqs == seqs:
-            return BatchKV(list(block.lengths), block.layers, decoding=True)  # the group as it was
-        for s in seqs:
-            self._split(s)  # each of them now has a block of its own
-        rows = [self._block[s] for s in seqs]
-        lengths = [r.lengths[0] for r in rows]
-        lmax = max(lengths)
-        past: dict[int, KV] = {}
-        for layer in rows[0].layers:
-            k0, v0 = rows[0].layers[layer]
-            keys = k0.new_zeros((len(rows), k0.shape[1], lmax, k0.shape[3]))
-            values = v0.new_zeros((len(rows), v0.shape[1], lmax, v0.shape[3]))
-            for i, r in enumerate(rows):
-                k, v = r.layers[layer]
-                keys[i, :, lmax - lengths[i]:] = k[0]
-                values[i, :, lmax - lengths[i]:] = v[0]
-            past[layer] = (keys, values)
-        return BatchKV(lengths, past, decoding=True)
 
-    def store(self, seq_ids: Sequence[int], kv: BatchKV) -> None:
-        """Keep what the layers produced: a decode step's batch as one block; a prefill's rows
-        (right-padded) each as its own block of its real positions."""
-        seqs = list(seq_ids)
-        if kv.decoding:
-            block = Block(seqs, [n + 1 for n in kv.lengths], kv.out)
-            for s, n in zip(seqs, block.lengths, strict=True):
-                self._block[s], self.length[s] = block, n
-            return
-        for i, s in enumerate(seqs):
-            n = kv.lengths[i]
-            self._block[s] = Block([s], [n], {layer: (k[i:i + 1, :, :n].clone(), v[i:i + 1, :, :n].clone())
-                                              for layer, (k, v) in kv.out.items()})
-            self.length[s] = n
+    def decode(self, seq_ids: Sequence[int]) -> PagedBatch:
+        """A decode batch of exactly these sequences (width: their longest page list)."""
+        self.check_decode(seq_ids)
+        batch = PagedBatch(self, decoding=True, lengths=[])
+        batch.load(seq_ids)
+        return batch
+
+    def store(self, seq_ids: Sequence[int], kv: PagedBatch) -> None:
+        """The layers wrote the step's keys and values into the pages; count the positions."""
+        for s, n in zip(seq_ids, kv.lengths, strict=True):
+            self.length[s] = n + 1 if kv.decoding else n

@@ -48,6 +48,7 @@ class StageStats:
     kv_reserved_tokens: int = 0
     kv_budget_tokens: int = 0
     kv_sequences: int = 0
+    graph_replays: int = 0  # micro-batches (or decode steps) served by replaying a CUDA graph
 
     @property
     def busy(self) -> float:

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infscaled.generation.kv import StageKV
+from infscaled.generation.graphs import DecodeStep
+from infscaled.generation.kv import PagedBatch, StageKV
 from infscaled.generation.sampling import SamplingParams, make_generator, sample_next
 from infscaled.protocol.control import EdgeRate, StageStats
 from infscaled.protocol.plan import GenerationPlan, Node
@@ -94,7 +95,8 @@ class _Chain:
 class GenStageLoop:
     def __init__(self, node: Node, stage: torch.nn.Module, device: str, in_edges: list[Edge],
                  out_edges: list[Edge], plan: GenerationPlan, stages: int,
-                 on_stats: Callable[[StageStats], None] | None = None, stats_interval_s: float = 1.0) -> None:
+                 on_stats: Callable[[StageStats], None] | None = None, stats_interval_s: float = 1.0,
+                 cuda_graphs: bool = True) -> None:
         self.node = node
         self.stage = stage
         self.device = torch.device(device)
@@ -102,7 +104,9 @@ class GenStageLoop:
         self.first = node.stage == 0
         self.last = node.stage == stages - 1
         self.in_edges, self.out_edges = in_edges, out_edges
-        self.kv = StageKV(plan.kv_budget_tokens)
+        self.kv = StageKV(plan.kv_budget_tokens, self.device)
+        self.decoder = DecodeStep(stage, self.kv, self.device, "input_ids" if self.first else "hidden",
+                                  plan.max_batch_sequences, graphs=cuda_graphs)
         self.inbox: queue.Queue[_Inbound] = queue.Queue()
         self.outboxes: list[queue.Queue[Message | None]] = [queue.Queue() for _ in out_edges]
         self.on_stats, self.stats_interval_s = on_stats, stats_interval_s
@@ -264,8 +268,7 @@ class GenStageLoop:
         chain = self.chain
         while chain.held:
             msg = chain.held[0]
-            need = int(msg.tensors["reserve"].sum())
-            if not self.kv.fits(need):
+            if not self.kv.fits_all(msg.tensors["reserve"].tolist()):
                 break
             chain.held.pop(0)
             for s, n in zip(msg.tensors[REQUESTS_KEY][:, 0].tolist(), msg.tensors["lengths"].tolist(), strict=True):
@@ -324,27 +327,31 @@ class GenStageLoop:
 
     def _decode(self, t: dict[str, torch.Tensor]) -> None:
         seqs = t[REQUESTS_KEY][:, 0].tolist()
-        kv = self.kv.decode(seqs)
-        positions = t["positions"]
-        act = {"input_ids" if self.first else "hidden": t["input_ids" if self.first else "hidden"],
-               "attention_mask": torch.ones(len(seqs), 1, dtype=torch.int64),
-               "position_ids": positions[:, None]}
-        out = self._run(act, kv, seqs)
+        x = t["input_ids" if self.first else "hidden"]
+        out = self._timed(seqs, lambda: self.decoder.step(x, seqs))
         if not self.last:
-            self._send(self.to_next, {REQUESTS_KEY: t[REQUESTS_KEY], "hidden": out["hidden"], "positions": positions})
+            self._send(self.to_next, {REQUESTS_KEY: t[REQUESTS_KEY], "hidden": out["hidden"],
+                                      "positions": t["positions"]})
             return
         logits = out["output"]
         self._sampled(seqs, logits[:, -1] if logits.dim() == 3 else logits)
 
-    def _run(self, act: dict[str, torch.Tensor], kv: object, seqs: list[int]) -> dict[str, torch.Tensor]:
+    def _run(self, act: dict[str, torch.Tensor], kv: PagedBatch, seqs: list[int]) -> dict[str, torch.Tensor]:
+        """A prefill's forward (eager: its shapes vary)."""
+        def forward() -> dict[str, torch.Tensor]:
+            out: dict[str, torch.Tensor] = self.stage({k: v.to(self.device, non_blocking=True) for k, v in act.items()},
+                                                      kv)
+            self.kv.store(seqs, kv)
+            return out
+        return self._timed(seqs, forward)
+
+    def _timed(self, seqs: list[int], forward: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if self._first_at is None:
             self._first_at = time.monotonic()
-        act = {k: v.to(self.device, non_blocking=True) for k, v in act.items()}
         started = time.perf_counter()
-        out = self.stage(act, kv)
-        self.kv.store(seqs, kv)  # type: ignore[arg-type]
+        out = forward()
         if not self.last:
-            out = {k: v.cpu() for k, v in out.items()}  # the gloo edges carry host tensors
+            out = {"hidden": out["hidden"].cpu()}  # the gloo edges carry host tensors
         elif self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # so compute time is GPU time
         elapsed = time.perf_counter() - started
@@ -402,7 +409,7 @@ class GenStageLoop:
             window_s=window_s, occupancy=min(1.0, rate(compute_s, covered)), inflight=self.chain.inflight,
             compute_s=mean(compute_s, count), samples_per_s=rate(rows, covered),
             kv_tokens=self.kv.held_tokens, kv_reserved_tokens=self.kv.reserved_tokens,
-            kv_budget_tokens=self.kv.budget_tokens, kv_sequences=len(self.kv.seqs),
+            kv_budget_tokens=self.kv.budget_tokens, kv_sequences=len(self.kv.seqs), graph_replays=self.decoder.replays,
             inputs=[EdgeRate(str(e.peer), rate(n, covered)) for e, n in zip(self.in_edges, per_edge, strict=True)])
 
 

@@ -1,0 +1,142 @@
+"""One stage's decode step, eager or replayed from CUDA graphs.
+
+Why graphs: a decode step of a few sequences is tiny GPU work (a 3B model's half reads its 3 GB of
+weights in under a millisecond) behind hundreds of kernel launches from Python: measured on an
+H200, 37-40 ms per step for 14 Llama layers, all launch overhead, and the launching thread holds
+the GIL the stage's receiver and sender threads need (BENCHMARKS.md section 5). A graph replays
+the whole step with one call.
+
+What makes a step replayable: its shape and every address it touches. The shape is the bucket
+(rows, pages): the micro-batch's sequence count rounded up to a power of two (at most
+`max_rows`) and the widest page table among them rounded up likewise; rows beyond the real ones
+are padding (scratch page, position 0) and their outputs are dropped. The addresses are fixed
+by `StageKV` (pools allocated once) and by a static `PagedBatch` and input buffer per bucket, which
+each step fills in place before `replay`.
+
+Lifecycle of a bucket: its first step runs eagerly on the static tensors (the warm-up that
+capture needs: cuBLAS handles, lazy initialisations), the second captures the graph and replays
+it, later ones only replay. At most `max_graphs` buckets get graphs; others, and every step when
+graphs are off or the device is not CUDA, run eagerly on a batch of exactly their sequences.
+A capture that fails logs one warning and leaves its bucket eager for good: graphs are a speed-up,
+never a reason for a stage to fail. Capture uses `capture_error_mode="thread_local"` because the
+stage's receiver and sender threads keep running meanwhile (they do host work only; a global
+capture would forbid even their harmless CUDA-free calls into the runtime).
+
+Outputs of a replay are views of the graph's static outputs, valid until the next step of the
+same bucket: the caller copies them to the host (hidden states) or samples from them (logits)
+before it runs another step, which the generation loop's single compute thread guarantees.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from infscaled.generation.kv import PagedBatch, StageKV
+
+log = logging.getLogger(__name__)
+
+
+def bucket(n: int, cap: int) -> int:
+    """The smallest power of two >= n, but at most `cap` (n <= cap)."""
+    size = 1
+    while size < n:
+        size *= 2
+    return min(size, cap)
+
+
+@dataclass
+class _Bucket:
+    batch: PagedBatch  # static: its table and positions are filled in place
+    x: torch.Tensor | None = None  # static input: input_ids [rows, 1] or hidden [rows, 1, D]
+    steps: int = 0
+    graph: Any = None  # torch.cuda.CUDAGraph once captured
+    out: dict[str, torch.Tensor] | None = None  # the graph's static outputs
+    eager: bool = False  # capture failed: never try again
+
+
+class DecodeStep:
+    """Runs decode steps of one stage: `step(x, seqs)` with x the host input of the micro-batch
+    (input_ids [n, 1] on stage 0, hidden states [n, 1, D] later) returns the stage's outputs for
+    those n rows (device tensors) and counts the new position in the KV cache."""
+
+    def __init__(self, stage: torch.nn.Module, kv: StageKV, device: torch.device, input_key: str, max_rows: int,
+                 graphs: bool, max_graphs: int = 16) -> None:
+        self.stage, self.kv, self.device = stage, kv, device
+        self.input_key = input_key
+        self.max_rows = max_rows
+        self.graphs = graphs and device.type == "cuda"
+        self.max_graphs = max_graphs
+        self.replays = 0  # steps served by a graph (reported in the stage's stats)
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._pool: Any = None
+        self._capture_stream: Any = None
+
+    def step(self, x: torch.Tensor, seqs: list[int]) -> dict[str, torch.Tensor]:
+        self.kv.check_decode(seqs)
+        n = len(seqs)
+        if not self.graphs or n > self.max_rows:
+            batch = self.kv.decode(seqs)
+            out = self.stage(self._act(x.to(self.device, non_blocking=True), batch), batch)
+            self.kv.store(seqs, batch)
+            return out
+        key = (bucket(n, self.max_rows), bucket(max(len(self.kv.pages[s]) for s in seqs), self.kv.page_count))
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) >= self.max_graphs:
+                batch = self.kv.decode(seqs)
+                out = self.stage(self._act(x.to(self.device, non_blocking=True), batch), batch)
+                self.kv.store(seqs, batch)
+                return out
+            b = self._buckets[key] = _Bucket(PagedBatch.static(self.kv, *key))
+        b.batch.load(seqs)
+        if b.x is None:
+            b.x = torch.zeros((key[0], *x.shape[1:]), dtype=x.dtype, device=self.device)
+        b.x[:n].copy_(x)
+        if n < key[0]:
+            b.x[n:].zero_()
+        b.steps += 1
+        if b.graph is None and not b.eager and b.steps >= 2:
+            self._capture(b, key)
+        if b.graph is not None:
+            b.graph.replay()
+            self.replays += 1
+            out = b.out
+        else:
+            out = self.stage(self._act(b.x, b.batch), b.batch)
+        assert out is not None
+        self.kv.store(seqs, b.batch)
+        return {k: v[:n] if isinstance(v, torch.Tensor) and v.shape[:1] == (key[0],) else v for k, v in out.items()}
+
+    def _act(self, x: torch.Tensor, batch: PagedBatch) -> dict[str, torch.Tensor]:
+        assert batch.positions is not None
+        rows = batch.positions.shape[0]
+        # The mask stays on the host, all ones: the units decide "nothing is padded" there without
+        # a device sync (models/families/common.py); a decode step's masking is `decode_mask`.
+        return {self.input_key: x, "attention_mask": torch.ones(rows, 1, dtype=torch.int64),
+                "position_ids": batch.positions.unsqueeze(1)}
+
+    def _capture(self, b: _Bucket, key: tuple[int, int]) -> None:
+        assert b.x is not None
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._capture_stream = torch.cuda.Stream(self.device)
+        graph = torch.cuda.CUDAGraph()
+        current = torch.cuda.current_stream(self.device)
+        self._capture_stream.wait_stream(current)
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
+                                  capture_error_mode="thread_local"):
+                out = self.stage(self._act(b.x, b.batch), b.batch)
+        except Exception:  # noqa: BLE001 - a graph is an optimisation: fall back to eager, loudly
+            log.warning("decode step of %d rows x %d pages: CUDA graph capture failed; this shape runs eagerly",
+                        key[0], key[1], exc_info=True)
+            b.eager = True
+            return
+        finally:
+            current.wait_stream(self._capture_stream)
+        b.graph, b.out = graph, out
+        log.info("decode step of %d rows x %d pages captured as a CUDA graph", key[0], key[1])

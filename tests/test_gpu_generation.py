@@ -1,0 +1,57 @@
+"""Generation on CUDA stages: decode steps replayed from CUDA graphs give HF `generate`'s tokens.
+
+Marked `gpu`: skipped without CUDA (CI is CPU only); run on the device (BENCHMARKS.md section 5).
+float32 with TF32 off (what workers set for float32 jobs), so greedy tokens on the GPU equal the
+CPU reference token for token. Sequences of different prompt and output lengths join while
+others run, so the decode batches change size (graph buckets of 1, 2 and 4 rows) and graphs are
+captured and replayed for some buckets while others still run eagerly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generation_pipeline import hf_greedy, run_staggered
+
+from infscaled.config import parse_job
+from infscaled.models.sources import resolve
+from infscaled.models.stage import Monolith
+from infscaled.protocol.plan import Node
+from infscaled.runner.launcher import LocalJob, prepare
+
+pytestmark = pytest.mark.gpu
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _work() -> list[tuple[list[int], int]]:
+    gen = torch.Generator().manual_seed(11)
+    lengths = [(5, 30), (12, 24), (3, 40), (8, 12), (20, 33), (2, 27), (9, 18), (14, 36)]
+    return [(torch.randint(0, 512, (p,), generator=gen).tolist(), n) for p, n in lengths]
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
+@pytest.mark.parametrize("graphs", [True, False])
+def test_greedy_generation_on_cuda_stages_equals_hf_generate(graphs: bool) -> None:
+    devices = ["cuda:0", "cuda:1" if GPUS > 1 else "cuda:0"]
+    cfg = parse_job({"name": "gen-gpu", "model": {"source": "builtin:llama-tiny", "cuda_graphs": graphs},
+                     "pipeline": {"stages": 2}, "placement": {"devices": devices},
+                     "generation": {"max_batch_sequences": 4}})
+    work = _work()
+    mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
+    expected = [hf_greedy(mono, p, n) for p, n in work]
+    with LocalJob(prepare(cfg)) as job:
+        results = run_staggered(job.generator, work)
+        assert [r.error for r in results] == [None] * len(work)
+        got = [r.tokens for r in results]
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            if g != e:
+                first = next(j for j, (a, b) in enumerate(zip(g, e, strict=False)) if a != b)
+                print(f"sequence {i}: first difference at token {first}: {g[first]} != {e[first]}")
+        assert got == expected
+        stats = [job.group.handles[Node(s, 0)].stats for s in (0, 1)]
+        replays = [s.graph_replays if s is not None else -1 for s in stats]
+        print(f"graphs {graphs}: decode steps replayed from CUDA graphs per stage: {replays}")
+        if graphs:
+            assert all(r > 20 for r in replays), replays
+        else:
+            assert replays == [0, 0]
