@@ -8,7 +8,9 @@ prompts (--prompt random token ids each), greedy, exactly --new tokens per seque
   hf_1gpu      (a) `model.generate` on one GPU, --batch sequences at once
   hf_dp        (b) the same on every GPU at once, one process per GPU (data parallel)
   infscaled    (c) 2 stages on 2 GPUs, 2 * --batch sequences in flight (micro-batches of
-               --batch, one per stage); and the same with only --batch sequences in total
+               --batch, one per stage), decode steps replayed from CUDA graphs; the same with
+               graphs off (eager decode steps); and with graphs, only --batch sequences in total
+For (c) the greedy tokens of generate's prompts are compared with generate's (agreement_with_hf).
 Tokens/s = sequences x new tokens / wall time of the whole run (prefill included, as for
 `generate`). Writes gen.json and prints a markdown table.
 """
@@ -16,6 +18,7 @@ Tokens/s = sequences x new tokens / wall time of the whole run (prefill included
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -38,8 +41,9 @@ def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return torch.randint(0, vocab, (n, length), generator=gen).tolist()
 
 
-def hf_generate(source: str, device: str, dtype: str, batch: list[list[int]], new: int, reps: int) -> float:
-    """Seconds of the fastest of `reps` timed `generate` calls (after one warm-up)."""
+def hf_generate(source: str, device: str, dtype: str, batch: list[list[int]], new: int,
+                reps: int) -> tuple[float, list[list[int]]]:
+    """Seconds of the fastest of `reps` timed `generate` calls (after one warm-up), and the tokens."""
     from infscaled.models.sources import resolve
     from infscaled.models.stage import Monolith
 
@@ -59,7 +63,7 @@ def hf_generate(source: str, device: str, dtype: str, batch: list[list[int]], ne
                 torch.cuda.synchronize(device)
             best = min(best, time.perf_counter() - started)
             assert out.shape[1] == ids.shape[1] + new
-    return best
+    return best, out[:, ids.shape[1]:].tolist()
 
 
 def _dp_worker(source: str, device: str, dtype: str, batch: list[list[int]], new: int, reps: int,
@@ -101,8 +105,9 @@ def hf_data_parallel(source: str, devices: list[str], dtype: str, batch: list[li
 
 
 def infscaled_generate(source: str, devices: list[str], dtype: str, work: list[list[int]], new: int,
-                       batch: int, reps: int) -> tuple[float, list[Any]]:
-    """Seconds (best rep) for the pipeline to generate `new` tokens for every prompt in `work`."""
+                       batch: int, reps: int, graphs: bool = True) -> tuple[float, list[Any], list[list[int]]]:
+    """Seconds (best rep) for the pipeline to generate `new` tokens for every prompt in `work`, the
+    stages' stats, and the tokens of the last repetition."""
     from infscaled.config import parse_job
     from infscaled.generation.params import SamplingParams
     from infscaled.runner.launcher import LocalJob, prepare
@@ -110,27 +115,33 @@ def infscaled_generate(source: str, devices: list[str], dtype: str, work: list[l
     stages = len(devices)
     cfg = parse_job({
         "name": "gen-bench", "model": {"source": source, "dtype": dtype},
-        "pipeline": {"stages": stages}, "placement": {"devices": devices},
+        "pipeline": {"stages": stages, "cuda_graphs": graphs}, "placement": {"devices": devices},
         "generation": {"kv_budget_tokens": 2 * len(work) * (len(work[0]) + new) + 64, "max_batch_sequences": batch,
                        "micro_batches_in_flight": max(1, len(work) // batch) if len(work) >= batch else stages},
         "workload": {"request_timeout_s": 900.0},
     })
     best = float("inf")
     stats: list[Any] = []
+    tokens: list[list[int]] = []
     with LocalJob(prepare(cfg), ready_timeout_s=900) as job:
         for rep in range(reps + 1):  # the first is a warm-up
             left = threading.Semaphore(0)
             errors: list[str] = []
+            tokens = [[] for _ in work]
 
-            def consume(token: int, done: bool, error: str | None, left: Any = left, errors: Any = errors) -> None:
+            def consume(token: int, done: bool, error: str | None, out: list[int], left: Any = left,
+                        errors: Any = errors) -> None:
                 if error:
                     errors.append(error)
+                else:
+                    out.append(token)
                 if done:
                     left.release()
 
             started = time.perf_counter()
-            for p in work:
-                job.generator.submit(p, SamplingParams(max_new_tokens=new if rep else 4, temperature=0.0), consume)
+            for p, got in zip(work, tokens, strict=True):
+                job.generator.submit(p, SamplingParams(max_new_tokens=new if rep else 4, temperature=0.0),
+                                     functools.partial(consume, out=got))
             for _ in work:
                 left.acquire()
             elapsed = time.perf_counter() - started
@@ -138,7 +149,16 @@ def infscaled_generate(source: str, devices: list[str], dtype: str, work: list[l
             if rep:
                 best = min(best, elapsed)
         stats = [h.stats for h in job.state.workers.values()]
-    return best, stats
+    return best, stats, tokens
+
+
+def agreement(got: list[list[int]], reference: list[list[int]]) -> dict[str, float]:
+    """How far greedy tokens agree with `generate`'s for the same prompts (bf16 on different kernels
+    may pick another token at a near-tie, after which a sequence goes its own way)."""
+    prefixes = [next((i for i, (a, b) in enumerate(zip(g, r, strict=False)) if a != b), min(len(g), len(r)))
+                for g, r in zip(got, reference, strict=False)]
+    return {"sequences": len(prefixes), "identical": sum(g == r for g, r in zip(got, reference, strict=False)),
+            "mean_common_prefix": sum(prefixes) / max(1, len(prefixes))}
 
 
 def main() -> None:
@@ -156,7 +176,7 @@ def main() -> None:
     devices = ["cpu", "cpu"] if a.device == "cpu" else ["cuda:0", "cuda:1"]
     vocab = 512 if a.tiny else 32000
     batch = prompts(a.batch, a.prompt, vocab)
-    double = prompts(2 * a.batch, a.prompt, vocab, seed=1)
+    double = batch + prompts(a.batch, a.prompt, vocab, seed=1)  # the first half: generate's prompts
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     card = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu"
@@ -165,14 +185,20 @@ def main() -> None:
     def record(case: str, seqs: int, seconds: float, **extra: Any) -> None:
         tps = seqs * a.new / seconds
         rows.append({"case": case, "sequences": seqs, "seconds": seconds, "tokens_per_s": tps, **extra})
-        print(f"{case:34s} {seqs:3d} seqs  {seconds:8.3f} s  {tps:9.1f} tok/s", flush=True)
+        agree = extra.get("agreement_with_hf")
+        note = f"  ({agree['identical']}/{agree['sequences']} identical to generate's)" if agree else ""
+        print(f"{case:34s} {seqs:3d} seqs  {seconds:8.3f} s  {tps:9.1f} tok/s{note}", flush=True)
 
-    record("hf_generate_1gpu", a.batch, hf_generate(source, devices[0], dtype, batch, a.new, a.reps))
+    seconds, hf_tokens = hf_generate(source, devices[0], dtype, batch, a.new, a.reps)
+    record("hf_generate_1gpu", a.batch, seconds)
     record("hf_generate_dp_2gpu", 2 * a.batch, hf_data_parallel(source, devices, dtype, batch, a.new, a.reps))
-    seconds, stats = infscaled_generate(source, devices, dtype, double, a.new, a.batch, a.reps)
-    record("infscaled_2stage_2x_batch", 2 * a.batch, seconds,
-           stages=[{"node": s.node, "compute_s": s.compute_s, "busy": s.busy} for s in stats if s is not None])
-    seconds, _ = infscaled_generate(source, devices, dtype, batch, a.new, a.batch // 2, a.reps)
+    for graphs in (True, False):
+        seconds, stats, tokens = infscaled_generate(source, devices, dtype, double, a.new, a.batch, a.reps, graphs)
+        record("infscaled_2stage_2x_batch" + ("" if graphs else "_no_graphs"), 2 * a.batch, seconds,
+               agreement_with_hf=agreement(tokens[:a.batch], hf_tokens),
+               stages=[{"node": s.node, "compute_s": s.compute_s, "busy": s.busy, "graph_replays": s.graph_replays}
+                       for s in stats if s is not None])
+    seconds, _, _ = infscaled_generate(source, devices, dtype, batch, a.new, a.batch // 2, a.reps)
     record("infscaled_2stage_1x_batch", a.batch, seconds)
     base = {r["case"]: r["tokens_per_s"] for r in rows}
     summary = {"card": card, "model": source, "dtype": dtype, "batch": a.batch, "prompt": a.prompt, "new": a.new,

@@ -33,8 +33,8 @@ def _work() -> list[tuple[list[int], int]]:
 @pytest.mark.parametrize("graphs", [True, False])
 def test_greedy_generation_on_cuda_stages_equals_hf_generate(graphs: bool) -> None:
     devices = ["cuda:0", "cuda:1" if GPUS > 1 else "cuda:0"]
-    cfg = parse_job({"name": "gen-gpu", "model": {"source": "builtin:llama-tiny", "cuda_graphs": graphs},
-                     "pipeline": {"stages": 2}, "placement": {"devices": devices},
+    cfg = parse_job({"name": "gen-gpu", "model": {"source": "builtin:llama-tiny"},
+                     "pipeline": {"stages": 2, "cuda_graphs": graphs}, "placement": {"devices": devices},
                      "generation": {"max_batch_sequences": 4}})
     work = _work()
     mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
