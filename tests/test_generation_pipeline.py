@@ -252,7 +252,7 @@ def test_paged_kv_writes_gathers_masks_and_frees_pages() -> None:
     for i, s in enumerate([3, 1]):
         assert torch.equal(keys[i, :, :len(written[s])], torch.stack(written[s], dim=1)), s
     assert kv.length == {1: 6, 3: 4, 9: 3}
-    with pytest.raises(MemoryError, match="KV budget exceeded: 60 of 100 tokens reserved, 80 more asked"):
+    with pytest.raises(MemoryError, match="KV budget exceeded: 1 of 7 pages free, 6 more asked"):
         kv.prefill([7, 8], [3, 3], [40, 40])
     with pytest.raises(ValueError, match="3 sequences do not fit a decode batch of 2 x 4 pages"):
         PagedBatch.static(kv, 2, 4).load([1, 3, 9])

@@ -23,10 +23,10 @@ given shape can be captured once as a CUDA graph and replayed for any sequences
 (generation/graphs.py). Nothing is copied between steps, nothing grows, and memory is bounded by
 the budget from the first step.
 
-The budget is in tokens: a sequence reserves prompt + max_new_tokens positions when admitted, so
-a stage never holds more than `budget_tokens` positions of cache, whatever the sequences do; its
-pages (the reservation rounded up) come from a pool of ceil(budget / PAGE_TOKENS) pages, which
-one sequence within the budget always fits when alone.
+The budget is in tokens: a sequence reserves prompt + max_new_tokens positions when admitted,
+rounded up to whole pages (`reserved_span`), from a pool of ceil(budget / PAGE_TOKENS) pages, so
+a stage never holds more cache than that, whatever the sequences do, and a sequence within the
+budget always fits when alone. The dispatcher admits by the same rounded count.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ PAGE_TOKENS = 16
 
 def pages_for(tokens: int) -> int:
     return -(-tokens // PAGE_TOKENS)
+
+
+def reserved_span(tokens: int) -> int:
+    """The positions a reservation of `tokens` occupies: whole pages. Admission counts these (the
+    dispatcher and stage 0 alike), so a stage's pool of pages_for(budget) pages never runs out."""
+    return pages_for(tokens) * PAGE_TOKENS
 
 
 class PagedBatch:
@@ -179,11 +185,10 @@ class StageKV:
         return max((len(p) for p in self.pages.values()), default=0)
 
     def fits(self, reserve: int) -> bool:
-        return self.reserved_tokens + reserve <= self.budget_tokens and pages_for(reserve) <= len(self._free_pages)
+        return self.fits_all([reserve])
 
     def fits_all(self, reserves: Sequence[int]) -> bool:
-        need_pages = sum(pages_for(r) for r in reserves)
-        return self.reserved_tokens + sum(reserves) <= self.budget_tokens and need_pages <= len(self._free_pages)
+        return sum(pages_for(r) for r in reserves) <= len(self._free_pages)
 
     def free(self, seq_ids: Sequence[int]) -> None:
         for s in {int(s) for s in seq_ids} & set(self.length):
@@ -210,8 +215,8 @@ class StageKV:
             if n > r:
                 raise ValueError(f"sequence {s}: prompt of {n} tokens exceeds its reservation of {r}")
         if not self.fits_all(reserves):
-            raise MemoryError(f"KV budget exceeded: {self.reserved_tokens} of {self.budget_tokens} tokens reserved, "
-                              f"{sum(reserves)} more asked")
+            raise MemoryError(f"KV budget exceeded: {len(self._free_pages)} of {self.page_count} pages free, "
+                              f"{sum(pages_for(r) for r in reserves)} more asked")
         for s, r in zip(seq_ids, reserves, strict=True):
             self.reserved[s], self.length[s] = r, 0
             self.pages[s] = [self._free_pages.pop() for _ in range(pages_for(r))]

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from infscaled.generation.errors import GenerationError
+from infscaled.generation.kv import reserved_span
 from infscaled.generation.params import SamplingParams
 from infscaled.protocol.plan import GenerationPlan
 from infscaled.protocol.wire import DATA, STOP
@@ -198,7 +199,7 @@ class GenDispatcher:
             chain = self.chains[seq.chain]
             if seq.id in chain.live:
                 chain.live.discard(seq.id)
-                chain.reserved -= seq.reserve
+                chain.reserved -= reserved_span(seq.reserve)
         else:
             try:
                 self._waiting.remove(seq)
@@ -211,19 +212,21 @@ class GenDispatcher:
         with it in one prefill, or None while nothing fits."""
         if not self._waiting:
             return None
-        budget = self.plan.kv_budget_tokens
+        # Counted as the stages count it: whole KV pages (generation/kv.py), so whatever this
+        # admits, stage 0 finds room for.
+        capacity = reserved_span(self.plan.kv_budget_tokens)
         head = self._waiting[0]
-        room = [budget - c.reserved for c in self.chains]
+        room = [capacity - c.reserved for c in self.chains]
         best = max(range(len(room)), key=lambda r: room[r])
-        if room[best] < head.reserve:
+        if room[best] < reserved_span(head.reserve):
             return None
         batch: list[_Sequence] = []
         left = room[best]
         for seq in list(self._waiting):
-            if len(batch) == self.plan.max_batch_sequences or seq.reserve > left:
+            if len(batch) == self.plan.max_batch_sequences or reserved_span(seq.reserve) > left:
                 break  # first come, first served: nobody overtakes the one that does not fit
             batch.append(seq)
-            left -= seq.reserve
+            left -= reserved_span(seq.reserve)
         return best, batch
 
     def _scheduler(self) -> None:
@@ -241,7 +244,7 @@ class GenDispatcher:
                         self._waiting.popleft()
                         seq.chain = r
                         self.chains[r].live.add(seq.id)
-                        self.chains[r].reserved += seq.reserve
+                        self.chains[r].reserved += reserved_span(seq.reserve)
                 self._outboxes[r].put(self._prefill(batch))
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             self._on_broken(f"generation scheduler failed: {exc}")
