@@ -150,7 +150,7 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None]) -> 
             stats = StageLoop(str(me), stage, worker.device, ins, outs,
                               Router(plan.policy, len(out_plans), seed=plan.seed),
                               queue_depth=max(2, plan.max_inflight), on_stats=report if measure else None,
-                              measure=measure).run()
+                              measure=measure, cuda_graphs=plan.cuda_graphs).run()
         send(control.WorkerDone(stats))
     finally:
         for edge in edges.values():
