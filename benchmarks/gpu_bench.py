@@ -9,7 +9,8 @@ prompt-processing forward returning next-token logits [batch, vocab] to the host
   dp            (b) one monolith replica per GPU, each its own process (the bound when it fits)
   accelerate    (c) HF accelerate `dispatch_model` with a layer-balanced device_map (naive MP)
   gpipe         (d) torch.distributed.pipelining, ScheduleGPipe, forward only, m=8 micro-batches
-  infscaled     (e) infscaled pipelines: 2 and 4 stages, and a replicated bottleneck stage
+  infscaled     (e) infscaled pipelines: 2 and 4 stages, and a replicated bottleneck stage, with CUDA
+                    graphs (the default); the 2-stage case once more without (eager launches)
 Model: builtin llama-3b-last (Llama architecture, hidden 3072, 28 layers, 32k vocab, ~3.0B
 parameters, random weights, bf16); the lm_head runs on the last position only, in every case.
 
@@ -343,7 +344,8 @@ def run_gpipe(o: Opts, gpus: list[int], split: list[tuple[int, int]], m: int = 8
 
 
 def run_infscaled(o: Opts, name: str, split: list[tuple[int, int]], replicas: list[int], devices: list[str],
-                  out_dir: Path, inflight: int, profile: bool = False, gloo: bool = False) -> dict[str, Any]:
+                  out_dir: Path, inflight: int, profile: bool = False, gloo: bool = False,
+                  graphs: bool = True) -> dict[str, Any]:
     from infscaled.config import parse_job
     from infscaled.runner.launcher import LocalJob, prepare
     from infscaled.worker.nccl import TRANSPORT_ENV
@@ -355,18 +357,21 @@ def run_infscaled(o: Opts, name: str, split: list[tuple[int, int]], replicas: li
     if gloo:
         os.environ[TRANSPORT_ENV] = "gloo"
     try:
-        return _run_infscaled(o, name, split, replicas, devices, out_dir, inflight, parse_job, LocalJob, prepare)
+        return _run_infscaled(o, name, split, replicas, devices, out_dir, inflight, graphs, parse_job, LocalJob,
+                              prepare)
     finally:
         os.environ.pop(PROFILE_ENV, None)
         os.environ.pop(TRANSPORT_ENV, None)
 
 
 def _run_infscaled(o: Opts, name: str, split: list[tuple[int, int]], replicas: list[int], devices: list[str],
-                   out_dir: Path, inflight: int, parse_job: Any, LocalJob: Any, prepare: Any) -> dict[str, Any]:  # noqa: N803
+                   out_dir: Path, inflight: int, graphs: bool, parse_job: Any, LocalJob: Any,  # noqa: N803
+                   prepare: Any) -> dict[str, Any]:
 
     data = {"name": name, "model": {"source": o.model, "dtype": o.dtype},
             "pipeline": {"layers": [list(r) for r in split], "replicas": replicas, "micro_batch_size": o.batch,
-                         "max_inflight": inflight, "max_wait_ms": 0.0, "edge_timeout_s": 120.0},
+                         "max_inflight": inflight, "max_wait_ms": 0.0, "edge_timeout_s": 120.0,
+                         "cuda_graphs": graphs},
             "placement": {"devices": devices},
             "workload": {"request_timeout_s": 300.0}}
     cfg = parse_job(data, str(out_dir / f"{name}.toml"), base_dir=out_dir)
@@ -428,6 +433,7 @@ def _run_infscaled(o: Opts, name: str, split: list[tuple[int, int]], replicas: l
     s.update(split=split, replicas=replicas, devices=devices, stage_compute_ms=[t * 1e3 for t in stage_t],
              bound_seq_per_s=bound, efficiency=s["seq_per_s"] / bound,
              stage_stats={k: (v.__dict__ if v is not None else None) for k, v in stats.items()},
+             cuda_graphs=graphs, graph_replays={k: v.graph_replays for k, v in stats.items() if v is not None},
              transport=os.environ.get("INFSCALED_TRANSPORT", "auto"))
     return s
 
@@ -503,6 +509,8 @@ def cases(o: Opts, costs: list[float], gpus: int, out: Path) -> Iterator[tuple[s
     yield "c accelerate 2 GPUs", lambda: run_accelerate(o, g2, split2)
     yield "d gpipe 2 GPUs m=8", lambda: run_gpipe(o, g2, split2)
     yield "e infscaled 2 stages", lambda: run_infscaled(o, "inf2", split2, [1, 1], [dev(o, 0), dev(o, 1)], out, 5)
+    yield "e infscaled 2 stages, no CUDA graphs", lambda: run_infscaled(
+        o, "inf2eager", split2, [1, 1], [dev(o, 0), dev(o, 1)], out, 5, graphs=False)
     if o.device == "cuda":
         yield "e infscaled 2 stages, gloo edges (host copies)", lambda: run_infscaled(
             o, "inf2gloo", split2, [1, 1], [dev(o, 0), dev(o, 1)], out, 5, gloo=True)
@@ -582,6 +590,8 @@ def main() -> None:
         if "error" not in r:
             extra = f" eff {r['efficiency']:.3f} (bound {r['bound_seq_per_s']:.1f}, stage ms " \
                     f"{[round(x, 2) for x in r['stage_compute_ms']]})" if "efficiency" in r else ""
+            if "graph_replays" in r:
+                extra += f" graph replays {r['graph_replays']}"
             print(f"{name}: {r['seq_per_s']:.1f} seq/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms"
                   f"{extra} [{time.perf_counter() - t:.0f} s]", flush=True)
         info["results"] = results

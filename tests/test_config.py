@@ -249,6 +249,16 @@ def test_bool_is_not_an_integer(tmp_path: Path) -> None:
     assert_parts(message, "pipeline.micro_batch_size = True", "expected an integer", "1..4096")
 
 
+def test_cuda_graphs_is_a_boolean(tmp_path: Path) -> None:
+    on = load_job(write(tmp_path, with_pipeline("stages = 2"), "on.toml"))
+    off = load_job(write(tmp_path, with_pipeline("stages = 2\ncuda_graphs = false"), "off.toml"))
+    assert on.pipeline.cuda_graphs is True and off.pipeline.cuda_graphs is False
+    for raw, shown in (('"false"', "'false'"), ("0", "0")):
+        message = load_error(tmp_path, with_pipeline(f"stages = 2\ncuda_graphs = {raw}"))
+        assert_parts(message, f"pipeline.cuda_graphs = {shown}", "expected a boolean",
+                     "allowed: true or false (TOML booleans, unquoted)")
+
+
 def test_section_not_a_table(tmp_path: Path) -> None:
     message = load_error(tmp_path, 'pipeline = 3\n[model]\nsource = "builtin:x"\n')
     assert_parts(message, "pipeline = 3", "expected a table", "allowed: a table: [pipeline]")

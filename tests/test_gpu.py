@@ -1,4 +1,4 @@
-"""The GPU data plane: NCCL edges, CUDA-stream stages, bf16 end to end, edge-failure isolation.
+"""The GPU data plane: NCCL edges, CUDA-stream stages, CUDA graphs, bf16 end to end, edge-failure isolation.
 
 Tests marked `gpu` need CUDA and at least two GPUs; they are skipped cleanly elsewhere (CI is
 CPU only). The transport choice itself is checked on any machine.
@@ -133,6 +133,48 @@ def test_nccl_pipeline_half_precision(tmp_path: Path, dtype: str) -> None:
         worst = max(worst, float((got - ref).norm() / ref.norm()))
     print(f"{dtype}: worst relative error {worst:.2e}")
     assert worst < {"bfloat16": 5e-2, "float16": 1e-2}[dtype]
+
+
+# -- CUDA graphs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_cuda_graphs_replay_and_match_monolith(tmp_path: Path) -> None:
+    """Graphs on (the default), 2 stages over NCCL: micro-batches of two shapes, enough of each to be
+    captured and replayed, sent all at once (replays overlap the sends of earlier outputs, so
+    returning the static outputs instead of clones would corrupt results), then one padded
+    micro-batch of the first shape (eager: the mask is not all ones). Every result must match the
+    float32 monolith, and each stage must report exactly the replays the graph rules predict."""
+    from infscaled.runner.workload import Outcome
+    from infscaled.worker.graphs import WARMUP
+
+    data = {"name": "gpu-graphs", "model": {"source": "builtin:llama-tiny-last", "dtype": "float32"},
+            # max_wait_ms: the two padded halves below always meet in one micro-batch.
+            "pipeline": {"stages": 2, "micro_batch_size": 4, "max_inflight": 4, "max_wait_ms": 2000.0,
+                         "cuda_graphs": True},
+            "placement": {"devices": ["cuda:0", "cuda:1"]}}
+    prepared = prepare(parse_job(data, str(tmp_path / "gpu-graphs.toml"), base_dir=tmp_path))
+    assert prepared.plan.cuda_graphs
+    vocab, g = prepared.spec.vocab_size, torch.Generator().manual_seed(0)
+    n_a, n_b = WARMUP + 4, WARMUP + 2  # of shape A [4, 16] and B [4, 24], each a full micro-batch
+    full = [torch.randint(0, vocab, (4, 16 if i % 2 == 0 or i >= 2 * n_b else 24), generator=g)
+            for i in range(n_a + n_b)]  # A and B interleaved, then the rest of A
+    padded = [torch.randint(0, vocab, (2, 16), generator=g), torch.randint(0, vocab, (2, 9), generator=g)]
+    with LocalJob(prepared) as job:
+        futures = [job.submit(x) for x in full]
+        results = [f.result(timeout=120) for f in futures]
+        futures = [job.submit(x) for x in padded]  # one micro-batch [4, 16] with a padding mask
+        results += [f.result(timeout=120) for f in futures]
+        job.stop()
+    for h in job.state.workers.values():
+        assert h.done and h.process.exitcode == 0, f"{h.node} exit {h.process.exitcode}"
+        assert h.stats is not None
+        assert h.stats.micro_batches == n_a + n_b + 1
+        assert h.stats.graph_replays == (n_a - WARMUP) + (n_b - WARMUP), f"{h.node}: {h.stats}"
+    outcomes = [Outcome(i, x, result=r) for i, (x, r) in enumerate(zip(full + padded, results, strict=True))]
+    v = verify_outcomes(prepared, outcomes)
+    assert v.checked == len(outcomes) and v.mismatched == 0, f"max abs err {v.max_abs_err}"
 
 
 # -- edge-failure isolation -------------------------------------------------------------------------

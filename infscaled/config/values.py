@@ -58,6 +58,13 @@ def check_float(
     return number
 
 
+def check_bool(path: str, key: str, value: object) -> bool:
+    """`value` as a bool (TOML true / false); strings and numbers are rejected, not coerced."""
+    if not isinstance(value, bool):
+        raise config_error(path, key, value, "true or false (TOML booleans, unquoted)", "expected a boolean")
+    return value
+
+
 def check_str(path: str, key: str, value: object, allowed: str) -> str:
     """`value` as a non-empty string."""
     if not isinstance(value, str):
@@ -133,6 +140,12 @@ class Section:
         if name not in self.data:
             return default
         return check_float(self.path, self.key(name), self.data[name], lo, hi, lo_open)
+
+    def get_bool(self, name: str, default: bool) -> bool:
+        """Boolean key, or `default` when absent."""
+        if name not in self.data:
+            return default
+        return check_bool(self.path, self.key(name), self.data[name])
 
     def get_str(self, name: str, default: str | None, allowed: str) -> str:
         """Non-empty string key; absent -> `default`, or an error when default is None (required)."""

@@ -61,6 +61,7 @@ def make_plan(
     extra_edges: Sequence[tuple[Node, Node]] = (),
     hosts: Mapping[Node, str] | None = None,
     generation: GenerationPlan | None = None,
+    cuda_graphs: bool = True,
 ) -> JobPlan:
     """Assemble a JobPlan. `devices` has one entry per replica, stage-major (see `place`);
     `ports` has one per edge in `build_edges` order (see `edge_count`). `hosts` places nodes
@@ -117,4 +118,5 @@ def make_plan(
         dispatcher_host=where.get(DISPATCHER, host),
         base_dir=base_dir,
         generation=generation,
+        cuda_graphs=cuda_graphs,
     )

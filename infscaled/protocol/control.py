@@ -43,12 +43,13 @@ class StageStats:
     send_s: float = 0.0  # mean time sending each micro-batch downstream took
     samples_per_s: float = 0.0
     inputs: list[EdgeRate] = field(default_factory=list)  # one per in-edge: the edges' throughput
+    graph_replays: int = 0  # micro-batches (decode steps) computed by replaying a CUDA graph (worker/graphs.py,
+    # generation/graphs.py)
     # Generation jobs: this replica's KV cache (positions held, reserved, budget) and live sequences.
     kv_tokens: int = 0
     kv_reserved_tokens: int = 0
     kv_budget_tokens: int = 0
     kv_sequences: int = 0
-    graph_replays: int = 0  # micro-batches (or decode steps) served by replaying a CUDA graph
 
     @property
     def busy(self) -> float:

@@ -110,6 +110,8 @@ class JobPlan:
     # Directory the job file lives in; relative model paths were already resolved against it.
     base_dir: str = field(default=".")
     generation: GenerationPlan | None = None
+    # CUDA stages replay their forward as CUDA graphs (worker/graphs.py); no effect on CPU stages.
+    cuda_graphs: bool = True
 
     def in_edges(self, node: Node) -> tuple[EdgePlan, ...]:
         return tuple(e for e in self.edges if e.dst == node)
@@ -140,7 +142,7 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "edges": [[str(e.src), str(e.dst), e.host, e.port] for e in plan.edges],
         "policy": plan.policy, "micro_batch_size": plan.micro_batch_size, "max_inflight": plan.max_inflight,
         "max_wait_ms": plan.max_wait_ms, "edge_timeout_s": plan.edge_timeout_s,
-        "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir,
+        "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir, "cuda_graphs": plan.cuda_graphs,
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
             plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens],
@@ -157,6 +159,12 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         stages=stages, workers=workers, edges=edges, policy=str(d["policy"]),
         micro_batch_size=int(d["micro_batch_size"]), max_inflight=int(d["max_inflight"]),  # type: ignore[call-overload]
         max_wait_ms=float(d["max_wait_ms"]), edge_timeout_s=float(d["edge_timeout_s"]),  # type: ignore[arg-type]
-        dispatcher_host=str(d["dispatcher_host"]), base_dir=str(d["base_dir"]),
+        dispatcher_host=str(d["dispatcher_host"]), base_dir=str(d["base_dir"]), cuda_graphs=_bool(d["cuda_graphs"]),
         generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
     )
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+    return value

@@ -144,13 +144,13 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None]) -> 
             sys.setswitchinterval(GEN_SWITCH_INTERVAL_S)
 
             stats = GenStageLoop(me, stage, worker.device, ins, outs, plan.generation, len(plan.stages),
-                                 on_stats=report).run()
+                                 on_stats=report, cuda_graphs=plan.cuda_graphs).run()
         else:
             measure = metrics_enabled()
             stats = StageLoop(str(me), stage, worker.device, ins, outs,
                               Router(plan.policy, len(out_plans), seed=plan.seed),
                               queue_depth=max(2, plan.max_inflight), on_stats=report if measure else None,
-                              measure=measure).run()
+                              measure=measure, cuda_graphs=plan.cuda_graphs).run()
         send(control.WorkerDone(stats))
     finally:
         for edge in edges.values():

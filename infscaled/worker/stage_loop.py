@@ -31,6 +31,14 @@ CUDA stream contract (a stage on a CUDA device; the threads above stay as they a
   (buffers an output aliases stay with that output), and put the result on the outbox
   with `ready = end`. The compute thread never waits for the GPU, so it enqueues micro-batch
   k+1 while k still runs; the receive of k+1 and the send of k-1 run on their own streams.
+  With CUDA graphs on (job option `pipeline.cuda_graphs`, the default) the stage runs through
+  `StageGraphs` (worker/graphs.py, whose docstring is its contract): eagerly, or by copying the
+  inputs into a captured graph's static inputs, replaying it and cloning its static outputs,
+  all on `compute` between the same two events (so `compute_s` stays GPU time). Replayed
+  outputs are clones allocated on `compute`: none aliases an input buffer, so every input
+  buffer goes back to the pool. A capture (once per shape) records on a stage-owned
+  `capture` stream that waits for `compute` before and that `compute` waits for after; it
+  syncs the device once (torch.cuda.graph).
 - send (sender thread, on `send`): the sender thread first waits on the host for `ready` (the
   compute `end` event, a blocking-sync event: the thread sleeps) so that the header, and with
   it the peer's NCCL receive kernel, goes out only when the data exists (issued at enqueue
@@ -61,7 +69,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -70,6 +78,9 @@ from infscaled.protocol.window import EventWindow, NullWindow, mean, rate, span
 from infscaled.protocol.wire import DATA, STOP
 from infscaled.worker.router import Router
 from infscaled.worker.transport import ACK, STOP_ACK, Ack, Edge, Message
+
+if TYPE_CHECKING:
+    from infscaled.worker.graphs import StageGraphs
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +105,9 @@ class StageLoop:
     def __init__(self, node: str, stage: torch.nn.Module, device: str, in_edges: list[Edge],
                  out_edges: list[Edge], router: Router, queue_depth: int,
                  on_stats: Callable[[StageStats], None] | None = None, stats_interval_s: float = 1.0,
-                 measure: bool = True) -> None:
+                 measure: bool = True, cuda_graphs: bool = True) -> None:
         self.node = node
+        self.cuda_graphs = cuda_graphs  # CUDA stages only: capture and replay the forward (worker/graphs.py)
         self.measure = measure  # False: no live-metrics bookkeeping at all (INFSCALED_METRICS=off)
         self.stage = stage
         self.device = torch.device(device)
@@ -120,11 +132,13 @@ class StageLoop:
         self._sent = window()  # (t, send_s)
         self._inflight = 0  # received DATA not yet sent on; receivers and the sender update it
         self._inflight_lock = threading.Lock()
+        self.graphs: StageGraphs | None = None  # CUDA stages with cuda_graphs on
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self._setup_cuda()
 
     def _setup_cuda(self) -> None:
+        from infscaled.worker.graphs import StageGraphs
         from infscaled.worker.nccl import BufferPool
 
         if self.device.index is None:
@@ -133,6 +147,7 @@ class StageLoop:
         self.compute_stream = torch.cuda.Stream(self.device)
         self.send_stream = torch.cuda.Stream(self.device)
         self.pool = BufferPool(self.device, per_key=max(4, self.inbox.maxsize + 2))
+        self.graphs = StageGraphs(self.node, self.stage, self.compute_stream) if self.cuda_graphs else None
         for edge, stream in zip(self.in_edges, self.recv_streams, strict=True):
             edge.transport.pin = True  # host tensors land in pinned memory
             if edge.device_channel:
@@ -296,7 +311,8 @@ class StageLoop:
             window_s=window_s, occupancy=min(1.0, rate(compute_s, covered)), inflight=max(0, self._inflight),
             recv_wait_s=mean(recv_s, len(arrivals)), compute_s=mean(compute_s, computed), send_s=mean(send_s, sent),
             samples_per_s=rate(samples, covered),
-            inputs=[EdgeRate(str(e.peer), rate(n, covered)) for e, n in zip(self.in_edges, per_edge, strict=True)])
+            inputs=[EdgeRate(str(e.peer), rate(n, covered)) for e, n in zip(self.in_edges, per_edge, strict=True)],
+            graph_replays=self.graphs.replays if self.graphs is not None else 0)
 
     def run(self) -> StageStats:
         """Serve until STOP arrived on every in-edge; raises on any failure (edges stay open)."""
@@ -382,8 +398,10 @@ class StageLoop:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True, blocking=True)
             start.record(stream)
-            out = self.stage(act)
+            out = self.graphs.run(act) if self.graphs is not None else self.stage(act)
             end.record(stream)
+        # An eager output may be an input passed through: its buffer stays with it. Replayed outputs
+        # are clones, so with a graph every input buffer goes back.
         aliased = {t.untyped_storage().data_ptr() for t in out.values() if t.is_cuda}
         for buf in msg.buffers:
             if buf.untyped_storage().data_ptr() not in aliased:

@@ -65,8 +65,14 @@ def causal_mask(config: Any, act: Activation, ctx: Context, kind: str = "full_at
         from transformers import masking_utils
 
         build = getattr(masking_utils, _MASK_BUILDERS[kind])
+        # Positions given by the micro-batch (generation) go to the builder; the stage's own 0..T-1
+        # do not: the builders use them only to detect packed sequences, which 0..T-1 never are,
+        # and that detection reads a device value on the host when no mask is given (a sync per
+        # micro-batch; under CUDA graph capture it is skipped and the mask materialised instead).
+        given = act.get("position_ids")
+        position_ids(act, ctx)  # fills ctx for the layers either way
         masks[kind] = build(config=config, inputs_embeds=act["hidden"], attention_mask=device_mask(act),
-                            cache=None, position_ids=position_ids(act, ctx))
+                            cache=None, position_ids=given)
     return masks[kind]
 
 
