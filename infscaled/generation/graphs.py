@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from infscaled.generation.kv import PagedBatch, StageKV
+from infscaled.worker.graphs import capture
 
 log = logging.getLogger(__name__)
 
@@ -124,19 +125,13 @@ class DecodeStep:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._capture_stream = torch.cuda.Stream(self.device)
-        graph = torch.cuda.CUDAGraph()
-        current = torch.cuda.current_stream(self.device)
-        self._capture_stream.wait_stream(current)
         try:
-            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
-                                  capture_error_mode="thread_local"):
-                out = self.stage(self._act(b.x, b.batch), b.batch)
+            graph, out = capture(lambda: self.stage(self._act(b.x, b.batch), b.batch),
+                                 torch.cuda.current_stream(self.device), self._capture_stream, self._pool)
         except Exception:  # noqa: BLE001 - a graph is an optimisation: fall back to eager, loudly
             log.warning("decode step of %d rows x %d pages: CUDA graph capture failed; this shape runs eagerly",
                         key[0], key[1], exc_info=True)
             b.eager = True
             return
-        finally:
-            current.wait_stream(self._capture_stream)
         b.graph, b.out = graph, out
         log.info("decode step of %d rows x %d pages captured as a CUDA graph", key[0], key[1])

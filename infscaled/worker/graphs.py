@@ -173,18 +173,26 @@ class StageGraphs:
         for name, s in static.items():
             s.copy_(act[name], non_blocking=True)
         host = {name: t for name, t in act.items() if not t.is_cuda}
-        graph = torch.cuda.CUDAGraph()
-        self._capture_stream.wait_stream(compute)
-        # The outer context restores the compute stream even if ending the capture raises
-        # (torch.cuda.graph's own __exit__ then skips restoring it).
-        with torch.cuda.stream(compute):
-            try:
-                with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
-                                      capture_error_mode="thread_local"):
-                    out = self.stage({name: static.get(name, t) for name, t in act.items()})
-            finally:
-                compute.wait_stream(self._capture_stream)
+        graph, out = capture(lambda: self.stage({name: static.get(name, t) for name, t in act.items()}),
+                             compute, self._capture_stream, self._pool)
         return _Graph(graph, static, static_outputs(out, host, "cuda"))
+
+
+def capture(forward: Callable[[], Activation], compute: Any, capture_stream: Any, pool: Any) -> tuple[Any, Activation]:
+    """Capture `forward()` as a CUDA graph on `capture_stream`, ordered after and before the work
+    of `compute` (the stream the graph will be replayed on); returns (graph, its static outputs).
+    thread_local: the process's other threads keep using CUDA meanwhile. Raises what capture raises."""
+    graph = torch.cuda.CUDAGraph()
+    capture_stream.wait_stream(compute)
+    # The outer context restores the compute stream even if ending the capture raises
+    # (torch.cuda.graph's own __exit__ then skips restoring it).
+    with torch.cuda.stream(compute):
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=capture_stream, capture_error_mode="thread_local"):
+                out = forward()
+        finally:
+            compute.wait_stream(capture_stream)
+    return graph, out
 
 
 def static_outputs(out: Mapping[str, torch.Tensor], host: Mapping[str, torch.Tensor],
