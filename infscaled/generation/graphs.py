@@ -80,18 +80,12 @@ class DecodeStep:
         self.kv.check_decode(seqs)
         n = len(seqs)
         if not self.graphs or n > self.max_rows:
-            batch = self.kv.decode(seqs)
-            out = self.stage(self._act(x.to(self.device, non_blocking=True), batch), batch)
-            self.kv.store(seqs, batch)
-            return out
+            return self._eager(x, seqs)
         key = (bucket(n, self.max_rows), bucket(max(len(self.kv.pages[s]) for s in seqs), self.kv.page_count))
         b = self._buckets.get(key)
         if b is None:
             if len(self._buckets) >= self.max_graphs:
-                batch = self.kv.decode(seqs)
-                out = self.stage(self._act(x.to(self.device, non_blocking=True), batch), batch)
-                self.kv.store(seqs, batch)
-                return out
+                return self._eager(x, seqs)
             b = self._buckets[key] = _Bucket(PagedBatch.static(self.kv, *key))
         b.batch.load(seqs)
         if b.x is None:
@@ -112,6 +106,13 @@ class DecodeStep:
         self.kv.store(seqs, b.batch)
         return {k: v[:n] if isinstance(v, torch.Tensor) and v.shape[:1] == (key[0],) else v for k, v in out.items()}
 
+    def _eager(self, x: torch.Tensor, seqs: list[int]) -> dict[str, torch.Tensor]:
+        """A step on a batch of exactly these sequences, launched from Python."""
+        batch = self.kv.decode(seqs)
+        out: dict[str, torch.Tensor] = self.stage(self._act(x.to(self.device, non_blocking=True), batch), batch)
+        self.kv.store(seqs, batch)
+        return out
+
     def _act(self, x: torch.Tensor, batch: PagedBatch) -> dict[str, torch.Tensor]:
         assert batch.positions is not None
         rows = batch.positions.shape[0]
@@ -121,12 +122,13 @@ class DecodeStep:
                 "position_ids": batch.positions.unsqueeze(1)}
 
     def _capture(self, b: _Bucket, key: tuple[int, int]) -> None:
-        assert b.x is not None
+        x = b.x
+        assert x is not None
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._capture_stream = torch.cuda.Stream(self.device)
         try:
-            graph, out = capture(lambda: self.stage(self._act(b.x, b.batch), b.batch),
+            graph, out = capture(lambda: self.stage(self._act(x, b.batch), b.batch),
                                  torch.cuda.current_stream(self.device), self._capture_stream, self._pool)
         except Exception:  # noqa: BLE001 - a graph is an optimisation: fall back to eager, loudly
             log.warning("decode step of %d rows x %d pages: CUDA graph capture failed; this shape runs eagerly",
