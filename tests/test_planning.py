@@ -13,7 +13,7 @@ from infscaled.planning import edge_count, make_plan
 from infscaled.planning.graph import build_edges, check_paths, downstream, upstream
 from infscaled.planning.partition import balance, check_cover, stage_weights
 from infscaled.planning.placement import place
-from infscaled.planning.ports import free_ports
+from infscaled.planning.ports import PICK_RANGE, ephemeral_low, free_ports
 from infscaled.protocol.plan import DISPATCHER, Node
 
 
@@ -272,8 +272,22 @@ def test_place_explicit():
 def test_free_ports_distinct():
     ports = free_ports(20)
     assert len(ports) == 20 and len(set(ports)) == 20
-    assert all(0 < p < 65536 for p in ports)
+    # Below the ephemeral range: no outgoing connection can take one before its worker binds it.
+    assert all(PICK_RANGE[0] <= p < min(PICK_RANGE[1], ephemeral_low()) for p in ports)
     assert free_ports(0) == []
+
+
+def test_free_ports_skip_taken_ports_and_say_when_too_few_are_free():
+    import socket
+
+    first = free_ports(1)[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first))
+        with pytest.raises(OSError, match=f"only 0 of 1 ports free in {first}-{first} on 127.0.0.1"):
+            free_ports(1, pick_range=(first, first + 1))
+    assert free_ports(1, pick_range=(first, first + 1)) == [first]
+    with pytest.raises(ValueError, match="cannot pick 3 ports from 100-101"):
+        free_ports(3, pick_range=(100, 102))
 
 
 # ---------------------------------------------------------------- make_plan

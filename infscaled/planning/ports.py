@@ -2,24 +2,55 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from contextlib import ExitStack
+from pathlib import Path
+
+# Where `infscaled run` looks for ports: below the kernel's ephemeral range (Linux default
+# 32768-60999) and below the agents' default edge range (29500-29999) and the test clusters'
+# (20000+). A port picked from the ephemeral range can be taken, between the pick and the
+# worker's bind, by any outgoing connection on the host (a gloo pair opens several per edge):
+# seen as EADDRINUSE in CI. Ports below the range are only ever taken by an explicit bind.
+PICK_RANGE = (10_000, 20_000)
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct TCP ports that were free on `host` a moment ago.
+def ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (32768 where unknown)."""
+    try:
+        return int(_EPHEMERAL.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
-    All sockets stay bound until every port is picked, so the OS cannot hand out one port twice.
-    Another process may still grab a port before its user binds it; callers treat a failed bind
-    as a normal start-up error.
+
+def free_ports(n: int, host: str = "127.0.0.1", pick_range: tuple[int, int] = PICK_RANGE) -> list[int]:
+    """`n` distinct TCP ports that were free on `host` a moment ago, from `pick_range` (clipped
+    below the ephemeral range).
+
+    All sockets stay bound until every port is picked, so no port is returned twice. Another
+    process may still bind a port before its user does; callers treat a failed bind as a normal
+    start-up error.
     """
     if n < 0:
         raise ValueError(f"cannot pick {n} ports")
+    low, high = pick_range[0], min(pick_range[1], ephemeral_low())
+    if high - low < n:
+        raise ValueError(f"cannot pick {n} ports from {low}-{high - 1}")
+    rng = random.Random()  # seeded from the OS: concurrent runs start from different ports
     with ExitStack() as stack:
-        ports = []
-        for _ in range(n):
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind((host, 0))
-            ports.append(sock.getsockname()[1])
-    assert len(set(ports)) == n, "free_ports: the OS returned a port twice while all were bound"
+        ports: list[int] = []
+        for port in rng.sample(range(low, high), high - low):
+            if len(ports) == n:
+                break
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                continue
+            stack.enter_context(sock)
+            ports.append(port)
+    if len(ports) < n:
+        raise OSError(f"only {len(ports)} of {n} ports free in {low}-{high - 1} on {host}")
     return ports
