@@ -6,7 +6,7 @@ table `requests` [n, 2] = (sequence id, 1), and may carry `free` [m]: sequences 
 
     dispatcher -> stage 0   prefill: input_ids, attention_mask [n, T] (right-padded), lengths [n],
                             reserve [n], gen_params [n, 4], stop_ids [n, S]; or free only
-    stage i -> i+1          prefill: hidden + the same metadata; decode: hidden [n, 1, D], positions
+    stage i -> i+1          prefill: hidden + the same metadata; decode: hidden [n, 1, D]
     last -> dispatcher      tokens [n], done [n]   (streamed to clients)
     last -> stage 0         tokens [n], done [n]   (the next decode step; not with one stage)
 
@@ -83,9 +83,8 @@ class _Inbound:
 
 @dataclass
 class _Chain:
-    """Stage 0's view of its chain: live sequences and their cached length, and the queue."""
+    """Stage 0's view of its chain (its live sequences are those its KV cache holds)."""
 
-    length: dict[int, int] = field(default_factory=dict)  # sequence -> positions cached
     ready: dict[int, int] = field(default_factory=dict)  # sequence -> next input token
     held: list[Message] = field(default_factory=list)  # prefills waiting for KV room
     inflight: int = 0  # micro-batches sent into the loop whose tokens have not come back
@@ -241,17 +240,18 @@ class GenStageLoop:
                 self.chain.held.append(msg)  # admitted by _schedule when the budget has room
             else:
                 self._prefill(msg)
-        elif "positions" in t:
+        elif "hidden" in t:  # a decode step (prefills carry lengths)
             self._decode(t)
         elif self.chain.pending_free and self.to_next is not None and not self.first:
             self._send(self.to_next, {REQUESTS_KEY: _table([])})  # a free list only: pass it down
 
     def _free(self, seqs: list[int]) -> None:
+        live = set(self.kv.seqs)  # on stage 0: admitted, so the stages down the chain have it too
         self.kv.free(seqs)
         for s in seqs:
             self.samplers.pop(s, None)
             if self.first:
-                if self.chain.length.pop(s, None) is not None and self.to_next is not None:
+                if s in live and self.to_next is not None:
                     self.chain.pending_free.append(s)
                 self.chain.ready.pop(s, None)
                 self.chain.held = [m for m in (_drop_rows(h, s) for h in self.chain.held) if m is not None]
@@ -271,8 +271,6 @@ class GenStageLoop:
             if not self.kv.fits_all(msg.tensors["reserve"].tolist()):
                 break
             chain.held.pop(0)
-            for s, n in zip(msg.tensors[REQUESTS_KEY][:, 0].tolist(), msg.tensors["lengths"].tolist(), strict=True):
-                chain.length[s] = n
             chain.inflight += 1
             self._prefill(msg)
         # At most one round of launches per call, so new messages (prefills, frees) get read in
@@ -282,19 +280,16 @@ class GenStageLoop:
                 break
             seqs = list(chain.ready)[:self.plan.max_batch_sequences]
             tokens = torch.tensor([[chain.ready.pop(s)] for s in seqs], dtype=torch.int64)  # [n, 1]
-            positions = torch.tensor([chain.length[s] for s in seqs], dtype=torch.int64)
-            for s in seqs:
-                chain.length[s] += 1
             chain.inflight += 1
-            self._decode({REQUESTS_KEY: _table(seqs), "input_ids": tokens, "positions": positions})
+            self._decode({REQUESTS_KEY: _table(seqs), "input_ids": tokens})
         if chain.pending_free and self.to_next is not None:
             self._send(self.to_next, {REQUESTS_KEY: _table([])})  # frees no compute carried down
 
     def _tokens_back(self, t: dict[str, torch.Tensor]) -> None:
         for s, tok, done in zip(t[REQUESTS_KEY][:, 0].tolist(), t["tokens"].tolist(), t["done"].tolist(),
                                 strict=True):
-            if s not in self.chain.length:
-                continue  # freed (cancelled) while its token was on the way
+            if s not in self.kv.seqs:
+                continue  # freed (cancelled; or finished, with one stage) while its token was on the way
             if done:
                 self._free([s])
             else:
@@ -330,8 +325,7 @@ class GenStageLoop:
         x = t["input_ids" if self.first else "hidden"]
         out = self._timed(seqs, lambda: self.decoder.step(x, seqs))
         if not self.last:
-            self._send(self.to_next, {REQUESTS_KEY: t[REQUESTS_KEY], "hidden": out["hidden"],
-                                      "positions": t["positions"]})
+            self._send(self.to_next, {REQUESTS_KEY: t[REQUESTS_KEY], "hidden": out["hidden"]})
             return
         logits = out["output"]
         self._sampled(seqs, logits[:, -1] if logits.dim() == 3 else logits)
