@@ -77,7 +77,6 @@ class DecodeStep:
         self._capture_stream: Any = None
 
     def step(self, x: torch.Tensor, seqs: list[int]) -> dict[str, torch.Tensor]:
-        self.kv.check_decode(seqs)
         n = len(seqs)
         if not self.graphs or n > self.max_rows:
             return self._eager(x, seqs)

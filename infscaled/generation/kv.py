@@ -118,17 +118,16 @@ class PagedBatch:
         """Decode: point this batch at these sequences (rows beyond them are padding: position 0
         of the scratch page). Static batches keep their tensors; only the values change."""
         kv = self.kv
+        kv.check_decode(seq_ids)
         rows = len(seq_ids)
         width = self.table.shape[1] if self.table is not None else max(len(kv.pages[s]) for s in seq_ids)
         size = self.table.shape[0] if self.table is not None else rows
         if rows > size or any(len(kv.pages[s]) > width for s in seq_ids):
             raise ValueError(f"{rows} sequences do not fit a decode batch of {size} x {width} pages")
-        table = torch.full((size, width), kv.scratch_page, dtype=torch.int64)
-        positions = torch.zeros(size, dtype=torch.int64)
-        for i, s in enumerate(seq_ids):
-            table[i, :len(kv.pages[s])] = torch.tensor(kv.pages[s], dtype=torch.int64)
-            positions[i] = kv.length[s]
         self.lengths = [kv.length[s] for s in seq_ids]
+        pad = [kv.scratch_page] * width
+        table = torch.tensor([(kv.pages[s] + pad)[:width] for s in seq_ids] + [pad] * (size - rows), dtype=torch.int64)
+        positions = torch.tensor(self.lengths + [0] * (size - rows), dtype=torch.int64)
         if self.table is None or self.positions is None:
             self.table, self.positions = table.to(kv.device), positions.to(kv.device)
         else:
@@ -179,11 +178,6 @@ class StageKV:
     def held_tokens(self) -> int:
         return sum(self.length.values())
 
-    @property
-    def max_pages(self) -> int:
-        """The most pages any live sequence holds (the width a decode batch of them needs)."""
-        return max((len(p) for p in self.pages.values()), default=0)
-
     def fits(self, reserve: int) -> bool:
         return self.fits_all([reserve])
 
@@ -225,13 +219,13 @@ class StageKV:
         return batch
 
     def check_decode(self, seq_ids: Sequence[int]) -> None:
+        """Every one of these sequences has room for one more position (its reservation)."""
         for s in seq_ids:
             if self.length[s] + 1 > self.reserved[s]:
                 raise ValueError(f"sequence {s} would grow past its reservation of {self.reserved[s]} tokens")
 
     def decode(self, seq_ids: Sequence[int]) -> PagedBatch:
         """A decode batch of exactly these sequences (width: their longest page list)."""
-        self.check_decode(seq_ids)
         batch = PagedBatch(self, decoding=True, lengths=[])
         batch.load(seq_ids)
         return batch
