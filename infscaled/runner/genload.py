@@ -16,7 +16,7 @@ from infscaled.config import JobConfig
 from infscaled.config.messages import config_error
 from infscaled.generation.params import SamplingParams
 from infscaled.protocol.control import StageStats
-from infscaled.runner.summary import percentile
+from infscaled.runner.summary import label_table, percentile
 
 Submit = Callable[[list[int], SamplingParams, Callable[[int, bool, str | None], None]], Any]
 
@@ -200,11 +200,6 @@ class GenSummary:
 
 
 def render_generation(summary: GenSummary) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"job {summary.job} (generation)", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
     q = summary.quantiles_ms()
     rows = [("sequences completed", str(len(summary.completed))), ("sequences failed", str(summary.failed)),
             ("output tokens", str(summary.output_tokens)), ("tokens/s", f"{summary.tokens_per_s:.1f}"),
@@ -213,8 +208,4 @@ def render_generation(summary: GenSummary) -> Any:
     if summary.verified:
         checked = f"{summary.verified} checked, {summary.mismatched} mismatched"
         rows.append(("verified (greedy == HF generate)", checked))
-    if summary.failure:
-        rows.append(("failure", summary.failure))
-    for label, value in rows:
-        table.add_row(label, value)
-    return table
+    return label_table(f"job {summary.job} (generation)", rows, summary.failure)

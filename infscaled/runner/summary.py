@@ -88,14 +88,23 @@ def summarize(job: str, run: RunResult, stages: list[StageStats], failure: str |
     )
 
 
+def label_table(title: str, rows: list[tuple[str, str]], failure: str | None = None) -> Any:
+    """A rich table of (label, value) rows, the failure last if there was one."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for label, value in [*rows, *([("failure", failure)] if failure else [])]:
+        table.add_row(label, value)
+    return table
+
+
 def render(summary: Summary) -> Any:
     """A rich renderable: the headline numbers, then per-stage occupancy."""
     from rich.console import Group
     from rich.table import Table
 
-    head = Table(title=f"job {summary.job}", show_header=False)
-    head.add_column(style="bold")
-    head.add_column(justify="right")
     lat = summary.latencies_ms
     rows = [
         ("requests completed", f"{summary.completed}"),
@@ -108,10 +117,7 @@ def render(summary: Summary) -> Any:
         ver = summary.verify
         text = f"{ver.checked} checked, {ver.mismatched} mismatched, max |err| {ver.max_abs_err:.2e}"
         rows.append(("verified", text))
-    if summary.failure:
-        rows.append(("failure", summary.failure))
-    for label, value in rows:
-        head.add_row(label, value)
+    head = label_table(f"job {summary.job}", rows, summary.failure)
     stages = Table(title="stages")
     for col in ("stage.replica", "micro-batches", "samples", "busy"):
         stages.add_column(col, justify="right")
