@@ -49,7 +49,7 @@ class PipelineConfig:
     max_inflight: int = 4
     """Micro-batches in flight in the whole pipeline at once."""
     cuda_graphs: bool = True
-    """CUDA stages replay their forward as a CUDA graph per micro-batch shape (CPU stages, generation: never)."""
+    """CUDA stages replay their forward (generation: their decode step) as CUDA graphs; no effect on CPU."""
     max_wait_ms: float = 2.0
     """How long the dispatcher waits to fill a micro-batch before sending it part-full."""
     edge_timeout_s: float = 60.0
