@@ -18,15 +18,11 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.gpu_bench import sync
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import StageKV, reserved_span
 from infscaled.models.sources import resolve
 from infscaled.models.stage import build_stage, skeleton
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -77,10 +73,10 @@ def main() -> None:
                     x = torch.randn(a.batch, 1, hidden_size, dtype=getattr(torch, dtype))
                 outs = []
                 for i, stepper in enumerate(steppers):
-                    sync(device)
+                    sync(str(device))
                     t = time.perf_counter()
                     out = stepper.step(x, seqs)[key].float().cpu()
-                    sync(device)
+                    sync(str(device))
                     times[i].append(time.perf_counter() - t)
                     outs.append(out)
                 err = float((outs[1] - outs[0]).norm() / outs[0].norm().clamp_min(1e-12))
