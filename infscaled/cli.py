@@ -49,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--tui", action="store_true",
                     help="watch the job in the TUI while the workload runs; quitting the TUI stops everything")
 
+    serve = sub.add_parser("serve", help="controller + local agent in one process, the job kept running for "
+                                         "any client (OpenAI API, inference API) until Ctrl-C")
+    serve.add_argument("job", help="job file (TOML), e.g. configs/jobs/llama-generate.toml")
+    serve.add_argument("--host", dest="serve_host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", dest="serve_port", type=int, help="port (default 8470; 0 = any free port)")
+    serve.add_argument("--config", dest="serve_config", help="controller config (TOML, see configs/controller.toml)")
+    serve.add_argument("--devices", dest="serve_devices",
+                       help="the local agent's devices: auto | cpu:N | cuda:0,cuda:1 (default: the GPUs, else "
+                            "one CPU slot per stage replica)")
+
+    sub.add_parser("token", help="print the local controller's API token (for INFSCALED_TOKEN)")
+
     tui = sub.add_parser("tui", help="live dashboard of a controller: agents, jobs, pipelines, events")
     tui.add_argument("--controller", dest="tui_controller", metavar="URL",
                      help="controller URL (default http://127.0.0.1:8470)")
@@ -74,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if (args.role is None) == (args.command is None):
-        parser.error("give either --role controller|agent or a command (run, up, tui, job)")
+        parser.error("give either --role controller|agent or a command (run, up, serve, token, tui, job)")
     level = getattr(logging, args.log_level or ("INFO" if args.role else "WARNING"))
     from rich.console import Console
     from rich.logging import RichHandler
@@ -92,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             return _up(args, console, level)
         if args.command == "tui":
             return _tui(args)
+        if args.command == "serve":
+            return _serve_job(args, console, level)
+        if args.command == "token":
+            from infscaled.runner.jobcmd import resolve_token
+
+            print(resolve_token(None))
+            return 0
         if args.command == "job":
             from infscaled.runner.jobcmd import run_job_command
 
@@ -185,6 +204,32 @@ def _serve(coro: Coroutine[Any, Any, None], cancel_on_signals: bool = False) -> 
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+
+
+def _serve_job(args: argparse.Namespace, console: Any, level: int) -> int:
+    import asyncio
+    import dataclasses
+    from pathlib import Path
+
+    from infscaled.config import load_job
+    from infscaled.controller.config import ControllerConfig, load_controller_config
+    from infscaled.runner.serve import Served, default_devices, serve
+
+    cfg = load_job(args.job)  # a bad job file fails here, before anything starts
+    ccfg = load_controller_config(args.serve_config) if args.serve_config else ControllerConfig()
+    overrides = {k: v for k, v in (("host", args.serve_host), ("port", args.serve_port)) if v is not None}
+    ccfg = dataclasses.replace(ccfg, **overrides)
+    devices = args.serve_devices or default_devices(cfg)
+
+    def ready(served: Served) -> None:
+        for line in served.lines():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+
+    console.print(f"starting {cfg.name} on {devices} ...", markup=False, highlight=False)
+    _serve(serve(Path(args.job), cfg, ccfg, devices, log_level=level, on_ready=ready), cancel_on_signals=True)
+    console.print("stopped", markup=False)
+    return 0
 
 
 def _needs_terminal(what: str) -> None:

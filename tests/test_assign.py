@@ -77,7 +77,9 @@ def test_auto_prefers_gpus_anywhere_then_cpus() -> None:
 def test_shortage_message_says_needed_and_offered() -> None:
     with pytest.raises(PlacementError) as info:
         assign([(N00, "cpu"), (N10, "cpu"), (N11, "cuda")], [cpus("a1", 2), AgentOffer("a2", ())], "pack")
-    assert str(info.value) == "needs 3 device(s) (2 cpu, 1 cuda); offered: a1: cpu:0, cpu:1; a2: none"
+    assert str(info.value) == ("needs 3 device(s) (2 cpu, 1 cuda); offered: a1: cpu:0, cpu:1; a2: none; a CPU "
+                                "agent offers the slots its --devices says (default: one per core): start it with "
+                                "--devices cpu:3 or more")
 
 
 def test_no_agents() -> None:

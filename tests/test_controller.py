@@ -470,7 +470,9 @@ def test_submit_without_agents_is_503_and_oversubscribed_is_409(tmp_path: Path) 
                 api, agent, QUICKSTART + '[placement]\ndevices = ["cpu", "cpu", "cpu"]\n')
             assert status == 409
             assert body["error"] == ("job quick does not fit this cluster (all devices, busy or not): "
-                                     "needs 3 device(s) (3 cpu); offered: a1: cpu:0, cpu:1")
+                                     "needs 3 device(s) (3 cpu); offered: a1: cpu:0, cpu:1; a CPU agent offers the slots "
+                                     "its --devices says (default: one per core): start it with --devices cpu:3 "
+                                     "or more")
             assert (await api.call("GET", "/v1/jobs")) == (200, [])
 
     asyncio.run(scenario())

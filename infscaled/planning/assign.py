@@ -140,6 +140,10 @@ def _shortage(wants: Sequence[tuple[Node, str]], agents: Sequence[AgentOffer],
         f"{a.agent_id}: {', '.join(a.devices) if a.devices else 'none'}" for a in agents
     ) or "no agents"
     text = f"needs {len(wants)} device(s) ({need}); offered: {have}"
+    if any(w in ("auto", "cpu") for _, w in wants):
+        # CPU slots are a count the agent is told, not hardware: say which flag raises it.
+        text += (f"; a CPU agent offers the slots its --devices says (default: one per core): start it with "
+                 f"--devices cpu:{len(wants)} or more")
     if static is not None:
         by_agent: dict[str, list[str]] = {}
         for node, want in wants:

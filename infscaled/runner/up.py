@@ -24,6 +24,7 @@ from typing import Any
 
 from infscaled.client import Client, Timeouts
 from infscaled.config import JobConfig, load_job
+from infscaled.controller.config import ControllerConfig
 from infscaled.errors import InfscaledError
 from infscaled.runner.genload import GenSummary, SeqOutcome
 from infscaled.runner.summary import Summary, summarize
@@ -57,18 +58,21 @@ async def _wait_for(check: Callable[[], object], what: str, timeout_s: float) ->
 
 
 @contextlib.asynccontextmanager
-async def embedded_cluster(devices: str, log_level: int = logging.WARNING) -> AsyncIterator[tuple[str, str]]:
-    """A controller and one local agent (id "local", `devices`) in this process, on 127.0.0.1 with
-    a token of their own; yields (url, token). On exit the agent stops first (its workers with
-    it), then the controller: the reverse of start-up."""
+async def embedded_cluster(devices: str, log_level: int = logging.WARNING,
+                           ccfg: ControllerConfig | None = None) -> AsyncIterator[tuple[str, str]]:
+    """A controller and one local agent (id "local", `devices`) in this process; yields (url, token).
+    Without `ccfg`: on 127.0.0.1, a free port and a token of their own (`serve` passes its own
+    config). On exit the agent stops first (its workers with it), then the controller: the
+    reverse of start-up."""
     from infscaled.agent.config import AgentConfig
     from infscaled.agent.run import run as agent_run
-    from infscaled.controller.config import ControllerConfig
+    from infscaled.controller.auth import controller_token
     from infscaled.controller.run import run as controller_run
 
-    token = secrets.token_urlsafe(32)  # this run's own: nothing else may talk to these daemons
     with tempfile.TemporaryDirectory(prefix="infscaled-up-") as state_dir:
-        ccfg = ControllerConfig(host="127.0.0.1", port=0, token=token, state_dir=state_dir)
+        if ccfg is None:  # this run's own token: nothing else may talk to these daemons
+            ccfg = ControllerConfig(host="127.0.0.1", port=0, token=secrets.token_urlsafe(32), state_dir=state_dir)
+        token = controller_token(ccfg)
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         stop_agent = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
