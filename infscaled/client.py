@@ -123,7 +123,8 @@ def _error_text(body: bytes, status: int) -> str:
     try:
         doc = json.loads(body)
         if isinstance(doc, dict) and "error" in doc:
-            return str(doc["error"])
+            error = doc["error"]  # a string, or OpenAI's {"message", "type", ...}
+            return str(error["message"] if isinstance(error, dict) and "message" in error else error)
     except ValueError:
         pass
     return body.decode(errors="replace").strip() or f"HTTP {status}"

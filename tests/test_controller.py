@@ -210,7 +210,7 @@ def test_unauthorized_rest_and_websocket_are_rejected_and_logged(tmp_path: Path,
                 for method, path in (("GET", "/v1/agents"), ("GET", "/v1/jobs"), ("POST", "/v1/jobs"),
                                      ("DELETE", "/v1/jobs/x"), ("POST", "/v1/jobs/x/infer")):
                     status, body = await api.call(method, path)
-                    assert status == 401 and "unauthorized" in body["error"], (method, path, body)
+                    assert status == 401 and "unauthorized" in body["error"]["message"], (method, path, body)
             with pytest.raises(aiohttp.WSServerHandshakeError) as info:
                 await http.ws_connect(ctl.url + "/v1/agents/ws")
             assert info.value.status == 401

@@ -186,6 +186,16 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str]] = [
     ({"stream": "yes"}, "stream = 'yes': must be true or false"),
     ({"top_k": -2}, "top_k = -2: must be an integer >= 0"),
     ({"stop_token_ids": [999]}, "stop_token_ids = [999]: must be a list of token ids from 0 to 511"),
+    # Known fields are type-checked even when not implemented, and never silently ignored.
+    ({"presence_penalty": [[1]]}, "presence_penalty = [[1]]: must be a number from -2 to 2"),
+    ({"presence_penalty": 0.5}, "presence_penalty = 0.5: penalties are not supported by this server"),
+    ({"logit_bias": {"5": 100}}, "logit_bias = {'5': 100}: logit_bias is not supported by this server"),
+    ({"min_p": 0.1}, "min_p = 0.1: min_p is not supported by this server"),
+    ({"response_format": {"type": "json_object"}}, "response_format = {'type': 'json_object'}: only"),
+    ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats = true: per-chunk"),
+    ({"logprobs": 0}, "logprobs = 0: logprobs are not supported by this server"),
+    ({"max_tokens": 2.0}, "max_tokens = 2.0: must be an integer >= 1"),
+    ({"temperature": True}, "temperature = True: must be a number from 0 to 2"),
 ]
 
 
@@ -201,9 +211,9 @@ def test_bad_requests_are_400s_with_our_messages(model: Any) -> None:
                 assert message in err.value.message, (extra, err.value.message)
                 assert isinstance(err.value.body, dict) and err.value.body["type"] == "invalid_request_error"
                 param = next(iter(extra))
-                assert err.value.param == ("prompt" if param == "prompt" else param)
+                assert err.value.param == (param if param != "stream_options" else "stream_options.continuous_usage_stats")
             for messages, message in [
-                ([{"role": "tool", "content": "x"}], "messages[0].role = 'tool': must be one of system, user"),
+                ([{"role": "tool", "content": "x"}], "messages[0].role = 'tool': must be one of system, developer, user"),
                 ([{"role": "user", "content": 3}], "messages[0].content = 3: must be a string"),
                 ([], "messages = []: must be a non-empty list"),
             ]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
+import requests
 import openai
 import pytest
 from served import Served, localise, readme_examples, serve
@@ -36,6 +38,7 @@ def test_readme_examples_run_as_written(served: Served) -> None:
                          timeout=180)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count('"object":"text_completion"') >= 2 and "data: [DONE]" in run.stdout, run.stdout
+    assert '"status":"ok"' in run.stdout.replace(" ", ""), run.stdout
     assert '"error"' not in run.stdout, run.stdout
 
 
@@ -48,9 +51,51 @@ def test_serve_prints_what_a_client_needs(served: Served) -> None:
 
 def test_openai_client_against_serve(served: Served) -> None:
     api = openai.OpenAI(base_url=f"{served.url}/v1", api_key=served.token(), max_retries=0, timeout=60)
-    assert len(api.models.list().data) == 1
-    reply = api.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "hi"}],
-                                        max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    [card] = api.models.list().data
+    assert api.models.retrieve(served.model).id == card.id == api.models.retrieve(card.id).id
+    with pytest.raises(openai.NotFoundError) as missing:
+        api.models.retrieve("nope")
+    assert missing.value.code == "model_not_found" and "nope" in missing.value.message
+    messages: Any = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    reply = api.chat.completions.create(model=served.model, messages=messages, max_tokens=4, temperature=0,
+                                        extra_body={"ignore_eos": True})
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
-    with pytest.raises(openai.AuthenticationError):
+    assert reply.choices[0].message.refusal is None and "refusal" in reply.choices[0].message.model_fields_set
+    raw = api.completions.with_raw_response.create(model=served.model, prompt="x", max_tokens=1,
+                                                   extra_headers={"X-Request-Id": "mine-1"})
+    assert raw.headers["x-request-id"] == "mine-1"
+    with pytest.raises(openai.AuthenticationError) as denied:
         openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert denied.value.code == "invalid_api_key" and denied.value.body["type"] == "authentication_error"
+    with pytest.raises(openai.BadRequestError, match="logit_bias is not supported"):
+        api.completions.create(model=served.model, prompt="x", logit_bias={"5": 100})
+
+
+def test_http_surface_errors_health_metrics_tokenizer(served: Served) -> None:
+    auth = {"Authorization": f"Bearer {served.token()}"}
+    with requests.Session() as http:
+        assert http.get(served.url + "/health").json() == {"status": "ok"}  # no token
+        metrics = http.get(served.url + "/metrics")
+        assert metrics.status_code == 200 and "infscaled_job_state" in metrics.text
+        assert http.get(served.url + "/v1/models").status_code == 401
+        missing = http.get(served.url + "/v1/nothing", headers=auth)
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+        assert missing.headers["x-request-id"]
+        wrong = http.put(served.url + "/v1/completions", headers=auth)
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        assert wrong.json()["error"]["message"].endswith("(allowed: POST)")
+        tokens = http.post(served.url + "/tokenize", headers=auth, json={"prompt": "Hello"}).json()
+        assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 256
+        chat = http.post(served.url + "/tokenize", headers=auth, json={"messages": [{"role": "user", "content": "Hello"}]})
+        assert chat.json()["count"] > tokens["count"]
+        text = http.post(served.url + "/detokenize", headers=auth, json={"model": served.model, "tokens": tokens["tokens"]})
+        assert text.json() == {"prompt": "Hello"}
+        info = http.get(served.url + "/tokenizer_info", headers=auth, params={"model": served.model}, timeout=60).json()
+        assert info["model_max_length"] == 256 and info["eos_token_id"] is not None
+        bad = http.post(served.url + "/detokenize", headers=auth, json={"tokens": ["a"]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens[0]"
+        nan = http.post(served.url + "/v1/completions", headers={**auth, "Content-Type": "application/json"},
+                        data=b'{"model": "llama-generate", "prompt": "x", "temperature": NaN}')
+        assert nan.status_code == 400 and "not valid JSON" in nan.json()["error"]["message"]
+        spec = http.get(served.url + "/openapi.json").json()
+        assert spec["openapi"].startswith("3.1") and "/v1/chat/completions" in spec["paths"]

@@ -1,6 +1,7 @@
 """REST handlers and the agents' websocket endpoint (reference: docs/controller-api.md).
 
-Every error is JSON `{"error": message}`; job-file errors carry exactly the text `infscaled run`
+Job errors are JSON `{"error": message}`; 401, the router's 404 and 405, and 500 are in OpenAI's
+shape `{"error": {"message", "type", "param", "code"}}` like the OpenAI routes'; job-file errors carry exactly the text `infscaled run`
 prints for the same file (name it with the `X-Infscaled-Job-File` header).
 """
 
@@ -23,6 +24,7 @@ from infscaled.controller.config import ControllerConfig
 from infscaled.controller.jobs import JobState, JobStore, Rejected
 from infscaled.controller.registry import Registry
 from infscaled.errors import ConfigError
+from infscaled.generation.errors import error_body
 from infscaled.protocol.messages import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -65,10 +67,20 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+        if exc.status not in (404, 405):
+            return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+        # The router's own (no such route, method not allowed): OpenAI's error shape, which every
+        # OpenAI client parses; a 405 keeps its Allow header.
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        message = f"{request.method} {request.path}: {exc.reason}"
+        if exc.status == 405 and allow:
+            message += f" (allowed: {allow['Allow']})"
+        elif exc.status == 404:
+            message += " (the API is described at GET /openapi.json and docs/controller-api.md)"
+        return web.json_response(error_body(exc.status, message), status=exc.status, headers=allow)
     except Exception:  # noqa: BLE001 - request boundary: answer, log, keep serving
         log.exception("%s %s failed", request.method, request.path)
-        return web.json_response({"error": "internal error; see the controller's log"}, status=500)
+        return web.json_response(error_body(500, "internal error; see the controller's log"), status=500)
 
 
 async def health(request: web.Request) -> web.Response:

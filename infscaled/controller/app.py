@@ -21,7 +21,9 @@ WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobStore) -> web.Application:
     """Routes, JSON errors outside the token check (so a 401 is JSON too), typed state."""
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[api.json_errors, auth_middleware(token)])
+    public = openai_proxy.PUBLIC_PATHS | ({"/metrics"} if cfg.public_metrics else set())
+    app = web.Application(client_max_size=cfg.max_body_bytes,
+                          middlewares=[api.json_errors, auth_middleware(token, frozenset(public))])
     app[api.CONFIG] = cfg
     app[api.REGISTRY] = registry
     app[api.JOBS] = jobs

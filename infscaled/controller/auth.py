@@ -17,6 +17,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from infscaled.controller.config import TOKEN_ENV, ControllerConfig
 from infscaled.errors import ConfigError
+from infscaled.generation.errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,15 @@ def controller_token(cfg: ControllerConfig) -> str:
     return os.environ.get(TOKEN_ENV, "").strip() or cfg.token or load_or_create_token(cfg.state_dir)
 
 
-def auth_middleware(token: str) -> Middleware:
-    """Reject every request without `Authorization: Bearer <token>` with a 401 JSON error."""
+def auth_middleware(token: str, public: frozenset[str] = frozenset()) -> Middleware:
+    """Reject every request without `Authorization: Bearer <token>` with a 401 in OpenAI's error
+    shape, except GETs of the `public` paths (health, metrics: vLLM's convention)."""
     expected = token.encode()
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in public and request.method in ("GET", "HEAD"):
+            return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         problem = None
         if scheme.lower() != "bearer" or not given.strip():
@@ -81,10 +85,9 @@ def auth_middleware(token: str) -> Middleware:
             problem = "wrong token"
         if problem is not None:
             log.warning("rejected %s %s from %s: %s", request.method, request.path, request.remote, problem)
-            return web.json_response(
-                {"error": f"unauthorized: {problem}; send 'Authorization: Bearer TOKEN'"},
-                status=401, headers={"WWW-Authenticate": "Bearer"},
-            )
+            body = error_body(401, f"unauthorized: {problem}; send 'Authorization: Bearer TOKEN'",
+                              code="invalid_api_key")
+            return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     return check_token

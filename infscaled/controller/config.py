@@ -57,6 +57,9 @@ class ControllerConfig:
     """Inference proxy: timeout of one whole request to a job's dispatcher."""
     max_body_bytes: int = 64 << 20
     """Largest request body (job files, inference inputs)."""
+    public_metrics: bool = True
+    """GET /metrics is readable without the token, like vLLM's and /health, so Prometheus and
+    load generators can scrape it; false: it needs the token like the rest of the API."""
 
 
 TOP_LEVEL_KEYS: Final = ("controller",)
@@ -96,5 +99,6 @@ def parse_controller_config(data: Mapping[str, Any], path: str = "<string>", *,
         token=token,
         state_dir=str((base / Path(state_dir).expanduser()).resolve()),
         max_body_bytes=sec.get_int("max_body_bytes", defaults.max_body_bytes, 1024),
+        public_metrics=sec.get_bool("public_metrics", defaults.public_metrics),
         **timeouts,
     )

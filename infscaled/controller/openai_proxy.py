@@ -7,8 +7,8 @@ official clients show as they are. Nothing here decodes tokens: torch-free.
 
 from __future__ import annotations
 
-import json
 import logging
+import secrets
 from typing import Any
 
 import aiohttp
@@ -18,7 +18,8 @@ from infscaled.controller import proxy
 from infscaled.controller.api import CONFIG, JOBS, REGISTRY
 from infscaled.controller.api import _url_host as url_host
 from infscaled.controller.jobs import Job, JobState
-from infscaled.generation.errors import error_body
+from infscaled.generation import openai_api, openapi, schema
+from infscaled.generation.errors import GenerationError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,51 @@ _PASSED_HEADERS = ("Content-Type", "Cache-Control")
 
 def add_routes(app: web.Application) -> None:
     app.add_routes([
+        web.get("/health", health),
+        web.get("/openapi.json", openapi_json),
         web.get("/v1/models", list_models),
+        web.get("/v1/models/{model}", get_model),
         web.post("/v1/completions", forward_generation),
         web.post("/v1/chat/completions", forward_generation),
+        web.post("/tokenize", forward_tokenizer),
+        web.post("/detokenize", forward_tokenizer),
+        web.get("/tokenizer_info", forward_tokenizer),
     ])
+    app.on_response_prepare.append(_add_request_id)
+
+
+# Readable without the token (vLLM's convention, which load generators and probes rely on);
+# /metrics joins them unless the controller config says public_metrics = false.
+PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
+REQUEST_ID = "X-Request-Id"
+_REQUEST_ID_KEY = web.RequestKey("request_id", str)
+_RAW_BODY_KEY = web.RequestKey("raw_body", bytes)  # the body as read, forwarded unchanged
+# The dispatcher's path for each tokenizer route the controller serves at vLLM's paths.
+_TOKENIZER_PATHS = {"/tokenize": openai_api.TOKENIZE_PATH, "/detokenize": openai_api.DETOKENIZE_PATH,
+                    "/tokenizer_info": openai_api.TOKENIZER_INFO_PATH}
+
+
+def request_id(request: web.Request) -> str:
+    """The client's X-Request-Id if it sent a sane one, else a new one; the same for the whole
+    request (the dispatcher is sent it, the answer carries it)."""
+    if _REQUEST_ID_KEY not in request:
+        given = request.headers.get(REQUEST_ID, "")
+        request[_REQUEST_ID_KEY] = given if 0 < len(given) <= 128 and given.isprintable() else secrets.token_hex(16)
+    return request[_REQUEST_ID_KEY]
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[REQUEST_ID] = request_id(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 while serving, 503 while shutting down; no token needed (load balancers, guidellm)."""
+    draining = request.app[JOBS].draining
+    return web.json_response({"status": "draining" if draining else "ok"}, status=503 if draining else 200)
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
@@ -42,12 +84,37 @@ def _running(request: web.Request) -> list[Job]:
     return [j for j in request.app[JOBS].jobs.values() if j.state is JobState.RUNNING]
 
 
+def _model_card(job: Job) -> dict[str, Any]:
+    return {"id": job.id, "object": "model", "created": int(job.created), "owned_by": "infscaled", "name": job.name,
+            "root": job.cfg.model.source}
+
+
 async def list_models(request: web.Request) -> web.Response:
     """Every running generation job, as OpenAI models: `id` is the job id; `name` (also accepted as `model`)."""
-    data = [{"id": j.id, "object": "model", "created": int(j.created), "owned_by": "infscaled", "name": j.name,
-             "root": j.cfg.model.source} for j in sorted(_running(request), key=lambda j: j.created)
-            if j.cfg.generation is not None]
+    data = [_model_card(j) for j in sorted(_running(request), key=lambda j: j.created) if j.cfg.generation is not None]
     return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """One running generation job by id or name; 404 in OpenAI's shape otherwise."""
+    job = resolve_model(request, request.match_info["model"])
+    if isinstance(job, web.Response):
+        if job.status != 404:  # a job of that name that is not running or not a generation job
+            return _error(404, f"The model {request.match_info['model']!r} does not exist (not a running generation "
+                               "job; GET /v1/models lists them)", param="model", code="model_not_found")
+        return job
+    return web.json_response(_model_card(job))
+
+
+def _default_model(request: web.Request, model: Any) -> Any:
+    """`model` as given, or the one running generation job's id when the request names none."""
+    if model is not None:
+        return model
+    serving = [j for j in _running(request) if j.cfg.generation is not None]
+    if len(serving) == 1:
+        return serving[0].id
+    names = ", ".join(f"{j.name} ({j.id})" for j in serving) or "none"
+    return _error(400, f"model is required: {len(serving)} generation jobs are running ({names})", param="model")
 
 
 def resolve_model(request: web.Request, model: Any) -> Job | web.Response:
@@ -74,27 +141,61 @@ def resolve_model(request: web.Request, model: Any) -> Job | web.Response:
     return job
 
 
-async def forward_generation(request: web.Request) -> web.StreamResponse:
+async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         return _error(413, exc.text or "request body too large")
     try:
-        parsed = json.loads(body)
-    except ValueError as exc:
-        return _error(400, f"the request body is not valid JSON: {exc}")
+        parsed = schema.loads(body)
+    except GenerationError as exc:
+        return _error(exc.status, exc.message)
     if not isinstance(parsed, dict):
-        return _error(400, "the request body must be a JSON object")
+        return _error(400, f"the request body must be a JSON object, not {type(parsed).__name__}")
+    request[_RAW_BODY_KEY] = body
+    return parsed
+
+
+def _dispatcher_url(request: web.Request, job: Job, path: str) -> str:
+    agent = request.app[REGISTRY].agents[job.dispatcher_agent]
+    return f"http://{url_host(agent.info.advertise)}:{job.dispatcher_port}{path}"
+
+
+async def forward_generation(request: web.Request) -> web.StreamResponse:
+    parsed = await _json_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
     job = resolve_model(request, parsed.get("model"))
     if isinstance(job, web.Response):
         return job
-    agent = request.app[REGISTRY].agents[job.dispatcher_agent]
-    url = f"http://{url_host(agent.info.advertise)}:{job.dispatcher_port}{request.path}"
-    return await stream_through(request, url, job.service_token, body)
+    return await stream_through(request, _dispatcher_url(request, job, request.path), job.service_token,
+                                request[_RAW_BODY_KEY])
 
 
-async def stream_through(request: web.Request, url: str, service_token: str, body: bytes) -> web.StreamResponse:
-    """POST `body` to the dispatcher and copy its answer to the client as it arrives.
+async def forward_tokenizer(request: web.Request) -> web.StreamResponse:
+    """/tokenize, /detokenize (JSON body) and /tokenizer_info (`?model=`) on the job's dispatcher;
+    `model` may be left out while one generation job runs."""
+    if request.method == "GET":
+        model: Any = request.query.get("model")
+        body = b""
+    else:
+        parsed = await _json_body(request)
+        if isinstance(parsed, web.Response):
+            return parsed
+        model, body = parsed.get("model"), request[_RAW_BODY_KEY]
+    model = _default_model(request, model)
+    if isinstance(model, web.Response):
+        return model
+    job = resolve_model(request, model)
+    if isinstance(job, web.Response):
+        return job
+    url = _dispatcher_url(request, job, _TOKENIZER_PATHS[request.path])
+    return await stream_through(request, url, job.service_token, body, method=request.method)
+
+
+async def stream_through(request: web.Request, url: str, service_token: str, body: bytes,
+                         method: str = "POST") -> web.StreamResponse:
+    """Send `body` to the dispatcher and copy its answer to the client as it arrives.
 
     `request_timeout_s` bounds the wait for the answer to start and every silence within it
     (a long generation may stream for longer). A client that goes away closes the upstream
@@ -102,10 +203,12 @@ async def stream_through(request: web.Request, url: str, service_token: str, bod
     """
     cfg = request.app[CONFIG]
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.request_timeout_s)
-    headers = {"Authorization": f"Bearer {service_token}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {service_token}", "Content-Type": "application/json",
+               REQUEST_ID: request_id(request)}
     resp: web.StreamResponse | None = None
     try:
-        async with request.app[proxy.SESSION].post(url, data=body, headers=headers, timeout=timeout) as upstream:
+        async with request.app[proxy.SESSION].request(method, url, data=body, headers=headers,
+                                                      timeout=timeout) as upstream:
             resp = web.StreamResponse(status=upstream.status, headers={
                 h: upstream.headers[h] for h in _PASSED_HEADERS if h in upstream.headers})
             await resp.prepare(request)

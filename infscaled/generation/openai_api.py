@@ -20,9 +20,10 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 from aiohttp import web
 
+from infscaled.generation import schema
 from infscaled.generation.errors import GenerationError, RequestError
 from infscaled.generation.params import SamplingParams, parse_sampling
-from infscaled.generation.tokenizer import CHAT_ROLES, StreamDecoder, Tokenizer
+from infscaled.generation.tokenizer import CHAT_ROLES, StreamDecoder, Tokenizer, describe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ Kind = Literal["completion", "chat"]
 FinishReason = Literal["stop", "length"]
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-_UNSUPPORTED_COMPLETION = {"echo": "echo is not supported", "logprobs": "logprobs are not supported",
-                           "suffix": "suffix is not supported"}
-_UNSUPPORTED_CHAT = {"logprobs": "logprobs are not supported", "top_logprobs": "logprobs are not supported",
-                     "tools": "tools are not supported"}
 
 
 class GenerationBackend(Protocol):
@@ -72,14 +69,6 @@ class ModelInfo:
 # -- parsing -------------------------------------------------------------------------------------
 
 
-def _typed(body: Mapping[str, Any], field: str, cls: type, allowed: str) -> Any:
-    """body[field] when absent, null or of type `cls` (a bool is no int here); else a 400."""
-    value = body.get(field)
-    if value is not None and (not isinstance(value, cls) or isinstance(value, bool) and cls is not bool):
-        raise RequestError(400, f"{field} = {value!r}: {allowed}", param=field)
-    return value
-
-
 def _token_list(value: Any, vocab_size: int) -> list[int] | None:
     if (isinstance(value, list) and value
             and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in value)):
@@ -87,9 +76,8 @@ def _token_list(value: Any, vocab_size: int) -> list[int] | None:
     return None
 
 
-def _completion_prompt(body: Mapping[str, Any], tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+def _completion_prompt(prompt: Any, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
     """prompt: a string, a list of one string, token ids, or a list of one list of token ids."""
-    prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -104,65 +92,47 @@ def _completion_prompt(body: Mapping[str, Any], tokenizer: Tokenizer, vocab_size
                             f"from 0 to {vocab_size - 1}", param="prompt")
 
 
-def _message_text(content: Any, where: str) -> str:
-    """String content, or a list of {"type": "text", "text": ...} parts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    raise RequestError(400, f"{where} = {content!r}: must be a string (or a list of text parts)", param=where)
-
-
-def _chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, f"messages = {messages!r}: must be a non-empty list of {{role, content}} objects",
-                           param="messages")
+def chat_messages(messages: list[schema.ChatMessage]) -> list[dict[str, str]]:
+    """Validated messages -> [{role, content}] for the chat template. A `developer` message is the
+    newer name of a system one; tool and function messages need tools, which are refused."""
     out = []
     for i, msg in enumerate(messages):
-        if not isinstance(msg, dict):
-            raise RequestError(400, f"messages[{i}] = {msg!r}: must be an object with role and content",
-                               param=f"messages[{i}]")
-        role = msg.get("role")
-        if role not in CHAT_ROLES:
-            raise RequestError(400, f"messages[{i}].role = {role!r}: must be one of {', '.join(CHAT_ROLES)}",
-                               param=f"messages[{i}].role")
-        out.append({"role": role, "content": _message_text(msg.get("content"), f"messages[{i}].content")})
+        if msg.role not in CHAT_ROLES:
+            raise RequestError(400, f"messages[{i}].role = {msg.role!r}: must be one of {', '.join(CHAT_ROLES)} "
+                                    "(tools are not supported by this server)", param=f"messages[{i}].role")
+        content = msg.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise RequestError(400, f"messages[{i}].content[{j}].type = {part.type!r}: only text parts "
+                                            "are supported by this server", param=f"messages[{i}].content")
+            content = "".join(p.text or "" for p in content)
+        if content is None and msg.role != "assistant":
+            raise RequestError(400, f"messages[{i}].content = None: must be a string (or a list of text parts)",
+                               param=f"messages[{i}].content")
+        out.append({"role": msg.role, "content": content or ""})
     return out
-
-
-def _unsupported(body: Mapping[str, Any], fields: Mapping[str, str]) -> None:
-    for field, what in fields.items():
-        value = body.get(field)
-        if value not in (None, False, 0, []):
-            raise RequestError(400, f"{field} = {value!r}: {what} by this server", param=field)
 
 
 def parse_request(kind: Kind, body: Any, tokenizer: Tokenizer, info: ModelInfo) -> GenerationRequest:
     """A completion or chat body -> GenerationRequest; RequestError(400) for anything invalid.
 
-    Unknown fields are ignored (OpenAI clients send extras); known ones of the wrong type are errors.
+    Every field is type-checked against its declaration in `schema`; unknown fields are ignored
+    (OpenAI clients send extras), known ones this server does not implement are refused.
     """
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    model = _typed(body, "model", str, "must be a string") or info.name
-    stream = bool(_typed(body, "stream", bool, "must be true or false"))
-    options = _typed(body, "stream_options", dict, "must be an object like {\"include_usage\": true}") or {}
-    include_usage = bool(_typed(options, "include_usage", bool, "must be true or false"))
-    _typed(body, "user", str, "must be a string")
     if kind == "completion":
-        _unsupported(body, _UNSUPPORTED_COMPLETION)
-        if _typed(body, "best_of", int, "must be an integer") not in (None, 1):
-            raise RequestError(400, f"best_of = {body['best_of']!r}: only 1 is supported", param="best_of")
-        prompt_ids = _completion_prompt(body, tokenizer, info.vocab_size)
+        creq = schema.validate(schema.CompletionRequest, body)
+        req: schema.CompletionRequest | schema.ChatCompletionRequest = creq
+        prompt_ids = _completion_prompt(creq.prompt, tokenizer, info.vocab_size)
     else:
-        _unsupported(body, _UNSUPPORTED_CHAT)
-        prompt_ids = tokenizer.apply_chat(_chat_messages(body))
+        chat = schema.validate(schema.ChatCompletionRequest, body)
+        req = chat
+        prompt_ids = tokenizer.apply_chat(chat_messages(chat.messages))
     params = parse_sampling(body, prompt_tokens=len(prompt_ids), context_length=info.context_length,
                             vocab_size=info.vocab_size, default_max_new_tokens=info.default_max_tokens,
                             eos_token_id=tokenizer.eos_token_id)
-    return GenerationRequest(kind, model, prompt_ids, params, stream, include_usage)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return GenerationRequest(kind, req.model or info.name, prompt_ids, params, bool(req.stream), include_usage)
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -203,8 +173,8 @@ class Envelope(NamedTuple):
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish_reason}
             obj = "text_completion"
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": outcome.finish_reason}
+            message = {"role": "assistant", "content": text, "refusal": None}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}
             obj = "chat.completion"
         return {**self._head(obj), "choices": [choice], "usage": outcome.usage()}
 
@@ -287,15 +257,68 @@ def _client_left(request: web.Request, resp: web.StreamResponse | None = None) -
     return resp if resp is not None else web.Response(status=499)
 
 
-class Handlers(NamedTuple):
-    """The two route handlers; `routes()` gives them at their OpenAI paths."""
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-    completions: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    chat_completions: Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+class Handlers(NamedTuple):
+    """The route handlers; `routes()` gives them at their paths on a dispatcher (the controller
+    serves the tokenizer's at vLLM's /tokenize, /detokenize and /tokenizer_info)."""
+
+    completions: Handler
+    chat_completions: Handler
+    tokenize: Handler
+    detokenize: Handler
+    tokenizer_info: Handler
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/v1/completions", self.completions),
-                web.post("/v1/chat/completions", self.chat_completions)]
+                web.post("/v1/chat/completions", self.chat_completions),
+                web.post(TOKENIZE_PATH, self.tokenize),
+                web.post(DETOKENIZE_PATH, self.detokenize),
+                web.get(TOKENIZER_INFO_PATH, self.tokenizer_info)]
+
+
+# The dispatcher's paths of the tokenizer routes (under /v1/, where its token check applies).
+TOKENIZE_PATH = "/v1/tokenize"
+DETOKENIZE_PATH = "/v1/detokenize"
+TOKENIZER_INFO_PATH = "/v1/tokenizer_info"
+
+
+def tokenizer_handlers(tokenizer: Tokenizer, info: ModelInfo,
+                       tokenizing: asyncio.Lock) -> tuple[Handler, Handler, Handler]:
+    """POST tokenize ({prompt} or {messages}) and detokenize ({tokens}), GET tokenizer_info."""
+
+    async def tokenize(request: web.Request) -> web.StreamResponse:
+        try:
+            req = schema.validate(schema.TokenizeRequest, schema.loads(await request.read()))
+            if (req.prompt is None) == (req.messages is None):
+                raise RequestError(400, "give exactly one of prompt (a string) or messages (a chat)", param="prompt")
+            async with tokenizing:
+                if req.messages is not None:
+                    ids = await asyncio.to_thread(tokenizer.apply_chat, chat_messages(req.messages))
+                else:
+                    ids = await asyncio.to_thread(tokenizer.encode, req.prompt or "",
+                                                  req.add_special_tokens is not False)
+        except GenerationError as exc:
+            return error_response(exc)
+        return web.json_response({"count": len(ids), "max_model_len": info.context_length, "tokens": ids})
+
+    async def detokenize(request: web.Request) -> web.StreamResponse:
+        try:
+            req = schema.validate(schema.DetokenizeRequest, schema.loads(await request.read()))
+            if any(not 0 <= t < info.vocab_size for t in req.tokens):
+                raise RequestError(400, f"tokens = {req.tokens!r}: must be token ids from 0 to {info.vocab_size - 1}",
+                                   param="tokens")
+        except GenerationError as exc:
+            return error_response(exc)
+        async with tokenizing:
+            text = await asyncio.to_thread(tokenizer.decode, req.tokens)
+        return web.json_response({"prompt": text})
+
+    async def tokenizer_info(request: web.Request) -> web.StreamResponse:
+        return web.json_response(describe_tokenizer(tokenizer, info.context_length, info.vocab_size))
+
+    return tokenize, detokenize, tokenizer_info
 
 
 def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: str, context_length: int,
@@ -315,10 +338,7 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
 
     async def _handle(request: web.Request, kind: Kind) -> web.StreamResponse:
         try:
-            try:
-                body = await request.json()
-            except ValueError as exc:
-                raise RequestError(400, f"the request body is not valid JSON: {exc}") from exc
+            body = schema.loads(await request.read())
             async with tokenizing:
                 req = await asyncio.to_thread(parse_request, kind, body, tokenizer, info)
         except GenerationError as exc:
@@ -345,7 +365,7 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await handle(request, "chat")
 
-    return Handlers(completions, chat_completions)
+    return Handlers(completions, chat_completions, *tokenizer_handlers(tokenizer, info, tokenizing))
 
 
 async def _stream(request: web.Request, req: GenerationRequest, envelope: Envelope, outcome: Outcome,

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 from infscaled.errors import ModelError
 from infscaled.generation.errors import RequestError
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 # Any of these in a directory means it holds a transformers tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _REPLACEMENT = "\ufffd"
@@ -26,7 +26,7 @@ class Tokenizer(Protocol):
     @property
     def eos_token_id(self) -> int | None: ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; an incomplete UTF-8 sequence at the end decodes to U+FFFD."""
@@ -56,7 +56,7 @@ class ByteTokenizer:
     def eos_token_id(self) -> int | None:
         return self.EOS
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -89,8 +89,8 @@ class HFTokenizer:
         eos = self.tok.eos_token_id
         return eos if isinstance(eos, int) else None
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=True))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tok.decode(list(ids), skip_special_tokens=True))
@@ -99,9 +99,24 @@ class HFTokenizer:
         if not getattr(self.tok, "chat_template", None):
             raise RequestError(400, f"the model's tokenizer ({self.source}) has no chat template: "
                                     "use /v1/completions with a prompt", param="messages")
+        # `developer` is OpenAI's newer name for `system`, which is what templates know.
+        messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
         text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # The template writes the special tokens itself (BOS included): do not add them again.
         return list(self.tok.encode(text, add_special_tokens=False))
+
+
+def describe_tokenizer(tokenizer: Tokenizer, context_length: int, vocab_size: int) -> dict[str, Any]:
+    """GET /tokenizer_info (vLLM's shape): what a client needs to tokenize as the server does."""
+    tok = getattr(tokenizer, "tok", None)
+    if tok is None:
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": None,
+                "eos_token_id": tokenizer.eos_token_id, "bos_token": None, "chat_template": None,
+                "model_max_length": context_length, "vocab_size": vocab_size}
+    template = getattr(tok, "chat_template", None)
+    return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "eos_token_id": tokenizer.eos_token_id,
+            "bos_token": tok.bos_token, "chat_template": template if isinstance(template, str) else None,
+            "model_max_length": context_length, "vocab_size": vocab_size}
 
 
 def load_tokenizer(source: str) -> Tokenizer:
