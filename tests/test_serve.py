@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import requests
 import openai
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 from served import Served, localise, readme_examples, serve
 
 
@@ -78,8 +79,22 @@ def test_http_surface_errors_health_metrics_tokenizer(served: Served) -> None:
     auth = {"Authorization": f"Bearer {served.token()}"}
     with requests.Session() as http:
         assert http.get(served.url + "/health").json() == {"status": "ok"}  # no token
-        metrics = http.get(served.url + "/metrics")
-        assert metrics.status_code == 200 and "infscaled_job_state" in metrics.text
+        done = http.post(served.url + "/v1/completions", headers=auth, timeout=60,
+                         json={"model": served.model, "prompt": "x", "max_tokens": 3, "ignore_eos": True})
+        assert done.json()["usage"]["completion_tokens"] == 3
+        metrics = http.get(served.url + "/metrics")  # no token
+        assert metrics.status_code == 200
+        families = {f.name: f.samples for f in text_string_to_metric_families(metrics.text)}
+        assert families["infscaled_job_state"]  # the pipeline's own series, next to vLLM's names
+        served_by = {"model_name": served.model}
+        ttft = [s for s in families["infscaled:time_to_first_token_seconds"]
+                if s.name.endswith("_count") and s.labels == served_by]
+        assert ttft and ttft[0].value >= 1
+        success = {s.labels["finished_reason"]: s.value for s in families["infscaled:request_success"]}
+        assert success["length"] >= 1
+        assert [s.value for s in families["infscaled:generation_tokens"] if s.labels == served_by][0] >= 3
+        assert 0 <= families["infscaled:kv_cache_usage_perc"][0].value <= 1
+        assert {s.labels["model_name"] for s in families["infscaled:num_requests_running"]} == {served.model}
         assert http.get(served.url + "/v1/models").status_code == 401
         missing = http.get(served.url + "/v1/nothing", headers=auth)
         assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"

@@ -181,10 +181,13 @@ def _json_body(raw: bytes) -> dict[str, Any]:
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
+    from infscaled.controller.openai_proxy import scrape_serving  # it imports this module
+
     connected = request.app[REGISTRY].connected()
-    families = export.collect(request.app[JOBS].jobs.values(), len(connected),
-                              usage=[a.usage for a in connected if a.usage is not None])
-    return web.Response(text=export.render(families), headers={"Content-Type": export.CONTENT_TYPE})
+    jobs = request.app[JOBS].jobs.values()
+    families = export.collect(jobs, len(connected), usage=[a.usage for a in connected if a.usage is not None])
+    serving = export.serving_text(jobs, await scrape_serving(request))
+    return web.Response(text=export.render(families) + serving, headers={"Content-Type": export.CONTENT_TYPE})
 
 
 async def job_metrics(request: web.Request) -> web.Response:

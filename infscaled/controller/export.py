@@ -1,7 +1,13 @@
 """Live metrics on the controller: the Prometheus text format (0.0.4) and a job's JSON snapshot.
 
-Written by hand rather than with prometheus_client: the controller renders a few dozen series
-from the latest snapshots it already holds, and stays free of a dependency for that.
+Two parts. The pipeline's own series (`infscaled_*`: agents, devices, stages, dispatchers) are
+rendered by hand from the snapshots the controller holds: at 10,000 agents with 8 devices each
+(180,000 samples) that takes 0.64 s here against 3.9 s through prometheus_client's
+generate_latest, and it grows with the fleet. The serving series (`infscaled:*`, vLLM's names
+labelled by model name: request counts, token counters, latency histograms, KV-cache usage) are
+few per job and go through prometheus_client: each running generation job's dispatcher keeps
+them (generation/metrics.py), the controller scrapes them on each /metrics and relabels them
+with the job's name, so a resubmitted job continues the same series.
 Stage series carry job / stage / replica / agent labels, dispatcher series job / agent.
 Names and units are listed in docs/controller-api.md (Metrics).
 """
@@ -10,11 +16,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
 from infscaled.controller.jobs import LIVE, Job, JobState
+from infscaled.generation.metrics import LABEL as MODEL_LABEL
+from infscaled.generation.metrics import PREFIX as SERVING_PREFIX
 from infscaled.protocol.control import DispatcherStats, StageStats
 from infscaled.protocol.messages import HostMetrics
 from infscaled.protocol.plan import Node
@@ -165,6 +177,37 @@ def _usage_families(usage: Iterable[HostMetrics]) -> list[Family]:
 
 def _full(name: str, kind: str) -> str:
     return name + "_total" if kind == "counter" else name
+
+
+def serving_text(jobs: Iterable[Job], scraped: Mapping[str, str]) -> str:
+    """The serving series of running generation jobs: `scraped` maps a job id to the text its
+    dispatcher served; samples are relabelled with the job's name (model_name). When two running
+    jobs share a name, the newer one's series are shown. Plus KV-cache usage per model from the
+    stages' snapshots: reserved over budget, all stage replicas together (0..1)."""
+    families: dict[str, Metric] = {}
+    kv = GaugeMetricFamily(SERVING_PREFIX + "kv_cache_usage_perc",
+                           "Fraction of the stages' KV budget reserved by live sequences (0..1).", labels=[MODEL_LABEL])
+    shown: dict[str, Job] = {}
+    for job in sorted(jobs, key=lambda j: j.created):
+        if job.state is JobState.RUNNING and job.cfg.generation is not None:
+            shown[job.name] = job  # the newest of each name wins
+    for name, job in shown.items():
+        stats = [st for _, msg in job.metrics.values() for st in msg.stages]
+        budget = sum(st.kv_budget_tokens for st in stats)
+        kv.add_metric([name], sum(st.kv_reserved_tokens for st in stats) / budget if budget else 0.0)
+        text = scraped.get(job.id)
+        if not text:
+            continue
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            for sample in family.samples:
+                merged.samples.append(sample._replace(labels={**sample.labels, MODEL_LABEL: name}))
+
+    class _Collected:
+        def collect(self) -> Iterable[Metric]:
+            return [kv, *families.values()]
+
+    return generate_latest(_Collected()).decode()  # type: ignore[arg-type] # any object with collect()
 
 
 def job_snapshot(job: Job, now: float | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ official clients show as they are. Nothing here decodes tokens: torch-free.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Any
@@ -159,6 +160,31 @@ async def _json_body(request: web.Request) -> dict[str, Any] | web.Response:
 def _dispatcher_url(request: web.Request, job: Job, path: str) -> str:
     agent = request.app[REGISTRY].agents[job.dispatcher_agent]
     return f"http://{url_host(agent.info.advertise)}:{job.dispatcher_port}{path}"
+
+
+SCRAPE_TIMEOUT_S = 2.0  # one dispatcher's serving metrics; a slow one is left out of this scrape
+
+
+async def scrape_serving(request: web.Request) -> dict[str, str]:
+    """Job id -> the serving metrics text of each running generation job's dispatcher, fetched
+    concurrently; a dispatcher that does not answer in SCRAPE_TIMEOUT_S is left out (logged)."""
+    jobs = [j for j in _running(request) if j.cfg.generation is not None and j.dispatcher_agent
+            and j.dispatcher_agent in request.app[REGISTRY].agents]
+    timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
+
+    async def one(job: Job) -> tuple[str, str]:
+        url = _dispatcher_url(request, job, openai_api.METRICS_PATH)
+        try:
+            async with request.app[proxy.SESSION].get(url, timeout=timeout, headers={
+                    "Authorization": f"Bearer {job.service_token}"}) as resp:
+                if resp.status == 200:
+                    return job.id, await resp.text()
+                log.info("serving metrics of %s: HTTP %d", job.id, resp.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("serving metrics of %s not scraped: %s", job.id, exc)
+        return job.id, ""
+
+    return dict(await asyncio.gather(*(one(j) for j in jobs)))
 
 
 async def forward_generation(request: web.Request) -> web.StreamResponse:

@@ -15,13 +15,14 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
 from aiohttp import web
 
 from infscaled.generation import schema
 from infscaled.generation.errors import GenerationError, RequestError
+from infscaled.generation.metrics import RequestTimes, ServingMetrics
 from infscaled.generation.params import SamplingParams, parse_sampling
 from infscaled.generation.tokenizer import CHAT_ROLES, StreamDecoder, Tokenizer, describe_tokenizer
 
@@ -145,6 +146,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
+    times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -227,6 +229,7 @@ async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, req: Ge
             if outcome.finish_reason is not None:
                 break  # the backend went past the end it was given: stop it
             outcome.completion_tokens += 1
+            outcome.times.token()
             if token in stop_ids:
                 outcome.finish_reason = "stop"  # the backend ends by itself now
                 continue
@@ -258,6 +261,21 @@ def _client_left(request: web.Request, resp: web.StreamResponse | None = None) -
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+METRICS_PATH = "/v1/metrics"  # a dispatcher's serving metrics, scraped by the controller
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _load_of(backend: GenerationBackend, active: list[int]) -> Callable[[], tuple[int, int]]:
+    """(running, waiting) requests: from the pipeline dispatcher's own counts where the backend
+    has one (it knows which sequences still wait for KV room), else every active one runs."""
+    dispatcher = getattr(backend, "dispatcher", None)
+    if dispatcher is not None and callable(getattr(dispatcher, "waiting", None)):
+        def load() -> tuple[int, int]:
+            waiting = int(dispatcher.waiting())
+            return max(0, int(dispatcher.inflight()) - waiting), waiting
+
+        return load
+    return lambda: (active[0], 0)
 
 
 class Handlers(NamedTuple):
@@ -269,13 +287,15 @@ class Handlers(NamedTuple):
     tokenize: Handler
     detokenize: Handler
     tokenizer_info: Handler
+    metrics: Handler
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/v1/completions", self.completions),
                 web.post("/v1/chat/completions", self.chat_completions),
                 web.post(TOKENIZE_PATH, self.tokenize),
                 web.post(DETOKENIZE_PATH, self.detokenize),
-                web.get(TOKENIZER_INFO_PATH, self.tokenizer_info)]
+                web.get(TOKENIZER_INFO_PATH, self.tokenizer_info),
+                web.get(METRICS_PATH, self.metrics)]
 
 
 # The dispatcher's paths of the tokenizer routes (under /v1/, where its token check applies).
@@ -325,6 +345,8 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
                   vocab_size: int, *, default_max_tokens: int = 16) -> Handlers:
     """aiohttp handlers for `POST /v1/completions` and `POST /v1/chat/completions` over `backend`."""
     info = ModelInfo(model_name, context_length, vocab_size, default_max_tokens)
+    active = [0]  # sequences in run_sequence, for backends that do not say how many wait
+    metrics = ServingMetrics(model_name, _load_of(backend, active))
     # Tokenizing a long prompt is CPU work: off the event loop, one at a time (transformers' fast
     # tokenizers are not safe to drive from several threads at once).
     tokenizing = asyncio.Lock()
@@ -337,6 +359,7 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
             return error_response(GenerationError(500, "internal error; see the dispatcher's log"))
 
     async def _handle(request: web.Request, kind: Kind) -> web.StreamResponse:
+        arrived = time.monotonic()
         try:
             body = schema.loads(await request.read())
             async with tokenizing:
@@ -344,7 +367,9 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
         except GenerationError as exc:
             return error_response(exc)
         envelope = Envelope.new(kind, req.model)
-        outcome = Outcome(len(req.prompt_ids))
+        outcome = Outcome(len(req.prompt_ids), times=RequestTimes(arrived))
+        metrics.accepted(outcome.prompt_tokens)
+        active[0] += 1
         deltas = run_sequence(backend, tokenizer, req, outcome)
         try:
             async with aclosing(deltas):
@@ -358,6 +383,13 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
                 return web.json_response(envelope.response("".join(text), outcome))
         except GenerationError as exc:
             return error_response(exc)
+        finally:
+            # No finish reason: the client left or the backend failed before the end.
+            active[0] -= 1
+            metrics.finished(outcome.times, outcome.finish_reason or "abort")
+
+    async def serve_metrics(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def completions(request: web.Request) -> web.StreamResponse:
         return await handle(request, "completion")
@@ -365,7 +397,7 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await handle(request, "chat")
 
-    return Handlers(completions, chat_completions, *tokenizer_handlers(tokenizer, info, tokenizing))
+    return Handlers(completions, chat_completions, *tokenizer_handlers(tokenizer, info, tokenizing), serve_metrics)
 
 
 async def _stream(request: web.Request, req: GenerationRequest, envelope: Envelope, outcome: Outcome,
