@@ -20,11 +20,13 @@ from infscaled.generation.errors import GenerationError
 from infscaled.generation.openai_api import make_handlers
 from infscaled.generation.params import SamplingParams
 from infscaled.generation.reference import ReferenceBackend, model_limits
-from infscaled.generation.tokenizer import ByteTokenizer
+from infscaled.generation.tokenizer import load_tokenizer
 from infscaled.protocol.messages import Deploy
 
 SOURCE = "builtin:llama-tiny"
-NO_EOS = {"ignore_eos": True}  # a random model may emit eos anywhere: fixed lengths where they matter
+NO_EOS = {"ignore_eos": True}
+TOK = load_tokenizer(SOURCE)
+DIGITS = len(TOK.encode("0123456789"))  # a random model may emit eos anywhere: fixed lengths where they matter
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ async def serve(backend: Any, port: int = 0, token: str | None = None) -> AsyncI
         return await handler(request)
 
     app = web.Application(middlewares=[auth])
-    app.add_routes(make_handlers(backend, ByteTokenizer(), "tiny", context, vocab).routes())
+    app.add_routes(make_handlers(backend, load_tokenizer(SOURCE), "tiny", context, vocab).routes())
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
@@ -81,9 +83,10 @@ def test_completions_stream_and_not_agree_with_the_reference(model: Any) -> None
             assert done.object == "text_completion" and done.id.startswith("cmpl-") and done.model == "tiny"
             assert done.choices[0].finish_reason == "length"
             assert done.usage is not None and (done.usage.prompt_tokens, done.usage.completion_tokens,
-                                               done.usage.total_tokens) == (5, 12, 17)
-            ids = [t async for t in backend.generate(list(b"Hello"), SamplingParams(12, temperature=0.0))]
-            assert done.choices[0].text == ByteTokenizer().decode(ids)
+                                               done.usage.total_tokens) == (len(TOK.encode("Hello")), 12,
+                                                                            len(TOK.encode("Hello")) + 12)
+            ids = [t async for t in backend.generate(TOK.encode("Hello"), SamplingParams(12, temperature=0.0))]
+            assert done.choices[0].text == TOK.decode(ids)
 
             stream = await api.completions.create(model="tiny", prompt="Hello", max_tokens=12, temperature=0,
                                                   stream=True, stream_options={"include_usage": True},
@@ -93,7 +96,7 @@ def test_completions_stream_and_not_agree_with_the_reference(model: Any) -> None
             assert [c.choices[0].finish_reason for c in chunks[:-1]][-1] == "length"
             assert chunks[-1].choices == [] and chunks[-1].usage == done.usage
             # Token ids as the prompt; without include_usage there is no usage chunk.
-            stream = await api.completions.create(model="tiny", prompt=list(b"Hello"), max_tokens=12, temperature=0,
+            stream = await api.completions.create(model="tiny", prompt=TOK.encode("Hello"), max_tokens=12, temperature=0,
                                                   stream=True, extra_body=NO_EOS)
             assert (await collect(stream))[0] == text
             assert backend.finished == 4 and backend.cancelled == 0
@@ -111,7 +114,7 @@ def test_chat_with_a_seed_is_reproducible_streamed_or_not(model: Any) -> None:
             choice = done.choices[0]
             assert done.object == "chat.completion" and done.id.startswith("chatcmpl-")
             assert choice.message.role == "assistant" and choice.finish_reason == "length"
-            prompt = ByteTokenizer().apply_chat(messages)
+            prompt = TOK.apply_chat(messages)
             assert done.usage is not None and done.usage.prompt_tokens == len(prompt)
             assert done.usage.completion_tokens == 20
             text, chunks = await collect(await api.chat.completions.create(**kw, stream=True))
@@ -140,12 +143,12 @@ def test_stop_strings_and_stop_token_ids(model: Any) -> None:
             assert text == expected and chunks[-1].choices[0].finish_reason == "stop"
 
             params = SamplingParams(40, temperature=1.0, seed=3)
-            ids = [t async for t in backend.generate(list(b"Once upon"), params)]
+            ids = [t async for t in backend.generate(TOK.encode("Once upon"), params)]
             stop_id = ids[5]
             done = await api.completions.create(**kw, extra_body={"stop_token_ids": [stop_id], **NO_EOS})
             assert done.choices[0].finish_reason == "stop"
             assert done.usage is not None and done.usage.completion_tokens == ids.index(stop_id) + 1
-            assert done.choices[0].text == ByteTokenizer().decode(ids[:ids.index(stop_id)])
+            assert done.choices[0].text == TOK.decode(ids[:ids.index(stop_id)])
 
     asyncio.run(scenario())
 
@@ -177,8 +180,9 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str]] = [
     ({"n": 2}, "n = 2: only n = 1 is supported"),
     ({"seed": "x"}, "seed = 'x': must be an integer"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop = ['a', 'b', 'c', 'd', 'e']: must be a non-empty string or a list"),
-    ({"max_tokens": 250}, "prompt has 10 tokens; with max_tokens 250 it needs 260 positions, the model has 256"),
-    ({"prompt": "x" * 300}, "prompt has 300 tokens, the model has 256 positions"),
+    ({"max_tokens": 250}, f"prompt has {DIGITS} tokens; with max_tokens 250 it needs {DIGITS + 250} positions, "
+                          "the model has 256"),
+    ({"prompt": [5] * 300}, "prompt has 300 tokens, the model has 256 positions"),
     ({"prompt": ["a", "b"]}, "prompt is a list of 2 prompts: only one prompt per request is supported"),
     ({"prompt": [1, 600]}, "prompt = [1, 600]: must be a string, a list of one string, or a list of token ids"),
     ({"echo": True}, "echo = True: echo is not supported by this server"),

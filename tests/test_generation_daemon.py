@@ -12,7 +12,7 @@ import pytest
 import torch
 from cluster import TOKEN, Cluster, local_cluster
 
-from infscaled.generation.tokenizer import ByteTokenizer
+from infscaled.generation.tokenizer import load_tokenizer
 from infscaled.models.sources import resolve
 from infscaled.models.stage import Monolith
 
@@ -49,7 +49,7 @@ def client(c: Cluster) -> openai.AsyncOpenAI:
 
 def expected_text(prompt: str, new: int) -> tuple[str, int]:
     """What greedy decoding of the monolithic model produces (HF generate), as text."""
-    tok = ByteTokenizer()
+    tok = load_tokenizer("builtin:llama-tiny")
     mono = Monolith(resolve("builtin:llama-tiny"), "cpu", "float32", 0)
     ids = torch.tensor([tok.encode(prompt)])
     with torch.inference_mode():

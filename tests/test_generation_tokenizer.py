@@ -9,9 +9,16 @@ import pytest
 
 from infscaled.errors import ModelError
 from infscaled.generation.errors import RequestError
-from infscaled.generation.tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, Tokenizer, load_tokenizer
+from infscaled.generation.tokenizer import (
+    BUILTIN_TOKENIZER_DIR,
+    HFTokenizer,
+    StreamDecoder,
+    Tokenizer,
+    load_tokenizer,
+)
 
 TEXT = "héllo wörld → 你好 🙂!"
+BUILTIN = load_tokenizer("builtin:llama-tiny")
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -24,24 +31,36 @@ def stream(tokenizer: Tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> 
     return deltas, decoder
 
 
-def test_byte_tokenizer_round_trip_and_specials() -> None:
-    tok = ByteTokenizer()
+def test_builtin_tokenizer_is_a_hugging_face_byte_level_bpe(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from infscaled.models import train_tokenizer
+
+    tok = BUILTIN
     ids = tok.encode(TEXT)
-    assert ids == list(TEXT.encode()) and tok.decode(ids) == TEXT
-    assert tok.eos_token_id == 256
-    assert tok.decode([104, 256, 257, 300, 511, 105]) == "hi"  # ids >= 256 carry no text
+    assert tok.decode(ids) == TEXT and len(ids) < len(TEXT.encode())  # merges, yet every byte string encodes
+    assert tok.eos_token_id == 0
+    assert tok.decode([ids[0], 0, 1, 600, 31999, ids[1]]) == tok.decode(ids[:2])  # specials, ids past the vocab
     assert tok.decode(tok.apply_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])) \
         == "<|system|>\nbe brief\n<|user|>\nhi\n<|assistant|>\n"
+    # Any Hugging Face client loads the shipped directory and counts the same tokens.
+    hf = AutoTokenizer.from_pretrained(str(BUILTIN_TOKENIZER_DIR), local_files_only=True)
+    assert hf.encode(TEXT) == ids and len(hf) == 512
+    # The shipped files are what a fresh training gives (deterministic).
+    assert train_tokenizer.main(["--check"]) == 0
+    assert train_tokenizer.main(["--check", "--out", str(tmp_path)]) == 1
 
 
 def test_stream_never_emits_partial_utf8() -> None:
-    tok = ByteTokenizer()
+    tok = BUILTIN
     deltas, decoder = stream(tok, tok.encode(TEXT))
     assert "".join(deltas) == TEXT == decoder.text
     assert all("\ufffd" not in d for d in deltas)
-    assert deltas[:3] == ["h", "", "é"]  # é is two bytes: nothing after the first
+    assert "" in deltas  # some id ended inside a character and waited for the next
     # An incomplete character at the very end comes out as U+FFFD on flush; junk ids are skipped.
-    deltas, _ = stream(tok, [104, 400, 0xE4, 0xBD])
+    cjk = tok.encode("你")
+    assert len(cjk) == 3  # one byte symbol per UTF-8 byte: no merge for it in the corpus
+    deltas, _ = stream(tok, [*tok.encode("h"), 600, *cjk[:2]])
     assert deltas == ["h", "", "", "", "\ufffd"]
 
 
@@ -54,7 +73,7 @@ def test_stream_never_emits_partial_utf8() -> None:
     (("zzz",), TEXT),
 ])
 def test_stop_strings_across_token_boundaries(stop: tuple[str, ...], expected: str) -> None:
-    tok = ByteTokenizer()
+    tok = BUILTIN
     deltas, decoder = stream(tok, tok.encode(TEXT), stop)
     assert "".join(deltas) == expected == decoder.text
     assert decoder.stopped == (expected != TEXT)
@@ -64,10 +83,10 @@ def test_stop_strings_across_token_boundaries(stop: tuple[str, ...], expected: s
 
 
 def test_held_back_text_is_released_once_the_stop_string_is_ruled_out() -> None:
-    tok = ByteTokenizer()
+    tok = BUILTIN
     decoder = StreamDecoder(tok, ("abc",))
-    assert [decoder.feed(i) for i in tok.encode("xab")] == ["x", "", ""]
-    assert decoder.feed(ord("d")) == "abd"
+    assert "".join(decoder.feed(i) for i in tok.encode("x ab")) == "x "
+    assert decoder.feed(tok.encode("d")[0]) == "abd"
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +141,7 @@ def test_hf_tokenizer_without_chat_template_refuses_chat(hf_dir: Path, tmp_path:
 
 
 def test_load_tokenizer_by_source(tmp_path: Path) -> None:
-    assert isinstance(load_tokenizer("builtin:llama-tiny"), ByteTokenizer)
+    assert isinstance(load_tokenizer("builtin:llama-tiny"), HFTokenizer)
     with pytest.raises(ModelError, match="python: models have no tokenizer"):
         load_tokenizer("python:infscaled.models.zoo:vgg_tiny")
     with pytest.raises(ModelError, match="no tokenizer files in the directory"):

@@ -1,5 +1,6 @@
-"""Tokenizers (a byte-level one for builtin models, transformers' for model directories) and the
-incremental detokenizer that turns streamed token ids into text deltas and applies stop strings.
+"""Tokenizers (transformers': the model directory's own, or the byte-level BPE shipped for builtin
+models) and the incremental detokenizer that turns streamed token ids into text deltas and
+applies stop strings.
 
 Torch-free; transformers is imported only when an HFTokenizer is built.
 """
@@ -17,6 +18,8 @@ CHAT_ROLES = ("system", "developer", "user", "assistant")
 # Any of these in a directory means it holds a transformers tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _REPLACEMENT = "\ufffd"
+# The builtin models' tokenizer (trained by infscaled/models/train_tokenizer.py): any HF client loads it.
+BUILTIN_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "builtin_tokenizer"
 
 
 @runtime_checkable
@@ -35,36 +38,6 @@ class Tokenizer(Protocol):
     def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids for chat `messages` ([{role, content}]) ending with the assistant's turn."""
         ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as ids, for builtin models (random weights, vocab 512 or more); works offline.
-
-    ids 0..255 are the bytes, 256 is end-of-text (eos), 257 beginning-of-text (never added by
-    `encode`). Every other id (258 up to the model's vocab) decodes to "" (no text), as do 256
-    and 257: a random model can emit any id, and silently dropping them keeps streamed text
-    valid UTF-8 rather than filling it with replacement characters.
-
-    Chat template: each message as "<|role|>\\ncontent\\n", then "<|assistant|>\\n"; the markers
-    are plain bytes, not special ids.
-    """
-
-    EOS = 256
-    BOS = 257
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.EOS
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
-
-    def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
-        return self.encode(text + "<|assistant|>\n")
 
 
 class HFTokenizer:
@@ -120,10 +93,11 @@ def describe_tokenizer(tokenizer: Tokenizer, context_length: int, vocab_size: in
 
 
 def load_tokenizer(source: str) -> Tokenizer:
-    """The tokenizer for a job's `model.source`: builtin -> ByteTokenizer; a directory or a cached
-    Hugging Face id with tokenizer files -> HFTokenizer; anything else raises ModelError."""
+    """The tokenizer for a job's `model.source`: builtin -> the byte-level BPE the package ships
+    (models/builtin_tokenizer, see models/train_tokenizer.py); a directory or a cached Hugging
+    Face id with tokenizer files -> its own; anything else raises ModelError. Always HFTokenizer."""
     if source.startswith("builtin:"):
-        return ByteTokenizer()
+        return HFTokenizer(BUILTIN_TOKENIZER_DIR)
     if source.startswith("python:"):
         raise ModelError(f"model.source {source!r}: python: models have no tokenizer; generation needs a "
                          "builtin model or a transformers directory with tokenizer files")
