@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from infscaled.generation.errors import RequestError
-from infscaled.generation.sampling import SamplingParams, make_generator, parse_sampling, sample_next
+from infscaled.generation.sampling import (
+    SamplingParams,
+    make_generator,
+    parse_sampling,
+    process_logits,
+    sample_next,
+    token_logprobs,
+)
 
 LIMITS = dict(prompt_tokens=10, context_length=256, vocab_size=512)
 
@@ -56,8 +63,6 @@ BAD = [
     ("stop_token_ids", [1, 512], "stop_token_ids = [1, 512]: must be a list of token ids from 0 to 511"),
     ("stop_token_ids", [-1], "stop_token_ids = [-1]: must be a list of token ids from 0 to 511"),
     ("stop_token_ids", 3, "stop_token_ids = 3: must be a list of token ids"),
-    ("n", 2, "n = 2: only n = 1 is supported"),
-    ("n", True, "n = True: only n = 1 is supported"),
     ("ignore_eos", "yes", "ignore_eos = 'yes': must be true or false"),
 ]
 
@@ -137,3 +142,66 @@ def test_filters_keep_only_allowed_tokens() -> None:
     p3 = float(probs[order[:3]].sum()) - 1e-4
     seen = {int(sample_next(x, [SamplingParams(4, top_p=p3)], [gen])[0]) for _ in range(200)}
     assert seen == set(order[:3].tolist())
+
+
+def test_penalties_bias_min_tokens_and_logprobs_parse() -> None:
+    p = parse(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, logit_bias={"7": 100, "3": -5.5},
+              min_p=0.1, min_tokens=2, logprobs=3, prompt_logprobs=0)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert p.logit_bias == ((3, -5.5), (7, 100.0)) and (p.min_p, p.min_tokens) == (0.1, 2)
+    assert (p.logprobs, p.prompt_logprobs) == (3, 0) and p.needs_history
+    assert parse(messages=[], logprobs=True, top_logprobs=2).logprobs == 2  # chat's spelling
+    assert parse(messages=[], logprobs=True).logprobs == 0
+    assert parse(messages=[], logprobs=False).logprobs is None and parse().logprobs is None
+    assert not parse().needs_history
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"presence_penalty": 3}, "presence_penalty = 3: must be a number from -2 to 2"),
+    ({"repetition_penalty": 0}, "repetition_penalty = 0: must be a number > 0"),
+    ({"logit_bias": {"x": 1}}, "logit_bias = {'x': 1}: must be an object mapping token ids (0 to 511"),
+    ({"logit_bias": {"600": 1}}, "logit_bias = {'600': 1}: must be an object mapping token ids"),
+    ({"logit_bias": {"5": 101}}, "biases from -100 to 100"),
+    ({"min_p": 1.5}, "min_p = 1.5: must be a number from 0 to 1"),
+    ({"min_tokens": 20, "max_tokens": 5}, "min_tokens = 20: must be at most max_tokens (5)"),
+    ({"logprobs": 21}, "logprobs = 21: must be an integer from 0 to 20"),
+    ({"messages": [], "top_logprobs": 2}, "top_logprobs = 2: needs logprobs = true"),
+    ({"messages": [], "logprobs": 2}, "logprobs = 2: must be true or false"),
+])
+def test_bad_penalties_bias_and_logprobs(body: dict[str, Any], message: str) -> None:
+    with pytest.raises(RequestError) as err:
+        parse(**body)
+    assert message in err.value.message and err.value.status == 400
+
+
+def test_process_logits_matches_the_definitions() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0], [2.0, -1.0, 0.5, 1.0]])
+    p = SamplingParams(4, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    out = process_logits(logits, [p, SamplingParams(4)], outputs=[[0, 0, 3], [0]], prompts=[[1], [1]])
+    # Token 0: 2 / 2 - 0.5 * 2 - 0.25; token 1 (prompt only): -1 * 2; token 2 untouched; token 3: 1 / 2 - 0.5 - 0.25.
+    assert out[0].tolist() == [-0.25, -2.0, 0.5, -0.25]
+    assert out[1].tolist() == logits[1].tolist()  # a row without any of them is left alone
+    plain = [SamplingParams(4), SamplingParams(4)]
+    assert process_logits(logits, plain) is logits  # nothing asked: no copy, no work
+
+
+def test_logit_bias_min_tokens_and_min_p_change_what_is_sampled() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9]])
+    biased = SamplingParams(4, temperature=0.0, logit_bias=((2, 100.0),))
+    assert sample_next(logits, [biased], [None]).tolist() == [2]
+    eos_first = SamplingParams(4, temperature=0.0, stop_token_ids=(1,), min_tokens=2)
+    assert sample_next(logits, [eos_first], [None], outputs=[[3]]).tolist() == [3]  # 1 generated < 2: no eos
+    assert sample_next(logits, [eos_first], [None], outputs=[[3, 3]]).tolist() == [1]
+    # min_p 0.5: only tokens at least half as likely as the best (1 and 3) can be drawn.
+    p = SamplingParams(4, temperature=1.0, min_p=0.5)
+    drawn = {int(sample_next(logits, [p], [make_generator(seed, "cpu")])[0]) for seed in range(200)}
+    assert drawn == {1, 3}
+
+
+def test_token_logprobs_are_the_models_log_softmax() -> None:
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    got = token_logprobs(logits, [0, 2], k=2)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert got.chosen == pytest.approx([expected[0, 0].item(), expected[1, 2].item()])
+    assert got.top_ids[0] == [2, 1] and got.top_logprobs[0] == pytest.approx(expected[0, [2, 1]].tolist())
+    assert token_logprobs(logits, [1, 1], k=0).top_ids == [[], []]

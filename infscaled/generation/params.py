@@ -14,6 +14,9 @@ from typing import Any
 from infscaled.generation.errors import RequestError
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_LOGPROBS = 20  # alternatives per token, OpenAI's limit for top_logprobs
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
+MAX_REPETITION_PENALTY = 10.0
 # torch.Generator.manual_seed accepts this range.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -40,6 +43,31 @@ class SamplingParams:
     """Stop strings: the text ends before the first occurrence of any of them (front end only)."""
     ignore_eos: bool = False
     """Keep generating past the end-of-text token (benchmarks with fixed output lengths)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already generated (OpenAI's; -2..2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated (OpenAI's; -2..2)."""
+    repetition_penalty: float = 1.0
+    """Tokens of the prompt or the output: positive logits divided by it, negative multiplied
+    (Hugging Face's / vLLM's; 1 = off)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling (-100..100)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely one's; 0 = off."""
+    min_tokens: int = 0
+    """The stop ids (eos included) cannot be sampled before this many tokens were generated."""
+    logprobs: int | None = None
+    """Report the chosen token's log-probability and this many most likely alternatives (0: the
+    chosen one only); None: no log-probabilities."""
+    prompt_logprobs: int | None = None
+    """Report the log-probability of every prompt token after the first (and this many
+    alternatives each); None: none."""
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling reads the tokens so far (penalties) or the count generated (min_tokens)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or self.min_tokens > 0)
 
 
 def _bad(field: str, value: Any, allowed: str) -> RequestError:
@@ -95,18 +123,56 @@ def _stop_token_ids(body: Mapping[str, Any], vocab_size: int) -> tuple[int, ...]
     return tuple(dict.fromkeys(value))
 
 
+def _logit_bias(body: Mapping[str, Any], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias}: ids as decimal strings (JSON keys), biases from -100 to 100."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    allowed = f"must be an object mapping token ids (0 to {vocab_size - 1}, as strings) to biases from -100 to 100"
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise _bad("logit_bias", value, allowed + f", at most {MAX_LOGIT_BIAS} of them")
+    out = []
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isdecimal() else -1
+        if not 0 <= token < vocab_size or not (isinstance(bias, int | float) and not isinstance(bias, bool)
+                                                and math.isfinite(bias) and -100 <= bias <= 100):
+            raise _bad("logit_bias", value, allowed)
+        out.append((token, float(bias)))
+    return tuple(sorted(out))
+
+
+def _top_count(body: Mapping[str, Any], field: str) -> int | None:
+    value = body.get(field)
+    if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+        raise _bad(field, value, f"must be an integer from 0 to {MAX_LOGPROBS}")
+    return value
+
+
+def _logprobs(body: Mapping[str, Any]) -> int | None:
+    """Completions: logprobs = N alternatives. Chat: logprobs = true, top_logprobs = N."""
+    value = body.get("logprobs")
+    if isinstance(value, bool) or "messages" in body:
+        top = _top_count(body, "top_logprobs")
+        if value is None or value is False:
+            if top:
+                raise _bad("top_logprobs", top, "needs logprobs = true")
+            return None
+        if value is not True:
+            raise _bad("logprobs", value, "must be true or false")
+        return top or 0
+    return _top_count(body, "logprobs")
+
+
 def parse_sampling(body: Mapping[str, Any], *, prompt_tokens: int, context_length: int, vocab_size: int,
                    default_max_new_tokens: int = 16, eos_token_id: int | None = None) -> SamplingParams:
     """SamplingParams from an OpenAI request body; every invalid value raises RequestError(400).
 
     Fields: max_tokens / max_completion_tokens, temperature (0..2), top_p (0 < p <= 1), top_k
-    (extension, >= 0), seed, stop, stop_token_ids (extension), n (only 1), ignore_eos
-    (extension). Without max_tokens the default is clipped to the room the context leaves; an
+    (extension, >= 0), seed, stop, stop_token_ids (extension), ignore_eos (extension),
+    presence / frequency penalties, repetition_penalty, logit_bias, min_p, min_tokens, logprobs
+    (completions: N; chat: true + top_logprobs N), prompt_logprobs. `n` is the front end's. Without max_tokens the default is clipped to the room the context leaves; an
     explicit one must fit. `eos_token_id` (the tokenizer's) joins stop_token_ids unless ignore_eos.
     """
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
-        raise _bad("n", n, "only n = 1 is supported (one choice per request)")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0, "must be a number from 0 to 2")
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, "must be a number greater than 0 and at most 1", lo_open=True)
     top_k = body.get("top_k")
@@ -122,6 +188,14 @@ def parse_sampling(body: Mapping[str, Any], *, prompt_tokens: int, context_lengt
         ignore_eos = False
     if not isinstance(ignore_eos, bool):
         raise _bad("ignore_eos", ignore_eos, "must be true or false")
+    penalties = {field: _number(body, field, 0.0, -2.0, 2.0, "must be a number from -2 to 2")
+                 for field in ("presence_penalty", "frequency_penalty")}
+    repetition = _number(body, "repetition_penalty", 1.0, 0.0, MAX_REPETITION_PENALTY,
+                         f"must be a number > 0 and at most {MAX_REPETITION_PENALTY:g} (1 = off)", lo_open=True)
+    min_p = _number(body, "min_p", 0.0, 0.0, 1.0, "must be a number from 0 to 1 (0 = off)")
+    min_tokens = body.get("min_tokens") or 0
+    if not _is_int(min_tokens) or min_tokens < 0:
+        raise _bad("min_tokens", body.get("min_tokens"), "must be an integer >= 0")
     stop_ids = _stop_token_ids(body, vocab_size)
     if eos_token_id is not None and not ignore_eos and eos_token_id not in stop_ids:
         stop_ids = (*stop_ids, eos_token_id)
@@ -138,5 +212,11 @@ def parse_sampling(body: Mapping[str, Any], *, prompt_tokens: int, context_lengt
         raise RequestError(400, f"prompt has {prompt_tokens} tokens; with {field} {max_tokens} it needs "
                                 f"{prompt_tokens + max_tokens} positions, the model has {context_length}",
                            param=field)
+    if min_tokens > max_tokens:
+        raise _bad("min_tokens", min_tokens, f"must be at most max_tokens ({max_tokens})")
     return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                          stop_token_ids=stop_ids, stop=_stop(body), ignore_eos=ignore_eos)
+                          stop_token_ids=stop_ids, stop=_stop(body), ignore_eos=ignore_eos,
+                          presence_penalty=penalties["presence_penalty"],
+                          frequency_penalty=penalties["frequency_penalty"], repetition_penalty=repetition,
+                          logit_bias=_logit_bias(body, vocab_size), min_p=min_p, min_tokens=min_tokens,
+                          logprobs=_logprobs(body), prompt_logprobs=_top_count(body, "prompt_logprobs"))

@@ -1,4 +1,5 @@
-"""Next-token sampling on the last stage: greedy, temperature, top-k, top-p, per-sequence seeds.
+"""Next-token sampling on the last stage: greedy, temperature, top-k, top-p, min-p, penalties,
+logit bias, min_tokens, per-sequence seeds, and the log-probabilities clients ask for.
 
 `sample_next` is on the decode hot path: it filters every row at once with per-row parameter
 tensors and draws with the exponential race (argmax of p_i / E_i with E_i ~ Exp(1) picks i with
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from infscaled.generation.params import SamplingParams, parse_sampling
 
-__all__ = ["SamplingParams", "make_generator", "parse_sampling", "sample_next"]
+__all__ = ["SamplingParams", "TokenLogprobs", "make_generator", "parse_sampling", "process_logits", "sample_next",
+           "token_logprobs"]
 
 # Noise is clamped away from 0 so p / E stays finite (exponential_ is > 0 in theory, not in floats).
 _TINY = 1e-20
@@ -29,16 +32,59 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     return gen
 
 
+def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
+                   outputs: Sequence[Sequence[int]] | None = None,
+                   prompts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """The logits each row's parameters ask for, before temperature: logit_bias added, the stop
+    ids (eos included) masked while fewer than min_tokens were generated, then the repetition
+    penalty (prompt and output tokens: positive logits divided by it, negative multiplied) and
+    the presence / frequency penalties (output tokens: minus presence once, minus frequency per
+    occurrence). logits: [n, V] -> float32 [n, V]; the input is returned as it is when no row
+    asks for anything. `outputs[i]` / `prompts[i]`: row i's generated / prompt ids so far."""
+    rows = [i for i, p in enumerate(params) if p.logit_bias or p.needs_history]
+    if not rows:
+        return logits
+    x = logits.float().clone()
+    device, vocab = x.device, x.shape[-1]
+    for i in rows:
+        p = params[i]
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias, strict=True)
+            x[i, torch.tensor(ids, device=device)] += torch.tensor(bias, device=device)
+        if not p.needs_history:
+            continue
+        out_ids = list(outputs[i]) if outputs is not None else []
+        if len(out_ids) < p.min_tokens and p.stop_token_ids:
+            x[i, torch.tensor(p.stop_token_ids, device=device)] = float("-inf")
+        counts = torch.zeros(vocab, device=device)
+        if out_ids:
+            counts.index_add_(0, torch.tensor(out_ids, device=device), torch.ones(len(out_ids), device=device))
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            if prompts is not None and len(prompts[i]):
+                seen[torch.tensor(list(prompts[i]), device=device)] = True
+            row = x[i]
+            x[i] = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty), row)
+        if p.frequency_penalty or p.presence_penalty:
+            x[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    return x
+
+
 def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+                generators: Sequence[torch.Generator | None], *, outputs: Sequence[Sequence[int]] | None = None,
+                prompts: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """One next token per row. logits: [n, V] (any float dtype) -> LongTensor [n], same device.
 
-    Rows with temperature 0 take the argmax; the others are scaled by 1 / temperature, cut to
-    the top_k most likely tokens (0 = no cut), then to the smallest set whose probability reaches
+    The logits first go through `process_logits` (logit_bias, min_tokens, penalties; `outputs`
+    and `prompts` are the rows' tokens so far, needed only by rows with penalties or
+    min_tokens). Rows with temperature 0 then take the argmax; the others are scaled by
+    1 / temperature, cut to the top_k most likely tokens (0 = no cut), to the tokens at least
+    min_p times as likely as the most likely one, to the smallest set whose probability reaches
     top_p (at least one token), and drawn with the row's generator (None: the global RNG).
     """
     n, vocab = logits.shape
     assert len(params) == n == len(generators), (logits.shape, len(params), len(generators))
+    logits = process_logits(logits, params, outputs, prompts)
     greedy = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not sampled_rows:
@@ -57,10 +103,37 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
     return greedy.index_copy(0, rows, drawn)
 
 
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities of chosen tokens under the model (log-softmax of its raw logits), and
+    the k most likely alternatives of each, best first."""
+
+    chosen: list[float]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int) -> TokenLogprobs:
+    """logits: [n, V] (row i predicts tokens[i]) -> TokenLogprobs of n rows with k alternatives.
+    The model's own distribution, before temperature and penalties (what lm-eval scores). Syncs
+    with the host: call it only for rows that asked for log-probabilities."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    index = torch.tensor(list(tokens), device=logits.device)
+    chosen = logp.gather(1, index[:, None])[:, 0].tolist()
+    if k <= 0:
+        return TokenLogprobs(chosen, [[] for _ in tokens], [[] for _ in tokens])
+    top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return TokenLogprobs(chosen, top.indices.tolist(), top.values.tolist())
+
+
 def _filtered_probs(x: torch.Tensor, params: Sequence[SamplingParams], vocab: int) -> torch.Tensor:
     """Softmax of x [m, V] after each row's top-k and top-p cuts (cut tokens get probability 0)."""
     need_k = any(0 < p.top_k < vocab for p in params)
     need_p = any(p.top_p < 1.0 for p in params)
+    if any(p.min_p > 0 for p in params):
+        # Relative to the most likely token: log p_i < log p_max + log min_p, on the scaled logits.
+        min_ps = torch.tensor([p.min_p for p in params], device=x.device, dtype=torch.float32)
+        floor = x.max(dim=-1, keepdim=True).values + torch.log(min_ps)[:, None]  # -inf where min_p = 0
+        x = x.masked_fill(x < floor, float("-inf"))
     if not (need_k or need_p):
         return torch.softmax(x, dim=-1)
     device = x.device
