@@ -177,30 +177,38 @@ def test_client_disconnect_mid_stream_cancels_the_sequence(model: Any) -> None:
 BAD_COMPLETIONS: list[tuple[dict[str, Any], str]] = [
     ({"temperature": 5}, "temperature = 5: must be a number from 0 to 2"),
     ({"top_p": 0}, "top_p = 0: must be a number greater than 0 and at most 1"),
-    ({"n": 2}, "n = 2: only n = 1 is supported"),
     ({"seed": "x"}, "seed = 'x': must be an integer"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop = ['a', 'b', 'c', 'd', 'e']: must be a non-empty string or a list"),
     ({"max_tokens": 250}, f"prompt has {DIGITS} tokens; with max_tokens 250 it needs {DIGITS + 250} positions, "
                           "the model has 256"),
     ({"prompt": [5] * 300}, "prompt has 300 tokens, the model has 256 positions"),
-    ({"prompt": ["a", "b"]}, "prompt is a list of 2 prompts: only one prompt per request is supported"),
-    ({"prompt": [1, 600]}, "prompt = [1, 600]: must be a string, a list of one string, or a list of token ids"),
-    ({"echo": True}, "echo = True: echo is not supported by this server"),
-    ({"logprobs": 2}, "logprobs = 2: logprobs are not supported by this server"),
+    ({"prompt": [1, 600]}, "prompt = [1, 600]: must be a string, a list of strings, or a list of token ids"),
+    ({"prompt": ["a", [600]]}, "prompt[1] = [600]: must be a string or a non-empty list of token ids"),
+    ({"n": 0}, "n = 0: must be an integer >= 1"),
+    ({"n": 200}, "1 prompts x n = 200 is 200 choices: at most 128"),
+    ({"best_of": 3}, "best_of = 3: only best_of = n is supported"),
+    ({"logit_bias": {"5": 101}}, "logit_bias = {'5': 101}: must be an object mapping token ids"),
+    ({"suffix": "x"}, "suffix = 'x': suffix is not supported by this server"),
     ({"stream": "yes"}, "stream = 'yes': must be true or false"),
     ({"top_k": -2}, "top_k = -2: must be an integer >= 0"),
     ({"stop_token_ids": [999]}, "stop_token_ids = [999]: must be a list of token ids from 0 to 511"),
     # Known fields are type-checked even when not implemented, and never silently ignored.
     ({"presence_penalty": [[1]]}, "presence_penalty = [[1]]: must be a number from -2 to 2"),
-    ({"presence_penalty": 0.5}, "presence_penalty = 0.5: penalties are not supported by this server"),
-    ({"logit_bias": {"5": 100}}, "logit_bias = {'5': 100}: logit_bias is not supported by this server"),
-    ({"min_p": 0.1}, "min_p = 0.1: min_p is not supported by this server"),
     ({"response_format": {"type": "json_object"}}, "response_format = {'type': 'json_object'}: only"),
     ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats = true: per-chunk"),
-    ({"logprobs": 0}, "logprobs = 0: logprobs are not supported by this server"),
     ({"max_tokens": 2.0}, "max_tokens = 2.0: must be an integer >= 1"),
     ({"temperature": True}, "temperature = True: must be a number from 0 to 2"),
 ]
+
+
+class PlainBackend:
+    """A backend that implements no sampling feature beyond temperature / top-p / top-k / seed."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Any:
+        return self.inner.generate(prompt_ids, params)
 
 
 def test_bad_requests_are_400s_with_our_messages(model: Any) -> None:
@@ -216,6 +224,15 @@ def test_bad_requests_are_400s_with_our_messages(model: Any) -> None:
                 assert isinstance(err.value.body, dict) and err.value.body["type"] == "invalid_request_error"
                 param = next(iter(extra))
                 assert err.value.param == (param if param != "stream_options" else "stream_options.continuous_usage_stats")
+            # A backend without the sampling features (no `features`): each is a 400 naming its field.
+            async with serve(PlainBackend(backend)) as plain_url, client(plain_url) as plain:
+                for extra in ({"presence_penalty": 0.5}, {"repetition_penalty": 1.2}, {"logit_bias": {"5": 10}},
+                              {"min_p": 0.1}, {"min_tokens": 2}, {"logprobs": 0}, {"prompt_logprobs": 1}):
+                    with pytest.raises(openai.BadRequestError) as err:
+                        await plain.completions.create(model="tiny", prompt="0123", extra_body=extra)
+                    field = next(iter(extra))
+                    assert f"{field} is not supported by this job's engine yet" in err.value.message
+                    assert err.value.param == field
             for messages, message in [
                 ([{"role": "tool", "content": "x"}], "messages[0].role = 'tool': must be one of system, developer, user"),
                 ([{"role": "user", "content": 3}], "messages[0].content = 3: must be a string"),
@@ -313,5 +330,78 @@ def test_controller_routes_model_to_the_job_and_streams_through(model: Any, tmp_
                 await stream.close()
                 await asyncio.wait_for(backend.cancelled_event.wait(), 10)
                 assert backend.cancelled == 1
+
+    asyncio.run(scenario())
+
+
+def test_choices_prompts_echo_logprobs_and_logit_processors(model: Any) -> None:
+    """n, a list of prompts, echo, logprobs / top_logprobs / prompt_logprobs, logit_bias,
+    penalties and min_tokens through the official client, checked against the model itself."""
+    import torch
+
+    prompt = TOK.encode("Once upon")
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0].float()  # [T, V]
+    logp = torch.log_softmax(logits, dim=-1)
+    greedy = int(logits[-1].argmax())
+
+    async def scenario() -> None:
+        backend = ReferenceBackend(model)
+        async with serve(backend) as url, client(url) as api:
+            # Two prompts x n = 2, seeded: indices prompt-major, seeded choices differ and repeat.
+            kw: Any = dict(model="tiny", prompt=["Once upon", prompt], max_tokens=4, n=2, temperature=1.0, seed=5,
+                           extra_body=NO_EOS)
+            done = await api.completions.create(**kw)
+            texts = [c.text for c in sorted(done.choices, key=lambda c: c.index)]
+            assert [c.index for c in done.choices] == [0, 1, 2, 3] and texts[0] != texts[1]
+            assert texts[:2] == texts[2:]  # the same prompt as text and as ids
+            assert done.usage.prompt_tokens == 2 * len(prompt) and done.usage.completion_tokens == 16
+            assert [c.text for c in (await api.completions.create(**kw)).choices] == texts
+            streamed: dict[int, str] = {}
+            async for chunk in await api.completions.create(**kw, stream=True):
+                for c in chunk.choices:
+                    streamed[c.index] = streamed.get(c.index, "") + c.text
+            assert [streamed[i] for i in range(4)] == texts
+
+            # lm-eval's loglikelihood request: echo + logprobs, the prompt's tokens scored.
+            scored = await api.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                                  logprobs=1, extra_body=NO_EOS)
+            lp = scored.choices[0].logprobs
+            assert scored.choices[0].text == TOK.decode(prompt) + TOK.decode([greedy])
+            assert lp.token_logprobs[0] is None and len(lp.tokens) == len(prompt) + 1
+            expected = [logp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)]
+            assert lp.token_logprobs[1:-1] == pytest.approx(expected, abs=1e-4)
+            assert lp.token_logprobs[-1] == pytest.approx(logp[-1, greedy].item(), abs=1e-4)
+            assert max(lp.top_logprobs[-1].values()) == pytest.approx(lp.token_logprobs[-1], abs=1e-4)
+            assert lp.text_offset[1] == len(lp.tokens[0])
+            vllm = await api.completions.create(model="tiny", prompt=prompt, max_tokens=1,
+                                                extra_body={"prompt_logprobs": 0, **NO_EOS})
+            extra = vllm.choices[0].model_extra or {}
+            assert extra["prompt_logprobs"][0] is None
+            assert extra["prompt_logprobs"][1][str(prompt[1])]["logprob"] == pytest.approx(expected[0], abs=1e-4)
+
+            # Chat: logprobs = true with top_logprobs; role developer; refusal null.
+            chat = await api.chat.completions.create(model="tiny", messages=[{"role": "developer", "content": "hi"}],
+                                                     max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+                                                     extra_body=NO_EOS)
+            content = chat.choices[0].logprobs.content
+            assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+            assert content[0].top_logprobs[0].logprob == pytest.approx(content[0].logprob, abs=1e-4)
+            assert "".join(t.token for t in content) == chat.choices[0].message.content
+
+            # logit_bias +100 picks the token; a repetition penalty changes greedy output; min_tokens holds eos back.
+            forced = await api.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0,
+                                                  logit_bias={"65": 100}, extra_body=NO_EOS)
+            assert forced.choices[0].text == TOK.decode([65, 65, 65])
+            plain = (await api.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                  extra_body=NO_EOS)).choices[0].text
+            penalised = await api.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                     frequency_penalty=2.0, extra_body={"repetition_penalty": 5.0,
+                                                                                        **NO_EOS})
+            assert penalised.choices[0].text != plain
+            eos_now = await api.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0,
+                                                   logit_bias={str(TOK.eos_token_id): 100},
+                                                   extra_body={"min_tokens": 3})
+            assert eos_now.usage.completion_tokens == 4 and eos_now.choices[0].finish_reason == "stop"
 
     asyncio.run(scenario())

@@ -9,52 +9,88 @@ tokenizes, validates, streams text deltas (stop strings and UTF-8 boundaries thr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Protocol
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
 
 from infscaled.generation import schema
 from infscaled.generation.errors import GenerationError, RequestError
 from infscaled.generation.metrics import RequestTimes, ServingMetrics
-from infscaled.generation.params import SamplingParams, parse_sampling
+from infscaled.generation.params import (
+    SEED_MAX,
+    SEED_MIN,
+    PromptLogprobs,
+    Sampled,
+    SamplingParams,
+    features_needed,
+    parse_sampling,
+)
+from infscaled.generation.responses import (
+    DONE,
+    Alternative,
+    Envelope,
+    Kind,
+    LogprobEntry,
+    Outcome,
+    Piece,
+    sse,
+)
 from infscaled.generation.tokenizer import CHAT_ROLES, StreamDecoder, Tokenizer, describe_tokenizer
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["completion", "chat"]
-FinishReason = Literal["stop", "length"]
-DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+MAX_SEQUENCES = 128  # choices of one request: prompts x n
 
 
 class GenerationBackend(Protocol):
-    """What runs sequences: the pipeline dispatcher, or ReferenceBackend in one process."""
+    """What runs sequences: the pipeline dispatcher, or ReferenceBackend in one process.
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        """Token ids as they are produced; ends after max_new_tokens ids or after yielding an id in
-        params.stop_token_ids (which holds the tokenizer's eos unless ignore_eos). Closing the
-        iterator early (aclose) cancels the sequence and frees its caches. Raises
-        GenerationError(status, message) if it cannot run."""
+    A backend may have a `features` attribute: the names in params.FEATURES it implements
+    (penalties, logit_bias, ...); a request that needs one it lacks is refused with a 400."""
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int | Sampled | PromptLogprobs]:
+        """Token ids as they are produced (as `Sampled` when params.logprobs is set, after one
+        `PromptLogprobs` when params.prompt_logprobs is); ends after max_new_tokens ids or after
+        yielding an id in params.stop_token_ids (which holds the tokenizer's eos unless
+        ignore_eos). Closing the iterator early (aclose) cancels the sequence and frees its
+        caches. Raises GenerationError(status, message) if it cannot run."""
         ...
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A parsed, validated completion or chat request."""
+    """A parsed, validated completion or chat request: one or more prompts, `n` choices each."""
 
     kind: Kind
     model: str
-    prompt_ids: list[int]
+    prompts: list[list[int]]
     params: SamplingParams
     stream: bool
     include_usage: bool
+    n: int = 1
+    echo: bool = False
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts[0]
+
+    def choices(self) -> list[tuple[list[int], SamplingParams]]:
+        """(prompt, params) of each choice, in the order of their indices (prompt-major). With a
+        seed, choice j of a prompt draws with seed + j, so the n choices differ but repeat."""
+        out = []
+        for prompt in self.prompts:
+            for j in range(self.n):
+                params = self.params
+                if j and params.seed is not None:
+                    params = replace(params, seed=(params.seed + j - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN)
+                out.append((prompt, params))
+        return out
 
 
 @dataclass(frozen=True)
@@ -77,20 +113,28 @@ def _token_list(value: Any, vocab_size: int) -> list[int] | None:
     return None
 
 
-def _completion_prompt(prompt: Any, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
-    """prompt: a string, a list of one string, token ids, or a list of one list of token ids."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]
+def _completion_prompts(prompt: Any, tokenizer: Tokenizer, vocab_size: int) -> list[list[int]]:
+    """prompt: a string, token ids, or a list of strings / of token-id lists (one choice set each)."""
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return [tokenizer.encode(prompt)]
     if (ids := _token_list(prompt, vocab_size)) is not None:
-        return ids
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str | list) for p in prompt):
-        raise RequestError(400, f"prompt is a list of {len(prompt)} prompts: only one prompt per request is "
-                                "supported", param="prompt")
-    shown = repr(prompt) if len(repr(prompt)) <= 80 else repr(prompt)[:77] + "..."
-    raise RequestError(400, f"prompt = {shown}: must be a string, a list of one string, or a list of token ids "
-                            f"from 0 to {vocab_size - 1}", param="prompt")
+        return [ids]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        out = []
+        for i, p in enumerate(prompt):
+            ids = tokenizer.encode(p) if isinstance(p, str) else _token_list(p, vocab_size)
+            if ids is None:
+                raise RequestError(400, f"prompt[{i}] = {_shown(p)}: must be a string or a non-empty list of token "
+                                        f"ids from 0 to {vocab_size - 1}", param="prompt")
+            out.append(ids)
+        return out
+    raise RequestError(400, f"prompt = {_shown(prompt)}: must be a string, a list of strings, or a list of token ids "
+                            f"from 0 to {vocab_size - 1} (or a list of such lists)", param="prompt")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def chat_messages(messages: list[schema.ChatMessage]) -> list[dict[str, str]]:
@@ -115,94 +159,43 @@ def chat_messages(messages: list[schema.ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
-def parse_request(kind: Kind, body: Any, tokenizer: Tokenizer, info: ModelInfo) -> GenerationRequest:
+def parse_request(kind: Kind, body: Any, tokenizer: Tokenizer, info: ModelInfo,
+                  features: frozenset[str] = frozenset()) -> GenerationRequest:
     """A completion or chat body -> GenerationRequest; RequestError(400) for anything invalid.
 
     Every field is type-checked against its declaration in `schema`; unknown fields are ignored
-    (OpenAI clients send extras), known ones this server does not implement are refused.
+    (OpenAI clients send extras), known ones this server does not implement are refused, and so
+    are those the backend lacks (`features`).
     """
+    echo = False
     if kind == "completion":
         creq = schema.validate(schema.CompletionRequest, body)
         req: schema.CompletionRequest | schema.ChatCompletionRequest = creq
-        prompt_ids = _completion_prompt(creq.prompt, tokenizer, info.vocab_size)
+        prompts = _completion_prompts(creq.prompt, tokenizer, info.vocab_size)
+        echo = bool(creq.echo)
+        if creq.best_of not in (None, creq.n or 1):
+            raise RequestError(400, f"best_of = {creq.best_of}: only best_of = n is supported (no ranking of "
+                                    "extra choices)", param="best_of")
     else:
         chat = schema.validate(schema.ChatCompletionRequest, body)
         req = chat
-        prompt_ids = tokenizer.apply_chat(chat_messages(chat.messages))
-    params = parse_sampling(body, prompt_tokens=len(prompt_ids), context_length=info.context_length,
-                            vocab_size=info.vocab_size, default_max_new_tokens=info.default_max_tokens,
-                            eos_token_id=tokenizer.eos_token_id)
+        prompts = [tokenizer.apply_chat(chat_messages(chat.messages))]
+    n = req.n or 1
+    if n * len(prompts) > MAX_SEQUENCES:
+        raise RequestError(400, f"{len(prompts)} prompts x n = {n} is {n * len(prompts)} choices: at most "
+                                f"{MAX_SEQUENCES} per request", param="n")
+    params = [parse_sampling(body, prompt_tokens=len(p), context_length=info.context_length,
+                             vocab_size=info.vocab_size, default_max_new_tokens=info.default_max_tokens,
+                             eos_token_id=tokenizer.eos_token_id) for p in prompts]
+    # One SamplingParams for all prompts: the shortest room decides the default max_tokens.
+    shared = min(params, key=lambda p: p.max_new_tokens)
+    if echo and shared.logprobs is not None and shared.prompt_logprobs is None:
+        shared = replace(shared, prompt_logprobs=shared.logprobs)  # echoed tokens come with theirs
+    for feature, field_name in features_needed(shared).items():
+        if feature not in features:
+            raise RequestError(400, f"{field_name} is not supported by this job's engine yet", param=field_name)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return GenerationRequest(kind, req.model or info.name, prompt_ids, params, bool(req.stream), include_usage)
-
-
-# -- responses -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    """What one sequence produced so far: counts for usage, and how it ended."""
-
-    prompt_tokens: int
-    completion_tokens: int = 0
-    finish_reason: FinishReason | None = None
-    times: RequestTimes = field(default_factory=lambda: RequestTimes(time.monotonic()))
-
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-class Envelope(NamedTuple):
-    """The fields every response and chunk of one request shares."""
-
-    kind: Kind
-    id: str
-    created: int
-    model: str
-
-    @classmethod
-    def new(cls, kind: Kind, model: str) -> Envelope:
-        prefix = "cmpl" if kind == "completion" else "chatcmpl"
-        return cls(kind, f"{prefix}-{secrets.token_hex(12)}", int(time.time()), model)
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def response(self, text: str, outcome: Outcome) -> dict[str, Any]:
-        """The non-streaming answer."""
-        if self.kind == "completion":
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish_reason}
-            obj = "text_completion"
-        else:
-            message = {"role": "assistant", "content": text, "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": outcome.finish_reason}
-            obj = "chat.completion"
-        return {**self._head(obj), "choices": [choice], "usage": outcome.usage()}
-
-    def chunk(self, text: str | None, finish_reason: FinishReason | None = None, *, role: bool = False,
-              with_usage: bool = False) -> dict[str, Any]:
-        """One streamed chunk; `role` marks chat's first one, `with_usage` adds `"usage": null`."""
-        if self.kind == "completion":
-            choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None,
-                                      "finish_reason": finish_reason}
-            obj = "text_completion"
-        else:
-            delta: dict[str, str] = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            obj = "chat.completion.chunk"
-        out = {**self._head(obj), "choices": [choice]}
-        return {**out, "usage": None} if with_usage else out
-
-    def usage_chunk(self, outcome: Outcome) -> dict[str, Any]:
-        obj = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
-        return {**self._head(obj), "choices": [], "usage": outcome.usage()}
-
-
-def sse(obj: Mapping[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return GenerationRequest(kind, req.model or info.name, prompts, shared, bool(req.stream), include_usage, n, echo)
 
 
 def error_response(exc: GenerationError) -> web.Response:
@@ -212,41 +205,119 @@ def error_response(exc: GenerationError) -> web.Response:
 # -- handlers ------------------------------------------------------------------------------------
 
 
-async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, req: GenerationRequest,
-                       outcome: Outcome) -> AsyncGenerator[str, None]:
-    """Text deltas of one sequence, one per token received ("" while text is pending).
+class _Entries:
+    """Turns a backend's token ids and log-probabilities into LogprobEntry (token text decoded one id at a time)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def top(self, alternatives: tuple[tuple[int, float], ...]) -> tuple[Alternative, ...]:
+        return tuple(Alternative(self.text(t), lp) for t, lp in alternatives)
+
+    def prompt(self, prompt_ids: list[int], got: PromptLogprobs) -> tuple[LogprobEntry, ...]:
+        first = LogprobEntry(self.text(prompt_ids[0]), None)
+        return (first, *(LogprobEntry(self.text(t), lp, self.top(top))
+                         for t, lp, top in zip(prompt_ids[1:], got.logprobs, got.top, strict=True)))
+
+
+def _vllm_prompt_logprobs(prompt_ids: list[int], got: PromptLogprobs, entries: _Entries) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {id: {logprob, decoded_token}}."""
+    out: list[dict[str, Any] | None] = [None]
+    for token, lp, top in zip(prompt_ids[1:], got.logprobs, got.top, strict=True):
+        alts = {str(t): {"logprob": a, "decoded_token": entries.text(t)} for t, a in top}
+        out.append({str(token): {"logprob": lp, "decoded_token": entries.text(token)}, **alts})
+    return out
+
+
+async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, prompt_ids: list[int],
+                       params: SamplingParams, outcome: Outcome, echo: bool = False) -> AsyncGenerator[Piece, None]:
+    """Pieces of one choice, one per token received (text "" while it is pending).
 
     Sets outcome.completion_tokens and finish_reason ("stop": a stop id or stop string, or the
     backend ended early; "length": max_new_tokens). A sequence that ends by the backend's rules
     (max_new_tokens, stop ids) is left to end there; a stop string, a client that goes away or
     this generator being closed closes the backend's iterator, which cancels the sequence.
+    With `echo` the prompt's text (and its tokens' log-probabilities, if asked) comes first.
     """
-    decoder = StreamDecoder(tokenizer, req.params.stop)
-    stop_ids = frozenset(req.params.stop_token_ids)
-    tokens = backend.generate(list(req.prompt_ids), req.params)
+    decoder = StreamDecoder(tokenizer, params.stop)
+    stop_ids = frozenset(params.stop_token_ids)
+    entries = _Entries(tokenizer)
+    if echo and params.prompt_logprobs is None:
+        yield Piece(tokenizer.decode(prompt_ids))
+    tokens = backend.generate(list(prompt_ids), params)
     try:
-        async for token in tokens:
+        async for item in tokens:
+            if isinstance(item, PromptLogprobs):
+                if params.prompt_logprobs is not None and not echo:
+                    outcome.prompt_logprobs = _vllm_prompt_logprobs(prompt_ids, item, entries)
+                if echo:
+                    yield Piece(tokenizer.decode(prompt_ids), entries.prompt(prompt_ids, item))
+                continue
             if outcome.finish_reason is not None:
                 break  # the backend went past the end it was given: stop it
+            token = item if isinstance(item, int) else item.token
             outcome.completion_tokens += 1
             outcome.times.token()
             if token in stop_ids:
                 outcome.finish_reason = "stop"  # the backend ends by itself now
                 continue
-            yield decoder.feed(token)
+            logprobs: tuple[LogprobEntry, ...] = ()
+            if isinstance(item, Sampled) and params.logprobs is not None:
+                logprobs = (LogprobEntry(entries.text(token), item.logprob, entries.top(item.top)),)
+            yield Piece(decoder.feed(token), logprobs)
             if decoder.stopped:
                 outcome.finish_reason = "stop"
                 break  # only the front end knows stop strings: cancel the rest
-            if outcome.completion_tokens >= req.params.max_new_tokens:
+            if outcome.completion_tokens >= params.max_new_tokens:
                 outcome.finish_reason = "length"
         if outcome.finish_reason is None:
             outcome.finish_reason = "stop"  # the backend ended early (its own eos)
         if not decoder.stopped and (tail := decoder.flush()):
-            yield tail
+            yield Piece(tail)
     finally:
         aclose: Callable[[], Awaitable[None]] | None = getattr(tokens, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def merged(sources: list[AsyncGenerator[Piece, None]]) -> AsyncGenerator[tuple[int, Piece | None], None]:
+    """The choices' pieces as they come, tagged with the choice index; (i, None) once choice i
+    ended. One source is iterated directly; several run as tasks, all cancelled (which closes
+    their backends' sequences) when this generator is closed early. A GenerationError of any
+    choice ends the whole request."""
+    if len(sources) == 1:
+        async with aclosing(sources[0]) as only:
+            async for piece in only:
+                yield 0, piece
+        yield 0, None
+        return
+    queue: asyncio.Queue[tuple[int, Piece | None, GenerationError | None]] = asyncio.Queue()
+
+    async def pump(i: int, source: AsyncGenerator[Piece, None]) -> None:
+        try:
+            async with aclosing(source):
+                async for piece in source:
+                    queue.put_nowait((i, piece, None))
+            queue.put_nowait((i, None, None))
+        except GenerationError as exc:
+            queue.put_nowait((i, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, s), name=f"choice-{i}") for i, s in enumerate(sources)]
+    try:
+        left = len(tasks)
+        while left:
+            i, piece, error = await queue.get()
+            if error is not None:
+                raise error
+            left -= piece is None
+            yield i, piece
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -345,6 +416,7 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
                   vocab_size: int, *, default_max_tokens: int = 16) -> Handlers:
     """aiohttp handlers for `POST /v1/completions` and `POST /v1/chat/completions` over `backend`."""
     info = ModelInfo(model_name, context_length, vocab_size, default_max_tokens)
+    features = frozenset(getattr(backend, "features", ()))
     active = [0]  # sequences in run_sequence, for backends that do not say how many wait
     metrics = ServingMetrics(model_name, _load_of(backend, active))
     # Tokenizing a long prompt is CPU work: off the event loop, one at a time (transformers' fast
@@ -363,30 +435,34 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
         try:
             body = schema.loads(await request.read())
             async with tokenizing:
-                req = await asyncio.to_thread(parse_request, kind, body, tokenizer, info)
+                req = await asyncio.to_thread(parse_request, kind, body, tokenizer, info, features)
         except GenerationError as exc:
             return error_response(exc)
-        envelope = Envelope.new(kind, req.model)
-        outcome = Outcome(len(req.prompt_ids), times=RequestTimes(arrived))
-        metrics.accepted(outcome.prompt_tokens)
-        active[0] += 1
-        deltas = run_sequence(backend, tokenizer, req, outcome)
+        envelope = Envelope.new(kind, req.model, logprobs=req.params.logprobs is not None)
+        choices = req.choices()
+        outcomes = [Outcome(len(p), times=RequestTimes(arrived)) for p, _ in choices]
+        prompt_tokens = sum(len(p) for p in req.prompts)
+        metrics.accepted(prompt_tokens)
+        active[0] += len(choices)
+        pieces = merged([run_sequence(backend, tokenizer, p, params, o, req.echo)
+                         for (p, params), o in zip(choices, outcomes, strict=True)])
         try:
-            async with aclosing(deltas):
+            async with aclosing(pieces):
                 if req.stream:
-                    return await _stream(request, req, envelope, outcome, deltas)
-                text = []
-                async for delta in deltas:
+                    return await _stream(request, req, envelope, outcomes, prompt_tokens, pieces)
+                async for i, piece in pieces:
                     if _client_gone(request):
                         return _client_left(request)
-                    text.append(delta)
-                return web.json_response(envelope.response("".join(text), outcome))
+                    if piece is not None:
+                        outcomes[i].add(piece)
+                return web.json_response(envelope.response(outcomes, prompt_tokens))
         except GenerationError as exc:
             return error_response(exc)
         finally:
             # No finish reason: the client left or the backend failed before the end.
-            active[0] -= 1
-            metrics.finished(outcome.times, outcome.finish_reason or "abort")
+            active[0] -= len(choices)
+            for o in outcomes:
+                metrics.finished(o.times, o.finish_reason or "abort")
 
     async def serve_metrics(request: web.Request) -> web.StreamResponse:
         return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
@@ -400,21 +476,29 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
     return Handlers(completions, chat_completions, *tokenizer_handlers(tokenizer, info, tokenizing), serve_metrics)
 
 
-async def _stream(request: web.Request, req: GenerationRequest, envelope: Envelope, outcome: Outcome,
-                  deltas: AsyncIterator[str]) -> web.StreamResponse:
-    """Server-sent events. The headers go out with the first token, so a backend that refuses the
-    sequence still gets its own status; an error after that is sent as an `error` event."""
+async def _stream(request: web.Request, req: GenerationRequest, envelope: Envelope, outcomes: list[Outcome],
+                  prompt_tokens: int, pieces: AsyncIterator[tuple[int, Piece | None]]) -> web.StreamResponse:
+    """Server-sent events, each chunk one choice's piece. The headers go out with the first piece,
+    so a backend that refuses the sequence still gets its own status; an error after that is
+    sent as an `error` event. Each choice ends with a chunk carrying its finish_reason."""
     resp = web.StreamResponse(headers=SSE_HEADERS)
     usage = req.include_usage
+    offsets = [0] * len(outcomes)
     try:
         try:
-            async for delta in deltas:
+            async for i, piece in pieces:
                 if not resp.prepared:
                     await resp.prepare(request)
                     if envelope.kind == "chat":
-                        await resp.write(sse(envelope.chunk("", role=True, with_usage=usage)))
-                if delta:
-                    await resp.write(sse(envelope.chunk(delta, with_usage=usage)))
+                        await resp.write(b"".join(sse(envelope.chunk(j, Piece(""), role=True, with_usage=usage))
+                                                  for j in range(len(outcomes))))
+                if piece is None:
+                    last = envelope.chunk(i, None if envelope.kind == "chat" else Piece(""),
+                                          outcomes[i].finish_reason, with_usage=usage)
+                    await resp.write(sse(last))
+                elif piece.text or piece.logprobs:
+                    await resp.write(sse(envelope.chunk(i, piece, with_usage=usage, offset=offsets[i])))
+                    offsets[i] += len(piece.text)
         except GenerationError as exc:
             if not resp.prepared:
                 raise
@@ -423,8 +507,7 @@ async def _stream(request: web.Request, req: GenerationRequest, envelope: Envelo
             return resp
         if not resp.prepared:
             await resp.prepare(request)
-        last = envelope.chunk(None if envelope.kind == "chat" else "", outcome.finish_reason, with_usage=usage)
-        await resp.write(sse(last) + (sse(envelope.usage_chunk(outcome)) if usage else b"") + DONE)
+        await resp.write((sse(envelope.usage_chunk(outcomes, prompt_tokens)) if usage else b"") + DONE)
         await resp.write_eof()
     except ConnectionResetError:
         return _client_left(request, resp)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from infscaled.generation.errors import RequestError
 
@@ -220,3 +220,41 @@ def parse_sampling(body: Mapping[str, Any], *, prompt_tokens: int, context_lengt
                           frequency_penalty=penalties["frequency_penalty"], repetition_penalty=repetition,
                           logit_bias=_logit_bias(body, vocab_size), min_p=min_p, min_tokens=min_tokens,
                           logprobs=_logprobs(body), prompt_logprobs=_top_count(body, "prompt_logprobs"))
+
+
+class Sampled(NamedTuple):
+    """A token as a backend reports it when the sequence asked for log-probabilities
+    (params.logprobs): its log-probability and the top alternatives (id, log-probability), best
+    first. Without logprobs a backend yields plain ints."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class PromptLogprobs(NamedTuple):
+    """Yielded once before the first token when params.prompt_logprobs is set: for each prompt
+    token after the first, its log-probability given the ones before, and the top alternatives."""
+
+    logprobs: tuple[float, ...]
+    top: tuple[tuple[tuple[int, float], ...], ...]
+
+
+# What a backend may say it implements (its `features` attribute); a request asking for one the
+# backend lacks is a 400 naming the field. Backends without the attribute implement none.
+FEATURES = ("penalties", "logit_bias", "min_p", "min_tokens", "logprobs", "prompt_logprobs")
+
+
+def features_needed(params: SamplingParams) -> dict[str, str]:
+    """Feature -> the request field that asks for it."""
+    needed = {}
+    if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
+        needed["penalties"] = next(f for f, on in (("presence_penalty", params.presence_penalty),
+                                                   ("frequency_penalty", params.frequency_penalty),
+                                                   ("repetition_penalty", params.repetition_penalty != 1.0)) if on)
+    for feature, on in (("logit_bias", bool(params.logit_bias)), ("min_p", params.min_p > 0),
+                        ("min_tokens", params.min_tokens > 0), ("logprobs", params.logprobs is not None),
+                        ("prompt_logprobs", params.prompt_logprobs is not None)):
+        if on:
+            needed[feature] = feature
+    return needed

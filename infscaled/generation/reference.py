@@ -1,8 +1,10 @@
 """A GenerationBackend that runs a transformers causal LM in this process, one sequence at a time.
 
 It is the single-process baseline (tests, and the benchmark against the pipeline): the model's
-own forward with its KV cache (`cache`), the next token picked by `sample_next`, so it
-honours SamplingParams exactly as the pipeline's last stage does. The forward passes run in a
+own forward with its KV cache (`cache`), the next token picked by `sample_next` (with the
+sequence's tokens so far, for penalties and min_tokens), so it honours SamplingParams exactly as
+the pipeline's last stage does; it also reports log-probabilities (`token_logprobs`) of the
+chosen tokens and, from the prompt's forward, of the prompt's. The forward passes run in a
 thread, never on the event loop.
 """
 
@@ -14,8 +16,8 @@ from typing import Any
 
 import torch
 
-from infscaled.generation.params import SamplingParams
-from infscaled.generation.sampling import make_generator, sample_next
+from infscaled.generation.params import FEATURES, PromptLogprobs, Sampled, SamplingParams
+from infscaled.generation.sampling import make_generator, sample_next, token_logprobs
 
 
 def model_limits(config: Any) -> tuple[int, int]:
@@ -34,6 +36,8 @@ class ReferenceBackend:
     `cancelled_event` is set at each cancellation.
     """
 
+    features = frozenset(FEATURES)  # every sampling feature: the reference for the pipeline's
+
     def __init__(self, model: Any) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -51,7 +55,7 @@ class ReferenceBackend:
 
         return cls(Monolith(resolve(source), device, dtype, seed).model)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int | Sampled | PromptLogprobs]:
         async with self._lock:
             self.started += 1
             gen = make_generator(params.seed, self.device)
@@ -59,10 +63,24 @@ class ReferenceBackend:
             ids = torch.tensor([prompt_ids], device=self.device)  # ids: [1, T], then [1, 1]
             past: Any = None
             ended = False
+            outputs: list[int] = []
             try:
-                for _ in range(params.max_new_tokens):
-                    token, past = await asyncio.to_thread(self._step, ids, past, params, gen)
-                    yield token
+                for step in range(params.max_new_tokens):
+                    logits, past = await asyncio.to_thread(self._forward, ids, past)  # logits: [T, V]
+                    if step == 0 and params.prompt_logprobs is not None:
+                        got = token_logprobs(logits[:-1], prompt_ids[1:], params.prompt_logprobs)
+                        yield PromptLogprobs(tuple(got.chosen), tuple(tuple(zip(i, lp, strict=True))
+                                                                      for i, lp in zip(got.top_ids, got.top_logprobs,
+                                                                                       strict=True)))
+                    last = logits[-1:]
+                    token = int(sample_next(last, [params], [gen], outputs=[outputs], prompts=[prompt_ids])[0])
+                    outputs.append(token)
+                    if params.logprobs is None:
+                        yield token
+                    else:
+                        got = token_logprobs(last, [token], params.logprobs)
+                        yield Sampled(token, got.chosen[0], tuple(zip(got.top_ids[0], got.top_logprobs[0],
+                                                                      strict=True)))
                     if token in stop:
                         break
                     ids = torch.tensor([[token]], device=self.device)
@@ -75,7 +93,6 @@ class ReferenceBackend:
                     self.cancelled_event.set()
 
     @torch.inference_mode()
-    def _step(self, ids: torch.Tensor, past: Any, params: SamplingParams, gen: torch.Generator) -> tuple[int, Any]:
+    def _forward(self, ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
         out = self.model(input_ids=ids, cache=past, use_cache=True)
-        token = sample_next(out.logits[:, -1, :], [params], [gen])
-        return int(token[0]), out.cache
+        return out.logits[0].float(), out.cache

@@ -5,7 +5,8 @@ and turns the first problem into a RequestError naming the field, the value and 
 allowed (each field's description); `openapi` builds the document served at /openapi.json
 from the same models. Every field OpenAI (or vLLM, for the extensions clients send) defines is
 declared: the ones this server does not implement are in `UNSUPPORTED`, and any value other
-than their neutral one is a 400 naming the field, never silently ignored. Unknown fields are
+than their neutral one is a 400 naming the field, never silently ignored (so is a sampling
+feature the job's engine lacks: openai_api checks the backend's `features`). Unknown fields are
 ignored, as OpenAI's own API does with extras. Torch-free.
 """
 
@@ -18,8 +19,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infscaled.generation.errors import RequestError
+from infscaled.generation.params import MAX_LOGPROBS, SEED_MAX, SEED_MIN
 
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # torch.Generator.manual_seed's range
 M = TypeVar("M", bound=BaseModel)
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 FinishReason = Literal["stop", "length"]
@@ -78,17 +79,18 @@ class _Sampling(_Model):
                                           allow_inf_nan=False)
     logit_bias: dict[str, float] | None = _f("must be an object of token id -> bias from -100 to 100")
     min_tokens: int | None = _f("must be an integer >= 0 (an extension)", ge=0)
-    prompt_logprobs: int | None = _f("must be an integer >= 0 (an extension)", ge=0)
+    prompt_logprobs: int | None = _f(f"must be an integer from 0 to {MAX_LOGPROBS} (an extension)", ge=0,
+                                     le=MAX_LOGPROBS)
     response_format: dict[str, Any] | None = _f('must be an object like {"type": "text"}')
 
 
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        description="must be a string, a list of one string, or a list of token ids")
+    prompt: str | list[int] | list[str | list[int]] = Field(
+        description="must be a string, a list of strings, or a list of token ids (or a list of such lists)")
     echo: bool | None = _f("must be true or false")
-    logprobs: int | None = _f("must be an integer from 0 to 20", ge=0, le=20)
+    logprobs: int | None = _f(f"must be an integer from 0 to {MAX_LOGPROBS}", ge=0, le=MAX_LOGPROBS)
     best_of: int | None = _f("must be an integer >= 1", ge=1)
     suffix: str | None = _f("must be a string")
 
@@ -100,7 +102,7 @@ class ChatCompletionRequest(_Sampling):
                                                                   "objects")
     max_completion_tokens: int | None = _f("must be an integer >= 1", ge=1)
     logprobs: bool | None = _f("must be true or false")
-    top_logprobs: int | None = _f("must be an integer from 0 to 20", ge=0, le=20)
+    top_logprobs: int | None = _f(f"must be an integer from 0 to {MAX_LOGPROBS}", ge=0, le=MAX_LOGPROBS)
     tools: list[Any] | None = _f("must be a list")
     tool_choice: str | dict[str, Any] | None = _f("must be a string or an object")
     parallel_tool_calls: bool | None = _f("must be true or false")
@@ -119,23 +121,10 @@ class ChatCompletionRequest(_Sampling):
     safety_identifier: str | None = _f("must be a string")
 
 
-# Field -> (neutral values, why it is refused otherwise). Step by step these move to the engine.
-_NEUTRAL_ZERO = (None, 0, 0.0)
+# Field -> (neutral values, why it is refused otherwise).
 UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "presence_penalty": (_NEUTRAL_ZERO, "penalties are not supported"),
-    "frequency_penalty": (_NEUTRAL_ZERO, "penalties are not supported"),
-    "repetition_penalty": ((None, 1, 1.0), "penalties are not supported"),
-    "logit_bias": ((None, {}), "logit_bias is not supported"),
-    "min_p": (_NEUTRAL_ZERO, "min_p is not supported"),
-    "min_tokens": (_NEUTRAL_ZERO, "min_tokens is not supported"),
-    "prompt_logprobs": ((None,), "prompt_logprobs are not supported"),
     "response_format": ((None, {"type": "text"}), "only {\"type\": \"text\"} is supported"),
-    "n": ((None, 1), "only n = 1 is supported (one choice per request)"),
-    "echo": ((None, False), "echo is not supported"),
-    "best_of": ((None, 1), "only best_of = 1 is supported"),
     "suffix": ((None, ""), "suffix is not supported"),
-    "logprobs": ((None, False), "logprobs are not supported"),
-    "top_logprobs": ((None, 0), "logprobs are not supported"),
     "tools": ((None, []), "tools are not supported"),
     "tool_choice": ((None, "none"), "tools are not supported"),
     "parallel_tool_calls": ((None,), "tools are not supported"),
@@ -280,6 +269,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: dict[str, Any] | None
     finish_reason: FinishReason | None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None
 
 
 class CompletionResponse(BaseModel):
