@@ -384,6 +384,7 @@ class TokenizerInfo(BaseModel):
     eos_token: str | None
     eos_token_id: int | None
     bos_token: str | None
+    pad_token: str | None
     chat_template: str | None
     model_max_length: int
     vocab_size: int

@@ -84,11 +84,12 @@ def describe_tokenizer(tokenizer: Tokenizer, context_length: int, vocab_size: in
     tok = getattr(tokenizer, "tok", None)
     if tok is None:
         return {"tokenizer_class": type(tokenizer).__name__, "eos_token": None,
-                "eos_token_id": tokenizer.eos_token_id, "bos_token": None, "chat_template": None,
+                "eos_token_id": tokenizer.eos_token_id, "bos_token": None, "pad_token": None, "chat_template": None,
                 "model_max_length": context_length, "vocab_size": vocab_size}
     template = getattr(tok, "chat_template", None)
     return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "eos_token_id": tokenizer.eos_token_id,
-            "bos_token": tok.bos_token, "chat_template": template if isinstance(template, str) else None,
+            "bos_token": tok.bos_token, "pad_token": tok.pad_token,
+            "chat_template": template if isinstance(template, str) else None,
             "model_max_length": context_length, "vocab_size": vocab_size}
 
 
