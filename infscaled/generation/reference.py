@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from infscaled.generation.params import FEATURES, PromptLogprobs, Sampled, SamplingParams
-from infscaled.generation.sampling import make_generator, sample_next, token_logprobs
+from infscaled.generation.sampling import SequenceSampling, make_generator, prompt_logprobs, sample_step
 
 
 def model_limits(config: Any) -> tuple[int, int]:
@@ -58,29 +58,18 @@ class ReferenceBackend:
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int | Sampled | PromptLogprobs]:
         async with self._lock:
             self.started += 1
-            gen = make_generator(params.seed, self.device)
+            state = SequenceSampling(params, make_generator(params.seed, self.device), prompt_ids)
             stop = set(params.stop_token_ids)
             ids = torch.tensor([prompt_ids], device=self.device)  # ids: [1, T], then [1, 1]
             past: Any = None
             ended = False
-            outputs: list[int] = []
             try:
                 for step in range(params.max_new_tokens):
                     logits, past = await asyncio.to_thread(self._forward, ids, past)  # logits: [T, V]
                     if step == 0 and params.prompt_logprobs is not None:
-                        got = token_logprobs(logits[:-1], prompt_ids[1:], params.prompt_logprobs)
-                        yield PromptLogprobs(tuple(got.chosen), tuple(tuple(zip(i, lp, strict=True))
-                                                                      for i, lp in zip(got.top_ids, got.top_logprobs,
-                                                                                       strict=True)))
-                    last = logits[-1:]
-                    token = int(sample_next(last, [params], [gen], outputs=[outputs], prompts=[prompt_ids])[0])
-                    outputs.append(token)
-                    if params.logprobs is None:
-                        yield token
-                    else:
-                        got = token_logprobs(last, [token], params.logprobs)
-                        yield Sampled(token, got.chosen[0], tuple(zip(got.top_ids[0], got.top_logprobs[0],
-                                                                      strict=True)))
+                        yield prompt_logprobs(logits, prompt_ids, params.prompt_logprobs)
+                    [token], [reported] = sample_step(logits[-1:], [state])
+                    yield token if reported is None else reported
                     if token in stop:
                         break
                     ids = torch.tensor([[token]], device=self.device)

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from infscaled.generation.params import SamplingParams, parse_sampling
+from infscaled.generation.params import PromptLogprobs, Sampled, SamplingParams, parse_sampling
 
-__all__ = ["SamplingParams", "TokenLogprobs", "make_generator", "parse_sampling", "process_logits", "sample_next",
-           "token_logprobs"]
+__all__ = ["SamplingParams", "SequenceSampling", "TokenLogprobs", "make_generator", "parse_sampling", "process_logits",
+           "prompt_logprobs", "sample_next", "sample_step", "token_logprobs"]
 
 # Noise is clamped away from 0 so p / E stays finite (exponential_ is > 0 in theory, not in floats).
 _TINY = 1e-20
@@ -154,3 +155,44 @@ def _filtered_probs(x: torch.Tensor, params: Sequence[SamplingParams], vocab: in
     sorted_x = sorted_x.masked_fill(drop, float("-inf"))
     filtered = torch.full_like(x, float("-inf")).scatter_(-1, order, sorted_x)
     return torch.softmax(filtered, dim=-1)
+
+
+@dataclass
+class SequenceSampling:
+    """What the last stage keeps to sample one sequence: its parameters, its own generator, and
+    (for penalties and min_tokens) its prompt and the tokens generated so far."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    prompt: Sequence[int] = ()
+    outputs: list[int] = field(default_factory=list)
+
+
+def sample_step(logits: torch.Tensor, states: Sequence[SequenceSampling]) -> tuple[list[int], list[Sampled | None]]:
+    """The last stage's step for rows `states` (logits [n, V]): the next tokens, appended to each
+    state's outputs, and for each row that asked for log-probabilities a `Sampled` (else None).
+    Syncs with the host once (the tokens go back over the wire anyway)."""
+    params = [s.params for s in states]
+    history = any(p.needs_history for p in params)
+    tokens = sample_next(logits, params, [s.generator for s in states],
+                         outputs=[s.outputs for s in states] if history else None,
+                         prompts=[s.prompt for s in states] if history else None).tolist()
+    reported: list[Sampled | None] = [None] * len(states)
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if rows:
+        k = max(params[i].logprobs or 0 for i in rows)
+        got = token_logprobs(logits[rows], [tokens[i] for i in rows], k)
+        for j, i in enumerate(rows):
+            keep = params[i].logprobs or 0
+            reported[i] = Sampled(tokens[i], got.chosen[j],
+                                  tuple(zip(got.top_ids[j][:keep], got.top_logprobs[j][:keep], strict=True)))
+    for s, token in zip(states, tokens, strict=True):
+        s.outputs.append(token)
+    return tokens, reported
+
+
+def prompt_logprobs(logits: torch.Tensor, prompt: Sequence[int], k: int) -> PromptLogprobs:
+    """A prefill's logits [T, V] (row t predicts prompt[t + 1]) -> PromptLogprobs of prompt[1:]."""
+    got = token_logprobs(logits[:len(prompt) - 1], list(prompt[1:]), k)
+    return PromptLogprobs(tuple(got.chosen), tuple(tuple(zip(ids, lps, strict=True))
+                                                   for ids, lps in zip(got.top_ids, got.top_logprobs, strict=True)))
