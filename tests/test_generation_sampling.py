@@ -205,3 +205,25 @@ def test_token_logprobs_are_the_models_log_softmax() -> None:
     assert got.chosen == pytest.approx([expected[0, 0].item(), expected[1, 2].item()])
     assert got.top_ids[0] == [2, 1] and got.top_logprobs[0] == pytest.approx(expected[0, [2, 1]].tolist())
     assert token_logprobs(logits, [1, 1], k=0).top_ids == [[], []]
+
+
+def test_sampling_params_and_logprobs_survive_the_wire() -> None:
+    from infscaled.generation.params import PromptLogprobs, Sampled
+    from infscaled.generation.sampling_wire import params_at, prefill_tensors, reported_at, token_tensors
+
+    rich = SamplingParams(9, 0.7, 5, 0.9, 42, (3, 0), (), False, 0.5, -0.25, 1.3, ((7, 100.0), (2, -3.5)), 0.05, 2, 3, 1)
+    plain = SamplingParams(4)
+    t = prefill_tensors([rich, plain], [[5, 6, 7], [8]])
+    assert params_at(t, 0, 9) == (rich, [5, 6, 7])  # the prompt travels: repetition penalty, prompt logprobs
+    assert params_at(t, 1, 4) == (plain, [])
+    reported = [Sampled(11, -0.5, ((11, -0.5), (4, -1.5))), None]
+    prompts = [PromptLogprobs((-1.0, -2.0), (((6, -1.0),), ((9, -0.1),))), None]
+    msg = token_tensors(reported, prompts)
+    assert reported_at(msg, 0, 11) == [prompts[0], reported[0]]
+    assert reported_at(msg, 1, 12) == []
+    assert token_tensors([None, None]) == {}  # nobody asked: the message carries nothing more
+    # With the data plane's own tensors (requests, input_ids or hidden, attention_mask, lengths,
+    # reserve; requests, tokens, done) both messages stay within the wire's tensor count.
+    from infscaled.protocol.wire import MAX_TENSORS
+
+    assert len(t) + 5 <= MAX_TENSORS and len(msg) + 3 <= MAX_TENSORS

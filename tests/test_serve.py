@@ -135,3 +135,54 @@ def test_schemathesis_against_served_openapi(served: Served, tmp_path: Path) -> 
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert re.search(r"\d+ generated, \d+ passed", run.stdout), run.stdout[-3000:]
+
+
+def test_lm_eval_local_completions_generate_until_and_loglikelihood(served: Served, tmp_path: Path) -> None:
+    """lm-eval's `local-completions` unmodified, with its remote tokenizer (/tokenizer_info,
+    /tokenize, /detokenize): a generate_until task and a multiple-choice one, which lm-eval
+    scores by loglikelihood (echo + logprobs over token-id prompts, several per request)."""
+    from benchmarks.serve_clients import lm_eval_command, write_lm_eval_tasks
+
+    tasks = write_lm_eval_tasks(tmp_path / "tasks")
+    env = {**served.env, "OPENAI_API_KEY": served.token(), "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run(lm_eval_command(served.url, served.model, served.token(), tasks, tmp_path / "tasks",
+                                         tmp_path / "out"), env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("|infscaled")}
+    assert set(rows) == set(tasks), run.stdout[-3000:]
+    assert "acc" in rows["infscaled_mc"] and "exact_match" in rows["infscaled_gen"]
+
+
+def test_pipeline_logprobs_penalties_and_choices_match_the_monolith(served: Served) -> None:
+    """The served pipeline's last stage reports the monolithic model's log-probabilities (prompt
+    and generated tokens) and applies logit_bias / penalties; n and a list of prompts fan out."""
+    import torch
+
+    from infscaled.generation.tokenizer import load_tokenizer
+    from infscaled.models.sources import resolve
+    from infscaled.models.stage import Monolith
+
+    tok = load_tokenizer("builtin:llama-tiny")
+    prompt = tok.encode("Once upon a time")
+    model = Monolith(resolve("builtin:llama-tiny"), "cpu", "float32", 0).model
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([prompt])).logits[0].float(), dim=-1)
+    greedy = int(logp[-1].argmax())
+    api = openai.OpenAI(base_url=f"{served.url}/v1", api_key=served.token(), max_retries=0, timeout=120)
+    scored = api.completions.create(model=served.model, prompt=[prompt, prompt], max_tokens=1, temperature=0,
+                                    echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    assert len(scored.choices) == 2
+    for choice in scored.choices:
+        lp = choice.logprobs
+        expected = [logp[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)] + [logp[-1, greedy].item()]
+        assert lp.token_logprobs[0] is None and lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-3)
+        assert len(lp.top_logprobs[-1]) == 2 and max(lp.top_logprobs[-1].values()) == pytest.approx(expected[-1],
+                                                                                                     abs=1e-3)
+    forced = api.completions.create(model=served.model, prompt=prompt, max_tokens=3, temperature=0,
+                                    logit_bias={"65": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == tok.decode([65, 65, 65])
+    two = api.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "hi"}], n=2,
+                                      max_tokens=4, temperature=1.0, seed=3, frequency_penalty=1.0,
+                                      logprobs=True, top_logprobs=1, extra_body={"ignore_eos": True})
+    assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 8
+    assert all(len(c.logprobs.content) == 4 for c in two.choices)

@@ -247,15 +247,20 @@ async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, prompt_
     entries = _Entries(tokenizer)
     if echo and params.prompt_logprobs is None:
         yield Piece(tokenizer.decode(prompt_ids))
+    echoed = not echo or params.prompt_logprobs is None
     tokens = backend.generate(list(prompt_ids), params)
     try:
         async for item in tokens:
             if isinstance(item, PromptLogprobs):
                 if params.prompt_logprobs is not None and not echo:
                     outcome.prompt_logprobs = _vllm_prompt_logprobs(prompt_ids, item, entries)
-                if echo:
+                if not echoed:
+                    echoed = True
                     yield Piece(tokenizer.decode(prompt_ids), entries.prompt(prompt_ids, item))
                 continue
+            if not echoed:  # a one-token prompt: nothing to score, its token has no log-probability
+                echoed = True
+                yield Piece(tokenizer.decode(prompt_ids), entries.prompt(prompt_ids, PromptLogprobs((), ())))
             if outcome.finish_reason is not None:
                 break  # the backend went past the end it was given: stop it
             token = item if isinstance(item, int) else item.token

@@ -26,25 +26,27 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from infscaled.generation.errors import GenerationError
 from infscaled.generation.kv import reserved_span
-from infscaled.generation.params import SamplingParams
+from infscaled.generation.params import FEATURES, PromptLogprobs, Sampled, SamplingParams
+from infscaled.generation.sampling_wire import LOGPROB_KEYS, prefill_tensors, reported_at
 from infscaled.protocol.plan import GenerationPlan
 from infscaled.protocol.wire import DATA, STOP
-from infscaled.worker.gen_loop import REQUESTS_KEY, drain_acks, gen_params_row
+from infscaled.worker.gen_loop import REQUESTS_KEY, drain_acks
 from infscaled.worker.request_stats import RequestStats
 from infscaled.worker.transport import ACK, Ack, Edge, Message, until_stop
 
 log = logging.getLogger(__name__)
 
 # Called with (token, done, error): a token with done=False, the last token with done=True,
-# or (-1, True, reason) when the sequence failed.
-Consumer = Callable[[int, bool, str | None], None]
+# or (-1, True, reason) when the sequence failed. A sequence that asked for log-probabilities
+# gets its tokens as Sampled, after one PromptLogprobs (done=False) if it asked for those.
+Consumer = Callable[[int | Sampled | PromptLogprobs, bool, str | None], None]
 TIMED_OUT = "timed out"  # how the watchdog's reason starts
 
 
@@ -253,19 +255,15 @@ class GenDispatcher:
         longest = max(len(s.prompt) for s in batch)
         ids = torch.zeros(len(batch), longest, dtype=torch.int64)  # [n, T], right-padded
         mask = torch.zeros(len(batch), longest, dtype=torch.int64)
-        stops = max(1, max(len(s.params.stop_token_ids) for s in batch))
-        stop_ids = torch.full((len(batch), stops), -1, dtype=torch.int64)
         for i, s in enumerate(batch):
             ids[i, :len(s.prompt)] = torch.tensor(s.prompt)
             mask[i, :len(s.prompt)] = 1
-            stop_ids[i, :len(s.params.stop_token_ids)] = torch.tensor(s.params.stop_token_ids, dtype=torch.int64)
         return Message(DATA, next(self._mb_ids), batch[0].id, {
             REQUESTS_KEY: torch.tensor([[s.id, 1] for s in batch], dtype=torch.int64),
             "input_ids": ids, "attention_mask": mask,
             "lengths": torch.tensor([len(s.prompt) for s in batch], dtype=torch.int64),
             "reserve": torch.tensor([s.reserve for s in batch], dtype=torch.int64),
-            "gen_params": torch.tensor([gen_params_row(s.params) for s in batch], dtype=torch.float64),
-            "stop_ids": stop_ids,
+            **prefill_tensors([s.params for s in batch], [s.prompt for s in batch]),
         })
 
     # -- edges -----------------------------------------------------------------------------------
@@ -294,15 +292,17 @@ class GenDispatcher:
         try:
             for msg in until_stop(edge):
                 t = msg.tensors
-                for s, tok, done in zip(t[REQUESTS_KEY][:, 0].tolist(), t["tokens"].tolist(), t["done"].tolist(),
-                                        strict=True):
-                    self._deliver(s, tok, bool(done))
+                logprobs = any(k in t for k in LOGPROB_KEYS)
+                for i, (s, tok, done) in enumerate(zip(t[REQUESTS_KEY][:, 0].tolist(), t["tokens"].tolist(),
+                                                       t["done"].tolist(), strict=True)):
+                    self._deliver(s, tok, bool(done), reported_at(t, i, tok) if logprobs else ())
                 edge.send_ack(Ack(ACK, msg.mb_id, int(t[REQUESTS_KEY].shape[0]), 0))
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             if self._failure is None:
                 self._on_broken(f"receiving tokens failed: {exc}")
 
-    def _deliver(self, seq_id: int, token: int, done: bool) -> None:
+    def _deliver(self, seq_id: int, token: int, done: bool,
+                 reported: Sequence[Sampled | PromptLogprobs] = ()) -> None:
         with self._lock:
             seq = self._seqs.get(seq_id)
             if seq is None:
@@ -312,7 +312,10 @@ class GenDispatcher:
                 self._seqs.pop(seq_id)
                 self._release(seq)
                 self.finished += 1
-        seq.consume(token, done, None)
+        for item in reported:
+            if isinstance(item, PromptLogprobs):
+                seq.consume(item, False, None)
+        seq.consume(next((x for x in reported if isinstance(x, Sampled)), token), done, None)
 
     def _watchdog(self) -> None:
         while not self._stopped.wait(0.5):
@@ -339,11 +342,14 @@ class PipelineBackend:
         self.dispatcher = dispatcher
         self.stats = stats
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, bool, str | None]] = asyncio.Queue()
+    features = frozenset(FEATURES)  # the last stage samples with generation.sampling.sample_step
 
-        def consume(token: int, done: bool, error: str | None) -> None:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[
+            int | Sampled | PromptLogprobs]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int | Sampled | PromptLogprobs, bool, str | None]] = asyncio.Queue()
+
+        def consume(token: int | Sampled | PromptLogprobs, done: bool, error: str | None) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (token, done, error))
 
         stats = self.stats
@@ -366,6 +372,9 @@ class PipelineBackend:
                     if stats is not None and timed_out:
                         stats.timed_out += 1
                     raise GenerationError(504 if timed_out else 503, error)
+                if isinstance(token, PromptLogprobs):
+                    yield token
+                    continue
                 produced += 1
                 first_at = first_at or time.monotonic()
                 yield token

@@ -39,7 +39,9 @@ import torch
 
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import PagedBatch, StageKV
-from infscaled.generation.sampling import SamplingParams, make_generator, sample_next
+from infscaled.generation.params import PromptLogprobs
+from infscaled.generation.sampling import SequenceSampling, make_generator, prompt_logprobs, sample_step
+from infscaled.generation.sampling_wire import PREFILL_KEYS, params_at, token_tensors
 from infscaled.protocol.control import EdgeRate, StageStats
 from infscaled.protocol.plan import GenerationPlan, Node
 from infscaled.protocol.window import EventWindow, mean, rate, span
@@ -50,28 +52,7 @@ log = logging.getLogger(__name__)
 
 REQUESTS_KEY = "requests"
 # Rows of a prefill message, in this order: what a row selection must keep together.
-PREFILL_ROW_KEYS = ("requests", "input_ids", "hidden", "attention_mask", "lengths", "reserve", "gen_params",
-                    "stop_ids")
-
-
-def gen_params_row(p: SamplingParams) -> list[float]:
-    """A sequence's sampling parameters as one float64 row (temperature, top_p, top_k, seed or -1)."""
-    return [p.temperature, p.top_p, float(p.top_k), float(-1 if p.seed is None else p.seed)]
-
-
-def params_from_row(row: list[float], stop_ids: list[int], max_new: int) -> SamplingParams:
-    seed = int(row[3])
-    return SamplingParams(max_new_tokens=max_new, temperature=row[0], top_p=row[1], top_k=int(row[2]),
-                          seed=None if seed < 0 else seed, stop_token_ids=tuple(i for i in stop_ids if i >= 0))
-
-
-@dataclass
-class _Sampler:
-    """The last stage's state of one sequence."""
-
-    params: SamplingParams
-    generator: torch.Generator
-    produced: int = 0
+PREFILL_ROW_KEYS = ("requests", "input_ids", "hidden", "attention_mask", "lengths", "reserve", *PREFILL_KEYS)
 
 
 @dataclass
@@ -110,7 +91,7 @@ class GenStageLoop:
         self.outboxes: list[queue.Queue[Message | None]] = [queue.Queue() for _ in out_edges]
         self.on_stats, self.stats_interval_s = on_stats, stats_interval_s
         self.chain = _Chain()
-        self.samplers: dict[int, _Sampler] = {}
+        self.samplers: dict[int, SequenceSampling] = {}
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
         self._mb_ids = 0
@@ -305,7 +286,7 @@ class GenStageLoop:
         act = {"input_ids" if self.first else "hidden": t["input_ids" if self.first else "hidden"],
                "attention_mask": t["attention_mask"]}
         out = self._run(act, kv, seqs)
-        meta = {k: t[k] for k in ("lengths", "reserve", "gen_params", "stop_ids")}
+        meta = {k: t[k] for k in ("lengths", "reserve", *PREFILL_KEYS) if k in t}
         if not self.last:
             self._send(self.to_next, {REQUESTS_KEY: t[REQUESTS_KEY], "hidden": out["hidden"],
                                       "attention_mask": t["attention_mask"], **meta})
@@ -314,11 +295,13 @@ class GenStageLoop:
         if logits.dim() == 3:
             index = torch.tensor(lengths, device=logits.device) - 1
             logits = logits[torch.arange(len(seqs), device=logits.device), index]  # [n, V]
+        prompt_lps: list[PromptLogprobs | None] = []
         for i, s in enumerate(seqs):
-            max_new = int(t["reserve"][i]) - lengths[i]
-            params = params_from_row(t["gen_params"][i].tolist(), t["stop_ids"][i].tolist(), max_new)
-            self.samplers[s] = _Sampler(params, make_generator(params.seed, self.device))
-        self._sampled(seqs, logits)
+            params, prompt = params_at(t, i, int(t["reserve"][i]) - lengths[i])
+            self.samplers[s] = SequenceSampling(params, make_generator(params.seed, self.device), prompt)
+            prompt_lps.append(None if params.prompt_logprobs is None or out["output"].dim() != 3 else
+                              prompt_logprobs(out["output"][i, :lengths[i]], prompt, params.prompt_logprobs))
+        self._sampled(seqs, logits, prompt_lps)
 
     def _decode(self, t: dict[str, torch.Tensor]) -> None:
         seqs = t[REQUESTS_KEY][:, 0].tolist()
@@ -355,22 +338,21 @@ class GenStageLoop:
         self._computed.add(time.monotonic(), len(seqs), elapsed)
         return out
 
-    def _sampled(self, seqs: list[int], logits: torch.Tensor) -> None:
+    def _sampled(self, seqs: list[int], logits: torch.Tensor, prompt_lps: list[PromptLogprobs | None] = ()) -> None:
         """The last stage: pick each sequence's next token, decide whether it is done, and send
-        the tokens to the dispatcher and round the loop."""
+        the tokens (with the log-probabilities rows asked for) to the dispatcher and round the loop."""
         states = [self.samplers[s] for s in seqs]
-        tokens = sample_next(logits, [st.params for st in states], [st.generator for st in states]).tolist()
+        tokens, reported = sample_step(logits, states)
         done = []
         for s, st, tok in zip(seqs, states, tokens, strict=True):
-            st.produced += 1
-            finished = st.produced >= st.params.max_new_tokens or tok in st.params.stop_token_ids
+            finished = len(st.outputs) >= st.params.max_new_tokens or tok in st.params.stop_token_ids
             done.append(int(finished))
             if finished:
                 self.kv.free([s])
                 self.samplers.pop(s)
         out = {REQUESTS_KEY: _table(seqs), "tokens": torch.tensor(tokens, dtype=torch.int64),
                "done": torch.tensor(done, dtype=torch.int64)}
-        self._send(self.to_dispatcher, out)
+        self._send(self.to_dispatcher, {**out, **token_tensors(reported, prompt_lps)})
         if self.first:  # one stage: the loop is this process
             self.chain.inflight -= 1
             self._tokens_back(out)
