@@ -68,7 +68,7 @@ def scale_shape(plan: JobPlan, stage: int | None, replicas: int) -> ScaleShape:
     now = plan.nodes(stage)
     if replicas < len(now):
         return ScaleShape(stage, (), tuple(sorted(now, reverse=True)[:len(now) - replicas]), ())
-    first = max(n.replica for n in now) + 1
+    first = plan.fresh_replica(stage)
     added = tuple(Node(stage, first + i) for i in range(replicas - len(now)))
     ups = (DISPATCHER,) if stage == 0 else plan.nodes(stage - 1)
     downs = (DISPATCHER,) if stage == plan.last_stage else plan.nodes(stage + 1)
@@ -81,7 +81,7 @@ def _chains(plan: JobPlan, chains: int) -> ScaleShape:
     if chains < len(heads):
         gone = sorted((n.replica for n in heads), reverse=True)[:len(heads) - chains]
         return ScaleShape(None, (), tuple(Node(s, r) for r in gone for s in range(len(plan.stages))), ())
-    first = max(n.replica for n in heads) + 1
+    first = max(plan.fresh_replica(s) for s in range(len(plan.stages)))  # a chain has one id on every stage
     last = plan.last_stage
     added: list[Node] = []
     edges: list[tuple[Node, Node]] = []
@@ -120,7 +120,10 @@ def apply_scale(plan: JobPlan, shape: ScaleShape, devices: Mapping[Node, str], p
     kept_edges = tuple(e for e in plan.edges if e.src not in gone and e.dst not in gone)
     workers = tuple(w for w in plan.workers if w.node not in gone) + added
     stages = tuple(replace(s, replicas=sum(1 for w in workers if w.node.stage == s.index)) for s in plan.stages)
-    new_plan = replace(plan, workers=workers, edges=kept_edges + new_edges, stages=stages, epoch=epoch)
+    fresh = [max([plan.fresh_replica(s.index)] + [n.replica + 1 for n in shape.added if n.stage == s.index])
+             for s in plan.stages]
+    new_plan = replace(plan, workers=workers, edges=kept_edges + new_edges, stages=stages, epoch=epoch,
+                       next_replica=tuple(fresh))
 
     adds: dict[Node, list[EdgePlan]] = {}
     removes: dict[Node, list[str]] = {}
