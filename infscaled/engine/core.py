@@ -60,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REQUESTS_KEY = "requests"  # every message's request table [n, 2] (id, rows): what stats count
+LINGER_S = 5.0  # an in-edge stays open this long after acknowledging STOP (see ack_stop)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,8 @@ class Engine:
         self.first_at: float | None = None
         self._in_flight = 0  # messages received and not yet passed on (the program may say otherwise)
         self._flight_lock = threading.Lock()
+        self._lingering: list[tuple[float, EdgeEnd]] = []  # in-edges acknowledged STOP: closed later
+        self._linger_lock = threading.Lock()
         self.cuda: Any = None  # engine.cuda.CudaStreams on a CUDA stage whose program wants them
         program.attach(self)
         if program.cuda_streams and str(device).startswith("cuda"):
@@ -226,12 +229,14 @@ class Engine:
             end.edge.send_ack(ack)
 
     def ack_stop(self, end: EdgeEnd) -> None:
-        """Acknowledge an in-edge's STOP (after the acks of everything before it), then close it."""
+        """Acknowledge an in-edge's STOP (after the acks of everything before it). The sender
+        closes the edge once it read the acknowledgement; this end lingers a while first: closing
+        at once could reset the connection before the sender read it."""
         from infscaled.worker.transport import STOP_ACK, Ack
 
         self.ack(end, Ack(STOP_ACK, 0, 0, 0))
-        assert end.edge is not None
-        end.edge.close()
+        with self._linger_lock:
+            self._lingering.append((time.monotonic() + LINGER_S, end))
 
     # -- stats -----------------------------------------------------------------------------------
 
@@ -285,6 +290,8 @@ class Engine:
                     event = None
                 if event is not None:
                     self._handle(event)
+                if self._lingering:
+                    self._close_lingering(time.monotonic())
                 if self.on_stats is not None and time.monotonic() >= next_stats:
                     self.on_stats(self.stats())
                     next_stats = time.monotonic() + self.settings.stats_interval_s
@@ -294,7 +301,16 @@ class Engine:
             raise
         for t in self._threads:
             t.join(self.settings.edge_timeout_s)
+        self._close_lingering(float("inf"))
         return self.stats()
+
+    def _close_lingering(self, now: float) -> None:
+        with self._linger_lock:
+            due = [end for at, end in self._lingering if at <= now]
+            self._lingering = [(at, end) for at, end in self._lingering if at > now]
+        for end in due:
+            if end.edge is not None:
+                end.edge.close()
 
     def abort(self) -> None:
         """Close every edge now (a failure): peers' pending operations fail at once."""
@@ -375,6 +391,12 @@ class Engine:
     def _broken(self, end: EdgeEnd, error: BaseException) -> None:
         if end.state in (EdgeState.CLOSED, EdgeState.BROKEN):
             return
+        if end.outgoing and end.state is EdgeState.CLOSING and end.acked == end.sent and end.outbox.empty():
+            # STOP went out and everything before it was acknowledged: the peer finished with this
+            # edge and closed it before its STOP_ACK was read. Nothing is lost.
+            log.info("%s: edge %s closed by its peer after its last acknowledgement (%s)", self.node, end.key, error)
+            self._handle(_OutputClosed(end))
+            return
         end.state = EdgeState.BROKEN
         end.error = str(error)
         if end.edge is not None:
@@ -437,6 +459,7 @@ class Engine:
                 if self.cuda is not None:
                     item = self.cuda.before_send(item, end)
                 edge.send(item)
+                end.sent += 1
                 self._sent.add(time.monotonic(), time.monotonic() - started)
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             self._inbox.put(_Broken(end, exc))
@@ -452,6 +475,7 @@ class Engine:
                 if ack.kind == STOP_ACK:
                     self._inbox.put(_OutputClosed(end))
                     return
+                end.acked += 1
                 self.program.acked(end, ack)
         except BaseException as exc:  # noqa: BLE001 - thread boundary
             self._inbox.put(_Broken(end, exc))

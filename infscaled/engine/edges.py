@@ -52,6 +52,8 @@ class EdgeEnd:
     error: str = ""
     ack_lock: threading.Lock = field(default_factory=threading.Lock)  # in-edges: acks go out one at a time
     recv_stream: object = None  # CUDA stages: this in-edge's receive stream
+    sent: int = 0  # out-edges: data messages sent (sender thread)
+    acked: int = 0  # out-edges: data messages the peer acknowledged (ack reader thread)
 
     @property
     def key(self) -> str:
