@@ -210,3 +210,14 @@ def test_scale_plans_edges_and_per_node_updates() -> None:
     assert {n: sorted(u.remove) for n, u in gone.updates.items()} == {Node(0, 0): ["0.0->1.1", "0.0->1.2"]}
     assert [w.node for w in gone.plan.workers if w.node.stage == 1] == [Node(1, 0)]
     assert all(Node(1, 1) not in (e.src, e.dst) for e in gone.plan.edges)
+
+
+def test_scale_at_schedule_parses_and_refuses_bad_steps() -> None:
+    from infscaled.errors import InfscaledError
+    from infscaled.runner.scaling import ScaleStep, parse_scale_at
+
+    assert parse_scale_at("2:1=4") == ScaleStep(2.0, 1, 4)
+    assert parse_scale_at(" 0.5:chains=2 ") == ScaleStep(0.5, None, 2)
+    for bad in ("2:1", "x:1=2", "2:-1=3", "2:one=3", "2:1=two", ""):
+        with pytest.raises(InfscaledError, match=r"expected T:STAGE=N"):
+            parse_scale_at(bad)

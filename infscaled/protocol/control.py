@@ -94,7 +94,8 @@ class WorkerReady:
     # Full-model names of the parameters this worker materialised, and their element count.
     params: list[str] = field(default_factory=list)
     param_numel: int = 0
-    load_s: float = 0.0
+    load_s: float = 0.0  # building the stage: its weights materialised
+    connect_s: float = 0.0  # joining its edges (waits for peers that are still building)
 
 
 @dataclass(frozen=True)

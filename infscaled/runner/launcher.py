@@ -90,8 +90,9 @@ class ScaleResult:
     plan: JobPlan
     added: tuple[Node, ...]
     removed: tuple[Node, ...]
-    ready_s: float = 0.0  # until every added replica said READY (built its stage, joined its edges)
+    ready_s: float = 0.0  # until every added replica said READY (spawned, built its stage, joined its edges)
     load_s: float = 0.0  # the slowest added replica's weight load (inside ready_s)
+    connect_s: float = 0.0  # the slowest added replica's edge joining (inside ready_s)
 
 
 class LocalJob:
@@ -202,8 +203,9 @@ class LocalJob:
             if not self.group.wait_nodes_ready(shape.added, self.ready_timeout_s):
                 raise InfscaledError(self.group.failure or f"added replica(s) {', '.join(map(str, shape.added))} "
                                      f"not ready within {self.ready_timeout_s:g} s")
-            load = max((h.ready.load_s for n in shape.added if (h := self.group.handles[n]).ready), default=0.0)
-            return replace(result, ready_s=time.monotonic() - started, load_s=load)
+            ready = [r for n in shape.added if (r := self.group.handles[n].ready) is not None]
+            return replace(result, ready_s=time.monotonic() - started, load_s=max(r.load_s for r in ready),
+                           connect_s=max(r.connect_s for r in ready))
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Drain and stop; idempotent. Never leaves a worker process behind."""

@@ -50,6 +50,7 @@ class ScaleEvent:
     removed: list[str] = field(default_factory=list)
     ready_s: float = 0.0  # call -> every added replica READY (spawn + weight load + edges joined)
     load_s: float = 0.0  # the slowest added replica's weight load, inside ready_s
+    connect_s: float = 0.0  # the slowest added replica's edge joining, inside ready_s
     first_micro_batch_s: float = 0.0  # call -> the first added replica computed its first micro-batch
     error: str = ""
 
@@ -90,6 +91,7 @@ class ScaleSchedule:
                 event.error = str(exc)
                 continue
             event.epoch, event.ready_s, event.load_s = result.plan.epoch, result.ready_s, result.load_s
+            event.connect_s = result.connect_s
             event.added, event.removed = [str(n) for n in result.added], [str(n) for n in result.removed]
             handles = self.job.group.handles
             deadline = called + FIRST_WORK_TIMEOUT_S
@@ -108,7 +110,8 @@ def render_events(events: list[ScaleEvent]) -> str:
             lines.append(f"  at {e.at_s:g} s: {what} -> {e.replicas}: refused: {e.error}")
             continue
         change = ", ".join([f"+{n}" for n in e.added] + [f"-{n}" for n in e.removed]) or "no change"
-        timing = (f"; ready {e.ready_s:.2f} s (load {e.load_s:.2f} s), first micro-batch {e.first_micro_batch_s:.2f} s"
+        timing = (f"; ready {e.ready_s:.2f} s (spawn {e.ready_s - e.load_s - e.connect_s:.2f}, load {e.load_s:.2f}, "
+                  f"connect {e.connect_s:.2f}), first micro-batch {e.first_micro_batch_s:.2f} s"
                   if e.added else "")
         lines.append(f"  at {e.at_s:g} s: {what} -> {e.replicas} (epoch {e.epoch}): {change}{timing}")
     return "scaling:\n" + "\n".join(lines) if lines else ""

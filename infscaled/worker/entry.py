@@ -185,9 +185,10 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None], eng
     engine = Engine(me, program, settings, transport_chooser(plan, me), worker.device,
                     on_stats=report if measure else None)
     engine.epoch = plan.epoch
+    connecting = time.monotonic()
     engine.connect(list(plan.in_edges(me)) + list(plan.out_edges(me)))
     engine_box.put(engine)
     send(control.WorkerReady(str(me), os.getpid(), worker.device, list(stage.param_names),
-                             sum(p.numel() for p in stage.parameters()), load_s))
+                             sum(p.numel() for p in stage.parameters()), load_s, time.monotonic() - connecting))
     stats = engine.run()
     send(control.WorkerDone(stats))

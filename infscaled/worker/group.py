@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -95,6 +97,8 @@ class WorkerGroup:
         self._stopped = False
         self._stop_done = threading.Event()
         self._send_lock = threading.Lock()
+        self._spawner: threading.Thread | None = None
+        self._spawn_q: queue.Queue[tuple[Member, Future[None]] | None] = queue.Queue()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -111,16 +115,31 @@ class WorkerGroup:
             self._supervisor.start()
 
     def add(self, member: Member) -> None:
-        """Spawn one more member while the group runs (same thread rule as start); its node must be
-        new to the group (replica ids are never reused)."""
+        """Spawn one more member while the group runs (from any thread: the group's own spawner
+        thread, which lives until every member was reaped, starts it, so its PR_SET_PDEATHSIG
+        never fires early); its node must be new to the group (replica ids are never reused)."""
         with self._changed:
             if self._closing:
                 raise RuntimeError(f"{self.name}: stopping; no new members")
             if member.node in self.handles:
                 raise ValueError(f"{self.name}: {describe(member.node)} is already a member")
+            if self._spawner is None:
+                self._spawner = threading.Thread(target=self._spawn_loop, name=f"spawner-{self.name}", daemon=True)
+                self._spawner.start()
         self.members.append(member)
-        self._spawn(member)
+        done: Future[None] = Future()
+        self._spawn_q.put((member, done))
+        done.result()
         self._wake_w.send_bytes(b"+")
+
+    def _spawn_loop(self) -> None:
+        while (item := self._spawn_q.get()) is not None:
+            member, done = item
+            try:
+                self._spawn(member)
+                done.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - thread boundary: add() raises it
+                done.set_exception(exc)
 
     def _spawn(self, m: Member) -> None:
         ctx = mp.get_context("spawn")
@@ -234,6 +253,9 @@ class WorkerGroup:
             h.conn.close()
         if hasattr(self, "_wake_w"):
             self._wake_w.close()
+        if self._spawner is not None:  # every member was reaped: its children's parent thread may end
+            self._spawn_q.put(None)
+            self._spawner.join(KILL_WAIT_S)
 
     # -- supervision (its own thread) ------------------------------------------------------------
 
