@@ -208,22 +208,21 @@ def test_token_logprobs_are_the_models_log_softmax() -> None:
 
 
 def test_sampling_params_and_logprobs_survive_the_wire() -> None:
+    from infscaled.engine import genwire as gw
     from infscaled.generation.params import PromptLogprobs, Sampled
-    from infscaled.generation.sampling_wire import params_at, prefill_tensors, reported_at, token_tensors
-
-    rich = SamplingParams(9, 0.7, 5, 0.9, 42, (3, 0), (), False, 0.5, -0.25, 1.3, ((7, 100.0), (2, -3.5)), 0.05, 2, 3, 1)
-    plain = SamplingParams(4)
-    t = prefill_tensors([rich, plain], [[5, 6, 7], [8]])
-    assert params_at(t, 0, 9) == (rich, [5, 6, 7])  # the prompt travels: repetition penalty, prompt logprobs
-    assert params_at(t, 1, 4) == (plain, [])
-    reported = [Sampled(11, -0.5, ((11, -0.5), (4, -1.5))), None]
-    prompts = [PromptLogprobs((-1.0, -2.0), (((6, -1.0),), ((9, -0.1),))), None]
-    msg = token_tensors(reported, prompts)
-    assert reported_at(msg, 0, 11) == [prompts[0], reported[0]]
-    assert reported_at(msg, 1, 12) == []
-    assert token_tensors([None, None]) == {}  # nobody asked: the message carries nothing more
-    # With the data plane's own tensors (requests, input_ids or hidden, attention_mask, lengths,
-    # reserve; requests, tokens, done) both messages stay within the wire's tensor count.
+    from infscaled.protocol import generation as g
     from infscaled.protocol.wire import MAX_TENSORS
 
-    assert len(t) + 5 <= MAX_TENSORS and len(msg) + 3 <= MAX_TENSORS
+    rich = SamplingParams(9, 0.7, 5, 0.9, 42, (3, 0), (), False, 0.5, -0.25, 1.3, ((7, 100.0), (2, -3.5)), 0.05, 2, 3, 1)
+    specs = [g.SequenceSpec(1, 3, 12, rich, prompt=(5, 6, 7)), g.SequenceSpec(2, 1, 5, SamplingParams(4))]
+    prefill = gw.decode(gw.encode(gw.Prefill(specs, torch.zeros(2, 3, dtype=torch.long),
+                                             torch.ones(2, 3, dtype=torch.long)), 1))
+    assert isinstance(prefill, gw.Prefill) and prefill.specs == specs  # every sampling field, and the prompt
+    reported = [[PromptLogprobs((-1.0, -2.0), (((6, -1.0),), ((9, -0.1),))), Sampled(11, -0.5, ((11, -0.5), (4, -1.5)))],
+                []]
+    wire = gw.encode(gw.Tokens([1, 2], [11, 12], [False, True], reported), 2)
+    assert len(wire.tensors) <= MAX_TENSORS
+    tokens = gw.decode(wire)
+    assert isinstance(tokens, gw.Tokens) and tokens.reported == reported
+    plain = gw.encode(gw.Tokens([1], [3], [False]), 3)
+    assert len(plain.tensors) == 3 and gw.decode(plain).reported == []  # nobody asked: nothing more

@@ -344,7 +344,7 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 def _load_of(backend: GenerationBackend, active: list[int]) -> Callable[[], tuple[int, int]]:
     """(running, waiting) requests: from the pipeline dispatcher's own counts where the backend
     has one (it knows which sequences still wait for KV room), else every active one runs."""
-    dispatcher = getattr(backend, "dispatcher", None)
+    dispatcher = getattr(backend, "sequences", None)
     if dispatcher is not None and callable(getattr(dispatcher, "waiting", None)):
         def load() -> tuple[int, int]:
             waiting = int(dispatcher.waiting())

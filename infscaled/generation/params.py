@@ -63,6 +63,10 @@ class SamplingParams:
     """Report the log-probability of every prompt token after the first (and this many
     alternatives each); None: none."""
 
+    def __post_init__(self) -> None:
+        # From JSON (a prefill's specs) the pairs arrive as lists: keep the value hashable and equal.
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
+
     @property
     def needs_history(self) -> bool:
         """Whether sampling reads the tokens so far (penalties) or the count generated (min_tokens)."""

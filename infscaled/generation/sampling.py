@@ -166,6 +166,12 @@ class SequenceSampling:
     generator: torch.Generator
     prompt: Sequence[int] = ()
     outputs: list[int] = field(default_factory=list)
+    earlier: int = 0
+    """Tokens generated before this state existed (a replayed sequence): counted, not penalised."""
+
+    @property
+    def produced(self) -> int:
+        return self.earlier + len(self.outputs)
 
 
 def sample_step(logits: torch.Tensor, states: Sequence[SequenceSampling]) -> tuple[list[int], list[Sampled | None]]:

@@ -1,10 +1,10 @@
-"""Sampling parameters and log-probabilities as tensors of the generation data plane's messages.
+"""Log-probabilities as tensors of the generation plane's TOKENS messages (engine/genwire.py).
 
-The dispatcher puts each sequence's SamplingParams (and its prompt, which penalties and prompt
-log-probabilities read) into its prefill; the last stage reads them back (`params_at`) and puts
-the log-probabilities it computed into its token messages (`token_tensors`), which the
-dispatcher turns back into `Sampled` / `PromptLogprobs` (`reported_at`). Rows that asked for
-nothing cost nothing: the extra tensors are left out when no row needs them.
+The sampling parameters travel in a prefill's sequence specs (protocol/generation.py); the last
+stage puts the log-probabilities it computed into its token messages (`token_tensors`), which
+the dispatcher turns back into `Sampled` / `PromptLogprobs` (`reported_at`). Rows that asked for
+nothing cost nothing: the tensors are left out when no row needs them, and a TOKENS message
+stays within the wire's 8 tensors (3 of its own, at most 4 of these).
 """
 
 from __future__ import annotations
@@ -14,23 +14,12 @@ from collections.abc import Sequence
 
 import torch
 
-from infscaled.generation.params import PromptLogprobs, Sampled, SamplingParams
+from infscaled.generation.params import PromptLogprobs, Sampled
 
-# Columns of a prefill's "gen_params" row (float64; -1 = none for seed / logprobs counts), then
-# the logit_bias pairs (token id, bias; id -1 = padding). A message holds at most 8 tensors
-# (protocol/wire.py), so the bias shares this one.
-PARAM_COLUMNS = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "min_p", "min_tokens", "logprobs", "prompt_logprobs")
-# Per-row tensors of a prefill that travel with it down the chain.
-PREFILL_KEYS = ("gen_params", "stop_ids", "prompt_ids")
 # Keys of a token message carrying log-probabilities (absent when no row asked): "logprob"
 # [n, 1 + K] is the chosen token's then its K alternatives', "top_ids" [n, K] their ids; the
 # prompt's are the same per position, [n, L, 1 + K] and [n, L, K].
 LOGPROB_KEYS = ("logprob", "top_ids", "prompt_logprob", "prompt_top_ids")
-
-
-def _none(value: int | None) -> float:
-    return -1.0 if value is None else float(value)
 
 
 def _padded(rows: Sequence[Sequence[float]], width: int, fill: float, dtype: torch.dtype) -> torch.Tensor:
@@ -39,39 +28,6 @@ def _padded(rows: Sequence[Sequence[float]], width: int, fill: float, dtype: tor
         if len(row):
             out[i, :len(row)] = torch.tensor(list(row), dtype=dtype)
     return out
-
-
-def prefill_tensors(params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-    """The sampling tensors of a prefill of len(params) sequences: gen_params [n, 11 + 2B] (the
-    columns, then B (id, bias) pairs), stop_ids [n, S], prompt_ids [n, T] (-1 = padding; [n, 1]
-    of -1 when no row needs its prompt at the last stage)."""
-    rows = [[p.temperature, p.top_p, float(p.top_k), _none(p.seed), p.presence_penalty, p.frequency_penalty,
-             p.repetition_penalty, p.min_p, float(p.min_tokens), _none(p.logprobs), _none(p.prompt_logprobs),
-             *(x for token, b in p.logit_bias for x in (float(token), b))] for p in params]
-    wanted = [list(prompt) if p.repetition_penalty != 1.0 or p.prompt_logprobs is not None else []
-              for p, prompt in zip(params, prompts, strict=True)]
-    return {"gen_params": _padded(rows, max(len(r) for r in rows), -1.0, torch.float64),
-            "stop_ids": _padded([p.stop_token_ids for p in params], max(len(p.stop_token_ids) for p in params), -1,
-                                torch.int64),
-            "prompt_ids": _padded(wanted, max(len(w) for w in wanted), -1, torch.int64)}
-
-
-def params_at(t: dict[str, torch.Tensor], i: int, max_new_tokens: int) -> tuple[SamplingParams, list[int]]:
-    """Row i of a prefill's sampling tensors -> (SamplingParams, prompt ids the last stage needs)."""
-    values = t["gen_params"][i].tolist()
-    row = dict(zip(PARAM_COLUMNS, values, strict=False))
-    seed, logprobs, prompt_lp = int(row["seed"]), int(row["logprobs"]), int(row["prompt_logprobs"])
-    pairs = values[len(PARAM_COLUMNS):]
-    bias = [(int(pairs[j]), pairs[j + 1]) for j in range(0, len(pairs) - 1, 2) if pairs[j] >= 0]
-    prompt = [x for x in t["prompt_ids"][i].tolist() if x >= 0] if "prompt_ids" in t else []
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=row["temperature"], top_p=row["top_p"], top_k=int(row["top_k"]),
-        seed=None if seed < 0 else seed, stop_token_ids=tuple(x for x in t["stop_ids"][i].tolist() if x >= 0),
-        presence_penalty=row["presence_penalty"], frequency_penalty=row["frequency_penalty"],
-        repetition_penalty=row["repetition_penalty"], logit_bias=tuple(bias), min_p=row["min_p"],
-        min_tokens=int(row["min_tokens"]), logprobs=None if logprobs < 0 else logprobs,
-        prompt_logprobs=None if prompt_lp < 0 else prompt_lp)
-    return params, prompt
 
 
 def token_tensors(reported: Sequence[Sampled | None],
