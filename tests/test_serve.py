@@ -71,8 +71,10 @@ def test_openai_client_against_serve(served: Served) -> None:
     with pytest.raises(openai.AuthenticationError) as denied:
         openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0).models.list()
     assert denied.value.code == "invalid_api_key" and denied.value.body["type"] == "authentication_error"
-    with pytest.raises(openai.BadRequestError, match="logit_bias is not supported"):
-        api.completions.create(model=served.model, prompt="x", logit_bias={"5": 100})
+    with pytest.raises(openai.BadRequestError, match="response_format = {'type': 'json_object'}: only") as refused:
+        api.chat.completions.create(model=served.model, messages=[{"role": "user", "content": "hi"}],
+                                    response_format={"type": "json_object"})
+    assert refused.value.param == "response_format"
 
 
 def test_http_surface_errors_health_metrics_tokenizer(served: Served) -> None:
