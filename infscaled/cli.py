@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--devices", default="auto", help="agent: auto | cpu:N | cuda:0,cuda:1 (default auto)")
     daemon.add_argument("--advertise", default="", help="agent: the address other hosts reach this one at")
     daemon.add_argument("--port-range", default="29500-29999", help="agent: FIRST-LAST ports for edges hosted here")
+    daemon.add_argument("--orphan-grace", type=float, default=120.0, metavar="SECONDS",
+                        help="agent: with the controller unreachable this long, stop its jobs (default 120)")
     daemon.add_argument("--token", help="token (default: $INFSCALED_TOKEN, else the local controller's token file)")
     sub = p.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run a job on this host: dispatcher + stage workers, then a summary")
@@ -158,7 +160,7 @@ def _agent(args: argparse.Namespace, level: int) -> int:
     extra = {"agent_id": args.agent_id} if args.agent_id else {}
     cfg = AgentConfig(controller=args.controller_url, token=resolve_token(args.token), devices=args.devices,
                       advertise=args.advertise, port_range=(int(first), int(last or first)),
-                      worker_log_level=level, **extra)
+                      worker_log_level=level, orphan_grace_s=args.orphan_grace, **extra)
     _serve(run(cfg))
     return 0
 

@@ -28,6 +28,7 @@ from infscaled.protocol.messages import (
     InspectResult,
     Message,
     Metrics,
+    RunningWorker,
     StopJob,
     WorkerState,
 )
@@ -243,6 +244,20 @@ class JobManager:
     def snapshot(self) -> list[WorkerState]:
         """The current state of every node of every job here (resent on reconnect)."""
         return [s for job in self.jobs.values() for s in job.states.values()]
+
+    def running(self) -> list[RunningWorker]:
+        """The processes serving now (listed in Register: a restarted controller adopts them)."""
+        return [RunningWorker(job.job_id, str(node), s.state, s.pid) for job in self.jobs.values()
+                if not job.stopping for node, s in job.states.items() if s.state in (STARTING, READY)]
+
+    async def orphaned(self, reason: str) -> None:
+        """Stop every job: the controller has been unreachable for the whole grace period."""
+        jobs = [job for job in self.jobs.values() if not job.stopping]
+        if jobs:
+            log.warning("stopping job(s) %s: %s", ", ".join(j.job_id for j in jobs), reason)
+            async with asyncio.TaskGroup() as tg:
+                for job in jobs:
+                    tg.create_task(self._stop(job, reason))
 
     def workers_alive(self) -> int:
         return sum(job.group.alive() for job in self.jobs.values())

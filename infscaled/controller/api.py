@@ -20,7 +20,7 @@ from infscaled.config import JobConfig, parse_job
 from infscaled.config.messages import config_error
 from infscaled.controller import export, proxy, watch
 from infscaled.controller.config import ControllerConfig
-from infscaled.controller.jobs import JobState, JobStore, Rejected
+from infscaled.controller.jobs import SUBMITTED, JobSource, JobState, JobStore, Rejected
 from infscaled.controller.registry import Registry
 from infscaled.errors import ConfigError
 from infscaled.protocol.messages import MAX_MESSAGE_BYTES
@@ -33,7 +33,6 @@ JOBS = web.AppKey("jobs", JobStore)
 WATCHERS = web.AppKey("watchers", watch.Watchers)
 
 JOB_FILE_HEADER: Final = "X-Infscaled-Job-File"
-SUBMITTED: Final = "<submitted>"
 TOML_TYPES: Final = ("text/plain", "application/toml", "text/x-toml")
 # How long closing an agent's websocket waits for its close frame.
 WS_CLOSE_TIMEOUT_S: Final = 2.0
@@ -112,10 +111,10 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def submit_job(request: web.Request) -> web.Response:
     try:
-        cfg = await job_config(request)
+        cfg, source = await job_config(request)
     except ConfigError as exc:
         raise Rejected(400, str(exc)) from None
-    job = await request.app[JOBS].submit(cfg)
+    job = await request.app[JOBS].submit(cfg, source)
     return web.json_response(job.summary(), status=201, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -124,8 +123,9 @@ async def stop_job(request: web.Request) -> web.Response:
     return web.json_response(job.summary(), status=202)
 
 
-async def job_config(request: web.Request) -> JobConfig:
-    """The request's job file as `load_job` would read it (ConfigError with the same text)."""
+async def job_config(request: web.Request) -> tuple[JobConfig, JobSource]:
+    """The request's job file as `load_job` would read it (ConfigError with the same text), and
+    its source as the database keeps it."""
     shown = request.headers.get(JOB_FILE_HEADER, "").strip() or SUBMITTED
     name: str | None = None
     raw = await request.read()
@@ -149,7 +149,7 @@ async def job_config(request: web.Request) -> JobConfig:
         data["name"] = name
     elif shown == SUBMITTED and "name" not in data:
         data["name"] = "job"  # no file stem to name it after
-    return parse_job(data, shown)
+    return parse_job(data, shown), JobSource(text, shown, name)
 
 
 def _json_body(raw: bytes) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -10,9 +12,12 @@ from aiohttp import web
 from infscaled.controller import api, openai_proxy, proxy
 from infscaled.controller.auth import auth_middleware, controller_token
 from infscaled.controller.config import ControllerConfig
+from infscaled.controller.events import RECENT_EVENTS
 from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Registry
+from infscaled.controller.store import EventRecord, Store
 from infscaled.controller.watch import Watchers
+from infscaled.protocol.watch import Event
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +45,10 @@ class Controller:
     registry: Registry
     jobs: JobStore
     runner: web.AppRunner
+    store: Store
     token: str = field(repr=False)
     port: int = 0
+    restored_in_s: float = 0.0  # opening and loading the database at start-up
 
     @property
     def watchers(self) -> Watchers:
@@ -54,17 +61,32 @@ class Controller:
 
 
 async def start_controller(cfg: ControllerConfig) -> Controller:
-    """Set up the app and listen on cfg.host:cfg.port (port 0: any free port)."""
+    """Load the database, set up the app and listen on cfg.host:cfg.port (port 0: any free port)."""
     token = controller_token(cfg)
-    registry = Registry(cfg)
-    jobs = JobStore(cfg, registry)
-    runner = web.AppRunner(make_app(cfg, token, registry, jobs), shutdown_timeout=cfg.shutdown_grace_s)
-    await runner.setup()
+    started = time.perf_counter()
+    store = await asyncio.to_thread(Store.open, cfg.state_dir)
+    try:
+        loaded = await asyncio.to_thread(store.load, RECENT_EVENTS)
+        registry = Registry(cfg, store)
+        registry.restore(loaded.agents)
+        registry.event_log.restore([Event(e.seq, e.at, e.kind, e.message, e.agent, e.job, e.node, e.state)
+                                     for e in loaded.events])
+        registry.event_log.sink = lambda e: store.add_event(EventRecord(e.seq, e.time, e.kind, e.message, e.agent,
+                                                                         e.job, e.node, e.state))
+        jobs = JobStore(cfg, registry, store)
+        jobs.restore(loaded.jobs)
+        restored_in_s = time.perf_counter() - started
+        runner = web.AppRunner(make_app(cfg, token, registry, jobs), shutdown_timeout=cfg.shutdown_grace_s)
+        await runner.setup()
+    except BaseException:
+        await asyncio.to_thread(store.close)
+        raise
     try:
         site = web.TCPSite(runner, cfg.host, cfg.port)
         await site.start()
     except BaseException:
         await runner.cleanup()
+        await asyncio.to_thread(store.close)
         raise
     port = runner.addresses[0][1]
     if cfg.host in WILDCARD_HOSTS:
@@ -72,4 +94,6 @@ async def start_controller(cfg: ControllerConfig) -> Controller:
                     "holds the token controls the cluster", cfg.host or "*", port)
     else:
         log.info("controller listening on %s:%d", cfg.host, port)
-    return Controller(cfg, registry, jobs, runner, token, port)
+    log.info("controller state: %s (%d agent(s), %d job(s), loaded in %.0f ms)", store.path, len(loaded.agents),
+             len(loaded.jobs), restored_in_s * 1e3)
+    return Controller(cfg, registry, jobs, runner, store, token, port, restored_in_s)

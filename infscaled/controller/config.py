@@ -6,23 +6,17 @@ as ConfigError, so a bad daemon config reads like a bad job file.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
 from infscaled.config.messages import read_toml
+from infscaled.config.state import default_state_dir
 from infscaled.config.values import Section
 
-STATE_DIR_ENV: Final = "INFSCALED_STATE_DIR"
 TOKEN_ENV: Final = "INFSCALED_TOKEN"
 DEFAULT_PORT: Final = 8470
-
-
-def default_state_dir() -> str:
-    """$INFSCALED_STATE_DIR, else ~/.local/state/infscaled."""
-    return os.environ.get(STATE_DIR_ENV) or str(Path("~/.local/state/infscaled").expanduser())
 
 
 @dataclass(frozen=True)
@@ -36,7 +30,7 @@ class ControllerConfig:
     token: str | None = field(default=None, repr=False)
     """Bearer token; $INFSCALED_TOKEN wins over it; neither -> <state_dir>/token (created once)."""
     state_dir: str = field(default_factory=default_state_dir)
-    """Where the token file lives."""
+    """Where the token file and the database (controller.db: agents, jobs, events) live."""
     heartbeat_interval_s: float = 3.0
     """How often agents send a heartbeat (told to them in Welcome)."""
     heartbeat_timeout_s: float = 10.0
@@ -47,6 +41,8 @@ class ControllerConfig:
     """Timeout of one websocket send to an agent."""
     ready_timeout_s: float = 300.0
     """How long every worker of a job has to report ready (sent to agents in Deploy)."""
+    adopt_timeout_s: float = 30.0
+    """After a restart: how long the agents of a live job have to register again before it fails."""
     stop_grace_s: float = 15.0
     """How long a stopping job waits for its workers' exit reports before it counts as stopped."""
     shutdown_grace_s: float = 5.0

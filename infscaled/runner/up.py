@@ -76,7 +76,7 @@ async def embedded_cluster(devices: str, log_level: int = logging.WARNING) -> As
                                         name="controller")
             url = await asyncio.wait_for(started, timeout=30)
             acfg = AgentConfig(controller=url, token=token, agent_id="local", devices=devices,
-                               worker_log_level=log_level)
+                               worker_log_level=log_level, state_dir=state_dir)
             agent = tg.create_task(agent_run(acfg, stop_agent, handle_signals=False), name="agent")
             try:
                 yield url, token
