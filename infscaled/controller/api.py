@@ -43,6 +43,7 @@ def add_routes(app: web.Application) -> None:
         web.get("/v1/health", health),
         web.get("/v1/agents", list_agents),
         web.get("/v1/agents/ws", agent_socket),
+        web.delete("/v1/agents/{id}", forget_agent),
         web.get("/v1/jobs", list_jobs),
         web.post("/v1/jobs", submit_job),
         web.get("/v1/jobs/{id}", get_job),
@@ -87,6 +88,19 @@ async def list_agents(request: web.Request) -> web.Response:
     now = time.monotonic()
     return web.json_response([{**asdict(watch.agent_view(a, users, now)), "version": a.info.version,
                                "port_range": a.info.port_range} for a in request.app[REGISTRY]])
+
+
+async def forget_agent(request: web.Request) -> web.Response:
+    """DELETE: forget a disconnected agent and its credential, so its id may register anew."""
+    agent_id = request.match_info["id"]
+    registry = request.app[REGISTRY]
+    agent = registry.agents.get(agent_id)
+    if agent is None:
+        raise Rejected(404, f"no agent {agent_id!r}")
+    if agent.state == "connected":
+        raise Rejected(409, f"agent {agent_id} is connected; stop it first (only a disconnected agent is forgotten)")
+    registry.forget(agent_id)
+    return web.json_response({"id": agent_id, "forgotten": True})
 
 
 async def agent_socket(request: web.Request) -> web.WebSocketResponse:
