@@ -58,6 +58,10 @@ class AgentConfig:
     """Log level of the worker and dispatcher processes."""
     metrics_interval_s: float = 1.0
     """Sending each job's latest worker and dispatcher stats to the controller: at most this often."""
+    allow_python_sources: bool = False
+    """Run `python:MODULE:FACTORY` model sources: they import and run code on this host."""
+    max_inspections: int = 2
+    """Model inspections (a child process each) at once; more wait their turn."""
     orphan_grace_s: float = 120.0
     """With the controller unreachable, jobs keep serving this long; then the agent stops them."""
     state_dir: str = field(default_factory=default_state_dir)
@@ -76,6 +80,8 @@ class AgentConfig:
         except ValueError as exc:
             raise config_error("agent", "devices", self.devices,
                                "'auto', 'cpu:N' or 'cuda:I,cuda:J,...'", str(exc)) from None
+        if self.max_inspections < 1:
+            raise config_error("agent", "max_inspections", self.max_inspections, "an integer >= 1")
         first, last = self.port_range
         if not 1 <= first <= last <= 65535:
             raise config_error("agent", "port_range", list(self.port_range),

@@ -47,6 +47,14 @@ class DeployError(InfscaledError):
     """A Deploy this agent cannot carry out (malformed plan, unknown node, job already here)."""
 
 
+def source_refused(cfg: AgentConfig, source: str) -> str | None:
+    """Why this agent will not build `source`, or None."""
+    if source.startswith("python:") and not cfg.allow_python_sources:
+        return (f"model.source {source!r}: this agent does not run python: model sources (they import and run "
+                "code on its host); start it with --allow-python-sources to allow them")
+    return None
+
+
 @dataclass
 class _Job:
     job_id: str
@@ -68,6 +76,7 @@ class JobManager:
         self._loop = asyncio.get_running_loop()
         self.jobs: dict[str, _Job] = {}
         self._inspects: set[asyncio.Task[None]] = set()
+        self._inspect_slots = asyncio.Semaphore(cfg.max_inspections)
         self.closing = False  # set by stop_all: no new processes from then on
 
     # -- controller messages (on the loop thread) ------------------------------------------------
@@ -89,6 +98,11 @@ class JobManager:
             if self.closing:
                 self.post(InspectResult(msg.request_id, False, error="the agent is shutting down"))
                 return
+            refused = source_refused(self.cfg, msg.source)
+            if refused is not None:
+                log.warning("%s", refused)
+                self.post(InspectResult(msg.request_id, False, error=refused))
+                return
             task = self._tg.create_task(self._inspect(msg), name=f"inspect-{msg.request_id}")
             self._inspects.add(task)
             task.add_done_callback(self._inspects.discard)
@@ -104,6 +118,9 @@ class JobManager:
             plan = plan_from_dict(msg.plan)
         except (KeyError, ValueError, TypeError) as exc:
             raise DeployError(f"deploy {msg.job_id}: malformed plan: {type(exc).__name__}: {exc}") from None
+        refused = source_refused(self.cfg, plan.model_source)
+        if refused is not None:
+            raise DeployError(f"deploy {msg.job_id}: {refused}")
         if not msg.nodes:
             raise DeployError(f"deploy {msg.job_id}: no nodes listed")
         members = []
@@ -184,7 +201,8 @@ class JobManager:
 
     async def _inspect(self, msg: Inspect) -> None:
         try:
-            outcome = await inspect_in_subprocess(msg.source, self.cfg.inspect_timeout_s)
+            async with self._inspect_slots:
+                outcome = await inspect_in_subprocess(msg.source, self.cfg.inspect_timeout_s)
             result = InspectResult(msg.request_id, outcome.ok, outcome.unit_count, outcome.unit_weights,
                                    outcome.error)
         except Exception as exc:  # noqa: BLE001 - task boundary: the controller gets an answer

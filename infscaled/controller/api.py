@@ -6,26 +6,31 @@ prints for the same file (name it with the `X-Infscaled-Job-File` header).
 
 from __future__ import annotations
 
-import json
+import asyncio
+import functools
 import logging
 import time
-import tomllib
 from dataclasses import asdict
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from infscaled.config import JobConfig, parse_job
+from infscaled.config import JobConfig
+from infscaled.config.limits import MAX_JOB_FILE_BYTES
 from infscaled.config.messages import config_error
 from infscaled.controller import export, proxy, watch
 from infscaled.controller.config import ControllerConfig
+from infscaled.controller.guard import PARSED_JSON
 from infscaled.controller.jobs import SUBMITTED, JobSource, JobState, JobStore, Rejected
 from infscaled.controller.registry import Registry
 from infscaled.errors import ConfigError
+from infscaled.protocol import jsonsafe
 from infscaled.protocol.messages import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
+# Strict JSON in every answer: a non-finite float (a NaN statistic) is written as null.
+json_response = functools.partial(web.json_response, dumps=jsonsafe.dumps)
 
 CONFIG = web.AppKey("config", ControllerConfig)
 REGISTRY = web.AppKey("registry", Registry)
@@ -61,19 +66,19 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except Rejected as exc:
-        return web.json_response({"error": str(exc)}, status=exc.status)
+        return json_response({"error": str(exc)}, status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+        return json_response({"error": exc.text or exc.reason}, status=exc.status)
     except Exception:  # noqa: BLE001 - request boundary: answer, log, keep serving
         log.exception("%s %s failed", request.method, request.path)
-        return web.json_response({"error": "internal error; see the controller's log"}, status=500)
+        return json_response({"error": "internal error; see the controller's log"}, status=500)
 
 
 async def health(request: web.Request) -> web.Response:
     jobs = request.app[JOBS]
-    return web.json_response({
+    return json_response({
         "status": "draining" if jobs.draining else "ok",
         "agents": len(request.app[REGISTRY].connected()),
         "jobs": sum(1 for j in jobs.jobs.values() if j.state is JobState.RUNNING),
@@ -86,7 +91,7 @@ async def health(request: web.Request) -> web.Response:
 async def list_agents(request: web.Request) -> web.Response:
     users = request.app[JOBS].device_users()
     now = time.monotonic()
-    return web.json_response([{**asdict(watch.agent_view(a, users, now)), "version": a.info.version,
+    return json_response([{**asdict(watch.agent_view(a, users, now)), "version": a.info.version,
                                "port_range": a.info.port_range} for a in request.app[REGISTRY]])
 
 
@@ -100,7 +105,7 @@ async def forget_agent(request: web.Request) -> web.Response:
     if agent.state == "connected":
         raise Rejected(409, f"agent {agent_id} is connected; stop it first (only a disconnected agent is forgotten)")
     registry.forget(agent_id)
-    return web.json_response({"id": agent_id, "forgotten": True})
+    return json_response({"id": agent_id, "forgotten": True})
 
 
 async def agent_socket(request: web.Request) -> web.WebSocketResponse:
@@ -116,11 +121,11 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
 
 async def list_jobs(request: web.Request) -> web.Response:
     jobs = sorted(request.app[JOBS].jobs.values(), key=lambda j: j.created)
-    return web.json_response([j.summary() for j in jobs])
+    return json_response([j.summary() for j in jobs])
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(request.app[JOBS].get(request.match_info["id"]).detail())
+    return json_response(request.app[JOBS].get(request.match_info["id"]).detail())
 
 
 async def submit_job(request: web.Request) -> web.Response:
@@ -129,12 +134,12 @@ async def submit_job(request: web.Request) -> web.Response:
     except ConfigError as exc:
         raise Rejected(400, str(exc)) from None
     job = await request.app[JOBS].submit(cfg, source)
-    return web.json_response(job.summary(), status=201, headers={"Location": f"/v1/jobs/{job.id}"})
+    return json_response(job.summary(), status=201, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def stop_job(request: web.Request) -> web.Response:
     job = await request.app[JOBS].stop(request.match_info["id"])
-    return web.json_response(job.summary(), status=202)
+    return json_response(job.summary(), status=202)
 
 
 async def job_config(request: web.Request) -> tuple[JobConfig, JobSource]:
@@ -144,7 +149,7 @@ async def job_config(request: web.Request) -> tuple[JobConfig, JobSource]:
     name: str | None = None
     raw = await request.read()
     if request.content_type == "application/json":
-        body = _json_body(raw)
+        body = _json_body(request.get(PARSED_JSON))
         text = body["toml"]
         name = body.get("name")
     elif request.content_type in TOML_TYPES:
@@ -155,23 +160,16 @@ async def job_config(request: web.Request) -> tuple[JobConfig, JobSource]:
     else:
         raise Rejected(415, f"content type {request.content_type!r} not accepted; send the job file as "
                             f"{', '.join(TOML_TYPES)}, or JSON {{\"toml\": \"...\", \"name\": \"optional\"}}")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise config_error(shown, "", None, "TOML syntax (https://toml.io)", f"invalid TOML: {exc}") from None
-    if name is not None:
-        data["name"] = name
-    elif shown == SUBMITTED and "name" not in data:
-        data["name"] = "job"  # no file stem to name it after
-    return parse_job(data, shown), JobSource(text, shown, name)
+    if len(text.encode()) > MAX_JOB_FILE_BYTES:
+        raise Rejected(413, f"{shown}: the job file is {len(text.encode())} bytes; the limit is {MAX_JOB_FILE_BYTES}")
+    source = JobSource(text, shown, name)
+    # Parsing (TOML, checks, model paths on disk) runs off the event loop.
+    return await asyncio.to_thread(source.parse, request.app[CONFIG].model_roots), source
 
 
-def _json_body(raw: bytes) -> dict[str, Any]:
+def _json_body(body: Any) -> dict[str, Any]:
+    """The JSON submission, already parsed within limits by guard.limits_middleware."""
     shape = 'JSON {"toml": "<job file text>", "name": "<optional job name>"}'
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise Rejected(400, f"body is not JSON ({exc}); expected {shape}") from None
     if not isinstance(body, dict) or not isinstance(body.get("toml"), str) or set(body) - {"toml", "name"}:
         raise Rejected(400, f"expected {shape}")
     if "name" in body and not isinstance(body["name"], str):
@@ -190,7 +188,7 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
 
 
 async def job_metrics(request: web.Request) -> web.Response:
-    return web.json_response(export.job_snapshot(request.app[JOBS].get(request.match_info["id"])))
+    return json_response(export.job_snapshot(request.app[JOBS].get(request.match_info["id"])))
 
 
 async def watch_socket(request: web.Request) -> web.WebSocketResponse:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
@@ -13,6 +14,7 @@ from infscaled.controller import api, openai_proxy, proxy
 from infscaled.controller.auth import auth_middleware, controller_token
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.events import RECENT_EVENTS
+from infscaled.controller.guard import GUARD, ConnectionGuard, GuardedSite, body_middleware, busy_middleware
 from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Registry
 from infscaled.controller.store import EventRecord, Store
@@ -24,9 +26,15 @@ log = logging.getLogger(__name__)
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobStore) -> web.Application:
-    """Routes, JSON errors outside the token check (so a 401 is JSON too), typed state."""
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[api.json_errors, auth_middleware(token)])
+def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobStore,
+             guard: ConnectionGuard | None = None) -> web.Application:
+    """Routes, typed state, and middlewares from the outside in: the connection is busy (guard),
+    JSON errors (so a 401 is JSON too), the token check, then the body read within its limits
+    (only an authenticated client gets its body read)."""
+    guard = guard if guard is not None else ConnectionGuard(cfg)
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[
+        busy_middleware(guard), api.json_errors, auth_middleware(token), body_middleware(cfg, guard)])
+    app[GUARD] = guard
     app[api.CONFIG] = cfg
     app[api.REGISTRY] = registry
     app[api.JOBS] = jobs
@@ -35,6 +43,24 @@ def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobSto
     api.add_routes(app)
     openai_proxy.add_routes(app)
     return app
+
+
+def connection_budget(wanted: int) -> int:
+    """`wanted`, capped so that connections can never exhaust the process's file descriptors
+    (the soft limit is raised to the hard one first; 256 stay for the database, agents' pipes
+    and outgoing proxy connections). Accepting past the fd limit would make every accept fail."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.info("cannot raise the open-file limit from %d: %s", soft, exc)
+    budget = max(16, min(wanted, soft - 256))
+    if budget < wanted:
+        log.warning("max_connections %d capped to %d by the open-file limit (%d)", wanted, budget, soft)
+    return budget
 
 
 @dataclass
@@ -76,13 +102,14 @@ async def start_controller(cfg: ControllerConfig) -> Controller:
         jobs = JobStore(cfg, registry, store)
         jobs.restore(loaded.jobs)
         restored_in_s = time.perf_counter() - started
-        runner = web.AppRunner(make_app(cfg, token, registry, jobs), shutdown_timeout=cfg.shutdown_grace_s)
+        guard = ConnectionGuard(replace(cfg, max_connections=connection_budget(cfg.max_connections)))
+        runner = web.AppRunner(make_app(cfg, token, registry, jobs, guard), shutdown_timeout=cfg.shutdown_grace_s)
         await runner.setup()
     except BaseException:
         await asyncio.to_thread(store.close)
         raise
     try:
-        site = web.TCPSite(runner, cfg.host, cfg.port)
+        site = GuardedSite(runner, guard, cfg.host, cfg.port)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from infscaled.config import JobConfig, parse_job
+from infscaled.config.messages import config_error
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.registry import InspectError, Registry, SendError
 from infscaled.controller.store import JobRecord, Store
@@ -84,14 +85,21 @@ class JobSource:
     file_name: str  # as shown in messages
     name_override: str | None = None  # the JSON body's "name"
 
-    def parse(self) -> JobConfig:
-        """The JobConfig the API built from this source (ConfigError, TOMLDecodeError)."""
-        data = tomllib.loads(self.text)
+    def parse(self, model_roots: Sequence[str] | None = None) -> JobConfig:
+        """The JobConfig of this source (ConfigError with `infscaled run`'s text for the same file)."""
+        try:
+            data = tomllib.loads(self.text)
+        except tomllib.TOMLDecodeError as exc:
+            raise config_error(self.file_name, "", None, "TOML syntax (https://toml.io)",
+                               f"invalid TOML: {exc}") from None
+        except RecursionError:  # tomllib recurses per nesting level: a clear 400, never a 500
+            raise config_error(self.file_name, "", None, "TOML syntax (https://toml.io)",
+                               "arrays or tables nested too deeply to parse") from None
         if self.name_override is not None:
             data["name"] = self.name_override
         elif "name" not in data and self.file_name == SUBMITTED:
             data["name"] = "job"  # no file stem to name it after
-        return parse_job(data, self.file_name)
+        return parse_job(data, self.file_name, model_roots=model_roots)
 
 
 @dataclass
@@ -201,6 +209,9 @@ class JobStore:
         self._orphans_stopped: set[tuple[str, str]] = set()  # (job id, agent id) told to stop on rejoin
         self._to_stop: dict[tuple[str, str], str] = {}  # (job id, agent id) -> why: sent at the next tick
         self._adopt_failures: dict[str, str] = {}  # job id -> why adoption failed: failed at the next tick
+        # Each inspection is a child process on an agent: a burst of submissions queues here.
+        self._inspections = asyncio.Semaphore(cfg.max_inspections)
+        self._waiting_submissions = 0
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -208,10 +219,21 @@ class JobStore:
         """Inspect, check, place and deploy a parsed job; raises Rejected with the HTTP status."""
         if self.draining:
             raise Rejected(503, "the controller is shutting down")
+        if self._inspections.locked() and self._waiting_submissions >= self.cfg.max_waiting_submissions:
+            raise Rejected(429, f"{self.cfg.max_inspections} model inspection(s) in progress and "
+                                f"{self._waiting_submissions} submission(s) waiting (max_waiting_submissions); "
+                                "retry later")
+        self._waiting_submissions += 1
+        try:
+            await self._inspections.acquire()
+        finally:
+            self._waiting_submissions -= 1
         try:
             agent_id, result = await self.registry.inspect(cfg.model.source)
         except InspectError as exc:
             raise Rejected(exc.status, str(exc)) from None
+        finally:
+            self._inspections.release()
         if not result.ok:
             # The same shape `infscaled run` gives a model that cannot be resolved or built.
             raise Rejected(400, f"{cfg.path}: model.source = {cfg.model.source!r}: {result.error}")
@@ -620,7 +642,7 @@ class JobStore:
         for rec in records:
             try:
                 job = self._rebuild(rec)
-            except (ConfigError, tomllib.TOMLDecodeError, KeyError, ValueError, TypeError) as exc:
+            except (ConfigError, KeyError, ValueError, TypeError) as exc:
                 # Its processes, if any, are stopped as unknown when their agent registers.
                 log.error("job %s in the database cannot be rebuilt (%s: %s); dropped", rec.id, type(exc).__name__, exc)
                 continue
