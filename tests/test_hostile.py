@@ -152,6 +152,26 @@ def test_slow_headers_slow_bodies_and_connection_floods_are_cut(tmp_path: Path) 
     asyncio.run(scenario())
 
 
+def test_a_full_listener_evicts_idle_connections_for_a_new_client(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, max_connections=16, max_connections_per_client=64)
+
+    async def scenario() -> None:
+        async with controller(cfg) as ctl:
+            idle = [await asyncio.open_connection("127.0.0.1", ctl.port, local_addr=("127.0.0.2", 0))
+                    for _ in range(16)]
+            await asyncio.sleep(0.1)
+            assert guard_stats(ctl)["open"] == 16
+            async with aiohttp.ClientSession() as http:  # a healthy client finds the listener full
+                assert (await Api(http, ctl.url).call("GET", "/v1/health"))[0] == 200
+            assert guard_stats(ctl)["evicted"] >= 1 and guard_stats(ctl)["open"] <= 16
+            closed = [await asyncio.wait_for(r.read(), 5) == b"" for r, _ in idle[:1]]
+            assert closed == [True], "the oldest idle connection was the one closed"
+            for _, w in idle:
+                w.close()
+
+    asyncio.run(scenario())
+
+
 def test_repeated_rejections_are_rate_limited_in_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         async with controller(make_cfg(tmp_path)) as ctl, aiohttp.ClientSession() as http:

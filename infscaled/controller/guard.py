@@ -1,8 +1,11 @@
 """Bounded work per connection and per request on the controller's HTTP listener.
 
 Connections (a protocol wrapper around aiohttp's, installed by `GuardedSite`):
-- at most `max_connections_per_client` open connections per client address and
-  `max_connections` in all; one more is aborted as it is accepted (its fd closed at once);
+- at most `max_connections_per_client` open connections per client address: one more is
+  aborted as it is accepted (its fd closed at once); at most `max_connections` in all: a new
+  connection past that evicts the connection idle the longest (outside any request), and is
+  refused only when every connection is inside a request. So a flood from many addresses
+  cannot lock a healthy client out: its new connection displaces an idle attacker's;
 - a connection that is not inside a request handler for `header_timeout_s` is aborted: that
   bounds a request's headers arriving slowly (slowloris), a connection that never sends one,
   and an idle keep-alive. A handler in progress (a long proxied answer, a websocket) is busy,
@@ -24,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -57,6 +60,8 @@ class ConnectionGuard:
         self.timed_out = 0  # idle / slow headers past header_timeout_s
         self.throttle = Throttle(log)
         self._by_transport: dict[int, _Guarded] = {}
+        self._idle: OrderedDict[int, _Guarded] = OrderedDict()  # outside any request, oldest first
+        self.evicted = 0  # idle connections closed to make room
 
     def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Guarded(self, inner())
@@ -66,10 +71,25 @@ class ConnectionGuard:
         if guarded is not None:
             guarded.busy += 1 if busy else -1
             guarded.idle_since = time.monotonic()
+            if guarded.busy:
+                self._idle.pop(id(transport), None)
+            else:
+                self._idle[id(transport)] = guarded  # (re)enters at the young end
+
+    def make_room(self) -> bool:
+        """Close the connection idle the longest; False when every connection is in a request."""
+        while self._idle:
+            _, oldest = self._idle.popitem(last=False)
+            if oldest.transport is not None and not oldest.busy:
+                self.evicted += 1
+                oldest.transport.abort()  # connection_lost runs later: count it gone now
+                oldest.release()
+                return True
+        return False
 
     def stats(self) -> dict[str, int]:
         return {"open": self.open, "refused": self.refused, "timed_out": self.timed_out,
-                "clients": len(self.per_client)}
+                "evicted": self.evicted, "clients": len(self.per_client)}
 
 
 class _Guarded(asyncio.Protocol):
@@ -79,6 +99,7 @@ class _Guarded(asyncio.Protocol):
         self.guard, self.inner = guard, inner
         self.client = ""
         self.admitted = False
+        self.counted = False  # in the guard's counts (an evicted connection leaves them at once)
         self.busy = 0
         self.idle_since = time.monotonic()
         self.transport: asyncio.Transport | None = None
@@ -88,18 +109,20 @@ class _Guarded(asyncio.Protocol):
         g, cfg = self.guard, self.guard.cfg
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        if g.open >= cfg.max_connections or g.per_client[self.client] >= cfg.max_connections_per_client:
+        full = g.open >= cfg.max_connections and not g.make_room()
+        if full or g.per_client[self.client] >= cfg.max_connections_per_client:
             g.refused += 1
-            which = ("max_connections" if g.open >= cfg.max_connections else "max_connections_per_client")
+            which = "max_connections" if full else "max_connections_per_client"
             g.throttle.warning(f"cap:{which}", "connection from %s refused: %s (%d) reached", self.client, which,
                                getattr(cfg, which))
             transport.abort()
             return
-        self.admitted = True
+        self.admitted = self.counted = True
         g.open += 1
         g.per_client[self.client] += 1
         self.transport = transport  # type: ignore[assignment]
         g._by_transport[id(transport)] = self
+        g._idle[id(transport)] = self
         self.inner.connection_made(transport)
         self._arm()
 
@@ -135,16 +158,24 @@ class _Guarded(asyncio.Protocol):
         if self.admitted:
             self.inner.resume_writing()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.admitted:
+    def release(self) -> None:
+        """Stop counting this connection (once: at eviction or when it is lost)."""
+        if not self.counted:
             return
-        self.admitted = False
+        self.counted = False
         g = self.guard
         g.open -= 1
         g.per_client[self.client] -= 1
         if g.per_client[self.client] <= 0:
             del g.per_client[self.client]
         g._by_transport.pop(id(self.transport), None)
+        g._idle.pop(id(self.transport), None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.admitted:
+            return
+        self.admitted = False
+        self.release()
         if self._timer is not None:
             self._timer.cancel()
         self.transport = None
