@@ -162,7 +162,8 @@ def summarise(lat: list[tuple[float, float | None]], samples: list[dict[str, flo
             "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": ok[-1] if ok else float("nan"),
             "controller_fds_max": max((s["fds"] for s in snaps), default=-1),
             "controller_tcp_max": max((s["tcp"] for s in snaps), default=-1),
-            "controller_rss_mb_max": round(max((s["rss_mb"] for s in snaps), default=-1), 1)}
+            "controller_rss_mb_max": round(max((s["rss_mb"] for s in snaps), default=-1), 1),
+            "controller_fds_end": snaps[-1]["fds"] if snaps else -1}
 
 
 def main() -> None:
