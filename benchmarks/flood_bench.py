@@ -99,7 +99,8 @@ async def attack(mode: str, port: int, count: int, seconds: float) -> None:
     stop = time.monotonic() + seconds
     held = [0]
     conns: list[Any] = []
-    sources = [f"127.0.0.{2 + i}" for i in range(10)] if mode == "slowloris" else [f"127.0.0.{12 + i}" for i in range(40)]
+    first, count_src = (2, 10) if mode == "slowloris" else (12, 40)
+    sources = [f"127.0.0.{first + i}" for i in range(count_src)]
     tasks = []
     gate = asyncio.Semaphore(500)  # connects in flight at once
 
@@ -157,7 +158,9 @@ def summarise(lat: list[tuple[float, float | None]], samples: list[dict[str, flo
     window = [v for t, v in lat if t0 <= t < t1]
     ok = sorted(v * 1e3 for v in window if v is not None)
     snaps = [s for s in samples if t0 <= s["t"] < t1]
-    q = (lambda p: ok[min(len(ok) - 1, int(p * len(ok)))] if ok else float("nan"))
+    def q(p: float) -> float:
+        return ok[min(len(ok) - 1, int(p * len(ok)))] if ok else float("nan")
+
     return {"requests": len(window), "failed": sum(v is None for v in window),
             "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": ok[-1] if ok else float("nan"),
             "controller_fds_max": max((s["fds"] for s in snaps), default=-1),

@@ -155,8 +155,11 @@ def main() -> None:
             halt.set()
             for t in clients:
                 t.join(60)
-            stats = api.until("dispatcher idle", lambda: (m := api.call("GET", f"/v1/jobs/{job_id}/metrics")[1]
-                                                          ["dispatcher"]) and m["inflight_requests"] == 0 and m, 30, 0.5)
+            def idle() -> Any:
+                m = api.call("GET", f"/v1/jobs/{job_id}/metrics")[1]["dispatcher"]
+                return m and m["inflight_requests"] == 0 and m
+
+            stats = api.until("dispatcher idle", idle, 30, 0.5)
         finally:
             halt.set()
             for proc in (controller, agent):

@@ -92,7 +92,8 @@ def test_restart_adopts_the_running_job_and_stops_what_it_does_not_know(tmp_path
                 assert [(a["id"], a["state"]) for a in agents] == [("a1", "lost")]
                 # a1 comes back with its credential, listing what it runs (plus a stray job).
                 running = [RunningWorker(job_id, n, "ready", p) for n, p in pids.items()]
-                agent.register = replace(agent.register, workers=[*running, RunningWorker("ghost-1", "0.0", "ready", 7)])
+                stray = RunningWorker("ghost-1", "0.0", "ready", 7)
+                agent.register = replace(agent.register, workers=[*running, stray])
                 await agent.connect()
                 stop = await agent.expect(StopJob)
                 assert stop.job_id == "ghost-1" and "does not run this job" in stop.reason
@@ -114,15 +115,22 @@ def test_restart_adopts_the_running_job_and_stops_what_it_does_not_know(tmp_path
     asyncio.run(scenario())
 
 
+async def crashed_with_a_running_job(cfg: ControllerConfig,
+                                     http: aiohttp.ClientSession) -> tuple[FakeAgent, str, dict[str, int]]:
+    """A controller ran the quickstart job on a1, then crashed; a1's link is closed."""
+    async with crashing(cfg) as ctl:
+        agent, job_id, pids = await running_job(ctl, http)
+        await ctl.store.sync()
+    await agent.close()
+    return agent, job_id, pids
+
+
 def test_restart_fails_a_job_whose_worker_or_agent_did_not_come_back(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, port=free_port(), adopt_timeout_s=1.0)
 
     async def scenario() -> None:
         async with aiohttp.ClientSession() as http:
-            async with crashing(cfg) as ctl:
-                agent, job_id, pids = await running_job(ctl, http)
-                await ctl.store.sync()
-            await agent.close()
+            agent, job_id, pids = await crashed_with_a_running_job(cfg, http)
             async with crashing(cfg) as ctl:
                 agent.register = replace(agent.register, workers=[
                     RunningWorker(job_id, n, "ready", p) for n, p in pids.items() if n != "1.1"])
@@ -145,14 +153,30 @@ def test_agent_that_never_returns_fails_its_job_after_adopt_timeout(tmp_path: Pa
 
     async def scenario() -> None:
         async with aiohttp.ClientSession() as http:
-            async with crashing(cfg) as ctl:
-                agent, job_id, _ = await running_job(ctl, http)
-                await ctl.store.sync()
-            await agent.close()
+            _, job_id, _ = await crashed_with_a_running_job(cfg, http)
             async with crashing(cfg) as ctl:
                 await wait_state(ctl, job_id, "failed")
                 assert ctl.jobs.jobs[job_id].reason == ("agent(s) a1 did not register again within 0.5 s of the "
                                                         "controller's restart (adopt_timeout_s)")
+
+    asyncio.run(scenario())
+
+
+def test_stop_requested_while_the_agent_is_away_reaches_it_when_it_returns(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, port=free_port())
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as http:
+            agent, job_id, pids = await crashed_with_a_running_job(cfg, http)
+            async with crashing(cfg) as ctl:
+                status, _ = await Api(http, ctl.url).call("DELETE", f"/v1/jobs/{job_id}")
+                assert status == 202 and ctl.jobs.jobs[job_id].state == "stopping"
+                agent.register = replace(agent.register, workers=[
+                    RunningWorker(job_id, n, "ready", p) for n, p in pids.items()])
+                await agent.connect()
+                assert (await agent.expect(StopJob)).job_id == job_id
+                await agent.report(job_id, list(pids), "exited")
+                await wait_state(ctl, job_id, "stopped")
 
     asyncio.run(scenario())
 

@@ -29,7 +29,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -115,7 +115,7 @@ class _Guarded(asyncio.Protocol):
             which = "max_connections" if full else "max_connections_per_client"
             g.throttle.warning(f"cap:{which}", "connection from %s refused: %s (%d) reached", self.client, which,
                                getattr(cfg, which))
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         self.admitted = self.counted = True
         g.open += 1
@@ -244,13 +244,15 @@ async def _read_body(request: web.Request, cfg: ControllerConfig, guard: Connect
                        close=True)
     if request.content_type == "application/json" and not request.path.endswith(_PASS_THROUGH):
         try:
-            request[PARSED_JSON] = jsonsafe.loads(body, max_bytes=cfg.max_json_bytes, max_depth_allowed=cfg.max_json_depth)
+            request[PARSED_JSON] = jsonsafe.loads(body, max_bytes=cfg.max_json_bytes,
+                                                  max_depth_allowed=cfg.max_json_depth)
         except jsonsafe.JsonLimitError as exc:
             return _reject(guard, exc.status, str(exc), request)
     return None
 
 
-def _reject(guard: ConnectionGuard, status: int, message: str, request: web.Request, close: bool = False) -> web.Response:
+def _reject(guard: ConnectionGuard, status: int, message: str, request: web.Request,
+            close: bool = False) -> web.Response:
     guard.throttle.warning(f"reject:{status}", "%s %s from %s: %d %s", request.method, request.path, request.remote,
                            status, message)
     headers = {"Connection": "close"} if close else None

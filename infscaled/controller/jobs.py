@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import tomllib
 import itertools
 import logging
 import re
 import secrets
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -517,12 +517,17 @@ class JobStore:
                     job.deadline = time.monotonic() + self.cfg.stop_grace_s  # its ports stay taken meanwhile
                 self._save(job)
                 continue
+            if job.state is JobState.STOPPING and any(s.state not in _GONE for s in mine.values()):
+                # Stopped while this agent was away (its StopJob could not be sent): send it now.
+                self._to_stop[(job.id, agent_id)] = job.reason or "stop requested"
             if agent_id in job.awaiting:
                 job.awaiting.discard(agent_id)
                 gone = [n for n, s in mine.items() if s.state in _GONE]
-                if gone:
-                    self._adopt_failures[job.id] = (f"worker(s) {', '.join(gone)} on agent {agent_id} were gone when it "
-                                                    "registered again after the controller restarted")
+                if job.state is JobState.STOPPING:
+                    pass  # nothing to adopt: its processes are being stopped
+                elif gone:
+                    self._adopt_failures[job.id] = (f"worker(s) {', '.join(gone)} on agent {agent_id} were gone "
+                                                    "when it registered again after the controller restarted")
                 else:
                     pids = ", ".join(f"{n} pid {s.pid}" for n, s in mine.items())
                     log.info("job %s: adopted %s on agent %s", job.id, pids, agent_id)
@@ -570,8 +575,8 @@ class JobStore:
                                       f"{self.cfg.adopt_timeout_s:g} s of the controller's restart (adopt_timeout_s)")
         failures, self._adopt_failures = self._adopt_failures, {}
         for job_id, reason in failures.items():
-            if (job := self.jobs.get(job_id)) is not None:
-                await self._fail(job, reason)
+            if (failed := self.jobs.get(job_id)) is not None:
+                await self._fail(failed, reason)
         to_stop, self._to_stop = self._to_stop, {}
         for (job_id, agent_id), why in to_stop.items():
             log.warning("agent %s runs processes of job %s: stopping them (%s)", agent_id, job_id, why)

@@ -30,7 +30,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -249,7 +249,8 @@ class Store:
 
     def save_agent(self, rec: AgentRecord) -> None:
         self._put("INSERT INTO agents (id, credential_sha256, register, first_seen, last_seen) "
-                  "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET credential_sha256 = excluded.credential_sha256, "
+                  "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                  "credential_sha256 = excluded.credential_sha256, "
                   "register = excluded.register, last_seen = excluded.last_seen",
                   (rec.id, rec.credential_sha256, json.dumps(rec.register), rec.first_seen, rec.last_seen))
 
@@ -337,11 +338,11 @@ class Store:
             if item[0] == "sync":
                 item[1].set_result(None)
             elif item[0] == "read":
-                _answer(item[3], lambda sql=item[1], args=item[2]: self._conn.execute(sql, args).fetchall())
+                _answer(item[3], self._conn, item[1], item[2])
 
 
-def _answer(future: concurrent.futures.Future[Any], fn: Callable[[], Any]) -> None:
+def _answer(future: concurrent.futures.Future[Any], conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> None:
     try:
-        future.set_result(fn())
+        future.set_result(conn.execute(sql, args).fetchall())
     except sqlite3.Error as exc:
         future.set_exception(StoreError(str(exc)))
