@@ -230,9 +230,10 @@ def body_middleware(cfg: ControllerConfig, guard: ConnectionGuard) -> Any:
 
 async def _read_body(request: web.Request, cfg: ControllerConfig, guard: ConnectionGuard) -> web.Response | None:
     declared = request.content_length
-    if declared is not None and declared > cfg.max_body_bytes:
-        return _reject(guard, 413, f"request body of {declared} bytes exceeds max_body_bytes = {cfg.max_body_bytes}",
-                       request, close=True)
+    parsed_here = request.content_type == "application/json" and not request.path.endswith(_PASS_THROUGH)
+    limit, name = (cfg.max_json_bytes, "max_json_bytes") if parsed_here else (cfg.max_body_bytes, "max_body_bytes")
+    if declared is not None and declared > limit:
+        return _reject(guard, 413, f"request body of {declared} bytes exceeds {name} = {limit}", request, close=True)
     try:
         async with asyncio.timeout(cfg.body_timeout_s):
             body = await request.read()  # cached: the handler's read() returns it at once
@@ -242,7 +243,7 @@ async def _read_body(request: web.Request, cfg: ControllerConfig, guard: Connect
     except web.HTTPRequestEntityTooLarge:
         return _reject(guard, 413, f"request body exceeds max_body_bytes = {cfg.max_body_bytes}", request,
                        close=True)
-    if request.content_type == "application/json" and not request.path.endswith(_PASS_THROUGH):
+    if parsed_here:
         try:
             request[PARSED_JSON] = jsonsafe.loads(body, max_bytes=cfg.max_json_bytes,
                                                   max_depth_allowed=cfg.max_json_depth)

@@ -120,7 +120,7 @@ class Job:
     unit_weights: tuple[int, ...]
     ranges: tuple[tuple[int, int], ...]  # each stage's (first_unit, last_unit)
     created: float  # wall clock, for people
-    source: JobSource
+    source: JobSource = JobSource("", SUBMITTED)  # the text the database keeps ("" in unit tests)
     state: JobState = JobState.PENDING
     reason: str = ""
     plan: JobPlan | None = None
