@@ -47,6 +47,7 @@ _BODY_METHODS: Final = ("POST", "PUT", "PATCH")
 # Bodies the controller forwards without parsing (the dispatcher checks them).
 _PASS_THROUGH: Final = "/infer"
 _OPENAI_PATHS: Final = ("/v1/completions", "/v1/chat/completions")
+_PARSE_INLINE_BYTES: Final = 256 << 10  # ~2 ms of scanning and parsing at most on the loop
 
 
 class ConnectionGuard:
@@ -245,8 +246,12 @@ async def _read_body(request: web.Request, cfg: ControllerConfig, guard: Connect
                        close=True)
     if parsed_here:
         try:
-            request[PARSED_JSON] = jsonsafe.loads(body, max_bytes=cfg.max_json_bytes,
-                                                  max_depth_allowed=cfg.max_json_depth)
+            if len(body) > _PARSE_INLINE_BYTES:  # a large body is scanned and parsed off the event loop
+                request[PARSED_JSON] = await asyncio.to_thread(
+                    jsonsafe.loads, body, max_bytes=cfg.max_json_bytes, max_depth_allowed=cfg.max_json_depth)
+            else:
+                request[PARSED_JSON] = jsonsafe.loads(body, max_bytes=cfg.max_json_bytes,
+                                                      max_depth_allowed=cfg.max_json_depth)
         except jsonsafe.JsonLimitError as exc:
             return _reject(guard, exc.status, str(exc), request)
     return None

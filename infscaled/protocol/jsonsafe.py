@@ -27,6 +27,7 @@ _BRACKETS: Final = b"[]{}"
 _DELETE: Final = bytes(b for b in range(256) if b not in _BRACKETS)
 # Opening brackets -> +1, closing -> -1 (as signed bytes: 0xff).
 _DEPTH_TABLE: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_CHUNK: Final = 4096
 
 
 class JsonLimitError(InfscaledError):
@@ -37,10 +38,20 @@ class JsonLimitError(InfscaledError):
         self.status = status
 
 
-def max_depth(body: bytes) -> int:
-    """How deep brackets and braces nest in a JSON text (brackets inside strings do not count)."""
-    structure = _STRING.sub(b"", body).translate(_DEPTH_TABLE, _DELETE)
-    return max(accumulate(array("b", structure)), default=0)
+def max_depth(body: bytes, stop_above: int | None = None) -> int:
+    """How deep brackets and braces nest in a JSON text (brackets inside strings do not count).
+
+    With `stop_above`, the scan stops at the first chunk deeper than that (and returns that
+    chunk's depth): a 100k-deep document costs one chunk, not 100k steps."""
+    structure = array("b", _STRING.sub(b"", body).translate(_DEPTH_TABLE, _DELETE))
+    depth = deepest = 0
+    for start in range(0, len(structure), _CHUNK):
+        running = list(accumulate(structure[start:start + _CHUNK], initial=depth))
+        deepest = max(deepest, max(running))
+        depth = running[-1]
+        if stop_above is not None and deepest > stop_above:
+            break
+    return deepest
 
 
 def _reject_constant(name: str) -> Any:
@@ -52,9 +63,10 @@ def loads(body: bytes | str, *, max_bytes: int, max_depth_allowed: int, what: st
     data = body.encode() if isinstance(body, str) else body
     if len(data) > max_bytes:
         raise JsonLimitError(413, f"{what} is {len(data)} bytes; the limit is {max_bytes}")
-    depth = max_depth(data)
+    depth = max_depth(data, stop_above=max_depth_allowed)
     if depth > max_depth_allowed:
-        raise JsonLimitError(400, f"{what} nests {depth} levels deep; the limit is {max_depth_allowed}")
+        raise JsonLimitError(400, f"{what} nests more than {max_depth_allowed} levels deep (at least {depth}); "
+                                  f"the limit is {max_depth_allowed}")
     try:
         return json.loads(data, parse_constant=_reject_constant)
     except JsonLimitError:
