@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -119,7 +120,8 @@ def main() -> None:
     if args.hostile_port:
         answers: Counter[str] = Counter()
         hostile(f"http://127.0.0.1:{args.hostile_port}", args.hostile_port, args.seconds, args.rate, answers)
-        print(json.dumps(answers))
+        usage = resource.getrusage(resource.RUSAGE_SELF)  # the attacker's own CPU, start-up included
+        print(json.dumps({"answers": answers, "cpu_s": usage.ru_utime + usage.ru_stime}))
         return
 
     port = free_port()
@@ -165,21 +167,25 @@ def main() -> None:
                     t0 = time.monotonic()
                     cpu0 = sum(rss.cpu_times()[:2])
                     answers: dict[str, int] = {}
+                    attacker_cpu = 0.0
                     if kind == "hostile":
                         out = subprocess.run([sys.executable, "-m", "benchmarks.hostile_bench", "--hostile-port",
                                               str(port), "--seconds", str(args.seconds), "--rate",
                                               str(args.rate)], capture_output=True,
                                              text=True, timeout=args.seconds + 120,
                                              cwd=str(Path(__file__).parents[1])).stdout
-                        answers = json.loads(out.strip().splitlines()[-1])
+                        report = json.loads(out.strip().splitlines()[-1])
+                        answers, attacker_cpu = report["answers"], report["cpu_s"]
                     else:
                         time.sleep(args.seconds)
                     t1 = time.monotonic()
                     rate = sum(t0 <= t < t1 for t in done) / (t1 - t0)
                     cpu = (sum(rss.cpu_times()[:2]) - cpu0) / (t1 - t0)
                     phases.append({"kind": kind, "req_per_s": rate, "controller_rss_mb": rss.memory_info().rss / 2**20,
-                                   "controller_cpu_ratio": cpu, "hostile_answers": answers})
+                                   "controller_cpu_ratio": cpu, "attacker_cpu_ratio": attacker_cpu / (t1 - t0),
+                                   "hostile_answers": answers})
                     print(f"{kind:<8} {rate:8.1f} req/s  controller CPU {cpu:4.0%}  "
+                          f"attacker CPU {attacker_cpu / (t1 - t0):4.0%}  "
                           f"RSS {phases[-1]['controller_rss_mb']:.0f} MB"
                           + (f"  {sum(answers.values())} hostile requests" if answers else ""), flush=True)
         finally:
