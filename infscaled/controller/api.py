@@ -22,7 +22,8 @@ from infscaled.config.messages import config_error
 from infscaled.controller import export, proxy, watch
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.guard import PARSED_JSON
-from infscaled.controller.jobs import SUBMITTED, JobSource, JobState, JobStore, Rejected
+from infscaled.controller.job import SUBMITTED, JobSource, JobState, Rejected
+from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Registry
 from infscaled.errors import ConfigError
 from infscaled.protocol import jsonsafe

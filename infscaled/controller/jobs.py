@@ -26,24 +26,22 @@ not run are stopped, and a live job missing a process on it fails with the reaso
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
 import re
 import secrets
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from infscaled.config import JobConfig, parse_job
-from infscaled.config.messages import config_error
+from infscaled.config import JobConfig
 from infscaled.controller.config import ControllerConfig
+from infscaled.controller.job import GONE, LIVE, WORKER_STATES, Job, JobSource, JobState, NodeStatus, Rejected
 from infscaled.controller.registry import InspectError, Registry, SendError
 from infscaled.controller.store import JobRecord, Store
-from infscaled.errors import ConfigError, InfscaledError
+from infscaled.errors import ConfigError
 from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
 from infscaled.planning.graph import build_edges
 from infscaled.planning.job import check_model, explicit_edges, loop_edges, plan_job, stage_ranges
@@ -51,140 +49,6 @@ from infscaled.protocol.messages import Deploy, Metrics, RunningWorker, StopJob,
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_from_dict, plan_to_dict
 
 log = logging.getLogger(__name__)
-
-WORKER_STATES = ("starting", "ready", "exited", "failed")
-SUBMITTED = "<submitted>"  # the file name of a job submitted without X-Infscaled-Job-File
-_GONE = ("exited", "failed", "lost")  # a node in one of these holds no process any more
-
-
-class JobState(enum.StrEnum):
-    PENDING = "pending"
-    DEPLOYING = "deploying"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-LIVE = (JobState.DEPLOYING, JobState.RUNNING, JobState.STOPPING)
-
-
-class Rejected(InfscaledError):
-    """A request the API answers with `status` and this message as {"error": ...}."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class JobSource:
-    """A job file as submitted: kept in the database, parsed again when the controller restarts."""
-
-    text: str
-    file_name: str  # as shown in messages
-    name_override: str | None = None  # the JSON body's "name"
-
-    def parse(self, model_roots: Sequence[str] | None = None) -> JobConfig:
-        """The JobConfig of this source (ConfigError with `infscaled run`'s text for the same file)."""
-        try:
-            data = tomllib.loads(self.text)
-        except tomllib.TOMLDecodeError as exc:
-            raise config_error(self.file_name, "", None, "TOML syntax (https://toml.io)",
-                               f"invalid TOML: {exc}") from None
-        except RecursionError:  # tomllib recurses per nesting level: a clear 400, never a 500
-            raise config_error(self.file_name, "", None, "TOML syntax (https://toml.io)",
-                               "arrays or tables nested too deeply to parse") from None
-        if self.name_override is not None:
-            data["name"] = self.name_override
-        elif "name" not in data and self.file_name == SUBMITTED:
-            data["name"] = "job"  # no file stem to name it after
-        return parse_job(data, self.file_name, model_roots=model_roots)
-
-
-@dataclass
-class NodeStatus:
-    """One node of a placed job: where it runs and what its agent last reported."""
-
-    agent: str
-    device: str  # the agent's device id ("cpu:0", "cuda:1"); "" for the dispatcher
-    state: str = "assigned"  # then one of WORKER_STATES, or "lost" with its agent
-    pid: int = 0
-    reason: str = ""
-
-
-@dataclass
-class Job:
-    id: str
-    cfg: JobConfig
-    unit_weights: tuple[int, ...]
-    ranges: tuple[tuple[int, int], ...]  # each stage's (first_unit, last_unit)
-    created: float  # wall clock, for people
-    source: JobSource = JobSource("", SUBMITTED)  # the text the database keeps ("" in unit tests)
-    state: JobState = JobState.PENDING
-    reason: str = ""
-    plan: JobPlan | None = None
-    nodes: dict[str, NodeStatus] = field(default_factory=dict)  # "0.0", ..., "dispatcher"
-    ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # agent id -> ports held there
-    dispatcher_agent: str = ""
-    dispatcher_port: int = 0
-    service_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
-    # Monotonic: deploying -> ready deadline; stopping -> grace end; failed -> when resources free.
-    deadline: float = float("inf")
-    # The latest Metrics per agent and when it arrived (monotonic): bounded by the job's agents.
-    metrics: dict[str, tuple[float, Metrics]] = field(default_factory=dict)
-    # Loaded after a controller restart: agents of this job that have not registered again yet.
-    awaiting: set[str] = field(default_factory=set)
-    adopt_deadline: float = float("inf")  # monotonic
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
-
-    @property
-    def agents(self) -> list[str]:
-        return sorted({s.agent for s in self.nodes.values()})
-
-    @property
-    def drained(self) -> bool:
-        return all(s.state in _GONE for s in self.nodes.values())
-
-    def holds_resources(self, now: float) -> bool:
-        """Devices and ports stay taken while processes may still run on them."""
-        if self.state in LIVE:
-            return True
-        return self.state in (JobState.FAILED, JobState.STOPPED) and not self.drained and now < self.deadline
-
-    def record(self) -> JobRecord:
-        """The database row of this job (controller/store.py)."""
-        return JobRecord(
-            self.id, self.name, self.created, self.source.file_name, self.source.text, self.source.name_override,
-            len(self.unit_weights), list(self.unit_weights), str(self.state), self.reason,
-            plan_to_dict(self.plan) if self.plan is not None else None,
-            {n: {"agent": s.agent, "device": s.device, "state": s.state, "pid": s.pid, "reason": s.reason}
-             for n, s in self.nodes.items()},
-            {a: list(p) for a, p in self.ports.items()}, self.dispatcher_agent, self.dispatcher_port,
-            self.service_token)
-
-    def describe(self) -> str:
-        return f"job {self.id} is {self.state}" + (f": {self.reason}" if self.reason else "")
-
-    def summary(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "state": str(self.state), "reason": self.reason,
-                "created": self.created}
-
-    def detail(self) -> dict[str, Any]:
-        stages = [{"index": i, "first_unit": a, "last_unit": b, "replicas": self.cfg.pipeline.replicas[i]}
-                  for i, (a, b) in enumerate(self.ranges)]
-        nodes = [{"node": name, "agent": s.agent, "device": s.device, "state": s.state, "pid": s.pid,
-                  "reason": s.reason} for name, s in self.nodes.items()]
-        return {**self.summary(), "model": self.cfg.model.source, "placement": self.cfg.placement.policy,
-                "stages": stages, "nodes": nodes,
-                "dispatcher": {"agent": self.dispatcher_agent, "port": self.dispatcher_port}
-                if self.dispatcher_agent else None,
-                "edges": [{"src": str(e.src), "dst": str(e.dst), "host": e.host, "port": e.port}
-                          for e in self.plan.edges] if self.plan is not None else []}
-
 
 @dataclass(frozen=True)
 class _Placement:
@@ -477,7 +341,7 @@ class JobStore:
 
     async def agent_lost(self, agent_id: str, reason: str) -> None:
         for job in list(self.jobs.values()):
-            on_agent = [s for s in job.nodes.values() if s.agent == agent_id and s.state not in _GONE]
+            on_agent = [s for s in job.nodes.values() if s.agent == agent_id and s.state not in GONE]
             if not on_agent:
                 continue
             for status in on_agent:
@@ -510,19 +374,19 @@ class JobStore:
                 running = listed.get((job.id, node))
                 if running is not None:
                     status.state, status.pid = running.state, running.pid or status.pid
-                elif status.state not in _GONE:
+                elif status.state not in GONE:
                     status.state = "lost"  # not running there any more
             if job.state not in LIVE:
-                if any(s.state not in _GONE for s in mine.values()):
+                if any(s.state not in GONE for s in mine.values()):
                     job.deadline = time.monotonic() + self.cfg.stop_grace_s  # its ports stay taken meanwhile
                 self._save(job)
                 continue
-            if job.state is JobState.STOPPING and any(s.state not in _GONE for s in mine.values()):
+            if job.state is JobState.STOPPING and any(s.state not in GONE for s in mine.values()):
                 # Stopped while this agent was away (its StopJob could not be sent): send it now.
                 self._to_stop[(job.id, agent_id)] = job.reason or "stop requested"
             if agent_id in job.awaiting:
                 job.awaiting.discard(agent_id)
-                gone = [n for n, s in mine.items() if s.state in _GONE]
+                gone = [n for n, s in mine.items() if s.state in GONE]
                 if job.state is JobState.STOPPING:
                     pass  # nothing to adopt: its processes are being stopped
                 elif gone:
@@ -562,14 +426,14 @@ class JobStore:
                 await self._fail(job, f"worker(s) {', '.join(late)} not ready within "
                                       f"{self.cfg.ready_timeout_s:g} s (ready_timeout_s)")
             elif job.state is JobState.STOPPING and now > job.deadline:
-                late = [n for n, s in job.nodes.items() if s.state not in _GONE]
+                late = [n for n, s in job.nodes.items() if s.state not in GONE]
                 self._set_stopped(job, f"{job.reason}; node(s) {', '.join(late)} did not report their exit "
                                        f"within {self.cfg.stop_grace_s:g} s")
         for job in list(self.jobs.values()):
             if job.awaiting and job.state in LIVE and now > job.adopt_deadline:
                 missing, job.awaiting = sorted(job.awaiting), set()
                 for status in job.nodes.values():
-                    if status.agent in missing and status.state not in _GONE:
+                    if status.agent in missing and status.state not in GONE:
                         status.state = "lost"
                 await self._fail(job, f"agent(s) {', '.join(missing)} did not register again within "
                                       f"{self.cfg.adopt_timeout_s:g} s of the controller's restart (adopt_timeout_s)")
