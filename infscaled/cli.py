@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--host", help="controller: address to bind (default 127.0.0.1)")
     daemon.add_argument("--port", type=int, help="controller: port (default 8470)")
     daemon.add_argument("--model-root", dest="model_roots", action="append", metavar="DIR",
-                        help="controller: a directory job model paths may lie under (repeat; default: none)")
+                        help="controller: a directory job model paths may lie under (repeat; default: none); "
+                             "agent: the same check again on this host (default: the controller's only)")
     daemon.add_argument("--controller", dest="controller_url",
                         help="agent: the controller's URL, e.g. http://10.0.0.5:8470")
     daemon.add_argument("--id", dest="agent_id", help="agent: its name (default: the hostname)")
@@ -169,7 +170,9 @@ def _agent(args: argparse.Namespace, level: int) -> int:
     cfg = AgentConfig(controller=args.controller_url, token=resolve_token(args.token), devices=args.devices,
                       advertise=args.advertise, port_range=(int(first), int(last or first)),
                       worker_log_level=level, orphan_grace_s=args.orphan_grace,
-                      allow_python_sources=args.allow_python_sources, **extra)
+                      allow_python_sources=args.allow_python_sources,
+                      model_roots=tuple(str(Path(r).expanduser().resolve()) for r in args.model_roots)
+                      if args.model_roots else None, **extra)
     _serve(run(cfg))
     return 0
 

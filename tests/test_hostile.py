@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from test_controller import QUICKSTART, TOKEN, Api, FakeAgent, LoopThread, controller, make_cfg
 
 from infscaled.agent.config import AgentConfig
-from infscaled.agent.jobs import JobManager
+from infscaled.agent.jobs import JobManager, source_refused
 from infscaled.controller.app import Controller
 from infscaled.controller.guard import GUARD
 from infscaled.protocol import jsonsafe
@@ -262,3 +262,9 @@ def test_agent_refuses_python_sources_by_default(tmp_path: Path) -> None:
     assert not inspect.ok and "--allow-python-sources" in inspect.error
     deploy = next(m for m in refused if isinstance(m, ErrorMsg))
     assert "deploy j1: model.source 'python:os:getcwd': this agent does not run python: model sources" in deploy.message
+    rooted = AgentConfig(controller="http://127.0.0.1:1", token="t", state_dir=str(tmp_path),
+                         model_roots=(str(tmp_path / "models"),))
+    assert source_refused(rooted, str(tmp_path / "models" / "gpt2")) is None
+    assert "outside the model directories this agent serves" in (source_refused(rooted, "/etc") or "")
+    assert source_refused(rooted, str(tmp_path / "models" / ".." / "secret")) is not None
+    assert source_refused(rooted, "org/name") is None and source_refused(rooted, "builtin:gpt2-tiny") is None

@@ -60,6 +60,8 @@ class AgentConfig:
     """Sending each job's latest worker and dispatcher stats to the controller: at most this often."""
     allow_python_sources: bool = False
     """Run `python:MODULE:FACTORY` model sources: they import and run code on this host."""
+    model_roots: tuple[str, ...] | None = None
+    """Directories model paths must lie under (checked lexically); None: the controller's check only."""
     max_inspections: int = 2
     """Model inspections (a child process each) at once; more wait their turn."""
     orphan_grace_s: float = 120.0

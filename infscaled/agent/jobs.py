@@ -17,8 +17,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from infscaled.agent.config import AgentConfig
+from infscaled.config.source import roots_problem, under_roots
 from infscaled.errors import InfscaledError
 from infscaled.protocol.control import DispatcherStats, StageStats
 from infscaled.protocol.messages import (
@@ -52,6 +54,9 @@ def source_refused(cfg: AgentConfig, source: str) -> str | None:
     if source.startswith("python:") and not cfg.allow_python_sources:
         return (f"model.source {source!r}: this agent does not run python: model sources (they import and run "
                 "code on its host); start it with --allow-python-sources to allow them")
+    # The controller sends model directories as absolute paths; Hugging Face ids never start with "/".
+    if cfg.model_roots is not None and source.startswith("/") and not under_roots(Path(source), cfg.model_roots):
+        return f"model.source {source!r}: {roots_problem(cfg.model_roots).replace('controller', 'agent')}"
     return None
 
 
