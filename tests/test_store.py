@@ -20,7 +20,7 @@ from test_controller import QUICKSTART, Api, FakeAgent, make_cfg, submit_inspect
 
 from infscaled.controller.app import Controller, start_controller
 from infscaled.controller.config import ControllerConfig
-from infscaled.controller.store import SCHEMA_VERSION, AgentRecord, Store, StoreError
+from infscaled.controller.store import MAX_EVENTS, SCHEMA_VERSION, AgentRecord, EventRecord, Store, StoreError
 from infscaled.protocol.messages import Deploy, ErrorMsg, RunningWorker, StopJob
 
 
@@ -202,3 +202,18 @@ def test_taken_agent_id_is_refused_and_the_first_agent_keeps_its_job(tmp_path: P
             assert [a.state for a in ctl.registry] == ["connected"]
 
     asyncio.run(scenario())
+
+
+def test_events_table_stays_bounded(tmp_path: Path) -> None:
+    store = Store.open(tmp_path)
+    for seq in range(1, MAX_EVENTS + 2001):
+        store.add_event(EventRecord(seq, float(seq), "job_state", f"e{seq}", "", "j", "", "running"))
+    store.flush_blocking()
+    store.close()
+    store = Store.open(tmp_path)
+    loaded = store.load(recent_events=5)
+    assert [e.seq for e in loaded.events] == list(range(MAX_EVENTS + 1996, MAX_EVENTS + 2001))
+    store.close()
+    conn = sqlite3.connect(tmp_path / "controller.db")
+    assert conn.execute("SELECT COUNT(*) FROM events").fetchone()[0] <= MAX_EVENTS
+    conn.close()

@@ -278,6 +278,8 @@ class Store:
         self._put("INSERT OR REPLACE INTO events (seq, at, kind, message, agent, job, node, state) "
                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                   (rec.seq, rec.at, rec.kind, rec.message, rec.agent, rec.job, rec.node, rec.state))
+        if rec.seq % 1000 == 0:  # a long-running controller keeps its table bounded too
+            self._put("DELETE FROM events WHERE seq <= ?", (rec.seq - MAX_EVENTS,))
 
     def _put(self, sql: str, args: tuple[Any, ...]) -> None:
         if self._closed:
