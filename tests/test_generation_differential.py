@@ -22,7 +22,7 @@ import random
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +31,17 @@ import pytest
 import torch
 
 from infscaled.config import parse_job
+from infscaled.generation.kv import PAGE_TOKENS, StageKV
 from infscaled.generation.params import SamplingParams
 from infscaled.models.sources import resolve
-from infscaled.models.stage import Monolith
+from infscaled.models.stage import Monolith, materialize, skeleton
 from infscaled.runner.launcher import LocalJob, prepare
 
 # The module's jobs start in the first test's setup: allow for a busy machine.
 pytestmark = pytest.mark.timeout(600)
 
 SEED = 20261203
-SEQUENCES = 16  # per job (the Qwen2 job serves 16 more through the OpenAI API)
+SEQUENCES = 16  # random ones per job (the Qwen2 job also serves the reported case's 8 streams)
 MAX_PROMPT = MAX_NEW = 64
 WAIT_S = 180.0
 
@@ -119,10 +120,6 @@ def _job(case: Case, source: str) -> LocalJob:
     return LocalJob(prepare(cfg))
 
 
-def _start(job: LocalJob) -> LocalJob:
-    return job.__enter__()
-
-
 @dataclass
 class Workload:
     """Random sequences of one job, in submission order, each with the point of the others'
@@ -142,18 +139,25 @@ class Workload:
         return cls(prompts, new, [min(a, sum(new[:i])) for i, a in enumerate(drawn)])
 
 
-def hf_greedy(model: Any, prompt: list[int], new: int) -> list[int]:
-    """HF generate, greedy, one sequence. One intra-op thread: a tiny model's steps are all
-    overhead, and on a busy machine more threads only spin (10x the CPU time, measured)."""
-    ids = torch.tensor([prompt])
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch work of this process on one intra-op thread: a tiny model's steps are all overhead,
+    and on a busy machine more threads only spin (10x the CPU time for the references, measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
-                                 pad_token_id=0, eos_token_id=None)
+            yield
     finally:
         torch.set_num_threads(threads)
+
+
+def hf_greedy(model: Any, prompt: list[int], new: int) -> list[int]:
+    """HF generate, greedy, one sequence."""
+    ids = torch.tensor([prompt])
+    with one_thread():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
     return list(out[0, len(prompt):].tolist())
 
 
@@ -219,14 +223,18 @@ class Ready:
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ready]]:
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return _sources(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def jobs(sources: dict[str, str]) -> Iterator[dict[str, Ready]]:
     """Every case's job, all started at once; the references are computed while they start."""
-    sources = _sources(tmp_path_factory.mktemp("models"))
     # Planned here, one after the other: building a model skeleton patches torch for a moment
     # (models/meta.py), which no other thread of this process may see.
     planned = {name: _job(case, sources[name]) for name, case in CASES.items()}
     with ExitStack() as stack, ThreadPoolExecutor(len(CASES)) as pool:
-        started = {name: pool.submit(_start, job) for name, job in planned.items()}
+        started = {name: pool.submit(LocalJob.__enter__, job) for name, job in planned.items()}
         for future in started.values():
             stack.callback(lambda f=future: f.exception() is None and f.result().stop())
         references = {}
@@ -322,3 +330,54 @@ async def _streams(ready: Ready, prompts: list[str], new: int) -> list[tuple[str
             return list(await asyncio.gather(*(one(api, p) for p in prompts)))
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_paged_decode_logits_equal_the_models_own_forward(name: str, sources: dict[str, str]) -> None:
+    """In one process, finer than tokens: every decode step's logits through the stages' paged KV
+    caches equal the model's own forward over the whole sequence (no cache) within float32
+    noise, at every position into the fourth page, while the decode groups change at
+    every step. An error too small to flip a random model's greedy token still shows here."""
+    source = sources[name]
+    resolved = resolve(source)
+    model = _reference(source)
+    n = skeleton(resolved).unit_count
+    ckpt = str(resolved.checkpoint_dir) if resolved.checkpoint_dir else None
+    cuts = [(0, 1), (2, n - 2), (n - 1, n - 1)]  # embed + a block, the other blocks, the head
+    stages = [materialize(skeleton(resolved), a, b, "cpu", "float32", 0, ckpt) for a, b in cuts]
+    kvs = [StageKV(4096) for _ in stages]
+    rng = random.Random(f"{SEED}-{name}-logits")
+    prompts = [[rng.randrange(model.config.vocab_size) for _ in range(rng.randint(1, 2 * PAGE_TOKENS))]
+               for _ in range(4)]
+    end = 3 * PAGE_TOKENS + 2  # every sequence runs into its fourth page
+    seqs = list(range(len(prompts)))
+    tokens = [list(p) for p in prompts]
+    with one_thread():
+        lengths = [len(p) for p in prompts]
+        ids = torch.zeros(len(prompts), max(lengths), dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
+        act: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+        for stage, kv in zip(stages, kvs, strict=True):
+            batch = kv.prefill(seqs, lengths, [end] * len(seqs))
+            act = stage(act, batch)
+            kv.store(seqs, batch)
+        for i in seqs:
+            tokens[i].append(int(act["output"][i, lengths[i] - 1].argmax()))
+        while live := [s for s in seqs if len(tokens[s]) < end]:
+            group = rng.sample(live, rng.randint(1, len(live)))  # a new composition and order each step
+            act = {"input_ids": torch.tensor([[tokens[s][-1]] for s in group]),
+                   "attention_mask": torch.ones(len(group), 1, dtype=torch.int64)}
+            for stage, kv in zip(stages, kvs, strict=True):
+                batch = kv.decode(group)
+                assert batch.positions is not None
+                act = stage({**act, "position_ids": batch.positions.unsqueeze(1)}, batch)
+                kv.store(group, batch)
+            for row, s in enumerate(group):
+                want = model(input_ids=torch.tensor([tokens[s]])).logits[0, -1]
+                got = act["output"][row, -1]
+                diff = float((got - want).abs().max())
+                assert diff < 1e-4, (f"SEED={SEED} {name}: sequence {s} (prompt {len(prompts[s])} tokens) at "
+                                     f"position {len(tokens[s]) - 1}: logits differ by {diff:.2e}")
+                tokens[s].append(int(got.argmax()))
