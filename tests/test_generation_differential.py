@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_generation_pipeline import prefill_in_process
 
 from infscaled.config import parse_job
 from infscaled.generation.kv import PAGE_TOKENS, StageKV
@@ -353,18 +354,9 @@ def test_paged_decode_logits_equal_the_models_own_forward(name: str, sources: di
     seqs = list(range(len(prompts)))
     tokens = [list(p) for p in prompts]
     with one_thread():
-        lengths = [len(p) for p in prompts]
-        ids = torch.zeros(len(prompts), max(lengths), dtype=torch.int64)
-        mask = torch.zeros_like(ids)
+        act = prefill_in_process(stages, kvs, prompts, [end] * len(seqs))
         for i, p in enumerate(prompts):
-            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
-        act: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
-        for stage, kv in zip(stages, kvs, strict=True):
-            batch = kv.prefill(seqs, lengths, [end] * len(seqs))
-            act = stage(act, batch)
-            kv.store(seqs, batch)
-        for i in seqs:
-            tokens[i].append(int(act["output"][i, lengths[i] - 1].argmax()))
+            tokens[i].append(int(act["output"][i, len(p) - 1].argmax()))
         while live := [s for s in seqs if len(tokens[s]) < end]:
             group = rng.sample(live, rng.randint(1, len(live)))  # a new composition and order each step
             act = {"input_ids": torch.tensor([[tokens[s][-1]] for s in group]),
