@@ -304,7 +304,7 @@ async def _streams(ready: Ready, prompts: list[str], new: int) -> list[tuple[str
 
     from infscaled.generation.openai_api import make_handlers
     from infscaled.generation.tokenizer import load_tokenizer
-    from infscaled.worker.gen_dispatcher import PipelineBackend
+    from infscaled.dispatch.sequences import PipelineBackend
 
     config = ready.model.config
     handlers = make_handlers(PipelineBackend(ready.job.generator), load_tokenizer(ready.source), "qwen2",
