@@ -157,8 +157,10 @@ def test_single_process_kv_decode_matches_hf_for_every_decoder_family() -> None:
         assert all(kv.held_tokens == sum(len(p) + m - 1 for p, m in zip(prompts, new, strict=True)) for kv in kvs)
 
 
-def decode_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list[int]],
-                      new: list[int]) -> list[list[int]]:
+def prefill_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list[int]],
+                       reserves: list[int]) -> dict[str, torch.Tensor]:
+    """Sequences 0..n-1 (the prompts, right-padded into one micro-batch) through the stages, each
+    caching them; the last stage's output."""
     seqs = list(range(len(prompts)))
     lengths = [len(p) for p in prompts]
     ids = torch.zeros(len(prompts), max(lengths), dtype=torch.int64)
@@ -166,11 +168,19 @@ def decode_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list[
     for i, p in enumerate(prompts):
         ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
     act: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    for stage, kv in zip(stages, kvs, strict=True):
+        batch = kv.prefill(seqs, lengths, reserves)
+        act = stage(act, batch)
+        kv.store(seqs, batch)
+    return act
+
+
+def decode_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list[int]],
+                      new: list[int]) -> list[list[int]]:
+    seqs = list(range(len(prompts)))
+    lengths = [len(p) for p in prompts]
     with torch.inference_mode():
-        for stage, kv in zip(stages, kvs, strict=True):
-            batch = kv.prefill(seqs, lengths, [n + m for n, m in zip(lengths, new, strict=True)])
-            act = stage(act, batch)
-            kv.store(seqs, batch)
+        act = prefill_in_process(stages, kvs, prompts, [n + m for n, m in zip(lengths, new, strict=True)])
         out = [[int(act["output"][i, lengths[i] - 1].argmax())] for i in seqs]
         step = 0
         while live := [s for s in seqs if len(out[s]) < new[s]]:
