@@ -58,8 +58,8 @@ def causal_mask(config: Any, act: Activation, ctx: Context, kind: str = "full_at
     masks: dict[str, Any] = ctx.setdefault("masks", {})
     kv = ctx.get("kv")
     if kind not in masks and kv is not None and kv.decoding:
-        # A decode step attends to each row's cached keys (left-padded to a common length).
-        masks[kind] = kv.decode_mask(kind, config, act["hidden"].dtype)
+        # A decode step's attention reads the paged cache and masks it itself (paged_kv_kwargs).
+        masks[kind] = None
         position_ids(act, ctx)  # what the builder below would have filled in ctx
     if kind not in masks:
         from transformers import masking_utils
@@ -80,3 +80,10 @@ def causal_context(config: Any, act: Activation, ctx: Context) -> None:
     """Fill ctx["position_ids"] and ctx["mask"] (the full causal mask) for a block."""
     if "mask" not in ctx:
         ctx["mask"] = causal_mask(config, act, ctx)
+
+
+def paged_kv_kwargs(ctx: Context) -> dict[str, Any]:
+    """Keyword arguments for a decoder layer: on a decode step, the micro-batch's paged cache,
+    which transformers hands on to the attention function (generation/paged_attention.py)."""
+    kv = ctx.get("kv")
+    return {"paged_kv": kv} if kv is not None and kv.decoding else {}

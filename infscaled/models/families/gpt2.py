@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
-from infscaled.models.families.common import causal_context
+from infscaled.generation.paged_attention import route_attention
+from infscaled.models.families.common import causal_context, paged_kv_kwargs
 
 
 class GPT2Embed(Unit):
@@ -28,6 +29,7 @@ class GPT2Embed(Unit):
 class GPT2Block(Unit):
     def __init__(self, block: nn.Module, config: Any) -> None:
         super().__init__()
+        route_attention(block.attn)  # decode steps attend over the paged KV cache in place
         self.block = block
         self.config = config
 
@@ -35,7 +37,7 @@ class GPT2Block(Unit):
         causal_context(self.config, act, ctx)
         # ctx["kv"]: generation's KV cache of the micro-batch's sequences, None otherwise.
         hidden = self.block(act["hidden"], ctx.get("kv"), ctx["mask"], use_cache=False,
-                            position_ids=ctx["position_ids"])
+                            position_ids=ctx["position_ids"], **paged_kv_kwargs(ctx))
         return {"hidden": hidden, "attention_mask": act["attention_mask"]}
 
 
