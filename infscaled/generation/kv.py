@@ -83,7 +83,11 @@ class PagedBatch:
     # -- what the attention layers call --------------------------------------------------------
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> KV:
-        pool_k, pool_v = self.kv.pool(layer_idx, key)
+        # transformers passes the layer's keyword arguments on as `kwargs`; a decode step's unit
+        # puts the layer's pools there (`kv_pools`), so a compiled layer never looks them up by
+        # layer index (a constant that would make one compiled graph per layer).
+        given = kwargs.get("kwargs", {}).get("kv_pools")
+        pool_k, pool_v = given if given is not None else self.kv.pool(layer_idx, key)
         if not self.decoding:
             assert self._write is not None
             rows, cols, pages, offsets = self._write
@@ -193,6 +197,10 @@ class StageKV:
                      torch.zeros(shape, dtype=like.dtype, device=like.device))
             self._pools[layer_idx] = pools
         return pools
+
+    def pools_of(self, layer_idx: int) -> KV | None:
+        """Layer `layer_idx`'s pools if allocated (they are once a prefill ran)."""
+        return self._pools.get(layer_idx)
 
     # -- micro-batches -----------------------------------------------------------------------------
 

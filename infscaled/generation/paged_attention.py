@@ -76,6 +76,7 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     """transformers' attention-interface signature. query [B, Hq, T, Dh]; on a decode step
     (`paged_kv` given) key/value are the layer's pools [pages + 1, PAGE, Hkv, Dh]."""
     paged: PagedBatch | None = kwargs.pop("paged_kv", None)
+    kwargs.pop("kv_pools", None)  # for the cache's update (PagedBatch.update); key/value are the pools
     if paged is None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -92,7 +93,8 @@ def attend(paged: PagedBatch, query: torch.Tensor, pool_k: torch.Tensor, pool_v:
     """One decode step's attention: query [B, Hq, 1, Dh] over each row's pages -> [B, 1, Hq, Dh]."""
     assert paged.table is not None and paged.positions is not None
     if paged.attention == "flex":
-        run = _flex_compiled() if query.is_cuda else flex_decode
+        # Inside a compiled layer dynamo traces flex_decode itself; eager CUDA calls its compiled twin.
+        run = _flex_compiled() if query.is_cuda and not torch.compiler.is_compiling() else flex_decode
         out = run(query, pool_k, pool_v, paged.table, paged.positions, scale, window)
     else:
         out = torch_decode(query, pool_k, pool_v, paged.table, paged.positions, scale, window)

@@ -82,8 +82,42 @@ def causal_context(config: Any, act: Activation, ctx: Context) -> None:
         ctx["mask"] = causal_mask(config, act, ctx)
 
 
-def paged_kv_kwargs(ctx: Context) -> dict[str, Any]:
+def paged_kv_kwargs(ctx: Context, layer_idx: int) -> dict[str, Any]:
     """Keyword arguments for a decoder layer: on a decode step, the micro-batch's paged cache,
-    which transformers hands on to the attention function (generation/paged_attention.py)."""
+    which transformers hands on to the cache's `update` and to the attention function
+    (generation/paged_attention.py), and this layer's pools, looked up here rather than inside
+    a compiled layer (see `PagedBatch.update`)."""
     kv = ctx.get("kv")
-    return {"paged_kv": kv} if kv is not None and kv.decoding else {}
+    if kv is None or not kv.decoding:
+        return {}
+    pools = kv.kv.pools_of(layer_idx)
+    return {"paged_kv": kv} if pools is None else {"paged_kv": kv, "kv_pools": pools}
+
+
+class CompilableLayer:
+    """Mixin for a decoder-layer unit wrapping one transformers layer (`layer`).
+
+    After `compile_layer(backend)`, micro-batches of fixed shapes run a `torch.compile`d twin of
+    the layer: forward jobs' micro-batches and generation's decode steps. A generation prefill
+    (a new length nearly every time, index writes of varying size into the pools) stays eager:
+    compiling it would recompile per prompt length. The twin shares the layer's parameters; it
+    is kept out of the module tree so it is not a second copy in `parameters()` or state dicts.
+    Every layer of a stage shares the compiled graphs (parameters are graph inputs; nothing in
+    a layer's trace depends on its index), one graph per input shape.
+    """
+
+    layer: torch.nn.Module
+
+    def compile_layer(self, backend: str) -> None:
+        import torch._dynamo
+
+        # One graph per shape: decode buckets (rows x pages) x layer kinds, forward micro-batches.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.__dict__["_compiled_layer"] = torch.compile(self.layer, backend=backend, dynamic=False)
+
+    def layer_for(self, ctx: Context) -> torch.nn.Module:
+        compiled: torch.nn.Module | None = self.__dict__.get("_compiled_layer")
+        kv = ctx.get("kv")
+        if compiled is not None and (kv is None or kv.decoding):
+            return compiled
+        return self.layer

@@ -9,7 +9,7 @@ from torch import nn
 
 from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
 from infscaled.generation.paged_attention import route_attention
-from infscaled.models.families.common import causal_context, paged_kv_kwargs
+from infscaled.models.families.common import CompilableLayer, causal_context, paged_kv_kwargs
 
 
 class GPT2Embed(Unit):
@@ -26,18 +26,19 @@ class GPT2Embed(Unit):
         return {"hidden": hidden, "attention_mask": act["attention_mask"]}
 
 
-class GPT2Block(Unit):
+class GPT2Block(CompilableLayer, Unit):
     def __init__(self, block: nn.Module, config: Any) -> None:
         super().__init__()
         route_attention(block.attn)  # decode steps attend over the paged KV cache in place
-        self.block = block
+        self.layer = block
         self.config = config
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         causal_context(self.config, act, ctx)
         # ctx["kv"]: generation's KV cache of the micro-batch's sequences, None otherwise.
-        hidden = self.block(act["hidden"], ctx.get("kv"), ctx["mask"], use_cache=False,
-                            position_ids=ctx["position_ids"], **paged_kv_kwargs(ctx))
+        hidden = self.layer_for(ctx)(act["hidden"], ctx.get("kv"), ctx["mask"], use_cache=False,
+                                     position_ids=ctx["position_ids"],
+                                     **paged_kv_kwargs(ctx, self.layer.attn.layer_idx))
         return {"hidden": hidden, "attention_mask": act["attention_mask"]}
 
 
