@@ -200,8 +200,14 @@ def main() -> None:
                 kv.store(seqs, pb)
                 step_gen = torch.Generator().manual_seed(batch)
                 t0 = time.perf_counter()
-                row, outs, stepper = run_variant(stage, kv, device, batch, attention, cuda, a.steps, a.replays,
-                                                 vocab, step_gen)
+                try:
+                    row, outs, stepper = run_variant(stage, kv, device, batch, attention, cuda, a.steps, a.replays,
+                                                     vocab, step_gen)
+                except Exception as exc:  # noqa: BLE001 - report the variant as failed, measure the others
+                    msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                    print(f"batch {batch:3d} {attention:5s} {comp:8s}: FAILED {msg}", flush=True)
+                    rows.append({"attention": attention, "compiled": comp == "compiled", "error": msg})
+                    continue
                 row["compiled"] = comp == "compiled"
                 row["first_steps_s"] = time.perf_counter() - t0  # includes compilation and capture
                 if base is None:

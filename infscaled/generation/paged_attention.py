@@ -145,16 +145,21 @@ def flex_decode(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
             ok = ok & (pos > last - window)
         return ok
 
+    # GQA: the query heads sharing a kv head become that head's queries (query head h uses kv
+    # head h // group, as transformers' repeat_kv has it): [B, Hkv, group, Dh]. Then flex runs its
+    # decoding kernel, which with enable_gqa needs a power-of-two group (llama-3b's is 3).
+    group = query.shape[1] // heads
+    grouped = query.reshape(b, heads, group, dim)
     # One block per page, one query block: row b's blocks are its first p_b // PAGE + 1 pages.
     counts = (positions // page + 1).to(torch.int32).view(b, 1, 1)
     indices = table.to(torch.int32).view(b, 1, 1, p)
     mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=(128, page), mask_mod=keep,
-                                    seq_lengths=(1, length), compute_q_blocks=False)
+                                    seq_lengths=(group, length), compute_q_blocks=False)
     keys = pool_k.view(1, length, heads, dim).transpose(1, 2)  # [1, Hkv, L, Dh], a view
     values = pool_v.view(1, length, heads, dim).transpose(1, 2)
-    out = flex_attention(query, keys, values, block_mask=mask, scale=scale, enable_gqa=query.shape[1] != heads)
+    out = flex_attention(grouped, keys, values, block_mask=mask, scale=scale)
     assert isinstance(out, torch.Tensor)
-    return out
+    return out.reshape(query.shape)
 
 
 def _flex_compiled() -> Callable[..., torch.Tensor]:
