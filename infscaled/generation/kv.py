@@ -160,6 +160,9 @@ class StageKV:
         self.length: dict[int, int] = {}  # live sequence -> positions cached
         self.pages: dict[int, list[int]] = {}  # live sequence -> its pages, in position order
         self._pools: dict[int, KV] = {}  # layer_idx -> (K, V) [page_count + 1, PAGE, H, Dh]
+        # page -> its index in its sequence's page list, on the device (flex attention's map from a
+        # pool slot to a position; a page keeps its index while owned, so it is written at prefill).
+        self.page_index = torch.zeros(self.page_count + 1, dtype=torch.int64, device=self.device)
 
     # -- accounting --------------------------------------------------------------------------------
 
@@ -216,6 +219,10 @@ class StageKV:
         for s, r in zip(seq_ids, reserves, strict=True):
             self.reserved[s], self.length[s] = r, 0
             self.pages[s] = [self._free_pages.pop() for _ in range(pages_for(r))]
+        owned = [(p, j) for s in seq_ids for j, p in enumerate(self.pages[s])]
+        if owned:
+            pages, index = to_device_no_sync(torch.tensor(owned, dtype=torch.int64).T.contiguous(), self.device)
+            self.page_index[pages] = index
         batch = PagedBatch(self, decoding=False, lengths=lengths)
         batch._prefill_index(seq_ids)
         return batch
