@@ -112,6 +112,8 @@ class JobPlan:
     generation: GenerationPlan | None = None
     # CUDA stages replay their forward as CUDA graphs (worker/graphs.py); no effect on CPU stages.
     cuda_graphs: bool = True
+    # CUDA stages torch.compile their decoder layers (models/stage.py compile_stage).
+    compile_layers: bool = False
 
     def in_edges(self, node: Node) -> tuple[EdgePlan, ...]:
         return tuple(e for e in self.edges if e.dst == node)
@@ -143,6 +145,7 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "policy": plan.policy, "micro_batch_size": plan.micro_batch_size, "max_inflight": plan.max_inflight,
         "max_wait_ms": plan.max_wait_ms, "edge_timeout_s": plan.edge_timeout_s,
         "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir, "cuda_graphs": plan.cuda_graphs,
+        "compile_layers": plan.compile_layers,
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
             plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens],
@@ -160,6 +163,7 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         micro_batch_size=int(d["micro_batch_size"]), max_inflight=int(d["max_inflight"]),  # type: ignore[call-overload]
         max_wait_ms=float(d["max_wait_ms"]), edge_timeout_s=float(d["edge_timeout_s"]),  # type: ignore[arg-type]
         dispatcher_host=str(d["dispatcher_host"]), base_dir=str(d["base_dir"]), cuda_graphs=_bool(d["cuda_graphs"]),
+        compile_layers=_bool(d["compile_layers"]),
         generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
     )
 
