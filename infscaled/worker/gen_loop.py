@@ -39,7 +39,8 @@ import torch
 
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import PagedBatch, StageKV
-from infscaled.generation.sampling import SamplingParams, make_generator, sample_next
+from infscaled.generation.gpu_sampling import sample_async
+from infscaled.generation.sampling import SamplingParams, make_generator
 from infscaled.protocol.control import EdgeRate, StageStats
 from infscaled.protocol.plan import GenerationPlan, Node
 from infscaled.protocol.window import EventWindow, mean, rate, span
@@ -359,7 +360,7 @@ class GenStageLoop:
         """The last stage: pick each sequence's next token, decide whether it is done, and send
         the tokens to the dispatcher and round the loop."""
         states = [self.samplers[s] for s in seqs]
-        tokens = sample_next(logits, [st.params for st in states], [st.generator for st in states]).tolist()
+        tokens = sample_async(logits, [st.params for st in states], [st.generator for st in states]).tokens()
         done = []
         for s, st, tok in zip(seqs, states, tokens, strict=True):
             st.produced += 1
