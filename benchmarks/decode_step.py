@@ -9,11 +9,13 @@ tokens, then run decode steps with each variant, every variant from its own copy
 cache state:
 
 - attention "torch" (gather the pages + sdpa) or "flex" (flex_attention on the pools in place),
-- layers eager or compiled (torch.compile, models/stage.py compile_stage),
+- layers eager, "compiled" (torch.compile, models/stage.py compile_stage) or "autotune"
+  (the same with mode max-autotune-no-cudagraphs),
 - always replayed from CUDA graphs (generation/graphs.py) on CUDA.
 
 Per variant: `step_ms`, the median wall time of one whole step as the engine calls it (host
-preparation, input copy, replay, output read back, synchronised); `gpu_ms`, the GPU time of one
+preparation, input copy, replay, greedy tokens on the GPU and their asynchronous copy to
+pinned host memory, waited for); `gpu_ms`, the GPU time of one
 replay (CUDA events around --replays back-to-back replays of the step's graph); and the largest
 relative difference of its logits from the first variant's. The bound is the bytes every step
 must read (all parameters but the embedding table, of which a step reads B rows) over --bw.
@@ -34,9 +36,11 @@ from typing import Any
 import torch
 
 from benchmarks.gpu_bench import sync
+from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import StageKV, reserved_span
 from infscaled.models.sources import resolve
+from infscaled.generation.sampling import SamplingParams
 from infscaled.models.stage import Stage, build_stage, compile_stage, skeleton
 
 
@@ -68,15 +72,18 @@ def run_variant(stage: Stage, kv: StageKV, device: torch.device, batch: int, att
                                                                                  DecodeStep]:
     stepper = DecodeStep(stage, kv, device, "input_ids", batch, graphs=graphs, attention=attention)
     seqs = list(range(batch))
+    greedy = [SamplingParams(max_new_tokens=1 << 20, temperature=0.0)] * batch
     times, outs = [], []
     for _ in range(steps):
         x = torch.randint(0, vocab, (batch, 1), generator=gen)
         sync(str(device))
+        # What the engine does per step: the step, greedy tokens on the GPU, their async copy back.
         t = time.perf_counter()
         out = stepper.step(x, seqs)["output"]
-        host = out[:, -1].float().cpu() if out.dim() == 3 else out.float().cpu()
+        logits = out[:, -1] if out.dim() == 3 else out
+        sample_async(logits, greedy, [None] * batch).tokens()
         times.append(time.perf_counter() - t)
-        outs.append(host)
+        outs.append(logits.float().cpu())
     tail = times[steps // 2:]
     row: dict[str, Any] = {"attention": attention, "step_ms": 1e3 * statistics.median(tail),
                            "graph_replays": stepper.replays}
@@ -168,10 +175,15 @@ def main() -> None:
     vocab = resolved.family.config.vocab_size  # type: ignore[attr-defined]
     stage = build_stage(resolved, 0, units - 1, a.device, dtype, 0).eval()
     variants = [tuple(v.split(":")) for v in a.variants.split(",")]
-    compiled: dict[int, Any] = {}
-    if any(c == "compiled" for _, c in variants):
-        compile_stage(stage)
-        compiled = {i: u.__dict__["_compiled_layer"] for i, u in enumerate(stage.units) if "_compiled_layer" in u.__dict__}
+    # Compiled twins of the layers per mode: "compiled" (inductor's default), "autotune"
+    # (max-autotune-no-cudagraphs: inductor times Triton GEMM templates against cuBLAS per shape).
+    twins: dict[str, dict[int, Any]] = {"eager": {}}
+    for comp, mode in (("compiled", None), ("autotune", "max-autotune-no-cudagraphs")):
+        if any(c == comp for _, c in variants):
+            compile_stage(stage, mode=mode)
+            twins[comp] = {i: u.__dict__["_compiled_layer"] for i, u in enumerate(stage.units)
+                           if "_compiled_layer" in u.__dict__}
+    compiled = twins.get("compiled", {})
     bytes_read = decode_bytes(stage)
     bound_ms = 1e3 * bytes_read / a.bw
     print(f"{source} {dtype} on {torch.cuda.get_device_name(device) if cuda else 'cpu'}: decode reads "
@@ -191,7 +203,7 @@ def main() -> None:
             for attention, comp in variants:
                 if not cuda and (attention, comp) != ("torch", "eager"):
                     continue
-                set_compiled(stage, compiled, comp == "compiled")
+                set_compiled(stage, twins[comp], comp != "eager")
                 kv = StageKV(batch * reserved_span(reserve), device)
                 seqs = list(range(batch))
                 pb = kv.prefill(seqs, [a.prompt] * batch, [reserve] * batch)
@@ -206,9 +218,9 @@ def main() -> None:
                 except Exception as exc:  # noqa: BLE001 - report the variant as failed, measure the others
                     msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
                     print(f"batch {batch:3d} {attention:5s} {comp:8s}: FAILED {msg}", flush=True)
-                    rows.append({"attention": attention, "compiled": comp == "compiled", "error": msg})
+                    rows.append({"attention": attention, "compiled": comp, "error": msg})
                     continue
-                row["compiled"] = comp == "compiled"
+                row["compiled"] = comp
                 row["first_steps_s"] = time.perf_counter() - t0  # includes compilation and capture
                 if base is None:
                     base = outs

@@ -24,14 +24,19 @@ def test_bucket_rounds_up_to_powers_of_two_within_the_cap() -> None:
     assert [bucket(n, 6) for n in (3, 5, 6)] == [4, 6, 6]
 
 
-@pytest.mark.parametrize("model", ["llama-tiny", "gpt2-tiny"])
-def test_padded_static_batches_compute_what_exact_batches_do(model: str, monkeypatch: Any) -> None:
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize(("model", "attention"), [("llama-tiny", "torch"), ("gpt2-tiny", "torch"),
+                                                  ("llama-tiny", "flex")])
+def test_padded_static_batches_compute_what_exact_batches_do(model: str, attention: str, monkeypatch: Any) -> None:
+    """`attention`: the padded stepper's paged attention backend (the exact one's is "torch"):
+    flex reads the pools through the block mask and StageKV.page_index (uncompiled on the CPU)."""
     torch.manual_seed(0)
     resolved = resolve(f"builtin:{model}")
     stage = build_stage(resolved, 0, 2, "cpu", "float32", 0).eval()  # embed + 2 blocks
     kvs = [StageKV(1024), StageKV(1024)]
     exact = DecodeStep(stage, kvs[0], torch.device("cpu"), "input_ids", max_rows=8, graphs=False)
-    padded = DecodeStep(stage, kvs[1], torch.device("cpu"), "input_ids", max_rows=8, graphs=False)
+    padded = DecodeStep(stage, kvs[1], torch.device("cpu"), "input_ids", max_rows=8, graphs=False,
+                        attention=attention)
     padded.graphs = True  # as on a GPU, but capture is recorded instead of done
     captured: list[tuple[int, int]] = []
 

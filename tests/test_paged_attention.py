@@ -28,7 +28,12 @@ def _case(device: str, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...
     table = torch.tensor([[7, scratch, scratch], [2, scratch, scratch], [11, 0, 5], [scratch] * 3], device=device)
     positions = torch.tensor([4, 15, 36, 0], device=device)  # each row's new token (last visible position)
     query = torch.randn(4, hq, 1, dh, generator=gen).to(device, dtype)
-    return query, pool_k, pool_v, table, positions
+    page_index = torch.zeros(pages + 1, dtype=torch.int64)  # page -> its index in its row (StageKV.page_index)
+    for row in table[:3].tolist():
+        for j, page in enumerate(row):
+            if page != scratch:
+                page_index[page] = j
+    return query, pool_k, pool_v, table, positions, page_index.to(device)
 
 
 def _reference(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor,
@@ -50,9 +55,11 @@ def _reference(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, 
 @pytest.mark.parametrize("window", [0, 6])
 @pytest.mark.parametrize("backend", ["torch", "flex"])
 def test_paged_decode_attention_equals_contiguous_attention(backend: str, window: int) -> None:
-    query, pool_k, pool_v, table, positions = _case("cpu", torch.float32, seed=window)
-    run = torch_decode if backend == "torch" else flex_decode
-    out = run(query, pool_k, pool_v, table, positions, 8 ** -0.5, window)
+    query, pool_k, pool_v, table, positions, page_index = _case("cpu", torch.float32, seed=window)
+    if backend == "torch":
+        out = torch_decode(query, pool_k, pool_v, table, positions, 8 ** -0.5, window)
+    else:
+        out = flex_decode(query, pool_k, pool_v, table, positions, page_index, 8 ** -0.5, window)
     assert out.shape == query.shape
     want = _reference(query, pool_k, pool_v, table, positions, window)
     torch.testing.assert_close(out[:3], want, rtol=1e-5, atol=1e-5)
@@ -71,8 +78,8 @@ def test_compiled_flex_on_cuda_equals_the_torch_path(window: int) -> None:
     from infscaled.generation.paged_attention import _flex_compiled
 
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-        query, pool_k, pool_v, table, positions = _case("cuda", dtype, seed=3 + window)
-        fast = _flex_compiled()(query, pool_k, pool_v, table, positions, 8 ** -0.5, window)
+        query, pool_k, pool_v, table, positions, page_index = _case("cuda", dtype, seed=3 + window)
+        fast = _flex_compiled()(query, pool_k, pool_v, table, positions, page_index, 8 ** -0.5, window)
         plain = torch_decode(query, pool_k, pool_v, table, positions, 8 ** -0.5, window)
         err = float((fast[:3].float() - plain[:3].float()).norm() / plain[:3].float().norm())
         assert err < tol, (dtype, err)

@@ -95,7 +95,7 @@ def attend(paged: PagedBatch, query: torch.Tensor, pool_k: torch.Tensor, pool_v:
     if paged.attention == "flex":
         # Inside a compiled layer dynamo traces flex_decode itself; eager CUDA calls its compiled twin.
         run = _flex_compiled() if query.is_cuda and not torch.compiler.is_compiling() else flex_decode
-        out = run(query, pool_k, pool_v, paged.table, paged.positions, scale, window)
+        out = run(query, pool_k, pool_v, paged.table, paged.positions, paged.kv.page_index, scale, window)
     else:
         out = torch_decode(query, pool_k, pool_v, paged.table, paged.positions, scale, window)
     return out.transpose(1, 2).contiguous()
@@ -119,28 +119,28 @@ def torch_decode(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor
 
 
 def flex_decode(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor,
-                positions: torch.Tensor, scale: float, window: int) -> torch.Tensor:
-    """flex_attention over the pools in place. -> [B, Hq, 1, Dh]. Compiled on CUDA: everything
-    here, block mask included, is built from tensors inside the compiled region, so one compiled
-    graph serves every batch of the same shape (no closure over per-batch objects)."""
+                positions: torch.Tensor, page_index: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """flex_attention over the pools in place. -> [B, Hq, 1, Dh]. Compiled on CUDA: the block
+    mask is built from tensor arguments inside the compiled region, so one compiled graph serves
+    every batch of the same shape (no closure over per-batch objects)."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     pages, page, heads, dim = pool_k.shape
     b, p = table.shape
     length = pages * page
-    # A page belongs to at most one live sequence, at one logical index: page -> that index.
-    # (The scratch page may appear many times; any of its indices will do, see `keep`.)
-    logical = torch.zeros(pages, dtype=table.dtype, device=table.device)
-    logical.scatter_(0, table.reshape(-1), torch.arange(p, device=table.device).repeat(b))
-
+    # page_index (StageKV.page_index): a page belongs to at most one live sequence, at one index
+    # of its page list. An input, not computed here: a map built in place inside the compiled
+    # region (zeros, then scatter) was read by the compiled kernel before the scatter (torch 2.11).
     def keep(b_idx: torch.Tensor, h_idx: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         # kv_idx is a slot of the pool: visible to row b when its page is row b's page number
         # `index` and index * PAGE + offset is one of row b's positions 0..p_b (in the window).
         phys = kv_idx // page
-        index = logical[phys]
+        index = page_index[phys]
         pos = index * page + kv_idx % page
         last = positions[b_idx]
-        ok = (table[b_idx, index] == phys) & (pos <= last)
+        # (index < p: a page of a longer sequence in another row; the uncompiled path asks about
+        # every slot, the compiled kernel only about row b's listed pages.)
+        ok = (index < p) & (table[b_idx, index.clamp(max=p - 1)] == phys) & (pos <= last)
         if window:
             ok = ok & (pos > last - window)
         return ok

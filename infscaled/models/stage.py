@@ -144,7 +144,7 @@ def build_stage(resolved: ResolvedModel, first: int, last: int, device: str, dty
     return stage
 
 
-def compile_stage(stage: Stage, backend: str = "inductor") -> int:
+def compile_stage(stage: Stage, backend: str = "inductor", mode: str | None = None) -> int:
     """torch.compile the stage's decoder layers (units that support it: CompilableLayer in
     models/families/common.py); returns how many. Why layers and not the whole stage: the units
     pass dicts and a per-micro-batch context around, while a layer is a plain tensor function
@@ -155,7 +155,7 @@ def compile_stage(stage: Stage, backend: str = "inductor") -> int:
     for unit in stage.units:
         compile_layer = getattr(unit, "compile_layer", None)
         if compile_layer is not None:
-            compile_layer(backend)
+            compile_layer(backend, mode)
             count += 1
     return count
 

@@ -108,12 +108,12 @@ class CompilableLayer:
 
     layer: torch.nn.Module
 
-    def compile_layer(self, backend: str) -> None:
+    def compile_layer(self, backend: str, mode: str | None = None) -> None:
         import torch._dynamo
 
         # One graph per shape: decode buckets (rows x pages) x layer kinds, forward micro-batches.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self.__dict__["_compiled_layer"] = torch.compile(self.layer, backend=backend, dynamic=False)
+        self.__dict__["_compiled_layer"] = torch.compile(self.layer, backend=backend, mode=mode, dynamic=False)
 
     def layer_for(self, ctx: Context) -> torch.nn.Module:
         compiled: torch.nn.Module | None = self.__dict__.get("_compiled_layer")
