@@ -20,7 +20,7 @@ from infscaled.generation.paged_attention import check_backend, flex_decode, tor
 def _case(device: str, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
     """Pools of 12 pages + scratch; 3 real rows (lengths 5, 16, 37 incl. the new token) and a padding row."""
     gen = torch.Generator().manual_seed(seed)
-    hq, hkv, dh, pages = 4, 2, 8, 12
+    hq, hkv, dh, pages = 4, 2, 16, 12  # flex's compiled kernels need head sizes >= 16
     pool_k = torch.randn(pages + 1, PAGE_TOKENS, hkv, dh, generator=gen).to(device, dtype)
     pool_v = torch.randn(pages + 1, PAGE_TOKENS, hkv, dh, generator=gen).to(device, dtype)
     scratch = pages
@@ -57,9 +57,9 @@ def _reference(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, 
 def test_paged_decode_attention_equals_contiguous_attention(backend: str, window: int) -> None:
     query, pool_k, pool_v, table, positions, page_index = _case("cpu", torch.float32, seed=window)
     if backend == "torch":
-        out = torch_decode(query, pool_k, pool_v, table, positions, 8 ** -0.5, window)
+        out = torch_decode(query, pool_k, pool_v, table, positions, 16 ** -0.5, window)
     else:
-        out = flex_decode(query, pool_k, pool_v, table, positions, page_index, 8 ** -0.5, window)
+        out = flex_decode(query, pool_k, pool_v, table, positions, page_index, 16 ** -0.5, window)
     assert out.shape == query.shape
     want = _reference(query, pool_k, pool_v, table, positions, window)
     torch.testing.assert_close(out[:3], want, rtol=1e-5, atol=1e-5)
@@ -79,7 +79,7 @@ def test_compiled_flex_on_cuda_equals_the_torch_path(window: int) -> None:
 
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         query, pool_k, pool_v, table, positions, page_index = _case("cuda", dtype, seed=3 + window)
-        fast = _flex_compiled()(query, pool_k, pool_v, table, positions, page_index, 8 ** -0.5, window)
-        plain = torch_decode(query, pool_k, pool_v, table, positions, 8 ** -0.5, window)
+        fast = _flex_compiled()(query, pool_k, pool_v, table, positions, page_index, 16 ** -0.5, window)
+        plain = torch_decode(query, pool_k, pool_v, table, positions, 16 ** -0.5, window)
         err = float((fast[:3].float() - plain[:3].float()).norm() / plain[:3].float().norm())
         assert err < tol, (dtype, err)

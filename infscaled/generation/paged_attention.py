@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 PAGED = "infscaled_paged"
 BACKENDS = ("torch", "flex")
+FLEX_MIN_HEAD_DIM = 16  # flex_attention's kernels need head sizes >= 16; smaller heads use "torch"
 _registered = False
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 
@@ -92,7 +93,7 @@ def attend(paged: PagedBatch, query: torch.Tensor, pool_k: torch.Tensor, pool_v:
            window: int) -> torch.Tensor:
     """One decode step's attention: query [B, Hq, 1, Dh] over each row's pages -> [B, 1, Hq, Dh]."""
     assert paged.table is not None and paged.positions is not None
-    if paged.attention == "flex":
+    if paged.attention == "flex" and query.shape[-1] >= FLEX_MIN_HEAD_DIM:
         # Inside a compiled layer dynamo traces flex_decode itself; eager CUDA calls its compiled twin.
         run = _flex_compiled() if query.is_cuda and not torch.compiler.is_compiling() else flex_decode
         out = run(query, pool_k, pool_v, paged.table, paged.positions, paged.kv.page_index, scale, window)
