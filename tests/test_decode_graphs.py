@@ -87,11 +87,12 @@ def test_compile_job_option_reaches_the_plan_and_rejects_non_booleans() -> None:
 
 
 @pytest.mark.parametrize("model", ["llama-tiny", "gpt2-tiny"])
-def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model: str) -> None:
+def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model: str, monkeypatch: Any) -> None:
     """compile_stage on the CPU with dynamo's "eager" backend (the trace without code generation,
     which on a CPU would take minutes): every layer of the stage must reuse one graph per shape
-    (one for decode steps, one for forward micro-batches; none per layer), prefills stay eager,
-    and the outputs equal the uncompiled stage's."""
+    (one for the decode bucket, one for forward micro-batches; none per layer), prefills stay
+    eager, and the outputs equal the uncompiled stage's. Decode steps run on static buckets (as
+    under CUDA graphs; capture replaced as in the test above): compiled layers only run those."""
     from torch._dynamo.utils import counters
 
     from infscaled.models.stage import compile_stage
@@ -109,6 +110,8 @@ def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model:
         for stage, out in zip(stages, outs, strict=True):
             kv = StageKV(1024)
             step = DecodeStep(stage, kv, torch.device("cpu"), "input_ids", max_rows=8, graphs=False)
+            step.graphs = True
+            monkeypatch.setattr(step, "_capture", lambda b, key: setattr(b, "eager", True))
             batch = kv.prefill([1, 2], [5, 7], [40, 40])
             out.append(stage({"input_ids": ids, "attention_mask": mask}, batch)["hidden"])
             kv.store([1, 2], batch)

@@ -74,6 +74,7 @@ class PagedBatch:
     def __init__(self, kv: StageKV, decoding: bool, lengths: Sequence[int], attention: str = "torch") -> None:
         self.kv = kv
         self.attention = attention  # decode: the paged attention backend (generation/paged_attention.py)
+        self.static = False  # a fixed-shape batch (`static`): compiled layers may run it
         self.decoding = decoding
         self.lengths = list(lengths)  # per row: prefill: the prompt length; decode: cached length
         self.positions: torch.Tensor | None = None  # decode: [B] int64, where each new token goes
@@ -106,6 +107,7 @@ class PagedBatch:
     def static(cls, kv: StageKV, rows: int, width: int, attention: str = "torch") -> PagedBatch:
         """A decode batch of fixed shape (rows x width pages) whose tensors stay where they are."""
         batch = cls(kv, decoding=True, lengths=[], attention=attention)
+        batch.static = True
         batch.table = torch.full((rows, width), kv.scratch_page, dtype=torch.int64, device=kv.device)
         batch.positions = torch.zeros(rows, dtype=torch.int64, device=kv.device)
         return batch

@@ -94,13 +94,17 @@ def paged_kv_kwargs(ctx: Context, layer_idx: int) -> dict[str, Any]:
     return {"paged_kv": kv} if pools is None else {"paged_kv": kv, "kv_pools": pools}
 
 
+COMPILED_SHAPES = 8  # forward micro-batch shapes a compiled layer compiles for; later ones run eagerly
+
+
 class CompilableLayer:
     """Mixin for a decoder-layer unit wrapping one transformers layer (`layer`).
 
     After `compile_layer(backend)`, micro-batches of fixed shapes run a `torch.compile`d twin of
-    the layer: forward jobs' micro-batches and generation's decode steps. A generation prefill
-    (a new length nearly every time, index writes of varying size into the pools) stays eager:
-    compiling it would recompile per prompt length. The twin shares the layer's parameters; it
+    the layer: generation's decode steps on static (bucketed, CUDA-graph) batches, and forward
+    micro-batches of the first `COMPILED_SHAPES` input shapes (a workload of ever new lengths
+    would otherwise compile, seconds each, for every one). Generation prefills (a new length
+    nearly every time) and exact-size decode batches stay eager. The twin shares the layer's parameters; it
     is kept out of the module tree so it is not a second copy in `parameters()` or state dicts.
     Every layer of a stage shares the compiled graphs (parameters are graph inputs; nothing in
     a layer's trace depends on its index), one graph per input shape.
@@ -115,9 +119,15 @@ class CompilableLayer:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.__dict__["_compiled_layer"] = torch.compile(self.layer, backend=backend, mode=mode, dynamic=False)
 
-    def layer_for(self, ctx: Context) -> torch.nn.Module:
+    def layer_for(self, ctx: Context, hidden: torch.Tensor) -> torch.nn.Module:
         compiled: torch.nn.Module | None = self.__dict__.get("_compiled_layer")
+        if compiled is None:
+            return self.layer
         kv = ctx.get("kv")
-        if compiled is not None and (kv is None or kv.decoding):
-            return compiled
-        return self.layer
+        if kv is not None:
+            return compiled if kv.decoding and kv.static else self.layer
+        shapes: set[tuple[int, ...]] = self.__dict__.setdefault("_compiled_shapes", set())
+        if tuple(hidden.shape) not in shapes and len(shapes) >= COMPILED_SHAPES:
+            return self.layer
+        shapes.add(tuple(hidden.shape))
+        return compiled

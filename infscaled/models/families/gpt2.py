@@ -36,7 +36,7 @@ class GPT2Block(CompilableLayer, Unit):
     def forward(self, act: Activation, ctx: Context) -> Activation:
         causal_context(self.config, act, ctx)
         # ctx["kv"]: generation's KV cache of the micro-batch's sequences, None otherwise.
-        hidden = self.layer_for(ctx)(act["hidden"], ctx.get("kv"), ctx["mask"], use_cache=False,
+        hidden = self.layer_for(ctx, act["hidden"])(act["hidden"], ctx.get("kv"), ctx["mask"], use_cache=False,
                                      position_ids=ctx["position_ids"],
                                      **paged_kv_kwargs(ctx, self.layer.attn.layer_idx))
         return {"hidden": hidden, "attention_mask": act["attention_mask"]}

@@ -67,7 +67,7 @@ class LlamaBlock(CompilableLayer, Unit):
         self.attention_kind = attention_kind
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
-        hidden = self.layer_for(ctx)(
+        hidden = self.layer_for(ctx, act["hidden"])(
             act["hidden"],
             attention_mask=causal_mask(self.config, act, ctx, self.attention_kind),
             position_ids=position_ids(act, ctx),
