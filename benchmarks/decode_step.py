@@ -207,8 +207,8 @@ def main() -> None:
                 kv = StageKV(batch * reserved_span(reserve), device)
                 seqs = list(range(batch))
                 pb = kv.prefill(seqs, [a.prompt] * batch, [reserve] * batch)
-                stage({"input_ids": prompt.to(device), "attention_mask": torch.ones(batch, a.prompt, dtype=torch.int64)},
-                      pb)
+                mask = torch.ones(batch, a.prompt, dtype=torch.int64)
+                stage({"input_ids": prompt.to(device), "attention_mask": mask}, pb)
                 kv.store(seqs, pb)
                 step_gen = torch.Generator().manual_seed(batch)
                 t0 = time.perf_counter()

@@ -24,6 +24,7 @@ Measured on an H200: BENCHMARKS.md section 7.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -81,8 +82,12 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if paged is None:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-        fallback = ALL_ATTENTION_FUNCTIONS[module.config.infscaled_fallback_attention]
-        return fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)  # type: ignore[no-any-return]
+        name = module.config.infscaled_fallback_attention
+        # "eager" is not in the registry: each transformers model module has its own.
+        fallback = (ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS
+                    else sys.modules[type(module).__module__].eager_attention_forward)
+        result: tuple[Any, Any] = fallback(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return result
     window = kwargs.get("sliding_window") or 0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = attend(paged, query, key, value, float(scale), int(window))
