@@ -17,8 +17,10 @@ Backends (`BACKENDS`, chosen per `DecodeStep`, default `default_backend`):
   layer is one long sequence [1, Hkv, (pages + 1) * PAGE, Dh]; a block mask with one block per
   page lists each row's pages (its page table) and a mask_mod keeps each row to its own
   positions 0..p_b (and the sliding window): no gather, no copy of the cache, and the kernel
-  reads only the pages a row owns. Needs CUDA (Triton); CPU runs it uncompiled (tests only).
-Measured on an H200: BENCHMARKS.md section 7.
+  reads only the pages a row owns. Needs CUDA (Triton) and head sizes >= 16; CPU runs it
+  uncompiled (tests only). It compiles once per decode shape, so `DecodeStep` uses it for its
+  fixed-shape buckets (those CUDA graphs replay); exact-size eager batches take "torch".
+Measured on an H200: BENCHMARKS.md section 7 (flex: -16 % per step at 64 sequences, +9 % at 8).
 """
 
 from __future__ import annotations
