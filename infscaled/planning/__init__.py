@@ -121,4 +121,5 @@ def make_plan(
         generation=generation,
         cuda_graphs=cuda_graphs,
         compile_layers=compile_layers,
+        graph=graph,
     )
