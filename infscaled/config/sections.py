@@ -121,6 +121,7 @@ def parse_pipeline(sec: Section) -> PipelineConfig:
         micro_batch_size=sec.get_int("micro_batch_size", PipelineConfig.micro_batch_size, 1, 4096),
         max_inflight=sec.get_int("max_inflight", PipelineConfig.max_inflight, 1, 1024),
         cuda_graphs=sec.get_bool("cuda_graphs", PipelineConfig.cuda_graphs),
+        compile=sec.get_bool("compile", PipelineConfig.compile),
         max_wait_ms=sec.get_float("max_wait_ms", PipelineConfig.max_wait_ms, 0.0, 60000.0),
         edge_timeout_s=sec.get_float("edge_timeout_s", PipelineConfig.edge_timeout_s, 0.0, lo_open=True),
     )
