@@ -19,8 +19,8 @@ import torch
 
 from infscaled.generation.params import PromptLogprobs, Sampled, SamplingParams, parse_sampling
 
-__all__ = ["SamplingParams", "SequenceSampling", "TokenLogprobs", "make_generator", "parse_sampling", "process_logits",
-           "prompt_logprobs", "sample_next", "sample_step", "token_logprobs"]
+__all__ = ["SamplingParams", "SequenceSampling", "TokenLogprobs", "make_generator", "parse_sampling", "plain",
+           "process_logits", "prompt_logprobs", "sample_next", "sample_step", "token_logprobs"]
 
 # Noise is clamped away from 0 so p / E stays finite (exponential_ is > 0 in theory, not in floats).
 _TINY = 1e-20
@@ -172,6 +172,12 @@ class SequenceSampling:
     @property
     def produced(self) -> int:
         return self.earlier + len(self.outputs)
+
+
+def plain(params: Sequence[SamplingParams]) -> bool:
+    """Whether every row needs only temperature / top-k / top-p / seed: what
+    gpu_sampling.sample_async computes without a host sync; the others go through sample_step."""
+    return not any(p.logit_bias or p.needs_history or p.min_p > 0 or p.logprobs is not None for p in params)
 
 
 def sample_step(logits: torch.Tensor, states: Sequence[SequenceSampling]) -> tuple[list[int], list[Sampled | None]]:

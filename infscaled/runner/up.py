@@ -71,7 +71,9 @@ async def embedded_cluster(devices: str, log_level: int = logging.WARNING,
 
     with tempfile.TemporaryDirectory(prefix="infscaled-up-") as state_dir:
         if ccfg is None:  # this run's own token: nothing else may talk to these daemons
-            ccfg = ControllerConfig(host="127.0.0.1", port=0, token=secrets.token_urlsafe(32), state_dir=state_dir)
+            # One user's own files on one host: any model directory, python: sources allowed.
+            ccfg = ControllerConfig(host="127.0.0.1", port=0, token=secrets.token_urlsafe(32), state_dir=state_dir,
+                                    model_roots=None)
         token = controller_token(ccfg)
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         stop_agent = asyncio.Event()
@@ -80,7 +82,7 @@ async def embedded_cluster(devices: str, log_level: int = logging.WARNING,
                                         name="controller")
             url = await asyncio.wait_for(started, timeout=30)
             acfg = AgentConfig(controller=url, token=token, agent_id="local", devices=devices,
-                               worker_log_level=log_level)
+                               worker_log_level=log_level, state_dir=state_dir, allow_python_sources=True)
             agent = tg.create_task(agent_run(acfg, stop_agent, handle_signals=False), name="agent")
             try:
                 yield url, token

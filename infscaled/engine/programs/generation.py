@@ -29,8 +29,9 @@ from infscaled.engine.edges import EdgeEnd
 from infscaled.engine.program import Program
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import PagedBatch, StageKV
+from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.params import PromptLogprobs, Sampled
-from infscaled.generation.sampling import SequenceSampling, make_generator, prompt_logprobs, sample_step
+from infscaled.generation.sampling import SequenceSampling, make_generator, plain, prompt_logprobs, sample_step
 from infscaled.protocol.control import StageStats
 from infscaled.protocol.plan import DISPATCHER, GenerationPlan, Node
 from infscaled.worker.transport import ACK, Ack, Message
@@ -229,7 +230,15 @@ class GenerationStage(Program):
         penalties, logit bias, min_p, min_tokens, log-probabilities for the rows that asked),
         decide whether it is done, and send the tokens to the dispatcher and round the loop."""
         states = [self.samplers[s] for s in seqs]
-        tokens, sampled = sample_step(logits, states)
+        params = [st.params for st in states]
+        if plain(params) and not (prompt_lps and any(prompt_lps)):
+            # The common case: no host sync while the tokens come back (generation/gpu_sampling.py).
+            tokens = sample_async(logits, params, [st.generator for st in states]).tokens()
+            for st, tok in zip(states, tokens, strict=True):
+                st.outputs.append(tok)
+            sampled: list[Sampled | None] = [None] * len(states)
+        else:  # penalties, logit bias, min_p, min_tokens or log-probabilities: generation/sampling.py
+            tokens, sampled = sample_step(logits, states)
         reported: list[list[Sampled | PromptLogprobs]] = []
         if prompt_lps is not None and any(prompt_lps) or any(sampled):
             lps = prompt_lps or [None] * len(seqs)
