@@ -46,7 +46,7 @@ PARSED_JSON = web.RequestKey("json", object)  # a JSON body, parsed within limit
 _BODY_METHODS: Final = ("POST", "PUT", "PATCH")
 # Bodies the controller forwards without parsing (the dispatcher checks them).
 _PASS_THROUGH: Final = "/infer"
-_OPENAI_PATHS: Final = ("/v1/completions", "/v1/chat/completions")
+_OPENAI_PATHS: Final = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")  # OpenAI error shape
 _PARSE_INLINE_BYTES: Final = 256 << 10  # ~2 ms of scanning and parsing at most on the loop
 
 
