@@ -19,7 +19,7 @@ from infscaled.protocol.envelope import decode_frame, encode_frame
 WATCH_VERSION = 1
 MAX_WATCH_BYTES = 16 << 20  # a snapshot of hundreds of workers; far above what 64 need
 # Event kinds, for filtering and colouring; `message` always says it in words.
-EVENT_KINDS = ("agent_joined", "agent_lost", "worker_state", "job_state")
+EVENT_KINDS = ("agent_joined", "agent_lost", "worker_state", "job_state", "job_scaled")
 
 
 @dataclass(frozen=True)
