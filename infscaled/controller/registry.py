@@ -203,6 +203,13 @@ class Registry:
         await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=why.encode()[:120])
                                for ws in sockets))
 
+    def welcome(self, agent_id: str) -> Welcome:
+        """The rates this controller wants; the reconnect spread grows with the fleet it knows, so
+        after a restart the whole fleet registers at about cfg.reconnect_rate_per_s."""
+        cfg = self.cfg
+        return Welcome(agent_id, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, cfg.host_metrics_interval_s,
+                       max(1.0, len(self.agents) / cfg.reconnect_rate_per_s))
+
     # -- one agent's session ---------------------------------------------------------------------
 
     async def serve(self, ws: web.WebSocketResponse, peer: str) -> None:
@@ -263,7 +270,7 @@ class Registry:
             return None
         assert isinstance(msg, Register)
         agent = await self._register(msg, ws, peer)
-        await self._reply(ws, Welcome(msg.agent_id, self.cfg.heartbeat_interval_s, self.cfg.heartbeat_timeout_s))
+        await self._reply(ws, self.welcome(msg.agent_id))
         devices = ", ".join(agent.device_ids) or "no devices"
         self.event_log.emit("agent_joined", f"agent {agent.id} ({msg.host}) joined with {devices}", agent=agent.id,
                             state=CONNECTED)
