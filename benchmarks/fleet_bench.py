@@ -235,13 +235,18 @@ async def one_n(args: argparse.Namespace, n: int) -> dict[str, Any]:
             watchers = [WatchCounter()]
             tasks = [asyncio.create_task(watch(http, fleet.url, "?agents=none", watchers[0], live))]
             drops0, cpu0, t_q = fleet.sim_total("drops"), cpu_seconds(pid), time.monotonic()
+            sims0 = sum(cpu_seconds(p.pid) for p in fleet.sims)
             rss = [rss_bytes(pid)]
             while time.monotonic() - t_q < args.quiet_s:
                 await asyncio.sleep(1)
                 rss.append(rss_bytes(pid))
             result["cpu_agents_only_pct"] = round(100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - t_q), 1)
+            result["cpu_simulators_pct"] = round(100 * (sum(cpu_seconds(p.pid) for p in fleet.sims) - sims0)
+                                                 / (time.monotonic() - t_q), 1)
+            result["loadavg_1m"] = os.getloadavg()[0]
             result["host_metrics_per_s"] = None
-            print(f"  quiet: controller CPU {result['cpu_agents_only_pct']} %, RSS {max(rss) >> 20} MiB", flush=True)
+            print(f"  quiet: controller CPU {result['cpu_agents_only_pct']} %, simulators "
+                  f"{result['cpu_simulators_pct']} %, RSS {max(rss) >> 20} MiB", flush=True)
             # -- loaded window: watchers and API probes
             counters = [WatchCounter() for _ in range(args.watchers)]
             tasks += [asyncio.create_task(watch(http, fleet.url, args.watch_query, c, live)) for c in counters]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import logging
 import random
 import resource
@@ -174,7 +175,7 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < args.agents + 100:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.agents + 1000), hard))
-    logging.basicConfig(level=logging.ERROR)  # a restart drops every link: thousands of warnings otherwise
+    logging.basicConfig(level=getattr(logging, os.environ.get("SIM_LOG", "ERROR")))  # a restart drops every link: thousands of warnings otherwise
     try:
         asyncio.run(run(args))
     except KeyboardInterrupt:

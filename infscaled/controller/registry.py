@@ -10,6 +10,7 @@ register again later and is taken back. Job consequences go through `AgentEvents
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
@@ -120,6 +121,10 @@ class Registry:
         self.events: AgentEvents | None = None
         self.event_log = EventLog()
         self._inspects: dict[str, tuple[str, asyncio.Future[InspectResult]]] = {}
+        # Ids of agents whose registration, state, workers or usage changed since the watchers'
+        # last tick (controller/watch.py takes and clears it): a tick costs what changed, not the fleet.
+        self.changed: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None  # runs while any agent is connected
         self._next_inspector = 0
 
     # -- queries ---------------------------------------------------------------------------------
@@ -181,6 +186,7 @@ class Registry:
             return
         reason = f"agent {agent.id} lost ({why})"
         agent.state, agent.lost_reason, agent.ws = LOST, reason, None
+        self.changed.add(agent.id)
         # The agent closing its own link is how it stops (or restarts): worth a line, not a warning.
         # Silence (no heartbeat) or a broken socket is. Either way jobs on it fail (below).
         (log.info if why == CLOSED_BY_AGENT else log.warning)("%s", reason)
@@ -191,8 +197,40 @@ class Registry:
         if self.events is not None:
             await self.events.agent_lost(agent.id, reason)
 
+    def _watch_liveness(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="agent-liveness")
+
+    async def _sweep_forever(self) -> None:
+        """Lose every connected agent silent for heartbeat_timeout_s, checking every tenth of it
+        (at most 1 s). One timer for the fleet instead of one per received frame: at 10,000
+        agents a frame then costs its read and decode, and a sweep ~1 ms. Ends when no agent is
+        connected; the next registration starts it again."""
+        timeout = self.cfg.heartbeat_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 10))
+            now = time.monotonic()
+            connected = [a for a in self.agents.values() if a.state == CONNECTED]
+            if not connected:
+                return
+            silent = [(a, a.ws) for a in connected if now - a.last_seen > timeout]
+            for agent, _ in silent:
+                try:
+                    await self.lose(agent, f"no heartbeat for {timeout:g} s")
+                except Exception:  # noqa: BLE001 - task boundary: one failure must not stop liveness checks
+                    log.exception("losing agent %s failed", agent.id)
+            # Closing ends each one's session (its receive returns); in parallel, each may wait for
+            # its close frame.
+            await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"no heartbeat")
+                                   for _, ws in silent if ws is not None and not ws.closed),
+                                 return_exceptions=True)
+
     async def close_all(self, why: str) -> None:
         """Shutdown: close every agent's websocket without failing jobs (they were stopped first)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         sockets = [a.ws for a in self.connected() if a.ws is not None]
         events, self.events = self.events, None
         try:
@@ -220,13 +258,9 @@ class Registry:
         why = CLOSED_BY_AGENT
         try:
             while agent.ws is ws:
-                # Only protocol frames count as signs of life, not websocket pings.
-                silent_for = time.monotonic() - agent.last_seen
-                try:
-                    frame = await ws.receive(timeout=max(self.cfg.heartbeat_timeout_s - silent_for, 1e-3))
-                except TimeoutError:
-                    why = f"no heartbeat for {self.cfg.heartbeat_timeout_s:g} s"
-                    break
+                # No timeout here: the sweeper loses a silent agent and closes this socket, which
+                # ends the wait. Only protocol frames count as signs of life, not websocket pings.
+                frame = await ws.receive()
                 if frame.type == WSMsgType.ERROR:  # e.g. a frame over max_msg_size: aiohttp closes
                     why = f"websocket error: {ws.exception()}"
                     break
@@ -269,8 +303,10 @@ class Registry:
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"register refused")
             return None
         assert isinstance(msg, Register)
+        self._watch_liveness()
         agent = await self._register(msg, ws, peer)
         await self._reply(ws, self.welcome(msg.agent_id))
+        self.changed.add(agent.id)
         devices = ", ".join(agent.device_ids) or "no devices"
         self.event_log.emit("agent_joined", f"agent {agent.id} ({msg.host}) joined with {devices}", agent=agent.id,
                             state=CONNECTED)
@@ -301,8 +337,10 @@ class Registry:
         if isinstance(msg, Heartbeat):
             if msg.agent_id != agent.id:
                 return ErrorMsg(f"heartbeat names agent {msg.agent_id!r}, this connection is {agent.id!r}", msg.type)
-            agent.workers = msg.workers
-            return None
+            if msg.workers != agent.workers:
+                agent.workers = msg.workers
+                self.changed.add(agent.id)
+            return None  # beyond that, a heartbeat is only the timestamp serve() already took
         if isinstance(msg, WorkerState):
             problem = await self.events.worker_state(agent.id, msg) if self.events is not None else None
             return ErrorMsg(problem, msg.type) if problem else None
@@ -314,6 +352,7 @@ class Registry:
                 return ErrorMsg(f"host_metrics names agent {msg.agent_id!r}, this connection is {agent.id!r}",
                                 msg.type)
             agent.usage = msg
+            self.changed.add(agent.id)
             return None
         if isinstance(msg, InspectResult):
             pending = self._inspects.get(msg.request_id)

@@ -54,24 +54,25 @@ def to_dict(msg: Any) -> dict[str, Any]:
 @functools.cache  # once per class: the cache is what makes a frame cheap
 def _builder(cls: type) -> Check:
     hints = typing.get_type_hints(cls)
-    plan = [(f.name, _checker(hints[f.name])) for f in fields(cls)]
-    known = frozenset(name for name, _ in plan)
-    required = {f.name: None for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}.keys()
+    # (name, checker, required): fields in declaration order, so the first problem reported is the
+    # first in the class, whether it is a missing field or a bad value.
+    plan = [(f.name, _checker(hints[f.name]), f.default is MISSING and f.default_factory is MISSING)
+            for f in fields(cls)]
+    known = frozenset(name for name, _, _ in plan)
 
     def build_one(body: dict[str, Any]) -> Any:
         if not known.issuperset(body):
             raise _Mismatch(f"unknown field(s) {sorted(set(body) - known)}")
-        if len(body) < len(known) and not body.keys() >= required:
-            missing = next(name for name in required if name not in body)
-            raise _Mismatch(f"missing field {missing!r}")
         kwargs = {}
-        for name, check in plan:
+        for name, check, required in plan:
             if name in body:
                 try:
                     kwargs[name] = check(body[name])
                 except _Mismatch as exc:
                     exc.path = f".{name}{exc.path}"
                     raise
+            elif required:
+                raise _Mismatch(f"missing field {name!r}")
         return cls(**kwargs)
 
     return build_one

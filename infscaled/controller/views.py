@@ -1,0 +1,160 @@
+"""The controller's state as watchers see it: agent and job views, and `FleetViews`, which keeps
+every agent's view between ticks and rebuilds only those that changed.
+
+`Registry.changed` names the agents whose registration, state, workers or usage changed; device
+holders are compared with the previous tick's (`JobStore.device_users`, a walk over the jobs'
+nodes, not the fleet). The fleet summary is kept by subtracting an agent's old share and adding
+its new one, so a tick costs what changed, whatever the size of the fleet.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from infscaled.controller.jobs import LIVE, Job, JobStore
+from infscaled.controller.registry import CONNECTED, LOST, Agent, Registry
+from infscaled.protocol.control import StageStats
+from infscaled.protocol.plan import DISPATCHER, Node
+from infscaled.protocol.watch import (
+    AgentView,
+    DeviceView,
+    EdgeView,
+    FleetSummary,
+    JobView,
+    ReplicaView,
+    StageView,
+    bottleneck_stage,
+)
+
+_NO_SHARE = (0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0.0, 0)
+
+
+def agent_view(agent: Agent, users: dict[tuple[str, str], str]) -> AgentView:
+    """One agent as watchers and `GET /v1/agents` show it."""
+    info, usage = agent.info, agent.usage
+    measured = {d.id: d for d in usage.devices} if usage is not None else {}
+    devices = []
+    for d in info.devices:
+        m = measured.get(d.id)
+        devices.append(DeviceView(d.id, d.kind, d.name, d.memory_bytes, users.get((agent.id, d.id), ""),
+                                  m.util_ratio if m else -1.0, m.memory_used_bytes if m else -1))
+    return AgentView(
+        id=agent.id, host=info.host, state=agent.state, reason=agent.lost_reason, advertise=info.advertise,
+        cpu_cores=info.cpu_cores, ram_bytes=info.ram_bytes,
+        cpu_ratio=usage.cpu_ratio if usage is not None else -1.0,
+        ram_used_bytes=usage.ram_used_bytes if usage is not None else -1,
+        workers=agent.workers, devices=devices)
+
+
+def job_view(job: Job, now: float) -> JobView:
+    """One job with its latest stats; a job that is not live shows none (they would read as current)."""
+    stats: dict[str, tuple[StageStats, float]] = {}
+    dispatcher = None
+    if job.state in LIVE:
+        for at, msg in job.metrics.values():
+            age = round(max(0.0, now - at), 3)
+            stats.update({s.node: (s, age) for s in msg.stages})
+            dispatcher = msg.dispatcher or dispatcher
+    replicas = []
+    for name, status in job.nodes.items():
+        if name == str(DISPATCHER):
+            continue
+        node = Node.parse(name)
+        st, age = stats.get(name, (None, -1.0))
+        replicas.append(ReplicaView(name, node.stage, node.replica, status.agent, status.device, status.state,
+                                    status.pid, status.reason, st, age))
+    replicas.sort(key=lambda r: (r.stage, r.replica))
+    stages = [StageView(i, a, b, job.cfg.pipeline.replicas[i]) for i, (a, b) in enumerate(job.ranges)]
+    edges = [EdgeView(str(e.src), str(e.dst), _edge_rate(str(e.src), str(e.dst), stats))
+             for e in (job.plan.edges if job.plan is not None else ())]
+    return JobView(job.id, job.name, str(job.state), job.reason, job.cfg.model.source, job.created, stages,
+                   replicas, edges, dispatcher, bottleneck_stage(replicas))
+
+
+def _edge_rate(src: str, dst: str, stats: dict[str, tuple[StageStats, float]]) -> float:
+    """Measured where the data arrives; the dispatcher reports no per-edge rates, so an edge into
+    it carries what its (single-output) sender computed."""
+    if dst == str(DISPATCHER):
+        return stats[src][0].samples_per_s if src in stats else 0.0
+    if dst not in stats:
+        return 0.0
+    return next((r.samples_per_s for r in stats[dst][0].inputs if r.src == src), 0.0)
+
+
+def _share(view: AgentView) -> tuple[int, int, int, int, int, int, int, float, int, float, int]:
+    """What one agent adds to the fleet summary: agents, connected, lost, devices, gpus, in use,
+    workers, GPU util sum and count, CPU ratio sum and count (devices count while connected)."""
+    up = view.state == CONNECTED
+    utils = [d.util_ratio for d in view.devices if d.kind == "cuda" and d.util_ratio >= 0] if up else []
+    return (1, int(up), int(view.state == LOST), len(view.devices) if up else 0,
+            sum(1 for d in view.devices if d.kind == "cuda") if up else 0,
+            sum(1 for d in view.devices if d.job) if up else 0, view.workers if up else 0,
+            sum(utils), len(utils), view.cpu_ratio if up and view.cpu_ratio >= 0 else 0.0,
+            int(up and view.cpu_ratio >= 0))
+
+
+class FleetViews:
+    """Every agent's latest view, and the order in which they changed (for deltas)."""
+
+    def __init__(self, registry: Registry, jobs: JobStore) -> None:
+        self.registry = registry
+        self.jobs = jobs
+        self.views: dict[str, AgentView] = {}
+        self.version = 0  # increases with every agent view rebuilt (or removed)
+        self._changed_at: OrderedDict[str, int] = OrderedDict()  # id -> version of its last change, oldest first
+        self._shares: dict[str, tuple[int, int, int, int, int, int, int, float, int, float, int]] = {}
+        self._totals: list[float] = [0] * len(_NO_SHARE)
+        self._users: dict[tuple[str, str], str] = {}
+        self._order: tuple[int, list[str], dict[str, int]] = (-1, [], {})
+
+    def ordered_ids(self) -> tuple[list[str], dict[str, int]]:
+        """Agent ids in registration order and each one's position, for `GET /v1/agents` pages.
+        Rebuilt only when the number of agents changed: ids are added (a known id that registers
+        again keeps its place), so a new id is a new count."""
+        agents = self.registry.agents
+        if self._order[0] != len(agents):
+            ids = list(agents)
+            self._order = (len(agents), ids, {agent_id: i for i, agent_id in enumerate(ids)})
+        return self._order[1], self._order[2]
+
+    def refresh(self) -> None:
+        """Rebuild the views of the agents that changed since the last call."""
+        changed, self.registry.changed = self.registry.changed, set()
+        users = self.jobs.device_users()
+        if users != self._users:
+            changed.update(key[0] for key in users.keys() | self._users.keys()
+                           if users.get(key) != self._users.get(key))
+            self._users = users
+        for agent_id in sorted(changed):  # sorted: agents new in one tick appear in id order
+            self.version += 1
+            self._changed_at[agent_id] = self.version
+            self._changed_at.move_to_end(agent_id)
+            for i, v in enumerate(self._shares.pop(agent_id, _NO_SHARE)):
+                self._totals[i] -= v
+            agent = self.registry.agents.get(agent_id)
+            if agent is None:
+                self.views.pop(agent_id, None)
+                continue
+            view = self.views[agent_id] = agent_view(agent, users)
+            share = self._shares[agent_id] = _share(view)
+            for i, v in enumerate(share):
+                self._totals[i] += v
+
+    def changed_since(self, version: int) -> tuple[list[AgentView], list[str]]:
+        """Views rebuilt after `version`, and ids removed since then (walks only those)."""
+        views, gone = [], []
+        for agent_id in reversed(self._changed_at):
+            if self._changed_at[agent_id] <= version:
+                break
+            view = self.views.get(agent_id)
+            if view is None:
+                gone.append(agent_id)
+            else:
+                views.append(view)
+        views.reverse()
+        return views, gone
+
+    def summary(self) -> FleetSummary:
+        t = self._totals
+        return FleetSummary(int(t[0]), int(t[1]), int(t[2]), int(t[3]), int(t[4]), int(t[5]), int(t[6]),
+                            round(t[7] / t[8], 4) if t[8] else -1.0, round(t[9] / t[10], 4) if t[10] else -1.0)
