@@ -166,6 +166,7 @@ class WatchCounter:
     frames: int = 0
     bytes: int = 0
     lost: int = 0
+    since: float = field(default_factory=time.time)  # wall clock: events before it are replays
     errors: list[str] = field(default_factory=list)
 
 
@@ -177,8 +178,10 @@ async def watch(http: aiohttp.ClientSession, url: str, query: str, counter: Watc
                 if live[0]:
                     counter.frames += 1
                     counter.bytes += len(frame.data)
-                    if '"agent_lost"' in frame.data and '"type": "event"' in frame.data:
-                        counter.lost += 1
+                    if '"agent_lost"' in frame.data:  # counted only when it happened in the window
+                        event = json.loads(frame.data)
+                        if event["type"] == "event" and event["body"]["time"] >= counter.since:
+                            counter.lost += 1
     except (aiohttp.ClientError, OSError) as exc:
         counter.errors.append(str(exc))
 
@@ -192,9 +195,14 @@ async def probe(http: aiohttp.ClientSession, url: str, until: float, lat: dict[s
                                          ("GET /v1/agents?limit=100", "GET", "/v1/agents?limit=100", None),
                                          ("POST /v1/jobs", "POST", "/v1/jobs", JOB)):
             t0 = time.perf_counter()
-            async with http.request(method, url + path, data=body, timeout=timeout,
-                                    headers={**headers, "Content-Type": "application/toml"}) as r:
-                answer = await r.read()
+            try:
+                async with http.request(method, url + path, data=body, timeout=timeout,
+                                        headers={**headers, "Content-Type": "application/toml"}) as r:
+                    answer = await r.read()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                lat.setdefault(f"{name} failed", []).append(time.perf_counter() - t0)
+                print(f"  {name}: {type(exc).__name__} {exc}", flush=True)
+                continue
             lat.setdefault(name, []).append(time.perf_counter() - t0)
             if method == "POST":
                 if r.status != 201:
@@ -267,15 +275,20 @@ async def one_n(args: argparse.Namespace, n: int) -> dict[str, Any]:
             result["watchers"] = args.watchers
             result["watcher_kb_per_s"] = round(statistics.mean(c.bytes for c in counters) / span / 1024, 2) \
                 if counters else None
-            t_m = time.perf_counter()
-            async with http.get(fleet.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-                body = await r.read()
-            result["metrics_ms"], result["metrics_kb"] = round(1000 * (time.perf_counter() - t_m), 1), len(body) >> 10
+            await asyncio.sleep(1.5)  # the simulators' reports of the window's end
             live[0] = False
             for t in tasks:
                 t.cancel()
             result["lost_watch_events"] = sum(c.lost for c in [*watchers, *counters])
             result["lost_sim_drops"] = fleet.sim_total("drops") - drops0
+            # /metrics last: at fleet scale one scrape can hold the loop long enough to drop agents.
+            t_m = time.perf_counter()
+            async with http.get(fleet.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"},
+                                timeout=aiohttp.ClientTimeout(total=120)) as r:
+                body = await r.read()
+            result["metrics_ms"], result["metrics_kb"] = round(1000 * (time.perf_counter() - t_m), 1), len(body) >> 10
+            await asyncio.sleep(4)
+            result["sim_drops_after_one_metrics_scrape"] = fleet.sim_total("drops") - drops0 - result["lost_sim_drops"]
             print(f"  loaded: {json.dumps(result)}", flush=True)
             # -- restart
             fleet.controller.send_signal(signal.SIGTERM)
