@@ -98,19 +98,20 @@ class SimAgent:
                    for i, u in enumerate(self.util)]
         return HostMetrics(self.agent_id, 0.3 if self.busy else 0.02, HOST_RAM // 4, devices)
 
-    async def usage_forever(self, fallback_s: float) -> None:
-        """The agent's own loop (agent/run.py `_usage_forever`) with synthetic samples."""
+    async def usage_forever(self, fallback_s: float, every_s: float = 0.0, unchanged: bool = False) -> None:
+        """The agent's own loop (agent/run.py `_usage_forever`) with synthetic samples; `every_s`
+        and `unchanged` replay the old agent instead (a sample every `every_s`, changed or not)."""
         assert self.link is not None
         sent: HostMetrics | None = None
         session = -1
         await asyncio.sleep(self.rng.uniform(0, fallback_s))  # real hosts do not sample in lockstep
         while True:
             welcome = self.link.welcome
-            await asyncio.sleep(welcome.host_metrics_interval_s if welcome else fallback_s)
+            await asyncio.sleep(every_s or (welcome.host_metrics_interval_s if welcome else fallback_s))
             sample = self.sample()
             if self.link.sessions != session:
                 session, sent = self.link.sessions, None
-            if usage_changed(sent, sample):
+            if unchanged or usage_changed(sent, sample):
                 self.link.post(sample)
                 sent = sample
                 self.sent_metrics += 1
@@ -134,7 +135,8 @@ async def run(args: argparse.Namespace) -> None:
         for i, agent in enumerate(agents):
             agent.link = ControllerLink(cfg, agent.register, agent.handle, agent.snapshot, agent.workers)
             tasks.append(tg.create_task(agent.link.run(http), name=f"link-{agent.agent_id}"))
-            tasks.append(tg.create_task(agent.usage_forever(1.0), name=f"usage-{agent.agent_id}"))
+            tasks.append(tg.create_task(agent.usage_forever(1.0, args.usage_every_s, args.send_unchanged),
+                                        name=f"usage-{agent.agent_id}"))
             if args.ramp_s > 0 and i % 50 == 49:
                 await asyncio.sleep(args.ramp_s * 50 / len(agents))
         await stop.wait()
@@ -170,6 +172,9 @@ def main() -> None:
     ap.add_argument("--ping-s", type=float, default=5.0, help="websocket ping period (the agent's default)")
     ap.add_argument("--ramp-s", type=float, default=0.0, help="spread the first connects over this long")
     ap.add_argument("--report-s", type=float, default=2.0)
+    ap.add_argument("--usage-every-s", type=float, default=0.0,
+                    help="sample usage this often instead of Welcome's host_metrics_interval_s (the old agent: 1)")
+    ap.add_argument("--send-unchanged", action="store_true", help="send every sample (the old agent did)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

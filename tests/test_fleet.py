@@ -89,7 +89,9 @@ def test_watch_state_applies_deltas_in_order_only() -> None:
     assert state.apply(watch.Snapshot(1.0, 1.0, [a, b], tick=1)) is not None
     snap = state.apply(watch.Delta(2.0, 2, 1, fleet, [watch.AgentView("b", "h", "lost")], ["a"]))
     assert snap is not None and [(x.id, x.state) for x in snap.agents] == [("b", "lost")] and snap.tick == 2
-    assert state.apply(watch.Delta(3.0, 4, 3, fleet)) is None  # tick 3 was missed
+    snap = state.apply(watch.Delta(3.0, 3, 2, fleet, usage=[HostMetrics("b", 0.25, 7), HostMetrics("gone", 0.5, 1)]))
+    assert snap is not None and [(x.id, x.cpu_ratio, x.ram_used_bytes) for x in snap.agents] == [("b", 0.25, 7)]
+    assert state.apply(watch.Delta(3.0, 5, 4, fleet)) is None  # tick 4 was missed
 
 
 # -- a real controller and agent links ---------------------------------------------------------
@@ -206,14 +208,24 @@ def test_watchers_share_a_stream_of_small_deltas(tmp_path: Path) -> None:
             # Quiet: deltas carry no agents. One host reports usage: the next deltas carry it alone.
             assert deltas[0][-1].agents == []
             hosts[2].link.post(HostMetrics("h02", 0.75, 1 << 30, [DeviceUsage("cuda:0", 0.5, 1 << 30)]))
-            await read(0, full[0], lambda: any(d.agents for d in deltas[0]))
-            changed = next(d for d in deltas[0] if d.agents)
-            assert [a.id for a in changed.agents] == ["h02"] and changed.agents[0].cpu_ratio == 0.75
+            await read(0, full[0], lambda: any(d.usage for d in deltas[0]))
+            changed = next(d for d in deltas[0] if d.usage)
+            # Usage alone changed: the agent's own report travels, not a rebuilt view.
+            assert changed.agents == [] and [u.agent_id for u in changed.usage] == ["h02"]
+            assert states[0].snapshot is not None and states[0].snapshot.agents[2].cpu_ratio == 0.75
+            assert states[0].snapshot.agents[2].devices[0].util_ratio == 0.5
             assert changed.fleet.cpu_ratio_mean == 0.75 and changed.fleet.gpu_util_mean == 0.5
             await read(1, full[1], lambda: states[1].snapshot is not None and states[1].snapshot.fleet.gpu_util_mean == 0.5)
             assert states[1].snapshot is not None and states[1].snapshot.agents[2].cpu_ratio == 0.75
             await read(2, summary, lambda: states[2].snapshot is not None and states[2].snapshot.fleet.cpu_ratio_mean > 0)
-            assert all(not d.agents for d in deltas[2])
+            assert all(not d.agents and not d.usage for d in deltas[2])
+            # A watcher joining now gets the usage inside the snapshot's views.
+            late = await http.ws_connect(f"{ctl.url}/v1/watch?interval_s=0.1", headers=auth)
+            async with asyncio.timeout(10):
+                while not isinstance(msg := watch.decode((await late.receive()).data), watch.Snapshot):
+                    pass
+            assert msg.agents[2].cpu_ratio == 0.75 and msg.agents[2].devices[0].util_ratio == 0.5
+            await late.close()
             for ws in [*full, summary]:
                 await ws.close()
             await until(lambda: not ctl.watchers._streams)  # noqa: SLF001 - streams end with their last watcher

@@ -121,9 +121,10 @@ class Registry:
         self.events: AgentEvents | None = None
         self.event_log = EventLog()
         self._inspects: dict[str, tuple[str, asyncio.Future[InspectResult]]] = {}
-        # Ids of agents whose registration, state, workers or usage changed since the watchers'
+        # Ids of agents whose registration, state or workers changed since the watchers'
         # last tick (controller/watch.py takes and clears it): a tick costs what changed, not the fleet.
         self.changed: set[str] = set()
+        self.usage_changed: set[str] = set()  # the same for host usage alone (cheaper to pass on)
         self._sweeper: asyncio.Task[None] | None = None  # runs while any agent is connected
         self._next_inspector = 0
 
@@ -352,7 +353,7 @@ class Registry:
                 return ErrorMsg(f"host_metrics names agent {msg.agent_id!r}, this connection is {agent.id!r}",
                                 msg.type)
             agent.usage = msg
-            self.changed.add(agent.id)
+            self.usage_changed.add(agent.id)
             return None
         if isinstance(msg, InspectResult):
             pending = self._inspects.get(msg.request_id)

@@ -1,7 +1,8 @@
 """The controller's state as watchers see it: agent and job views, and `FleetViews`, which keeps
 every agent's view between ticks and rebuilds only those that changed.
 
-`Registry.changed` names the agents whose registration, state, workers or usage changed; device
+`Registry.changed` names the agents whose registration, state or workers changed,
+`Registry.usage_changed` those that reported new usage; device
 holders are compared with the previous tick's (`JobStore.device_users`, a walk over the jobs'
 nodes, not the fleet). The fleet summary is kept by subtracting an agent's old share and adding
 its new one, so a tick costs what changed, whatever the size of the fleet.
@@ -14,6 +15,7 @@ from collections import OrderedDict
 from infscaled.controller.jobs import LIVE, Job, JobStore
 from infscaled.controller.registry import CONNECTED, LOST, Agent, Registry
 from infscaled.protocol.control import StageStats
+from infscaled.protocol.messages import HostMetrics
 from infscaled.protocol.plan import DISPATCHER, Node
 from infscaled.protocol.watch import (
     AgentView,
@@ -26,7 +28,8 @@ from infscaled.protocol.watch import (
     bottleneck_stage,
 )
 
-_NO_SHARE = (0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0.0, 0)
+Share = tuple[int, int, int, int, int, int, int, float, int, float, int]
+_NO_SHARE: Share = (0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0.0, 0)
 
 
 def agent_view(agent: Agent, users: dict[tuple[str, str], str]) -> AgentView:
@@ -81,28 +84,36 @@ def _edge_rate(src: str, dst: str, stats: dict[str, tuple[StageStats, float]]) -
     return next((r.samples_per_s for r in stats[dst][0].inputs if r.src == src), 0.0)
 
 
-def _share(view: AgentView) -> tuple[int, int, int, int, int, int, int, float, int, float, int]:
+def _share(view: AgentView, usage: HostMetrics | None) -> Share:
     """What one agent adds to the fleet summary: agents, connected, lost, devices, gpus, in use,
-    workers, GPU util sum and count, CPU ratio sum and count (devices count while connected)."""
+    workers, GPU util sum and count, CPU ratio sum and count (devices count while connected).
+    Usage comes apart from the view: a usage-only change does not rebuild the view."""
     up = view.state == CONNECTED
-    utils = [d.util_ratio for d in view.devices if d.kind == "cuda" and d.util_ratio >= 0] if up else []
-    return (1, int(up), int(view.state == LOST), len(view.devices) if up else 0,
-            sum(1 for d in view.devices if d.kind == "cuda") if up else 0,
-            sum(1 for d in view.devices if d.job) if up else 0, view.workers if up else 0,
-            sum(utils), len(utils), view.cpu_ratio if up and view.cpu_ratio >= 0 else 0.0,
-            int(up and view.cpu_ratio >= 0))
+    if not up:
+        return (1, 0, int(view.state == LOST), 0, 0, 0, 0, 0.0, 0, 0.0, 0)
+    gpus = {d.id for d in view.devices if d.kind == "cuda"}
+    utils = [d.util_ratio for d in usage.devices if d.id in gpus and d.util_ratio >= 0] if usage else []
+    cpu = usage.cpu_ratio if usage is not None and usage.cpu_ratio >= 0 else -1.0
+    return (1, 1, 0, len(view.devices), len(gpus), sum(1 for d in view.devices if d.job), view.workers,
+            sum(utils), len(utils), max(cpu, 0.0), int(cpu >= 0))
 
 
 class FleetViews:
-    """Every agent's latest view, and the order in which they changed (for deltas)."""
+    """Every agent's latest view, and the order in which views and usage changed (for deltas).
+
+    A usage report only records that the agent's usage changed (`changed_since` hands out the
+    agent's latest HostMetrics as it came); its view is rebuilt when something else changes. So
+    a busy fleet's reports cost the summary's arithmetic, not a view and its encoding each.
+    """
 
     def __init__(self, registry: Registry, jobs: JobStore) -> None:
         self.registry = registry
         self.jobs = jobs
-        self.views: dict[str, AgentView] = {}
-        self.version = 0  # increases with every agent view rebuilt (or removed)
+        self.views: dict[str, AgentView] = {}  # usage as of the view's build; newer in the agent
+        self.version = 0  # increases with every view rebuilt or removed, and every usage change
         self._changed_at: OrderedDict[str, int] = OrderedDict()  # id -> version of its last change, oldest first
-        self._shares: dict[str, tuple[int, int, int, int, int, int, int, float, int, float, int]] = {}
+        self._usage_at: OrderedDict[str, int] = OrderedDict()  # the same for usage-only changes
+        self._shares: dict[str, Share] = {}
         self._totals: list[float] = [0] * len(_NO_SHARE)
         self._users: dict[tuple[str, str], str] = {}
         self._order: tuple[int, list[str], dict[str, int]] = (-1, [], {})
@@ -118,31 +129,49 @@ class FleetViews:
         return self._order[1], self._order[2]
 
     def refresh(self) -> None:
-        """Rebuild the views of the agents that changed since the last call."""
-        changed, self.registry.changed = self.registry.changed, set()
+        """Rebuild the views of the agents that changed since the last call; note usage changes."""
+        registry = self.registry
+        changed, registry.changed = registry.changed, set()
+        usage_only, registry.usage_changed = registry.usage_changed - changed, set()
         users = self.jobs.device_users()
         if users != self._users:
             changed.update(key[0] for key in users.keys() | self._users.keys()
                            if users.get(key) != self._users.get(key))
+            usage_only -= changed
             self._users = users
         for agent_id in sorted(changed):  # sorted: agents new in one tick appear in id order
             self.version += 1
             self._changed_at[agent_id] = self.version
             self._changed_at.move_to_end(agent_id)
-            for i, v in enumerate(self._shares.pop(agent_id, _NO_SHARE)):
-                self._totals[i] -= v
-            agent = self.registry.agents.get(agent_id)
+            self._usage_at.pop(agent_id, None)  # the new view holds the latest usage
+            agent = registry.agents.get(agent_id)
             if agent is None:
                 self.views.pop(agent_id, None)
+                self._set_share(agent_id, _NO_SHARE)
                 continue
             view = self.views[agent_id] = agent_view(agent, users)
-            share = self._shares[agent_id] = _share(view)
+            self._set_share(agent_id, _share(view, agent.usage))
+        for agent_id in usage_only:
+            agent, view = registry.agents.get(agent_id), self.views.get(agent_id)
+            if agent is None or view is None:  # gone, or not seen yet: its first view has its usage
+                continue
+            self.version += 1
+            self._usage_at[agent_id] = self.version
+            self._usage_at.move_to_end(agent_id)
+            self._set_share(agent_id, _share(view, agent.usage))
+
+    def _set_share(self, agent_id: str, share: Share) -> None:
+        for i, v in enumerate(self._shares.pop(agent_id, _NO_SHARE)):
+            self._totals[i] -= v
+        if share is not _NO_SHARE:
+            self._shares[agent_id] = share
             for i, v in enumerate(share):
                 self._totals[i] += v
 
-    def changed_since(self, version: int) -> tuple[list[AgentView], list[str]]:
-        """Views rebuilt after `version`, and ids removed since then (walks only those)."""
-        views, gone = [], []
+    def changed_since(self, version: int) -> tuple[list[AgentView], list[str], list[HostMetrics]]:
+        """Views rebuilt after `version`, ids removed since then, and the latest usage of agents
+        whose usage alone changed since then (walks only those)."""
+        views, gone, usage = [], [], []
         for agent_id in reversed(self._changed_at):
             if self._changed_at[agent_id] <= version:
                 break
@@ -151,8 +180,14 @@ class FleetViews:
                 gone.append(agent_id)
             else:
                 views.append(view)
+        for agent_id in reversed(self._usage_at):
+            if self._usage_at[agent_id] <= version:
+                break
+            report = self.registry.agents[agent_id].usage
+            if report is not None:
+                usage.append(report)
         views.reverse()
-        return views, gone
+        return views, gone, usage
 
     def summary(self) -> FleetSummary:
         t = self._totals

@@ -27,7 +27,8 @@ from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Registry
 from infscaled.controller.views import FleetViews, job_view
 from infscaled.errors import WireError
-from infscaled.protocol.watch import AgentView, Delta, Event, FleetSummary, JobView, Snapshot, encode
+from infscaled.protocol.messages import HostMetrics
+from infscaled.protocol.watch import AgentView, Delta, Event, FleetSummary, JobView, Snapshot, apply_usage, encode
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class Stream:
         self.tick = 0
         self._version = 0  # FleetViews.version this stream's agents reflect
         self._agents: dict[str, AgentView] = {}
+        self._usage: dict[str, HostMetrics] = {}  # newer than the view in _agents: applied for snapshots
         self._jobs: dict[str, JobView] = {}
         self._fleet = FleetSummary()
         self._snapshot: tuple[int, str] | None = None  # (tick, encoded snapshot)
@@ -73,11 +75,15 @@ class Stream:
     def advance(self) -> str:
         """One tick: what changed since the last, applied to this stream's state and encoded."""
         self.views.refresh()
-        agents, gone = self.views.changed_since(self._version) if self.agents_listed else ([], [])
+        agents, gone, usage = self.views.changed_since(self._version) if self.agents_listed else ([], [], [])
         self._version = self.views.version
         for agent_id in gone:
             self._agents.pop(agent_id, None)
-        self._agents.update((a.id, a) for a in agents)
+            self._usage.pop(agent_id, None)
+        for view in agents:
+            self._agents[view.id] = view
+            self._usage.pop(view.id, None)  # built from the agent's latest usage
+        self._usage.update((u.agent_id, u) for u in usage)
         now = time.monotonic()
         current = {j.id: job_view(j, now) for j in sorted(self.views.jobs.jobs.values(), key=lambda j: j.created)}
         jobs = [view for job_id, view in current.items() if self._jobs.get(job_id) != view]
@@ -85,13 +91,15 @@ class Stream:
         self._jobs = current
         self._fleet = self.views.summary()
         self.tick += 1
-        return encode(Delta(time.time(), self.tick, self.tick - 1, self._fleet, agents, gone, jobs, jobs_gone))
+        return encode(Delta(time.time(), self.tick, self.tick - 1, self._fleet, agents, gone, jobs, jobs_gone, usage))
 
     def snapshot_text(self) -> str:
         """This tick's whole picture, encoded once for every watcher that joins during the tick."""
         if self._snapshot is None or self._snapshot[0] != self.tick:
-            snap = Snapshot(time.time(), self.interval_s, list(self._agents.values()), list(self._jobs.values()),
-                            self._fleet, self.agents_listed, self.tick)
+            agents = [apply_usage(view, u) if (u := self._usage.get(agent_id)) is not None else view
+                      for agent_id, view in self._agents.items()]
+            snap = Snapshot(time.time(), self.interval_s, agents, list(self._jobs.values()), self._fleet,
+                            self.agents_listed, self.tick)
             self._snapshot = (self.tick, encode(snap))
         return self._snapshot[1]
 

@@ -16,11 +16,12 @@ cluster's dashboard needs; page through agents with `GET /v1/agents`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from infscaled.protocol.control import DispatcherStats, StageStats
 from infscaled.protocol.envelope import decode_frame, encode_frame
+from infscaled.protocol.messages import HostMetrics
 
 WATCH_VERSION = 2  # 2: deltas after the first snapshot; agents' views without heartbeat ages
 MAX_WATCH_BYTES = 64 << 20  # the first snapshot of 10,000 agents with 8 GPUs each is ~15 MB
@@ -137,7 +138,9 @@ class Snapshot:
 @dataclass(frozen=True)
 class Delta:
     """From tick `base` to tick `tick`: the agents and jobs that changed or appeared (whole), the
-    ids that went away, and the fleet summary now."""
+    ids that went away, the latest usage report of agents whose usage alone changed (apply it
+    with `apply_usage`; the agents' own HostMetrics, smaller than their views and not rebuilt
+    by the controller), and the fleet summary now."""
 
     type: ClassVar[str] = "delta"
     time: float
@@ -148,6 +151,15 @@ class Delta:
     agents_gone: list[str] = field(default_factory=list)
     jobs: list[JobView] = field(default_factory=list)
     jobs_gone: list[str] = field(default_factory=list)
+    usage: list[HostMetrics] = field(default_factory=list)
+
+
+def apply_usage(view: AgentView, usage: HostMetrics) -> AgentView:
+    """`view` with the host and device numbers of `usage` (devices it does not mention keep theirs)."""
+    measured = {d.id: d for d in usage.devices}
+    devices = [replace(d, util_ratio=m.util_ratio, memory_used_bytes=m.memory_used_bytes)
+               if (m := measured.get(d.id)) is not None else d for d in view.devices]
+    return replace(view, cpu_ratio=usage.cpu_ratio, ram_used_bytes=usage.ram_used_bytes, devices=devices)
 
 
 @dataclass(frozen=True)
@@ -189,11 +201,15 @@ class WatchState:
         for gone in msg.agents_gone:
             self._agents.pop(gone, None)
         self._agents.update((a.id, a) for a in msg.agents)
+        for usage in msg.usage:
+            view = self._agents.get(usage.agent_id)
+            if view is not None:
+                self._agents[usage.agent_id] = apply_usage(view, usage)
         for gone in msg.jobs_gone:
             self._jobs.pop(gone, None)
         self._jobs.update((j.id, j) for j in msg.jobs)
         # Lists are rebuilt only when their dict changed: a quiet tick costs nothing per agent.
-        agents = list(self._agents.values()) if msg.agents or msg.agents_gone else prev.agents
+        agents = list(self._agents.values()) if msg.agents or msg.agents_gone or msg.usage else prev.agents
         jobs = list(self._jobs.values()) if msg.jobs or msg.jobs_gone else prev.jobs
         self.snapshot = Snapshot(msg.time, prev.interval_s, agents, jobs, msg.fleet, prev.agents_listed, msg.tick)
         return self.snapshot
