@@ -93,8 +93,7 @@ async def list_agents(request: web.Request) -> web.Response:
     follow. Costs the page, not the fleet: positions come from a cached index."""
     q = AgentQuery.parse(request)
     registry, jobs = request.app[REGISTRY], request.app[JOBS]
-    if q.job:
-        held = {s.agent for s in jobs.get(q.job).nodes.values()}  # 404 for an unknown job
+    held = {s.agent for s in jobs.get(q.job).nodes.values()} if q.job else set()  # 404 for an unknown job
     ids, position = request.app[WATCHERS].views.ordered_ids()
     if q.after and q.after not in position:
         raise Rejected(400, f"after={q.after!r}: no such agent; pass the id of the last agent of the previous page")
