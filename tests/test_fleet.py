@@ -19,7 +19,10 @@ from infscaled.agent.config import AgentConfig
 from infscaled.agent.devices import usage_changed
 from infscaled.controller.app import Controller
 from infscaled.controller.config import ControllerConfig
+from infscaled.controller.jobs import JobStore
+from infscaled.controller.registry import Agent, Registry
 from infscaled.controller.run import run
+from infscaled.controller.views import FleetViews
 from infscaled.errors import WireError
 from infscaled.protocol import messages, watch
 from infscaled.protocol.messages import (
@@ -249,5 +252,28 @@ def test_welcome_sets_the_rates_and_a_deploy_timeout_names_its_deadline(tmp_path
             job = ctl.jobs.jobs[job_id]
             await until(lambda: job.state == "failed")
             assert "not ready within 2 s (ready_timeout_s 0.5 s + heartbeat_timeout_s 1.5 s)" in job.reason, job.reason
+
+    asyncio.run(scenario())
+
+
+def test_first_views_are_built_in_chunks_and_the_summary_adds_up(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        registry = Registry(ControllerConfig(port=0, token=TOKEN, state_dir=str(tmp_path)))
+        views = FleetViews(registry, JobStore(registry.cfg, registry))
+        for i in range(7):
+            info = Register(f"a{i}", "h", "127.0.0.1", [Device("cuda:0", "cuda"), Device("cpu:0", "cpu")], 1, 1,
+                            [1, 2])
+            registry.agents[info.agent_id] = Agent(info, None, usage=HostMetrics(info.agent_id, 0.5, 1,
+                                                                               [DeviceUsage("cuda:0", 0.25)]))
+            registry.changed.add(info.agent_id)
+        await views.catch_up(chunk=2)  # yields between chunks; leaves at most a chunk for the tick
+        assert len(views.views) == 6 and len(registry.changed) == 1
+        views.refresh()
+        assert views.summary() == watch.FleetSummary(agents=7, connected=7, devices=14, gpus=7, gpu_util_mean=0.25,
+                                                     cpu_ratio_mean=0.5)
+        registry.agents["a3"].state = "lost"
+        registry.changed.add("a3")
+        views.refresh()
+        assert (views.summary().connected, views.summary().lost, views.summary().gpus) == (6, 1, 6)
 
     asyncio.run(scenario())

@@ -10,6 +10,8 @@ its new one, so a tick costs what changed, whatever the size of the fleet.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections import OrderedDict
 
 from infscaled.controller.jobs import LIVE, Job, JobStore
@@ -30,6 +32,7 @@ from infscaled.protocol.watch import (
 
 Share = tuple[int, int, int, int, int, int, int, float, int, float, int]
 _NO_SHARE: Share = (0, 0, 0, 0, 0, 0, 0, 0.0, 0, 0.0, 0)
+CATCH_UP_CHUNK = 500  # agent views built between two yields to the event loop
 
 
 def agent_view(agent: Agent, users: dict[tuple[str, str], str]) -> AgentView:
@@ -139,6 +142,28 @@ class FleetViews:
                            if users.get(key) != self._users.get(key))
             usage_only -= changed
             self._users = users
+        self._rebuild(changed, users)
+        for agent_id in usage_only:
+            agent, view = registry.agents.get(agent_id), self.views.get(agent_id)
+            if agent is None or view is None:  # gone, or not seen yet: its first view has its usage
+                continue
+            self.version += 1
+            self._usage_at[agent_id] = self.version
+            self._usage_at.move_to_end(agent_id)
+            self._set_share(agent_id, _share(view, agent.usage))
+
+    async def catch_up(self, chunk: int = CATCH_UP_CHUNK) -> None:
+        """Build the views still pending a chunk at a time, yielding to the loop in between: the
+        first watcher of a fleet of 10,000 must not hold the loop (and the agents' pongs) for the
+        whole build. The users of devices are the last known; `refresh` corrects any since."""
+        while len(self.registry.changed) > chunk:
+            ids = set(itertools.islice(self.registry.changed, chunk))
+            self.registry.changed -= ids
+            self._rebuild(ids, self._users)
+            await asyncio.sleep(0)
+
+    def _rebuild(self, changed: set[str], users: dict[tuple[str, str], str]) -> None:
+        registry = self.registry
         for agent_id in sorted(changed):  # sorted: agents new in one tick appear in id order
             self.version += 1
             self._changed_at[agent_id] = self.version
@@ -150,14 +175,6 @@ class FleetViews:
                 self._set_share(agent_id, _NO_SHARE)
                 continue
             view = self.views[agent_id] = agent_view(agent, users)
-            self._set_share(agent_id, _share(view, agent.usage))
-        for agent_id in usage_only:
-            agent, view = registry.agents.get(agent_id), self.views.get(agent_id)
-            if agent is None or view is None:  # gone, or not seen yet: its first view has its usage
-                continue
-            self.version += 1
-            self._usage_at[agent_id] = self.version
-            self._usage_at.move_to_end(agent_id)
             self._set_share(agent_id, _share(view, agent.usage))
 
     def _set_share(self, agent_id: str, share: Share) -> None:

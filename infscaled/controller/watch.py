@@ -140,7 +140,7 @@ class Watchers:
                 for event in list(events.recent):  # up to RECENT_EVENTS: more than an outbox holds
                     async with asyncio.timeout(self.send_timeout_s):
                         await ws.send_str(encode(event))
-                stream = self._join(sub, interval_s, agents_listed)
+                stream = await self._join(sub, interval_s, agents_listed)
                 sub.offer(stream.snapshot_text())  # no await since joining: the next delta follows it
                 try:
                     async with asyncio.TaskGroup() as tg:
@@ -157,8 +157,10 @@ class Watchers:
         finally:
             self._sockets.discard(ws)
 
-    def _join(self, sub: _Subscriber, interval_s: float, agents_listed: bool) -> Stream:
+    async def _join(self, sub: _Subscriber, interval_s: float, agents_listed: bool) -> Stream:
         key = (interval_s, agents_listed)
+        if key not in self._streams:
+            await self.views.catch_up()  # may yield: another watcher may have made the stream meanwhile
         stream = self._streams.get(key)
         if stream is None:
             stream = self._streams[key] = Stream(self.views, interval_s, agents_listed)
