@@ -279,7 +279,7 @@ def test_a_fleet_of_10000_agents_stays_responsive() -> None:
             await pilot.press("2")
             await settle(pilot, lambda: app.active_view == "jobs", poll_s=0)
             key = time.perf_counter() - started
-        # Generous for a busy 2-core VM; measured about 1 s for the first picture, 0.1 s a tick.
+        # Generous for a busy 2-core VM: measured 1.7 s, 0.12 s a tick and 0.9 s at load average 21.
         assert first < 20 and ticks < 20 and key < 5, (first, ticks, key)
 
     run(scenario())
