@@ -41,7 +41,7 @@ from infscaled.protocol.plan import DISPATCHER, EdgePlan, Node
 from infscaled.protocol.wire import DATA
 from infscaled.runner.launcher import LocalJob, prepare
 from infscaled.runner.workload import drive
-from infscaled.worker.stage_loop import REQUESTS_KEY
+from infscaled.engine.core import REQUESTS_KEY
 from infscaled.worker.transport import Message, connect_all
 
 HOST = "127.0.0.1"

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="compare every result with the monolithic model (max abs error)")
     run.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--scale-at", action="append", default=[], metavar="T:STAGE=N",
+                     help="T s into the workload, scale stage STAGE to N replicas while serving "
+                          "(T:chains=N for a generation job's replica chains); repeatable")
 
     up = sub.add_parser("up", help="controller + local agent in one process: submit a job, drive it, stop")
     up.add_argument("job", nargs="?", help="job file (default: configs/jobs/quickstart.toml)")
@@ -122,10 +125,13 @@ def _run(args: argparse.Namespace, console: object, level: int) -> int:
     from infscaled.config import load_job
     from infscaled.runner.run import render_summary, run_job
 
+    from infscaled.runner.scaling import parse_scale_at
+
     _check_workload_args(args)
+    steps = [parse_scale_at(text) for text in args.scale_at]
     cfg = load_job(args.job)
     summary = run_job(cfg, requests=args.requests, rate=args.rate, verify=args.verify,
-                      progress=not args.no_progress and sys.stdout.isatty(), log_level=level)
+                      progress=not args.no_progress and sys.stdout.isatty(), log_level=level, scale_at=steps)
     console.print(render_summary(summary))  # type: ignore[attr-defined]
     if args.json:
         summary.write_json(args.json)

@@ -21,7 +21,7 @@ from infscaled.generation.params import SamplingParams
 from infscaled.models.sources import resolve
 from infscaled.models.stage import Monolith, materialize, skeleton
 from infscaled.runner.launcher import LocalJob, prepare
-from infscaled.worker.gen_dispatcher import GenDispatcher
+from infscaled.dispatch.sequences import Sequences
 
 
 def hf_greedy(mono: Monolith, prompt: list[int], new: int) -> list[int]:
@@ -64,7 +64,7 @@ def prompts() -> list[tuple[list[int], int]]:
     return [(torch.randint(0, 512, (p,), generator=gen).tolist(), n) for p, n in lengths]
 
 
-def run_staggered(gen: GenDispatcher, work: list[tuple[list[int], int]]) -> list[Collected]:
+def run_staggered(gen: Sequences, work: list[tuple[list[int], int]]) -> list[Collected]:
     """Submit half, wait for some tokens, submit the rest while the first ones still run."""
     results = [Collected() for _ in work]
     half = len(work) // 2

@@ -157,7 +157,7 @@ def test_random_garbage_is_rejected() -> None:
         (lambda: TensorMeta("x", "float32", (2**32,)), "outside 0..4294967295"),
         (lambda: TensorMeta("x", "float32", (-1,)), "outside"),
         (lambda: TensorMeta("x", "float64", (2**31, 2**3)), "above MAX_TENSOR_BYTES"),
-        (lambda: Header(7, 0), "unknown message kind 7"),
+        (lambda: Header(99, 0), "unknown message kind 99"),
         (lambda: Header(DATA, -1), "mb_id -1 outside"),
         (lambda: Header(DATA, 0, 2**64), "route_key"),
         (lambda: Header(DATA, 0, 0, tuple(TensorMeta(f"t{i}", "uint8", ()) for i in range(9))), "9 tensors"),

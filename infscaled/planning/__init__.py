@@ -119,4 +119,5 @@ def make_plan(
         base_dir=base_dir,
         generation=generation,
         cuda_graphs=cuda_graphs,
+        graph=graph,
     )

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from infscaled.errors import WireError
+from infscaled.protocol.plan import EdgePlan, Node
+from infscaled.protocol.topology import TopologyUpdate
 from infscaled.protocol.typed import build
 
 CONTROL_VERSION = 1
@@ -50,6 +52,7 @@ class StageStats:
     kv_reserved_tokens: int = 0
     kv_budget_tokens: int = 0
     kv_sequences: int = 0
+    epoch: int = 0  # the topology epoch this replica has applied (protocol/topology.py)
 
     @property
     def busy(self) -> float:
@@ -91,7 +94,8 @@ class WorkerReady:
     # Full-model names of the parameters this worker materialised, and their element count.
     params: list[str] = field(default_factory=list)
     param_numel: int = 0
-    load_s: float = 0.0
+    load_s: float = 0.0  # building the stage: its weights materialised
+    connect_s: float = 0.0  # joining its edges (waits for peers that are still building)
 
 
 @dataclass(frozen=True)
@@ -129,9 +133,45 @@ class StopWorker:
     reason: str = ""
 
 
-ControlMessage = WorkerReady | WorkerStatsReport | DispatcherStatsReport | WorkerDone | WorkerFailed | StopWorker
+@dataclass(frozen=True)
+class EdgeRef:
+    """An edge as the control pipe carries it (protocol.plan.EdgePlan, nodes as names)."""
+
+    src: str
+    dst: str
+    host: str
+    port: int
+
+    @staticmethod
+    def of(edge: EdgePlan) -> EdgeRef:
+        return EdgeRef(str(edge.src), str(edge.dst), edge.host, edge.port)
+
+    def plan(self) -> EdgePlan:
+        return EdgePlan(Node.parse(self.src), Node.parse(self.dst), self.host, self.port)
+
+
+@dataclass(frozen=True)
+class UpdateTopology:
+    """Supervisor -> worker (stage replica or dispatcher): this node's edges of a new epoch."""
+
+    type: ClassVar[str] = "topology"
+    epoch: int
+    add: list[EdgeRef] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def of(update: TopologyUpdate) -> UpdateTopology:
+        return UpdateTopology(update.epoch, [EdgeRef.of(e) for e in update.add], list(update.remove))
+
+    def update(self) -> TopologyUpdate:
+        """The typed update; ValueError if an edge names no node."""
+        return TopologyUpdate(self.epoch, tuple(e.plan() for e in self.add), tuple(self.remove))
+
+
+ControlMessage = (WorkerReady | WorkerStatsReport | DispatcherStatsReport | WorkerDone | WorkerFailed | StopWorker
+                  | UpdateTopology)
 _TYPES: dict[str, Any] = {c.type: c for c in (WorkerReady, WorkerStatsReport, DispatcherStatsReport, WorkerDone,
-                                              WorkerFailed, StopWorker)}
+                                              WorkerFailed, StopWorker, UpdateTopology)}
 
 
 def encode(msg: ControlMessage) -> bytes:

@@ -112,6 +112,19 @@ class JobPlan:
     generation: GenerationPlan | None = None
     # CUDA stages replay their forward as CUDA graphs (worker/graphs.py); no effect on CPU stages.
     cuda_graphs: bool = True
+    # Bumped by every live topology change (protocol/topology.py says what an epoch guarantees).
+    epoch: int = 0
+    # How stages are linked (planning/graph.py): only "mesh" jobs can scale a stage while serving.
+    graph: str = "mesh"
+    # Per stage, the lowest replica id never used yet (empty: one past the highest in `workers`):
+    # live scaling never reuses an id, so an edge key always names one edge.
+    next_replica: tuple[int, ...] = ()
+
+    def fresh_replica(self, stage: int) -> int:
+        """The id a replica added to `stage` gets."""
+        if stage < len(self.next_replica):
+            return self.next_replica[stage]
+        return max(w.node.replica for w in self.workers if w.node.stage == stage) + 1
 
     def in_edges(self, node: Node) -> tuple[EdgePlan, ...]:
         return tuple(e for e in self.edges if e.dst == node)
@@ -129,6 +142,10 @@ class JobPlan:
     def last_stage(self) -> int:
         return len(self.stages) - 1
 
+    def nodes(self, stage: int) -> tuple[Node, ...]:
+        """The replicas of `stage` in this epoch, by replica number."""
+        return tuple(sorted(w.node for w in self.workers if w.node.stage == stage))
+
 
 # -- serialisation: a plan crosses the controller -> agent websocket as plain JSON ---------------
 
@@ -143,6 +160,7 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "policy": plan.policy, "micro_batch_size": plan.micro_batch_size, "max_inflight": plan.max_inflight,
         "max_wait_ms": plan.max_wait_ms, "edge_timeout_s": plan.edge_timeout_s,
         "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir, "cuda_graphs": plan.cuda_graphs,
+        "epoch": plan.epoch, "graph": plan.graph, "next_replica": list(plan.next_replica),
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
             plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens],
@@ -161,6 +179,8 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         max_wait_ms=float(d["max_wait_ms"]), edge_timeout_s=float(d["edge_timeout_s"]),  # type: ignore[arg-type]
         dispatcher_host=str(d["dispatcher_host"]), base_dir=str(d["base_dir"]), cuda_graphs=_bool(d["cuda_graphs"]),
         generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
+        epoch=int(d.get("epoch", 0)), graph=str(d.get("graph", "mesh")),  # type: ignore[call-overload]
+        next_replica=tuple(int(r) for r in d.get("next_replica", ())),  # type: ignore[attr-defined]
     )
 
 

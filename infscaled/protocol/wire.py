@@ -8,7 +8,8 @@ Header (HEADER_BYTES = 512):
     offset  size  field       notes
     0       4     magic       b"INFS"
     4       2     version     u16, = VERSION (1)
-    6       2     kind        u16: DATA=1, STOP=2, ERROR=3
+    6       2     kind        u16: DATA=1, STOP=2, ERROR=3; generation: PREFILL=4, DECODE=5,
+                              TOKENS=6, FREE=7 (protocol/generation.py says what each carries)
     8       8     mb_id       u64, micro-batch id
     16      8     route_key   u64, sticky-routing key (e.g. request id); 0 when unused
     24      2     n_tensors   u16, <= MAX_TENSORS (8)
@@ -81,9 +82,15 @@ assert _FIXED.size + MAX_TENSORS * _DESC.size <= HEADER_BYTES
 
 
 class MsgKind(enum.IntEnum):
-    DATA = 1
-    STOP = 2
+    DATA = 1  # a forward micro-batch
+    STOP = 2  # the sender will send nothing more on this edge
     ERROR = 3  # reserved for a future failure report
+    # The generation plane (protocol/generation.py): the kind says what a message is, so no
+    # receiver ever guesses it from the tensor names it happens to carry.
+    PREFILL = 4
+    DECODE = 5
+    TOKENS = 6
+    FREE = 7
 
 
 class AckKind(enum.IntEnum):

@@ -149,6 +149,7 @@ class GenSummary:
     failure: str | None = None
     verified: int = 0
     mismatched: int = 0
+    scaling: list[Any] = field(default_factory=list)  # runner.scaling.ScaleEvent, from --scale-at
 
     @property
     def completed(self) -> list[SeqOutcome]:
@@ -185,6 +186,8 @@ class GenSummary:
         }
         if self.verified:
             doc["verify"] = {"checked": self.verified, "mismatched": self.mismatched}
+        if self.scaling:
+            doc["scaling"] = [e.to_json() for e in self.scaling]
         if self.failure:
             doc["failure"] = self.failure
         errors = sorted({o.error for o in self.outcomes if o.error})
@@ -208,4 +211,11 @@ def render_generation(summary: GenSummary) -> Any:
     if summary.verified:
         checked = f"{summary.verified} checked, {summary.mismatched} mismatched"
         rows.append(("verified (greedy == HF generate)", checked))
-    return label_table(f"job {summary.job} (generation)", rows, summary.failure)
+    table = label_table(f"job {summary.job} (generation)", rows, summary.failure)
+    if not summary.scaling:
+        return table
+    from rich.console import Group
+
+    from infscaled.runner.scaling import render_events
+
+    return Group(table, render_events(summary.scaling))

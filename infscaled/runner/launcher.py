@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -28,12 +29,14 @@ from infscaled.models.stage import skeleton
 from infscaled.planning.job import plan_job, ports_needed
 from infscaled.planning.placement import place
 from infscaled.planning.ports import free_ports
-from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
-from infscaled.worker.dispatcher import Dispatcher
+from infscaled.dispatch.batching import Batching
+from infscaled.dispatch.sequences import Sequences
+from infscaled.planning.scale import apply_scale, scale_shape
+from infscaled.protocol.control import UpdateTopology
+from infscaled.protocol.plan import JobPlan, Node
 from infscaled.worker.entry import WorkerSpec, worker_main
-from infscaled.worker.gen_dispatcher import GenDispatcher
 from infscaled.worker.group import Member, WorkerGroup, WorkerHandle
-from infscaled.worker.transport import Edge, connect_all
+from infscaled.worker.service import dispatcher_engine
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +83,27 @@ class JobState:
     failure: str | None = None
 
 
+@dataclass(frozen=True)
+class ScaleResult:
+    """What one scaling call did (seconds are wall time from the call)."""
+
+    plan: JobPlan
+    added: tuple[Node, ...]
+    removed: tuple[Node, ...]
+    ready_s: float = 0.0  # until every added replica said READY (spawned, built its stage, joined its edges)
+    load_s: float = 0.0  # the slowest added replica's weight load (inside ready_s)
+    connect_s: float = 0.0  # the slowest added replica's edge joining (inside ready_s)
+
+
 class LocalJob:
     def __init__(self, prepared: Prepared, ready_timeout_s: float = 300.0, log_level: int = logging.WARNING) -> None:
         self.prepared = prepared
         self.plan = prepared.plan
         self.ready_timeout_s = ready_timeout_s
         self.log_level = log_level
-        self.dispatcher: Dispatcher | GenDispatcher | None = None
-        self._edges: dict[str, Edge] = {}
+        self.dispatcher: Batching | Sequences | None = None
         self._closing = False
+        self._scale_lock = threading.Lock()
         members = [Member(w.node, worker_main, WorkerSpec(self.plan, w.node, log_level, ready_timeout_s))
                    for w in self.plan.workers]
         self.group = WorkerGroup(self.plan.job, members, ready_timeout_s, on_exit=self._on_exit)
@@ -110,43 +125,31 @@ class LocalJob:
 
     def start(self) -> None:
         self.group.start()
-        d_edges = self.plan.out_edges(DISPATCHER) + self.plan.in_edges(DISPATCHER)
-        self._edges = self._connect_dispatcher(list(d_edges))
+        cfg = self.prepared.cfg
+        front: Batching | Sequences
+        if self.plan.generation is not None:
+            front = Sequences(self.plan.generation, request_timeout_s=cfg.workload.request_timeout_s,
+                              on_broken=self._edge_broke)
+        else:
+            front = Batching(self.prepared.spec, dtype_of(self.plan.dtype), self.plan,
+                             request_timeout_s=cfg.workload.request_timeout_s, on_broken=self._edge_broke)
+        self._connect_dispatcher(front)
         if not self.group.wait_ready(self.ready_timeout_s):
             raise InfscaledError(self.group.failure or f"workers not ready within {self.ready_timeout_s:g} s")
-        cfg = self.prepared.cfg
-        if self.plan.generation is not None:
-            self.dispatcher = GenDispatcher(
-                [self._edges[e.key] for e in self.plan.out_edges(DISPATCHER)],
-                [self._edges[e.key] for e in self.plan.in_edges(DISPATCHER)],
-                self.plan.generation, request_timeout_s=cfg.workload.request_timeout_s,
-                on_broken=self._edge_broke)
-            self.dispatcher.start()
-            if self.group.failure:
-                self.dispatcher.fail(self.group.failure)
-            return
-        self.dispatcher = Dispatcher(
-            self.prepared.spec, dtype_of(self.plan.dtype),
-            [self._edges[e.key] for e in self.plan.out_edges(DISPATCHER)],
-            [self._edges[e.key] for e in self.plan.in_edges(DISPATCHER)],
-            self.plan.policy, self.plan.micro_batch_size, self.plan.max_inflight, self.plan.max_wait_ms,
-            request_timeout_s=cfg.workload.request_timeout_s, seed=self.plan.seed,
-            on_broken=self._edge_broke)
-        self.dispatcher.start()
+        self.dispatcher = front
+        front.run_engine()
         if self.group.failure:  # a worker may have died between READY and now
-            self.dispatcher.fail(self.group.failure)
+            front.fail(self.group.failure)
 
-    def _connect_dispatcher(self, edges: list) -> dict[str, Edge]:  # type: ignore[type-arg]
+    def _connect_dispatcher(self, front: Batching | Sequences) -> None:
         # Connecting blocks until each peer worker has built its stage and joined, so a
         # worker that dies while building must abort the wait: run it in a thread and
         # give up when the supervisor reports a failure.
-        result: dict[str, Edge] = {}
         error: list[BaseException] = []
 
         def connect() -> None:
             try:
-                result.update(connect_all(edges, DISPATCHER, self.plan.dispatcher_host,
-                                          self.ready_timeout_s))
+                dispatcher_engine(self.plan, front, self.ready_timeout_s)
             except BaseException as exc:  # noqa: BLE001 - thread boundary
                 error.append(exc)
 
@@ -158,17 +161,51 @@ class LocalJob:
                 raise InfscaledError(self.group.failure)
         if error:
             raise InfscaledError(self.group.failure or f"dispatcher could not connect: {error[0]}")
-        return result
 
     def submit(self, x: torch.Tensor) -> Future[torch.Tensor]:
-        assert isinstance(self.dispatcher, Dispatcher), "job not started, or a generation job (use generator)"
+        assert isinstance(self.dispatcher, Batching), "job not started, or a generation job (use generator)"
         return self.dispatcher.submit(x)
 
     @property
-    def generator(self) -> GenDispatcher:
+    def generator(self) -> Sequences:
         """A generation job's dispatcher (submit sequences, cancel them)."""
-        assert isinstance(self.dispatcher, GenDispatcher), "job not started, or not a generation job"
+        assert isinstance(self.dispatcher, Sequences), "job not started, or not a generation job"
         return self.dispatcher
+
+    def scale(self, stage: int | None, replicas: int, wait: bool = True) -> ScaleResult:
+        """Scale `stage` (a forward job; None: a generation job's chains) to `replicas` while
+        serving (planning/scale.py). New replicas run on the device of the stage's first replica.
+        With `wait`, returns once every added replica is READY (InfscaledError if one fails)."""
+        with self._scale_lock:
+            started = time.monotonic()
+            plan = self.plan
+            shape = scale_shape(plan, stage, replicas)
+            if not shape.changed:
+                return ScaleResult(plan, (), ())
+            devices = {n: plan.worker(plan.nodes(n.stage)[0]).device for n in shape.added}
+            ports = free_ports(len(shape.new_edges), plan.dispatcher_host)
+            change = apply_scale(plan, shape, devices, ports)
+            self.plan = change.plan
+            for w in change.added:
+                self.group.add(Member(w.node, worker_main,
+                                      WorkerSpec(change.plan, w.node, self.log_level, self.ready_timeout_s)))
+            assert self.dispatcher is not None
+            for node, update in change.updates.items():
+                if node.is_dispatcher:
+                    self.dispatcher.engine.update(update)
+                else:
+                    self.group.send(node, UpdateTopology.of(update))
+            log.info("job %s: epoch %d: +%s -%s", plan.job, change.plan.epoch,
+                     ",".join(map(str, shape.added)) or "0", ",".join(map(str, shape.removed)) or "0")
+            result = ScaleResult(change.plan, shape.added, shape.removed)
+            if not wait or not shape.added:
+                return result
+            if not self.group.wait_nodes_ready(shape.added, self.ready_timeout_s):
+                raise InfscaledError(self.group.failure or f"added replica(s) {', '.join(map(str, shape.added))} "
+                                     f"not ready within {self.ready_timeout_s:g} s")
+            ready = [r for n in shape.added if (r := self.group.handles[n].ready) is not None]
+            return replace(result, ready_s=time.monotonic() - started, load_s=max(r.load_s for r in ready),
+                           connect_s=max(r.connect_s for r in ready))
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Drain and stop; idempotent. Never leaves a worker process behind."""
@@ -178,8 +215,8 @@ class LocalJob:
         if self.dispatcher is not None and not self.group.failure:
             self.dispatcher.close(timeout_s=grace_s * 3)
         self.group.stop(grace_s)
-        for edge in self._edges.values():
-            edge.close()
+        if self.dispatcher is not None and not self.dispatcher.wait_ended(0):
+            self.dispatcher.engine.abort()
 
     def _edge_broke(self, detail: str) -> None:
         """An edge of the dispatcher broke. A peer's death is its usual cause, and the supervisor

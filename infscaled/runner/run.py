@@ -22,6 +22,7 @@ from infscaled.runner.genload import (
     render_generation,
 )
 from infscaled.runner.launcher import LocalJob, Prepared, prepare
+from infscaled.runner.scaling import ScaleSchedule, ScaleStep
 from infscaled.runner.summary import Summary, Verification, render, summarize
 from infscaled.runner.workload import Outcome, RunResult, drive, requests_for
 
@@ -33,22 +34,27 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 
 def run_job(cfg: JobConfig, *, requests: int | None = None, rate: float | None = None, verify: bool = False,
-            progress: bool = False, log_level: int = logging.WARNING) -> Summary | GenSummary:
+            progress: bool = False, log_level: int = logging.WARNING,
+            scale_at: list[ScaleStep] | None = None) -> Summary | GenSummary:
     if requests is not None or rate is not None:
         wl = cfg.workload
         cfg = replace(cfg, workload=replace(wl, requests=requests if requests is not None else wl.requests,
                                             rate=rate if rate is not None else wl.rate))
     if cfg.generation is not None:
-        return run_generation(cfg, verify=verify, log_level=log_level)
+        return run_generation(cfg, verify=verify, log_level=log_level, scale_at=scale_at)
     prepared = prepare(cfg)
     wl = cfg.workload
     concurrency = wl.concurrency or cfg.pipeline.micro_batch_size * cfg.pipeline.max_inflight
     with LocalJob(prepared, log_level=log_level) as job:
         stream = requests_for(wl, prepared.spec, wl.requests)
+        schedule = ScaleSchedule(job, scale_at or [])
+        schedule.start()
         run = _drive_with_progress(job, stream, wl.requests, wl.rate, concurrency, progress)
+        schedule.stop()
         job.stop()
         stages = [h.stats for h in job.state.workers.values() if h.stats is not None]
         summary = summarize(cfg.name, run, sorted(stages, key=lambda s: s.node), job.state.failure)
+        summary.scaling = schedule.events
     if verify:
         summary.verify = verify_outcomes(prepared, run.completed)
     return summary
@@ -93,7 +99,8 @@ def verify_results(resolved: ResolvedModel, spec: InputSpec, dtype_name: str, se
     return v
 
 
-def run_generation(cfg: JobConfig, *, verify: bool = False, log_level: int = logging.WARNING) -> GenSummary:
+def run_generation(cfg: JobConfig, *, verify: bool = False, log_level: int = logging.WARNING,
+                   scale_at: list[ScaleStep] | None = None) -> GenSummary:
     """A generation job's workload: greedy sequences of the [generation] lengths; `verify` checks
     every sequence against Hugging Face `generate` on the monolithic model."""
     assert cfg.generation is not None
@@ -102,11 +109,15 @@ def run_generation(cfg: JobConfig, *, verify: bool = False, log_level: int = log
     wl = cfg.workload
     work = list(gen_requests(cfg, prepared.spec.vocab_size, wl.requests))
     with LocalJob(prepared, log_level=log_level) as job:
+        schedule = ScaleSchedule(job, scale_at or [])
+        schedule.start()
         outcomes, wall = drive_generation(job.generator.submit, iter(work), wl.requests, wl.rate,
                                           default_concurrency(cfg))
+        schedule.stop()
         job.stop()
         stages = sorted((h.stats for h in job.state.workers.values() if h.stats is not None), key=lambda s: s.node)
         summary = GenSummary(cfg.name, outcomes, wall, stages, job.state.failure)
+        summary.scaling = schedule.events
     if verify:
         expected = greedy_reference(cfg, [(o.prompt, o.max_new) for o in summary.completed])
         summary.verified = len(expected)

@@ -39,6 +39,7 @@ class Summary:
     failure: str | None = None
     errors: list[str] = field(default_factory=list)
     verify: Verification | None = None
+    scaling: list[Any] = field(default_factory=list)  # runner.scaling.ScaleEvent, from --scale-at
 
     @property
     def throughput_rps(self) -> float:
@@ -72,6 +73,8 @@ class Summary:
         if self.verify is not None:
             doc["verify"] = {"checked": self.verify.checked, "mismatched": self.verify.mismatched,
                              "max_abs_err": self.verify.max_abs_err}
+        if self.scaling:
+            doc["scaling"] = [e.to_json() for e in self.scaling]
         return doc
 
     def write_json(self, path: str | Path) -> None:
@@ -124,4 +127,9 @@ def render(summary: Summary) -> Any:
     for s in summary.stages:
         stages.add_row(s.node, str(s.micro_batches), str(s.samples), f"{100 * s.busy:.0f} %")
     # Stage counters come from the workers' supervisor: `run` has them, the daemon path not yet.
-    return Group(head, stages) if summary.stages else head
+    parts = [head, stages] if summary.stages else [head]
+    if summary.scaling:
+        from infscaled.runner.scaling import render_events
+
+        parts.append(render_events(summary.scaling))
+    return Group(*parts)

@@ -17,9 +17,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from infscaled.errors import WireError
 from infscaled.protocol import control
 from infscaled.protocol.plan import JobPlan, Node
 
@@ -59,14 +61,48 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _watch_control(conn: Connection, node: str) -> None:
-    """Exit at once when the supervisor says stop or goes away (pipe closed)."""
+class EngineBox:
+    """The engine once built; topology updates that arrive before it wait here (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._engine: Any = None
+        self._pending: list[Any] = []
+
+    def update(self, update: Any) -> None:
+        with self._lock:
+            if self._engine is None:
+                self._pending.append(update)
+                return
+        self._engine.update(update)
+
+    def put(self, engine: Any) -> None:
+        with self._lock:
+            self._engine, pending = engine, self._pending
+            self._pending = []
+        for update in pending:
+            engine.update(update)
+
+
+def _watch_control(conn: Connection, node: str, engine_box: EngineBox) -> None:
+    """Control pipe reader: StopWorker exits at once; UpdateTopology goes to the engine once it
+    exists (a new replica is spawned with its epoch's plan, so nothing is missed before); the
+    supervisor's disappearance (pipe closed) exits."""
     try:
         while True:
-            msg = control.decode(conn.recv_bytes())
+            try:
+                msg = control.decode(conn.recv_bytes())
+            except WireError as exc:
+                log.warning("worker %s: ignoring a malformed control message: %s", node, exc)
+                continue
             if isinstance(msg, control.StopWorker):
                 log.warning("worker %s: stop requested (%s)", node, msg.reason)
                 os._exit(3)
+            if isinstance(msg, control.UpdateTopology):
+                try:
+                    engine_box.update(msg.update())
+                except ValueError as exc:
+                    log.warning("worker %s: malformed topology update: %s", node, exc)
     except (EOFError, OSError):
         os._exit(4)
 
@@ -87,9 +123,10 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         with send_lock:
             conn.send_bytes(control.encode(msg))
 
-    threading.Thread(target=_watch_control, args=(conn, node), daemon=True, name="control").start()
+    engine_box = EngineBox()  # the control reader hands it topology updates
+    threading.Thread(target=_watch_control, args=(conn, node, engine_box), daemon=True, name="control").start()
     try:
-        _serve(spec, send)
+        _serve(spec, send, engine_box)
     except BaseException as exc:  # noqa: BLE001 - process boundary: report why, then exit non-zero
         log.exception("worker %s failed", node)
         try:
@@ -100,16 +137,15 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     os._exit(0)
 
 
-def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None]) -> None:
+def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None], engine_box: EngineBox) -> None:
     # torch is imported here, in the child, so the supervisor's import cost stays its own.
     import torch
 
+    from infscaled.engine.core import Engine, EngineSettings
+    from infscaled.engine.program import Program
     from infscaled.models.sources import resolve
     from infscaled.models.stage import build_stage
     from infscaled.worker.nccl import transport_chooser
-    from infscaled.worker.router import Router
-    from infscaled.worker.stage_loop import StageLoop
-    from infscaled.worker.transport import connect_all
 
     torch.set_num_threads(max(1, int(os.environ.get("INFSCALED_WORKER_THREADS", "1"))))
     if spec.plan.dtype == "float32":
@@ -126,32 +162,33 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None]) -> 
     stage = build_stage(resolve(plan.model_source), stage_plan.first_unit, stage_plan.last_unit,
                         worker.device, plan.dtype, plan.seed)
     load_s = time.monotonic() - started
-    in_plans, out_plans = plan.in_edges(me), plan.out_edges(me)
-    edges = connect_all(list(in_plans) + list(out_plans), me, worker.host, spec.connect_timeout_s,
-                        transport_for=transport_chooser(plan, me))
-    try:
-        send(control.WorkerReady(str(me), os.getpid(), worker.device, list(stage.param_names),
-                                 sum(p.numel() for p in stage.parameters()), load_s))
-        ins, outs = [edges[e.key] for e in in_plans], [edges[e.key] for e in out_plans]
-        report = lambda s: send(control.WorkerStatsReport(s))  # noqa: E731 - one line, two users
-        if plan.generation is not None:
-            from infscaled.worker.gen_loop import GenStageLoop
+    program: Program
+    measure = metrics_enabled()
+    if plan.generation is not None:
+        from infscaled.engine.programs.generation import GenerationStage
 
-            # A decode step is small: its latency is the sum of thread handoffs (receiver ->
-            # compute -> sender, several per gloo message), and with the compute thread busy
-            # launching kernels each handoff waits up to the GIL switch interval (5 ms by
-            # default). Measured on 2 x H200: ~40 ms per hop at 5 ms.
-            sys.setswitchinterval(GEN_SWITCH_INTERVAL_S)
+        # A decode step is small: its latency is the sum of thread handoffs (receiver ->
+        # compute -> sender, several per gloo message), and with the compute thread busy
+        # launching kernels each handoff waits up to the GIL switch interval (5 ms by
+        # default). Measured on 2 x H200: ~40 ms per hop at 5 ms.
+        sys.setswitchinterval(GEN_SWITCH_INTERVAL_S)
+        program = GenerationStage(stage, worker.device, plan.generation, len(plan.stages), plan.cuda_graphs)
+        measure = True  # generation stages always report (KV use drives admission views)
+    else:
+        from infscaled.engine.programs.forward import ForwardStage
+        from infscaled.worker.router import Router
 
-            stats = GenStageLoop(me, stage, worker.device, ins, outs, plan.generation, len(plan.stages),
-                                 on_stats=report, cuda_graphs=plan.cuda_graphs).run()
-        else:
-            measure = metrics_enabled()
-            stats = StageLoop(str(me), stage, worker.device, ins, outs,
-                              Router(plan.policy, len(out_plans), seed=plan.seed),
-                              queue_depth=max(2, plan.max_inflight), on_stats=report if measure else None,
-                              measure=measure, cuda_graphs=plan.cuda_graphs).run()
-        send(control.WorkerDone(stats))
-    finally:
-        for edge in edges.values():
-            edge.close()
+        program = ForwardStage(stage, worker.device, Router(plan.policy, seed=plan.seed), plan.cuda_graphs,
+                               plan.max_inflight)
+    settings = EngineSettings(worker.host, spec.connect_timeout_s, plan.edge_timeout_s, measure=measure)
+    report = lambda s: send(control.WorkerStatsReport(s))  # noqa: E731 - one line, two users
+    engine = Engine(me, program, settings, transport_chooser(plan, me), worker.device,
+                    on_stats=report if measure else None)
+    engine.epoch = plan.epoch
+    connecting = time.monotonic()
+    engine.connect(list(plan.in_edges(me)) + list(plan.out_edges(me)))
+    engine_box.put(engine)
+    send(control.WorkerReady(str(me), os.getpid(), worker.device, list(stage.param_names),
+                             sum(p.numel() for p in stage.parameters()), load_s, time.monotonic() - connecting))
+    stats = engine.run()
+    send(control.WorkerDone(stats))

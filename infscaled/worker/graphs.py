@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from infscaled.worker.stage_loop import REQUESTS_KEY
+from infscaled.engine.core import REQUESTS_KEY
 
 log = logging.getLogger(__name__)
 

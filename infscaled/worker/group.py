@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -72,6 +74,7 @@ class WorkerHandle:
     failure: str | None = None  # the member's own last words (WorkerFailed), or the supervisor's
     exited: bool = False  # reaped by the supervisor; `exitcode` is then final
     exitcode: int | None = None
+    ready_deadline: float = float("inf")  # monotonic: terminated if not READY by then
 
 
 def describe(node: Node) -> str:
@@ -93,28 +96,75 @@ class WorkerGroup:
         self._closing = False
         self._stopped = False
         self._stop_done = threading.Event()
-        self._ready_deadline = 0.0
-        self._ready_expired = False
+        self._send_lock = threading.Lock()
+        self._spawner: threading.Thread | None = None
+        self._spawn_q: queue.Queue[tuple[Member, Future[None]] | None] = queue.Queue()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Spawn every member (in this thread: see the module docstring) and start supervising."""
-        ctx = mp.get_context("spawn")
-        self._ready_deadline = time.monotonic() + self.ready_timeout_s
+        self._wake_r, self._wake_w = mp.get_context("spawn").Pipe(duplex=False)
         try:
             for m in self.members:
-                parent, child = ctx.Pipe(duplex=True)
-                proc = ctx.Process(target=m.target, args=(m.spec, child),
-                                   name=f"infscaled-{self.name}-{m.node}", daemon=False)
-                proc.start()
-                child.close()
-                self.handles[m.node] = WorkerHandle(m.node, proc, parent)
+                self._spawn(m)
         finally:
             # Even a partial start is supervised, so stop() reaps what did start.
             self._supervisor = threading.Thread(target=self._supervise, name=f"supervisor-{self.name}",
                                                 daemon=True)
             self._supervisor.start()
+
+    def add(self, member: Member) -> None:
+        """Spawn one more member while the group runs (from any thread: the group's own spawner
+        thread, which lives until every member was reaped, starts it, so its PR_SET_PDEATHSIG
+        never fires early); its node must be new to the group (replica ids are never reused)."""
+        with self._changed:
+            if self._closing:
+                raise RuntimeError(f"{self.name}: stopping; no new members")
+            if member.node in self.handles:
+                raise ValueError(f"{self.name}: {describe(member.node)} is already a member")
+            if self._spawner is None:
+                self._spawner = threading.Thread(target=self._spawn_loop, name=f"spawner-{self.name}", daemon=True)
+                self._spawner.start()
+        self.members.append(member)
+        done: Future[None] = Future()
+        self._spawn_q.put((member, done))
+        done.result()
+        self._wake_w.send_bytes(b"+")
+
+    def _spawn_loop(self) -> None:
+        while (item := self._spawn_q.get()) is not None:
+            member, done = item
+            try:
+                self._spawn(member)
+                done.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - thread boundary: add() raises it
+                done.set_exception(exc)
+
+    def _spawn(self, m: Member) -> None:
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=True)
+        proc = ctx.Process(target=m.target, args=(m.spec, child), name=f"infscaled-{self.name}-{m.node}", daemon=False)
+        proc.start()
+        child.close()
+        with self._changed:
+            self.handles[m.node] = WorkerHandle(m.node, proc, parent,
+                                                ready_deadline=time.monotonic() + self.ready_timeout_s)
+            self._changed.notify_all()
+
+    def send(self, node: Node, msg: control.ControlMessage) -> None:
+        """A control message to one member (e.g. a topology update); OSError if it is gone."""
+        h = self.handles[node]
+        with self._send_lock:
+            h.conn.send_bytes(control.encode(msg))
+
+    def wait_nodes_ready(self, nodes: Iterable[Node], timeout_s: float) -> bool:
+        """Block until the given members are READY (True), or one of them exited / timeout (False)."""
+        wanted = list(nodes)
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: all(self.handles[n].ready for n in wanted) or any(self.handles[n].exited for n in wanted),
+                timeout_s) and all(self.handles[n].ready for n in wanted)
 
     def wait_ready(self, timeout_s: float | None = None) -> bool:
         """Block until every member is READY (True), or one failed / the group stops / timeout (False)."""
@@ -158,6 +208,11 @@ class WorkerGroup:
             else:
                 already, self._stopped, self._closing = False, True, True
                 self._changed.notify_all()
+        if not already:
+            try:
+                self._wake_w.send_bytes(b"stop")
+            except (OSError, AttributeError):
+                pass
         if already:  # another thread is stopping the group: return once it is done
             self._stop_done.wait()
             return
@@ -196,42 +251,55 @@ class WorkerGroup:
             self._supervisor.join(KILL_WAIT_S)
         for h in self.handles.values():
             h.conn.close()
+        if hasattr(self, "_wake_w"):
+            self._wake_w.close()
+        if self._spawner is not None:  # every member was reaped: its children's parent thread may end
+            self._spawn_q.put(None)
+            self._spawner.join(KILL_WAIT_S)
 
     # -- supervision (its own thread) ------------------------------------------------------------
 
     def _supervise(self) -> None:
-        by_conn: dict[Any, WorkerHandle] = {h.conn: h for h in self.handles.values()}
-        by_sentinel: dict[Any, WorkerHandle] = {h.process.sentinel: h for h in self.handles.values()}
-        live_conns: set[Any] = set(by_conn)
-        live_sentinels: set[Any] = set(by_sentinel)
-        while live_sentinels:
-            timeout = None
-            if not self._ready_expired:
-                if all(h.ready for h in self.handles.values()) or self._closing:
-                    self._ready_expired = True  # nothing left to time out
-                else:
-                    timeout = max(0.0, self._ready_deadline - time.monotonic())
-            ready = wait(list(live_conns) + list(live_sentinels), timeout)
-            if not ready and timeout is not None:
+        seen: set[Node] = set()
+        live_conns: dict[Any, WorkerHandle] = {}
+        live_sentinels: dict[Any, WorkerHandle] = {}
+        while True:
+            with self._changed:
+                for node, h in self.handles.items():  # members added while running
+                    if node not in seen:
+                        seen.add(node)
+                        live_conns[h.conn] = h
+                        live_sentinels[h.process.sentinel] = h
+            if not live_sentinels and (self._closing or not self.members):
+                return
+            waiting = [h.ready_deadline for h in live_sentinels.values() if h.ready is None and not self._closing]
+            timeout = max(0.0, min(waiting) - time.monotonic()) if waiting else None
+            ready = wait([self._wake_r, *live_conns, *live_sentinels], timeout)
+            if not ready:
                 self._ready_timed_out()
             for obj in ready:
-                if obj in by_conn:
-                    h = by_conn[obj]
+                if obj is self._wake_r:
+                    try:
+                        self._wake_r.recv_bytes()
+                    except (EOFError, OSError):
+                        pass
+                elif obj in live_conns:
+                    h = live_conns[obj]
                     try:
                         self._on_message(h, control.decode(h.conn.recv_bytes()))
                     except (EOFError, OSError):
-                        live_conns.discard(obj)
-                else:
-                    h = by_sentinel[obj]
-                    live_sentinels.discard(obj)
+                        live_conns.pop(obj, None)
+                elif obj in live_sentinels:
+                    h = live_sentinels.pop(obj)
                     self._drain(h)
-                    live_conns.discard(h.conn)
+                    live_conns.pop(h.conn, None)
                     self._exited(h)
 
     def _ready_timed_out(self) -> None:
-        self._ready_expired = True
-        for h in self.handles.values():
-            if h.ready is None and not h.exited:
+        now = time.monotonic()
+        for h in list(self.handles.values()):
+            if h.ready is None and not h.exited and now >= h.ready_deadline:
+                h.ready_deadline = float("inf")
                 h.failure = h.failure or f"not ready within {self.ready_timeout_s:g} s"
                 log.error("%s %s: %s; terminating it", self.name, describe(h.node), h.failure)
                 h.process.terminate()

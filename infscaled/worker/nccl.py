@@ -75,12 +75,10 @@ def edge_backend(plan: JobPlan, edge: EdgePlan) -> str:
     """"nccl" when both ends are CUDA devices (on different GPUs, or on different hosts), else "gloo"."""
     if os.environ.get(TRANSPORT_ENV, "").lower() == "gloo" or not nccl_available():
         return "gloo"
-    if getattr(plan, "generation", None) is not None:
-        # The generation loop (gen_loop.py) does not follow the CUDA stream contract of
-        # stage_loop.py (ready events, buffer pool) yet: its edges stay on gloo, host copies.
-        return "gloo"
     if plan.generation is not None:
-        return "gloo"  # the generation loop (worker/gen_loop.py) moves host tensors for now
+        # Generation stages (engine/programs/generation.py) do not follow the CUDA stream
+        # contract of engine/cuda.py (ready events, buffer pool) yet: their edges stay on gloo.
+        return "gloo"
     (src_host, src), (dst_host, dst) = _device_of(plan, edge.src), _device_of(plan, edge.dst)
     if src.type != "cuda" or dst.type != "cuda":
         return "gloo"
@@ -148,7 +146,7 @@ class NcclTransport(Transport):
         super().__init__(key, rank, store, pg, timeout_s)
         self.device = device
         self._nccl: Any = nccl
-        # The stage replaces these with its own named streams and pool (StageLoop); the defaults
+        # The stage replaces these with its own named streams and pool (engine/cuda.py); the defaults
         # let an edge be used on its own (tests, benchmarks).
         self.recv_stream: Any = torch.cuda.Stream(device)
         self.send_stream: Any = torch.cuda.Stream(device)

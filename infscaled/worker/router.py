@@ -1,7 +1,9 @@
 """A sender's view of its downstream edges, feeding the pure routing policies.
 
-Shared by the dispatcher and every stage replica. The data thread calls `pick` and
-`sent`; each out-edge's ack thread calls `acked`; hence the lock.
+Shared by the dispatcher and every stage replica. Candidates are edge keys and change while
+serving (protocol/topology.py): `add` once an edge is open, `remove` when it is being drained
+or has failed. The compute thread calls `pick`; each out-edge's ack reader calls `acked`;
+hence the lock.
 """
 
 from __future__ import annotations
@@ -10,36 +12,59 @@ import random
 import threading
 
 from infscaled.routing import RouteState, RouteView, choose, update_throughput
+from infscaled.routing.policies import NoRouteError
 
 
 class Router:
-    def __init__(self, policy: str, n_candidates: int, seed: int = 0) -> None:
+    def __init__(self, policy: str, seed: int = 0) -> None:
         self.policy = policy
         self._lock = threading.Lock()
-        self._outstanding = [0] * n_candidates
-        self._throughput = [0.0] * n_candidates
-        self._alive = [True] * n_candidates
+        self._keys: list[str] = []
+        self._outstanding: dict[str, int] = {}
+        self._throughput: dict[str, float] = {}
         self._state = RouteState()
         self._rng = random.Random(seed)
 
-    def pick(self, key: int) -> int:
-        """Index of the candidate for the next micro-batch (raises NoRouteError if none is alive)."""
+    def add(self, key: str) -> None:
         with self._lock:
-            view = RouteView(tuple(self._outstanding), tuple(self._throughput), tuple(self._alive))
-            index, self._state = choose(self.policy, view, self._state, key=key, draw=self._rng.random())
-            self._outstanding[index] += 1
-            return index
+            if key not in self._outstanding:
+                self._keys.append(key)
+                self._keys.sort()
+                self._outstanding[key] = 0
+                self._throughput[key] = 0.0
+                self._state = RouteState(self._state.counter)  # weighted credits restart for the new set
 
-    def acked(self, index: int, samples: int, compute_s: float) -> None:
-        """Candidate `index` finished computing one micro-batch of `samples`."""
+    def remove(self, key: str) -> None:
         with self._lock:
-            self._outstanding[index] = max(0, self._outstanding[index] - 1)
-            self._throughput[index] = update_throughput(self._throughput[index], samples, compute_s)
+            if key in self._outstanding:
+                self._keys.remove(key)
+                del self._outstanding[key], self._throughput[key]
+                self._state = RouteState(self._state.counter)
 
-    def mark_dead(self, index: int) -> None:
+    def __len__(self) -> int:
         with self._lock:
-            self._alive[index] = False
+            return len(self._keys)
 
-    def outstanding(self) -> list[int]:
+    def pick(self, route_key: int) -> str:
+        """The candidate for the next micro-batch; NoRouteError when there is none."""
         with self._lock:
-            return list(self._outstanding)
+            keys = self._keys
+            if not keys:
+                raise NoRouteError("no open downstream edge to route to")
+            view = RouteView(tuple(self._outstanding[k] for k in keys), tuple(self._throughput[k] for k in keys),
+                             (True,) * len(keys))
+            index, self._state = choose(self.policy, view, self._state, key=route_key, draw=self._rng.random())
+            key = keys[index]
+            self._outstanding[key] += 1
+            return key
+
+    def acked(self, key: str, samples: int, compute_s: float) -> None:
+        """Candidate `key` finished computing one micro-batch of `samples`."""
+        with self._lock:
+            if key in self._outstanding:
+                self._outstanding[key] = max(0, self._outstanding[key] - 1)
+                self._throughput[key] = update_throughput(self._throughput[key], samples, compute_s)
+
+    def outstanding(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._outstanding)

@@ -52,9 +52,10 @@ from infscaled.worker.request_stats import RequestStats
 if TYPE_CHECKING:
     import torch
 
+    from infscaled.dispatch.batching import Batching
+    from infscaled.dispatch.core import FrontEnd
+    from infscaled.engine.core import Engine
     from infscaled.models.base import InputSpec
-    from infscaled.worker.dispatcher import Dispatcher
-    from infscaled.worker.gen_dispatcher import GenDispatcher
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class _ControlLink:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self.engine: Engine | None = None  # set once connected: topology updates go to it
 
     def send(self, msg: control.ControlMessage) -> None:
         with self._lock:
@@ -112,6 +114,15 @@ class _ControlLink:
                     msg = control.decode(self.conn.recv_bytes())
                 except WireError as exc:
                     log.warning("ignoring a malformed control message: %s", exc)
+                    continue
+                if isinstance(msg, control.UpdateTopology):
+                    if self.engine is None:
+                        log.warning("topology epoch %d arrived before the dispatcher connected; ignored", msg.epoch)
+                        continue
+                    try:
+                        self.engine.update(msg.update())
+                    except ValueError as exc:
+                        log.warning("ignoring a malformed topology update: %s", exc)
                     continue
                 if not isinstance(msg, control.StopWorker):
                     continue
@@ -153,35 +164,38 @@ def dispatcher_main(spec: ServiceSpec, conn: Connection) -> None:
 def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
     import torch
 
+    from infscaled.dispatch.batching import Batching
+    from infscaled.dispatch.sequences import Sequences
     from infscaled.models.meta import dtype_of
     from infscaled.models.sources import resolve
     from infscaled.models.stage import skeleton
-    from infscaled.worker.dispatcher import Dispatcher
-    from infscaled.worker.gen_dispatcher import GenDispatcher
-    from infscaled.worker.transport import connect_all
 
     torch.set_num_threads(max(1, int(os.environ.get("INFSCALED_WORKER_THREADS", "1"))))
     plan = spec.plan
     started = time.monotonic()
     input_spec = skeleton(resolve(plan.model_source)).family.input_spec()
-    out_plans, in_plans = plan.out_edges(DISPATCHER), plan.in_edges(DISPATCHER)
-    edges = connect_all(list(out_plans) + list(in_plans), DISPATCHER, plan.dispatcher_host,
-                        spec.connect_timeout_s)
-    try:
-        dispatcher: Dispatcher | GenDispatcher
-        if plan.generation is not None:
-            dispatcher = GenDispatcher([edges[e.key] for e in out_plans], [edges[e.key] for e in in_plans],
-                                       plan.generation, request_timeout_s=spec.request_timeout_s)
-        else:
-            dispatcher = Dispatcher(
-                input_spec, dtype_of(plan.dtype), [edges[e.key] for e in out_plans],
-                [edges[e.key] for e in in_plans], plan.policy, plan.micro_batch_size, plan.max_inflight,
-                plan.max_wait_ms, request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S, seed=plan.seed)
-        dispatcher.start()
-        return asyncio.run(_serve(spec, dispatcher, input_spec, link, time.monotonic() - started))
-    finally:
-        for edge in edges.values():
-            edge.close()
+    front: FrontEnd
+    if plan.generation is not None:
+        front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s)
+    else:
+        front = Batching(input_spec, dtype_of(plan.dtype), plan, request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S)
+    engine = dispatcher_engine(plan, front, spec.connect_timeout_s)
+    link.engine = engine
+    front.run_engine()
+    return asyncio.run(_serve(spec, front, input_spec, link, time.monotonic() - started))
+
+
+def dispatcher_engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) -> Engine:
+    """The dispatcher's engine with `front` as its program, its edges connected (blocks until
+    the stage workers joined: they build their stages first)."""
+    from infscaled.engine.core import Engine, EngineSettings
+    from infscaled.worker.transport import Transport
+
+    engine = Engine(DISPATCHER, front, EngineSettings(plan.dispatcher_host, connect_timeout_s, plan.edge_timeout_s),
+                    lambda _edge: Transport)
+    engine.epoch = plan.epoch
+    engine.connect(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)))
+    return engine
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
@@ -190,7 +204,7 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
 @dataclass
 class _Service:
     spec: ServiceSpec
-    dispatcher: Dispatcher | GenDispatcher
+    dispatcher: FrontEnd
     input_spec: InputSpec
     draining: bool = False
     stats: RequestStats = field(default_factory=RequestStats)
@@ -205,7 +219,7 @@ class _Service:
 SERVICE = web.AppKey("service", _Service)
 
 
-async def _serve(spec: ServiceSpec, dispatcher: Dispatcher | GenDispatcher, input_spec: InputSpec,
+async def _serve(spec: ServiceSpec, dispatcher: FrontEnd, input_spec: InputSpec,
                  link: _ControlLink, load_s: float) -> control.StageStats:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -249,7 +263,7 @@ def _generation_routes(spec: ServiceSpec, dispatcher: Any, input_spec: InputSpec
     """The OpenAI-compatible endpoints over the pipeline (the tokenizer loads from local files)."""
     from infscaled.generation.openai_api import make_handlers
     from infscaled.generation.tokenizer import load_tokenizer
-    from infscaled.worker.gen_dispatcher import PipelineBackend
+    from infscaled.dispatch.sequences import PipelineBackend
 
     plan = spec.plan
     assert plan.generation is not None
@@ -319,7 +333,7 @@ async def _infer(request: web.Request) -> web.Response:
     started = time.monotonic()
     svc.stats.inflight += 1
     try:
-        future = cast("Dispatcher", svc.dispatcher).submit(x)  # /infer is mounted for forward jobs only
+        future = cast("Batching", svc.dispatcher).submit(x)  # /infer is mounted for forward jobs only
         async with asyncio.timeout(timeout_s):
             y = await asyncio.wrap_future(future)
     except PipelineFailedError as exc:

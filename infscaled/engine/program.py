@@ -1,0 +1,102 @@
+"""What a node computes: the `Program` the engine (engine/core.py) drives.
+
+Every hook runs on the engine's compute thread, except `acked` (an out-edge's ack reader
+calls it; programs keep it thread-safe). The defaults give a stage replica's behaviour:
+route with the engine's router, acknowledge STOP at once, end once no input is left, and fail
+on a broken edge.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from infscaled.engine.edges import EdgeEnd, EdgeState
+from infscaled.errors import TransportError
+from infscaled.worker.router import Router
+
+if TYPE_CHECKING:
+    from infscaled.engine.core import Engine
+    from infscaled.protocol.control import StageStats
+    from infscaled.worker.transport import Ack, Message
+
+
+class Program:
+    cuda_streams = False  # True: on a CUDA device the engine stages inputs and outputs on its streams
+    pool_per_key = 8  # CUDA receive buffers kept per (shape, dtype)
+
+    def __init__(self, router: Router | None = None) -> None:
+        self.router = router
+        self.engine: Engine
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def start(self) -> None:
+        """The compute thread starts serving."""
+
+    def finish(self) -> None:
+        """The engine is done (or aborting): stop helper threads."""
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def on_message(self, end: EdgeEnd, msg: Message) -> None:
+        raise NotImplementedError
+
+    def on_local(self, item: object) -> None:
+        raise TypeError(f"{type(self).__name__} takes no local items, got {type(item).__name__}")
+
+    def poll(self, now: float) -> float | None:
+        """Do timed work; return the seconds until the next deadline, or None when idle."""
+        return None
+
+    def acked(self, end: EdgeEnd, ack: Ack) -> None:
+        """An out-edge's peer computed one message (ack reader thread)."""
+        if self.router is not None:
+            self.router.acked(end.key, ack.samples, ack.compute_us / 1e6)
+
+    # -- topology --------------------------------------------------------------------------------
+
+    def on_output_added(self, end: EdgeEnd) -> None:
+        """A new out-edge is connecting (what is sent to it waits until it is open)."""
+
+    def on_output_open(self, end: EdgeEnd) -> None:
+        if self.router is not None:
+            self.router.add(end.key)
+
+    def on_output_removed(self, end: EdgeEnd) -> None:
+        """The plan removed this out-edge: route nothing new to it, drain it, close it."""
+        if self.router is not None:
+            self.router.remove(end.key)
+        self.engine.close_output(end)
+
+    def on_output_closed(self, end: EdgeEnd) -> None:
+        if self.router is not None:
+            self.router.remove(end.key)
+
+    def on_input_stopped(self, end: EdgeEnd) -> None:
+        """An in-edge's sender is done with it: acknowledge (after everything before it), and
+        once no input is left, send nothing more."""
+        self.engine.ack_stop(end)
+        if self.inputs_done():
+            self.engine.close_outputs()
+
+    def inputs_done(self) -> bool:
+        ins = self.engine.inputs()
+        return bool(ins) and all(e.state in (EdgeState.CLOSED, EdgeState.BROKEN) for e in ins)
+
+    def on_broken(self, end: EdgeEnd, error: BaseException) -> None:
+        """An edge failed (peer gone, malformed message): by default the node fails."""
+        if isinstance(error, TransportError):
+            raise error
+        raise TransportError(f"edge {end.key} failed: {type(error).__name__}: {error}") from error
+
+    # -- stats -----------------------------------------------------------------------------------
+
+    def stats(self, base: StageStats) -> StageStats:
+        """The engine's counters plus this program's own (KV use, graph replays, ...)."""
+        return base
+
+    def pick(self, route_key: int) -> EdgeEnd:
+        """The out-edge for the next message by the routing policy."""
+        assert self.router is not None
+        return self.engine.ends[self.router.pick(route_key)]

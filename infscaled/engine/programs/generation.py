@@ -1,0 +1,276 @@
+"""A generation stage: KV caches of its own layers, the decode loop inside its replica chain.
+
+Messages and edges are in protocol/generation.py. Stage 0 is the chain's scheduler: it admits
+a prefill only when its KV budget has room for every row's reservation (prompt + tokens still
+to generate), else holds it until sequences free their caches, so no stage runs out of memory:
+all stages see the same sequences in the same order, and frees travel down the chain in order,
+ahead of any later allocation. Sequences whose next token came back wait in `ready`; stage 0
+starts a decode micro-batch of up to max_batch_sequences of them whenever fewer than
+micro_batches_in_flight are in the loop, so sequences join and leave at every step and every
+stage has work. The last stage samples (generation.sampling.sample_next, each sequence with its
+own seeded generator), decides `done` (max_new_tokens or a stop id), frees its own cache of
+finished sequences, and sends the tokens to the dispatcher and round the loop.
+
+Ending: the dispatcher's STOP reaches stage 0, which drops what it holds and closes its output;
+STOP flows down the chain, the last stage passes it to the dispatcher and round the loop, and
+stage 0 ends once the loop's STOP arrived too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from infscaled.engine import genwire as gw
+from infscaled.engine.edges import EdgeEnd
+from infscaled.engine.program import Program
+from infscaled.generation.graphs import DecodeStep
+from infscaled.generation.kv import PagedBatch, StageKV
+from infscaled.generation.sampling import SamplingParams, make_generator, sample_next
+from infscaled.protocol.control import StageStats
+from infscaled.protocol.plan import DISPATCHER, GenerationPlan, Node
+from infscaled.worker.transport import ACK, Ack, Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sampler:
+    """The last stage's state of one sequence."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    produced: int = 0
+
+
+@dataclass
+class _Chain:
+    """Stage 0's view of its chain (its live sequences are those its KV cache holds)."""
+
+    ready: dict[int, int] = field(default_factory=dict)  # sequence -> next input token
+    held: list[gw.Prefill] = field(default_factory=list)  # prefills waiting for KV room
+    inflight: int = 0  # micro-batches sent into the loop whose tokens have not come back
+    pending_free: list[int] = field(default_factory=list)  # to send down the chain
+
+
+class GenerationStage(Program):
+    def __init__(self, stage: torch.nn.Module, device: str, plan: GenerationPlan, stages: int,
+                 cuda_graphs: bool = True) -> None:
+        super().__init__()
+        self.stage = stage
+        self.device = torch.device(device)
+        self.plan = plan
+        self.stages = stages
+        self.kv = StageKV(plan.kv_budget_tokens, self.device)
+        self.decoder: DecodeStep
+        self.cuda_graphs = cuda_graphs
+        self.chain = _Chain()
+        self.samplers: dict[int, _Sampler] = {}
+        self._mb_ids = 0
+        self._stopped = False
+
+    def attach(self, engine: object) -> None:
+        super().attach(engine)  # type: ignore[arg-type]
+        node = self.engine.node
+        self.first = node.stage == 0
+        self.last = node.stage == self.stages - 1
+        self.next_node = Node(node.stage + 1, node.replica) if not self.last else None
+        self.decoder = DecodeStep(self.stage, self.kv, self.device, "input_ids" if self.first else "hidden",
+                                  self.plan.max_batch_sequences, graphs=self.cuda_graphs)
+
+    # -- engine hooks ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        torch.set_grad_enabled(False)
+
+    def on_message(self, end: EdgeEnd, wire: Message) -> None:
+        msg = gw.decode(wire)
+        with torch.inference_mode():
+            if isinstance(msg, gw.Tokens):  # stage 0: the loop brought the next tokens
+                self.chain.inflight -= 1
+                self._tokens_back(msg)
+            else:
+                if msg.free:
+                    self._free(msg.free)
+                if isinstance(msg, gw.Prefill):
+                    if self.first:
+                        self.chain.held.append(msg)  # admitted by _schedule when the budget has room
+                    else:
+                        self._prefill(msg)
+                elif isinstance(msg, gw.Decode):
+                    self._decode(msg.seqs, msg.x)
+                elif self.chain.pending_free and not self.first:
+                    self._send_next(gw.Free([]))  # a free list only: pass it down
+        self.engine.passed_on()
+        self.engine.ack(end, Ack(ACK, wire.mb_id, int(wire.tensors["requests"].shape[0]), 0))
+
+    def on_input_stopped(self, end: EdgeEnd) -> None:
+        self.engine.ack_stop(end)
+        if self.first and not end.peer.is_dispatcher:
+            return  # the loop's STOP only closes that edge
+        # STOP flows down from the dispatcher, which drained its sequences first: anything still
+        # live is abandoned; tokens still in the loop go nowhere.
+        self.kv.free(list(self.kv.seqs))
+        self.chain = _Chain()
+        self.samplers.clear()
+        self._stopped = True
+        self.engine.close_outputs()
+
+    def poll(self, now: float) -> float | None:
+        if not self.first or self._stopped:
+            return None
+        with torch.inference_mode():
+            self._schedule()
+        chain = self.chain
+        runnable = bool(chain.ready) and chain.inflight < self.plan.micro_batches_in_flight
+        return 0.0 if runnable else None
+
+    def stats(self, base: StageStats) -> StageStats:
+        return replace(base, inflight=self.chain.inflight, kv_tokens=self.kv.held_tokens,
+                       kv_reserved_tokens=self.kv.reserved_tokens, kv_budget_tokens=self.kv.budget_tokens,
+                       kv_sequences=len(self.kv.seqs), graph_replays=self.decoder.replays)
+
+    # -- sequences -------------------------------------------------------------------------------
+
+    def _free(self, seqs: list[int]) -> None:
+        live = set(self.kv.seqs)  # on stage 0: admitted, so the stages down the chain have it too
+        self.kv.free(seqs)
+        for s in seqs:
+            self.samplers.pop(s, None)
+            if self.first:
+                if s in live and not self.last:
+                    self.chain.pending_free.append(s)
+                self.chain.ready.pop(s, None)
+                self.chain.held = [m for m in (_drop_row(h, s) for h in self.chain.held) if m is not None]
+            elif not self.last:
+                self.chain.pending_free.append(s)
+
+    def _schedule(self) -> None:
+        chain = self.chain
+        while chain.held:
+            msg = chain.held[0]
+            if not self.kv.fits_all([s.reserve for s in msg.specs]):
+                break
+            chain.held.pop(0)
+            chain.inflight += 1
+            self._prefill(msg)
+        # At most one round of launches per call, so new messages (prefills, frees) get read in
+        # between even when the loop is this process (one stage: tokens are back at once).
+        for _ in range(self.plan.micro_batches_in_flight):
+            if not chain.ready or chain.inflight >= self.plan.micro_batches_in_flight:
+                break
+            seqs = list(chain.ready)[:self.plan.max_batch_sequences]
+            tokens = torch.tensor([[chain.ready.pop(s)] for s in seqs], dtype=torch.int64)  # [n, 1]
+            chain.inflight += 1
+            self._decode(seqs, tokens)
+        if chain.pending_free and not self.last:
+            self._send_next(gw.Free([]))  # frees no compute carried down
+
+    def _tokens_back(self, msg: gw.Tokens) -> None:
+        for s, tok, done in zip(msg.seqs, msg.tokens, msg.done, strict=True):
+            if s not in self.kv.seqs:
+                continue  # freed (cancelled; or finished, with one stage) while its token was on the way
+            if done:
+                self._free([s])
+            else:
+                self.chain.ready[s] = tok
+
+    # -- compute ---------------------------------------------------------------------------------
+
+    def _prefill(self, msg: gw.Prefill) -> None:
+        seqs = msg.seqs
+        lengths = [s.prompt_len for s in msg.specs]
+        kv = self.kv.prefill(seqs, lengths, [s.reserve for s in msg.specs])
+        act = {"input_ids" if self.first else "hidden": msg.x, "attention_mask": msg.attention_mask}
+        out = self._run(act, kv, seqs)
+        if not self.last:
+            self._send_next(gw.Prefill(msg.specs, out["hidden"], msg.attention_mask))
+            return
+        logits = out["output"]  # [n, T, V], or [n, V] for a next-token head
+        if logits.dim() == 3:
+            index = torch.tensor(lengths, device=logits.device) - 1
+            logits = logits[torch.arange(len(seqs), device=logits.device), index]  # [n, V]
+        for spec in msg.specs:
+            self.samplers[spec.seq] = _Sampler(spec.sampling, make_generator(spec.sampling.seed, self.device),
+                                               spec.produced)
+        self._sampled(seqs, logits)
+
+    def _decode(self, seqs: list[int], x: torch.Tensor) -> None:
+        out = self._timed(seqs, lambda: self.decoder.step(x, seqs))
+        if not self.last:
+            self._send_next(gw.Decode(seqs, out["hidden"]))
+            return
+        logits = out["output"]
+        self._sampled(seqs, logits[:, -1] if logits.dim() == 3 else logits)
+
+    def _run(self, act: dict[str, torch.Tensor], kv: PagedBatch, seqs: list[int]) -> dict[str, torch.Tensor]:
+        """A prefill's forward (eager: its shapes vary)."""
+        def forward() -> dict[str, torch.Tensor]:
+            out: dict[str, torch.Tensor] = self.stage({k: v.to(self.device, non_blocking=True) for k, v in act.items()},
+                                                      kv)
+            self.kv.store(seqs, kv)
+            return out
+        return self._timed(seqs, forward)
+
+    def _timed(self, seqs: list[int], forward: object) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        out: dict[str, torch.Tensor] = forward()  # type: ignore[operator]
+        if not self.last:
+            out = {"hidden": out["hidden"].cpu()}  # the gloo edges carry host tensors
+        elif self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # so compute time is GPU time
+        self.engine.computed(len(seqs), time.perf_counter() - started)
+        return out
+
+    def _sampled(self, seqs: list[int], logits: torch.Tensor) -> None:
+        """The last stage: pick each sequence's next token, decide whether it is done, and send
+        the tokens to the dispatcher and round the loop."""
+        states = [self.samplers[s] for s in seqs]
+        tokens = sample_next(logits, [st.params for st in states], [st.generator for st in states]).tolist()
+        done = []
+        for s, st, tok in zip(seqs, states, tokens, strict=True):
+            st.produced += 1
+            finished = st.produced >= st.params.max_new_tokens or tok in st.params.stop_token_ids
+            done.append(finished)
+            if finished:
+                self.kv.free([s])
+                self.samplers.pop(s)
+        out = gw.Tokens(seqs, tokens, done)
+        self._send_to(DISPATCHER, out)
+        if self.first:  # one stage: the loop is this process
+            self.chain.inflight -= 1
+            self._tokens_back(out)
+        else:
+            self._send_to(Node(0, self.engine.node.replica), out)
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _send_next(self, msg: gw.GenMessage) -> None:
+        assert self.next_node is not None
+        if self.chain.pending_free and isinstance(msg, gw.Prefill | gw.Decode | gw.Free):
+            msg.free = self.chain.pending_free
+            self.chain.pending_free = []
+        self._send_to(self.next_node, msg)
+
+    def _send_to(self, peer: Node, msg: gw.GenMessage) -> None:
+        if self._stopped:
+            return  # STOP went down this edge already
+        end = self.engine.output_to(peer)
+        if end is None:
+            raise RuntimeError(f"{self.engine.node}: no edge to {peer}")
+        self._mb_ids += 1
+        self.engine.send(end, gw.encode(msg, self._mb_ids))
+
+
+def _drop_row(msg: gw.Prefill, seq: int) -> gw.Prefill | None:
+    """A held prefill without `seq`'s row, or None when nothing is left of it."""
+    keep = [i for i, s in enumerate(msg.specs) if s.seq != seq]
+    if len(keep) == len(msg.specs):
+        return msg
+    if not keep:
+        return None
+    index = torch.tensor(keep)
+    return gw.Prefill([msg.specs[i] for i in keep], msg.x[index], msg.attention_mask[index], msg.free)
