@@ -102,7 +102,14 @@ def _checker(tp: Any) -> Check:
         return _union_of([_checker(option) for option in typing.get_args(tp)])
     if isinstance(tp, type) and is_dataclass(tp):
         return _nested(tp)
-    raise TypeError(f"unsupported field type {tp!r}")  # a schema bug, found when the class is first used
+    return _unsupported(tp)
+
+
+def _unsupported(tp: Any) -> Check:
+    def check(value: Any) -> Any:  # a schema bug: said when such a field arrives, as a WireError
+        raise _Mismatch(f"unsupported field type {tp!r}")
+
+    return check
 
 
 def _any(value: Any) -> Any:
