@@ -1,103 +1,260 @@
-"""One stage's decode step, eager against replayed from a CUDA graph (generation/graphs.py).
+"""The whole model's decode step against the memory-bandwidth bound (issue 14), per variant.
 
-    python -m benchmarks.decode_step                        # on a GPU: llama-3b, both halves
-    python -m benchmarks.decode_step --tiny --device cpu    # code-path dry run (eager only)
+    python -m benchmarks.decode_step                        # on a GPU: llama-3b, batches 8 and 64
+    python -m benchmarks.decode_step --tiny --device cpu    # code-path dry run (eager, torch attention)
 
-For each half of the model (embed + first half of the layers | the rest + head) on one GPU:
-prefill --batch sequences of --prompt random tokens, then time --steps decode steps eagerly and
-with graphs, from the same cache state (two caches filled by the same prefill), and compare the
-outputs of the two: the graph must compute what the eager step computes.
+The whole model is one stage (all units; what a 1-stage `infscaled run` runs; the issue's "both
+halves" summed the same work). For each batch size: prefill --batch sequences of --prompt random
+tokens, then run decode steps with each variant, every variant from its own copy of the same
+cache state:
+
+- attention "torch" (gather the pages + sdpa) or "flex" (flex_attention on the pools in place),
+- layers eager, "compiled" (torch.compile, models/stage.py compile_stage) or "autotune"
+  (the same with mode max-autotune-no-cudagraphs),
+- always replayed from CUDA graphs (generation/graphs.py) on CUDA.
+
+Per variant: `step_ms`, the median wall time of one whole step as the engine calls it (host
+preparation, input copy, replay, greedy tokens on the GPU and their asynchronous copy to
+pinned host memory, waited for); `gpu_ms`, the GPU time of one
+replay (CUDA events around --replays back-to-back replays of the step's graph); and the largest
+relative difference of its logits from the first variant's. The bound is the bytes every step
+must read (all parameters but the embedding table, of which a step reads B rows) over --bw.
+`--profile` adds, for the fastest variant of each batch, the top kernels of a profiled replay.
+`--forward` times prompt processing (--forward-batch x --forward-len tokens, no cache) eager and
+compiled, in TFLOP/s (2 x parameters x tokens + attention), against --peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from benchmarks.gpu_bench import sync
+from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import StageKV, reserved_span
 from infscaled.models.sources import resolve
-from infscaled.models.stage import build_stage, skeleton
+from infscaled.generation.sampling import SamplingParams
+from infscaled.models.stage import Stage, build_stage, compile_stage, skeleton
+
+
+def set_compiled(stage: Stage, compiled: dict[int, Any], on: bool) -> None:
+    """Switch the stage's layers between their compiled twins and eager (twins kept across variants)."""
+    for i, unit in enumerate(stage.units):
+        if on and i in compiled:
+            unit.__dict__["_compiled_layer"] = compiled[i]
+        else:
+            unit.__dict__.pop("_compiled_layer", None)
+
+
+def decode_bytes(stage: Stage) -> int:
+    """Bytes of the parameters a decode step reads: all but the embedding table (B rows of it)."""
+    embed = {id(p) for n, p in stage.named_parameters() if "embed" in n or ".wte." in n or ".wpe." in n}
+    head = {id(p) for n, p in stage.named_parameters() if "lm_head" in n}
+    seen: set[int] = set()
+    total = 0
+    for p in stage.parameters():
+        if id(p) in seen or (id(p) in embed and id(p) not in head):
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def run_variant(stage: Stage, kv: StageKV, device: torch.device, batch: int, attention: str, graphs: bool,
+                steps: int, replays: int, vocab: int, gen: torch.Generator) -> tuple[dict[str, Any], list[torch.Tensor],
+                                                                                 DecodeStep]:
+    stepper = DecodeStep(stage, kv, device, "input_ids", batch, graphs=graphs, attention=attention)
+    seqs = list(range(batch))
+    greedy = [SamplingParams(max_new_tokens=1 << 20, temperature=0.0)] * batch
+    times, outs = [], []
+    for _ in range(steps):
+        x = torch.randint(0, vocab, (batch, 1), generator=gen)
+        sync(str(device))
+        # What the engine does per step: the step, greedy tokens on the GPU, their async copy back.
+        t = time.perf_counter()
+        out = stepper.step(x, seqs)["output"]
+        logits = out[:, -1] if out.dim() == 3 else out
+        sample_async(logits, greedy, [None] * batch).tokens()
+        times.append(time.perf_counter() - t)
+        outs.append(logits.float().cpu())
+    tail = times[steps // 2:]
+    row: dict[str, Any] = {"attention": attention, "step_ms": 1e3 * statistics.median(tail),
+                           "graph_replays": stepper.replays}
+    graph = next((b.graph for b in stepper._buckets.values() if b.graph is not None), None)
+    if graph is not None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        row["gpu_ms"] = start.elapsed_time(end) / replays
+    return row, outs, stepper
+
+
+def profile_replay(stepper: DecodeStep, top: int = 12) -> list[dict[str, Any]]:
+    """The top kernels (by GPU time) of 5 replays of the stepper's graph, per replay."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = next(b.graph for b in stepper._buckets.values() if b.graph is not None)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    total = 0.0
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)
+        if t <= 0 or e.key.startswith("cudaGraph"):
+            continue
+        total += t
+        rows.append({"kernel": e.key[:90], "us_per_step": t / 5, "calls_per_step": e.count / 5})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return [{"total_us_per_step": total / 5, "kernels_per_step": sum(r["calls_per_step"] for r in rows)}, *rows[:top]]
+
+
+def forward_bench(stage: Stage, compiled: dict[int, Any], device: torch.device, batch: int, length: int,
+                  vocab: int, peak: float) -> list[dict[str, Any]]:
+    """Prompt processing without a cache (a forward job's micro-batch): eager and compiled."""
+    params = sum(p.numel() for n, p in stage.named_parameters() if "embed" not in n)
+    cfg: Any = stage.units[1].layer.self_attn.config
+    layers, width = cfg.num_hidden_layers, cfg.hidden_size
+    flops = 2 * params * batch * length + 4 * layers * batch * length * length * width / 2  # causal attention
+    ids = torch.randint(0, vocab, (batch, length), device=device)
+    act = {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.int64)}
+    rows = []
+    for on in (False, True):
+        set_compiled(stage, compiled, on)
+        times = []
+        for i in range(8):
+            sync(str(device))
+            t = time.perf_counter()
+            stage(dict(act))
+            sync(str(device))
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+        ms = 1e3 * statistics.median(times)
+        rows.append({"compiled": on, "ms": ms, "tflops": flops / (ms / 1e3) / 1e12,
+                     "of_peak": flops / (ms / 1e3) / 1e12 / peak})
+        print(f"forward {batch}x{length}: compiled={on} {ms:.1f} ms, {rows[-1]['tflops']:.0f} TFLOP/s "
+              f"({100 * rows[-1]['of_peak']:.0f}% of {peak:.0f})", flush=True)
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", default="8,64")
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--variants", default="torch:eager,flex:eager,torch:compiled,flex:compiled")
+    ap.add_argument("--bw", type=float, default=4.8e12, help="memory bandwidth, bytes/s (H200 datasheet)")
+    ap.add_argument("--peak", type=float, default=790.0, help="bf16 matrix TFLOP/s measured on the card")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--forward", action="store_true")
+    ap.add_argument("--forward-batch", type=int, default=8)
+    ap.add_argument("--forward-len", type=int, default=512)
     ap.add_argument("--out", default="out/decode_step")
     a = ap.parse_args()
     source = "builtin:llama-tiny" if a.tiny else "builtin:llama-3b"
-    dtype = "float32" if a.device == "cpu" else "bfloat16"
     device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    dtype = "bfloat16" if cuda else "float32"
     resolved = resolve(source)
-    sk = skeleton(resolved)
-    units = sk.unit_count
-    hidden_size = resolved.family.config.hidden_size  # type: ignore[attr-defined]
-    halves = [(0, units // 2 - 1), (units // 2, units - 1)]
-    rows = []
-    torch.manual_seed(0)
-    for first, last in halves:
-        stage = build_stage(resolved, first, last, a.device, dtype, 0).eval()
-        is_first = first == 0
-        reserve = a.prompt + a.steps + 1
-        kvs = [StageKV(a.batch * reserved_span(reserve), device) for _ in range(2)]
-        seqs = list(range(a.batch))
-        with torch.inference_mode():
-            if is_first:
-                prompt = {"input_ids": torch.randint(0, 500, (a.batch, a.prompt), device=device)}
-            else:
-                prompt = {"hidden": torch.randn(a.batch, a.prompt, hidden_size, device=device,
-                                                dtype=getattr(torch, dtype))}
-            prompt["attention_mask"] = torch.ones(a.batch, a.prompt, dtype=torch.int64)
-            for kv in kvs:
-                batch = kv.prefill(seqs, [a.prompt] * a.batch, [reserve] * a.batch)
-                stage({k: v.to(device) for k, v in prompt.items()}, batch)
-                kv.store(seqs, batch)
-            steppers = [DecodeStep(stage, kvs[0], device, "input_ids" if is_first else "hidden", a.batch, graphs=False),
-                        DecodeStep(stage, kvs[1], device, "input_ids" if is_first else "hidden", a.batch, graphs=True)]
-            key = "hidden" if last != units - 1 else "output"
-            worst = 0.0
-            times: list[list[float]] = [[], []]
-            for _ in range(a.steps):
-                if is_first:
-                    x = torch.randint(0, 500, (a.batch, 1))
+    units = skeleton(resolved).unit_count
+    vocab = resolved.family.config.vocab_size  # type: ignore[attr-defined]
+    stage = build_stage(resolved, 0, units - 1, a.device, dtype, 0).eval()
+    variants = [tuple(v.split(":")) for v in a.variants.split(",")]
+    # Compiled twins of the layers per mode: "compiled" (inductor's default), "autotune"
+    # (max-autotune-no-cudagraphs: inductor times Triton GEMM templates against cuBLAS per shape).
+    twins: dict[str, dict[int, Any]] = {"eager": {}}
+    for comp, mode in (("compiled", None), ("autotune", "max-autotune-no-cudagraphs")):
+        if any(c == comp for _, c in variants):
+            compile_stage(stage, mode=mode)
+            twins[comp] = {i: u.__dict__["_compiled_layer"] for i, u in enumerate(stage.units)
+                           if "_compiled_layer" in u.__dict__}
+    compiled = twins.get("compiled", {})
+    bytes_read = decode_bytes(stage)
+    bound_ms = 1e3 * bytes_read / a.bw
+    print(f"{source} {dtype} on {torch.cuda.get_device_name(device) if cuda else 'cpu'}: decode reads "
+          f"{bytes_read / 1e9:.2f} GB of weights -> bound {bound_ms:.3f} ms per step at {a.bw / 1e12:.1f} TB/s",
+          flush=True)
+    results: dict[str, Any] = {"card": torch.cuda.get_device_name(device) if cuda else "cpu", "model": source,
+                               "dtype": dtype, "prompt": a.prompt, "weight_bytes": bytes_read, "bound_ms": bound_ms,
+                               "torch": torch.__version__, "batches": {}}
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for batch in [int(b) for b in a.batches.split(",")]:
+            reserve = a.prompt + a.steps + 2
+            prompt = torch.randint(0, vocab, (batch, a.prompt), generator=gen)
+            rows = []
+            base: list[torch.Tensor] | None = None
+            best: tuple[float, DecodeStep | None] = (float("inf"), None)
+            for attention, comp in variants:
+                if not cuda and (attention, comp) != ("torch", "eager"):
+                    continue
+                set_compiled(stage, twins[comp], comp != "eager")
+                kv = StageKV(batch * reserved_span(reserve), device)
+                seqs = list(range(batch))
+                pb = kv.prefill(seqs, [a.prompt] * batch, [reserve] * batch)
+                mask = torch.ones(batch, a.prompt, dtype=torch.int64)
+                stage({"input_ids": prompt.to(device), "attention_mask": mask}, pb)
+                kv.store(seqs, pb)
+                step_gen = torch.Generator().manual_seed(batch)
+                t0 = time.perf_counter()
+                try:
+                    row, outs, stepper = run_variant(stage, kv, device, batch, attention, cuda, a.steps, a.replays,
+                                                     vocab, step_gen)
+                except Exception as exc:  # noqa: BLE001 - report the variant as failed, measure the others
+                    msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                    print(f"batch {batch:3d} {attention:5s} {comp:8s}: FAILED {msg}", flush=True)
+                    rows.append({"attention": attention, "compiled": comp, "error": msg})
+                    continue
+                row["compiled"] = comp
+                row["first_steps_s"] = time.perf_counter() - t0  # includes compilation and capture
+                if base is None:
+                    base = outs
+                row["worst_rel_diff"] = max(float((o - b).norm() / b.norm().clamp_min(1e-12))
+                                            for o, b in zip(outs, base, strict=True))
+                row["of_bound"] = bound_ms / row.get("gpu_ms", row["step_ms"])
+                rows.append(row)
+                print(f"batch {batch:3d} {attention:5s} {comp:8s}: step {row['step_ms']:.3f} ms, "
+                      f"gpu {row.get('gpu_ms', float('nan')):.3f} ms ({100 * row['of_bound']:.0f}% of bound), "
+                      f"replays {row['graph_replays']}, worst rel diff {row['worst_rel_diff']:.1e}, "
+                      f"{row['first_steps_s']:.1f} s incl. compile", flush=True)
+                if cuda and row.get("gpu_ms", 1e9) < best[0]:
+                    best = (row["gpu_ms"], stepper)
                 else:
-                    x = torch.randn(a.batch, 1, hidden_size, dtype=getattr(torch, dtype))
-                outs = []
-                for i, stepper in enumerate(steppers):
-                    sync(str(device))
-                    t = time.perf_counter()
-                    out = stepper.step(x, seqs)[key].float().cpu()
-                    sync(str(device))
-                    times[i].append(time.perf_counter() - t)
-                    outs.append(out)
-                err = float((outs[1] - outs[0]).norm() / outs[0].norm().clamp_min(1e-12))
-                worst = max(worst, err)
-            tail = a.steps // 2
-            eager_ms = 1e3 * sorted(times[0][tail:])[len(times[0][tail:]) // 2]
-            graph_ms = 1e3 * sorted(times[1][tail:])[len(times[1][tail:]) // 2]
-            row = {"units": [first, last], "eager_ms": eager_ms, "graph_ms": graph_ms, "speedup": eager_ms / graph_ms,
-                   "worst_rel_diff": worst, "graph_replays": steppers[1].replays}
-            rows.append(row)
-            print(f"units {first}-{last}: eager {eager_ms:.2f} ms, graph {graph_ms:.2f} ms per step "
-                  f"({row['speedup']:.1f}x), replays {steppers[1].replays}, worst relative diff {worst:.2e}",
-                  flush=True)
-        del stage, kvs, steppers
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    out = Path(a.out)
+                    del stepper
+                del kv, pb
+            entry: dict[str, Any] = {"rows": rows}
+            if a.profile and best[1] is not None:
+                entry["profile"] = profile_replay(best[1])
+                print(json.dumps(entry["profile"], indent=1), flush=True)
+            results["batches"][str(batch)] = entry
+            write(a.out, results)  # after each batch: a run cut short keeps what it measured
+            best = (float("inf"), None)
+            if cuda:
+                torch.cuda.empty_cache()
+        if a.forward:
+            results["forward"] = forward_bench(stage, compiled, device, a.forward_batch, a.forward_len, vocab, a.peak)
+    write(a.out, results)
+
+
+def write(folder: str, results: dict[str, Any]) -> None:
+    out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    (out / "decode_step.json").write_text(json.dumps({"card": card, "model": source, "dtype": dtype,
-                                                       "batch": a.batch, "prompt": a.prompt, "rows": rows}, indent=2))
+    (out / "decode_step.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

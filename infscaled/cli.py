@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from infscaled import __version__
@@ -22,12 +23,19 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--config", help="controller: its TOML config (see configs/controller.toml)")
     daemon.add_argument("--host", help="controller: address to bind (default 127.0.0.1)")
     daemon.add_argument("--port", type=int, help="controller: port (default 8470)")
+    daemon.add_argument("--model-root", dest="model_roots", action="append", metavar="DIR",
+                        help="controller: a directory job model paths may lie under (repeat; default: none); "
+                             "agent: the same check again on this host (default: the controller's only)")
     daemon.add_argument("--controller", dest="controller_url",
                         help="agent: the controller's URL, e.g. http://10.0.0.5:8470")
     daemon.add_argument("--id", dest="agent_id", help="agent: its name (default: the hostname)")
     daemon.add_argument("--devices", default="auto", help="agent: auto | cpu:N | cuda:0,cuda:1 (default auto)")
     daemon.add_argument("--advertise", default="", help="agent: the address other hosts reach this one at")
     daemon.add_argument("--port-range", default="29500-29999", help="agent: FIRST-LAST ports for edges hosted here")
+    daemon.add_argument("--allow-python-sources", action="store_true",
+                        help="agent: run python:MODULE:FACTORY model sources (they run code on this host)")
+    daemon.add_argument("--orphan-grace", type=float, default=120.0, metavar="SECONDS",
+                        help="agent: with the controller unreachable this long, stop its jobs (default 120)")
     daemon.add_argument("--token", help="token (default: $INFSCALED_TOKEN, else the local controller's token file)")
     sub = p.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run a job on this host: dispatcher + stage workers, then a summary")
@@ -145,7 +153,10 @@ def _controller(args: argparse.Namespace) -> int:
     from infscaled.controller.run import run
 
     cfg = load_controller_config(args.config) if args.config else ControllerConfig()
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("token", args.token)) if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("host", args.host), ("port", args.port), ("token", args.token))
+                                 if v is not None}
+    if args.model_roots:
+        overrides["model_roots"] = tuple(str(Path(r).expanduser().resolve()) for r in args.model_roots)
     cfg = dataclasses.replace(cfg, **overrides)
     _serve(run(cfg), cancel_on_signals=True)
     return 0
@@ -164,7 +175,10 @@ def _agent(args: argparse.Namespace, level: int) -> int:
     extra = {"agent_id": args.agent_id} if args.agent_id else {}
     cfg = AgentConfig(controller=args.controller_url, token=resolve_token(args.token), devices=args.devices,
                       advertise=args.advertise, port_range=(int(first), int(last or first)),
-                      worker_log_level=level, **extra)
+                      worker_log_level=level, orphan_grace_s=args.orphan_grace,
+                      allow_python_sources=args.allow_python_sources,
+                      model_roots=tuple(str(Path(r).expanduser().resolve()) for r in args.model_roots)
+                      if args.model_roots else None, **extra)
     _serve(run(cfg))
     return 0
 

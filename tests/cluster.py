@@ -145,10 +145,11 @@ class Cluster:
         except OSError:
             return False
 
-    def start_agent(self, name: str, first_port: int, devices: str = "cpu:2") -> None:
+    def start_agent(self, name: str, first_port: int, devices: str = "cpu:2", *extra: str) -> None:
+        """An agent daemon; `extra` are more CLI flags."""
         self.procs[name] = subprocess.Popen(
             [*INFSCALED, "--role", "agent", "--controller", self.url, "--id", name, "--devices", devices,
-             "--port-range", f"{first_port}-{first_port + 40}"], env=self.env)
+             "--port-range", f"{first_port}-{first_port + 40}", *extra], env=self.env)
 
     def agent_states(self) -> dict[str, str]:
         status, agents = self.call("GET", "/v1/agents")
@@ -174,7 +175,7 @@ class Cluster:
 
 
 @contextmanager
-def local_cluster(state_dir: Path, agents: dict[str, str]) -> Iterator[Cluster]:
+def local_cluster(state_dir: Path, agents: dict[str, str], *agent_flags: str) -> Iterator[Cluster]:
     """A controller and the named agents (name -> devices, registered in that order), each with
     its own range of edge ports; on exit, everything they started must be gone."""
     port = free_port()
@@ -186,7 +187,7 @@ def local_cluster(state_dir: Path, agents: dict[str, str]) -> Iterator[Cluster]:
     try:
         c.start_controller()
         for i, (name, devices) in enumerate(agents.items()):
-            c.start_agent(name, base + 50 * i, devices)
+            c.start_agent(name, base + 50 * i, devices, *agent_flags)
         c.wait_for("the agents", lambda: c.agent_states() == dict.fromkeys(agents, "connected"), 60)
         yield c
     finally:

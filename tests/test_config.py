@@ -241,7 +241,7 @@ def test_unknown_nested_key(tmp_path: Path) -> None:
 
 def test_wrong_type(tmp_path: Path) -> None:
     message = load_error(tmp_path, with_pipeline('stages = "two"'))
-    assert_parts(message, "pipeline.stages = 'two'", "expected an integer", "allowed: an integer >= 1")
+    assert_parts(message, "pipeline.stages = 'two'", "expected an integer", "allowed: an integer in 1..512")
 
 
 def test_bool_is_not_an_integer(tmp_path: Path) -> None:
@@ -336,7 +336,7 @@ def test_both_stages_and_layers(tmp_path: Path) -> None:
 
 def test_stages_below_one(tmp_path: Path) -> None:
     message = load_error(tmp_path, with_pipeline("stages = 0"))
-    assert_parts(message, "pipeline.stages = 0", "out of range", "allowed: an integer >= 1")
+    assert_parts(message, "pipeline.stages = 0", "out of range", "allowed: an integer in 1..512")
 
 
 def test_layers_gap(tmp_path: Path) -> None:
@@ -433,7 +433,7 @@ def test_replicas_wrong_length(tmp_path: Path) -> None:
 
 def test_replicas_below_one(tmp_path: Path) -> None:
     message = load_error(tmp_path, with_pipeline("stages = 2\nreplicas = [1, 0]"))
-    assert_parts(message, "pipeline.replicas[1] = 0", "out of range", "allowed: an integer >= 1")
+    assert_parts(message, "pipeline.replicas[1] = 0", "out of range", "allowed: an integer in 1..1024")
 
 
 def test_unknown_policy(tmp_path: Path) -> None:

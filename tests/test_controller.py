@@ -12,7 +12,7 @@ import stat
 import threading
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager, suppress
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -141,6 +141,8 @@ class FakeAgent:
         await self.send(self.register)
         welcome = await self.recv()
         assert isinstance(welcome, Welcome), welcome
+        if welcome.credential:  # issued at the first registration: sent again on every later one
+            self.register = replace(self.register, credential=welcome.credential)
         return welcome
 
     async def send(self, msg: Message) -> None:
@@ -277,7 +279,7 @@ def test_register_welcome_and_bad_messages_keep_the_session(tmp_path: Path) -> N
         async with controller(make_cfg(tmp_path)) as ctl, aiohttp.ClientSession() as http:
             agent = FakeAgent(http, ctl.url)
             welcome = await agent.connect()
-            assert welcome == Welcome("a1", 0.5, 5.0)
+            assert welcome == Welcome("a1", 0.5, 5.0, welcome.credential) and len(welcome.credential) >= 40
             assert agent.ws is not None
             for frame, expected in (
                 ("not json", "message is not JSON"),
@@ -332,7 +334,8 @@ def test_oversized_frame_closes_only_that_connection(tmp_path: Path) -> None:
             assert frame.type == WSMsgType.CLOSE and frame.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
             status, agents = await Api(http, ctl.url).call("GET", "/v1/agents")
             assert status == 200 and agents[0]["state"] == "lost" and "websocket error" in agents[0]["reason"]
-            back = FakeAgent(http, ctl.url)  # the same id comes back
+            back = FakeAgent(http, ctl.url)  # the same id comes back, with its credential
+            back.register = agent.register
             await back.connect()
             assert (await Api(http, ctl.url).call("GET", "/v1/agents"))[1][0]["state"] == "connected"
 
@@ -608,6 +611,7 @@ def test_lost_agent_fails_its_job_and_comes_back(tmp_path: Path) -> None:
                 on_a2 = {n["node"]: n["state"] for n in detail["nodes"] if n["agent"] == "a2"}
                 assert on_a2 == {"0.0": "lost", "1.0": "lost", "dispatcher": "lost"}
                 back = FakeAgent(http, ctl.url, "a2", devices=2)
+                back.register = replace(back.register, credential=a2.register.credential)
                 await back.connect()
                 # Whatever it still runs of the failed job must go.
                 assert (await back.expect(StopJob)).job_id == job["id"]

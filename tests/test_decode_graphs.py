@@ -24,14 +24,19 @@ def test_bucket_rounds_up_to_powers_of_two_within_the_cap() -> None:
     assert [bucket(n, 6) for n in (3, 5, 6)] == [4, 6, 6]
 
 
-@pytest.mark.parametrize("model", ["llama-tiny", "gpt2-tiny"])
-def test_padded_static_batches_compute_what_exact_batches_do(model: str, monkeypatch: Any) -> None:
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize(("model", "attention"), [("llama-tiny", "torch"), ("gpt2-tiny", "torch"),
+                                                  ("llama-tiny", "flex")])
+def test_padded_static_batches_compute_what_exact_batches_do(model: str, attention: str, monkeypatch: Any) -> None:
+    """`attention`: the padded stepper's paged attention backend (the exact one's is "torch"):
+    flex reads the pools through the block mask and StageKV.page_index (uncompiled on the CPU)."""
     torch.manual_seed(0)
     resolved = resolve(f"builtin:{model}")
     stage = build_stage(resolved, 0, 2, "cpu", "float32", 0).eval()  # embed + 2 blocks
     kvs = [StageKV(1024), StageKV(1024)]
     exact = DecodeStep(stage, kvs[0], torch.device("cpu"), "input_ids", max_rows=8, graphs=False)
-    padded = DecodeStep(stage, kvs[1], torch.device("cpu"), "input_ids", max_rows=8, graphs=False)
+    padded = DecodeStep(stage, kvs[1], torch.device("cpu"), "input_ids", max_rows=8, graphs=False,
+                        attention=attention)
     padded.graphs = True  # as on a GPU, but capture is recorded instead of done
     captured: list[tuple[int, int]] = []
 
@@ -65,3 +70,54 @@ def test_padded_static_batches_compute_what_exact_batches_do(model: str, monkeyp
 def stage_width(resolved: Any) -> int:
     config = resolved.family.config
     return int(getattr(config, "hidden_size", None) or config.n_embd)
+
+
+def test_compile_job_option_reaches_the_plan_and_rejects_non_booleans() -> None:
+    from infscaled.config import ConfigError, parse_job
+    from infscaled.protocol.plan import plan_from_dict, plan_to_dict
+    from infscaled.runner.launcher import prepare
+
+    base = {"name": "c", "model": {"source": "builtin:llama-tiny"}, "generation": {}}
+    assert parse_job({**base, "pipeline": {"stages": 1}}).pipeline.compile is False
+    cfg = parse_job({**base, "pipeline": {"stages": 1, "compile": True}})
+    plan = prepare(cfg).plan
+    assert plan.compile_layers is True and plan_from_dict(plan_to_dict(plan)).compile_layers is True
+    with pytest.raises(ConfigError, match="pipeline.compile"):
+        parse_job({**base, "pipeline": {"stages": 1, "compile": "yes"}})
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "gpt2-tiny"])
+def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model: str, monkeypatch: Any) -> None:
+    """compile_stage on the CPU with dynamo's "eager" backend (the trace without code generation,
+    which on a CPU would take minutes): every layer of the stage must reuse one graph per shape
+    (one for the decode bucket, one for forward micro-batches; none per layer), prefills stay
+    eager, and the outputs equal the uncompiled stage's. Decode steps run on static buckets (as
+    under CUDA graphs; capture replaced as in the test above): compiled layers only run those."""
+    from torch._dynamo.utils import counters
+
+    from infscaled.models.stage import compile_stage
+
+    torch.manual_seed(0)
+    resolved = resolve(f"builtin:{model}")
+    stages = [build_stage(resolved, 0, 3, "cpu", "float32", 0).eval() for _ in range(2)]
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_stage(stages[1], backend="eager") == 3
+    outs: list[list[torch.Tensor]] = [[], []]
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    with torch.inference_mode():
+        for stage, out in zip(stages, outs, strict=True):
+            kv = StageKV(1024)
+            step = DecodeStep(stage, kv, torch.device("cpu"), "input_ids", max_rows=8, graphs=False)
+            step.graphs = True
+            monkeypatch.setattr(step, "_capture", lambda b, key: setattr(b, "eager", True))
+            batch = kv.prefill([1, 2], [5, 7], [40, 40])
+            out.append(stage({"input_ids": ids, "attention_mask": mask}, batch)["hidden"])
+            kv.store([1, 2], batch)
+            for i in range(3):
+                out.append(step.step(torch.tensor([[3 + i], [4 + i]]), [1, 2])["hidden"])
+            out.append(stage({"input_ids": ids, "attention_mask": mask})["hidden"])  # a forward micro-batch
+    for got, want in zip(outs[1], outs[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])

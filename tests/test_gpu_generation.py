@@ -32,11 +32,14 @@ def _work() -> list[tuple[list[int], int]]:
 
 
 @pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
-@pytest.mark.parametrize("graphs", [True, False])
-def test_greedy_generation_on_cuda_stages_equals_hf_generate(graphs: bool) -> None:
+@pytest.mark.parametrize(("graphs", "compiled"), [(True, False), (False, False), (True, True)])
+def test_greedy_generation_on_cuda_stages_equals_hf_generate(graphs: bool, compiled: bool) -> None:
+    """Decode attention is flex_attention on the paged pools (the CUDA default); `compiled`: the
+    job option pipeline.compile (torch.compile'd decoder layers under the CUDA graphs)."""
     devices = ["cuda:0", "cuda:1" if GPUS > 1 else "cuda:0"]
     cfg = parse_job({"name": "gen-gpu", "model": {"source": "builtin:llama-tiny"},
-                     "pipeline": {"stages": 2, "cuda_graphs": graphs}, "placement": {"devices": devices},
+                     "pipeline": {"stages": 2, "cuda_graphs": graphs, "compile": compiled},
+                     "placement": {"devices": devices},
                      "generation": {"max_batch_sequences": 4}})
     work = _work()
     mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)

@@ -68,8 +68,10 @@ class ControllerLink:
     """`run()` is the link's task; `post()` queues a message from any code on the loop's thread."""
 
     def __init__(self, cfg: AgentConfig, register: Callable[[], Register], handle: Callable[[Message], None],
-                 snapshot: Callable[[], list[WorkerState]], workers_alive: Callable[[], int]) -> None:
+                 snapshot: Callable[[], list[WorkerState]], workers_alive: Callable[[], int],
+                 on_welcome: Callable[[Welcome], None] | None = None) -> None:
         self.cfg = cfg
+        self._on_welcome = on_welcome  # e.g. keeps a credential issued at the first registration
         self._register = register
         self._handle = handle
         self._snapshot = snapshot
@@ -193,6 +195,8 @@ class ControllerLink:
         self.welcome = welcome
         self._spread_s = welcome.reconnect_spread_s
         self.sessions += 1
+        if self._on_welcome is not None:
+            self._on_welcome(welcome)
         rest = [m for m in self._outbox if not isinstance(m, WorkerState)]
         self._outbox = deque([*self._snapshot(), *rest])
         if self._outbox:

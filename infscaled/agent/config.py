@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import secrets
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from infscaled.agent.devices import parse_devices
 from infscaled.config.messages import config_error
+from infscaled.config.state import default_state_dir
+
+log = logging.getLogger(__name__)
 
 WS_PATH = "/v1/agents/ws"
 _SCHEMES = ("http", "https", "ws", "wss")
@@ -52,6 +58,16 @@ class AgentConfig:
     """Log level of the worker and dispatcher processes."""
     metrics_interval_s: float = 1.0
     """Sending each job's latest worker and dispatcher stats to the controller: at most this often."""
+    allow_python_sources: bool = False
+    """Run `python:MODULE:FACTORY` model sources: they import and run code on this host."""
+    model_roots: tuple[str, ...] | None = None
+    """Directories model paths must lie under (checked lexically); None: the controller's check only."""
+    max_inspections: int = 2
+    """Model inspections (a child process each) at once; more wait their turn."""
+    orphan_grace_s: float = 120.0
+    """With the controller unreachable, jobs keep serving this long; then the agent stops them."""
+    state_dir: str = field(default_factory=default_state_dir)
+    """Where the agent keeps the credential its controller issued (agent-<id>.credential, 0600)."""
 
     def __post_init__(self) -> None:
         url = urlsplit(self.controller)
@@ -66,19 +82,47 @@ class AgentConfig:
         except ValueError as exc:
             raise config_error("agent", "devices", self.devices,
                                "'auto', 'cpu:N' or 'cuda:I,cuda:J,...'", str(exc)) from None
+        if self.max_inspections < 1:
+            raise config_error("agent", "max_inspections", self.max_inspections, "an integer >= 1")
         first, last = self.port_range
         if not 1 <= first <= last <= 65535:
             raise config_error("agent", "port_range", list(self.port_range),
                                "[FIRST, LAST] with 1 <= FIRST <= LAST <= 65535")
         for name in ("connect_timeout_s", "handshake_timeout_s", "send_timeout_s", "ping_interval_s",
                      "backoff_initial_s", "backoff_max_s", "stop_grace_s", "inspect_timeout_s",
-                     "metrics_interval_s"):
+                     "metrics_interval_s", "orphan_grace_s"):
             if not getattr(self, name) > 0:
                 raise config_error("agent", name, getattr(self, name), "a positive number of seconds")
 
     @property
     def ws_url(self) -> str:
         return self.controller.rstrip("/") + WS_PATH
+
+    @property
+    def credential_path(self) -> Path:
+        return Path(self.state_dir).expanduser() / f"agent-{self.agent_id}.credential"
+
+
+def load_credential(cfg: AgentConfig) -> str:
+    """The credential this agent id was registered with, "" before its first registration (blocking)."""
+    try:
+        return cfg.credential_path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+
+
+def save_credential(cfg: AgentConfig, credential: str) -> None:
+    """Keep an issued credential (file 0600, dir 0700; written whole, then renamed: blocking)."""
+    path = cfg.credential_path
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(credential + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    log.info("kept the credential the controller issued to agent %s in %s", cfg.agent_id, path)
 
 
 def resolve_advertise(cfg: AgentConfig) -> str:

@@ -17,8 +17,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from infscaled.agent.config import AgentConfig
+from infscaled.config.source import roots_problem, under_roots
 from infscaled.errors import InfscaledError
 from infscaled.protocol.control import DispatcherStats, StageStats
 from infscaled.protocol.messages import (
@@ -28,6 +30,7 @@ from infscaled.protocol.messages import (
     InspectResult,
     Message,
     Metrics,
+    RunningWorker,
     StopJob,
     WorkerState,
 )
@@ -44,6 +47,17 @@ STARTING, READY, EXITED, FAILED = "starting", "ready", "exited", "failed"
 
 class DeployError(InfscaledError):
     """A Deploy this agent cannot carry out (malformed plan, unknown node, job already here)."""
+
+
+def source_refused(cfg: AgentConfig, source: str) -> str | None:
+    """Why this agent will not build `source`, or None."""
+    if source.startswith("python:") and not cfg.allow_python_sources:
+        return (f"model.source {source!r}: this agent does not run python: model sources (they import and run "
+                "code on its host); start it with --allow-python-sources to allow them")
+    # The controller sends model directories as absolute paths; Hugging Face ids never start with "/".
+    if cfg.model_roots is not None and source.startswith("/") and not under_roots(Path(source), cfg.model_roots):
+        return f"model.source {source!r}: {roots_problem(cfg.model_roots).replace('controller', 'agent')}"
+    return None
 
 
 @dataclass
@@ -67,6 +81,7 @@ class JobManager:
         self._loop = asyncio.get_running_loop()
         self.jobs: dict[str, _Job] = {}
         self._inspects: set[asyncio.Task[None]] = set()
+        self._inspect_slots = asyncio.Semaphore(cfg.max_inspections)
         self.closing = False  # set by stop_all: no new processes from then on
 
     # -- controller messages (on the loop thread) ------------------------------------------------
@@ -88,6 +103,11 @@ class JobManager:
             if self.closing:
                 self.post(InspectResult(msg.request_id, False, error="the agent is shutting down"))
                 return
+            refused = source_refused(self.cfg, msg.source)
+            if refused is not None:
+                log.warning("%s", refused)
+                self.post(InspectResult(msg.request_id, False, error=refused))
+                return
             task = self._tg.create_task(self._inspect(msg), name=f"inspect-{msg.request_id}")
             self._inspects.add(task)
             task.add_done_callback(self._inspects.discard)
@@ -103,6 +123,9 @@ class JobManager:
             plan = plan_from_dict(msg.plan)
         except (KeyError, ValueError, TypeError) as exc:
             raise DeployError(f"deploy {msg.job_id}: malformed plan: {type(exc).__name__}: {exc}") from None
+        refused = source_refused(self.cfg, plan.model_source)
+        if refused is not None:
+            raise DeployError(f"deploy {msg.job_id}: {refused}")
         if not msg.nodes:
             raise DeployError(f"deploy {msg.job_id}: no nodes listed")
         members = []
@@ -183,7 +206,8 @@ class JobManager:
 
     async def _inspect(self, msg: Inspect) -> None:
         try:
-            outcome = await inspect_in_subprocess(msg.source, self.cfg.inspect_timeout_s)
+            async with self._inspect_slots:
+                outcome = await inspect_in_subprocess(msg.source, self.cfg.inspect_timeout_s)
             result = InspectResult(msg.request_id, outcome.ok, outcome.unit_count, outcome.unit_weights,
                                    outcome.error)
         except Exception as exc:  # noqa: BLE001 - task boundary: the controller gets an answer
@@ -243,6 +267,20 @@ class JobManager:
     def snapshot(self) -> list[WorkerState]:
         """The current state of every node of every job here (resent on reconnect)."""
         return [s for job in self.jobs.values() for s in job.states.values()]
+
+    def running(self) -> list[RunningWorker]:
+        """The processes serving now (listed in Register: a restarted controller adopts them)."""
+        return [RunningWorker(job.job_id, str(node), s.state, s.pid) for job in self.jobs.values()
+                if not job.stopping for node, s in job.states.items() if s.state in (STARTING, READY)]
+
+    async def orphaned(self, reason: str) -> None:
+        """Stop every job: the controller has been unreachable for the whole grace period."""
+        jobs = [job for job in self.jobs.values() if not job.stopping]
+        if jobs:
+            log.warning("stopping job(s) %s: %s", ", ".join(j.job_id for j in jobs), reason)
+            async with asyncio.TaskGroup() as tg:
+                for job in jobs:
+                    tg.create_task(self._stop(job, reason))
 
     def workers_alive(self) -> int:
         return sum(job.group.alive() for job in self.jobs.values())

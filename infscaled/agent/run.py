@@ -13,14 +13,16 @@ import asyncio
 import logging
 import signal
 import socket
+import time
+from dataclasses import replace
 
 from infscaled import __version__
 from infscaled.agent.client import ControllerLink
-from infscaled.agent.config import AgentConfig, resolve_advertise
+from infscaled.agent.config import AgentConfig, load_credential, resolve_advertise, save_credential
 from infscaled.agent.devices import UsageSampler, discover, host_resources, usage_changed
 from infscaled.agent.jobs import JobManager
 from infscaled.errors import ConfigError
-from infscaled.protocol.messages import Device, HostMetrics, Message, Register
+from infscaled.protocol.messages import Device, HostMetrics, Message, Register, Welcome
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ async def _run(cfg: AgentConfig, stop: asyncio.Event) -> None:
         raise ConfigError(f"agent: devices = {cfg.devices!r}: {exc}") from None
     advertise = await asyncio.to_thread(resolve_advertise, cfg)
     cores, ram = host_resources()
+    credential = await asyncio.to_thread(load_credential, cfg)
     register = Register(agent_id=cfg.agent_id, host=socket.gethostname(), advertise=advertise, devices=devices,
                         cpu_cores=cores, ram_bytes=ram, port_range=list(cfg.port_range), version=__version__)
     log.info("agent %s: %d device(s) (%s), advertising %s", cfg.agent_id, len(devices),
@@ -64,8 +67,20 @@ async def _run(cfg: AgentConfig, stop: asyncio.Event) -> None:
             link.post(msg)
 
         jobs = JobManager(cfg, tg, post)
-        link = ControllerLink(cfg, lambda: register, jobs.handle, jobs.snapshot, jobs.workers_alive)
+
+        def current_register() -> Register:
+            # The credential once issued, and what runs here: a restarted controller adopts it.
+            return replace(register, credential=credential, workers=jobs.running())
+
+        def welcomed(welcome: Welcome) -> None:
+            nonlocal credential
+            if welcome.credential and welcome.credential != credential:
+                credential = welcome.credential
+                tg.create_task(_keep_credential(cfg, credential), name="keep-credential")
+
+        link = ControllerLink(cfg, current_register, jobs.handle, jobs.snapshot, jobs.workers_alive, welcomed)
         link_task = tg.create_task(link.run(), name="controller-link")
+        orphan_task = tg.create_task(_orphan_watch(cfg, link, jobs), name="orphan-watch")
         metrics_task = tg.create_task(jobs.metrics_forever(), name="metrics")
         usage_task = tg.create_task(_usage_forever(cfg, devices, link), name="host-usage")
         try:
@@ -77,8 +92,34 @@ async def _run(cfg: AgentConfig, stop: asyncio.Event) -> None:
             await link.flush(cfg.send_timeout_s)
             metrics_task.cancel()
             usage_task.cancel()
+            orphan_task.cancel()
             await link.close()
             link_task.cancel()
+
+
+async def _keep_credential(cfg: AgentConfig, credential: str) -> None:
+    try:
+        await asyncio.to_thread(save_credential, cfg, credential)
+    except OSError as exc:  # task boundary: the agent keeps serving; a restart would be refused
+        log.error("cannot keep the credential for agent %s in %s: %s; after a restart this agent's id will be "
+                  "refused", cfg.agent_id, cfg.credential_path, exc)
+
+
+async def _orphan_watch(cfg: AgentConfig, link: ControllerLink, jobs: JobManager) -> None:
+    """Jobs outlive a controller restart, not a controller gone for good: once the link has been
+    down for orphan_grace_s, stop them (a controller that comes back later finds none to adopt)."""
+    period = min(1.0, cfg.orphan_grace_s / 4)
+    down_since: float | None = None
+    while True:
+        await asyncio.sleep(period)
+        if link.connected:
+            down_since = None
+            continue
+        now = time.monotonic()
+        down_since = now if down_since is None else down_since
+        if jobs.jobs and now - down_since >= cfg.orphan_grace_s:
+            await jobs.orphaned(f"the controller has been unreachable for {cfg.orphan_grace_s:g} s "
+                                "(orphan_grace_s)")
 
 
 async def _usage_forever(cfg: AgentConfig, devices: list[Device], link: ControllerLink) -> None:

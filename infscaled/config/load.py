@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -31,12 +31,15 @@ def load_job(path: str | Path) -> JobConfig:
 
 
 def parse_job(
-    data: Mapping[str, Any], path: str = STRING_PATH, *, base_dir: str | Path | None = None
+    data: Mapping[str, Any], path: str = STRING_PATH, *, base_dir: str | Path | None = None,
+    model_roots: Sequence[str] | None = None,
 ) -> JobConfig:
     """Validate already-parsed job data (e.g. from the REST API).
 
     `path` is only used in messages and as the default name; relative paths in the data are
     resolved against `base_dir` (default: the directory of `path`, or the working directory).
+    `model_roots` (a controller's): the directories model paths and input files must lie under;
+    None allows any (`infscaled run` reads its own user's files).
     """
     if not isinstance(data, Mapping):
         allowed = "a table of [model], [pipeline], [placement], [workload], [generation]"
@@ -50,7 +53,7 @@ def parse_job(
     name = top.get_str("name", default_name, "a non-empty string")
     if not top.has("model"):
         raise top.error("model", MISSING, "a [model] table with at least `source`", "missing required table")
-    model = parse_model(top.table("model"), base)
+    model = parse_model(top.table("model"), base, model_roots)
     pipeline = parse_pipeline(top.table("pipeline"))
     return JobConfig(
         name=name,
@@ -59,6 +62,6 @@ def parse_job(
         model=model,
         pipeline=pipeline,
         placement=parse_placement(top.table("placement"), pipeline.replicas),
-        workload=parse_workload(top.table("workload"), pipeline.micro_batch_size, base),
+        workload=parse_workload(top.table("workload"), pipeline.micro_batch_size, base, model_roots),
         generation=parse_generation(top.table("generation"), pipeline) if top.has("generation") else None,
     )

@@ -50,6 +50,8 @@ class PipelineConfig:
     """Micro-batches in flight in the whole pipeline at once."""
     cuda_graphs: bool = True
     """CUDA stages replay their forward (generation: their decode step) as CUDA graphs; no effect on CPU."""
+    compile: bool = False
+    """CUDA stages torch.compile their decoder layers (forward micro-batches, decode steps); no effect on CPU."""
     max_wait_ms: float = 2.0
     """How long the dispatcher waits to fill a micro-batch before sending it part-full."""
     edge_timeout_s: float = 60.0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from infscaled.config.limits import MAX_EDGES, MAX_REPLICAS_PER_STAGE, MAX_STAGES, MAX_WORKERS, mesh_edge_count
 from infscaled.config.messages import MISSING, config_error
 from infscaled.config.ranges import UnitRange, layers_allowed, range_problem
 from infscaled.config.schema import (
@@ -22,7 +24,7 @@ from infscaled.config.schema import (
     PlacementConfig,
     WorkloadConfig,
 )
-from infscaled.config.source import SOURCE_FORMS, resolve_source
+from infscaled.config.source import SOURCE_FORMS, resolve_source, roots_problem, under_roots
 from infscaled.config.topology import check_topology
 from infscaled.config.values import Section, check_int, check_list, check_str
 
@@ -32,12 +34,12 @@ def field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
-def parse_model(sec: Section, base_dir: Path) -> ModelConfig:
-    """[model]."""
+def parse_model(sec: Section, base_dir: Path, roots: Sequence[str] | None = None) -> ModelConfig:
+    """[model]; `roots`: see config.source.resolve_source."""
     sec.check_keys(field_names(ModelConfig))
     source = sec.get_str("source", None, SOURCE_FORMS)
     return ModelConfig(
-        source=resolve_source(sec.path, source, base_dir),
+        source=resolve_source(sec.path, source, base_dir, roots),
         dtype=sec.get_choice("dtype", ModelConfig.dtype, DTYPES, "dtype"),
         seed=sec.get_int("seed", ModelConfig.seed, lo=0),
     )
@@ -48,6 +50,8 @@ def _parse_layers(sec: Section) -> tuple[UnitRange, ...]:
     items = check_list(sec.path, sec.key("layers"), raw, layers_allowed())
     if not items:
         raise sec.error("layers", raw, layers_allowed(), "needs at least one range")
+    if len(items) > MAX_STAGES:
+        raise sec.error("layers", f"<{len(items)} ranges>", f"at most {MAX_STAGES} stages", "too many stages")
     ranges: list[UnitRange] = []
     for i, pair in enumerate(items):
         key = f"layers[{i}]"
@@ -66,13 +70,22 @@ def _parse_layers(sec: Section) -> tuple[UnitRange, ...]:
 
 def _parse_replicas(sec: Section, stage_count: int) -> tuple[int, ...]:
     raw = sec.raw("replicas")
-    allowed = f"one replica count (>= 1) per stage: {stage_count} entries"
+    allowed = f"one replica count (1..{MAX_REPLICAS_PER_STAGE}) per stage: {stage_count} entries"
     if raw is MISSING:
         return (1,) * stage_count
     items = check_list(sec.path, sec.key("replicas"), raw, allowed)
-    replicas = tuple(check_int(sec.path, sec.key(f"replicas[{i}]"), v, lo=1) for i, v in enumerate(items))
-    if len(replicas) != stage_count:
-        raise sec.error("replicas", raw, allowed, f"{len(replicas)} entries for {stage_count} stages")
+    if len(items) != stage_count:
+        shown = raw if len(items) <= 16 else f"<{len(items)} entries>"
+        raise sec.error("replicas", shown, allowed, f"{len(items)} entries for {stage_count} stages")
+    replicas = tuple(check_int(sec.path, sec.key(f"replicas[{i}]"), v, lo=1, hi=MAX_REPLICAS_PER_STAGE)
+                     for i, v in enumerate(items))
+    if sum(replicas) > MAX_WORKERS:
+        raise sec.error("replicas", raw, f"at most {MAX_WORKERS} stage replicas in one job",
+                        f"{sum(replicas)} stage replicas")
+    if sec.raw("graph") in (MISSING, "mesh") and mesh_edge_count(replicas) > MAX_EDGES:
+        raise sec.error("replicas", raw, f"at most {MAX_EDGES} edges in one job (a mesh connects every replica "
+                        "of a stage to every replica of the next)", f"{mesh_edge_count(replicas)} mesh edges; "
+                        "use graph = 'parallel' or 'explicit', or fewer replicas")
     return replicas
 
 
@@ -92,7 +105,7 @@ def parse_pipeline(sec: Section) -> PipelineConfig:
         )
     if not sec.has("stages") and not sec.has("layers"):
         raise sec.error("stages", MISSING, exactly_one, "neither pipeline.stages nor pipeline.layers is set")
-    stages = sec.get_int("stages", 0, lo=1) if sec.has("stages") else None
+    stages = sec.get_int("stages", 0, lo=1, hi=MAX_STAGES) if sec.has("stages") else None
     layers = _parse_layers(sec) if sec.has("layers") else None
     stage_count = len(layers) if layers is not None else stages
     assert stage_count is not None
@@ -108,6 +121,7 @@ def parse_pipeline(sec: Section) -> PipelineConfig:
         micro_batch_size=sec.get_int("micro_batch_size", PipelineConfig.micro_batch_size, 1, 4096),
         max_inflight=sec.get_int("max_inflight", PipelineConfig.max_inflight, 1, 1024),
         cuda_graphs=sec.get_bool("cuda_graphs", PipelineConfig.cuda_graphs),
+        compile=sec.get_bool("compile", PipelineConfig.compile),
         max_wait_ms=sec.get_float("max_wait_ms", PipelineConfig.max_wait_ms, 0.0, 60000.0),
         edge_timeout_s=sec.get_float("edge_timeout_s", PipelineConfig.edge_timeout_s, 0.0, lo_open=True),
     )
@@ -215,7 +229,8 @@ def _parse_min_max(sec: Section, name: str, default: tuple[int, int], limit: str
     return low, high
 
 
-def parse_workload(sec: Section, micro_batch_size: int, base_dir: Path) -> WorkloadConfig:
+def parse_workload(sec: Section, micro_batch_size: int, base_dir: Path,
+                   roots: Sequence[str] | None = None) -> WorkloadConfig:
     """[workload]; a request's samples must fit `micro_batch_size` (from [pipeline])."""
     sec.check_keys(field_names(WorkloadConfig))
     rate = sec.get_float("rate", WorkloadConfig.rate, lo=0.0)
@@ -245,7 +260,7 @@ def parse_workload(sec: Section, micro_batch_size: int, base_dir: Path) -> Workl
         seq_len=_parse_min_max(sec, "seq_len", WorkloadConfig.seq_len),
         image_size=sec.get_int("image_size", WorkloadConfig.image_size, lo=0),
         seed=sec.get_int("seed", WorkloadConfig.seed, lo=0),
-        input_file=_parse_input_file(sec, base_dir),
+        input_file=_parse_input_file(sec, base_dir, roots),
         request_timeout_s=sec.get_float(
             "request_timeout_s", WorkloadConfig.request_timeout_s, 0.0, lo_open=True
         ),
@@ -273,11 +288,13 @@ def parse_generation(sec: Section, pipeline: PipelineConfig) -> GenerationConfig
     )
 
 
-def _parse_input_file(sec: Section, base_dir: Path) -> str | None:
+def _parse_input_file(sec: Section, base_dir: Path, roots: Sequence[str] | None) -> str | None:
     allowed = "an existing .safetensors file (relative paths are resolved against the job file's directory)"
     if not sec.has("input_file"):
         return None
     value = check_str(sec.path, sec.key("input_file"), sec.raw("input_file"), allowed)
+    if roots is not None and not under_roots(base_dir / Path(value).expanduser(), roots):
+        raise sec.error("input_file", value, allowed, roots_problem(roots).replace("model directories", "files"))
     resolved = (base_dir / Path(value).expanduser()).resolve()
     if resolved.suffix != ".safetensors":
         raise sec.error("input_file", value, allowed, "not a .safetensors file")

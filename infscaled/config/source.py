@@ -7,7 +7,9 @@ package, or `check_builtin`); here we only check what needs no imports.
 from __future__ import annotations
 
 import keyword
+import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -28,8 +30,25 @@ def _is_dotted_identifier(text: str) -> bool:
     return all(part.isidentifier() and not keyword.iskeyword(part) for part in parts)
 
 
-def resolve_source(path: str, source: str, base_dir: Path) -> str:
-    """Validate `source`; a model directory comes back as an absolute path, anything else unchanged."""
+def under_roots(candidate: Path, roots: Sequence[str]) -> bool:
+    """Whether `candidate` lies under one of `roots`, lexically (no file system access)."""
+    lexical = os.path.normpath(str(candidate))
+    return any(os.path.commonpath([lexical, os.path.normpath(r)]) == os.path.normpath(r) for r in roots)
+
+
+def roots_problem(roots: Sequence[str]) -> str:
+    """The one message for any path outside the roots: it says nothing of what exists there."""
+    if not roots:
+        return "model directories are not served by this controller (its model_roots is empty)"
+    return f"outside the model directories this controller serves (model_roots: {', '.join(roots)})"
+
+
+def resolve_source(path: str, source: str, base_dir: Path, roots: Sequence[str] | None = None) -> str:
+    """Validate `source`; a model directory comes back as an absolute path, anything else unchanged.
+
+    With `roots` (a controller's model_roots), a directory must lie under one of them, checked
+    lexically before the file system is touched and again after symlinks are resolved, with one
+    message for both, so a job file cannot probe which paths exist elsewhere."""
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if not _BUILTIN_NAME.match(name):
@@ -54,8 +73,17 @@ def resolve_source(path: str, source: str, base_dir: Path) -> str:
             )
         return source
     candidate = base_dir / Path(source).expanduser()
-    if source.startswith(_PATH_PREFIXES) or candidate.exists():
+    path_like = source.startswith(_PATH_PREFIXES)
+    if roots is not None and not under_roots(candidate, roots):
+        if path_like:
+            raise config_error(path, KEY, source, SOURCE_FORMS, roots_problem(roots))
+        candidate_exists = False  # never probed: read as a Hugging Face id
+    else:
+        candidate_exists = not path_like and candidate.exists()
+    if path_like or candidate_exists:
         resolved = candidate.resolve()
+        if roots is not None and not under_roots(resolved, [str(Path(r).resolve()) for r in roots]):
+            raise config_error(path, KEY, source, SOURCE_FORMS, roots_problem(roots))
         if not resolved.is_dir():
             problem = "not a directory" if resolved.exists() else "no such model directory"
             raise config_error(

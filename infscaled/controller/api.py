@@ -6,27 +6,33 @@ prints for the same file (name it with the `X-Infscaled-Job-File` header).
 
 from __future__ import annotations
 
-import json
+import asyncio
+import functools
 import logging
 import time
-import tomllib
 from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from infscaled.config import JobConfig, parse_job
+from infscaled.config import JobConfig
+from infscaled.config.limits import MAX_JOB_FILE_BYTES
 from infscaled.config.messages import config_error
 from infscaled.controller import export, proxy, views, watch
 from infscaled.controller.config import ControllerConfig
-from infscaled.controller.jobs import JobState, JobStore, Rejected
+from infscaled.controller.guard import PARSED_JSON
+from infscaled.controller.job import SUBMITTED, JobSource, JobState, Rejected
+from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import CONNECTED, LOST, Registry
 from infscaled.errors import ConfigError
+from infscaled.protocol import jsonsafe
 from infscaled.protocol.messages import MAX_MESSAGE_BYTES
 from infscaled.protocol.typed import to_dict
 
 log = logging.getLogger(__name__)
+# Strict JSON in every answer: a non-finite float (a NaN statistic) is written as null.
+json_response = functools.partial(web.json_response, dumps=jsonsafe.dumps)
 
 CONFIG = web.AppKey("config", ControllerConfig)
 REGISTRY = web.AppKey("registry", Registry)
@@ -34,7 +40,6 @@ JOBS = web.AppKey("jobs", JobStore)
 WATCHERS = web.AppKey("watchers", watch.Watchers)
 
 JOB_FILE_HEADER: Final = "X-Infscaled-Job-File"
-SUBMITTED: Final = "<submitted>"
 TOML_TYPES: Final = ("text/plain", "application/toml", "text/x-toml")
 # GET /v1/agents: page size by default (a cluster this small comes in one page) and at most.
 AGENTS_PAGE: Final = 500
@@ -48,6 +53,7 @@ def add_routes(app: web.Application) -> None:
         web.get("/v1/health", health),
         web.get("/v1/agents", list_agents),
         web.get("/v1/agents/ws", agent_socket),
+        web.delete("/v1/agents/{id}", forget_agent),
         web.get("/v1/jobs", list_jobs),
         web.post("/v1/jobs", submit_job),
         web.get("/v1/jobs/{id}", get_job),
@@ -65,19 +71,19 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     try:
         return await handler(request)
     except Rejected as exc:
-        return web.json_response({"error": str(exc)}, status=exc.status)
+        return json_response({"error": str(exc)}, status=exc.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response({"error": exc.text or exc.reason}, status=exc.status)
+        return json_response({"error": exc.text or exc.reason}, status=exc.status)
     except Exception:  # noqa: BLE001 - request boundary: answer, log, keep serving
         log.exception("%s %s failed", request.method, request.path)
-        return web.json_response({"error": "internal error; see the controller's log"}, status=500)
+        return json_response({"error": "internal error; see the controller's log"}, status=500)
 
 
 async def health(request: web.Request) -> web.Response:
     jobs = request.app[JOBS]
-    return web.json_response({
+    return json_response({
         "status": "draining" if jobs.draining else "ok",
         "agents": len(request.app[REGISTRY].connected()),
         "jobs": sum(1 for j in jobs.jobs.values() if j.state is JobState.RUNNING),
@@ -114,7 +120,7 @@ async def list_agents(request: web.Request) -> web.Response:
     headers = {}
     if len(page) == q.limit and last + 1 < len(ids):
         headers["Link"] = f'<{q.next_url(request, page[-1]["id"])}>; rel="next"'
-    return web.json_response(page, headers=headers)
+    return json_response(page, headers=headers)
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,19 @@ class AgentQuery:
         return str(request.rel_url.update_query(after=last_id, limit=str(self.limit)))
 
 
+async def forget_agent(request: web.Request) -> web.Response:
+    """DELETE: forget a disconnected agent and its credential, so its id may register anew."""
+    agent_id = request.match_info["id"]
+    registry = request.app[REGISTRY]
+    agent = registry.agents.get(agent_id)
+    if agent is None:
+        raise Rejected(404, f"no agent {agent_id!r}")
+    if agent.state == "connected":
+        raise Rejected(409, f"agent {agent_id} is connected; stop it first (only a disconnected agent is forgotten)")
+    registry.forget(agent_id)
+    return json_response({"id": agent_id, "forgotten": True})
+
+
 async def agent_socket(request: web.Request) -> web.WebSocketResponse:
     # Oversized frames make aiohttp close the connection (1009); the session then loses the agent.
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, timeout=WS_CLOSE_TIMEOUT_S, heartbeat=None)
@@ -160,34 +179,35 @@ async def agent_socket(request: web.Request) -> web.WebSocketResponse:
 
 async def list_jobs(request: web.Request) -> web.Response:
     jobs = sorted(request.app[JOBS].jobs.values(), key=lambda j: j.created)
-    return web.json_response([j.summary() for j in jobs])
+    return json_response([j.summary() for j in jobs])
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(request.app[JOBS].get(request.match_info["id"]).detail())
+    return json_response(request.app[JOBS].get(request.match_info["id"]).detail())
 
 
 async def submit_job(request: web.Request) -> web.Response:
     try:
-        cfg = await job_config(request)
+        cfg, source = await job_config(request)
     except ConfigError as exc:
         raise Rejected(400, str(exc)) from None
-    job = await request.app[JOBS].submit(cfg)
-    return web.json_response(job.summary(), status=201, headers={"Location": f"/v1/jobs/{job.id}"})
+    job = await request.app[JOBS].submit(cfg, source)
+    return json_response(job.summary(), status=201, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def stop_job(request: web.Request) -> web.Response:
     job = await request.app[JOBS].stop(request.match_info["id"])
-    return web.json_response(job.summary(), status=202)
+    return json_response(job.summary(), status=202)
 
 
-async def job_config(request: web.Request) -> JobConfig:
-    """The request's job file as `load_job` would read it (ConfigError with the same text)."""
+async def job_config(request: web.Request) -> tuple[JobConfig, JobSource]:
+    """The request's job file as `load_job` would read it (ConfigError with the same text), and
+    its source as the database keeps it."""
     shown = request.headers.get(JOB_FILE_HEADER, "").strip() or SUBMITTED
     name: str | None = None
     raw = await request.read()
     if request.content_type == "application/json":
-        body = _json_body(raw)
+        body = _json_body(request.get(PARSED_JSON))
         text = body["toml"]
         name = body.get("name")
     elif request.content_type in TOML_TYPES:
@@ -198,23 +218,16 @@ async def job_config(request: web.Request) -> JobConfig:
     else:
         raise Rejected(415, f"content type {request.content_type!r} not accepted; send the job file as "
                             f"{', '.join(TOML_TYPES)}, or JSON {{\"toml\": \"...\", \"name\": \"optional\"}}")
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise config_error(shown, "", None, "TOML syntax (https://toml.io)", f"invalid TOML: {exc}") from None
-    if name is not None:
-        data["name"] = name
-    elif shown == SUBMITTED and "name" not in data:
-        data["name"] = "job"  # no file stem to name it after
-    return parse_job(data, shown)
+    if len(text.encode()) > MAX_JOB_FILE_BYTES:
+        raise Rejected(413, f"{shown}: the job file is {len(text.encode())} bytes; the limit is {MAX_JOB_FILE_BYTES}")
+    source = JobSource(text, shown, name)
+    # Parsing (TOML, checks, model paths on disk) runs off the event loop.
+    return await asyncio.to_thread(source.parse, request.app[CONFIG].model_roots), source
 
 
-def _json_body(raw: bytes) -> dict[str, Any]:
+def _json_body(body: Any) -> dict[str, Any]:
+    """The JSON submission, already parsed within limits by guard.limits_middleware."""
     shape = 'JSON {"toml": "<job file text>", "name": "<optional job name>"}'
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise Rejected(400, f"body is not JSON ({exc}); expected {shape}") from None
     if not isinstance(body, dict) or not isinstance(body.get("toml"), str) or set(body) - {"toml", "name"}:
         raise Rejected(400, f"expected {shape}")
     if "name" in body and not isinstance(body["name"], str):
@@ -233,7 +246,7 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
 
 
 async def job_metrics(request: web.Request) -> web.Response:
-    return web.json_response(export.job_snapshot(request.app[JOBS].get(request.match_info["id"])))
+    return json_response(export.job_snapshot(request.app[JOBS].get(request.match_info["id"])))
 
 
 async def watch_socket(request: web.Request) -> web.WebSocketResponse:

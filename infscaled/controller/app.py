@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass, field
+import resource
+import time
+from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 
 from infscaled.controller import api, openai_proxy, proxy
 from infscaled.controller.auth import auth_middleware, controller_token
 from infscaled.controller.config import ControllerConfig
+from infscaled.controller.events import RECENT_EVENTS
+from infscaled.controller.guard import GUARD, ConnectionGuard, GuardedSite, body_middleware, busy_middleware
 from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Registry
+from infscaled.controller.store import EventRecord, Store
 from infscaled.controller.watch import Watchers
+from infscaled.protocol.watch import Event
 
 log = logging.getLogger(__name__)
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobStore) -> web.Application:
-    """Routes, JSON errors outside the token check (so a 401 is JSON too), typed state."""
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[api.json_errors, auth_middleware(token)])
+def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobStore,
+             guard: ConnectionGuard | None = None) -> web.Application:
+    """Routes, typed state, and middlewares from the outside in: the connection is busy (guard),
+    JSON errors (so a 401 is JSON too), the token check, then the body read within its limits
+    (only an authenticated client gets its body read)."""
+    guard = guard if guard is not None else ConnectionGuard(cfg)
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[
+        busy_middleware(guard), api.json_errors, auth_middleware(token), body_middleware(cfg, guard)])
+    app[GUARD] = guard
     app[api.CONFIG] = cfg
     app[api.REGISTRY] = registry
     app[api.JOBS] = jobs
@@ -32,6 +45,24 @@ def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobSto
     return app
 
 
+def connection_budget(wanted: int) -> int:
+    """`wanted`, capped so that connections can never exhaust the process's file descriptors
+    (the soft limit is raised to the hard one first; 256 stay for the database, agents' pipes
+    and outgoing proxy connections). Accepting past the fd limit would make every accept fail."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.info("cannot raise the open-file limit from %d: %s", soft, exc)
+    budget = max(16, min(wanted, soft - 256))
+    if budget < wanted:
+        log.warning("max_connections %d capped to %d by the open-file limit (%d)", wanted, budget, soft)
+    return budget
+
+
 @dataclass
 class Controller:
     """A started controller: what tests and `run` hold on to."""
@@ -40,8 +71,10 @@ class Controller:
     registry: Registry
     jobs: JobStore
     runner: web.AppRunner
+    store: Store
     token: str = field(repr=False)
     port: int = 0
+    restored_in_s: float = 0.0  # opening and loading the database at start-up
 
     @property
     def watchers(self) -> Watchers:
@@ -54,17 +87,33 @@ class Controller:
 
 
 async def start_controller(cfg: ControllerConfig) -> Controller:
-    """Set up the app and listen on cfg.host:cfg.port (port 0: any free port)."""
+    """Load the database, set up the app and listen on cfg.host:cfg.port (port 0: any free port)."""
     token = controller_token(cfg)
-    registry = Registry(cfg)
-    jobs = JobStore(cfg, registry)
-    runner = web.AppRunner(make_app(cfg, token, registry, jobs), shutdown_timeout=cfg.shutdown_grace_s)
-    await runner.setup()
+    started = time.perf_counter()
+    store = await asyncio.to_thread(Store.open, cfg.state_dir)
     try:
-        site = web.TCPSite(runner, cfg.host, cfg.port)
+        loaded = await asyncio.to_thread(store.load, RECENT_EVENTS)
+        registry = Registry(cfg, store)
+        registry.restore(loaded.agents)
+        registry.event_log.restore([Event(e.seq, e.at, e.kind, e.message, e.agent, e.job, e.node, e.state)
+                                     for e in loaded.events])
+        registry.event_log.sink = lambda e: store.add_event(EventRecord(e.seq, e.time, e.kind, e.message, e.agent,
+                                                                         e.job, e.node, e.state))
+        jobs = JobStore(cfg, registry, store)
+        jobs.restore(loaded.jobs)
+        restored_in_s = time.perf_counter() - started
+        guard = ConnectionGuard(replace(cfg, max_connections=connection_budget(cfg.max_connections)))
+        runner = web.AppRunner(make_app(cfg, token, registry, jobs, guard), shutdown_timeout=cfg.shutdown_grace_s)
+        await runner.setup()
+    except BaseException:
+        await asyncio.to_thread(store.close)
+        raise
+    try:
+        site = GuardedSite(runner, guard, cfg.host, cfg.port)
         await site.start()
     except BaseException:
         await runner.cleanup()
+        await asyncio.to_thread(store.close)
         raise
     port = runner.addresses[0][1]
     if cfg.host in WILDCARD_HOSTS:
@@ -72,4 +121,6 @@ async def start_controller(cfg: ControllerConfig) -> Controller:
                     "holds the token controls the cluster", cfg.host or "*", port)
     else:
         log.info("controller listening on %s:%d", cfg.host, port)
-    return Controller(cfg, registry, jobs, runner, token, port)
+    log.info("controller state: %s (%d agent(s), %d job(s), loaded in %.0f ms)", store.path, len(loaded.agents),
+             len(loaded.jobs), restored_in_s * 1e3)
+    return Controller(cfg, registry, jobs, runner, store, token, port, restored_in_s)

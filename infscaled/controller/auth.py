@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from infscaled.controller.config import TOKEN_ENV, ControllerConfig
+from infscaled.controller.throttle import Throttle
 from infscaled.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,12 @@ def controller_token(cfg: ControllerConfig) -> str:
 
 
 def auth_middleware(token: str) -> Middleware:
-    """Reject every request without `Authorization: Bearer <token>` with a 401 JSON error."""
+    """Reject every request without `Authorization: Bearer <token>` with a 401 JSON error.
+
+    Rejections are logged per (problem, route), at most one line per interval with a count of
+    the ones suppressed: a stranger hammering the API cannot fill the disk with log lines."""
     expected = token.encode()
+    throttle = Throttle(log)
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -80,7 +85,9 @@ def auth_middleware(token: str) -> Middleware:
         elif not hmac.compare_digest(given.strip().encode(), expected):
             problem = "wrong token"
         if problem is not None:
-            log.warning("rejected %s %s from %s: %s", request.method, request.path, request.remote, problem)
+            route = request.path if request.match_info.route.resource is not None else "<unrouted>"
+            throttle.warning(f"{problem}:{request.method}:{route}", "rejected %s %s from %s: %s", request.method,
+                             request.path, request.remote, problem)
             return web.json_response(
                 {"error": f"unauthorized: {problem}; send 'Authorization: Bearer TOKEN'"},
                 status=401, headers={"WWW-Authenticate": "Bearer"},

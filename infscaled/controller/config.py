@@ -6,23 +6,18 @@ as ConfigError, so a bad daemon config reads like a bad job file.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
-from infscaled.config.messages import read_toml
+from infscaled.config.limits import MAX_NESTING
+from infscaled.config.messages import MISSING, read_toml
+from infscaled.config.state import default_state_dir
 from infscaled.config.values import Section
 
-STATE_DIR_ENV: Final = "INFSCALED_STATE_DIR"
 TOKEN_ENV: Final = "INFSCALED_TOKEN"
 DEFAULT_PORT: Final = 8470
-
-
-def default_state_dir() -> str:
-    """$INFSCALED_STATE_DIR, else ~/.local/state/infscaled."""
-    return os.environ.get(STATE_DIR_ENV) or str(Path("~/.local/state/infscaled").expanduser())
 
 
 @dataclass(frozen=True)
@@ -36,7 +31,7 @@ class ControllerConfig:
     token: str | None = field(default=None, repr=False)
     """Bearer token; $INFSCALED_TOKEN wins over it; neither -> <state_dir>/token (created once)."""
     state_dir: str = field(default_factory=default_state_dir)
-    """Where the token file lives."""
+    """Where the token file and the database (controller.db: agents, jobs, events) live."""
     heartbeat_interval_s: float = 3.0
     """How often agents send a heartbeat (told to them in Welcome)."""
     heartbeat_timeout_s: float = 10.0
@@ -54,6 +49,8 @@ class ControllerConfig:
     """Timeout of one websocket send to an agent."""
     ready_timeout_s: float = 300.0
     """How long every worker of a job has to report ready (sent to agents in Deploy)."""
+    adopt_timeout_s: float = 30.0
+    """After a restart: how long the agents of a live job have to register again before it fails."""
     stop_grace_s: float = 15.0
     """How long a stopping job waits for its workers' exit reports before it counts as stopped."""
     shutdown_grace_s: float = 5.0
@@ -63,7 +60,26 @@ class ControllerConfig:
     request_timeout_s: float = 120.0
     """Inference proxy: timeout of one whole request to a job's dispatcher."""
     max_body_bytes: int = 64 << 20
-    """Largest request body (job files, inference inputs)."""
+    """Largest request body (inference inputs pass through to the dispatcher unparsed)."""
+    max_json_bytes: int = 8 << 20
+    """Largest JSON body the controller parses itself (JSON job submissions, OpenAI requests)."""
+    max_json_depth: int = MAX_NESTING
+    """Deepest nesting of brackets / braces in such a body (checked before parsing)."""
+    header_timeout_s: float = 10.0
+    """A connection outside any request this long is closed (slow headers, idle keep-alive)."""
+    body_timeout_s: float = 60.0
+    """A request body must arrive whole within this (else 408 and the connection closes)."""
+    max_connections: int = 4096
+    """Open connections in all (capped below the process's file limit at start-up)."""
+    max_connections_per_client: int = 256
+    """Open connections from one client address; more are closed as they are accepted."""
+    max_inspections: int = 2
+    """Model inspections (one child process on an agent each) in progress at once."""
+    max_waiting_submissions: int = 16
+    """Job submissions waiting for an inspection slot; more are answered 429."""
+    model_roots: tuple[str, ...] | None = ()
+    """Directories a submitted job's model directory must lie under; () allows none, None any
+    (only `infscaled up`, which serves its own user's files)."""
 
 
 TOP_LEVEL_KEYS: Final = ("controller",)
@@ -103,5 +119,22 @@ def parse_controller_config(data: Mapping[str, Any], path: str = "<string>", *,
         token=token,
         state_dir=str((base / Path(state_dir).expanduser()).resolve()),
         max_body_bytes=sec.get_int("max_body_bytes", defaults.max_body_bytes, 1024),
+        max_json_bytes=sec.get_int("max_json_bytes", defaults.max_json_bytes, 1024),
+        max_json_depth=sec.get_int("max_json_depth", defaults.max_json_depth, 2, 10_000),
+        max_connections=sec.get_int("max_connections", defaults.max_connections, 16),
+        max_connections_per_client=sec.get_int("max_connections_per_client", defaults.max_connections_per_client, 1),
+        max_inspections=sec.get_int("max_inspections", defaults.max_inspections, 1, 64),
+        max_waiting_submissions=sec.get_int("max_waiting_submissions", defaults.max_waiting_submissions, 0),
+        model_roots=_model_roots(sec, base),
         **timeouts,
     )
+
+
+def _model_roots(sec: Section, base: Path) -> tuple[str, ...]:
+    raw = sec.raw("model_roots")
+    allowed = "a list of directories (absolute, or relative to this file), e.g. ['/srv/models']"
+    if raw is MISSING:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(r, str) and r.strip() for r in raw):
+        raise sec.error("model_roots", raw, allowed, "expected a list of non-empty strings")
+    return tuple(str((base / Path(r).expanduser()).resolve()) for r in raw)

@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from infscaled.protocol.watch import Event
@@ -29,11 +29,20 @@ class EventLog:
         self.recent: deque[Event] = deque(maxlen=keep)
         self._seq = itertools.count(1)
         self._subscribers: set[asyncio.Queue[Event]] = set()
+        self.sink: Callable[[Event], None] | None = None  # the database's writer (controller/store.py)
+
+    def restore(self, events: list[Event]) -> None:
+        """Start-up: the newest stored events, and numbering that goes on after them."""
+        self.recent.extend(events)
+        if events:
+            self._seq = itertools.count(events[-1].seq + 1)
 
     def emit(self, kind: str, message: str, *, agent: str = "", job: str = "", node: str = "",
              state: str = "") -> Event:
         event = Event(next(self._seq), time.time(), kind, message, agent, job, node, state)
         self.recent.append(event)
+        if self.sink is not None:
+            self.sink(event)
         for queue in self._subscribers:
             if queue.full():
                 queue.get_nowait()  # the slow watcher loses its oldest event, not the newest

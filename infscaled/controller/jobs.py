@@ -14,12 +14,18 @@ are busy waits as pending and is retried whenever devices free up or agents join
 
 Everything here runs on the event loop; state changes between awaits are atomic, so two
 placements never take the same device or port.
+
+Durability (controller/store.py): every job change is written to the database (its file text,
+state, placement, ports, plan, node states), and the database has it before any Deploy leaves.
+A restarted controller loads every job as it was; the agents of the live ones must register
+again within adopt_timeout_s. Each lists the processes it runs: those of live jobs assigned to
+it are adopted as they are (same PIDs, ports and devices stay taken), those of jobs it should
+not run are stopped, and a live job missing a process on it fails with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
 import re
@@ -27,113 +33,22 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from infscaled.config import JobConfig
 from infscaled.controller.config import ControllerConfig
+from infscaled.controller.job import GONE, LIVE, WORKER_STATES, Job, JobSource, JobState, NodeStatus, Rejected
 from infscaled.controller.registry import InspectError, Registry, SendError
-from infscaled.errors import ConfigError, InfscaledError
+from infscaled.controller.store import JobRecord, Store
+from infscaled.errors import ConfigError
 from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
 from infscaled.planning.graph import build_edges
 from infscaled.planning.job import check_model, explicit_edges, loop_edges, plan_job, stage_ranges
-from infscaled.protocol.messages import Deploy, Metrics, StopJob, WorkerState
-from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_to_dict
+from infscaled.protocol.messages import Deploy, Metrics, RunningWorker, StopJob, WorkerState
+from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_from_dict, plan_to_dict
 
 log = logging.getLogger(__name__)
-
-WORKER_STATES = ("starting", "ready", "exited", "failed")
-_GONE = ("exited", "failed", "lost")  # a node in one of these holds no process any more
-
-
-class JobState(enum.StrEnum):
-    PENDING = "pending"
-    DEPLOYING = "deploying"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
-
-
-LIVE = (JobState.DEPLOYING, JobState.RUNNING, JobState.STOPPING)
-
-
-class Rejected(InfscaledError):
-    """A request the API answers with `status` and this message as {"error": ...}."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class NodeStatus:
-    """One node of a placed job: where it runs and what its agent last reported."""
-
-    agent: str
-    device: str  # the agent's device id ("cpu:0", "cuda:1"); "" for the dispatcher
-    state: str = "assigned"  # then one of WORKER_STATES, or "lost" with its agent
-    pid: int = 0
-    reason: str = ""
-
-
-@dataclass
-class Job:
-    id: str
-    cfg: JobConfig
-    unit_weights: tuple[int, ...]
-    ranges: tuple[tuple[int, int], ...]  # each stage's (first_unit, last_unit)
-    created: float  # wall clock, for people
-    state: JobState = JobState.PENDING
-    reason: str = ""
-    plan: JobPlan | None = None
-    nodes: dict[str, NodeStatus] = field(default_factory=dict)  # "0.0", ..., "dispatcher"
-    ports: dict[str, tuple[int, ...]] = field(default_factory=dict)  # agent id -> ports held there
-    dispatcher_agent: str = ""
-    dispatcher_port: int = 0
-    service_token: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
-    # Monotonic: deploying -> ready deadline; stopping -> grace end; failed -> when resources free.
-    deadline: float = float("inf")
-    # The latest Metrics per agent and when it arrived (monotonic): bounded by the job's agents.
-    metrics: dict[str, tuple[float, Metrics]] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.cfg.name
-
-    @property
-    def agents(self) -> list[str]:
-        return sorted({s.agent for s in self.nodes.values()})
-
-    @property
-    def drained(self) -> bool:
-        return all(s.state in _GONE for s in self.nodes.values())
-
-    def holds_resources(self, now: float) -> bool:
-        """Devices and ports stay taken while processes may still run on them."""
-        if self.state in LIVE:
-            return True
-        return self.state is JobState.FAILED and not self.drained and now < self.deadline
-
-    def describe(self) -> str:
-        return f"job {self.id} is {self.state}" + (f": {self.reason}" if self.reason else "")
-
-    def summary(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "state": str(self.state), "reason": self.reason,
-                "created": self.created}
-
-    def detail(self) -> dict[str, Any]:
-        stages = [{"index": i, "first_unit": a, "last_unit": b, "replicas": self.cfg.pipeline.replicas[i]}
-                  for i, (a, b) in enumerate(self.ranges)]
-        nodes = [{"node": name, "agent": s.agent, "device": s.device, "state": s.state, "pid": s.pid,
-                  "reason": s.reason} for name, s in self.nodes.items()]
-        return {**self.summary(), "model": self.cfg.model.source, "placement": self.cfg.placement.policy,
-                "stages": stages, "nodes": nodes,
-                "dispatcher": {"agent": self.dispatcher_agent, "port": self.dispatcher_port}
-                if self.dispatcher_agent else None,
-                "edges": [{"src": str(e.src), "dst": str(e.dst), "host": e.host, "port": e.port}
-                          for e in self.plan.edges] if self.plan is not None else []}
-
 
 @dataclass(frozen=True)
 class _Placement:
@@ -144,9 +59,10 @@ class _Placement:
 
 
 class JobStore:
-    def __init__(self, cfg: ControllerConfig, registry: Registry) -> None:
+    def __init__(self, cfg: ControllerConfig, registry: Registry, store: Store | None = None) -> None:
         self.cfg = cfg
         self.registry = registry
+        self.store = store
         registry.events = self
         self.event_log = registry.event_log
         self.jobs: dict[str, Job] = {}
@@ -155,17 +71,33 @@ class JobStore:
         self._wake = asyncio.Event()  # the reconciler has something to look at
         self._rejoined: set[str] = set()  # agents that registered again since the last tick
         self._orphans_stopped: set[tuple[str, str]] = set()  # (job id, agent id) told to stop on rejoin
+        self._to_stop: dict[tuple[str, str], str] = {}  # (job id, agent id) -> why: sent at the next tick
+        self._adopt_failures: dict[str, str] = {}  # job id -> why adoption failed: failed at the next tick
+        # Each inspection is a child process on an agent: a burst of submissions queues here.
+        self._inspections = asyncio.Semaphore(cfg.max_inspections)
+        self._waiting_submissions = 0
 
     # -- submission ------------------------------------------------------------------------------
 
-    async def submit(self, cfg: JobConfig) -> Job:
+    async def submit(self, cfg: JobConfig, source: JobSource) -> Job:
         """Inspect, check, place and deploy a parsed job; raises Rejected with the HTTP status."""
         if self.draining:
             raise Rejected(503, "the controller is shutting down")
+        if self._inspections.locked() and self._waiting_submissions >= self.cfg.max_waiting_submissions:
+            raise Rejected(429, f"{self.cfg.max_inspections} model inspection(s) in progress and "
+                                f"{self._waiting_submissions} submission(s) waiting (max_waiting_submissions); "
+                                "retry later")
+        self._waiting_submissions += 1
+        try:
+            await self._inspections.acquire()
+        finally:
+            self._waiting_submissions -= 1
         try:
             agent_id, result = await self.registry.inspect(cfg.model.source)
         except InspectError as exc:
             raise Rejected(exc.status, str(exc)) from None
+        finally:
+            self._inspections.release()
         if not result.ok:
             # The same shape `infscaled run` gives a model that cannot be resolved or built.
             raise Rejected(400, f"{cfg.path}: model.source = {cfg.model.source!r}: {result.error}")
@@ -180,9 +112,10 @@ class JobStore:
             ranges = stage_ranges(cfg, weights)
         except ConfigError as exc:
             raise Rejected(400, str(exc)) from None
-        job = Job(_new_id(cfg.name, self.jobs), cfg, tuple(weights), ranges, time.time())
+        job = Job(_new_id(cfg.name, self.jobs), cfg, tuple(weights), ranges, time.time(), source)
         self._check_fits_cluster(job)
         self.jobs[job.id] = job
+        self._save(job, history=True)
         self.event_log.emit("job_state", f"job {job.id} submitted ({cfg.model.source})", job=job.id,
                          state=str(job.state))
         log.info("job %s submitted (%s, %d stage(s), %d replica(s))", job.id, cfg.model.source,
@@ -261,6 +194,7 @@ class JobStore:
             if job.reason != reason:
                 job.reason = reason
                 log.info("job %s pending: %s", job.id, reason)
+                self._save(job)
                 self._touch()
             return
         except ValueError as exc:  # checked at submission; a change of agents cannot cause it
@@ -276,6 +210,9 @@ class JobStore:
         job.dispatcher_agent, job.dispatcher_port = placement.dispatcher_agent, placement.dispatcher_port
         job.deadline = now + self.cfg.ready_timeout_s + self.cfg.heartbeat_timeout_s
         self._set_state(job, JobState.DEPLOYING, "", f"on {', '.join(job.agents)}")
+        if self.store is not None:
+            # Every process an agent starts must belong to a job the database knows (adoption).
+            await self.store.sync()
         await self._deploy(job)
 
     async def _deploy(self, job: Job) -> None:
@@ -356,6 +293,11 @@ class JobStore:
 
     async def worker_state(self, agent_id: str, msg: WorkerState) -> str | None:
         job = self.jobs.get(msg.job_id)
+        if (msg.job_id, agent_id) in self._orphans_stopped:
+            # A process this controller told the agent to stop (it re-registered listing it).
+            log.debug("job %s on agent %s: %s %s (being stopped)", msg.job_id, agent_id, msg.node, msg.state)
+            if job is None:
+                return None
         if job is None:
             return f"unknown job {msg.job_id!r}"
         status = job.nodes.get(msg.node)
@@ -365,6 +307,7 @@ class JobStore:
             return f"unknown worker state {msg.state!r}; allowed: {', '.join(WORKER_STATES)}"
         status.state, status.reason = msg.state, msg.reason
         status.pid = msg.pid or status.pid
+        self._save(job)
         self.event_log.emit("worker_state", f"job {job.id}: {msg.node} on {agent_id} {msg.state}"
                          + (f" (pid {status.pid})" if msg.state in ("starting", "ready") and status.pid else "")
                          + (f": {msg.reason}" if msg.reason else ""),
@@ -398,7 +341,7 @@ class JobStore:
 
     async def agent_lost(self, agent_id: str, reason: str) -> None:
         for job in list(self.jobs.values()):
-            on_agent = [s for s in job.nodes.values() if s.agent == agent_id and s.state not in _GONE]
+            on_agent = [s for s in job.nodes.values() if s.agent == agent_id and s.state not in GONE]
             if not on_agent:
                 continue
             for status in on_agent:
@@ -409,9 +352,54 @@ class JobStore:
                 self._set_stopped(job, job.reason)
         self._touch()
 
-    def agent_joined(self, agent_id: str) -> None:
+    def agent_joined(self, agent_id: str, workers: list[RunningWorker]) -> None:
+        """Adopt what the agent runs for live jobs assigned to it; mark the rest to be stopped.
+
+        Synchronous, before the agent's next frame is read: the worker states it resends right
+        after Welcome then meet a decided job table."""
         self._rejoined.add(agent_id)
-        self._wake.set()  # pending jobs may fit now
+        listed = {(w.job_id, w.node): w for w in workers}
+        for job_id in {w.job_id for w in workers}:
+            job = self.jobs.get(job_id)
+            if job is None or job.state not in LIVE or any(
+                    (st := job.nodes.get(node)) is None or st.agent != agent_id
+                    for j, node in listed if j == job_id):
+                self._orphans_stopped.add((job_id, agent_id))
+                self._to_stop[(job_id, agent_id)] = "the controller does not run this job on this agent"
+        for job in self.jobs.values():
+            mine = {n: s for n, s in job.nodes.items() if s.agent == agent_id}
+            if not mine:
+                continue
+            for node, status in mine.items():
+                running = listed.get((job.id, node))
+                if running is not None:
+                    status.state, status.pid = running.state, running.pid or status.pid
+                elif status.state not in GONE:
+                    status.state = "lost"  # not running there any more
+            if job.state not in LIVE:
+                if any(s.state not in GONE for s in mine.values()):
+                    job.deadline = time.monotonic() + self.cfg.stop_grace_s  # its ports stay taken meanwhile
+                self._save(job)
+                continue
+            if job.state is JobState.STOPPING and any(s.state not in GONE for s in mine.values()):
+                # Stopped while this agent was away (its StopJob could not be sent): send it now.
+                self._to_stop[(job.id, agent_id)] = job.reason or "stop requested"
+            if agent_id in job.awaiting:
+                job.awaiting.discard(agent_id)
+                gone = [n for n, s in mine.items() if s.state in GONE]
+                if job.state is JobState.STOPPING:
+                    pass  # nothing to adopt: its processes are being stopped
+                elif gone:
+                    self._adopt_failures[job.id] = (f"worker(s) {', '.join(gone)} on agent {agent_id} were gone "
+                                                    "when it registered again after the controller restarted")
+                else:
+                    pids = ", ".join(f"{n} pid {s.pid}" for n, s in mine.items())
+                    log.info("job %s: adopted %s on agent %s", job.id, pids, agent_id)
+                    self.event_log.emit("job_state", f"job {job.id}: adopted {pids} on agent {agent_id}",
+                                        agent=agent_id, job=job.id, state=str(job.state))
+            self._save(job)
+        self._touch()
+        self._wake.set()  # pending jobs may fit now; orphans to stop, adoption failures to act on
 
     # -- background ------------------------------------------------------------------------------
 
@@ -442,9 +430,28 @@ class JobStore:
                                       f"(ready_timeout_s {self.cfg.ready_timeout_s:g} s + heartbeat_timeout_s "
                                       f"{self.cfg.heartbeat_timeout_s:g} s)")
             elif job.state is JobState.STOPPING and now > job.deadline:
-                late = [n for n, s in job.nodes.items() if s.state not in _GONE]
+                late = [n for n, s in job.nodes.items() if s.state not in GONE]
                 self._set_stopped(job, f"{job.reason}; node(s) {', '.join(late)} did not report their exit "
                                        f"within {self.cfg.stop_grace_s:g} s")
+        for job in list(self.jobs.values()):
+            if job.awaiting and job.state in LIVE and now > job.adopt_deadline:
+                missing, job.awaiting = sorted(job.awaiting), set()
+                for status in job.nodes.values():
+                    if status.agent in missing and status.state not in GONE:
+                        status.state = "lost"
+                await self._fail(job, f"agent(s) {', '.join(missing)} did not register again within "
+                                      f"{self.cfg.adopt_timeout_s:g} s of the controller's restart (adopt_timeout_s)")
+        failures, self._adopt_failures = self._adopt_failures, {}
+        for job_id, reason in failures.items():
+            if (failed := self.jobs.get(job_id)) is not None:
+                await self._fail(failed, reason)
+        to_stop, self._to_stop = self._to_stop, {}
+        for (job_id, agent_id), why in to_stop.items():
+            log.warning("agent %s runs processes of job %s: stopping them (%s)", agent_id, job_id, why)
+            try:
+                await self.registry.send(agent_id, StopJob(job_id, why))
+            except SendError as exc:
+                log.warning("job %s: %s", job_id, exc)
         rejoined, self._rejoined = self._rejoined, set()
         for agent_id in rejoined:
             # Workers an agent ran when it was lost belong to jobs that failed meanwhile: make sure
@@ -486,12 +493,58 @@ class JobStore:
         return predicate()
 
     def _set_state(self, job: Job, state: JobState, reason: str, detail: str = "") -> None:
-        """Every job state change goes through here: it is an event for watchers."""
+        """Every job state change goes through here: it is an event for watchers and a row of history."""
         job.state, job.reason = state, reason
+        self._save(job, history=True)
         said = reason or detail
         self.event_log.emit("job_state", f"job {job.id} {state}" + (f": {said}" if said else ""), job=job.id,
                          state=str(state))
         self._touch()
+
+    def _save(self, job: Job, history: bool = False) -> None:
+        if self.store is not None:
+            self.store.save_job(job.record())
+            if history:
+                self.store.add_state(job.id, str(job.state), job.reason)
+
+    # -- start-up --------------------------------------------------------------------------------
+
+    def restore(self, records: list[JobRecord]) -> None:
+        """Load the database's jobs; live ones wait for their agents to register again (adoption)."""
+        now = time.monotonic()
+        for rec in records:
+            try:
+                job = self._rebuild(rec)
+            except (ConfigError, KeyError, ValueError, TypeError) as exc:
+                # Its processes, if any, are stopped as unknown when their agent registers.
+                log.error("job %s in the database cannot be rebuilt (%s: %s); dropped", rec.id, type(exc).__name__, exc)
+                continue
+            if job.state in LIVE:
+                job.awaiting = set(job.agents)
+                job.adopt_deadline = now + self.cfg.adopt_timeout_s
+                job.deadline = now + (self.cfg.ready_timeout_s if job.state is JobState.DEPLOYING
+                                      else self.cfg.stop_grace_s)
+                if job.state is JobState.RUNNING:
+                    job.deadline = float("inf")
+            elif not job.drained:
+                job.deadline = now + self.cfg.adopt_timeout_s  # its processes may still hold ports
+            self.jobs[job.id] = job
+        live = [j.id for j in self.jobs.values() if j.awaiting]
+        if self.jobs:
+            log.info("restored %d job(s) from the database; waiting for the agents of %d live one(s)%s",
+                     len(self.jobs), len(live), f": {', '.join(live)}" if live else "")
+
+    def _rebuild(self, rec: JobRecord) -> Job:
+        source = JobSource(rec.file_text, rec.file_name, rec.name_override)
+        cfg = source.parse()
+        cfg = check_model(cfg, rec.unit_count, (cfg.model.source.removeprefix("builtin:"),))
+        weights = tuple(rec.unit_weights)
+        job = Job(rec.id, cfg, weights, stage_ranges(cfg, weights), rec.created, source, JobState(rec.state),
+                  rec.reason, plan_from_dict(rec.plan) if rec.plan is not None else None,
+                  {n: NodeStatus(**d) for n, d in rec.nodes.items()},
+                  {a: tuple(p) for a, p in rec.ports.items()}, rec.dispatcher_agent, rec.dispatcher_port,
+                  rec.service_token)
+        return job
 
     def _touch(self) -> None:
         self._changed.set()

@@ -5,24 +5,32 @@ answers Welcome. Every later frame is decoded with `protocol.messages.decode`; a
 unknown or unexpected one is answered with ErrorMsg and logged, and the session goes on. An
 agent silent for heartbeat_timeout_s, or whose websocket closes, is lost; the same id may
 register again later and is taken back. Job consequences go through `AgentEvents` (the job store).
+
+Identity: an agent id is bound to a credential at its first registration (the agent brings one
+from its state directory, or the controller issues one in Welcome). Later registrations of that
+id must present it, and only while no other connection holds the id: a second connection is
+refused, never a takeover. The database keeps the credential's SHA-256, never the credential.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import re
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.events import EventLog
+from infscaled.controller.store import AgentRecord, Store
 from infscaled.errors import InfscaledError, WireError
 from infscaled.protocol.messages import (
     ErrorMsg,
@@ -33,11 +41,13 @@ from infscaled.protocol.messages import (
     Message,
     Metrics,
     Register,
+    RunningWorker,
     Welcome,
     WorkerState,
     decode,
     encode,
 )
+from infscaled.protocol.typed import build as build_message
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +74,9 @@ class AgentEvents(Protocol):
 
     async def agent_lost(self, agent_id: str, reason: str) -> None: ...
 
-    def agent_joined(self, agent_id: str) -> None: ...
+    def agent_joined(self, agent_id: str, workers: list[RunningWorker]) -> None:
+        """The agent registered, listing the processes it runs (to adopt or to stop)."""
+        ...
 
     async def worker_state(self, agent_id: str, msg: WorkerState) -> str | None:
         """Apply a worker report; returns an error text for the agent when the report is wrong."""
@@ -114,10 +126,18 @@ def register_problem(msg: Register) -> str | None:
     return None
 
 
+def credential_digest(credential: str) -> str:
+    """What the database keeps of an agent's credential (the credential itself is never stored)."""
+    return hashlib.sha256(credential.encode()).hexdigest()
+
+
 class Registry:
-    def __init__(self, cfg: ControllerConfig) -> None:
+    def __init__(self, cfg: ControllerConfig, store: Store | None = None) -> None:
         self.cfg = cfg
+        self.store = store
         self.agents: dict[str, Agent] = {}  # registration order: placement's "given order"
+        self._credentials: dict[str, str] = {}  # agent id -> credential_digest
+        self._first_seen: dict[str, float] = {}
         self.events: AgentEvents | None = None
         self.event_log = EventLog()
         self._inspects: dict[str, tuple[str, asyncio.Future[InspectResult]]] = {}
@@ -125,8 +145,33 @@ class Registry:
         # last tick (controller/watch.py takes and clears it): a tick costs what changed, not the fleet.
         self.changed: set[str] = set()
         self.usage_changed: set[str] = set()  # the same for host usage alone (cheaper to pass on)
+        self.forgotten = 0  # agents removed (forget) so far
         self._sweeper: asyncio.Task[None] | None = None  # runs while any agent is connected
         self._next_inspector = 0
+
+    def restore(self, records: list[AgentRecord]) -> None:
+        """Start-up: every agent the database knows, as lost until it registers again."""
+        for rec in records:
+            try:
+                info = build_message(Register, rec.register, "register")
+            except WireError as exc:
+                log.error("agent %s in the database is unreadable (%s); it registers as new", rec.id, exc)
+                continue
+            self._credentials[rec.id] = rec.credential_sha256
+            self._first_seen[rec.id] = rec.first_seen
+            self.agents[rec.id] = Agent(info, None, LOST, lost_reason="not reconnected since the controller started")
+            self.changed.add(rec.id)  # watchers see it (lost)
+
+    def forget(self, agent_id: str) -> None:
+        """Drop a disconnected agent and its credential (its id may then register anew)."""
+        self.agents.pop(agent_id, None)
+        self.changed.add(agent_id)  # watchers see it go
+        self.forgotten += 1  # GET /v1/agents' index of positions is stale now
+        self._credentials.pop(agent_id, None)
+        self._first_seen.pop(agent_id, None)
+        if self.store is not None:
+            self.store.forget_agent(agent_id)
+        log.info("agent %s forgotten: its id may register again with a new credential", agent_id)
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -242,12 +287,12 @@ class Registry:
         await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=why.encode()[:120])
                                for ws in sockets))
 
-    def welcome(self, agent_id: str) -> Welcome:
+    def welcome(self, agent_id: str, credential: str = "") -> Welcome:
         """The rates this controller wants; the reconnect spread grows with the fleet it knows, so
         after a restart the whole fleet registers at about cfg.reconnect_rate_per_s."""
         cfg = self.cfg
-        return Welcome(agent_id, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, cfg.host_metrics_interval_s,
-                       max(1.0, len(self.agents) / cfg.reconnect_rate_per_s))
+        return Welcome(agent_id, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, credential,
+                       cfg.host_metrics_interval_s, max(1.0, len(self.agents) / cfg.reconnect_rate_per_s))
 
     # -- one agent's session ---------------------------------------------------------------------
 
@@ -304,24 +349,51 @@ class Registry:
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"register refused")
             return None
         assert isinstance(msg, Register)
+        problem = self._identity_problem(msg)
+        if problem is not None:
+            log.warning("agent connection from %s refused: %s", peer, problem)
+            await self._reply(ws, ErrorMsg(problem, "register"))
+            await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"register refused")
+            return None
         self._watch_liveness()
-        agent = await self._register(msg, ws, peer)
-        await self._reply(ws, self.welcome(msg.agent_id))
+        issued = "" if msg.credential else secrets.token_urlsafe(32)
+        agent = self._register(msg, ws, peer, msg.credential or issued)
+        await self._reply(ws, self.welcome(msg.agent_id, issued))
         self.changed.add(agent.id)
         devices = ", ".join(agent.device_ids) or "no devices"
         self.event_log.emit("agent_joined", f"agent {agent.id} ({msg.host}) joined with {devices}", agent=agent.id,
                             state=CONNECTED)
         if self.events is not None:
-            self.events.agent_joined(agent.id)
+            self.events.agent_joined(agent.id, msg.workers)
         return agent
 
-    async def _register(self, msg: Register, ws: web.WebSocketResponse, peer: str) -> Agent:
+    def _identity_problem(self, msg: Register) -> str | None:
+        """Why this Register may not take its agent id: an id bound to a credential belongs to the
+        agent holding it, and even that agent gets one connection at a time (never a takeover)."""
+        known = self._credentials.get(msg.agent_id)
+        if known is None:
+            return None  # a new id: bound to the credential it brings, or to one issued now
+        if not msg.credential or not hmac.compare_digest(credential_digest(msg.credential), known):
+            return (f"agent id {msg.agent_id!r} is taken: it was registered with a credential this agent does not "
+                    f"present (kept in the agent's state directory); start this agent with another --id, or, if "
+                    f"that agent is gone for good, remove it with DELETE /v1/agents/{msg.agent_id}")
         old = self.agents.get(msg.agent_id)
         if old is not None and old.state == CONNECTED:
-            # The agent reconnected before we noticed its old connection died: the new one wins,
-            # and the old session ends at its next frame or timeout.
-            await self.lose(old, "replaced by a new connection")
-        agent = Agent(msg, ws)
+            return (f"agent {msg.agent_id!r} is already connected; a second connection with its id is refused "
+                    f"(a dead connection is dropped after {self.cfg.heartbeat_timeout_s:g} s without heartbeat)")
+        return None
+
+    def _register(self, msg: Register, ws: web.WebSocketResponse, peer: str, credential: str) -> Agent:
+        old = self.agents.get(msg.agent_id)
+        now = time.time()
+        digest = credential_digest(credential)
+        self._credentials[msg.agent_id] = digest
+        first_seen = self._first_seen.setdefault(msg.agent_id, now)
+        if self.store is not None:
+            # The credential itself and the worker list are not kept: a digest, and the jobs table.
+            kept = asdict(replace(msg, credential="", workers=[]))
+            self.store.save_agent(AgentRecord(msg.agent_id, digest, kept, first_seen, now))
+        agent = Agent(replace(msg, credential="", workers=[]), ws)
         if old is not None:
             log.info("agent %s (%s) reconnected from %s", msg.agent_id, msg.host, peer)
         else:

@@ -43,6 +43,7 @@ async def run(cfg: ControllerConfig, *, on_ready: Callable[[Controller], None] |
                 await _drain(ctl)
     finally:
         await ctl.runner.cleanup()
+        await asyncio.to_thread(ctl.store.close)  # commits what the shutdown changed
         log.info("controller stopped")
 
 

@@ -123,12 +123,13 @@ class FleetViews:
 
     def ordered_ids(self) -> tuple[list[str], dict[str, int]]:
         """Agent ids in registration order and each one's position, for `GET /v1/agents` pages.
-        Rebuilt only when the number of agents changed: ids are added (a known id that registers
-        again keeps its place), so a new id is a new count."""
+        Rebuilt only when an id was added (the count grows: a known id that registers again
+        keeps its place) or forgotten (Registry.forgotten grows)."""
         agents = self.registry.agents
-        if self._order[0] != len(agents):
+        key = len(agents) + (self.registry.forgotten << 32)
+        if self._order[0] != key:
             ids = list(agents)
-            self._order = (len(agents), ids, {agent_id: i for i, agent_id in enumerate(ids)})
+            self._order = (key, ids, {agent_id: i for i, agent_id in enumerate(ids)})
         return self._order[1], self._order[2]
 
     def refresh(self) -> None:

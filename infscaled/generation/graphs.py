@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from infscaled.generation.kv import PagedBatch, StageKV
+from infscaled.generation.kv import PagedBatch, StageKV, pinned
+from infscaled.generation.paged_attention import check_backend, default_backend
 from infscaled.worker.graphs import capture
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,10 @@ class DecodeStep:
     those n rows (device tensors) and counts the new position in the KV cache."""
 
     def __init__(self, stage: torch.nn.Module, kv: StageKV, device: torch.device, input_key: str, max_rows: int,
-                 graphs: bool, max_graphs: int = 16) -> None:
+                 graphs: bool, max_graphs: int = 16, attention: str | None = None) -> None:
         self.stage, self.kv, self.device = stage, kv, device
+        # The paged attention backend (generation/paged_attention.py): flex on CUDA, torch elsewhere.
+        self.attention = check_backend(attention) if attention else default_backend(device)
         self.input_key = input_key
         self.max_rows = max_rows
         self.graphs = graphs and device.type == "cuda"
@@ -85,11 +88,11 @@ class DecodeStep:
         if b is None:
             if len(self._buckets) >= self.max_graphs:
                 return self._eager(x, seqs)
-            b = self._buckets[key] = _Bucket(PagedBatch.static(self.kv, *key))
+            b = self._buckets[key] = _Bucket(PagedBatch.static(self.kv, *key, attention=self.attention))
         b.batch.load(seqs)
         if b.x is None:
             b.x = torch.zeros((key[0], *x.shape[1:]), dtype=x.dtype, device=self.device)
-        b.x[:n].copy_(x)
+        b.x[:n].copy_(pinned(x) if x.device.type == "cpu" else x, non_blocking=True)
         if n < key[0]:
             b.x[n:].zero_()
         b.steps += 1
@@ -107,7 +110,11 @@ class DecodeStep:
 
     def _eager(self, x: torch.Tensor, seqs: list[int]) -> dict[str, torch.Tensor]:
         """A step on a batch of exactly these sequences, launched from Python."""
-        batch = self.kv.decode(seqs)
+        # Exact batches come in any shape: a compiled attention (flex) would compile for each one,
+        # so they take the plain path; fixed-shape buckets use the configured backend.
+        batch = self.kv.decode(seqs, "torch")
+        if x.device.type == "cpu":
+            x = pinned(x)
         out: dict[str, torch.Tensor] = self.stage(self._act(x.to(self.device, non_blocking=True), batch), batch)
         self.kv.store(seqs, batch)
         return out
@@ -116,7 +123,7 @@ class DecodeStep:
         assert batch.positions is not None
         rows = batch.positions.shape[0]
         # The mask stays on the host, all ones: the units decide "nothing is padded" there without
-        # a device sync (models/families/common.py); a decode step's masking is `decode_mask`.
+        # a device sync (models/families/common.py); a decode step's attention masks the pages itself.
         return {self.input_key: x, "attention_mask": torch.ones(rows, 1, dtype=torch.int64),
                 "position_ids": batch.positions.unsqueeze(1)}
 

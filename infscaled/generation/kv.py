@@ -13,11 +13,12 @@ A micro-batch of sequences gets a `PagedBatch`, the object transformers' attenti
 - prefill (prompts right-padded to the batch's longest, no past): the layer's keys and values
   [B, H, T, Dh] are used as they are, and each row's real positions are written to its pages.
 - decode (one new token per sequence, at position `positions[b]`): the new key and value are
-  written to their page, then every row's pages are gathered into [B, H, P * PAGE_TOKENS, Dh];
-  `decode_mask` lets row b see positions <= positions[b] (and, for a sliding-window layer, only
-  the window), so stale or scratch slots beyond a row's length are never attended to.
+  written to their page and `update` returns the layer's pools themselves; the attention
+  (generation/paged_attention.py) reads each row's pages through its page table `table`, row b
+  seeing positions <= positions[b] (and, for a sliding-window layer, only the window), so stale
+  or scratch slots beyond a row's length are never attended to. `attention` names the backend.
 
-Why pages and a gather rather than per-sequence tensors: every address a decode step touches is
+Why pages rather than per-sequence tensors: every address a decode step touches is
 fixed (the pools) or lives in small index tensors (`positions`, `table`), so a decode step of a
 given shape can be captured once as a CUDA graph and replayed for any sequences
 (generation/graphs.py). Nothing is copied between steps, nothing grows, and memory is bounded by
@@ -50,6 +51,19 @@ def reserved_span(tokens: int) -> int:
     return pages_for(tokens) * PAGE_TOKENS
 
 
+def pinned(host: torch.Tensor) -> torch.Tensor:
+    """`host` in page-locked memory when CUDA is there, so a copy to the device can be
+    non-blocking: a copy from pageable memory synchronises the stream (a host sync per step).
+    The caching host allocator keeps the block until the copy that reads it has run."""
+    return host.pin_memory() if torch.cuda.is_available() else host
+
+
+def to_device_no_sync(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return host.to(device)
+    return pinned(host).to(device, non_blocking=True)
+
+
 class PagedBatch:
     """The cache transformers' attention sees for one micro-batch (duck-types `Cache.update`).
 
@@ -57,19 +71,24 @@ class PagedBatch:
     with each step's sequences, their index tensors updated in place so a captured graph sees them.
     """
 
-    def __init__(self, kv: StageKV, decoding: bool, lengths: Sequence[int]) -> None:
+    def __init__(self, kv: StageKV, decoding: bool, lengths: Sequence[int], attention: str = "torch") -> None:
         self.kv = kv
+        self.attention = attention  # decode: the paged attention backend (generation/paged_attention.py)
+        self.static = False  # a fixed-shape batch (`static`): compiled layers may run it
         self.decoding = decoding
         self.lengths = list(lengths)  # per row: prefill: the prompt length; decode: cached length
         self.positions: torch.Tensor | None = None  # decode: [B] int64, where each new token goes
         self.table: torch.Tensor | None = None  # decode: [B, P] int64 page ids
         self._write: tuple[torch.Tensor, ...] | None = None  # prefill: rows, cols, pages, offsets
-        self._masks: dict[str, torch.Tensor] = {}
 
     # -- what the attention layers call --------------------------------------------------------
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> KV:
-        pool_k, pool_v = self.kv.pool(layer_idx, key)
+        # transformers passes the layer's keyword arguments on as `kwargs`; a decode step's unit
+        # puts the layer's pools there (`kv_pools`), so a compiled layer never looks them up by
+        # layer index (a constant that would make one compiled graph per layer).
+        given = kwargs.get("kwargs", {}).get("kv_pools")
+        pool_k, pool_v = given if given is not None else self.kv.pool(layer_idx, key)
         if not self.decoding:
             assert self._write is not None
             rows, cols, pages, offsets = self._write
@@ -82,32 +101,13 @@ class PagedBatch:
         offset = self.positions % PAGE_TOKENS
         pool_k[page, offset] = key[:, :, 0]  # key [B, H, 1, Dh]
         pool_v[page, offset] = value[:, :, 0]
-        b, p = self.table.shape
-        # [B, P, PAGE, H, Dh] -> [B, H, P * PAGE, Dh]
-        keys = pool_k[self.table].reshape(b, p * PAGE_TOKENS, *pool_k.shape[2:]).transpose(1, 2)
-        values = pool_v[self.table].reshape(b, p * PAGE_TOKENS, *pool_v.shape[2:]).transpose(1, 2)
-        return keys, values
-
-    def decode_mask(self, kind: str, config: Any, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [B, 1, 1, P * PAGE] for a decode step: row b sees its positions 0..p_b
-        (p_b = its new token's position); a sliding-window layer only the last `window` of them."""
-        if kind not in self._masks:
-            assert self.positions is not None and self.table is not None
-            j = torch.arange(self.table.shape[1] * PAGE_TOKENS, device=self.positions.device).unsqueeze(0)
-            last = self.positions.unsqueeze(1)  # [B, 1]
-            allowed = j <= last
-            window = getattr(config, "sliding_window", None)
-            if kind == "sliding_attention" and window:
-                allowed &= j > last - window
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-            mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-            self._masks[kind] = mask[:, None, None, :]
-        return self._masks[kind]
+        return pool_k, pool_v  # the attention reads the pages in place (paged_attention.py)
 
     @classmethod
-    def static(cls, kv: StageKV, rows: int, width: int) -> PagedBatch:
+    def static(cls, kv: StageKV, rows: int, width: int, attention: str = "torch") -> PagedBatch:
         """A decode batch of fixed shape (rows x width pages) whose tensors stay where they are."""
-        batch = cls(kv, decoding=True, lengths=[])
+        batch = cls(kv, decoding=True, lengths=[], attention=attention)
+        batch.static = True
         batch.table = torch.full((rows, width), kv.scratch_page, dtype=torch.int64, device=kv.device)
         batch.positions = torch.zeros(rows, dtype=torch.int64, device=kv.device)
         return batch
@@ -129,11 +129,10 @@ class PagedBatch:
         table = torch.tensor([(kv.pages[s] + pad)[:width] for s in seq_ids] + [pad] * (size - rows), dtype=torch.int64)
         positions = torch.tensor(self.lengths + [0] * (size - rows), dtype=torch.int64)
         if self.table is None or self.positions is None:
-            self.table, self.positions = table.to(kv.device), positions.to(kv.device)
+            self.table, self.positions = to_device_no_sync(table, kv.device), to_device_no_sync(positions, kv.device)
         else:
-            self.table.copy_(table, non_blocking=False)
-            self.positions.copy_(positions, non_blocking=False)
-        self._masks = {}  # an eager step after a captured one must build its own
+            self.table.copy_(pinned(table), non_blocking=True)
+            self.positions.copy_(pinned(positions), non_blocking=True)
 
     def _prefill_index(self, seq_ids: Sequence[int]) -> None:
         kv = self.kv
@@ -144,7 +143,8 @@ class PagedBatch:
                 cols.append(t)
                 pages.append(kv.pages[s][t // PAGE_TOKENS])
                 offsets.append(t % PAGE_TOKENS)
-        self._write = tuple(torch.tensor(x, dtype=torch.int64, device=kv.device) for x in (rows, cols, pages, offsets))
+        self._write = tuple(to_device_no_sync(torch.tensor(x, dtype=torch.int64), kv.device)
+                            for x in (rows, cols, pages, offsets))
 
 
 class StageKV:
@@ -162,6 +162,9 @@ class StageKV:
         self.length: dict[int, int] = {}  # live sequence -> positions cached
         self.pages: dict[int, list[int]] = {}  # live sequence -> its pages, in position order
         self._pools: dict[int, KV] = {}  # layer_idx -> (K, V) [page_count + 1, PAGE, H, Dh]
+        # page -> its index in its sequence's page list, on the device (flex attention's map from a
+        # pool slot to a position; a page keeps its index while owned, so it is written at prefill).
+        self.page_index = torch.zeros(self.page_count + 1, dtype=torch.int64, device=self.device)
 
     # -- accounting --------------------------------------------------------------------------------
 
@@ -200,6 +203,10 @@ class StageKV:
             self._pools[layer_idx] = pools
         return pools
 
+    def pools_of(self, layer_idx: int) -> KV | None:
+        """Layer `layer_idx`'s pools if allocated (they are once a prefill ran)."""
+        return self._pools.get(layer_idx)
+
     # -- micro-batches -----------------------------------------------------------------------------
 
     def prefill(self, seq_ids: Sequence[int], lengths: Sequence[int], reserves: Sequence[int]) -> PagedBatch:
@@ -214,6 +221,10 @@ class StageKV:
         for s, r in zip(seq_ids, reserves, strict=True):
             self.reserved[s], self.length[s] = r, 0
             self.pages[s] = [self._free_pages.pop() for _ in range(pages_for(r))]
+        owned = [(p, j) for s in seq_ids for j, p in enumerate(self.pages[s])]
+        if owned:
+            pages, index = to_device_no_sync(torch.tensor(owned, dtype=torch.int64).T.contiguous(), self.device)
+            self.page_index[pages] = index
         batch = PagedBatch(self, decoding=False, lengths=lengths)
         batch._prefill_index(seq_ids)
         return batch
@@ -224,9 +235,9 @@ class StageKV:
             if self.length[s] + 1 > self.reserved[s]:
                 raise ValueError(f"sequence {s} would grow past its reservation of {self.reserved[s]} tokens")
 
-    def decode(self, seq_ids: Sequence[int]) -> PagedBatch:
+    def decode(self, seq_ids: Sequence[int], attention: str = "torch") -> PagedBatch:
         """A decode batch of exactly these sequences (width: their longest page list)."""
-        batch = PagedBatch(self, decoding=True, lengths=[])
+        batch = PagedBatch(self, decoding=True, lengths=[], attention=attention)
         batch.load(seq_ids)
         return batch
 

@@ -133,10 +133,31 @@ def _value(full: list[str], shape: torch.Size, seed: int, ckpt: Checkpoint | Non
     return value
 
 
-def build_stage(resolved: ResolvedModel, first: int, last: int, device: str, dtype: str, seed: int) -> Stage:
-    """A worker's stage: skeleton, then only units first..last materialised."""
+def build_stage(resolved: ResolvedModel, first: int, last: int, device: str, dtype: str, seed: int,
+                compile_layers: bool = False) -> Stage:
+    """A worker's stage: skeleton, then only units first..last materialised; `compile_layers`
+    (job option pipeline.compile) compiles its decoder layers (`compile_stage`)."""
     ckpt = str(resolved.checkpoint_dir) if resolved.checkpoint_dir else None
-    return materialize(skeleton(resolved), first, last, device, dtype, seed, ckpt)
+    stage = materialize(skeleton(resolved), first, last, device, dtype, seed, ckpt)
+    if compile_layers:
+        compile_stage(stage)
+    return stage
+
+
+def compile_stage(stage: Stage, backend: str = "inductor", mode: str | None = None) -> int:
+    """torch.compile the stage's decoder layers (units that support it: CompilableLayer in
+    models/families/common.py); returns how many. Why layers and not the whole stage: the units
+    pass dicts and a per-micro-batch context around, while a layer is a plain tensor function
+    whose compiled graph every layer of the stage shares. Compilation happens on the first
+    micro-batch of each shape (seconds per shape); CUDA graphs then capture the compiled
+    kernels as they captured the eager ones."""
+    count = 0
+    for unit in stage.units:
+        compile_layer = getattr(unit, "compile_layer", None)
+        if compile_layer is not None:
+            compile_layer(backend, mode)
+            count += 1
+    return count
 
 
 class Monolith:

@@ -62,6 +62,7 @@ def make_plan(
     hosts: Mapping[Node, str] | None = None,
     generation: GenerationPlan | None = None,
     cuda_graphs: bool = True,
+    compile_layers: bool = False,
 ) -> JobPlan:
     """Assemble a JobPlan. `devices` has one entry per replica, stage-major (see `place`);
     `ports` has one per edge in `build_edges` order (see `edge_count`). `hosts` places nodes
@@ -119,5 +120,6 @@ def make_plan(
         base_dir=base_dir,
         generation=generation,
         cuda_graphs=cuda_graphs,
+        compile_layers=compile_layers,
         graph=graph,
     )

@@ -68,4 +68,5 @@ def plan_job(cfg: JobConfig, unit_weights: Sequence[int], devices: Sequence[str]
         micro_batch_size=pipe.micro_batch_size, max_inflight=pipe.max_inflight, max_wait_ms=pipe.max_wait_ms,
         edge_timeout_s=pipe.edge_timeout_s, host=host, ports=ports, base_dir=cfg.base_dir, hosts=hosts,
         extra_edges=loop_edges(cfg), generation=generation_plan(cfg), cuda_graphs=pipe.cuda_graphs,
+        compile_layers=pipe.compile,
     )

@@ -32,6 +32,17 @@ class Device:
 
 
 @dataclass(frozen=True)
+class RunningWorker:
+    """A process an agent runs for a job, listed in Register so a restarted controller can adopt
+    it (or stop it, when it does not know the job)."""
+
+    job_id: str
+    node: str  # "STAGE.REPLICA" or "dispatcher"
+    state: str  # "starting" | "ready"
+    pid: int = 0
+
+
+@dataclass(frozen=True)
 class Register:
     type: ClassVar[str] = "register"
     agent_id: str
@@ -42,6 +53,10 @@ class Register:
     ram_bytes: int
     port_range: list[int]  # [first, last] ports the controller may assign to edges hosted here
     version: str = ""
+    # The secret the controller issued at this agent's first registration ("" the first time):
+    # an id registered with a credential is refused to any connection that lacks it.
+    credential: str = ""
+    workers: list[RunningWorker] = field(default_factory=list)  # what runs here now
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,7 @@ class Welcome:
     agent_id: str
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
+    credential: str = ""  # issued at first registration: the agent keeps it and sends it in Register
     host_metrics_interval_s: float = 5.0  # sample the host this often; send a sample only when it changed
     reconnect_spread_s: float = 1.0  # after a drop, wait uniformly 0..this before the first reconnect
 

@@ -112,6 +112,8 @@ class JobPlan:
     generation: GenerationPlan | None = None
     # CUDA stages replay their forward as CUDA graphs (worker/graphs.py); no effect on CPU stages.
     cuda_graphs: bool = True
+    # CUDA stages torch.compile their decoder layers (models/stage.py compile_stage).
+    compile_layers: bool = False
     # Bumped by every live topology change (protocol/topology.py says what an epoch guarantees).
     epoch: int = 0
     # How stages are linked (planning/graph.py): only "mesh" jobs can scale a stage while serving.
@@ -160,6 +162,7 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "policy": plan.policy, "micro_batch_size": plan.micro_batch_size, "max_inflight": plan.max_inflight,
         "max_wait_ms": plan.max_wait_ms, "edge_timeout_s": plan.edge_timeout_s,
         "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir, "cuda_graphs": plan.cuda_graphs,
+        "compile_layers": plan.compile_layers,
         "epoch": plan.epoch, "graph": plan.graph, "next_replica": list(plan.next_replica),
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
@@ -178,6 +181,7 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         micro_batch_size=int(d["micro_batch_size"]), max_inflight=int(d["max_inflight"]),  # type: ignore[call-overload]
         max_wait_ms=float(d["max_wait_ms"]), edge_timeout_s=float(d["edge_timeout_s"]),  # type: ignore[arg-type]
         dispatcher_host=str(d["dispatcher_host"]), base_dir=str(d["base_dir"]), cuda_graphs=_bool(d["cuda_graphs"]),
+        compile_layers=_bool(d.get("compile_layers", False)),
         generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
         epoch=int(d.get("epoch", 0)), graph=str(d.get("graph", "mesh")),  # type: ignore[call-overload]
         next_replica=tuple(int(r) for r in d.get("next_replica", ())),  # type: ignore[attr-defined]

@@ -68,7 +68,8 @@ async def embedded_cluster(devices: str, log_level: int = logging.WARNING) -> As
 
     token = secrets.token_urlsafe(32)  # this run's own: nothing else may talk to these daemons
     with tempfile.TemporaryDirectory(prefix="infscaled-up-") as state_dir:
-        ccfg = ControllerConfig(host="127.0.0.1", port=0, token=token, state_dir=state_dir)
+        # One user's own files on one host: any model directory, python: sources allowed.
+        ccfg = ControllerConfig(host="127.0.0.1", port=0, token=token, state_dir=state_dir, model_roots=None)
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         stop_agent = asyncio.Event()
         async with asyncio.TaskGroup() as tg:
@@ -76,7 +77,7 @@ async def embedded_cluster(devices: str, log_level: int = logging.WARNING) -> As
                                         name="controller")
             url = await asyncio.wait_for(started, timeout=30)
             acfg = AgentConfig(controller=url, token=token, agent_id="local", devices=devices,
-                               worker_log_level=log_level)
+                               worker_log_level=log_level, state_dir=state_dir, allow_python_sources=True)
             agent = tg.create_task(agent_run(acfg, stop_agent, handle_signals=False), name="agent")
             try:
                 yield url, token

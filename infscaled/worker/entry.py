@@ -160,7 +160,8 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None], eng
         torch.cuda.set_device(torch.device(worker.device))  # NCCL and the default streams use it
     started = time.monotonic()
     stage = build_stage(resolve(plan.model_source), stage_plan.first_unit, stage_plan.last_unit,
-                        worker.device, plan.dtype, plan.seed)
+                        worker.device, plan.dtype, plan.seed,
+                        compile_layers=plan.compile_layers and worker.device.startswith("cuda"))
     load_s = time.monotonic() - started
     program: Program
     measure = metrics_enabled()

@@ -29,7 +29,8 @@ from infscaled.engine.edges import EdgeEnd
 from infscaled.engine.program import Program
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import PagedBatch, StageKV
-from infscaled.generation.sampling import SamplingParams, make_generator, sample_next
+from infscaled.generation.gpu_sampling import sample_async
+from infscaled.generation.sampling import SamplingParams, make_generator
 from infscaled.protocol.control import StageStats
 from infscaled.protocol.plan import DISPATCHER, GenerationPlan, Node
 from infscaled.worker.transport import ACK, Ack, Message
@@ -229,7 +230,7 @@ class GenerationStage(Program):
         """The last stage: pick each sequence's next token, decide whether it is done, and send
         the tokens to the dispatcher and round the loop."""
         states = [self.samplers[s] for s in seqs]
-        tokens = sample_next(logits, [st.params for st in states], [st.generator for st in states]).tolist()
+        tokens = sample_async(logits, [st.params for st in states], [st.generator for st in states]).tokens()
         done = []
         for s, st, tok in zip(seqs, states, tokens, strict=True):
             st.produced += 1

@@ -58,8 +58,8 @@ def causal_mask(config: Any, act: Activation, ctx: Context, kind: str = "full_at
     masks: dict[str, Any] = ctx.setdefault("masks", {})
     kv = ctx.get("kv")
     if kind not in masks and kv is not None and kv.decoding:
-        # A decode step attends to each row's cached keys (left-padded to a common length).
-        masks[kind] = kv.decode_mask(kind, config, act["hidden"].dtype)
+        # A decode step's attention reads the paged cache and masks it itself (paged_kv_kwargs).
+        masks[kind] = None
         position_ids(act, ctx)  # what the builder below would have filled in ctx
     if kind not in masks:
         from transformers import masking_utils
@@ -80,3 +80,54 @@ def causal_context(config: Any, act: Activation, ctx: Context) -> None:
     """Fill ctx["position_ids"] and ctx["mask"] (the full causal mask) for a block."""
     if "mask" not in ctx:
         ctx["mask"] = causal_mask(config, act, ctx)
+
+
+def paged_kv_kwargs(ctx: Context, layer_idx: int) -> dict[str, Any]:
+    """Keyword arguments for a decoder layer: on a decode step, the micro-batch's paged cache,
+    which transformers hands on to the cache's `update` and to the attention function
+    (generation/paged_attention.py), and this layer's pools, looked up here rather than inside
+    a compiled layer (see `PagedBatch.update`)."""
+    kv = ctx.get("kv")
+    if kv is None or not kv.decoding:
+        return {}
+    pools = kv.kv.pools_of(layer_idx)
+    return {"paged_kv": kv} if pools is None else {"paged_kv": kv, "kv_pools": pools}
+
+
+COMPILED_SHAPES = 8  # forward micro-batch shapes a compiled layer compiles for; later ones run eagerly
+
+
+class CompilableLayer:
+    """Mixin for a decoder-layer unit wrapping one transformers layer (`layer`).
+
+    After `compile_layer(backend)`, micro-batches of fixed shapes run a `torch.compile`d twin of
+    the layer: generation's decode steps on static (bucketed, CUDA-graph) batches, and forward
+    micro-batches of the first `COMPILED_SHAPES` input shapes (a workload of ever new lengths
+    would otherwise compile, seconds each, for every one). Generation prefills (a new length
+    nearly every time) and exact-size decode batches stay eager. The twin shares the layer's parameters; it
+    is kept out of the module tree so it is not a second copy in `parameters()` or state dicts.
+    Every layer of a stage shares the compiled graphs (parameters are graph inputs; nothing in
+    a layer's trace depends on its index), one graph per input shape.
+    """
+
+    layer: torch.nn.Module
+
+    def compile_layer(self, backend: str, mode: str | None = None) -> None:
+        import torch._dynamo
+
+        # One graph per shape: decode buckets (rows x pages) x layer kinds, forward micro-batches.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.__dict__["_compiled_layer"] = torch.compile(self.layer, backend=backend, mode=mode, dynamic=False)
+
+    def layer_for(self, ctx: Context, hidden: torch.Tensor) -> torch.nn.Module:
+        compiled: torch.nn.Module | None = self.__dict__.get("_compiled_layer")
+        if compiled is None:
+            return self.layer
+        kv = ctx.get("kv")
+        if kv is not None:
+            return compiled if kv.decoding and kv.static else self.layer
+        shapes: set[tuple[int, ...]] = self.__dict__.setdefault("_compiled_shapes", set())
+        if tuple(hidden.shape) not in shapes and len(shapes) >= COMPILED_SHAPES:
+            return self.layer
+        shapes.add(tuple(hidden.shape))
+        return compiled

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
-from infscaled.models.families.common import causal_context
+from infscaled.generation.paged_attention import route_attention
+from infscaled.models.families.common import CompilableLayer, causal_context, paged_kv_kwargs
 
 
 class GPT2Embed(Unit):
@@ -25,17 +26,19 @@ class GPT2Embed(Unit):
         return {"hidden": hidden, "attention_mask": act["attention_mask"]}
 
 
-class GPT2Block(Unit):
+class GPT2Block(CompilableLayer, Unit):
     def __init__(self, block: nn.Module, config: Any) -> None:
         super().__init__()
-        self.block = block
+        route_attention(block.attn)  # decode steps attend over the paged KV cache in place
+        self.layer = block
         self.config = config
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         causal_context(self.config, act, ctx)
         # ctx["kv"]: generation's KV cache of the micro-batch's sequences, None otherwise.
-        hidden = self.block(act["hidden"], ctx.get("kv"), ctx["mask"], use_cache=False,
-                            position_ids=ctx["position_ids"])
+        hidden = self.layer_for(ctx, act["hidden"])(act["hidden"], ctx.get("kv"), ctx["mask"], use_cache=False,
+                                     position_ids=ctx["position_ids"],
+                                     **paged_kv_kwargs(ctx, self.layer.attn.layer_idx))
         return {"hidden": hidden, "attention_mask": act["attention_mask"]}
 
 

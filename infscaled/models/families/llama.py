@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
-from infscaled.models.families.common import causal_mask, position_ids
+from infscaled.generation.paged_attention import route_attention
+from infscaled.models.families.common import CompilableLayer, causal_mask, paged_kv_kwargs, position_ids
 
 _CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -57,21 +58,23 @@ class LlamaEmbed(Unit):
         return carry(act, hidden)
 
 
-class LlamaBlock(Unit):
+class LlamaBlock(CompilableLayer, Unit):
     def __init__(self, layer: nn.Module, config: Any, attention_kind: str) -> None:
         super().__init__()
+        route_attention(layer.self_attn)  # decode steps attend over the paged KV cache in place
         self.layer = layer
         self.config = config
         self.attention_kind = attention_kind
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
-        hidden = self.layer(
+        hidden = self.layer_for(ctx, act["hidden"])(
             act["hidden"],
             attention_mask=causal_mask(self.config, act, ctx, self.attention_kind),
             position_ids=position_ids(act, ctx),
             position_embeddings=position_embeddings(act, ctx),
             cache=ctx.get("kv"),  # generation: this stage's KV cache of the micro-batch's sequences
             use_cache=False,
+            **paged_kv_kwargs(ctx, self.layer.self_attn.layer_idx),
         )
         return carry(act, hidden)
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# `infscaled run`, 1 stage on 1 GPU, llama-3b bf16, prompts of 128 tokens, 128 new tokens, greedy
+# (issue 14's table). Usage on the device machine, repository root:
+#   bash benchmarks/gen_1stage.sh OUTDIR "BATCH:LIVE:COMPILE ..."     e.g. "8:16:true 64:128:true"
+# Writes OUTDIR/run_BATCH_LIVE_COMPILE.json (the run summary) and prints its headline numbers.
+set -u
+out=${1:-out/gen_1stage}
+cases=${2:-"8:16:true 64:128:true 8:16:false 64:128:false"}
+mkdir -p "$out"
+for c in $cases; do
+  IFS=: read -r batch live compile <<<"$c"
+  job="$out/job_${batch}_${live}_${compile}.toml"
+  cat >"$job" <<TOML
+name = "gen-1stage-${batch}-${live}"
+[model]
+source = "builtin:llama-3b"
+dtype = "bfloat16"
+[pipeline]
+stages = 1
+cuda_graphs = true
+compile = ${compile}
+[placement]
+devices = ["cuda:0"]
+[generation]
+max_batch_sequences = ${batch}
+kv_budget_tokens = $((live * 272))
+prompt_tokens = 128
+output_tokens = 128
+[workload]
+requests = $((live * 4))
+concurrency = ${live}
+seed = 0
+TOML
+  timeout "${RUN_TIMEOUT:-240}" python3 -m infscaled.cli run "$job" --no-progress --json "$out/run_${batch}_${live}_${compile}.json" \
+    >"$out/run_${batch}_${live}_${compile}.txt" 2>&1
+  echo "case batch=${batch} live=${live} compile=${compile} rc=$?"
+  python3 - "$out/run_${batch}_${live}_${compile}.json" <<'PY'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:  # noqa: BLE001 - report and go on with the next case
+    print("  no summary:", e); sys.exit(0)
+q = d.get("latency_ms", {})
+print(f"  completed {d.get('completed')} failed {d.get('failed')} tok/s {d.get('tokens_per_s', 0):.0f} "
+      f"TPOT p50 {q.get('tpot_p50', 0):.2f} ms p99 {q.get('tpot_p99', 0):.2f} TTFT p50 {q.get('ttft_p50', 0):.0f} p99 {q.get('ttft_p99', 0):.0f} ms")
+PY
+done

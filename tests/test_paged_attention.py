@@ -1,0 +1,85 @@
+"""Decode attention over the paged KV pools equals attention over each sequence's contiguous keys.
+
+The reference is plain sdpa over one sequence's keys and values laid end to end (what a model
+without pages computes). Both backends of generation/paged_attention.py read the same pools
+through page tables with scattered pages, padding rows and scratch entries: "torch" (gather +
+mask, the CPU and CI path) and "flex" (flex_attention's block mask; uncompiled on the CPU, the
+compiled kernel in the GPU test). GQA and a sliding window included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infscaled.generation.kv import PAGE_TOKENS
+from infscaled.generation.paged_attention import check_backend, flex_decode, torch_decode
+
+
+def _case(device: str, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    """Pools of 12 pages + scratch; 3 real rows (lengths 5, 16, 37 incl. the new token) and a padding row."""
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, dh, pages = 4, 2, 16, 12  # flex's compiled kernels need head sizes >= 16
+    pool_k = torch.randn(pages + 1, PAGE_TOKENS, hkv, dh, generator=gen).to(device, dtype)
+    pool_v = torch.randn(pages + 1, PAGE_TOKENS, hkv, dh, generator=gen).to(device, dtype)
+    scratch = pages
+    # Rows' pages out of order and interleaved, as after frees; unused entries point at scratch.
+    table = torch.tensor([[7, scratch, scratch], [2, scratch, scratch], [11, 0, 5], [scratch] * 3], device=device)
+    positions = torch.tensor([4, 15, 36, 0], device=device)  # each row's new token (last visible position)
+    query = torch.randn(4, hq, 1, dh, generator=gen).to(device, dtype)
+    page_index = torch.zeros(pages + 1, dtype=torch.int64)  # page -> its index in its row (StageKV.page_index)
+    for row in table[:3].tolist():
+        for j, page in enumerate(row):
+            if page != scratch:
+                page_index[page] = j
+    return query, pool_k, pool_v, table, positions, page_index.to(device)
+
+
+def _reference(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor,
+               positions: torch.Tensor, window: int) -> torch.Tensor:
+    rows = []
+    for b in range(3):  # the real rows
+        n = int(positions[b]) + 1
+        pages = table[b, : -(-n // PAGE_TOKENS)]
+        k = pool_k[pages].reshape(-1, *pool_k.shape[2:])[:n]  # [n, Hkv, Dh]
+        v = pool_v[pages].reshape(-1, *pool_v.shape[2:])[:n]
+        if window:
+            k, v = k[-window:], v[-window:]
+        rows.append(F.scaled_dot_product_attention(query[b:b + 1].float(), k.transpose(0, 1)[None].float(),
+                                                   v.transpose(0, 1)[None].float(), enable_gqa=True))
+    return torch.cat(rows)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("window", [0, 6])
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_paged_decode_attention_equals_contiguous_attention(backend: str, window: int) -> None:
+    query, pool_k, pool_v, table, positions, page_index = _case("cpu", torch.float32, seed=window)
+    if backend == "torch":
+        out = torch_decode(query, pool_k, pool_v, table, positions, 16 ** -0.5, window)
+    else:
+        out = flex_decode(query, pool_k, pool_v, table, positions, page_index, 16 ** -0.5, window)
+    assert out.shape == query.shape
+    want = _reference(query, pool_k, pool_v, table, positions, window)
+    torch.testing.assert_close(out[:3], want, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out[3]).all()  # the padding row attends to the scratch page: harmless
+
+
+def test_unknown_backend_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown paged attention backend 'flash'; one of torch, flex"):
+        check_backend("flash")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", [0, 6])
+def test_compiled_flex_on_cuda_equals_the_torch_path(window: int) -> None:
+    from infscaled.generation.paged_attention import _flex_compiled
+
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        query, pool_k, pool_v, table, positions, page_index = _case("cuda", dtype, seed=3 + window)
+        fast = _flex_compiled()(query, pool_k, pool_v, table, positions, page_index, 16 ** -0.5, window)
+        plain = torch_decode(query, pool_k, pool_v, table, positions, 16 ** -0.5, window)
+        err = float((fast[:3].float() - plain[:3].float()).norm() / plain[:3].float().norm())
+        assert err < tol, (dtype, err)
