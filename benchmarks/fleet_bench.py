@@ -95,7 +95,10 @@ class Fleet:
         cfg = self.workdir / "controller.toml"
         cfg.write_text(f'[controller]\nport = {self.port}\ntoken = "{TOKEN}"\nstate_dir = "{self.workdir}"\n'
                        f"heartbeat_interval_s = 3.0\nheartbeat_timeout_s = 10.0\n"
-                       f"host_metrics_interval_s = {self.args.host_metrics_s}\n")
+                       f"host_metrics_interval_s = {self.args.host_metrics_s}\n"
+                       # Every simulated agent comes from 127.0.0.1, and a fleet needs more than the
+                       # default 4,096 connections: the caps against a flood would refuse the fleet.
+                       f"max_connections = {self.n + 1000}\nmax_connections_per_client = {self.n + 1000}\n")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         log = (self.workdir / "controller.log").open("ab")
         self.controller = subprocess.Popen(
