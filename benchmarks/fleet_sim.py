@@ -44,6 +44,7 @@ from infscaled.protocol.messages import (
     Message,
     Register,
     StopJob,
+    Welcome,
     WorkerState,
 )
 
@@ -64,11 +65,16 @@ class SimAgent:
     nodes: dict[str, list[str]] = field(default_factory=dict)  # job -> nodes deployed here
     util: list[float] = field(default_factory=list)
     sent_metrics: int = 0
+    credential: str = ""  # issued in the first Welcome; a reconnect without it is refused
+
+    def welcomed(self, welcome: Welcome) -> None:
+        if welcome.credential:
+            self.credential = welcome.credential
 
     def register(self) -> Register:
         devices = [Device(f"cuda:{i}", "cuda", "SIM-GPU", GPU_MEMORY) for i in range(self.devices)]
         return Register(self.agent_id, f"host-{self.agent_id}", "127.0.0.1", devices, cpu_cores=64,
-                        ram_bytes=HOST_RAM, port_range=[29500, 29999], version="sim")
+                        ram_bytes=HOST_RAM, port_range=[29500, 29999], version="sim", credential=self.credential)
 
     def handle(self, msg: Message) -> None:
         assert self.link is not None
@@ -133,7 +139,8 @@ async def run(args: argparse.Namespace) -> None:
     async with aiohttp.ClientSession(connector=connector) as http, asyncio.TaskGroup() as tg:
         tasks = [tg.create_task(report_forever(agents, args.report_s), name="report")]
         for i, agent in enumerate(agents):
-            agent.link = ControllerLink(cfg, agent.register, agent.handle, agent.snapshot, agent.workers)
+            agent.link = ControllerLink(cfg, agent.register, agent.handle, agent.snapshot, agent.workers,
+                                        agent.welcomed)
             tasks.append(tg.create_task(agent.link.run(http), name=f"link-{agent.agent_id}"))
             tasks.append(tg.create_task(agent.usage_forever(1.0, args.usage_every_s, args.send_unchanged),
                                         name=f"usage-{agent.agent_id}"))

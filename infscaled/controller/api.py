@@ -162,14 +162,14 @@ async def forget_agent(request: web.Request) -> web.Response:
     return json_response({"id": agent_id, "forgotten": True})
 
 
-async def agent_socket(request: web.Request) -> web.WebSocketResponse:
+async def agent_socket(request: web.Request) -> web.StreamResponse:
     # Oversized frames make aiohttp close the connection (1009); the session then loses the agent.
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, timeout=WS_CLOSE_TIMEOUT_S, heartbeat=None)
     try:
         await ws.prepare(request)
     except ConnectionError as exc:  # the agent gave up before the upgrade (its connect timeout): it retries
         log.info("agent connection from %s closed before the upgrade: %s", request.remote, exc)
-        return ws
+        return web.Response(status=499)  # to nobody: aiohttp drops it quietly on the closed transport
     await request.app[REGISTRY].serve(ws, request.remote or "?")
     return ws
 
