@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_parser("list", help="list jobs")
     actions.add_parser("status", help="a job's state and where each stage replica runs").add_argument("id")
     actions.add_parser("stop", help="stop a job").add_argument("id")
+    scale = actions.add_parser("scale", help="scale a running job's stage (or a generation job's replica chains) "
+                                             "while it serves")
+    scale.add_argument("id")
+    scale.add_argument("--stage", type=int, help="the stage to scale (omit for a generation job's chains)")
+    scale.add_argument("--replicas", type=int, required=True, help="the replica count it should have")
     return p
 
 
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             from infscaled.runner.jobcmd import run_job_command
 
             return run_job_command(args.action, getattr(args, "file", None) or getattr(args, "id", None),
-                                   args.job_controller, args.job_token, console)
+                                   args.job_controller, args.job_token, console,
+                                   scale=(args.stage, args.replicas) if args.action == "scale" else None)
     except InfscaledError as exc:
         # Plain text, never re-wrapped: the message quotes user values (which may look like
         # markup) and its "FILE: KEY = VALUE" line must stay greppable.

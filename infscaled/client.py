@@ -101,6 +101,12 @@ class Client:
         result: dict[str, Any] = await self._call("DELETE", f"/v1/jobs/{job_id}", self.timeouts.request_s)
         return result
 
+    async def scale(self, job_id: str, stage: int | None, replicas: int) -> dict[str, Any]:
+        """PATCH /v1/jobs/{id}: scale a stage (None: a generation job's chains) while it serves."""
+        result: dict[str, Any] = await self._call("PATCH", f"/v1/jobs/{job_id}", self.timeouts.request_s,
+                                                  json={"stage": stage, "replicas": replicas})
+        return result
+
     async def agents(self) -> list[dict[str, Any]]:
         result = await self._call("GET", "/v1/agents", self.timeouts.request_s)
         return list(result["agents"]) if isinstance(result, dict) else list(result)

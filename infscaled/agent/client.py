@@ -33,6 +33,7 @@ from infscaled.agent.config import AgentConfig
 from infscaled.errors import InfscaledError, WireError
 from infscaled.protocol.messages import (
     MAX_MESSAGE_BYTES,
+    ChangeTopology,
     Deploy,
     ErrorMsg,
     Heartbeat,
@@ -51,7 +52,7 @@ from infscaled.protocol.messages import (
 log = logging.getLogger(__name__)
 
 # Messages a controller may send after Welcome; anything else is answered with an ErrorMsg.
-CONTROLLER_MESSAGES = (Deploy, StopJob, Inspect, ErrorMsg, Welcome)
+CONTROLLER_MESSAGES = (Deploy, StopJob, Inspect, ErrorMsg, Welcome, ChangeTopology)
 # Bound on messages waiting for a link (worker states are also resent on reconnect).
 MAX_OUTBOX = 10_000
 

@@ -22,8 +22,9 @@ from pathlib import Path
 from infscaled.agent.config import AgentConfig
 from infscaled.config.source import roots_problem, under_roots
 from infscaled.errors import InfscaledError
-from infscaled.protocol.control import DispatcherStats, StageStats
+from infscaled.protocol.control import DispatcherStats, StageStats, UpdateTopology
 from infscaled.protocol.messages import (
+    ChangeTopology,
     Deploy,
     ErrorMsg,
     Inspect,
@@ -93,6 +94,12 @@ class JobManager:
             except DeployError as exc:
                 log.error("%s", exc)
                 self.post(ErrorMsg(str(exc), msg.type))
+        elif isinstance(msg, ChangeTopology):
+            try:
+                self.change_topology(msg)
+            except DeployError as exc:
+                log.error("%s", exc)
+                self.post(ErrorMsg(str(exc), msg.type))
         elif isinstance(msg, StopJob):
             job = self.jobs.get(msg.job_id)
             if job is None:
@@ -150,15 +157,19 @@ class JobManager:
             members.append(Member(node, worker_main, spec))
         if len({m.node for m in members}) != len(members):
             raise DeployError(f"deploy {msg.job_id}: a node is listed twice in {msg.nodes}")
-        job_id = msg.job_id
+        self._start_group(msg.job_id, members, msg.ready_timeout_s, msg.nodes)
+
+    def _start_group(self, job_id: str, members: list[Member], ready_timeout_s: float, names: list[str]) -> None:
+        """A new group of processes for a job on this agent (a Deploy, or the first replicas a
+        topology change places here)."""
         group = WorkerGroup(
-            job_id, members, msg.ready_timeout_s,
+            job_id, members, ready_timeout_s,
             on_ready=lambda node, ready: self._soon(self._report, job_id, node, READY, ready.pid, ""),
             on_stats=lambda node, stats: self._soon(self._stats, job_id, node, stats),
             on_exit=lambda node, code, reason: self._soon(self._exited, job_id, node, code, reason))
         job = _Job(job_id, group)
         self.jobs[job_id] = job
-        log.info("job %s: starting %s", job_id, ", ".join(msg.nodes))
+        log.info("job %s: starting %s", job_id, ", ".join(names))
         try:
             group.start()  # on this thread, deliberately: see the module docstring
         except Exception as exc:  # noqa: BLE001 - spawning failed (fds, memory): undo and report
@@ -171,6 +182,50 @@ class JobManager:
             raise DeployError(f"deploy {job_id}: {why}") from exc
         for node, h in group.handles.items():
             self._report(job_id, node, STARTING, h.process.pid or 0, "")
+
+    def change_topology(self, msg: ChangeTopology) -> None:
+        """A running job's new epoch: start the new nodes placed here, hand running ones their
+        edge changes (a replica losing all its inputs drains and exits 0 by itself)."""
+        if self.closing:
+            raise DeployError(f"change_topology {msg.job_id}: the agent is shutting down")
+        job = self.jobs.get(msg.job_id)
+        if job is not None and job.stopping:
+            raise DeployError(f"change_topology {msg.job_id}: the job is stopping on this agent")
+        try:
+            plan = plan_from_dict(msg.plan)
+            starts = [Node.parse(n) for n in msg.start]
+            updates = [(Node.parse(u.node), UpdateTopology(msg.epoch, list(u.add), list(u.remove))) for u in msg.updates]
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DeployError(f"change_topology {msg.job_id}: malformed: {type(exc).__name__}: {exc}") from None
+        for node in starts:
+            if node.is_dispatcher or node not in {w.node for w in plan.workers}:
+                raise DeployError(f"change_topology {msg.job_id}: cannot start {node}: not a stage replica of "
+                                  f"epoch {msg.epoch}")
+        for node, update in updates:
+            if job is None or node not in job.group.handles:
+                raise DeployError(f"change_topology {msg.job_id}: node {node} does not run here")
+        if job is None:  # the job's first replicas on this agent
+            if not starts:
+                raise DeployError(f"change_topology {msg.job_id}: the job does not run on this agent")
+            members = [Member(n, worker_main, WorkerSpec(plan, n, self.cfg.worker_log_level, msg.ready_timeout_s))
+                       for n in starts]
+            self._start_group(msg.job_id, members, msg.ready_timeout_s, msg.start)
+            return
+        for node in starts:
+            try:
+                job.group.add(Member(node, worker_main, WorkerSpec(plan, node, self.cfg.worker_log_level,
+                                                                    msg.ready_timeout_s)))
+            except (RuntimeError, ValueError, OSError) as exc:
+                self._report(msg.job_id, node, FAILED, 0, f"starting failed: {exc}")
+                continue
+            self._report(msg.job_id, node, STARTING, job.group.handles[node].process.pid or 0, "")
+        for node, update in updates:
+            try:
+                job.group.send(node, update)
+            except OSError as exc:
+                log.warning("job %s: topology epoch %d not delivered to %s: %s", msg.job_id, msg.epoch, node, exc)
+        log.info("job %s: epoch %d: started %s, updated %s", msg.job_id, msg.epoch,
+                 ", ".join(msg.start) or "none", ", ".join(u.node for u in msg.updates) or "none")
 
     async def _stop(self, job: _Job, reason: str) -> None:
         """Stop a job's processes: dispatcher first (it drains, STOP flows down the pipeline),

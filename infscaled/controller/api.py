@@ -58,6 +58,7 @@ def add_routes(app: web.Application) -> None:
         web.post("/v1/jobs", submit_job),
         web.get("/v1/jobs/{id}", get_job),
         web.delete("/v1/jobs/{id}", stop_job),
+        web.patch("/v1/jobs/{id}", scale_job),
         web.post("/v1/jobs/{id}/infer", infer),
         web.get("/v1/jobs/{id}/metrics", job_metrics),
         web.get("/metrics", prometheus_metrics),
@@ -198,6 +199,25 @@ async def submit_job(request: web.Request) -> web.Response:
 async def stop_job(request: web.Request) -> web.Response:
     job = await request.app[JOBS].stop(request.match_info["id"])
     return json_response(job.summary(), status=202)
+
+
+SCALE_SHAPE = 'JSON {"stage": <stage index; omit for a generation job\'s replica chains>, "replicas": <count>}'
+
+
+async def scale_job(request: web.Request) -> web.Response:
+    """PATCH: scale a running job's stage (or a generation job's chains) while it serves."""
+    if request.content_type != "application/json":
+        raise Rejected(415, f"content type {request.content_type!r} not accepted; send {SCALE_SHAPE}")
+    body = request.get(PARSED_JSON)
+    if not isinstance(body, dict) or set(body) - {"stage", "replicas"} or "replicas" not in body:
+        raise Rejected(400, f"expected {SCALE_SHAPE}")
+    stage, replicas = body.get("stage"), body["replicas"]
+    if isinstance(replicas, bool) or not isinstance(replicas, int):
+        raise Rejected(400, f"replicas = {replicas!r}: expected an integer; send {SCALE_SHAPE}")
+    if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int)):
+        raise Rejected(400, f"stage = {stage!r}: expected an integer or null; send {SCALE_SHAPE}")
+    job = await request.app[JOBS].scale(request.match_info["id"], stage, replicas)
+    return json_response(job.detail(), status=202)
 
 
 async def job_config(request: web.Request) -> tuple[JobConfig, JobSource]:

@@ -76,6 +76,7 @@ class NodeStatus:
     state: str = "assigned"  # then one of WORKER_STATES, or "lost" with its agent
     pid: int = 0
     reason: str = ""
+    retiring: bool = False  # removed by scaling: it drains and exits 0, which retires it (controller/scaling.py)
 
 
 @dataclass
@@ -126,8 +127,8 @@ class Job:
             self.id, self.name, self.created, self.source.file_name, self.source.text, self.source.name_override,
             len(self.unit_weights), list(self.unit_weights), str(self.state), self.reason,
             plan_to_dict(self.plan) if self.plan is not None else None,
-            {n: {"agent": s.agent, "device": s.device, "state": s.state, "pid": s.pid, "reason": s.reason}
-             for n, s in self.nodes.items()},
+            {n: {"agent": s.agent, "device": s.device, "state": s.state, "pid": s.pid, "reason": s.reason,
+                 "retiring": s.retiring} for n, s in self.nodes.items()},
             {a: list(p) for a, p in self.ports.items()}, self.dispatcher_agent, self.dispatcher_port,
             self.service_token)
 
@@ -139,12 +140,15 @@ class Job:
                 "created": self.created}
 
     def detail(self) -> dict[str, Any]:
-        stages = [{"index": i, "first_unit": a, "last_unit": b, "replicas": self.cfg.pipeline.replicas[i]}
+        # After live scaling the plan, not the submitted file, says how many replicas a stage has.
+        counts = ([s.replicas for s in self.plan.stages] if self.plan is not None
+                  else list(self.cfg.pipeline.replicas))
+        stages = [{"index": i, "first_unit": a, "last_unit": b, "replicas": counts[i]}
                   for i, (a, b) in enumerate(self.ranges)]
         nodes = [{"node": name, "agent": s.agent, "device": s.device, "state": s.state, "pid": s.pid,
                   "reason": s.reason} for name, s in self.nodes.items()]
         return {**self.summary(), "model": self.cfg.model.source, "placement": self.cfg.placement.policy,
-                "stages": stages, "nodes": nodes,
+                "epoch": self.plan.epoch if self.plan is not None else 0, "stages": stages, "nodes": nodes,
                 "dispatcher": {"agent": self.dispatcher_agent, "port": self.dispatcher_port}
                 if self.dispatcher_agent else None,
                 "edges": [{"src": str(e.src), "dst": str(e.dst), "host": e.host, "port": e.port}

@@ -305,6 +305,14 @@ class JobStore:
             return f"job {job.id} has no node {msg.node!r} on agent {agent_id}"
         if msg.state not in WORKER_STATES:
             return f"unknown worker state {msg.state!r}; allowed: {', '.join(WORKER_STATES)}"
+        if status.retiring and msg.state == "exited" and not msg.reason:
+            # Removed by scaling: it drained and exited cleanly. It leaves the job.
+            del job.nodes[msg.node]
+            self._save(job)
+            self.event_log.emit("worker_state", f"job {job.id}: {msg.node} on {agent_id} retired (drained, exited)",
+                                agent=agent_id, job=job.id, node=msg.node, state="retired")
+            self._touch()
+            return None
         status.state, status.reason = msg.state, msg.reason
         status.pid = msg.pid or status.pid
         self._save(job)
@@ -545,6 +553,22 @@ class JobStore:
                   {a: tuple(p) for a, p in rec.ports.items()}, rec.dispatcher_agent, rec.dispatcher_port,
                   rec.service_token)
         return job
+
+    # -- live scaling (controller/scaling.py) -----------------------------------------------------
+
+    async def scale(self, job_id: str, stage: int | None, replicas: int) -> Job:
+        from infscaled.controller.scaling import scale
+
+        return await scale(self, job_id, stage, replicas)
+
+    def persist(self, job: Job) -> None:
+        self._save(job)
+
+    def touch(self) -> None:
+        self._touch()
+
+    async def fail(self, job: Job, reason: str) -> None:
+        await self._fail(job, reason)
 
     def _touch(self) -> None:
         self._changed.set()

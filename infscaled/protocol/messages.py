@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from infscaled.protocol.control import DispatcherStats, StageStats
+from infscaled.protocol.control import DispatcherStats, EdgeRef, StageStats
 from infscaled.protocol.envelope import decode_frame, encode_frame
 
 PROTOCOL_VERSION = 1
@@ -152,6 +152,29 @@ class Deploy:
 
 
 @dataclass(frozen=True)
+class NodeTopology:
+    """One running node's edge changes in a new epoch (protocol/topology.py)."""
+
+    node: str
+    add: list[EdgeRef] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChangeTopology:
+    """A running job's new epoch: start `start` (with the epoch's plan) and hand each running node
+    here its edge changes. Replicas that lose all their in-edges drain and exit on their own."""
+
+    type: ClassVar[str] = "change_topology"
+    job_id: str
+    epoch: int
+    plan: dict[str, Any]  # protocol.plan.plan_to_dict of the new epoch
+    start: list[str] = field(default_factory=list)
+    updates: list[NodeTopology] = field(default_factory=list)
+    ready_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class StopJob:
     type: ClassVar[str] = "stop_job"
     job_id: str
@@ -178,10 +201,10 @@ class ErrorMsg:
 
 
 Message = (Register | Heartbeat | WorkerState | InspectResult | Metrics | HostMetrics | Welcome | Deploy | StopJob
-           | Inspect | ErrorMsg)
+           | Inspect | ErrorMsg | ChangeTopology)
 MESSAGE_TYPES: dict[str, type] = {
     c.type: c for c in (Register, Heartbeat, WorkerState, InspectResult, Metrics, HostMetrics, Welcome, Deploy,
-                        StopJob, Inspect, ErrorMsg)
+                        StopJob, Inspect, ErrorMsg, ChangeTopology)
 }
 
 

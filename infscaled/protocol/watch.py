@@ -26,7 +26,7 @@ from infscaled.protocol.messages import HostMetrics
 WATCH_VERSION = 2  # 2: deltas after the first snapshot; agents' views without heartbeat ages
 MAX_WATCH_BYTES = 64 << 20  # the first snapshot of 10,000 agents with 8 GPUs each is ~15 MB
 # Event kinds, for filtering and colouring; `message` always says it in words.
-EVENT_KINDS = ("agent_joined", "agent_lost", "worker_state", "job_state")
+EVENT_KINDS = ("agent_joined", "agent_lost", "worker_state", "job_state", "job_scaled")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`infscaled job submit|list|status|stop` against a controller (no torch)."""
+"""`infscaled job submit|list|status|stop|scale` against a controller (no torch)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ def resolve_token(explicit: str | None = None) -> str:
 
 
 def run_job_command(action: str, arg: str | None, controller: str | None, token: str | None,
-                    console: Console) -> int:
-    return asyncio.run(_job(action, arg, controller or DEFAULT_CONTROLLER, resolve_token(token), console))
+                    console: Console, scale: tuple[int | None, int] | None = None) -> int:
+    return asyncio.run(_job(action, arg, controller or DEFAULT_CONTROLLER, resolve_token(token), console, scale))
 
 
-async def _job(action: str, arg: str | None, url: str, token: str, console: Console) -> int:
+async def _job(action: str, arg: str | None, url: str, token: str, console: Console,
+               scale: tuple[int | None, int] | None = None) -> int:
     async with Client(url, token) as client:
         if action == "submit":
             assert arg is not None
@@ -48,6 +49,12 @@ async def _job(action: str, arg: str | None, url: str, token: str, console: Cons
             assert arg is not None
             job = await client.stop(arg)
             console.print(f"stopping [bold]{arg}[/] ({job.get('state', '?')})")
+            return 0
+        if action == "scale":
+            assert arg is not None and scale is not None
+            job = await client.scale(arg, *scale)
+            counts = ", ".join(f"stage {s['index']}: {s['replicas']}" for s in job.get("stages", []))
+            console.print(f"scaling [bold]{arg}[/] (epoch {job.get('epoch', '?')}): {counts}")
             return 0
     raise InfscaledError(f"unknown job action {action!r}")
 

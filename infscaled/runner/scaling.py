@@ -110,8 +110,9 @@ def render_events(events: list[ScaleEvent]) -> str:
             lines.append(f"  at {e.at_s:g} s: {what} -> {e.replicas}: refused: {e.error}")
             continue
         change = ", ".join([f"+{n}" for n in e.added] + [f"-{n}" for n in e.removed]) or "no change"
+        first = (f"first micro-batch {e.first_micro_batch_s:.2f} s" if e.first_micro_batch_s
+                 else "no micro-batch reached them before the workload ended")
         timing = (f"; ready {e.ready_s:.2f} s (spawn {e.ready_s - e.load_s - e.connect_s:.2f}, load {e.load_s:.2f}, "
-                  f"connect {e.connect_s:.2f}), first micro-batch {e.first_micro_batch_s:.2f} s"
-                  if e.added else "")
+                  f"connect {e.connect_s:.2f}), {first}" if e.added else "")
         lines.append(f"  at {e.at_s:g} s: {what} -> {e.replicas} (epoch {e.epoch}): {change}{timing}")
     return "scaling:\n" + "\n".join(lines) if lines else ""

@@ -1,0 +1,137 @@
+"""Scaling a running job through the controller (PATCH /v1/jobs/{id}, `infscaled job scale`).
+
+The next epoch comes from the same pure planning as `infscaled run --scale-at`
+(planning/scale.py); this module only finds devices and ports on the agents and tells them:
+each agent concerned gets one ChangeTopology with the replicas it starts (built with the new
+epoch's plan) and the edge changes of the nodes it runs. Removed replicas are marked
+`retiring`: they drain (the edges into them are closed after what was queued) and exit 0, and
+their exit then retires them instead of failing the job. One scaling at a time per job: the
+next is refused (409) until every added replica is ready and every removed one has gone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from infscaled.controller.job import Job, JobState, NodeStatus, Rejected
+from infscaled.controller.registry import SendError
+from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
+from infscaled.planning.scale import ScaleError, apply_scale, scale_shape
+from infscaled.protocol.control import EdgeRef
+from infscaled.protocol.messages import ChangeTopology, NodeTopology
+from infscaled.protocol.plan import DISPATCHER, Node, plan_to_dict
+
+if TYPE_CHECKING:
+    from infscaled.controller.jobs import JobStore
+
+log = logging.getLogger(__name__)
+
+
+def scaling_in_progress(job: Job) -> bool:
+    return any(s.retiring or s.state in ("assigned", "starting") for s in job.nodes.values())
+
+
+async def scale(store: JobStore, job_id: str, stage: int | None, replicas: int) -> Job:
+    """Scale `stage` (a forward job) or the replica chains (a generation job: `stage` None) of a
+    running job to `replicas`; Rejected(400 / 404 / 409) says why when it cannot."""
+    job = store.get(job_id)
+    if job.state is not JobState.RUNNING or job.plan is None:
+        raise Rejected(409, f"{job.describe()}; only a running job can be scaled")
+    if scaling_in_progress(job):
+        raise Rejected(409, f"job {job.id} is still changing (replicas starting or draining); retry when it is done")
+    plan = job.plan
+    try:
+        shape = scale_shape(plan, stage, replicas)
+    except ScaleError as exc:
+        raise Rejected(400, f"cannot scale job {job.id}: {exc}") from None
+    if not shape.changed:
+        return job
+    placed = _place(store, job, shape.added)
+    agent_of = {n: placed[n][0] for n in shape.added}
+    agent_of.update({Node.parse(name): s.agent for name, s in job.nodes.items()})
+    ports = _ports(store, job, [agent_of[src] for src, _ in shape.new_edges])
+    advertise = {a.id: a.info.advertise for a in store.registry}
+    change = apply_scale(plan, shape, {n: _plan_device(placed[n][1]) for n in shape.added}, ports,
+                         {n: advertise[placed[n][0]] for n in shape.added})
+    job.plan = change.plan
+    for node in shape.added:
+        job.nodes[str(node)] = NodeStatus(placed[node][0], placed[node][1])
+    for node in shape.removed:
+        job.nodes[str(node)].retiring = True
+    held: dict[str, list[int]] = {job.dispatcher_agent: [job.dispatcher_port]}
+    for edge in change.plan.edges:
+        held.setdefault(agent_of[edge.src], []).append(edge.port)
+    job.ports = {a: tuple(p) for a, p in held.items()}
+    what = f"stage {stage}" if stage is not None else "replica chains"
+    store.event_log.emit("job_scaled", f"job {job.id}: {what} -> {replicas} (epoch {change.plan.epoch}): "
+                         + ", ".join([f"+{n}" for n in shape.added] + [f"-{n}" for n in shape.removed]),
+                         job=job.id, state=str(job.state))
+    log.info("job %s: %s -> %d replicas, epoch %d", job.id, what, replicas, change.plan.epoch)
+    store.persist(job)
+    plan_doc = plan_to_dict(change.plan)
+    agents = sorted({agent_of[n] for n in shape.added} | {agent_of[n] for n in change.updates})
+    for agent_id in agents:
+        msg = ChangeTopology(
+            job.id, change.plan.epoch, plan_doc, start=[str(n) for n in shape.added if agent_of[n] == agent_id],
+            updates=[NodeTopology(str(n), [EdgeRef.of(e) for e in u.add], list(u.remove))
+                     for n, u in sorted(change.updates.items()) if agent_of[n] == agent_id],
+            ready_timeout_s=store.cfg.ready_timeout_s)
+        try:
+            await store.registry.send(agent_id, msg)
+        except SendError as exc:
+            await store.fail(job, f"scaling failed: {exc}")
+            raise Rejected(503, f"scaling job {job.id} failed: {exc}") from None
+    store.touch()
+    return job
+
+
+def _place(store: JobStore, job: Job, added: tuple[Node, ...]) -> dict[Node, tuple[str, str]]:
+    """Free devices for the added replicas, of the kind their stage's first replica runs on."""
+    if not added:
+        return {}
+    now = time.monotonic()
+    busy = {(s.agent, s.device) for other in store.jobs.values() if other.holds_resources(now)
+            for s in other.nodes.values() if s.device}
+    offers = [AgentOffer(a.id, tuple(d for d in a.device_ids if (a.id, d) not in busy))
+              for a in store.registry.connected()]
+    assert job.plan is not None
+    wants = []
+    for node in added:
+        first = job.plan.nodes(node.stage)[0]
+        wants.append((node, device_kind(job.nodes[str(first)].device)))
+    policy = job.cfg.placement.policy if job.cfg.placement.policy != "static" else "pack"
+    try:
+        return assign(wants, offers, policy, None)
+    except PlacementError as exc:
+        raise Rejected(409, f"cannot scale job {job.id}: no free device for {', '.join(map(str, added))}: {exc}") \
+            from None
+
+
+def _ports(store: JobStore, job: Job, senders: list[str]) -> list[int]:
+    """One free port per new edge, in the range of the agent hosting its sender."""
+    used: dict[str, set[int]] = {}
+    now = time.monotonic()
+    for other in store.jobs.values():
+        if other.holds_resources(now):
+            for agent_id, ports in other.ports.items():
+                used.setdefault(agent_id, set()).update(ports)
+    out = []
+    for agent_id in senders:
+        first, last = store.registry.agents[agent_id].info.port_range
+        taken = used.setdefault(agent_id, set())
+        port = next((p for p in itertools.count(first) if p > last or p not in taken), last + 1)
+        if port > last:
+            raise Rejected(409, f"cannot scale job {job.id}: agent {agent_id} has no free port in {first}..{last}")
+        taken.add(port)
+        out.append(port)
+    return out
+
+
+def _plan_device(device_id: str) -> str:
+    return "cpu" if device_kind(device_id) == "cpu" else device_id
+
+
+__all__ = ["DISPATCHER", "scale", "scaling_in_progress"]
