@@ -743,6 +743,7 @@ class Watcher:
         self.ws = ws
         self.events: list[watch.Event] = []
         self.snapshot: watch.Snapshot | None = None
+        self.state = watch.WatchState()
 
     async def until(self, predicate: Any, timeout: float = 5.0) -> None:
         """Read frames until predicate(self) holds."""
@@ -754,7 +755,8 @@ class Watcher:
                 if isinstance(msg, watch.Event):
                     self.events.append(msg)
                 else:
-                    self.snapshot = msg
+                    self.snapshot = self.state.apply(msg)
+                    assert self.snapshot is not None, f"a delta that does not follow: {msg}"
 
     def kinds(self) -> list[tuple[str, str, str]]:
         return [(e.kind, e.node or e.agent or e.job, e.state) for e in self.events]

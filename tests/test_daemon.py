@@ -108,14 +108,19 @@ def _check_watch(c: Cluster, job_id: str, placed: dict[str, str]) -> None:
 
     async def watch_once() -> tuple[list[watch.Event], watch.Snapshot]:
         events: list[watch.Event] = []
+        state = watch.WatchState()  # the first snapshot, then deltas
         async with aiohttp.ClientSession() as http, http.ws_connect(
                 c.url + "/v1/watch", headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
             async for frame in ws:
                 msg = watch.decode(frame.data)
-                if not isinstance(msg, watch.Snapshot):
+                if isinstance(msg, watch.Event):
                     events.append(msg)
-                elif any(j.id == job_id and j.dispatcher and j.dispatcher.requests >= 4 for j in msg.jobs):
-                    return events, msg  # the snapshot that includes the request above
+                    continue
+                snap = state.apply(msg)
+                assert snap is not None, f"a delta that does not follow: {msg}"
+                if any(j.id == job_id and j.dispatcher and j.dispatcher.requests >= 4 for j in snap.jobs) and all(
+                        a.cpu_ratio >= 0 for a in snap.agents):
+                    return events, snap  # the picture that includes the request above and host usage
         raise AssertionError("watch closed before a snapshot with the request")
 
     events, snap = asyncio.run(asyncio.wait_for(watch_once(), 30))

@@ -25,17 +25,20 @@ from infscaled.protocol.watch import (
     AgentView,
     DeviceView,
     EdgeView,
+    Delta,
     Event,
+    FleetSummary,
     JobView,
     ReplicaView,
     Snapshot,
     StageView,
+    WatchState,
     bottleneck_stage,
 )
 from infscaled.tui import format as fmt
 from infscaled.tui.app import TuiApp
 from infscaled.tui.screens import ConfirmScreen, HelpScreen
-from infscaled.tui.views import JOB_COLUMNS, JobsView
+from infscaled.tui.views import JOB_COLUMNS, MAX_AGENT_ROWS, MAX_DEVICE_ROWS, JobsView
 from infscaled.tui.widgets import EdgeColumn, ReplicaCell, StageColumn, TextCell, cell_id
 
 SIZE = (160, 50)
@@ -238,6 +241,50 @@ def test_snapshots_coalesce_and_64_replicas_stay_fast() -> None:
     assert elapsed < 10.0, f"50 snapshots of 64 replicas took {elapsed:.2f} s to draw and paint"
 
 
+def test_a_fleet_of_10000_agents_stays_responsive() -> None:
+    """A 10,000-agent snapshot (80,000 GPUs) then deltas through WatchState, as the feed applies
+    them: the cluster view shows the fleet summary and a bounded table (lost agents first), and a
+    key press is answered while the fleet is on screen."""
+    gpus = [DeviceView(f"cuda:{i}", "cuda", "H100", 80 << 30, util_ratio=0.5) for i in range(8)]
+    agents = [AgentView(f"agent-{i:05d}", f"host-{i}", "lost" if i in (7, 9001) else "connected", devices=gpus)
+              for i in range(10_000)]
+    fleet = FleetSummary(agents=10_000, connected=9_998, lost=2, devices=79_984, gpus=79_984, gpu_util_mean=0.5)
+    state = WatchState()
+
+    async def scenario() -> None:
+        async with fake_app() as (app, pilot, feed):
+            started = time.perf_counter()
+            feed.sink.message(state.apply(Snapshot(time.time(), 1.0, agents, [make_job()], fleet, tick=1)))
+            await settle(pilot, lambda: app.snapshot is not None and app.snapshot.tick == 1)
+            await pilot.pause(0)
+            first = time.perf_counter() - started
+            table = app.query_one("#agents-table", DataTable)
+            assert table.row_count == MAX_AGENT_ROWS
+            assert [str(k.value) for k in list(table.rows)[:2]] == ["agent-00007", "agent-09001"]  # lost first
+            assert app.query_one("#devices-table", DataTable).row_count == MAX_DEVICE_ROWS
+            summary = text_of(app.query_one("#fleet-summary", TextCell))
+            assert "10000 agents: 9998 connected, 2 lost" in summary and "50 %" in summary
+            assert "200 of 10000" in str(app.query_one("#agents-title", Static).content)
+            started = time.perf_counter()
+            for tick in range(2, 12):  # ten quiet ticks: one agent changes in each
+                changed = AgentView("agent-00003", "host-3", "lost", reason=f"tick {tick}", devices=gpus)
+                snap = state.apply(Delta(time.time(), tick, tick - 1, fleet, [changed]))
+                assert snap is not None
+                feed.sink.message(snap)
+                await settle(pilot, lambda t=tick: app.snapshot is not None and app.snapshot.tick == t, poll_s=0)
+                await pilot.pause(0)
+            ticks = time.perf_counter() - started
+            assert str(table.get_row("agent-00003")[-1]) == "tick 11"
+            started = time.perf_counter()
+            await pilot.press("2")
+            await settle(pilot, lambda: app.active_view == "jobs", poll_s=0)
+            key = time.perf_counter() - started
+        # Generous for a busy 2-core VM: measured 1.7 s, 0.12 s a tick and 0.9 s at load average 21.
+        assert first < 20 and ticks < 20 and key < 5, (first, ticks, key)
+
+    run(scenario())
+
+
 def test_link_states_events_once_and_the_stop_question() -> None:
     async def scenario() -> None:
         async with fake_app() as (app, pilot, feed):
@@ -281,7 +328,7 @@ from infscaled.protocol.watch import AgentView, JobView, ReplicaView, Snapshot, 
 from infscaled.protocol.control import StageStats
 from infscaled.tui.app import TuiApp
 from infscaled.tui.screens import ConfirmScreen, HelpScreen
-from infscaled.tui.views import JOB_COLUMNS, JobsView
+from infscaled.tui.views import JOB_COLUMNS, MAX_AGENT_ROWS, MAX_DEVICE_ROWS, JobsView
 
 async def main():
     app = TuiApp("http://127.0.0.1:9", "t")  # the real feed, against a closed port

@@ -3,9 +3,12 @@
 One session: connect to `{controller}/v1/agents/ws` with `Authorization: Bearer TOKEN`
 (connect_timeout_s) -> send Register -> await Welcome (handshake_timeout_s) -> resend the
 state of every local worker -> run a reader, a heartbeat (Welcome's interval) and a sender
-until the link drops. Then reconnect after backoff_initial_s, doubling per failed attempt up
-to backoff_max_s, with jitter. Liveness of an idle link is aiohttp's ping/pong
-(ping_interval_s): waiting for the controller's next message has no timeout by design.
+until the link drops. Then reconnect: the first attempt after losing a working link waits a
+uniform random 0..Welcome.reconnect_spread_s (the controller sizes it to its fleet, so a
+restarted controller is not hit by every agent in the same instant); each failed attempt
+after that waits backoff_initial_s doubling up to backoff_max_s, jittered over its upper half
+(`reconnect_delay`). Liveness of an idle link is aiohttp's ping/pong (ping_interval_s):
+waiting for the controller's next message has no timeout by design.
 
 Outgoing messages go through an outbox and leave it only once sent, so none is lost to a
 dropped link. Worker states are resent as a snapshot on every (re)connect, and stale queued
@@ -82,6 +85,7 @@ class ControllerLink:
         self._closing = False
         self.welcome: Welcome | None = None
         self.sessions = 0  # completed handshakes, for tests and logs
+        self._spread_s = cfg.backoff_initial_s  # the latest Welcome's reconnect_spread_s
 
     # -- API for the rest of the agent -----------------------------------------------------------
 
@@ -123,27 +127,37 @@ class ControllerLink:
 
     # -- the link's task -------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        backoff = self.cfg.backoff_initial_s
-        async with aiohttp.ClientSession() as http:
-            while not self._closing:
-                before = self.sessions
-                try:
-                    await self._session(http)
-                except* (aiohttp.ClientError, OSError, WireError, LinkDown, HandshakeError) as group:
-                    # OSError covers TimeoutError: a connect, handshake or send timeout.
-                    errors = "; ".join(_describe(e) for e in group.exceptions)
-                    (log.info if self._closing else log.warning)("controller link %s: %s", self.cfg.ws_url, errors)
-                except* Exception as group:  # noqa: BLE001 - task boundary: a bug must not end the link
-                    log.error("controller link: unexpected error", exc_info=group)
-                if self._closing:
-                    return
-                if self.sessions > before:  # this attempt got as far as Welcome: start over
-                    backoff = self.cfg.backoff_initial_s
-                delay = min(backoff, self.cfg.backoff_max_s) * random.uniform(0.75, 1.25)
-                backoff = min(backoff * 2, self.cfg.backoff_max_s)
-                log.info("reconnecting in %.1f s", delay)
-                await asyncio.sleep(delay)
+    async def run(self, http: aiohttp.ClientSession | None = None) -> None:
+        """Keep the link up until `close()`. `http`: a session to share (the fleet simulator runs
+        thousands of links on one); its connector must not cap connections, each link holds one."""
+        if http is not None:
+            await self._run(http)
+            return
+        async with aiohttp.ClientSession() as own:
+            await self._run(own)
+
+    async def _run(self, http: aiohttp.ClientSession) -> None:
+        failures = 0
+        while not self._closing:
+            before = self.sessions
+            try:
+                await self._session(http)
+            except* (aiohttp.ClientError, OSError, WireError, LinkDown, HandshakeError) as group:
+                # OSError covers TimeoutError: a connect, handshake or send timeout.
+                errors = "; ".join(_describe(e) for e in group.exceptions)
+                (log.info if self._closing else log.warning)("controller link %s: %s", self.cfg.ws_url, errors)
+            except* Exception as group:  # noqa: BLE001 - task boundary: a bug must not end the link
+                log.error("controller link: unexpected error", exc_info=group)
+            if self._closing:
+                return
+            if self.sessions > before:  # this attempt got as far as Welcome: a fresh start
+                failures = 0
+                delay = random.uniform(0.0, self._spread_s)
+            else:
+                delay = reconnect_delay(failures, self.cfg.backoff_initial_s, self.cfg.backoff_max_s)
+                failures += 1
+            log.info("reconnecting in %.1f s", delay)
+            await asyncio.sleep(delay)
 
     async def _session(self, http: aiohttp.ClientSession) -> None:
         cfg = self.cfg
@@ -180,6 +194,7 @@ class ControllerLink:
         """Handshake done: drop queued worker states, queue the current ones first (no await here,
         so nothing is posted in between)."""
         self.welcome = welcome
+        self._spread_s = welcome.reconnect_spread_s
         self.sessions += 1
         if self._on_welcome is not None:
             self._on_welcome(welcome)
@@ -268,6 +283,14 @@ class ControllerLink:
                 raise LinkDown(f"sending {msg.type} took longer than {self.cfg.send_timeout_s:g} s") from None
             except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
                 raise LinkDown(f"sending {msg.type} failed: {exc}") from exc
+
+
+def reconnect_delay(failures: int, initial_s: float, max_s: float) -> float:
+    """The wait before the next attempt after `failures` failed ones in a row: initial_s doubling
+    up to max_s, drawn uniformly from the upper half, so agents that failed together drift apart
+    yet none retries sooner than half its step."""
+    step = min(max_s, initial_s * 2.0 ** min(failures, 30))
+    return random.uniform(step / 2, step)
 
 
 def _peek_type(text: str) -> str:

@@ -172,3 +172,31 @@ class UsageSampler:
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
             self._nvml = None
+
+
+# A host sample is sent only when something moved at least this much since the last one sent:
+# the controller keeps the latest, so an unchanged value needs no refresh, and a busy fleet's
+# jitter below these steps would only cost the controller decoding.
+CPU_STEP = 0.05  # busy fraction
+UTIL_STEP = 0.05  # GPU busy fraction
+MEMORY_STEP = 0.02  # of the previous value (RAM, GPU memory)
+
+
+def usage_changed(sent: HostMetrics | None, new: HostMetrics) -> bool:
+    """Whether `new` is worth sending after `sent` (the last one the controller got, None at first)."""
+    if sent is None or len(sent.devices) != len(new.devices):
+        return True
+    if abs(new.cpu_ratio - sent.cpu_ratio) >= CPU_STEP or _moved(sent.ram_used_bytes, new.ram_used_bytes):
+        return True
+    for old, cur in zip(sent.devices, new.devices, strict=True):
+        if old.id != cur.id or abs(cur.util_ratio - old.util_ratio) >= UTIL_STEP:
+            return True
+        if _moved(old.memory_used_bytes, cur.memory_used_bytes):
+            return True
+    return False
+
+
+def _moved(old: int, new: int) -> bool:
+    if old < 0 or new < 0:  # "not measured" on one side only
+        return (old < 0) != (new < 0)
+    return abs(new - old) > MEMORY_STEP * max(old, 1)

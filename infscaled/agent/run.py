@@ -14,16 +14,15 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 from infscaled import __version__
 from infscaled.agent.client import ControllerLink
 from infscaled.agent.config import AgentConfig, load_credential, resolve_advertise, save_credential
-from infscaled.agent.devices import UsageSampler, discover, host_resources
+from infscaled.agent.devices import UsageSampler, discover, host_resources, usage_changed
 from infscaled.agent.jobs import JobManager
 from infscaled.errors import ConfigError
-from infscaled.protocol.messages import Device, Message, Register, Welcome
+from infscaled.protocol.messages import Device, HostMetrics, Message, Register, Welcome
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ async def _run(cfg: AgentConfig, stop: asyncio.Event) -> None:
         link_task = tg.create_task(link.run(), name="controller-link")
         orphan_task = tg.create_task(_orphan_watch(cfg, link, jobs), name="orphan-watch")
         metrics_task = tg.create_task(jobs.metrics_forever(), name="metrics")
-        usage_task = tg.create_task(_usage_forever(cfg, devices, post), name="host-usage")
+        usage_task = tg.create_task(_usage_forever(cfg, devices, link), name="host-usage")
         try:
             await stop.wait()
             log.info("agent %s: stopping: workers first, then the controller link", cfg.agent_id)
@@ -123,12 +122,23 @@ async def _orphan_watch(cfg: AgentConfig, link: ControllerLink, jobs: JobManager
                                 "(orphan_grace_s)")
 
 
-async def _usage_forever(cfg: AgentConfig, devices: list[Device], post: Callable[[Message], None]) -> None:
-    """Every metrics_interval_s, the host's CPU/RAM and the devices' usage, as HostMetrics."""
+async def _usage_forever(cfg: AgentConfig, devices: list[Device], link: ControllerLink) -> None:
+    """Sample the host's CPU/RAM and the devices' usage every Welcome.host_metrics_interval_s (the
+    controller sets the fleet's rate; metrics_interval_s until the first Welcome) and post it as
+    HostMetrics when it changed (usage_changed) or the link is a new session (the controller
+    knows nothing of this host then)."""
     sampler = await asyncio.to_thread(UsageSampler, devices)
+    sent: HostMetrics | None = None
+    session = -1
     try:
         while True:
-            await asyncio.sleep(cfg.metrics_interval_s)
-            post(await asyncio.to_thread(sampler.sample, cfg.agent_id))
+            welcome = link.welcome
+            await asyncio.sleep(welcome.host_metrics_interval_s if welcome else cfg.metrics_interval_s)
+            sample = await asyncio.to_thread(sampler.sample, cfg.agent_id)
+            if link.sessions != session:
+                session, sent = link.sessions, None
+            if usage_changed(sent, sample):
+                link.post(sample)
+                sent = sample
     finally:
         await asyncio.to_thread(sampler.close)

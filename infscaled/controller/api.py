@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
@@ -20,16 +20,17 @@ from aiohttp.typedefs import Handler
 from infscaled.config import JobConfig
 from infscaled.config.limits import MAX_JOB_FILE_BYTES
 from infscaled.config.messages import config_error
-from infscaled.controller import export, proxy, watch
+from infscaled.controller import export, proxy, views, watch
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.guard import PARSED_JSON
 from infscaled.controller.job import SUBMITTED, JobSource, JobState, Rejected
 from infscaled.controller.jobs import JobStore
-from infscaled.controller.registry import Registry
+from infscaled.controller.registry import CONNECTED, LOST, Registry
 from infscaled.errors import ConfigError
 from infscaled.generation.errors import error_body
 from infscaled.protocol import jsonsafe
 from infscaled.protocol.messages import MAX_MESSAGE_BYTES
+from infscaled.protocol.typed import to_dict
 
 log = logging.getLogger(__name__)
 # Strict JSON in every answer: a non-finite float (a NaN statistic) is written as null.
@@ -42,6 +43,9 @@ WATCHERS = web.AppKey("watchers", watch.Watchers)
 
 JOB_FILE_HEADER: Final = "X-Infscaled-Job-File"
 TOML_TYPES: Final = ("text/plain", "application/toml", "text/x-toml")
+# GET /v1/agents: page size by default (a cluster this small comes in one page) and at most.
+AGENTS_PAGE: Final = 500
+AGENTS_PAGE_MAX: Final = 1000
 # How long closing an agent's websocket waits for its close frame.
 WS_CLOSE_TIMEOUT_S: Final = 2.0
 
@@ -103,10 +107,59 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def list_agents(request: web.Request) -> web.Response:
-    users = request.app[JOBS].device_users()
+    """One page of agents in registration order (`limit`, `after`), optionally only those in a
+    `state` or holding a device of a `job`; a `Link: <...>; rel="next"` header when more may
+    follow. Costs the page, not the fleet: positions come from a cached index."""
+    q = AgentQuery.parse(request)
+    registry, jobs = request.app[REGISTRY], request.app[JOBS]
+    held = {s.agent for s in jobs.get(q.job).nodes.values()} if q.job else set()  # 404 for an unknown job
+    ids, position = request.app[WATCHERS].views.ordered_ids()
+    if q.after and q.after not in position:
+        raise Rejected(400, f"after={q.after!r}: no such agent; pass the id of the last agent of the previous page")
+    start = position[q.after] + 1 if q.after else 0
+    users = jobs.device_users()
     now = time.monotonic()
-    return json_response([{**asdict(watch.agent_view(a, users, now)), "version": a.info.version,
-                               "port_range": a.info.port_range} for a in request.app[REGISTRY]])
+    page: list[dict[str, Any]] = []
+    last = start
+    for last in range(start, len(ids)):
+        agent = registry.agents.get(ids[last])
+        if agent is None or (q.state and agent.state != q.state) or (q.job and agent.id not in held):
+            continue
+        page.append({**to_dict(views.agent_view(agent, users)), "version": agent.info.version,
+                     "port_range": agent.info.port_range,
+                     "last_heartbeat_age_s": round(now - agent.last_seen, 3)})
+        if len(page) == q.limit:
+            break
+    headers = {}
+    if len(page) == q.limit and last + 1 < len(ids):
+        headers["Link"] = f'<{q.next_url(request, page[-1]["id"])}>; rel="next"'
+    return json_response(page, headers=headers)
+
+
+@dataclass(frozen=True)
+class AgentQuery:
+    """`GET /v1/agents` parameters, checked: a bad one is a 400 saying what is allowed."""
+
+    limit: int = AGENTS_PAGE
+    after: str = ""
+    state: str = ""
+    job: str = ""
+
+    @classmethod
+    def parse(cls, request: web.Request) -> AgentQuery:
+        unknown = set(request.query) - {"limit", "after", "state", "job"}
+        if unknown:
+            raise Rejected(400, f"unknown parameter(s) {sorted(unknown)}; allowed: limit, after, state, job")
+        raw = request.query.get("limit", str(AGENTS_PAGE))
+        if not raw.isdigit() or not 1 <= int(raw) <= AGENTS_PAGE_MAX:
+            raise Rejected(400, f"limit={raw!r}: expected an integer from 1 to {AGENTS_PAGE_MAX}")
+        state = request.query.get("state", "")
+        if state not in ("", CONNECTED, LOST):
+            raise Rejected(400, f"state={state!r}: expected {CONNECTED} or {LOST}")
+        return cls(int(raw), request.query.get("after", ""), state, request.query.get("job", ""))
+
+    def next_url(self, request: web.Request, last_id: str) -> str:
+        return str(request.rel_url.update_query(after=last_id, limit=str(self.limit)))
 
 
 async def forget_agent(request: web.Request) -> web.Response:
@@ -122,10 +175,14 @@ async def forget_agent(request: web.Request) -> web.Response:
     return json_response({"id": agent_id, "forgotten": True})
 
 
-async def agent_socket(request: web.Request) -> web.WebSocketResponse:
+async def agent_socket(request: web.Request) -> web.StreamResponse:
     # Oversized frames make aiohttp close the connection (1009); the session then loses the agent.
     ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, timeout=WS_CLOSE_TIMEOUT_S, heartbeat=None)
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ConnectionError as exc:  # the agent gave up before the upgrade (its connect timeout): it retries
+        log.info("agent connection from %s closed before the upgrade: %s", request.remote, exc)
+        return web.Response(status=499)  # to nobody: aiohttp drops it quietly on the closed transport
     await request.app[REGISTRY].serve(ws, request.remote or "?")
     return ws
 
@@ -229,10 +286,11 @@ async def job_metrics(request: web.Request) -> web.Response:
 
 async def watch_socket(request: web.Request) -> web.WebSocketResponse:
     interval_s = watch.interval_from_query(request)  # a bad value is a 400 before the upgrade
+    agents_listed = watch.agents_listed_from_query(request)
     # Watchers send nothing: a small frame limit; aiohttp's pings notice a vanished client.
     ws = web.WebSocketResponse(max_msg_size=64 << 10, timeout=WS_CLOSE_TIMEOUT_S, heartbeat=30.0)
     await ws.prepare(request)
-    await request.app[WATCHERS].serve(ws, interval_s)
+    await request.app[WATCHERS].serve(ws, interval_s, agents_listed)
     return ws
 
 

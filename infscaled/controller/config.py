@@ -36,6 +36,13 @@ class ControllerConfig:
     """How often agents send a heartbeat (told to them in Welcome)."""
     heartbeat_timeout_s: float = 10.0
     """An agent silent this long is lost and its jobs fail."""
+    host_metrics_interval_s: float = 5.0
+    """How often agents sample host and GPU usage (told in Welcome); they send a sample only when it
+    changed, so 10,000 agents send at most 2,000 a second and an idle fleet far fewer."""
+    reconnect_rate_per_s: float = 1000.0
+    """Registrations a second the fleet should spread a reconnect over after a controller restart:
+    Welcome tells each agent to wait uniformly up to (known agents / this) seconds before its first
+    attempt, so 10,000 agents come back within ~10 s instead of all at once."""
     inspect_timeout_s: float = 120.0
     """How long an agent may take to build a model's skeleton when a job is submitted."""
     send_timeout_s: float = 10.0

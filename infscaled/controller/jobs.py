@@ -431,8 +431,12 @@ class JobStore:
         for job in list(self.jobs.values()):
             if job.state is JobState.DEPLOYING and now > job.deadline:
                 late = [n for n, s in job.nodes.items() if s.state != "ready"]
+                # The deadline set at deploy: ready_timeout_s, plus heartbeat_timeout_s for an agent's
+                # last report to arrive; say the whole of it, not the half the user configured first.
                 await self._fail(job, f"worker(s) {', '.join(late)} not ready within "
-                                      f"{self.cfg.ready_timeout_s:g} s (ready_timeout_s)")
+                                      f"{self.cfg.ready_timeout_s + self.cfg.heartbeat_timeout_s:g} s "
+                                      f"(ready_timeout_s {self.cfg.ready_timeout_s:g} s + heartbeat_timeout_s "
+                                      f"{self.cfg.heartbeat_timeout_s:g} s)")
             elif job.state is JobState.STOPPING and now > job.deadline:
                 late = [n for n, s in job.nodes.items() if s.state not in GONE]
                 self._set_stopped(job, f"{job.reason}; node(s) {', '.join(late)} did not report their exit "

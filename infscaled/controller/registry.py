@@ -15,6 +15,7 @@ refused, never a takeover. The database keeps the credential's SHA-256, never th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -140,6 +141,12 @@ class Registry:
         self.events: AgentEvents | None = None
         self.event_log = EventLog()
         self._inspects: dict[str, tuple[str, asyncio.Future[InspectResult]]] = {}
+        # Ids of agents whose registration, state or workers changed since the watchers'
+        # last tick (controller/watch.py takes and clears it): a tick costs what changed, not the fleet.
+        self.changed: set[str] = set()
+        self.usage_changed: set[str] = set()  # the same for host usage alone (cheaper to pass on)
+        self.forgotten = 0  # agents removed (forget) so far
+        self._sweeper: asyncio.Task[None] | None = None  # runs while any agent is connected
         self._next_inspector = 0
 
     def restore(self, records: list[AgentRecord]) -> None:
@@ -153,10 +160,13 @@ class Registry:
             self._credentials[rec.id] = rec.credential_sha256
             self._first_seen[rec.id] = rec.first_seen
             self.agents[rec.id] = Agent(info, None, LOST, lost_reason="not reconnected since the controller started")
+            self.changed.add(rec.id)  # watchers see it (lost)
 
     def forget(self, agent_id: str) -> None:
         """Drop a disconnected agent and its credential (its id may then register anew)."""
         self.agents.pop(agent_id, None)
+        self.changed.add(agent_id)  # watchers see it go
+        self.forgotten += 1  # GET /v1/agents' index of positions is stale now
         self._credentials.pop(agent_id, None)
         self._first_seen.pop(agent_id, None)
         if self.store is not None:
@@ -222,6 +232,7 @@ class Registry:
             return
         reason = f"agent {agent.id} lost ({why})"
         agent.state, agent.lost_reason, agent.ws = LOST, reason, None
+        self.changed.add(agent.id)
         # The agent closing its own link is how it stops (or restarts): worth a line, not a warning.
         # Silence (no heartbeat) or a broken socket is. Either way jobs on it fail (below).
         (log.info if why == CLOSED_BY_AGENT else log.warning)("%s", reason)
@@ -232,8 +243,40 @@ class Registry:
         if self.events is not None:
             await self.events.agent_lost(agent.id, reason)
 
+    def _watch_liveness(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="agent-liveness")
+
+    async def _sweep_forever(self) -> None:
+        """Lose every connected agent silent for heartbeat_timeout_s, checking every tenth of it
+        (at most 1 s). One timer for the fleet instead of one per received frame: at 10,000
+        agents a frame then costs its read and decode, and a sweep ~1 ms. Ends when no agent is
+        connected; the next registration starts it again."""
+        timeout = self.cfg.heartbeat_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 10))
+            now = time.monotonic()
+            connected = [a for a in self.agents.values() if a.state == CONNECTED]
+            if not connected:
+                return
+            silent = [(a, a.ws) for a in connected if now - a.last_seen > timeout]
+            for agent, _ in silent:
+                try:
+                    await self.lose(agent, f"no heartbeat for {timeout:g} s")
+                except Exception:  # noqa: BLE001 - task boundary: one failure must not stop liveness checks
+                    log.exception("losing agent %s failed", agent.id)
+            # Closing ends each one's session (its receive returns); in parallel, each may wait for
+            # its close frame.
+            await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"no heartbeat")
+                                   for _, ws in silent if ws is not None and not ws.closed),
+                                 return_exceptions=True)
+
     async def close_all(self, why: str) -> None:
         """Shutdown: close every agent's websocket without failing jobs (they were stopped first)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         sockets = [a.ws for a in self.connected() if a.ws is not None]
         events, self.events = self.events, None
         try:
@@ -243,6 +286,13 @@ class Registry:
             self.events = events
         await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=why.encode()[:120])
                                for ws in sockets))
+
+    def welcome(self, agent_id: str, credential: str = "") -> Welcome:
+        """The rates this controller wants; the reconnect spread grows with the fleet it knows, so
+        after a restart the whole fleet registers at about cfg.reconnect_rate_per_s."""
+        cfg = self.cfg
+        return Welcome(agent_id, cfg.heartbeat_interval_s, cfg.heartbeat_timeout_s, credential,
+                       cfg.host_metrics_interval_s, max(1.0, len(self.agents) / cfg.reconnect_rate_per_s))
 
     # -- one agent's session ---------------------------------------------------------------------
 
@@ -254,13 +304,9 @@ class Registry:
         why = CLOSED_BY_AGENT
         try:
             while agent.ws is ws:
-                # Only protocol frames count as signs of life, not websocket pings.
-                silent_for = time.monotonic() - agent.last_seen
-                try:
-                    frame = await ws.receive(timeout=max(self.cfg.heartbeat_timeout_s - silent_for, 1e-3))
-                except TimeoutError:
-                    why = f"no heartbeat for {self.cfg.heartbeat_timeout_s:g} s"
-                    break
+                # No timeout here: the sweeper loses a silent agent and closes this socket, which
+                # ends the wait. Only protocol frames count as signs of life, not websocket pings.
+                frame = await ws.receive()
                 if frame.type == WSMsgType.ERROR:  # e.g. a frame over max_msg_size: aiohttp closes
                     why = f"websocket error: {ws.exception()}"
                     break
@@ -309,10 +355,11 @@ class Registry:
             await self._reply(ws, ErrorMsg(problem, "register"))
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"register refused")
             return None
+        self._watch_liveness()
         issued = "" if msg.credential else secrets.token_urlsafe(32)
         agent = self._register(msg, ws, peer, msg.credential or issued)
-        await self._reply(ws, Welcome(msg.agent_id, self.cfg.heartbeat_interval_s, self.cfg.heartbeat_timeout_s,
-                                      issued))
+        await self._reply(ws, self.welcome(msg.agent_id, issued))
+        self.changed.add(agent.id)
         devices = ", ".join(agent.device_ids) or "no devices"
         self.event_log.emit("agent_joined", f"agent {agent.id} ({msg.host}) joined with {devices}", agent=agent.id,
                             state=CONNECTED)
@@ -363,8 +410,10 @@ class Registry:
         if isinstance(msg, Heartbeat):
             if msg.agent_id != agent.id:
                 return ErrorMsg(f"heartbeat names agent {msg.agent_id!r}, this connection is {agent.id!r}", msg.type)
-            agent.workers = msg.workers
-            return None
+            if msg.workers != agent.workers:
+                agent.workers = msg.workers
+                self.changed.add(agent.id)
+            return None  # beyond that, a heartbeat is only the timestamp serve() already took
         if isinstance(msg, WorkerState):
             problem = await self.events.worker_state(agent.id, msg) if self.events is not None else None
             return ErrorMsg(problem, msg.type) if problem else None
@@ -376,6 +425,7 @@ class Registry:
                 return ErrorMsg(f"host_metrics names agent {msg.agent_id!r}, this connection is {agent.id!r}",
                                 msg.type)
             agent.usage = msg
+            self.usage_changed.add(agent.id)
             return None
         if isinstance(msg, InspectResult):
             pending = self._inspects.get(msg.request_id)

@@ -1,164 +1,204 @@
-"""`GET /v1/watch`: a websocket streaming cluster snapshots and events (protocol/watch.py).
+"""`GET /v1/watch`: a websocket streaming a snapshot, then deltas and events (protocol/watch.py).
 
-The snapshot is built from what the controller already holds (agents' registrations, their
-latest host usage, jobs and their latest per-node stats); building one costs a walk over the
-nodes, so each watcher gets one every `interval_s`, not one per incoming report. Events go
+Watchers with the same query (`interval_s`, `agents`) share one `Stream`: every interval it
+refreshes the agents' views that changed (controller/views.py), compares the jobs' views with
+the previous tick's, encodes ONE delta and hands the same text to each of its watchers. A
+watcher that joins gets the stream's snapshot of the current tick (encoded at most once per
+tick, however many join), then the deltas that follow it. So the controller's cost per tick is
+what changed plus one encoding per query, not per watcher, and not the fleet's size.
+
+Each watcher has a bounded outbox; a watcher too slow to drain it (or a send that times out) is
+disconnected: deltas cannot be skipped, and a reconnect starts from a fresh snapshot. Events go
 out as they happen. Watchers send nothing; the socket only carries the server's frames.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
 
 from aiohttp import WSCloseCode, web
 
-from infscaled.controller.jobs import LIVE, Job, JobStore
-from infscaled.controller.registry import Agent, Registry
+from infscaled.controller.jobs import JobStore
+from infscaled.controller.registry import Registry
+from infscaled.controller.views import FleetViews, job_view
 from infscaled.errors import WireError
-from infscaled.protocol.control import StageStats
-from infscaled.protocol.plan import DISPATCHER, Node
-from infscaled.protocol.watch import (
-    AgentView,
-    DeviceView,
-    EdgeView,
-    Event,
-    JobView,
-    ReplicaView,
-    Snapshot,
-    StageView,
-    WatchMessage,
-    bottleneck_stage,
-    encode,
-)
+from infscaled.protocol.messages import HostMetrics
+from infscaled.protocol.watch import AgentView, Delta, Event, FleetSummary, JobView, Snapshot, apply_usage, encode
 
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 1.0
 MIN_INTERVAL_S, MAX_INTERVAL_S = 0.1, 60.0
+AGENT_FILTERS: Final = ("all", "none")
+# Frames a watcher may have waiting; past that it is dropped (it reconnects to a fresh snapshot).
+OUTBOX_FRAMES: Final = 64
 
 
-def agent_view(agent: Agent, users: dict[tuple[str, str], str], now: float) -> AgentView:
-    """One agent as watchers and `GET /v1/agents` show it."""
-    info, usage = agent.info, agent.usage
-    measured = {d.id: d for d in usage.devices} if usage is not None else {}
-    devices = []
-    for d in info.devices:
-        m = measured.get(d.id)
-        devices.append(DeviceView(d.id, d.kind, d.name, d.memory_bytes, users.get((agent.id, d.id), ""),
-                                  m.util_ratio if m else -1.0, m.memory_used_bytes if m else -1))
-    return AgentView(
-        id=agent.id, host=info.host, state=agent.state, reason=agent.lost_reason, advertise=info.advertise,
-        cpu_cores=info.cpu_cores, ram_bytes=info.ram_bytes,
-        cpu_ratio=usage.cpu_ratio if usage is not None else -1.0,
-        ram_used_bytes=usage.ram_used_bytes if usage is not None else -1,
-        workers=agent.workers, last_heartbeat_age_s=round(now - agent.last_seen, 3), devices=devices)
+@dataclass(eq=False)  # hashed by identity: a set member
+class _Subscriber:
+    ws: web.WebSocketResponse
+    outbox: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(maxsize=OUTBOX_FRAMES))
+    too_slow: bool = False
+
+    def offer(self, text: str) -> None:
+        if self.too_slow:
+            return
+        try:
+            self.outbox.put_nowait(text)
+        except asyncio.QueueFull:
+            self.too_slow = True  # its sender sees it after the frame it is stuck on
 
 
-def job_view(job: Job, now: float) -> JobView:
-    """One job with its latest stats; a job that is not live shows none (they would read as current)."""
-    stats: dict[str, tuple[StageStats, float]] = {}
-    dispatcher = None
-    if job.state in LIVE:
-        for at, msg in job.metrics.values():
-            age = round(max(0.0, now - at), 3)
-            stats.update({s.node: (s, age) for s in msg.stages})
-            dispatcher = msg.dispatcher or dispatcher
-    replicas = []
-    for name, status in job.nodes.items():
-        if name == str(DISPATCHER):
-            continue
-        node = Node.parse(name)
-        st, age = stats.get(name, (None, -1.0))
-        replicas.append(ReplicaView(name, node.stage, node.replica, status.agent, status.device, status.state,
-                                    status.pid, status.reason, st, age))
-    replicas.sort(key=lambda r: (r.stage, r.replica))
-    stages = [StageView(i, a, b, job.cfg.pipeline.replicas[i]) for i, (a, b) in enumerate(job.ranges)]
-    edges = [EdgeView(str(e.src), str(e.dst), _edge_rate(str(e.src), str(e.dst), stats))
-             for e in (job.plan.edges if job.plan is not None else ())]
-    return JobView(job.id, job.name, str(job.state), job.reason, job.cfg.model.source, job.created, stages,
-                   replicas, edges, dispatcher, bottleneck_stage(replicas))
+class Stream:
+    """The watchers of one query: one state, one delta a tick, encoded once."""
 
+    def __init__(self, views: FleetViews, interval_s: float, agents_listed: bool) -> None:
+        self.views = views
+        self.interval_s = interval_s
+        self.agents_listed = agents_listed
+        self.subscribers: set[_Subscriber] = set()
+        self.tick = 0
+        self._version = 0  # FleetViews.version this stream's agents reflect
+        self._agents: dict[str, AgentView] = {}
+        self._usage: dict[str, HostMetrics] = {}  # newer than the view in _agents: applied for snapshots
+        self._jobs: dict[str, JobView] = {}
+        self._fleet = FleetSummary()
+        self._snapshot: tuple[int, str] | None = None  # (tick, encoded snapshot)
+        self.task: asyncio.Task[None] | None = None
+        self.advance()  # tick 1: the stream holds the whole picture before its first watcher joins
 
-def _edge_rate(src: str, dst: str, stats: dict[str, tuple[StageStats, float]]) -> float:
-    """Measured where the data arrives; the dispatcher reports no per-edge rates, so an edge into
-    it carries what its (single-output) sender computed."""
-    if dst == str(DISPATCHER):
-        return stats[src][0].samples_per_s if src in stats else 0.0
-    if dst not in stats:
-        return 0.0
-    return next((r.samples_per_s for r in stats[dst][0].inputs if r.src == src), 0.0)
+    def advance(self) -> str:
+        """One tick: what changed since the last, applied to this stream's state and encoded."""
+        self.views.refresh()
+        agents, gone, usage = self.views.changed_since(self._version) if self.agents_listed else ([], [], [])
+        self._version = self.views.version
+        for agent_id in gone:
+            self._agents.pop(agent_id, None)
+            self._usage.pop(agent_id, None)
+        for view in agents:
+            self._agents[view.id] = view
+            self._usage.pop(view.id, None)  # built from the agent's latest usage
+        self._usage.update((u.agent_id, u) for u in usage)
+        now = time.monotonic()
+        current = {j.id: job_view(j, now) for j in sorted(self.views.jobs.jobs.values(), key=lambda j: j.created)}
+        jobs = [view for job_id, view in current.items() if self._jobs.get(job_id) != view]
+        jobs_gone = [job_id for job_id in self._jobs if job_id not in current]
+        self._jobs = current
+        self._fleet = self.views.summary()
+        self.tick += 1
+        return encode(Delta(time.time(), self.tick, self.tick - 1, self._fleet, agents, gone, jobs, jobs_gone, usage))
 
+    def snapshot_text(self) -> str:
+        """This tick's whole picture, encoded once for every watcher that joins during the tick."""
+        if self._snapshot is None or self._snapshot[0] != self.tick:
+            agents = [apply_usage(view, u) if (u := self._usage.get(agent_id)) is not None else view
+                      for agent_id, view in self._agents.items()]
+            snap = Snapshot(time.time(), self.interval_s, agents, list(self._jobs.values()), self._fleet,
+                            self.agents_listed, self.tick)
+            self._snapshot = (self.tick, encode(snap))
+        return self._snapshot[1]
 
-def snapshot(registry: Registry, jobs: JobStore, interval_s: float) -> Snapshot:
-    now = time.monotonic()
-    users = jobs.device_users()
-    ordered: Iterable[Job] = sorted(jobs.jobs.values(), key=lambda j: j.created)
-    return Snapshot(time.time(), interval_s, [agent_view(a, users, now) for a in registry],
-                    [job_view(j, now) for j in ordered])
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.interval_s
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += self.interval_s
+            if loop.time() > next_at:  # fell behind (a busy loop): skip ticks rather than bunch them
+                next_at = loop.time() + self.interval_s
+            text = self.advance()
+            for sub in self.subscribers:
+                sub.offer(text)
 
 
 class Watchers:
-    """The open `/v1/watch` sockets: served here, closed together at shutdown."""
+    """The open `/v1/watch` sockets and their streams: served here, closed together at shutdown."""
 
     def __init__(self, registry: Registry, jobs: JobStore, send_timeout_s: float) -> None:
         self.registry = registry
-        self.jobs = jobs
+        self.views = FleetViews(registry, jobs)
         self.send_timeout_s = send_timeout_s
+        self._streams: dict[tuple[float, bool], Stream] = {}
         self._sockets: set[web.WebSocketResponse] = set()
 
     def __len__(self) -> int:
         return len(self._sockets)
 
-    async def serve(self, ws: web.WebSocketResponse, interval_s: float) -> None:
-        """Recent events, then a snapshot every interval_s and events as they come, until the
-        client closes, falls too far behind (a send times out) or the controller shuts down."""
+    async def serve(self, ws: web.WebSocketResponse, interval_s: float, agents_listed: bool = True) -> None:
+        """Recent events, a snapshot, then deltas every interval_s and events as they come, until
+        the client closes, falls too far behind or the controller shuts down."""
         events = self.registry.event_log
+        sub = _Subscriber(ws)
         self._sockets.add(ws)
         try:
             with events.subscribe() as queue:
-                for event in list(events.recent):
-                    await self._send(ws, event)
-                pump = asyncio.create_task(self._pump(ws, queue, interval_s), name="watch-pump")
+                for event in list(events.recent):  # up to RECENT_EVENTS: more than an outbox holds
+                    async with asyncio.timeout(self.send_timeout_s):
+                        await ws.send_str(encode(event))
+                stream = await self._join(sub, interval_s, agents_listed)
+                sub.offer(stream.snapshot_text())  # no await since joining: the next delta follows it
                 try:
-                    async for _ in ws:  # watchers send nothing; this loop sees the close frame
-                        pass
+                    async with asyncio.TaskGroup() as tg:
+                        sender = tg.create_task(self._sender(sub), name="watch-sender")
+                        forwarder = tg.create_task(self._forward(queue, sub), name="watch-events")
+                        try:
+                            async for _ in ws:  # watchers send nothing; this loop sees the close frame
+                                pass
+                        finally:
+                            sender.cancel()
+                            forwarder.cancel()
                 finally:
-                    pump.cancel()
-                    try:
-                        await pump
-                    except asyncio.CancelledError:
-                        if not pump.cancelled():  # we ourselves were cancelled, not only the pump
-                            raise
+                    self._leave(sub, stream)
         finally:
             self._sockets.discard(ws)
 
-    async def _pump(self, ws: web.WebSocketResponse, queue: asyncio.Queue[Event], interval_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
+    async def _join(self, sub: _Subscriber, interval_s: float, agents_listed: bool) -> Stream:
+        key = (interval_s, agents_listed)
+        if key not in self._streams:
+            await self.views.catch_up()  # may yield: another watcher may have made the stream meanwhile
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = Stream(self.views, interval_s, agents_listed)
+            stream.task = asyncio.create_task(stream.run(), name=f"watch-stream-{interval_s:g}")
+        stream.subscribers.add(sub)
+        return stream
+
+    def _leave(self, sub: _Subscriber, stream: Stream) -> None:
+        stream.subscribers.discard(sub)
+        if not stream.subscribers and self._streams.get((stream.interval_s, stream.agents_listed)) is stream:
+            del self._streams[(stream.interval_s, stream.agents_listed)]
+            if stream.task is not None:
+                stream.task.cancel()  # nothing awaits its result; it only sleeps and encodes
+
+    async def _forward(self, queue: asyncio.Queue[Event], sub: _Subscriber) -> None:
+        while True:
+            sub.offer(encode(await queue.get()))
+
+    async def _sender(self, sub: _Subscriber) -> None:
+        ws = sub.ws
         try:
             while not ws.closed:
-                if loop.time() >= next_at:
-                    await self._send(ws, snapshot(self.registry, self.jobs, interval_s))
-                    next_at = loop.time() + interval_s
-                try:
-                    async with asyncio.timeout(max(0.0, next_at - loop.time())):
-                        event = await queue.get()
-                except TimeoutError:
-                    continue  # time for the next snapshot
-                await self._send(ws, event)
+                text = await sub.outbox.get()
+                async with asyncio.timeout(self.send_timeout_s):  # a watcher too slow to take its frames
+                    await ws.send_str(text)
+                if sub.too_slow:
+                    raise TimeoutError(f"more than {OUTBOX_FRAMES} frames waiting")
         except (TimeoutError, ConnectionError, RuntimeError, WireError) as exc:
             log.info("watcher %s dropped: %s", id(ws), exc or type(exc).__name__)
             await ws.close(code=WSCloseCode.GOING_AWAY, message=b"watcher too slow or gone")
 
-    async def _send(self, ws: web.WebSocketResponse, msg: WatchMessage) -> None:
-        # A TimeoutError here is a watcher too slow to take its frames: the pump drops it.
-        async with asyncio.timeout(self.send_timeout_s):
-            await ws.send_str(encode(msg))
-
     async def close_all(self, why: str) -> None:
+        for stream in list(self._streams.values()):
+            if stream.task is not None:
+                stream.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stream.task
+        self._streams.clear()
         await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=why.encode()[:120])
                                for ws in list(self._sockets)), return_exceptions=True)
 
@@ -175,3 +215,11 @@ def interval_from_query(request: web.Request) -> float:
         raise web.HTTPBadRequest(text=f"interval_s={raw!r}: expected a number of seconds from "
                                       f"{MIN_INTERVAL_S:g} to {MAX_INTERVAL_S:g}")
     return value
+
+
+def agents_listed_from_query(request: web.Request) -> bool:
+    """`agents=all` (the default: every agent's view) or `agents=none` (the fleet summary only)."""
+    raw = request.query.get("agents", "all")
+    if raw not in AGENT_FILTERS:
+        raise web.HTTPBadRequest(text=f"agents={raw!r}: expected one of {', '.join(AGENT_FILTERS)}")
+    return raw == "all"

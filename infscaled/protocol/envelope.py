@@ -7,18 +7,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from typing import Any
 
 from infscaled.errors import WireError
-from infscaled.protocol.typed import build
+from infscaled.protocol.typed import build, to_dict
 
 DEFAULT_MAX_BYTES = 1 << 20
 
 
 def encode_frame(msg: Any, version: int, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
-    text = json.dumps({"v": version, "type": msg.type, "body": asdict(msg)})
-    if len(text.encode()) > max_bytes:
+    text = json.dumps({"v": version, "type": msg.type, "body": to_dict(msg)})
+    if len(text) > max_bytes:  # json.dumps escapes non-ASCII: characters are bytes
         raise WireError(f"{msg.type} message of {len(text)} bytes exceeds {max_bytes}")
     return text
 

@@ -110,7 +110,8 @@ class DeviceUsage:
 
 @dataclass(frozen=True)
 class HostMetrics:
-    """The agent's host and devices, every metrics_interval_s (latest wins, like Metrics)."""
+    """The agent's host and devices, sampled every Welcome.host_metrics_interval_s and sent only
+    when a value moved past agent.devices.usage_changed's thresholds (latest wins, like Metrics)."""
 
     type: ClassVar[str] = "host_metrics"
     agent_id: str
@@ -124,11 +125,16 @@ class HostMetrics:
 
 @dataclass(frozen=True)
 class Welcome:
+    """The controller's answer to Register, with the rates it wants from this agent: a fleet's
+    traffic is set in one place, the controller's config."""
+
     type: ClassVar[str] = "welcome"
     agent_id: str
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
     credential: str = ""  # issued at first registration: the agent keeps it and sends it in Register
+    host_metrics_interval_s: float = 5.0  # sample the host this often; send a sample only when it changed
+    reconnect_spread_s: float = 1.0  # after a drop, wait uniformly 0..this before the first reconnect
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,30 @@
-"""What `/v1/watch` streams to any client (the TUI, scripts): snapshots and events (no torch).
+"""What `/v1/watch` streams to any client (the TUI, scripts): snapshots, deltas, events (no torch).
 
-Frames are JSON text `{"v": 1, "type": "snapshot" | "event", "body": {...}}`, the same envelope
-as the agents' websocket. A watcher first gets the recent events (oldest first), then a
-`Snapshot` at once and one every `interval_s`, and each `Event` as it happens. A snapshot is
-the whole picture, so a client that drops or misses frames only needs the next one: render from
-the latest snapshot, never by accumulating deltas.
+Frames are JSON text `{"v": 2, "type": "snapshot" | "delta" | "event", "body": {...}}`, the same
+envelope as the agents' websocket. A watcher first gets the recent events (oldest first), then
+one `Snapshot` (the whole picture at tick T), then every `interval_s` a `Delta` from tick T to
+T+1 (agents and jobs that changed, whole; ids that went away; the fleet summary), and each
+`Event` as it happens. Apply them in order with `WatchState`; a delta whose `base` is not the
+tick the client holds means a frame was lost: reconnect for a fresh snapshot.
+
+The controller builds each tick's delta once and sends the same text to every watcher with the
+same query, so ten watchers cost one encoding, and a quiet fleet costs a few hundred bytes a
+second. `agents=none` leaves the per-agent views out (the fleet summary stays): what a big
+cluster's dashboard needs; page through agents with `GET /v1/agents`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from infscaled.protocol.control import DispatcherStats, StageStats
 from infscaled.protocol.envelope import decode_frame, encode_frame
+from infscaled.protocol.messages import HostMetrics
 
-WATCH_VERSION = 1
-MAX_WATCH_BYTES = 16 << 20  # a snapshot of hundreds of workers; far above what 64 need
+WATCH_VERSION = 2  # 2: deltas after the first snapshot; agents' views without heartbeat ages
+MAX_WATCH_BYTES = 64 << 20  # the first snapshot of 10,000 agents with 8 GPUs each is ~15 MB
 # Event kinds, for filtering and colouring; `message` always says it in words.
 EVENT_KINDS = ("agent_joined", "agent_lost", "worker_state", "job_state", "job_scaled")
 
@@ -47,7 +54,8 @@ class AgentView:
     cpu_ratio: float = -1.0  # whole-host CPU busy fraction (psutil); -1 before the first report
     ram_used_bytes: int = -1
     workers: int = 0  # worker processes alive, per its latest heartbeat
-    last_heartbeat_age_s: float = 0.0
+    # No heartbeat age: it would change every tick for every agent and make every delta the whole
+    # fleet. `state` says what matters (the controller declares an agent lost); GET /v1/agents has it.
     devices: list[DeviceView] = field(default_factory=list)
 
 
@@ -99,12 +107,59 @@ class JobView:
 
 
 @dataclass(frozen=True)
+class FleetSummary:
+    """Counts over every agent the controller knows, whatever the watch's `agents` filter."""
+
+    agents: int = 0
+    connected: int = 0
+    lost: int = 0
+    devices: int = 0  # of connected agents
+    gpus: int = 0  # of connected agents
+    devices_in_use: int = 0  # held by a job
+    workers: int = 0
+    gpu_util_mean: float = -1.0  # over the GPUs that reported; -1 when none did
+    cpu_ratio_mean: float = -1.0  # over the connected agents that reported; -1 when none did
+
+
+@dataclass(frozen=True)
 class Snapshot:
+    """The whole picture at `tick`: what a watcher gets first, and what WatchState rebuilds."""
+
     type: ClassVar[str] = "snapshot"
     time: float  # controller wall clock
     interval_s: float
-    agents: list[AgentView] = field(default_factory=list)
+    agents: list[AgentView] = field(default_factory=list)  # empty when agents_listed is false
     jobs: list[JobView] = field(default_factory=list)
+    fleet: FleetSummary = field(default_factory=FleetSummary)
+    agents_listed: bool = True  # false: the watch asked for agents=none
+    tick: int = 0
+
+
+@dataclass(frozen=True)
+class Delta:
+    """From tick `base` to tick `tick`: the agents and jobs that changed or appeared (whole), the
+    ids that went away, the latest usage report of agents whose usage alone changed (apply it
+    with `apply_usage`; the agents' own HostMetrics, smaller than their views and not rebuilt
+    by the controller), and the fleet summary now."""
+
+    type: ClassVar[str] = "delta"
+    time: float
+    tick: int
+    base: int
+    fleet: FleetSummary
+    agents: list[AgentView] = field(default_factory=list)
+    agents_gone: list[str] = field(default_factory=list)
+    jobs: list[JobView] = field(default_factory=list)
+    jobs_gone: list[str] = field(default_factory=list)
+    usage: list[HostMetrics] = field(default_factory=list)
+
+
+def apply_usage(view: AgentView, usage: HostMetrics) -> AgentView:
+    """`view` with the host and device numbers of `usage` (devices it does not mention keep theirs)."""
+    measured = {d.id: d for d in usage.devices}
+    devices = [replace(d, util_ratio=m.util_ratio, memory_used_bytes=m.memory_used_bytes)
+               if (m := measured.get(d.id)) is not None else d for d in view.devices]
+    return replace(view, cpu_ratio=usage.cpu_ratio, ram_used_bytes=usage.ram_used_bytes, devices=devices)
 
 
 @dataclass(frozen=True)
@@ -120,8 +175,44 @@ class Event:
     state: str = ""  # the new state, for worker_state and job_state
 
 
-WatchMessage = Snapshot | Event
-_TYPES: dict[str, type] = {Snapshot.type: Snapshot, Event.type: Event}
+WatchMessage = Snapshot | Delta | Event
+_TYPES: dict[str, type] = {Snapshot.type: Snapshot, Delta.type: Delta, Event.type: Event}
+
+
+class WatchState:
+    """A watcher's picture: `apply` each Snapshot and Delta in order, read `snapshot`."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+        self._agents: dict[str, AgentView] = {}
+        self._jobs: dict[str, JobView] = {}
+
+    def apply(self, msg: Snapshot | Delta) -> Snapshot | None:
+        """The picture after `msg`; None for a delta that does not follow what this state holds
+        (a lost frame, or no snapshot yet): the caller should reconnect for a fresh snapshot."""
+        if isinstance(msg, Snapshot):
+            self._agents = {a.id: a for a in msg.agents}
+            self._jobs = {j.id: j for j in msg.jobs}
+            self.snapshot = msg
+            return msg
+        prev = self.snapshot
+        if prev is None or msg.base != prev.tick:
+            return None
+        for gone in msg.agents_gone:
+            self._agents.pop(gone, None)
+        self._agents.update((a.id, a) for a in msg.agents)
+        for usage in msg.usage:
+            view = self._agents.get(usage.agent_id)
+            if view is not None:
+                self._agents[usage.agent_id] = apply_usage(view, usage)
+        for gone in msg.jobs_gone:
+            self._jobs.pop(gone, None)
+        self._jobs.update((j.id, j) for j in msg.jobs)
+        # Lists are rebuilt only when their dict changed: a quiet tick costs nothing per agent.
+        agents = list(self._agents.values()) if msg.agents or msg.agents_gone or msg.usage else prev.agents
+        jobs = list(self._jobs.values()) if msg.jobs or msg.jobs_gone else prev.jobs
+        self.snapshot = Snapshot(msg.time, prev.interval_s, agents, jobs, msg.fleet, prev.agents_listed, msg.tick)
+        return self.snapshot
 
 
 def encode(msg: WatchMessage) -> str:

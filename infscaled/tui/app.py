@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Footer, TabbedContent, TabPane
 
 from infscaled.client import ApiError, Client
-from infscaled.protocol.watch import Event, Snapshot, WatchMessage
+from infscaled.protocol.watch import Event, Snapshot
 from infscaled.tui import format as fmt
 from infscaled.tui.feed import subscribe
 from infscaled.tui.screens import ConfirmScreen, HelpScreen
@@ -78,7 +78,7 @@ class _Sink:
     def bad_frame(self, problem: str) -> None:
         self._app.post_message(BadFrame(problem))
 
-    def message(self, msg: WatchMessage) -> None:
+    def message(self, msg: Snapshot | Event) -> None:
         if isinstance(msg, Snapshot):
             self._latest = msg
             if not self._pending:
@@ -220,7 +220,7 @@ class TuiApp(App[None]):
             text = Text("● connected ", style="bold green").append(self.controller)
             if self.snapshot is not None:
                 age = time.monotonic() - self._snapshot_at
-                text.append(f"   snapshot {age:.1f} s old   {len(self.snapshot.agents)} agents   "
+                text.append(f"   snapshot {age:.1f} s old   {self.snapshot.fleet.agents} agents   "
                             f"{len(self.snapshot.jobs)} jobs", style="dim")
         elif self.link_reason:
             retry = max(0.0, self._retry_at - time.monotonic())

@@ -1,5 +1,7 @@
-"""The `/v1/watch` subscription, independent of Textual: connect, decode frames, hand them to a
-sink, and reconnect with backoff when the controller goes away.
+"""The `/v1/watch` subscription, independent of Textual: connect, decode frames, apply the
+snapshot and its deltas (protocol.watch.WatchState), hand the sink whole snapshots and events,
+and reconnect with backoff when the controller goes away or a delta does not follow (a lost
+frame: the next connection starts from a fresh snapshot).
 
 The sink is called on the event loop that runs `subscribe`; the app's sink only posts messages
 (see app.py), so drawing never happens on this path.
@@ -38,7 +40,7 @@ class WatchSink(Protocol):
 
     def disconnected(self, reason: str, retry_in_s: float) -> None: ...
 
-    def message(self, msg: watch.WatchMessage) -> None: ...
+    def message(self, msg: watch.Snapshot | watch.Event) -> None: ...
 
     def bad_frame(self, problem: str) -> None: ...
 
@@ -88,6 +90,7 @@ async def _one_connection(http: aiohttp.ClientSession, url: str, token: str, sin
 
 
 async def _read(ws: aiohttp.ClientWebSocketResponse, sink: WatchSink, stale_s: float) -> str:
+    state = watch.WatchState()
     while True:
         try:
             frame = await ws.receive(timeout=stale_s)
@@ -97,10 +100,18 @@ async def _read(ws: aiohttp.ClientWebSocketResponse, sink: WatchSink, stale_s: f
             return f"connection lost ({exc.__class__.__name__}: {exc})"
         if frame.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
             try:
-                sink.message(watch.decode(frame.data))
+                msg = watch.decode(frame.data)
             except WireError as exc:
-                # One bad frame says nothing about the next: the next snapshot is whole again.
+                # If it was a delta, the next one will not follow and the link starts over.
                 sink.bad_frame(str(exc))
+                continue
+            if isinstance(msg, watch.Event):
+                sink.message(msg)
+                continue
+            snap = state.apply(msg)
+            if snap is None:
+                return f"delta for tick {msg.base} does not follow the picture held; starting over"
+            sink.message(snap)
         elif frame.type == aiohttp.WSMsgType.ERROR:
             return f"connection lost ({ws.exception()})"
         elif frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):

@@ -4,11 +4,12 @@ and the one bit of history the app keeps (throughput per job, for sparklines).""
 from __future__ import annotations
 
 from collections import deque
+import heapq
 from collections.abc import Iterable
 
 from rich.text import Text
 
-from infscaled.protocol.watch import EdgeView, JobView, ReplicaView, Snapshot
+from infscaled.protocol.watch import AgentView, EdgeView, JobView, ReplicaView, Snapshot
 
 NONE = "–"  # a value not measured yet
 HISTORY_LEN = 120  # sparkline points: two minutes at the default 1 s interval
@@ -103,6 +104,14 @@ def pick_job(snapshot: Snapshot | None, wanted: str | None) -> JobView | None:
     newest = sorted(snapshot.jobs, key=lambda j: j.created)
     running = [j for j in newest if j.state == "running"]
     return (running or newest)[-1]
+
+
+def agents_to_show(agents: list[AgentView], limit: int) -> list[AgentView]:
+    """At most `limit` agents: the lost ones first (they need a look), then the rest, each by id;
+    a partial sort, so a fleet of 10,000 costs one pass, not a full sort."""
+    if len(agents) <= limit:
+        return sorted(agents, key=lambda a: (a.state == "connected", a.id))
+    return heapq.nsmallest(limit, agents, key=lambda a: (a.state == "connected", a.id))
 
 
 def cycle(ids: list[str], current: str | None, step: int) -> str | None:

@@ -11,11 +11,11 @@ from textual.containers import Horizontal, ScrollableContainer, Vertical
 from textual.widget import Widget
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 
-from infscaled.protocol.watch import Event, JobView, Snapshot
+from infscaled.protocol.watch import Event, FleetSummary, JobView, Snapshot
 from infscaled.tui import format as fmt
 from infscaled.tui.widgets import DispatcherCell, EdgeColumn, StageColumn, TextCell, sync_rows
 
-AGENT_COLUMNS = ("agent", "host", "state", "cpu", "ram", "workers", "heartbeat", "reason")
+AGENT_COLUMNS = ("agent", "host", "state", "cpu", "ram", "workers", "devices used", "reason")
 DEVICE_COLUMNS = ("agent", "device", "kind", "name", "job", "util", "memory")
 # Narrow enough for 150 columns: the id already carries the job's name, latencies are in ms.
 JOB_COLUMNS = ("id", "state", "model", "stages", "req/s", "samples/s", "p50 ms", "p90 ms", "p99 ms",
@@ -26,11 +26,19 @@ def _state(state: str) -> Text:
     return Text(state, style=fmt.state_style(state))
 
 
+# A big fleet is a summary plus the rows that need a look: tables this long stay quick to sync.
+MAX_AGENT_ROWS = 200
+MAX_DEVICE_ROWS = 400
+
+
 class ClusterView(Vertical):
+    """The fleet summary, then agents (lost ones first) and their devices, up to MAX_*_ROWS."""
+
     def compose(self) -> ComposeResult:
-        yield Static("agents", classes="section")
+        yield TextCell(id="fleet-summary", classes="summary")
+        yield Static("agents", id="agents-title", classes="section")
         yield DataTable(id="agents-table", cursor_type="row", zebra_stripes=True)
-        yield Static("devices", classes="section")
+        yield Static("devices", id="devices-title", classes="section")
         yield DataTable(id="devices-table", cursor_type="row", zebra_stripes=True)
 
     def on_mount(self) -> None:
@@ -38,19 +46,39 @@ class ClusterView(Vertical):
         self.query_one("#devices-table", DataTable).add_columns(*DEVICE_COLUMNS)
 
     def show(self, snap: Snapshot) -> None:
+        self.query_one("#fleet-summary", TextCell).set_text(fleet_summary(snap.fleet))
+        shown = fmt.agents_to_show(snap.agents, MAX_AGENT_ROWS)
         agents = {a.id: (a.id, a.host, _state(a.state), fmt.pct(a.cpu_ratio),
                          f"{fmt.size(a.ram_used_bytes)} / {fmt.size(a.ram_bytes)}", str(a.workers),
-                         f"{a.last_heartbeat_age_s:.1f} s ago", a.reason) for a in snap.agents}
+                         f"{sum(1 for d in a.devices if d.job)} / {len(a.devices)}", a.reason) for a in shown}
         devices = {}
-        for a in snap.agents:
+        for a in shown:
             for d in a.devices:
+                if len(devices) == MAX_DEVICE_ROWS:
+                    break
                 # CPU slots register no memory of their own: the host's RAM is on the agent's row.
                 total = fmt.size(d.memory_bytes) if d.memory_bytes > 0 else fmt.NONE
                 memory = total if d.memory_used_bytes < 0 else f"{fmt.size(d.memory_used_bytes)} / {total}"
                 devices[f"{a.id}/{d.id}"] = (a.id, d.id, d.kind, d.name, d.job or Text("free", style="dim"),
                                              fmt.pct(d.util_ratio), memory)
+        title = "agents" if snap.agents_listed else "agents: not listed (watching with agents=none)"
+        if len(shown) < len(snap.agents):
+            title = f"agents: {len(shown)} of {len(snap.agents)} (lost first; GET /v1/agents pages through all)"
+        self.query_one("#agents-title", Static).update(title)
+        self.query_one("#devices-title", Static).update(
+            "devices" if len(devices) < MAX_DEVICE_ROWS else f"devices: the first {MAX_DEVICE_ROWS} of those agents")
         sync_rows(self.query_one("#agents-table", DataTable), agents)
         sync_rows(self.query_one("#devices-table", DataTable), devices)
+
+
+def fleet_summary(f: FleetSummary) -> Text:
+    text = Text("fleet  ", style="bold")
+    text.append(f"{f.agents} agents: {f.connected} connected")
+    text.append(f", {f.lost} lost", style="bold red" if f.lost else "dim")
+    text.append(f"   {f.devices} devices ({f.gpus} GPUs), {f.devices_in_use} in use   {f.workers} workers")
+    text.append(f"\nmean GPU utilisation {fmt.pct(f.gpu_util_mean)}   mean host CPU {fmt.pct(f.cpu_ratio_mean)}",
+                style="dim")
+    return text
 
 
 class JobsView(Vertical):
