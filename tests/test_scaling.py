@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +20,12 @@ import torch
 
 from infscaled.config import parse_job
 from infscaled.generation.sampling import SamplingParams
+from infscaled.models import inputs
 from infscaled.models.sources import resolve
 from infscaled.models.stage import Monolith
 from infscaled.planning.scale import ScaleError, scale_shape
 from infscaled.protocol.plan import Node
 from infscaled.runner.launcher import LocalJob, prepare
-from infscaled.models import inputs
 from infscaled.runner.workload import Outcome, requests_for
 
 WAIT_S = 120.0

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from infscaled.config import JobConfig, check_against_model, check_builtin
+from infscaled.dispatch.batching import Batching
+from infscaled.dispatch.sequences import Sequences
 from infscaled.errors import ConfigError, InfscaledError, ModelError
 from infscaled.models.base import InputSpec
 from infscaled.models.builtins import BUILTIN_NAMES
@@ -29,8 +31,6 @@ from infscaled.models.stage import skeleton
 from infscaled.planning.job import plan_job, ports_needed
 from infscaled.planning.placement import place
 from infscaled.planning.ports import free_ports
-from infscaled.dispatch.batching import Batching
-from infscaled.dispatch.sequences import Sequences
 from infscaled.planning.scale import apply_scale, scale_shape
 from infscaled.protocol.control import UpdateTopology
 from infscaled.protocol.plan import JobPlan, Node

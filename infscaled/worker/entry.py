@@ -17,9 +17,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 from infscaled.errors import WireError
 from infscaled.protocol import control

@@ -178,7 +178,8 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
     if plan.generation is not None:
         front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s)
     else:
-        front = Batching(input_spec, dtype_of(plan.dtype), plan, request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S)
+        front = Batching(input_spec, dtype_of(plan.dtype), plan,
+                         request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S)
     engine = dispatcher_engine(plan, front, spec.connect_timeout_s)
     link.engine = engine
     front.run_engine()
@@ -261,9 +262,9 @@ async def _serve(spec: ServiceSpec, dispatcher: FrontEnd, input_spec: InputSpec,
 def _generation_routes(spec: ServiceSpec, dispatcher: Any, input_spec: InputSpec,
                        stats: RequestStats) -> list[web.RouteDef]:
     """The OpenAI-compatible endpoints over the pipeline (the tokenizer loads from local files)."""
+    from infscaled.dispatch.sequences import PipelineBackend
     from infscaled.generation.openai_api import make_handlers
     from infscaled.generation.tokenizer import load_tokenizer
-    from infscaled.dispatch.sequences import PipelineBackend
 
     plan = spec.plan
     assert plan.generation is not None

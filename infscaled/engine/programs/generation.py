@@ -27,9 +27,9 @@ import torch
 from infscaled.engine import genwire as gw
 from infscaled.engine.edges import EdgeEnd
 from infscaled.engine.program import Program
+from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import PagedBatch, StageKV
-from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.params import PromptLogprobs, Sampled
 from infscaled.generation.sampling import SequenceSampling, make_generator, plain, prompt_logprobs, sample_step
 from infscaled.protocol.control import StageStats
