@@ -168,6 +168,23 @@ def test_nested_shape_is_pure_and_row_major() -> None:
     assert nested_shape([[[0.5]]]) == ([1, 1, 1], [0.5])
 
 
+def test_request_json_is_strict_and_bounded_and_answers_are_strict_json() -> None:
+    from infscaled.errors import RequestError
+    from infscaled.models.base import InputSpec
+    from infscaled.worker.service import parse_request, render_response
+
+    spec = InputSpec("image", (3, 4, 4))
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(RequestError, match="nests more than 7 levels deep"):
+        parse_request(deep, False, spec)
+    with pytest.raises(RequestError, match="NaN is not JSON"):
+        parse_request(b'{"inputs": [[NaN, 1.0]]}', False, spec)
+    body, ctype = render_response(torch.tensor([[1.0, float("nan"), float("inf")]]), False)
+    assert ctype == "application/json"
+    assert json.loads(body, parse_constant=lambda c: pytest.fail(f"bare {c} in the answer")) == {
+        "output": [[1.0, None, None]], "shape": [1, 3], "dtype": "float32"}
+
+
 def test_sigterm_drains_then_every_process_exits_cleanly(served: Served) -> None:
     pids = [h.process.pid for h in served.group.handles.values()]
     dispatcher = served.group.handles[DISPATCHER].process

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import signal
@@ -43,7 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 from aiohttp import web
 
 from infscaled.errors import PipelineFailedError, RequestError, WireError
-from infscaled.protocol import control, tensors
+from infscaled.protocol import control, jsonsafe, tensors
 from infscaled.protocol.plan import DISPATCHER, JobPlan
 from infscaled.protocol.wire import MAX_NDIM
 from infscaled.worker.entry import _die_with_parent
@@ -398,8 +397,11 @@ def parse_request(body: bytes, binary: bool, spec: InputSpec) -> torch.Tensor:
         header, data = tensors.decode(body)
         return tensor_from_body(header, data)
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        # Strict and bounded before parsing: {"inputs": ...} nests at most MAX_NDIM + 1 levels.
+        doc = jsonsafe.loads(body, max_bytes=len(body), max_depth_allowed=MAX_NDIM + 1)
+    except jsonsafe.JsonLimitError as exc:
+        raise RequestError(f'body must be JSON {{"inputs": [...]}} or {tensors.CONTENT_TYPE}: {exc}') from None
+    except UnicodeDecodeError:
         raise RequestError(f'body must be JSON {{"inputs": [...]}} or {tensors.CONTENT_TYPE}') from None
     if not isinstance(doc, dict) or "inputs" not in doc:
         raise RequestError('body must be a JSON object {"inputs": nested list}')
@@ -427,7 +429,8 @@ def render_response(y: torch.Tensor, binary: bool) -> tuple[bytes, str]:
     from infscaled.worker.transport import DTYPE_NAMES
 
     doc = {"output": y.tolist(), "shape": list(y.shape), "dtype": DTYPE_NAMES[y.dtype]}
-    return json.dumps(doc).encode(), "application/json"
+    # Strict JSON: a non-finite output value is written as null (docs/controller-api.md).
+    return jsonsafe.dumps(doc).encode(), "application/json"
 
 
 def tensor_to_body(t: torch.Tensor) -> bytes:
