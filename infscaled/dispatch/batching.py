@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from infscaled.dispatch.core import TIMEOUT_CHECK_S, FrontEnd, Journal
+from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd
 from infscaled.errors import PipelineFailedError, RequestError
 from infscaled.models import inputs
@@ -29,8 +30,6 @@ from infscaled.protocol.plan import JobPlan
 from infscaled.protocol.wire import DATA
 from infscaled.worker.router import Router
 from infscaled.worker.transport import ACK, Ack, Message
-
-REQUESTS_KEY = "requests"
 
 
 @dataclass

@@ -104,9 +104,6 @@ class FrontEnd(Program):
 
     # -- any thread ------------------------------------------------------------------------------
 
-    def start(self) -> None:  # type: ignore[override]
-        """Program hook (compute thread starts): nothing by default."""
-
     def run_engine(self) -> None:
         """Run the engine (already connected) in a thread of its own."""
         def run() -> None:

@@ -34,6 +34,7 @@ import torch
 
 from infscaled.dispatch.core import TIMEOUT_CHECK_S, FrontEnd
 from infscaled.engine import genwire as gw
+from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd
 from infscaled.generation.errors import GenerationError
 from infscaled.generation.kv import reserved_span
@@ -283,7 +284,7 @@ class Sequences(FrontEnd):
             for s, tok, done, extra in zip(msg.seqs, msg.tokens, msg.done, reported, strict=True):
                 self._deliver(s, tok, done, extra)
         self.engine.passed_on()
-        self.engine.ack(end, Ack(ACK, wire.mb_id, len(wire.tensors["requests"]), 0))
+        self.engine.ack(end, Ack(ACK, wire.mb_id, len(wire.tensors[REQUESTS_KEY]), 0))
 
     def _deliver(self, seq_id: int, token: int, done: bool, reported: list[Sampled | PromptLogprobs]) -> None:
         seq = self._seqs.get(seq_id)

@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from infscaled.engine.edges import STOP_MARK, EdgeEnd, EdgeState, StopMarker
@@ -373,7 +374,7 @@ class Engine:
                  len(update.remove))
 
     def _opened(self, end: EdgeEnd, edge: Edge) -> None:
-        edge.transport.timeout = _timedelta(self.settings.edge_timeout_s)
+        edge.transport.timeout = timedelta(seconds=self.settings.edge_timeout_s)
         end.edge = edge
         if self.cuda is not None:
             self.cuda.adopt(end)
@@ -484,9 +485,4 @@ class Engine:
 def _edge_id(key: str) -> int:
     return hash(key) & 0x7FFFFFFF
 
-
-def _timedelta(seconds: float) -> Any:
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
 

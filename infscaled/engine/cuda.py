@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
+from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd
 from infscaled.worker.nccl import BufferPool
 from infscaled.worker.transport import Message
 
 # Tensors a CUDA stage keeps in host memory (see the contract above).
-HOST_KEYS = frozenset({"requests", "attention_mask"})
+HOST_KEYS = frozenset({REQUESTS_KEY, "attention_mask"})
 
 
 class CudaStreams:

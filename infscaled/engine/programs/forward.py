@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd
 from infscaled.engine.program import Program
 from infscaled.protocol.control import StageStats
@@ -35,7 +36,6 @@ from infscaled.worker.transport import ACK, Ack, Message
 
 log = logging.getLogger(__name__)
 
-REQUESTS_KEY = "requests"
 # INFSCALED_PROFILE_DIR=DIR: a CUDA stage records a torch profiler trace of micro-batches
 # PROFILE_FROM..PROFILE_FROM+PROFILE_COUNT-1 (steady state) to DIR/stage-<node>.json (Chrome trace).
 PROFILE_ENV = "INFSCALED_PROFILE_DIR"

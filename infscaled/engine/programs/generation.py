@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from infscaled.engine import genwire as gw
+from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd
 from infscaled.engine.program import Program
 from infscaled.generation.gpu_sampling import sample_async
@@ -98,7 +99,7 @@ class GenerationStage(Program):
                 elif self.chain.pending_free and not self.first:
                     self._send_next(gw.Free([]))  # a free list only: pass it down
         self.engine.passed_on()
-        self.engine.ack(end, Ack(ACK, wire.mb_id, int(wire.tensors["requests"].shape[0]), 0))
+        self.engine.ack(end, Ack(ACK, wire.mb_id, int(wire.tensors[REQUESTS_KEY].shape[0]), 0))
 
     def on_input_stopped(self, end: EdgeEnd) -> None:
         self.engine.ack_stop(end)
