@@ -37,14 +37,14 @@ for phase in ${PHASES:-tests gemm step gen}; do
       timeout "${T_GEMM:-150}" python3 -m benchmarks.gemm_shapes --out "$OUT" 2>&1 | grep -v WRONG | tee -a "$log" | tail -40
       ;;
     step)
-      timeout "${T_STEP:-240}" python3 -m benchmarks.decode_step --out "$OUT" ${STEP_ARGS:---variants torch:compiled,flex:compiled --profile} \
+      timeout "${T_STEP:-240}" python3 -m benchmarks.decode_step --out "$OUT" ${STEP_ARGS:---variants flex:compiled,flex:compiled:fused,triton:compiled:fused,triton:eager:fused --profile} \
         2>&1 | grep -vE "^\s*$|Warning|warn\(" | tee -a "$log" | tail -60
       ;;
     gen)
       mkdir -p /tmp/gen
-      RUN_TIMEOUT=${T_GEN:-150} bash benchmarks/gen_1stage.sh /tmp/gen "${GEN_CASES:-8:16:true 64:128:true}" 2>&1 | tee -a "$log"
+      GEN_LOG=INFO RUN_TIMEOUT=${T_GEN:-150} bash benchmarks/gen_1stage.sh /tmp/gen "${GEN_CASES:-8:16:true 64:128:true}" 2>&1 | tee -a "$log"
       for f in /tmp/gen/run_*.json; do [ -f "$f" ] && cp "$f" "$OUT/gen_$(basename "$f")"; done
-      tail -n 15 /tmp/gen/run_*.txt >>"$log" 2>&1
+      for f in /tmp/gen/run_*.txt; do [ -f "$f" ] && cp "$f" "$OUT/gen_$(basename "$f")"; done
       ;;
   esac
   echo "phase $phase: $(( $(date +%s) - t0 )) s" | tee -a "$log"

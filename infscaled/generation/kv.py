@@ -64,6 +64,15 @@ def to_device_no_sync(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return pinned(host).to(device, non_blocking=True)
 
 
+def write_decode_kv(pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor, positions: torch.Tensor,
+                    key: torch.Tensor, value: torch.Tensor) -> None:
+    """A decode step's new key and value [B, H, 1, Dh] into each row's page at its position."""
+    page = table.gather(1, (positions // PAGE_TOKENS).unsqueeze(1)).squeeze(1)  # [B]
+    offset = positions % PAGE_TOKENS
+    pool_k[page, offset] = key[:, :, 0]
+    pool_v[page, offset] = value[:, :, 0]
+
+
 class PagedBatch:
     """The cache transformers' attention sees for one micro-batch (duck-types `Cache.update`).
 
@@ -97,10 +106,7 @@ class PagedBatch:
             pool_v[pages, offsets] = value.transpose(1, 2)[rows, cols]
             return key, value
         assert self.positions is not None and self.table is not None
-        page = self.table.gather(1, (self.positions // PAGE_TOKENS).unsqueeze(1)).squeeze(1)  # [B]
-        offset = self.positions % PAGE_TOKENS
-        pool_k[page, offset] = key[:, :, 0]  # key [B, H, 1, Dh]
-        pool_v[page, offset] = value[:, :, 0]
+        write_decode_kv(pool_k, pool_v, self.table, self.positions, key, value)
         return pool_k, pool_v  # the attention reads the pages in place (paged_attention.py)
 
     @classmethod
