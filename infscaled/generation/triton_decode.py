@@ -45,9 +45,7 @@ if triton is not None:
         heads = hk * GROUP + rh
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + rd[None, :], mask=hmask[:, None], other=0.0)
         last = tl.load(pos_ptr + b)  # the new token's position: the last one this row sees
-        first = 0
-        if window > 0:
-            first = tl.maximum(last - window + 1, 0)
+        first = tl.maximum(last - window + 1, 0)  # no window: `window` is larger than any position
         m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_H, D), dtype=tl.float32)
@@ -83,7 +81,7 @@ def _launch(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, tab
     _paged_decode_kernel[grid](
         query, pool_k, pool_v, table, positions, out,
         query.stride(0), query.stride(1), table.stride(0), pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
-        out.stride(0), out.stride(1), scale * 1.4426950408889634, window,
+        out.stride(0), out.stride(1), scale * 1.4426950408889634, window if window > 0 else 1 << 40,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=dh, PAGE=page, BLOCK_T=64,
         # float32 jobs promise greedy = HF: no TF32 there.
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4)
