@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from infscaled.generation.skinny_gemm import skinny_linear
+from benchmarks.skinny_gemm import skinny_linear
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 3072, 8192, 24, 8, 128, 28
 Q, KVN = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM

@@ -1,11 +1,11 @@
-"""Decode-step matrix products for few rows (M <= 64), in Triton: out = x @ weight.T.
+"""A candidate for the decode step's matrix products with few rows (M <= 64), in Triton:
+out = x @ weight.T. Measured against cuBLAS by benchmarks/gemm_shapes.py (BENCHMARKS.md
+section 14): within a few percent of cuBLAS at every llama-3b shape, so the product stays
+cuBLAS's and this kernel stays here, a benchmark baseline, not part of the package.
 
-Why: a decode step's products have M = the micro-batch's sequences (8-64) and read a whole
-weight matrix each, so they are bound by memory bandwidth, not arithmetic. cuBLAS picks
-kernels that reach about half of the H200's bandwidth at these shapes (BENCHMARKS.md section
-10). This kernel streams the weight once, a [BLOCK_N, BLOCK_K] tile per iteration, with the
-few rows of x in registers, and splits K across programs when N alone gives too few programs
-to keep every multiprocessor's loads in flight (partial sums are added in float32 by atomics).
+It streams the weight once, a [BLOCK_N, BLOCK_K] tile per iteration, with the few rows of x
+in registers, and splits K across programs when N alone gives too few programs to keep every
+multiprocessor's loads in flight (partial sums added in float32 by atomics).
 
 CUDA only (Triton); `TRITON_INTERPRET=1` runs it on the CPU for tests.
 """
