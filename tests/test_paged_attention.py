@@ -1,10 +1,11 @@
 """Decode attention over the paged KV pools equals attention over each sequence's contiguous keys.
 
 The reference is plain sdpa over one sequence's keys and values laid end to end (what a model
-without pages computes). Both backends of generation/paged_attention.py read the same pools
+without pages computes). The backends of generation/paged_attention.py read the same pools
 through page tables with scattered pages, padding rows and scratch entries: "torch" (gather +
-mask, the CPU and CI path) and "flex" (flex_attention's block mask; uncompiled on the CPU, the
-compiled kernel in the GPU test). GQA and a sliding window included.
+mask, the CPU and CI path), "flex" (flex_attention's block mask; uncompiled on the CPU, the
+compiled kernel in the GPU test) and "triton" (generation/triton_decode.py, GPU tests only). GQA
+and a sliding window included.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def test_paged_decode_attention_equals_contiguous_attention(backend: str, window
 
 
 def test_unknown_backend_is_refused_with_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown paged attention backend 'flash'; one of torch, flex"):
+    with pytest.raises(ValueError,
+                       match="unknown paged attention backend 'flash'; one of torch, flex, triton$"):
         check_backend("flash")
 
 

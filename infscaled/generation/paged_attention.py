@@ -23,7 +23,7 @@ Backends (`BACKENDS`, chosen per `DecodeStep`, default `default_backend`):
 - "triton": one hand-written Triton kernel (generation/triton_decode.py) reading the pools
   through the page table, online softmax, one program per (row, kv head). No per-shape
   compilation, so every batch (bucketed or exact) can use it; the CUDA default where Triton is
-  installed and the head size is a power of two >= 16.
+  installed. Head sizes it does not take (not a power of two >= 16) fall back to "torch".
 Measured on an H200: BENCHMARKS.md sections 10 and 14.
 """
 
@@ -119,8 +119,9 @@ def attend_pages(backend: str, query: torch.Tensor, pool_k: torch.Tensor, pool_v
     if backend == "triton" and query.is_cuda and _triton_ok(dim):
         out = torch.ops.infscaled.paged_decode(query.squeeze(2), pool_k, pool_v, table, positions, scale, window)
         return out.unsqueeze(1)  # [B, Hq, Dh] -> [B, 1, Hq, Dh]
-    # flex where asked for, and for "triton" on CUDA with a head size its kernel does not take.
-    if dim >= FLEX_MIN_HEAD_DIM and (backend == "flex" or backend == "triton" and query.is_cuda):
+    # "triton" with a head size its kernel does not take (or off CUDA) takes the plain path, not
+    # flex: flex would compile for every exact-size batch (generation/graphs.py's eager steps).
+    if backend == "flex" and dim >= FLEX_MIN_HEAD_DIM:
         # Inside a compiled layer dynamo traces flex_decode itself; eager CUDA calls its compiled twin.
         run = _flex_compiled() if query.is_cuda and not torch.compiler.is_compiling() else flex_decode
         out = run(query, pool_k, pool_v, table, positions, page_index, scale, window)
