@@ -5,7 +5,9 @@
 # the device's 10 minutes. Run on the device machine from a copy of the repository root:
 #   OUT=DIR bash benchmarks/decode_device.sh
 # Environment: STEP_ARGS (extra decode_step arguments), GEN_CASES (gen_1stage.sh cases),
-# GPU_TESTS (test files), T_TESTS / T_GEMM / T_STEP / T_GEN (seconds per phase).
+# GPU_TESTS (test files), T_TESTS / T_GEMM / T_STEP / T_GEN (seconds per phase; T_GEN is per
+# case: a llama-3b worker needs ~70 s from spawn to its first decode step, drawing its random
+# weights on one CPU thread, and each new decode bucket compiles: 90 s was too short).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1
@@ -42,7 +44,7 @@ for phase in ${PHASES:-tests gemm step gen}; do
       ;;
     gen)
       mkdir -p /tmp/gen
-      GEN_LOG=INFO RUN_TIMEOUT=${T_GEN:-150} bash benchmarks/gen_1stage.sh /tmp/gen "${GEN_CASES:-8:16:true 64:128:true}" 2>&1 | tee -a "$log"
+      GEN_LOG=INFO RUN_TIMEOUT=${T_GEN:-240} bash benchmarks/gen_1stage.sh /tmp/gen "${GEN_CASES:-8:16:true 64:128:true}" 2>&1 | tee -a "$log"
       for f in /tmp/gen/run_*.json; do [ -f "$f" ] && cp "$f" "$OUT/gen_$(basename "$f")"; done
       for f in /tmp/gen/run_*.txt; do [ -f "$f" ] && cp "$f" "$OUT/gen_$(basename "$f")"; done
       ;;
