@@ -31,8 +31,9 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; an incomplete UTF-8 sequence at the end decodes to U+FFFD."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; an incomplete UTF-8 sequence at the end decodes to U+FFFD. Special
+        tokens (eos, chat markers) are left out unless `skip_special_tokens` is False."""
         ...
 
     def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -44,7 +45,7 @@ class HFTokenizer:
     """A transformers tokenizer from a local model directory (or the local hub cache); never downloads.
 
     `encode` adds the tokenizer's special tokens (a BOS where the model expects one); `decode`
-    skips special tokens. Chat uses the tokenizer's own chat template; without one a chat request
+    skips special tokens unless asked not to. Chat uses the tokenizer's own chat template; without one a chat request
     is a 400.
     """
 
@@ -65,8 +66,8 @@ class HFTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tok.decode(list(ids), skip_special_tokens=True))
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
@@ -120,10 +121,13 @@ class StreamDecoder:
     - Stop strings: once the text contains one, `stopped` is set, `stop_string` says which, and
       the text before it is the last delta. Text that could be the start of a stop string is held
       back until decided. `flush()` returns what is held when the sequence ends otherwise.
+    - Special tokens the model generates are left out of the text unless `skip_special_tokens`
+      is False (vLLM's default and its request field of that name).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(s for s in stop if s)
         self.stopped = False
         self.stop_string: str | None = None
@@ -138,8 +142,8 @@ class StreamDecoder:
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        prefix_text = self.tokenizer.decode(self._ids[self._prefix:self._read])
-        new_text = self.tokenizer.decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
         if new_text.endswith(_REPLACEMENT) or len(new_text) <= len(prefix_text):
             return ""  # an incomplete character, or nothing new yet
         self._prefix, self._read = self._read, len(self._ids)
@@ -149,12 +153,15 @@ class StreamDecoder:
         """At the end of the sequence: the held text and any undecodable tail (as U+FFFD)."""
         if self.stopped:
             return ""
-        prefix_text = self.tokenizer.decode(self._ids[self._prefix:self._read])
-        tail = self.tokenizer.decode(self._ids[self._prefix:])[len(prefix_text):]
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        tail = self._decode(self._ids[self._prefix:])[len(prefix_text):]
         self._prefix = self._read = len(self._ids)
         out, self._held = self._held + tail, ""
         self.text += out
         return out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _emit(self, pending: str) -> str:
         hits = [(i, s) for s in self.stop if (i := pending.find(s)) >= 0]
