@@ -118,7 +118,8 @@ def _sources(tmp: Path) -> dict[str, str]:
     tok = _train_tokenizer(qwen2)
     _save_model(qwen2, Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   eos_token_id=tok.eos_token_id, tie_word_embeddings=True), "Qwen2ForCausalLM",
+                                   eos_token_id=tok.convert_tokens_to_ids([SPECIAL_TOKENS[0], SPECIAL_TOKENS[2]]),
+                                   tie_word_embeddings=True), "Qwen2ForCausalLM",
                 emitted=tok.convert_tokens_to_ids(SPECIAL_TOKENS[1:]))
     return {"gpt2": "builtin:gpt2-tiny", "llama": "builtin:llama-tiny", "mistral": str(mistral), "qwen2": str(qwen2)}
 
@@ -280,7 +281,9 @@ def test_qwen2_with_its_own_bpe_tokenizer_through_the_openai_api(jobs: dict[str,
     "divergence": the token was HF's own, but its log-probability entry showed it as "" and the
     text, special tokens skipped, could not be compared with HF's decode). Every stream's tokens
     (log-probability entries) and text must equal HF generate's, with special tokens skipped (the
-    default) and kept (`skip_special_tokens: false`). Then random sequences as for the other
+    default) and kept (`skip_special_tokens: false`); without ignore_eos each stream ends where
+    HF generate ends, also at the end-of-turn marker the model's generation_config lists beside
+    the tokenizer's eos (as a chat model's does). Then random sequences as for the other
     families, on the same job."""
     from transformers import AutoTokenizer
 
@@ -291,17 +294,36 @@ def test_qwen2_with_its_own_bpe_tokenizer_through_the_openai_api(jobs: dict[str,
     ids = [tok.encode(p) for p in prompts]
     pieces = [[tok.decode([t]) for t in out] for out in tokens]
     for skip in (True, False):
-        got = asyncio.run(_streams(ready, prompts, 20, skip))
-        want = [(tok.decode(t, skip_special_tokens=skip), p, 20) for t, p in zip(tokens, pieces, strict=True)]
-        assert got == want, (
-            f"SEED={SEED} skip_special_tokens={skip}: streams differ from HF generate: "
-            + "; ".join(f"{p!r} {i}: got {g!r} want {w!r}"
-                        for p, i, g, w in zip(prompts, ids, got, want, strict=True) if g != w))
+        got = asyncio.run(_streams(ready, prompts, 20, {"ignore_eos": True, "skip_special_tokens": skip}))
+        want = [(tok.decode(t, skip_special_tokens=skip), p, 20, "length") for t, p in zip(tokens, pieces, strict=True)]
+        _same_streams(f"skip_special_tokens={skip}", prompts, got, want)
+    # Without ignore_eos: HF generate with the model's own settings stops at either eos id.
+    eos = set(ready.model.generation_config.eos_token_id)
+    ends = [_hf_generate_as_configured(ready.model, i, 20) for i in ids]
+    assert any(len(t) < 20 for t in ends), f"SEED={SEED}: no stream ends early, so the end ids go untested"
+    want = [(tok.decode(t, skip_special_tokens=True), [tok.decode([x]) for x in t if x not in eos], len(t),
+             "stop" if t[-1] in eos else "length") for t in ends]
+    _same_streams("stopping at the model's eos ids", prompts, asyncio.run(_streams(ready, prompts, 20, {})), want)
     # Text can hide a token (a random model emits many lone bytes, all shown as U+FFFD): the same
     # eight, all at once, token for token; then the random sequences.
     user = Workload(ids, [20] * 8, [0] * 8)
     check(CASES["qwen2"], user, tokens, drive(ready.job, user))
     check(CASES["qwen2"], ready.work, ready.expected, drive(ready.job, ready.work))
+
+
+def _same_streams(what: str, prompts: list[str], got: list[Any], want: list[Any]) -> None:
+    assert got == want, (f"SEED={SEED} {what}: streams differ from HF generate: "
+                         + "; ".join(f"{p!r}: got {g!r} want {w!r}"
+                                     for p, g, w in zip(prompts, got, want, strict=True) if g != w))
+
+
+def _hf_generate_as_configured(model: Any, prompt: list[int], new: int) -> list[int]:
+    """HF generate, greedy, with the model's generation_config (its eos ids end the sequence)."""
+    ids = torch.tensor([prompt])
+    with one_thread():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             pad_token_id=0)
+    return list(out[0, len(prompt):].tolist())
 
 
 def _user_prompts(ready: Ready, tok: Any, special: set[int]) -> tuple[list[str], list[list[int]]]:
@@ -324,11 +346,12 @@ def _user_prompts(ready: Ready, tok: Any, special: set[int]) -> tuple[list[str],
     raise AssertionError(f"SEED={SEED}: no prompt makes the qwen2 model generate one of {SPECIAL_TOKENS}")
 
 
-async def _streams(ready: Ready, prompts: list[str], new: int, skip_special_tokens: bool) -> list[
-        tuple[str, list[str], int]]:
+async def _streams(ready: Ready, prompts: list[str], new: int, extra: dict[str, Any]) -> list[
+        tuple[str, list[str], int, str]]:
     """The prompts as concurrent streaming completions through the OpenAI API (the handlers a
-    generation job's dispatcher serves, over this job's dispatcher) with the official client;
-    each stream's text, its tokens' texts (log-probability entries) and completion_tokens."""
+    generation job's dispatcher serves, over this job's dispatcher) with the official client and
+    `extra` fields; each stream's text, its tokens' texts (log-probability entries),
+    completion_tokens and finish_reason."""
     import openai
     from aiohttp import web
 
@@ -347,17 +370,17 @@ async def _streams(ready: Ready, prompts: list[str], new: int, skip_special_toke
     await site.start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
 
-    async def one(api: openai.AsyncOpenAI, prompt: str) -> tuple[str, list[str], int]:
+    async def one(api: openai.AsyncOpenAI, prompt: str) -> tuple[str, list[str], int, str]:
         stream = await api.completions.create(model="qwen2", prompt=prompt, max_tokens=new, temperature=0,
                                               logprobs=0, stream=True, stream_options={"include_usage": True},
-                                              extra_body={"ignore_eos": True,
-                                                          "skip_special_tokens": skip_special_tokens})
+                                              extra_body=extra)
         chunks = [c async for c in stream]
         usage = chunks[-1].usage
         assert usage is not None
         choices = [ch for c in chunks for ch in c.choices]
         pieces = [t for ch in choices if ch.logprobs and ch.logprobs.tokens for t in ch.logprobs.tokens]
-        return "".join(ch.text for ch in choices), pieces, usage.completion_tokens
+        finish = next(ch.finish_reason for ch in choices if ch.finish_reason)
+        return "".join(ch.text for ch in choices), pieces, usage.completion_tokens, finish
 
     try:
         async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as api:

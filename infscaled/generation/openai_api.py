@@ -187,7 +187,7 @@ def parse_request(kind: Kind, body: Any, tokenizer: Tokenizer, info: ModelInfo,
                                 f"{MAX_SEQUENCES} per request", param="n")
     params = [parse_sampling(body, prompt_tokens=len(p), context_length=info.context_length,
                              vocab_size=info.vocab_size, default_max_new_tokens=info.default_max_tokens,
-                             eos_token_id=tokenizer.eos_token_id) for p in prompts]
+                             eos_token_ids=tokenizer.eos_token_ids) for p in prompts]
     # One SamplingParams for all prompts: the shortest room decides the default max_tokens.
     shared = min(params, key=lambda p: p.max_new_tokens)
     if echo and shared.logprobs is not None and shared.prompt_logprobs is None:

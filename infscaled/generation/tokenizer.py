@@ -7,6 +7,7 @@ Torch-free; transformers is imported only when an HFTokenizer is built.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -29,6 +30,11 @@ class Tokenizer(Protocol):
     @property
     def eos_token_id(self) -> int | None: ...
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence (unless ignore_eos): the tokenizer's eos and the model's."""
+        ...
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -45,8 +51,9 @@ class HFTokenizer:
     """A transformers tokenizer from a local model directory (or the local hub cache); never downloads.
 
     `encode` adds the tokenizer's special tokens (a BOS where the model expects one); `decode`
-    skips special tokens unless asked not to. Chat uses the tokenizer's own chat template; without one a chat request
-    is a 400.
+    skips special tokens unless asked not to. Chat uses the tokenizer's own chat template;
+    without one a chat request is a 400. `eos_token_ids`: the tokenizer's eos, then the model's
+    own (`generation_config.json`, else `config.json`, as transformers' `generate` reads them).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -57,11 +64,17 @@ class HFTokenizer:
             self.tok: Any = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelError(f"model.source {self.source!r}: cannot load its tokenizer: {exc}") from exc
+        self._model_eos = model_eos_ids(path)
 
     @property
     def eos_token_id(self) -> int | None:
         eos = self.tok.eos_token_id
         return eos if isinstance(eos, int) else None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        first = () if self.eos_token_id is None else (self.eos_token_id,)
+        return first + tuple(i for i in self._model_eos if i not in first)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
@@ -78,6 +91,24 @@ class HFTokenizer:
         text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # The template writes the special tokens itself (BOS included): do not add them again.
         return list(self.tok.encode(text, add_special_tokens=False))
+
+
+def model_eos_ids(path: str | Path) -> tuple[int, ...]:
+    """The end-of-sequence ids a model directory declares: `eos_token_id` (an id or a list) of its
+    `generation_config.json`, or of its `config.json` when it has none. transformers' `generate`
+    stops at each of them, and so does vLLM; a chat model often lists its end-of-turn marker
+    there and not as the tokenizer's eos. () for anything that is not such a directory."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            value = json.loads(file.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelError(f"model.source {str(path)!r}: cannot read {name}: {exc}") from exc
+        ids = value if isinstance(value, list) else [value]
+        return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+    return ()
 
 
 def describe_tokenizer(tokenizer: Tokenizer, context_length: int, vocab_size: int) -> dict[str, Any]:
