@@ -1,13 +1,13 @@
 """Surviving lost workers with real processes (runner/recovery.py, dispatch/core.py replay).
 
-Under steady closed-loop load on the quickstart shape (stage 1 has two replicas):
-- kill -9 of replica 1.1: no request fails, is lost or is answered twice, every result equals
-  the monolithic model's, and a replacement (a fresh id) joins and carries traffic;
+Under steady closed-loop load on the quickstart shape (stage 1 has two replicas), with no
+request failing, lost or answered twice and every result equal to the monolithic model's:
+- kill -9 of replica 1.1: a replacement (a fresh id) joins and carries traffic;
 - SIGSTOP of a replica (a hung worker): its heartbeat stops, the supervisor kills it and it is
   replaced the same way;
 - kill -9 of stage 0's only replica: requests wait (the dispatcher holds them) and are all
-  answered once the replacement is up;
-- recovery off: a loss fails the job cleanly with the reason (the pre-recovery behaviour).
+  answered once the replacement is up.
+Recovery off: a loss fails the job cleanly with the reason (the pre-recovery behaviour).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from test_scaling import ClosedLoop, _until
 
@@ -60,48 +59,42 @@ def _pid(job: LocalJob, node: Node) -> int:
     return pid
 
 
-@pytest.mark.parametrize("fault", ["kill", "stop"])
-def test_lost_replica_is_replaced_under_load(tmp_path: Path, fault: str) -> None:
+def _replaced(job: LocalJob, count: int) -> bool:
+    r = job.recoverer
+    return (r is not None and r.state == JobState.RUNNING and len(r.history) == count
+            and r.history[-1].ready_s > 0)
+
+
+def test_lost_replicas_are_replaced_under_load(tmp_path: Path) -> None:
+    """Three faults in a row on one job: kill -9 of 1.1 (its twin serves on), SIGSTOP of 1.0 (a
+    hung worker: declared dead by its silent heartbeat), kill -9 of 0.0 (stage 0's only replica:
+    requests wait and are replayed once its replacement joins)."""
     cfg, prepared = _job(tmp_path, [1, 2])
     requests = requests_for(cfg.workload, prepared.spec, 50_000)
-    victim = Node(1, 1)
+    faults = [(Node(1, 1), signal.SIGKILL, Node(1, 2)), (Node(1, 0), signal.SIGSTOP, Node(1, 3)),
+              (Node(0, 0), signal.SIGKILL, Node(0, 1))]
     with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 4) as load:
-        _until(lambda: load.done() >= 30, "traffic before the fault")
-        os.kill(_pid(job, victim), signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
-        faulted = time.monotonic()
-        _until(lambda: job.group.handles[victim].exited, f"{victim} to be declared dead", 30)
-        declared = time.monotonic() - faulted
-        assert job.recoverer is not None
-        _until(lambda: job.recoverer is not None and job.recoverer.state == JobState.RUNNING
-               and len(job.recoverer.history) == 1 and job.recoverer.history[0].ready_s > 0,
-               "the replacement to be up", 120)
-        new = job.recoverer.history[0].added
-        assert new == (Node(1, 2),), new  # a fresh id, never the dead one's
-        _until(lambda: (s := job.group.handles[new[0]].stats) is not None and s.micro_batches > 0,
-               "the replacement to carry traffic", 60)
-        before = load.done()
-        _until(lambda: load.done() >= before + 20, "traffic after the replacement")
+        _until(lambda: load.done() >= 30, "traffic before the first fault")
+        for i, (victim, sig, replacement) in enumerate(faults, 1):
+            os.kill(_pid(job, victim), sig)
+            faulted = time.monotonic()
+            _until(lambda v=victim: job.group.handles[v].exited, f"{victim} to be declared dead", 30)
+            declared = time.monotonic() - faulted
+            _until(lambda n=i: _replaced(job, n), f"the replacement of {victim} to be up", 120)
+            assert job.recoverer is not None
+            assert job.recoverer.history[-1].added == (replacement,)  # a fresh id, never the dead one's
+            _until(lambda n=replacement: (s := job.group.handles[n].stats) is not None and s.micro_batches > 0,
+                   f"{replacement} to carry traffic", 60)
+            before = load.done()
+            _until(lambda b=before: load.done() >= b + 20, f"traffic after replacing {victim}")
+            if sig == signal.SIGSTOP:
+                assert "no heartbeat" in job.recoverer.history[-1].reasons[0]
+                assert declared < 10, f"a stopped worker took {declared:.1f} s to be declared dead"
         assert job.group.failure is None and job.dispatcher is not None and job.dispatcher.failure is None
-        if fault == "stop":
-            assert "no heartbeat" in job.recoverer.history[0].reasons[0]
-            assert declared < 10, f"a stopped worker took {declared:.1f} s to be declared dead"
+        replayed = job.dispatcher.replayed
     _verify(prepared, load)
-    assert [n.replica for n in job.plan.nodes(1)] == [0, 2]
-
-
-def test_only_replica_of_a_stage_lost_requests_wait_and_replay(tmp_path: Path) -> None:
-    cfg, prepared = _job(tmp_path, [1, 1])
-    requests = requests_for(cfg.workload, prepared.spec, 50_000)
-    with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 4) as load:
-        _until(lambda: load.done() >= 30, "traffic before the fault")
-        os.kill(_pid(job, Node(0, 0)), signal.SIGKILL)
-        _until(lambda: job.recoverer is not None and len(job.recoverer.history) == 1
-               and job.recoverer.history[0].ready_s > 0, "the replacement to be up", 120)
-        before = load.done()
-        _until(lambda: load.done() >= before + 20, "traffic after the replacement")
-        assert job.plan.nodes(0) == (Node(0, 1),)
-    _verify(prepared, load)
-    assert job.dispatcher is not None and job.dispatcher.replayed > 0
+    assert [n.replica for n in job.plan.nodes(1)] == [2, 3] and job.plan.nodes(0) == (Node(0, 1),)
+    assert replayed > 0
 
 
 def test_recovery_off_fails_the_job_with_the_reason(tmp_path: Path) -> None:

@@ -72,6 +72,7 @@ class _Job:
     stages: dict[Node, StageStats] = field(default_factory=dict)
     dispatcher: DispatcherStats | None = None
     fresh: bool = False
+    recovers: bool = False  # the controller replaces lost members: keep the group when all exited
 
 
 class JobManager:
@@ -168,7 +169,7 @@ class JobManager:
             on_ready=lambda node, ready: self._soon(self._report, job_id, node, READY, ready.pid, ""),
             on_stats=lambda node, stats: self._soon(self._stats, job_id, node, stats),
             on_exit=lambda node, code, reason: self._soon(self._exited, job_id, node, code, reason))
-        job = _Job(job_id, group)
+        job = _Job(job_id, group, recovers=plan.recovery.enabled)
         self.jobs[job_id] = job
         log.info("job %s: starting %s", job_id, ", ".join(names))
         try:
@@ -200,7 +201,11 @@ class JobManager:
         except (KeyError, ValueError, TypeError) as exc:
             raise DeployError(f"change_topology {msg.job_id}: malformed: {type(exc).__name__}: {exc}") from None
         for node in starts:
-            if node.is_dispatcher or node not in {w.node for w in plan.workers}:
+            if node.is_dispatcher:
+                if not (1 <= msg.dispatcher_port <= 65535 and msg.service_token):
+                    raise DeployError(f"change_topology {msg.job_id}: restarting the dispatcher needs its "
+                                      "dispatcher_port and service_token")
+            elif node not in {w.node for w in plan.workers}:
                 raise DeployError(f"change_topology {msg.job_id}: cannot start {node}: not a stage replica of "
                                   f"epoch {msg.epoch}")
         for node in [n for n, _ in updates] + stops:
@@ -209,16 +214,14 @@ class JobManager:
         if job is None:  # the job's first replicas on this agent
             if not starts:
                 raise DeployError(f"change_topology {msg.job_id}: the job does not run on this agent")
-            members = [Member(n, worker_main, WorkerSpec(plan, n, self.cfg.worker_log_level, msg.ready_timeout_s))
-                       for n in starts]
+            members = [self._member(plan, n, msg) for n in starts]
             self._start_group(msg.job_id, members, msg.ready_timeout_s, msg.start, plan)
             return
         for node in stops:
             job.group.retire(node, f"retired at epoch {msg.epoch}")
         for node in starts:
             try:
-                job.group.add(Member(node, worker_main, WorkerSpec(plan, node, self.cfg.worker_log_level,
-                                                                    msg.ready_timeout_s)))
+                job.group.add(self._member(plan, node, msg))
             except (RuntimeError, ValueError, OSError) as exc:
                 self._report(msg.job_id, node, FAILED, 0, f"starting failed: {exc}")
                 continue
@@ -230,6 +233,14 @@ class JobManager:
                 log.warning("job %s: topology epoch %d not delivered to %s: %s", msg.job_id, msg.epoch, node, exc)
         log.info("job %s: epoch %d: started %s, updated %s", msg.job_id, msg.epoch,
                  ", ".join(msg.start) or "none", ", ".join(u.node for u in msg.updates) or "none")
+
+    def _member(self, plan: JobPlan, node: Node, msg: ChangeTopology) -> Member:
+        """A process a topology change starts here: a stage replica, or the dispatcher service again."""
+        if node.is_dispatcher:
+            return Member(node, dispatcher_main, ServiceSpec(plan, msg.dispatcher_port, msg.service_token,
+                                                             msg.request_timeout_s, self.cfg.worker_log_level,
+                                                             msg.ready_timeout_s))
+        return Member(node, worker_main, WorkerSpec(plan, node, self.cfg.worker_log_level, msg.ready_timeout_s))
 
     async def _stop(self, job: _Job, reason: str) -> None:
         """Stop a job's processes: dispatcher first (it drains, STOP flows down the pipeline),
@@ -286,7 +297,7 @@ class JobManager:
         job = self.jobs.get(job_id)
         pid = (job.group.handles[node].process.pid or 0) if job is not None else 0
         self._report(job_id, node, FAILED if reason else EXITED, pid, reason)
-        if job is not None and not job.stopping and job.group.all_exited:
+        if job is not None and not job.stopping and job.group.all_exited and not job.recovers:
             # Nothing left running: release the group (pipes, supervisor) and forget the job.
             self._tg.create_task(self._stop(job, "all processes exited"), name=f"reap-{job_id}")
 

@@ -363,6 +363,14 @@ class Engine:
             log.info("%s: topology epoch %d ignored (at %d already)", self.node, update.epoch, self.epoch)
             return
         self.epoch = update.epoch
+        dead = frozenset(update.dead)
+        for end in list(self.ends.values()):
+            if end.peer in dead and end.state not in (EdgeState.CLOSED, EdgeState.BROKEN):
+                # Whatever its socket says yet, nothing more goes to (or is awaited from) a dead node.
+                # (Before the additions: a restarted dispatcher comes back under its old name.)
+                self._broken(end, TransportError(f"{end.peer} was declared dead"))
+        if dead:
+            self.program.on_nodes_dead(dead)
         for key in update.remove:
             end = self.ends.get(key)
             if end is None or not end.outgoing:
@@ -380,13 +388,6 @@ class Engine:
             self._spawn(self._connector, end, name=f"connect-{plan.key}")
             if end.outgoing:
                 self.program.on_output_added(end)
-        if update.dead:
-            dead = frozenset(update.dead)
-            for end in list(self.ends.values()):
-                if end.peer in dead and end.state not in (EdgeState.CLOSED, EdgeState.BROKEN):
-                    # Whatever its socket says yet, nothing more goes to (or is awaited from) a dead node.
-                    self._broken(end, TransportError(f"{end.peer} was declared dead"))
-            self.program.on_nodes_dead(dead)
         if update.complete is not None:
             self.program.on_complete(update.complete)
         log.info("%s: topology epoch %d applied (+%d, -%d edges, %d dead)", self.node, update.epoch,

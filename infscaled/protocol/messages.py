@@ -179,6 +179,10 @@ class ChangeTopology:
     updates: list[NodeTopology] = field(default_factory=list)
     ready_timeout_s: float = 300.0
     stop: list[str] = field(default_factory=list)
+    # When `start` has "dispatcher" (the service restarted after its loss), as in Deploy:
+    dispatcher_port: int = 0
+    service_token: str = ""
+    request_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
