@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from test_scaling import ClosedLoop, _until
 
@@ -108,3 +109,51 @@ def test_recovery_off_fails_the_job_with_the_reason(tmp_path: Path) -> None:
         assert f"worker 1.1 (pid {pid}) exited with code -9" in job.dispatcher.failure
     errors = [o.error for o in load.outcomes if o.error is not None]
     assert errors and all("1.1" in e for e in errors)
+
+
+def test_fault_at_parses_and_refuses_bad_steps() -> None:
+    from infscaled.errors import InfscaledError
+    from infscaled.runner.scaling import FaultStep, parse_fault_at
+
+    assert parse_fault_at("3:1.1") == FaultStep(3.0, "1.1", False)
+    assert parse_fault_at(" 0.5:0.0:stop ") == FaultStep(0.5, "0.0", True)
+    for bad in ("3", "3:1", "x:1.1", "3:1.1:pause", "3:dispatcher", ""):
+        with pytest.raises(InfscaledError, match=r"expected T:STAGE.REPLICA"):
+            parse_fault_at(bad)
+
+
+def test_replacement_plans_inherit_edges_and_replace_whole_chains(tmp_path: Path) -> None:
+    """Pure planning (planning/recovery.py): a forward replacement takes exactly the dead node's
+    edges; two dead neighbours are linked to each other's replacements; a generation chain that
+    lost a member is replaced as a whole; `complete` and each running node's update."""
+    from infscaled.planning.recovery import complete, devices_for, dispatcher_restart, replacement_shape, with_failure
+    from infscaled.planning.scale import apply_scale
+    from infscaled.protocol.plan import DISPATCHER
+
+    _, prepared = _job(tmp_path, [1, 2])
+    plan = prepared.plan
+    shape = replacement_shape(plan, [Node(1, 1)])
+    assert shape.added == (Node(1, 2),) and shape.removed == (Node(1, 1),)
+    assert sorted(shape.new_edges) == sorted([(Node(0, 0), Node(1, 2)), (Node(1, 2), DISPATCHER)])
+    change = apply_scale(plan, shape, devices_for(plan, shape), [20001, 20002])
+    updates = with_failure(change, plan, [Node(1, 1)], complete(plan, [Node(0, 0), Node(1, 0)]))
+    assert set(updates) == {Node(0, 0), Node(1, 0), DISPATCHER}
+    assert all(u.dead == (Node(1, 1),) for u in updates.values())
+    assert updates[DISPATCHER].complete is True and updates[Node(0, 0)].complete is None
+    assert [e.key for e in updates[Node(0, 0)].add] == ["0.0->1.2"] and updates[Node(0, 0)].remove == ("0.0->1.1",)
+    assert change.plan.epoch == plan.epoch + 1 and [n.replica for n in change.plan.nodes(1)] == [0, 2]
+    both = replacement_shape(plan, [Node(0, 0), Node(1, 0)])
+    assert both.added == (Node(0, 1), Node(1, 2))
+    assert (Node(0, 1), Node(1, 2)) in both.new_edges and (Node(0, 1), Node(1, 1)) in both.new_edges
+    assert not complete(plan, [Node(1, 0), Node(1, 1)])  # stage 0 has no serving replica
+    restarted, ups = dispatcher_restart(plan, [30001, 30002, 30003])
+    assert sorted(e.port for e in restarted.edges if DISPATCHER in (e.src, e.dst)) == [30001, 30002, 30003]
+    assert all(u.dead == (DISPATCHER,) for u in ups.values()) and len(ups[Node(1, 0)].add) == 1
+
+    gen = prepare(parse_job({"name": "g", "model": {"source": "builtin:llama-tiny"},
+                             "pipeline": {"stages": 2, "replicas": [2, 2], "graph": "parallel"},
+                             "generation": {}})).plan
+    chain = replacement_shape(gen, [Node(1, 0)])
+    assert chain.removed == (Node(0, 0), Node(1, 0)) and chain.added == (Node(0, 2), Node(1, 2))
+    assert (Node(1, 2), Node(0, 2)) in chain.new_edges  # the decode loop of the fresh chain
+    assert complete(gen, [Node(0, 1), Node(1, 1)]) and not complete(gen, [Node(0, 0), Node(1, 1)])
