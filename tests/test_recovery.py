@@ -36,7 +36,7 @@ def _job(tmp_path: Path, replicas: list[int], **recovery: Any) -> Any:
                      "pipeline": {"stages": 2, "replicas": replicas, "policy": "shortest_queue",
                                   "micro_batch_size": 4, "max_inflight": 6, "max_wait_ms": 1.0},
                      "workload": {"samples": [1, 2], "seq_len": [16, 16], "request_timeout_s": 180},
-                     "recovery": {"heartbeat_timeout_s": 1.5, **recovery}}, str(tmp_path / "chaos.toml"))
+                     "recovery": {"heartbeat_timeout_s": 2.0, **recovery}}, str(tmp_path / "chaos.toml"))
     return cfg, prepare(cfg)
 
 
