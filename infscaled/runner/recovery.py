@@ -168,6 +168,8 @@ class Recoverer:
 
     def ready(self, node: Node) -> None:
         """Supervisor thread: a member said READY; the last replacement of a loss completes it."""
+        if node not in self._pending:
+            return  # not a replacement (scaling holds the topology lock while it waits for READY)
         with self.job.topology_lock:
             record = self._pending.pop(node, None)
             if record is None:
