@@ -131,6 +131,9 @@ async def recover(store: JobStore, job: Job, lost: dict[str, str]) -> None:
         for n in dead:
             rec.pending.discard(n)
             del job.nodes[n]  # its device and ports are free again
+        retire = [n for n in shape.removed if str(n) not in dead]
+        for n in retire:  # a dead chain's survivors: stopped now, so their devices count as free
+            job.nodes[str(n)].retiring = True
         wants = [(n, _kind_for(n, shape.removed, kinds)) for n in shape.added]
         try:
             placed = place(store, job, wants)
@@ -139,9 +142,6 @@ async def recover(store: JobStore, job: Job, lost: dict[str, str]) -> None:
                                   f"device to replace {'them' if len(dead) > 1 else 'it'}: {exc}")
             return
         change, agent_of = apply_on_agents(store, job, shape, placed)
-        retire = [n for n in shape.removed if str(n) not in dead]
-        for n in retire:
-            job.nodes[str(n)].retiring = True
         for n in shape.added:
             rec.attempts[str(n)] = tries
             rec.reasons[str(n)] = history

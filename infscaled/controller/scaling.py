@@ -104,7 +104,7 @@ def place(store: JobStore, job: Job, wants: list[tuple[Node, str]]) -> dict[Node
         return {}
     now = time.monotonic()
     busy = {(s.agent, s.device) for other in store.jobs.values() if other.holds_resources(now)
-            for s in other.nodes.values() if s.device and s.state not in GONE}
+            for s in other.nodes.values() if s.device and s.state not in GONE and not s.retiring}
     offers = [AgentOffer(a.id, tuple(d for d in a.device_ids if (a.id, d) not in busy))
               for a in store.registry.connected()]
     policy = job.cfg.placement.policy if job.cfg.placement.policy != "static" else "pack"
