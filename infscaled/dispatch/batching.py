@@ -12,6 +12,7 @@ dropped. Callers get a `concurrent.futures.Future` per request (asyncio code awa
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from infscaled.protocol.wire import DATA
 from infscaled.worker.router import Router
 from infscaled.worker.transport import ACK, Ack, Message
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Request:
@@ -43,8 +46,9 @@ class _Request:
 
 class Batching(FrontEnd):
     def __init__(self, spec: InputSpec, dtype: torch.dtype, plan: JobPlan, request_timeout_s: float = 120.0,
-                 max_queued: int = 4096, on_broken: Callable[[str], None] | None = None) -> None:
-        super().__init__(Router(plan.policy, seed=plan.seed), on_broken)
+                 max_queued: int = 4096, on_broken: Callable[[str], None] | None = None,
+                 recovery: bool = False) -> None:
+        super().__init__(Router(plan.policy, seed=plan.seed), on_broken, recovery)
         self.spec = spec
         self.dtype = dtype
         self.micro_batch_size = plan.micro_batch_size
@@ -96,11 +100,12 @@ class Batching(FrontEnd):
         if now >= self._next_check:
             self._expire(now)
             self._next_check = now + TIMEOUT_CHECK_S
-        wait: float | None = None
-        while self._queue and len(self.journal) < self.max_inflight and self.router is not None and len(self.router):
+        wait = self.replay_if_due(now)
+        while (self._queue and self.complete and len(self.journal) < self.max_inflight and self.router is not None
+               and len(self.router)):
             due = self._queue[0].submitted + self.max_wait_s
             if self._queued_samples() < self.micro_batch_size and now < due and not self._draining:
-                wait = due - now
+                wait = due - now if wait is None else min(wait, due - now)
                 break
             self._send_batch()
         self.close_when_drained(not self._queue and not self.journal)
@@ -129,9 +134,25 @@ class Batching(FrontEnd):
         self.journal.add(mb_id, batch, end.key)
         self.engine.send(end, Message(DATA, mb_id, batch[0].id, {REQUESTS_KEY: table, **act}))
 
+    def replay(self) -> None:
+        """Every micro-batch in flight goes back to the head of the queue, in order, as its requests
+        (they are batched again under new ids): any of them may have crossed the dead node. The old
+        ids leave the journal, so a copy that still comes back is dropped as a duplicate."""
+        entries = sorted(self.journal.clear(), key=lambda e: e.key)
+        again = [r for e in entries for r in e.work if not r.future.done()]
+        if not again:
+            return
+        self.replayed += len(again)
+        with self._lock:
+            self._queued += len(again)
+        self._queue.extendleft(reversed(again))
+        log.warning("dispatcher: replaying %d request(s) of %d micro-batch(es)", len(again), len(entries))
+
     def on_message(self, end: EdgeEnd, msg: Message) -> None:
         entry = self.journal.pop(msg.mb_id)
-        if entry is not None:  # else it timed out meanwhile: its requests were answered already
+        if entry is None:
+            self.duplicates += 1  # replayed (or timed out) meanwhile: its requests were answered already
+        else:
             outputs = inputs.split(self.spec, msg.tensors["output"], [r.x for r in entry.work])
             for r, out in zip(entry.work, outputs, strict=True):
                 _resolve(r.future, result=out)

@@ -8,6 +8,16 @@ was sent, on which route, with its inputs, until it is answered exactly once.
 Two front ends share this core: forward batching (dispatch/batching.py) and generation
 sequences (dispatch/sequences.py).
 
+Recovery (issue 12; `recovery` on): a broken edge is that edge only. The journal is what makes
+a lost node survivable: when the supervisor declares a node dead (TopologyUpdate.dead), or one
+of the dispatcher's own edges breaks, the front end replays what may have crossed it on the
+surviving paths (`replay_due`: after REPLAY_GRACE_S, so that the neighbours of a dead node have
+dropped their edges to it first); an answer that arrives late for work already answered is
+dropped (counted as a duplicate), so every caller gets exactly one answer. While
+`complete` is False (a stage, or every chain, has no live replica) nothing is sent: work waits
+in the queue (bounded by its timeout) and is replayed once a replacement joins. With recovery
+off, a broken edge fails everything as before.
+
 Life cycle: `start` runs the engine in its own thread; `close` stops admitting, lets the front
 end drain (it closes its outputs once nothing is in flight: STOP flows down the pipeline and
 comes back from the last stage), and waits for the engine to end; `fail` answers everything
@@ -25,12 +35,17 @@ from typing import Generic, TypeVar
 
 from infscaled.engine.edges import EdgeEnd
 from infscaled.engine.program import Program
+from infscaled.protocol.plan import Node
 from infscaled.worker.router import Router
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TIMEOUT_CHECK_S = 0.5  # how often deadlines of queued and in-flight work are checked
+# A dead node's neighbours see their sockets fail within milliseconds of its death, before its
+# supervisor has reaped it and told the dispatcher; replaying this much later keeps the replay
+# off the dead node's edges without relying on that race.
+REPLAY_GRACE_S = 0.1
 
 
 @dataclass
@@ -88,8 +103,14 @@ class _Fail:
 class FrontEnd(Program):
     """The shared part of both front ends: failure, closing, the engine thread."""
 
-    def __init__(self, router: Router | None, on_broken: Callable[[str], None] | None = None) -> None:
+    def __init__(self, router: Router | None, on_broken: Callable[[str], None] | None = None,
+                 recovery: bool = False) -> None:
         super().__init__(router)
+        self.recovery = recovery
+        self.complete = True  # every stage (generation: a chain) has a live replica (compute thread)
+        self.replay_due: float | None = None  # when to replay what is in flight (compute thread)
+        self.replayed = 0  # requests (sequences) sent again after a failure
+        self.duplicates = 0  # answers dropped because their work had been answered already
         self._lock = threading.Lock()
         self._failure: str | None = None
         self._closing = False  # no new work (any thread reads it)
@@ -184,6 +205,43 @@ class FrontEnd(Program):
     def on_broken(self, end: EdgeEnd, error: BaseException) -> None:
         if self._failure is not None or self._outputs_closed:
             return
+        if self.recovery:
+            super().on_broken(end, error)  # that edge only: the supervisor will say who died
+            self.schedule_replay()
+            return
         what = "sending to" if end.outgoing else "receiving from"
         detail = f"{what} {end.peer} failed: {error}"
         threading.Thread(target=self._on_broken, args=(detail,), name="dispatcher-broken", daemon=True).start()
+
+    def on_nodes_dead(self, nodes: frozenset[Node]) -> None:
+        log.warning("dispatcher: %s declared dead; replaying what may have crossed %s",
+                    ", ".join(map(str, sorted(nodes, key=lambda n: (n.stage, n.replica)))),
+                    "them" if len(nodes) > 1 else "it")
+        self.schedule_replay()
+
+    def on_complete(self, complete: bool) -> None:
+        was, self.complete = self.complete, complete
+        if complete and not was:
+            log.warning("dispatcher: every stage is served again; replaying what was held")
+            self.schedule_replay(0.0)
+        elif not complete:
+            log.warning("dispatcher: a stage has no live replica; holding new work until a replacement joins")
+
+    def schedule_replay(self, after_s: float = REPLAY_GRACE_S) -> None:
+        due = time.monotonic() + after_s
+        self.replay_due = due if self.replay_due is None else min(self.replay_due, due)
+        self.engine.wake()
+
+    def replay_if_due(self, now: float) -> float | None:
+        """From the front end's poll: replay once the grace passed; the seconds until then, if any."""
+        if self.replay_due is None:
+            return None
+        if now < self.replay_due:
+            return self.replay_due - now
+        self.replay_due = None
+        self.replay()
+        return None
+
+    def replay(self) -> None:
+        """Send again what is in flight (front end specific; compute thread)."""
+        raise NotImplementedError

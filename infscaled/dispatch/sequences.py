@@ -82,8 +82,8 @@ class _Chain:
 
 class Sequences(FrontEnd):
     def __init__(self, plan: GenerationPlan, request_timeout_s: float = 120.0, max_waiting: int = 4096,
-                 on_broken: Callable[[str], None] | None = None) -> None:
-        super().__init__(None, on_broken)
+                 on_broken: Callable[[str], None] | None = None, recovery: bool = False) -> None:
+        super().__init__(None, on_broken, recovery)
         self.plan = plan
         self.request_timeout_s = request_timeout_s
         self.max_waiting = max_waiting

@@ -27,7 +27,9 @@ thread, one at a time per edge; STOP is acknowledged after everything before it 
 Ending: a program calls `close_outputs()` when it will send nothing more (a stage: once all
 its inputs stopped; a dispatcher: once drained); the engine queues STOP behind each output's
 last message, and `run` returns once every edge, in and out, is closed. Topology updates follow
-protocol/topology.py. A broken edge is handed to `Program.on_broken`.
+protocol/topology.py. A broken edge is handed to `Program.on_broken`: by default it breaks that edge only (its
+peer died, or sent garbage); the node keeps serving on its other edges, and what was queued on
+the broken one is lost here and replayed by the dispatcher (dispatch/core.py).
 
 CUDA stages (Program.cuda_streams): the engine owns the data-plane streams (engine/cuda.py):
 receivers stage gloo inputs into device buffers on their own stream, NCCL inputs land in pool
@@ -47,7 +49,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from infscaled.engine.edges import STOP_MARK, EdgeEnd, EdgeState, StopMarker
-from infscaled.errors import InfscaledError
+from infscaled.errors import InfscaledError, TransportError
 from infscaled.protocol.control import EdgeRate, StageStats
 from infscaled.protocol.plan import EdgePlan, Node
 from infscaled.protocol.topology import TopologyUpdate
@@ -151,6 +153,8 @@ class Engine:
         self._sent = window()  # (t, send_s)
         self.micro_batches = 0
         self.samples = 0
+        self.broken_edges = 0
+        self.dropped = 0  # messages computed with no live out-edge left to carry them (replayed upstream)
         self.busy_s = 0.0
         self.first_at: float | None = None
         self._in_flight = 0  # messages received and not yet passed on (the program may say otherwise)
@@ -158,6 +162,9 @@ class Engine:
         self._lingering: list[tuple[float, EdgeEnd]] = []  # in-edges acknowledged STOP: closed later
         self._linger_lock = threading.Lock()
         self.cuda: Any = None  # engine.cuda.CudaStreams on a CUDA stage whose program wants them
+        self._joining: set[str] = set()  # join(): edge keys still connecting
+        self._on_joined: Callable[[], None] | None = None
+        self._dead: set[Node] = set()  # declared dead by topology updates
         program.attach(self)
         if program.cuda_streams and str(device).startswith("cuda"):
             from infscaled.engine.cuda import CudaStreams
@@ -179,6 +186,30 @@ class Engine:
             end = EdgeEnd(p, self.node)
             self.ends[p.key] = end
             self._opened(end, edges[p.key])
+
+    def join(self, plans: Iterable[EdgePlan], on_joined: Callable[[], None]) -> None:
+        """Join `plans` in the background (each its own connector, as a topology update's edges)
+        and call `on_joined` from the compute thread once none is still connecting: a new node says
+        READY from it. A peer declared dead meanwhile (TopologyUpdate.dead) no longer holds it up;
+        any other failure to connect one of these edges fails the node, naming the edge."""
+        self._joining = set()
+        self._on_joined = on_joined
+        for p in plans:
+            end = EdgeEnd(p, self.node)
+            self.ends[p.key] = end
+            self._joining.add(p.key)
+            self._spawn(self._connector, end, name=f"connect-{p.key}")
+            if end.outgoing:
+                self.program.on_output_added(end)
+        self._inbox.put(_Wake())  # with no edges at all, joined at once
+
+    def _check_joined(self) -> None:
+        if self._on_joined is None:
+            return
+        self._joining = {k for k in self._joining if self.ends[k].state is EdgeState.CONNECTING}
+        if not self._joining:
+            callback, self._on_joined = self._on_joined, None
+            callback()
 
     def update(self, update: TopologyUpdate) -> None:
         """Apply a topology update (thread-safe: it is queued for the compute thread)."""
@@ -224,10 +255,16 @@ class Engine:
             self.close_output(end)
 
     def ack(self, end: EdgeEnd, ack: Ack) -> None:
-        """Acknowledge a computed message on its in-edge (any thread; one at a time per edge)."""
+        """Acknowledge a computed message on its in-edge (any thread; one at a time per edge). An
+        ack that cannot go out means the edge broke (its sender died): reported like any break."""
         assert end.edge is not None
-        with end.ack_lock:
-            end.edge.send_ack(ack)
+        if end.state is EdgeState.BROKEN:
+            return  # the sender is gone; nobody waits for this ack
+        try:
+            with end.ack_lock:
+                end.edge.send_ack(ack)
+        except Exception as exc:  # noqa: BLE001 - the edge's failure, handled on the compute thread
+            self._inbox.put(_Broken(end, exc))
 
     def ack_stop(self, end: EdgeEnd) -> None:
         """Acknowledge an in-edge's STOP (after the acks of everything before it). The sender
@@ -291,6 +328,8 @@ class Engine:
                     event = None
                 if event is not None:
                     self._handle(event)
+                    if self._on_joined is not None:
+                        self._check_joined()
                 if self._lingering:
                     self._close_lingering(time.monotonic())
                 if self.on_stats is not None and time.monotonic() >= next_stats:
@@ -353,6 +392,15 @@ class Engine:
             log.info("%s: topology epoch %d ignored (at %d already)", self.node, update.epoch, self.epoch)
             return
         self.epoch = update.epoch
+        dead = frozenset(update.dead)
+        self._dead |= dead
+        for end in list(self.ends.values()):
+            if end.peer in dead and end.state not in (EdgeState.CLOSED, EdgeState.BROKEN):
+                # Whatever its socket says yet, nothing more goes to (or is awaited from) a dead node.
+                # (Before the additions: a restarted dispatcher comes back under its old name.)
+                self._broken(end, TransportError(f"{end.peer} was declared dead"))
+        if dead:
+            self.program.on_nodes_dead(dead)
         for key in update.remove:
             end = self.ends.get(key)
             if end is None or not end.outgoing:
@@ -370,8 +418,10 @@ class Engine:
             self._spawn(self._connector, end, name=f"connect-{plan.key}")
             if end.outgoing:
                 self.program.on_output_added(end)
-        log.info("%s: topology epoch %d applied (+%d, -%d edges)", self.node, update.epoch, len(update.add),
-                 len(update.remove))
+        if update.complete is not None:
+            self.program.on_complete(update.complete)
+        log.info("%s: topology epoch %d applied (+%d, -%d edges, %d dead)", self.node, update.epoch,
+                 len(update.add), len(update.remove), len(update.dead))
 
     def _opened(self, end: EdgeEnd, edge: Edge) -> None:
         edge.transport.timeout = timedelta(seconds=self.settings.edge_timeout_s)
@@ -398,10 +448,13 @@ class Engine:
             log.info("%s: edge %s closed by its peer after its last acknowledgement (%s)", self.node, end.key, error)
             self._handle(_OutputClosed(end))
             return
+        if end.key in self._joining and end.state is EdgeState.CONNECTING and end.peer not in self._dead:
+            raise TransportError(f"{self.node}: edge {end.key} failed to connect: {error}") from error
         end.state = EdgeState.BROKEN
         end.error = str(error)
         if end.edge is not None:
             end.edge.close()
+        self.broken_edges += 1
         self.program.on_broken(end, error)
 
     # -- edge threads ----------------------------------------------------------------------------

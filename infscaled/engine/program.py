@@ -2,22 +2,27 @@
 
 Every hook runs on the engine's compute thread, except `acked` (an out-edge's ack reader
 calls it; programs keep it thread-safe). The defaults give a stage replica's behaviour:
-route with the engine's router, acknowledge STOP at once, end once no input is left, and fail
-on a broken edge.
+route with the engine's router, acknowledge STOP at once, end once no input is left, and
+isolate a broken edge (the node keeps serving on the others; the supervisor and the
+dispatcher deal with the dead peer).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from infscaled.engine.edges import EdgeEnd, EdgeState
-from infscaled.errors import TransportError
+from infscaled.routing.policies import NoRouteError
 from infscaled.worker.router import Router
 
 if TYPE_CHECKING:
     from infscaled.engine.core import Engine
     from infscaled.protocol.control import StageStats
+    from infscaled.protocol.plan import Node
     from infscaled.worker.transport import Ack, Message
+
+log = logging.getLogger(__name__)
 
 
 class Program:
@@ -85,10 +90,20 @@ class Program:
         return bool(ins) and all(e.state in (EdgeState.CLOSED, EdgeState.BROKEN) for e in ins)
 
     def on_broken(self, end: EdgeEnd, error: BaseException) -> None:
-        """An edge failed (peer gone, malformed message): by default the node fails."""
-        if isinstance(error, TransportError):
-            raise error
-        raise TransportError(f"edge {end.key} failed: {type(error).__name__}: {error}") from error
+        """An edge failed (peer gone, malformed message): that edge only. Nothing more is routed
+        to it; what was queued on it is lost here (the dispatcher replays it). The node ends as
+        usual once its inputs are done (broken ones count as done)."""
+        if self.router is not None and end.outgoing:
+            self.router.remove(end.key)
+        log.warning("%s: edge %s broke (%s: %s); serving on without it", self.engine.node, end.key,
+                    type(error).__name__, error)
+
+    def on_nodes_dead(self, nodes: frozenset[Node]) -> None:
+        """The supervisor declared `nodes` dead (their edges here are broken already)."""
+
+    def on_complete(self, complete: bool) -> None:
+        """Every stage has a live replica again (True) or one has none (False): the dispatcher's
+        business (hold or replay); stages ignore it."""
 
     # -- stats -----------------------------------------------------------------------------------
 
@@ -97,6 +112,25 @@ class Program:
         return base
 
     def pick(self, route_key: int) -> EdgeEnd:
-        """The out-edge for the next message by the routing policy."""
+        """The out-edge for the next message by the routing policy (NoRouteError: none is open)."""
         assert self.router is not None
         return self.engine.ends[self.router.pick(route_key)]
+
+    def forward(self, msg: Message) -> bool:
+        """Send `msg` on the routed out-edge. With none open, an out-edge still connecting takes it
+        (queued until it opens: a new replica may compute before its own out-edges joined); with
+        none at all (every downstream replica died), drop it and say so: the dispatcher replays
+        what it journaled once a replacement is up."""
+        try:
+            end = self.pick(msg.route_key)
+        except NoRouteError:
+            joining = [e for e in self.engine.outputs() if e.state is EdgeState.CONNECTING]
+            if joining:
+                self.engine.send(joining[msg.mb_id % len(joining)], msg)
+                return True
+            self.engine.dropped += 1
+            log.warning("%s: no live out-edge; message %d dropped (the dispatcher replays it)",
+                        self.engine.node, msg.mb_id)
+            return False
+        self.engine.send(end, msg)
+        return True

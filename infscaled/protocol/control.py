@@ -158,20 +158,35 @@ class UpdateTopology:
     epoch: int
     add: list[EdgeRef] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)  # node names ("1.1", "dispatcher")
+    complete: bool | None = None
 
     @staticmethod
     def of(update: TopologyUpdate) -> UpdateTopology:
-        return UpdateTopology(update.epoch, [EdgeRef.of(e) for e in update.add], list(update.remove))
+        return UpdateTopology(update.epoch, [EdgeRef.of(e) for e in update.add], list(update.remove),
+                              [str(n) for n in update.dead], update.complete)
 
     def update(self) -> TopologyUpdate:
-        """The typed update; ValueError if an edge names no node."""
-        return TopologyUpdate(self.epoch, tuple(e.plan() for e in self.add), tuple(self.remove))
+        """The typed update; ValueError if an edge or a dead node names no node."""
+        return TopologyUpdate(self.epoch, tuple(e.plan() for e in self.add), tuple(self.remove),
+                              tuple(Node.parse(n) for n in self.dead), self.complete)
 
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Worker -> supervisor, every HEARTBEAT_INTERVAL_S from a thread of its own (worker/group.py
+    declares a member that stays silent for its heartbeat timeout dead: hung, stopped or wedged)."""
+
+    type: ClassVar[str] = "heartbeat"
+    node: str
+
+
+HEARTBEAT_INTERVAL_S = 0.25
 
 ControlMessage = (WorkerReady | WorkerStatsReport | DispatcherStatsReport | WorkerDone | WorkerFailed | StopWorker
-                  | UpdateTopology)
+                  | UpdateTopology | Heartbeat)
 _TYPES: dict[str, Any] = {c.type: c for c in (WorkerReady, WorkerStatsReport, DispatcherStatsReport, WorkerDone,
-                                              WorkerFailed, StopWorker, UpdateTopology)}
+                                              WorkerFailed, StopWorker, UpdateTopology, Heartbeat)}
 
 
 def encode(msg: ControlMessage) -> bytes:

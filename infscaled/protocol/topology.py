@@ -17,13 +17,22 @@ Contract of an epoch (JobPlan.epoch):
 - A message from an older epoch cannot arrive late: each edge is its own process group, and an
   edge is closed only after its STOP handshake, which follows its last message.
 - Epochs only grow; a node ignores an update whose epoch is not newer than its own.
+
+Failures (issue 12): a node declared dead (its process exited, or it stopped answering its
+supervisor's heartbeat check and was killed) is named in `dead` of the next epoch, sent to every
+running node. Its edges are already broken or about to break; a node still holding a live end to
+it treats that end as broken at once (so nothing more is routed there, whatever the socket says).
+The dispatcher replays what may have crossed a dead node (dispatch/core.py). `complete` tells the
+dispatcher whether every stage (a generation job: at least one whole chain) has a live replica
+again: while it is False the dispatcher holds new and replayed work instead of sending it into
+a gap. The replacement of a dead node is an ordinary added node with a fresh replica id.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from infscaled.protocol.plan import EdgePlan
+from infscaled.protocol.plan import EdgePlan, Node
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,8 @@ class TopologyUpdate:
     epoch: int
     add: tuple[EdgePlan, ...] = field(default=())
     remove: tuple[str, ...] = field(default=())  # edge keys ("0.1->1.2"); only the sender acts on them
+    dead: tuple[Node, ...] = field(default=())  # nodes declared dead at this epoch
+    complete: bool | None = None  # None: unchanged; see the module docstring
 
     def is_empty(self) -> bool:
-        return not self.add and not self.remove
+        return not self.add and not self.remove and not self.dead and self.complete is None

@@ -45,7 +45,7 @@ from infscaled.errors import PipelineFailedError, RequestError, WireError
 from infscaled.protocol import control, jsonsafe, tensors
 from infscaled.protocol.plan import DISPATCHER, JobPlan
 from infscaled.protocol.wire import MAX_NDIM
-from infscaled.worker.entry import _die_with_parent
+from infscaled.worker.entry import _die_with_parent, start_heartbeat
 from infscaled.worker.request_stats import RequestStats
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ def dispatcher_main(spec: ServiceSpec, conn: Connection) -> None:
                         format=f"%(asctime)s dispatcher {spec.plan.job} %(levelname)s %(message)s")
     link = _ControlLink(conn)
     link.start()
+    start_heartbeat(NODE, link.send)
     try:
         stats = _run(spec, link)
         link.send(control.WorkerDone(stats))
@@ -175,10 +176,10 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
     input_spec = skeleton(resolve(plan.model_source)).family.input_spec()
     front: FrontEnd
     if plan.generation is not None:
-        front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s)
+        front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s, recovery=plan.recovery.enabled)
     else:
         front = Batching(input_spec, dtype_of(plan.dtype), plan,
-                         request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S)
+                         request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S, recovery=plan.recovery.enabled)
     engine = dispatcher_engine(plan, front, spec.connect_timeout_s)
     link.engine = engine
     front.run_engine()

@@ -103,7 +103,7 @@ class ForwardStage(Program):
         samples = int(requests[:, 1].sum())
         self.engine.computed(samples, elapsed)
         tensors = {REQUESTS_KEY: requests, **{k: v.cpu() for k, v in out.items()}}
-        self.engine.send(self.pick(msg.route_key), Message(DATA, msg.mb_id, msg.route_key, tensors))
+        self.forward(Message(DATA, msg.mb_id, msg.route_key, tensors))
         self.engine.passed_on()
         self.engine.ack(end, Ack(ACK, msg.mb_id, samples, int(elapsed * 1e6)))
 
@@ -133,8 +133,7 @@ class ForwardStage(Program):
             if buf.untyped_storage().data_ptr() not in aliased:
                 cuda.pool.give(buf, done)
         samples = int(requests[:, 1].sum())  # host tensor: no device sync
-        self.engine.send(self.pick(msg.route_key),
-                         Message(DATA, msg.mb_id, msg.route_key, {REQUESTS_KEY: requests, **out}, ready=done))
+        self.forward(Message(DATA, msg.mb_id, msg.route_key, {REQUESTS_KEY: requests, **out}, ready=done))
         self.engine.passed_on()
         self._done.put((start, done, end, msg.mb_id, samples))
 
