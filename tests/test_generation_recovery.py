@@ -1,0 +1,153 @@
+"""Generation survives a dead replica chain (issue 12): its sequences continue on a surviving
+chain with no gap and no repeated token, greedy ones equal to HF generate, seeded sampled ones
+(penalties and min_tokens included) equal to the single-process reference, i.e. to a run without
+the fault; with no chain left they wait, and time out with a reason that says what they waited for.
+
+Real worker processes over gloo; the fault is a SIGKILL of a stage-1 worker mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import torch
+from test_generation_pipeline import Collected, gen_job, hf_greedy, wait_for
+
+from infscaled.generation.gpu_sampling import sample_async
+from infscaled.generation.params import Sampled, SamplingParams
+from infscaled.generation.reference import ReferenceBackend
+from infscaled.generation.sampling import make_generator, resume_sampling, sample_step, skip_draws
+from infscaled.models.sources import resolve
+from infscaled.models.stage import Monolith
+from infscaled.protocol.control import UpdateTopology
+from infscaled.protocol.generation import SequenceSpec, decode_specs, encode_specs
+from infscaled.protocol.plan import Node
+from infscaled.protocol.topology import TopologyUpdate
+from infscaled.runner.launcher import LocalJob, prepare
+
+
+class RecoveringJob(LocalJob):
+    """Until the launcher supervises recovery itself: a worker's death is announced to every
+    running node (TopologyUpdate.dead) instead of failing the job."""
+
+    epoch = 100
+
+    def _on_exit(self, node: Node, code: int | None, reason: str) -> None:
+        if not reason or self.dispatcher is None:
+            return
+        self.epoch += 1
+        update = TopologyUpdate(self.epoch, dead=(node,))
+        self.dispatcher.engine.update(update)
+        for other, handle in self.group.handles.items():
+            if other != node and handle.process.is_alive():
+                try:
+                    self.group.send(other, UpdateTopology.of(update))
+                except Exception:  # noqa: BLE001 - a peer exiting at the same time
+                    pass
+
+
+def sampled(seed: int, new: int, **extra: Any) -> SamplingParams:
+    return SamplingParams(max_new_tokens=new, temperature=0.9, top_k=40, top_p=0.95, seed=seed, **extra)
+
+
+def test_sequences_of_a_killed_chain_continue_on_the_other_exactly() -> None:
+    new = 90
+    cfg = gen_job("gpt2-tiny", 2, 2, max_batch_sequences=4, kv_budget_tokens=2048)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (5, 9, 3, 12, 7, 4, 10, 6, 8, 11)]
+    params = ([SamplingParams(max_new_tokens=new, temperature=0.0)] * 5
+              + [sampled(1, new), sampled(2, new), sampled(3, new, logprobs=2),
+                 sampled(4, new, frequency_penalty=0.6, presence_penalty=0.4, repetition_penalty=1.3),
+                 sampled(5, new, min_tokens=new - 5, stop_token_ids=(7, 9))])
+    mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
+    reference = ReferenceBackend(mono.model)
+
+    async def expected(p: list[int], sp: SamplingParams) -> list[int]:
+        return [t.token if isinstance(t, Sampled) else t async for t in reference.generate(p, sp)]
+
+    want = [hf_greedy(mono, p, new) if sp.temperature == 0 else asyncio.run(expected(p, sp))
+            for p, sp in zip(prompts, params, strict=True)]
+    with RecoveringJob(prepare(cfg)) as job:
+        seqs = job.generator
+        seqs.recovery = True
+        got = [Collected() for _ in prompts]
+        for p, sp, c in zip(prompts, params, got, strict=True):
+            seqs.submit(p, sp, c)
+        wait_for(lambda: all(len(c.tokens) >= 3 for c in got), "every stream's first tokens")
+        victim = job.group.handles[Node(1, 1)].process.pid
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)  # chain 1 freezes mid-stream, then dies
+        cut = [len(c.tokens) for c in got]
+        os.kill(victim, signal.SIGKILL)
+        for c in got:
+            assert c.done.wait(120), "a stream never ended"
+        assert [c.error for c in got] == [None] * len(got)
+        tokens = [[t.token if isinstance(t, Sampled) else t for t in c.tokens] for c in got]
+        assert tokens == want
+        assert seqs.replayed >= 1 and any(n < len(w) for n, w in zip(cut, want, strict=True))
+        # Chain 1's surviving stage 0 got the dispatcher's STOP and ended by itself.
+        wait_for(lambda: not job.group.handles[Node(0, 1)].process.is_alive(), "0.1 to retire")
+
+        # The last chain dies too: a live sequence and a new one wait for a chain, then time out saying why.
+        seqs.request_timeout_s = 2.0
+        held, late, replayed = Collected(), Collected(), seqs.replayed
+        seqs.submit(prompts[0], SamplingParams(max_new_tokens=200, temperature=0.0), held)
+        wait_for(lambda: len(held.tokens) >= 2, "the held sequence's first tokens")
+        last = job.group.handles[Node(1, 0)].process.pid
+        assert last is not None
+        os.kill(last, signal.SIGSTOP)
+        assert not held.done.is_set()
+        os.kill(last, signal.SIGKILL)
+        wait_for(lambda: seqs.replayed > replayed or held.done.is_set(), "the sequence to wait for a chain")
+        seqs.submit(prompts[1], SamplingParams(max_new_tokens=4, temperature=0.0), late)
+        assert held.done.wait(30) and late.done.wait(30)
+        assert held.error is not None and held.error.startswith("timed out after 2 s waiting to be continued on a "
+                                                                "live replica chain (replica chain 0 lost: ")
+        assert late.error is not None and late.error.startswith("timed out after 2 s waiting for a live replica "
+                                                                "chain (replica chain 0 lost: ")
+        assert late.tokens == []
+        assert seqs.live() == 0
+
+
+def test_a_replayed_sequence_samples_what_it_would_have_without_the_fault() -> None:
+    """The sampler state rebuilt from a replay's SequenceSpec alone continues a sequence exactly:
+    the seeded generator skips the draws already made, penalties and min_tokens see the tokens so
+    far, max_new_tokens counts them; on both sampling paths (sample_step, sample_async)."""
+    vocab, steps, cut = 97, 12, 5
+    logits = torch.randn(steps, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    prompt = (4, 8, 15, 16, 23)
+    cases = [SamplingParams(max_new_tokens=steps, temperature=0.8, top_p=0.9, seed=42),
+             SamplingParams(max_new_tokens=steps, temperature=1.1, top_k=20, seed=7, frequency_penalty=1.5,
+                            presence_penalty=0.5, repetition_penalty=1.4, min_tokens=steps, stop_token_ids=(3,))]
+    for params in cases:
+        whole = resume_sampling(SequenceSpec(1, len(prompt), 64, params, 0, prompt), vocab, "cpu")
+        straight = [sample_step(logits[i:i + 1], [whole])[0][0] for i in range(steps)]
+        history = params.needs_history
+        spec = SequenceSpec(1, len(prompt) + cut, 64, params, cut, prompt, tuple(straight[:cut]) if history else ())
+        assert decode_specs(encode_specs([spec])) == [spec]
+        resumed = resume_sampling(spec, vocab, "cpu")
+        assert resumed.produced == cut
+        if history:
+            rest = [sample_step(logits[i:i + 1], [resumed])[0][0] for i in range(cut, steps)]
+        else:  # the hot path's sampler
+            rest = [sample_async(logits[i:i + 1], [params], [resumed.generator]).tokens()[0] for i in range(cut, steps)]
+        assert rest == straight[cut:], params
+    # Skipping draws one row at a time is what the steps drew, whatever else shared their batch.
+    a, b = make_generator(5, "cpu"), make_generator(5, "cpu")
+    for _ in range(3):
+        noise = torch.empty(4, vocab)
+        noise[2].exponential_(generator=a)
+    skip_draws(b, 3, vocab)
+    assert torch.equal(torch.empty(vocab).exponential_(generator=a), torch.empty(vocab).exponential_(generator=b))
+
+
+def test_sequence_spec_rejects_generated_ids_that_do_not_match_produced() -> None:
+    import pytest
+
+    from infscaled.errors import WireError
+
+    with pytest.raises(WireError, match="produced 3, 2 generated ids are inconsistent"):
+        SequenceSpec(1, 8, 20, SamplingParams(max_new_tokens=5), 3, (), (1, 2))
