@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from dataclasses import replace
 from typing import Any
 
+import pytest
 import torch
 from test_generation_pipeline import Collected, gen_job, wait_for
 
@@ -100,6 +102,7 @@ def test_sequences_of_a_killed_chain_continue_on_the_other_exactly() -> None:
         assert seqs.replayed >= 1 and any(n < len(w) for n, w in zip(cut, want, strict=True))
         # Chain 1's surviving stage 0 got the dispatcher's STOP and ended by itself.
         wait_for(lambda: not job.group.handles[Node(0, 1)].process.is_alive(), "0.1 to retire")
+        assert job.group.handles[Node(0, 1)].process.exitcode == 0
 
         # The last chain dies too: a live sequence and a new one wait for a chain, then time out saying why.
         seqs.request_timeout_s = 2.0
@@ -122,41 +125,47 @@ def test_sequences_of_a_killed_chain_continue_on_the_other_exactly() -> None:
         assert seqs.live() == 0
 
 
-def test_a_replayed_sequence_samples_what_it_would_have_without_the_fault() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_replayed_sequence_samples_what_it_would_have_without_the_fault(device: str) -> None:
     """The sampler state rebuilt from a replay's SequenceSpec alone continues a sequence exactly:
-    the seeded generator skips the draws already made, penalties and min_tokens see the tokens so
-    far, max_new_tokens counts them; on both sampling paths (sample_step, sample_async)."""
+    the seeded generator skips the draws already made (in a batch with other sequences, which
+    draw from their own generators), penalties and min_tokens see the tokens so far,
+    max_new_tokens counts them; on both sampling paths (sample_step, sample_async)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     vocab, steps, cut = 97, 12, 5
-    logits = torch.randn(steps, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    logits = (torch.randn(steps, 3, vocab, generator=torch.Generator().manual_seed(0)) * 3).to(device)
     prompt = (4, 8, 15, 16, 23)
     cases = [SamplingParams(max_new_tokens=steps, temperature=0.8, top_p=0.9, seed=42),
              SamplingParams(max_new_tokens=steps, temperature=1.1, top_k=20, seed=7, frequency_penalty=1.5,
                             presence_penalty=0.5, repetition_penalty=1.4, min_tokens=steps, stop_token_ids=(3,))]
     for params in cases:
-        whole = resume_sampling(SequenceSpec(1, len(prompt), 64, params, 0, prompt), vocab, "cpu")
-        straight = [sample_step(logits[i:i + 1], [whole])[0][0] for i in range(steps)]
+        # Without the fault: row 1 of a batch whose other rows sample too.
+        batch = [resume_sampling(SequenceSpec(s, len(prompt), 64, replace(params, seed=s * 100 + 1) if s != 1
+                                              else params, 0, prompt), vocab, device) for s in range(3)]
+        straight = [sample_step(logits[i], batch)[0][1] for i in range(steps)]
         history = params.needs_history
         spec = SequenceSpec(1, len(prompt) + cut, 64, params, cut, prompt, tuple(straight[:cut]) if history else ())
         assert decode_specs(encode_specs([spec])) == [spec]
-        resumed = resume_sampling(spec, vocab, "cpu")
+        resumed = resume_sampling(spec, vocab, device)
         assert resumed.produced == cut
         if history:
-            rest = [sample_step(logits[i:i + 1], [resumed])[0][0] for i in range(cut, steps)]
+            rest = [sample_step(logits[i, 1:2], [resumed])[0][0] for i in range(cut, steps)]
         else:  # the hot path's sampler
-            rest = [sample_async(logits[i:i + 1], [params], [resumed.generator]).tokens()[0] for i in range(cut, steps)]
+            rest = [sample_async(logits[i, 1:2], [params], [resumed.generator]).tokens()[0]
+                    for i in range(cut, steps)]
         assert rest == straight[cut:], params
-    # Skipping draws one row at a time is what the steps drew, whatever else shared their batch.
-    a, b = make_generator(5, "cpu"), make_generator(5, "cpu")
+    # skip_draws draws what the steps drew, one row at a time.
+    a, b = make_generator(5, device), make_generator(5, device)
     for _ in range(3):
-        noise = torch.empty(4, vocab)
+        noise = torch.empty(4, vocab, device=device)
         noise[2].exponential_(generator=a)
     skip_draws(b, 3, vocab)
-    assert torch.equal(torch.empty(vocab).exponential_(generator=a), torch.empty(vocab).exponential_(generator=b))
+    assert torch.equal(torch.empty(vocab, device=device).exponential_(generator=a),
+                       torch.empty(vocab, device=device).exponential_(generator=b))
 
 
 def test_sequence_spec_rejects_generated_ids_that_do_not_match_produced() -> None:
-    import pytest
-
     from infscaled.errors import WireError
 
     with pytest.raises(WireError, match="produced 3, 2 generated ids are inconsistent"):

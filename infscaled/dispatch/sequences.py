@@ -127,6 +127,7 @@ class Sequences(FrontEnd):
         self._next_check = 0.0
         self.finished = 0  # sequences that ran to their end (for stats and tests)
         self._lost_last = ""  # why the last chain was lost (said to sequences that time out waiting)
+        self._lost_replicas: set[int] = set()  # replica ids are never reused: a lost one never serves again
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -186,6 +187,11 @@ class Sequences(FrontEnd):
     # -- compute thread: chains ------------------------------------------------------------------
 
     def on_output_open(self, end: EdgeEnd) -> None:
+        if end.peer.replica in self._lost_replicas:
+            # Lost while its edge was connecting (a chain being added): it never takes a sequence.
+            log.warning("dispatcher: chain %d opened after it was lost; closing it", end.peer.replica)
+            self.engine.close_output(end)
+            return
         self.chains[end.key] = _Chain(end)
         if self._waiting:
             log.info("dispatcher: chain %d is open; %d sequence(s) waiting", end.peer.replica, len(self._waiting))
@@ -359,7 +365,8 @@ class Sequences(FrontEnd):
         """Chain `replica` is lost: it takes nothing more. Its sequences are continued elsewhere
         by `replay` (recovery on) or end now with the reason (recovery off). A `precise` reason
         (the supervisor named the dead node) replaces a broken edge's, which usually came first."""
-        for chain in self.chains.values():
+        self._lost_replicas.add(replica)
+        for chain in list(self.chains.values()):
             if chain.replica != replica:
                 continue
             if chain.lost:
