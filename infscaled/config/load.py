@@ -10,6 +10,7 @@ from infscaled.config.messages import MISSING, config_error, read_toml
 from infscaled.config.schema import JobConfig
 from infscaled.config.sections import (
     parse_generation,
+    parse_recovery,
     parse_model,
     parse_pipeline,
     parse_placement,
@@ -20,7 +21,7 @@ from infscaled.config.values import Section
 STRING_PATH: Final = "<string>"
 # Name of a job parsed from data that gave none (there is no file stem to fall back on).
 DEFAULT_NAME: Final = "job"
-TOP_LEVEL_KEYS: Final = ("name", "model", "pipeline", "placement", "workload", "generation")
+TOP_LEVEL_KEYS: Final = ("name", "model", "pipeline", "placement", "workload", "generation", "recovery")
 
 
 def load_job(path: str | Path) -> JobConfig:
@@ -42,7 +43,7 @@ def parse_job(
     None allows any (`infscaled run` reads its own user's files).
     """
     if not isinstance(data, Mapping):
-        allowed = "a table of [model], [pipeline], [placement], [workload], [generation]"
+        allowed = "a table of [model], [pipeline], [placement], [workload], [generation], [recovery]"
         raise config_error(path, "", None, allowed, "expected a table")
     if base_dir is None:
         base_dir = Path.cwd() if path == STRING_PATH else Path(path).resolve().parent
@@ -64,4 +65,5 @@ def parse_job(
         placement=parse_placement(top.table("placement"), pipeline.replicas),
         workload=parse_workload(top.table("workload"), pipeline.micro_batch_size, base, model_roots),
         generation=parse_generation(top.table("generation"), pipeline) if top.has("generation") else None,
+        recovery=parse_recovery(top.table("recovery")),
     )

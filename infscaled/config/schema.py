@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from infscaled.protocol.plan import Recovery as RecoveryConfig
+
 DTYPES: Final = ("float32", "bfloat16", "float16")
 GRAPHS: Final = ("mesh", "parallel", "explicit")
 POLICIES: Final = ("round_robin", "random", "shortest_queue", "static", "weighted")
@@ -147,6 +149,8 @@ class JobConfig:
     """[workload] table."""
     generation: GenerationConfig | None = None
     """[generation] table; None: a forward-only job (one result per request)."""
+    recovery: RecoveryConfig = RecoveryConfig()
+    """[recovery] table (protocol.plan.Recovery: the plan carries it to every supervisor)."""
 
     @property
     def stage_count(self) -> int:

@@ -22,6 +22,7 @@ from infscaled.config.schema import (
     ModelConfig,
     PipelineConfig,
     PlacementConfig,
+    RecoveryConfig,
     WorkloadConfig,
 )
 from infscaled.config.source import SOURCE_FORMS, resolve_source, roots_problem, under_roots
@@ -301,3 +302,15 @@ def _parse_input_file(sec: Section, base_dir: Path, roots: Sequence[str] | None)
     if not resolved.is_file():
         raise sec.error("input_file", value, allowed, f"no such file (resolved to {resolved})")
     return str(resolved)
+
+
+def parse_recovery(sec: Section) -> RecoveryConfig:
+    """[recovery]."""
+    sec.check_keys(field_names(RecoveryConfig))
+    return RecoveryConfig(
+        enabled=sec.get_bool("enabled", RecoveryConfig.enabled),
+        attempts=sec.get_int("attempts", RecoveryConfig.attempts, lo=0, hi=100),
+        backoff_s=sec.get_float("backoff_s", RecoveryConfig.backoff_s, lo=0.0, hi=300.0),
+        heartbeat_timeout_s=sec.get_float("heartbeat_timeout_s", RecoveryConfig.heartbeat_timeout_s, lo=0.5,
+                                          hi=600.0),
+    )

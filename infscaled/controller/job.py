@@ -26,12 +26,14 @@ class JobState(enum.StrEnum):
     PENDING = "pending"
     DEPLOYING = "deploying"
     RUNNING = "running"
+    DEGRADED = "degraded"  # a replica (or the dispatcher) was lost; the job serves on what is left
+    RECOVERING = "recovering"  # its replacement is starting and joining
     STOPPING = "stopping"
     STOPPED = "stopped"
     FAILED = "failed"
 
 
-LIVE = (JobState.DEPLOYING, JobState.RUNNING, JobState.STOPPING)
+LIVE = (JobState.DEPLOYING, JobState.RUNNING, JobState.DEGRADED, JobState.RECOVERING, JobState.STOPPING)
 
 
 class Rejected(InfscaledError):

@@ -6,6 +6,8 @@ job file means the same pipeline, and fails with the same message, whichever run
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from collections.abc import Mapping, Sequence
 
 from infscaled.config import JobConfig, check_against_model, check_builtin
@@ -61,7 +63,7 @@ def plan_job(cfg: JobConfig, unit_weights: Sequence[int], devices: Sequence[str]
     """The plan for a job already checked with `check_model`. `devices` has one entry per stage
     replica (stage-major), `ports` one per edge, `hosts` where each node runs (default `host`)."""
     pipe = cfg.pipeline
-    return make_plan(
+    plan = make_plan(
         job=cfg.name, model_source=cfg.model.source, dtype=cfg.model.dtype, seed=cfg.model.seed,
         ranges=stage_ranges(cfg, unit_weights), replicas=pipe.replicas, graph=pipe.graph,
         explicit_edges=explicit_edges(cfg), devices=devices, policy=pipe.policy,
@@ -70,3 +72,4 @@ def plan_job(cfg: JobConfig, unit_weights: Sequence[int], devices: Sequence[str]
         extra_edges=loop_edges(cfg), generation=generation_plan(cfg), cuda_graphs=pipe.cuda_graphs,
         compile_layers=pipe.compile,
     )
+    return replace(plan, recovery=cfg.recovery)

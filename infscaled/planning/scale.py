@@ -82,17 +82,22 @@ def _chains(plan: JobPlan, chains: int) -> ScaleShape:
         gone = sorted((n.replica for n in heads), reverse=True)[:len(heads) - chains]
         return ScaleShape(None, (), tuple(Node(s, r) for r in gone for s in range(len(plan.stages))), ())
     first = max(plan.fresh_replica(s) for s in range(len(plan.stages)))  # a chain has one id on every stage
-    last = plan.last_stage
+    added, edges = chain_edges(first, chains - len(heads), plan.last_stage)
+    return ScaleShape(None, added, (), edges)
+
+
+def chain_edges(first: int, count: int, last_stage: int) -> tuple[tuple[Node, ...], tuple[tuple[Node, Node], ...]]:
+    """`count` new generation chains with ids first.. : their nodes and edges (with the decode loop)."""
     added: list[Node] = []
     edges: list[tuple[Node, Node]] = []
-    for r in range(first, first + chains - len(heads)):
-        chain = [Node(s, r) for s in range(last + 1)]
+    for r in range(first, first + count):
+        chain = [Node(s, r) for s in range(last_stage + 1)]
         added += chain
         edges += [(DISPATCHER, chain[0]), (chain[-1], DISPATCHER)]
         edges += [(a, b) for a, b in zip(chain, chain[1:], strict=False)]
-        if last > 0:
+        if last_stage > 0:
             edges.append((chain[-1], chain[0]))  # the decode loop
-    return ScaleShape(None, tuple(added), (), tuple(edges))
+    return tuple(added), tuple(edges)
 
 
 def apply_scale(plan: JobPlan, shape: ScaleShape, devices: Mapping[Node, str], ports: Sequence[int],

@@ -91,6 +91,20 @@ class GenerationPlan:
 
 
 @dataclass(frozen=True)
+class Recovery:
+    """[recovery]: what the supervisors do when a replica (or the dispatcher) dies or hangs."""
+
+    enabled: bool = True
+    """Replace lost replicas and replay their work; false: the first loss fails the job (clean)."""
+    attempts: int = 3
+    """Replacements tried per lost replica (one after another, with backoff) before the job fails."""
+    backoff_s: float = 1.0
+    """Wait before a replacement attempt after a failed one; doubles each time."""
+    heartbeat_timeout_s: float = 2.0
+    """A member silent this long (no heartbeat: hung, stopped) is declared dead and killed."""
+
+
+@dataclass(frozen=True)
 class JobPlan:
     """Everything a worker or the dispatcher needs to join a job's data plane."""
 
@@ -121,6 +135,7 @@ class JobPlan:
     # Per stage, the lowest replica id never used yet (empty: one past the highest in `workers`):
     # live scaling never reuses an id, so an edge key always names one edge.
     next_replica: tuple[int, ...] = ()
+    recovery: Recovery = field(default_factory=Recovery)
 
     def fresh_replica(self, stage: int) -> int:
         """The id a replica added to `stage` gets."""
@@ -167,6 +182,8 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
             plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens],
+        "recovery": {"enabled": plan.recovery.enabled, "attempts": plan.recovery.attempts,
+                     "backoff_s": plan.recovery.backoff_s, "heartbeat_timeout_s": plan.recovery.heartbeat_timeout_s},
     }
 
 
@@ -185,7 +202,17 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
         epoch=int(d.get("epoch", 0)), graph=str(d.get("graph", "mesh")),  # type: ignore[call-overload]
         next_replica=tuple(int(r) for r in d.get("next_replica", ())),  # type: ignore[attr-defined]
+        recovery=_recovery(d.get("recovery")),
     )
+
+
+def _recovery(raw: object) -> Recovery:
+    if raw is None:
+        return Recovery()
+    if not isinstance(raw, dict):
+        raise TypeError(f"recovery: expected an object, got {type(raw).__name__}")
+    return Recovery(enabled=_bool(raw["enabled"]), attempts=int(raw["attempts"]), backoff_s=float(raw["backoff_s"]),
+                    heartbeat_timeout_s=float(raw["heartbeat_timeout_s"]))
 
 
 def _bool(value: object) -> bool:

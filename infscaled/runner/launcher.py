@@ -5,8 +5,10 @@
 worker process per stage replica -> connect the dispatcher's edges while the workers
 build -> wait for every READY. Shutdown is the reverse: drain the dispatcher (STOP flows
 down the pipeline), wait for each worker to finish, then SIGTERM / SIGKILL whatever is
-left. A worker that exits unexpectedly fails the job at once with its reason. Spawning and
-supervising the workers is `worker.group.WorkerGroup`'s job, shared with the agent daemon.
+left. A worker that exits unexpectedly (or stops answering its heartbeat) is replaced while the
+job serves (runner/recovery.py, `[recovery]`); with recovery off, or once its attempts are
+spent, the job fails at once with the reasons. Spawning and supervising the workers is
+`worker.group.WorkerGroup`'s job, shared with the agent daemon.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from infscaled.planning.ports import free_ports
 from infscaled.planning.scale import apply_scale, scale_shape
 from infscaled.protocol.control import UpdateTopology
 from infscaled.protocol.plan import JobPlan, Node
+from infscaled.protocol.topology import TopologyUpdate
+from infscaled.runner.recovery import Recoverer
 from infscaled.worker.entry import WorkerSpec, worker_main
 from infscaled.worker.group import Member, WorkerGroup, WorkerHandle
 from infscaled.worker.service import dispatcher_engine
@@ -103,10 +107,11 @@ class LocalJob:
         self.log_level = log_level
         self.dispatcher: Batching | Sequences | None = None
         self._closing = False
-        self._scale_lock = threading.Lock()
-        members = [Member(w.node, worker_main, WorkerSpec(self.plan, w.node, log_level, ready_timeout_s))
-                   for w in self.plan.workers]
-        self.group = WorkerGroup(self.plan.job, members, ready_timeout_s, on_exit=self._on_exit)
+        self.topology_lock = threading.Lock()  # one topology change at a time (scaling, recovery)
+        self.recoverer: Recoverer | None = None
+        members = [self._member(self.plan, w.node) for w in self.plan.workers]
+        self.group = WorkerGroup(self.plan.job, members, ready_timeout_s, on_exit=self._on_exit,
+                                 heartbeat_timeout_s=self.plan.recovery.heartbeat_timeout_s)
         # The group fills in the handles as it spawns; the state shares its dict.
         self.state = JobState(workers=self.group.handles)
 
@@ -123,20 +128,32 @@ class LocalJob:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def _member(self, plan: JobPlan, node: Node) -> Member:
+        return Member(node, worker_main, WorkerSpec(plan, node, self.log_level, self.ready_timeout_s))
+
     def start(self) -> None:
         self.group.start()
         cfg = self.prepared.cfg
+        recovery = self.plan.recovery.enabled
         front: Batching | Sequences
         if self.plan.generation is not None:
             front = Sequences(self.plan.generation, request_timeout_s=cfg.workload.request_timeout_s,
-                              on_broken=self._edge_broke)
+                              on_broken=self._edge_broke, recovery=recovery)
         else:
             front = Batching(self.prepared.spec, dtype_of(self.plan.dtype), self.plan,
-                             request_timeout_s=cfg.workload.request_timeout_s, on_broken=self._edge_broke)
+                             request_timeout_s=cfg.workload.request_timeout_s, on_broken=self._edge_broke,
+                             recovery=recovery)
         self._connect_dispatcher(front)
         if not self.group.wait_ready(self.ready_timeout_s):
             raise InfscaledError(self.group.failure or f"workers not ready within {self.ready_timeout_s:g} s")
         self.dispatcher = front
+        # From here on a lost worker is replaced (with recovery on), not a reason to fail.
+        self.recoverer = Recoverer(self, self.group, self._member, self._fail)
+        self.group.tolerate_exits = recovery
         front.run_engine()
         if self.group.failure:  # a worker may have died between READY and now
             front.fail(self.group.failure)
@@ -176,7 +193,7 @@ class LocalJob:
         """Scale `stage` (a forward job; None: a generation job's chains) to `replicas` while
         serving (planning/scale.py). New replicas run on the device of the stage's first replica.
         With `wait`, returns once every added replica is READY (InfscaledError if one fails)."""
-        with self._scale_lock:
+        with self.topology_lock:
             started = time.monotonic()
             plan = self.plan
             shape = scale_shape(plan, stage, replicas)
@@ -187,8 +204,7 @@ class LocalJob:
             change = apply_scale(plan, shape, devices, ports)
             self.plan = change.plan
             for w in change.added:
-                self.group.add(Member(w.node, worker_main,
-                                      WorkerSpec(change.plan, w.node, self.log_level, self.ready_timeout_s)))
+                self.group.add(self._member(change.plan, w.node))
             assert self.dispatcher is not None
             for node, update in change.updates.items():
                 if node.is_dispatcher:
@@ -212,7 +228,9 @@ class LocalJob:
         if self._closing:
             return
         self._closing = True
-        if self.dispatcher is not None and not self.group.failure:
+        if self.recoverer is not None:
+            self.recoverer.close()
+        if self.dispatcher is not None and not self.group.failure and self.state.failure is None:
             self.dispatcher.close(timeout_s=grace_s * 3)
         self.group.stop(grace_s)
         if self.dispatcher is not None and not self.dispatcher.wait_ended(0):
@@ -225,11 +243,25 @@ class LocalJob:
         assert self.dispatcher is not None
         self.dispatcher.fail(reason)
 
+    def dispatcher_update(self, update: TopologyUpdate) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.engine.update(update)
+
     def _on_exit(self, node: Node, code: int | None, reason: str) -> None:
-        """Supervisor thread: a worker is gone. An unexpected exit fails the job at once."""
+        """Supervisor thread: a worker is gone. Once serving, an unexpected exit is a loss to
+        recover from (runner/recovery.py decides); before that, or with recovery off, it fails
+        the job at once."""
         if not reason:
             return
+        if self.recoverer is not None and self.plan.recovery.enabled and not self._closing:
+            self.recoverer.lost(node, reason)
+            return
+        self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
         if self.state.failure is None:
             self.state.failure = reason
+        if self.group.failure is None:
+            self.group.failure = reason
         if self.dispatcher is not None:
             self.dispatcher.fail(reason)

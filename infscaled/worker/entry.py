@@ -107,6 +107,20 @@ def _watch_control(conn: Connection, node: str, engine_box: EngineBox) -> None:
         os._exit(4)
 
 
+def start_heartbeat(node: str, send: Callable[[control.ControlMessage], None]) -> None:
+    """Tell the supervisor this process is alive, from a thread of its own (so a long compute
+    does not count as a hang, but a stopped or deadlocked process does: worker/group.py)."""
+    def beat() -> None:
+        try:
+            while True:
+                send(control.Heartbeat(node))
+                time.sleep(control.HEARTBEAT_INTERVAL_S)
+        except OSError:
+            return  # the supervisor is gone; the control reader exits the process
+
+    threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+
+
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The default action, not a Python handler: it works even while the main thread is
@@ -125,6 +139,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
     engine_box = EngineBox()  # the control reader hands it topology updates
     threading.Thread(target=_watch_control, args=(conn, node, engine_box), daemon=True, name="control").start()
+    start_heartbeat(node, send)
     try:
         _serve(spec, send, engine_box)
     except BaseException as exc:  # noqa: BLE001 - process boundary: report why, then exit non-zero

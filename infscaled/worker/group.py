@@ -19,7 +19,13 @@ control pipe and process sentinel and calls the callbacks:
                                      (DONE and code 0, or stopped by stop() without a
                                      complaint), else why, naming node, pid, code, last words
 
-A member that is not READY within `ready_timeout_s` is terminated with that reason. stop()
+A member that is not READY within `ready_timeout_s` is terminated with that reason. With a
+`heartbeat_timeout_s`, a READY member (its heartbeats, control.Heartbeat, come from a thread of
+its own) that stays silent that long is declared dead: SIGKILLed (which works on a stopped
+process too, and makes its sockets fail at its peers at once) and reported as an unexpected exit
+with that reason. `tolerate_exits` (set by a supervisor that recovers) keeps an unexpected exit
+from becoming the group's `failure`; the callback still gets the reason. `retire(node)` stops
+one member on purpose (its exit is expected). stop()
 blocks (run it in a thread from asyncio): ask the `first` members (the dispatcher) to drain,
 wait for everyone to finish, then SIGTERM, then SIGKILL; it never returns with a live member.
 """
@@ -75,6 +81,8 @@ class WorkerHandle:
     exited: bool = False  # reaped by the supervisor; `exitcode` is then final
     exitcode: int | None = None
     ready_deadline: float = float("inf")  # monotonic: terminated if not READY by then
+    last_beat: float | None = None  # monotonic: when it last said anything (None: nothing yet)
+    retiring: bool = False  # stopped on purpose (retire): its exit is expected
 
 
 def describe(node: Node) -> str:
@@ -84,10 +92,12 @@ def describe(node: Node) -> str:
 class WorkerGroup:
     def __init__(self, name: str, members: Sequence[Member], ready_timeout_s: float = 300.0, *,
                  on_ready: OnReady | None = None, on_stats: OnStats | None = None,
-                 on_exit: OnExit | None = None) -> None:
+                 on_exit: OnExit | None = None, heartbeat_timeout_s: float | None = None) -> None:
         self.name = name
         self.members = list(members)
         self.ready_timeout_s = ready_timeout_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.tolerate_exits = False
         self.handles: dict[Node, WorkerHandle] = {}
         self.failure: str | None = None  # the first unexpected exit, with its reason
         self._on_ready, self._on_stats, self._on_exit = on_ready, on_stats, on_exit
@@ -151,6 +161,19 @@ class WorkerGroup:
             self.handles[m.node] = WorkerHandle(m.node, proc, parent,
                                                 ready_deadline=time.monotonic() + self.ready_timeout_s)
             self._changed.notify_all()
+
+    def retire(self, node: Node, reason: str) -> None:
+        """Stop one member on purpose (e.g. the survivors of a generation chain that lost a
+        member): StopWorker, and its exit counts as expected."""
+        h = self.handles[node]
+        with self._changed:
+            if h.exited:
+                return
+            h.retiring = True
+        try:
+            self.send(node, control.StopWorker(reason))
+        except OSError:
+            pass  # already gone: its sentinel tells the supervisor
 
     def send(self, node: Node, msg: control.ControlMessage) -> None:
         """A control message to one member (e.g. a topology update); OSError if it is gone."""
@@ -273,10 +296,12 @@ class WorkerGroup:
             if not live_sentinels and (self._closing or not self.members):
                 return
             waiting = [h.ready_deadline for h in live_sentinels.values() if h.ready is None and not self._closing]
+            waiting += self._beat_deadlines(live_sentinels.values())
             timeout = max(0.0, min(waiting) - time.monotonic()) if waiting else None
             ready = wait([self._wake_r, *live_conns, *live_sentinels], timeout)
             if not ready:
                 self._ready_timed_out()
+                self._silent()
             for obj in ready:
                 if obj is self._wake_r:
                     try:
@@ -304,6 +329,29 @@ class WorkerGroup:
                 log.error("%s %s: %s; terminating it", self.name, describe(h.node), h.failure)
                 h.process.terminate()
 
+    def _beat_deadlines(self, handles: Iterable[WorkerHandle]) -> list[float]:
+        if self.heartbeat_timeout_s is None:
+            return []
+        return [h.last_beat + self.heartbeat_timeout_s for h in handles
+                if h.last_beat is not None and h.ready is not None and not h.exited and not h.retiring]
+
+    def _silent(self) -> None:
+        """Kill members whose heartbeat stopped (a hung or stopped process never exits by itself)."""
+        if self.heartbeat_timeout_s is None:
+            return
+        now = time.monotonic()
+        for h in list(self.handles.values()):
+            # Only once READY: building a stage may hold the GIL for seconds (importing torch), and a
+            # member that hangs before READY meets the ready timeout instead.
+            if (h.last_beat is None or h.ready is None or h.exited or h.retiring
+                    or now < h.last_beat + self.heartbeat_timeout_s):
+                continue
+            silent = now - h.last_beat
+            h.last_beat = None  # judged once; the kill makes it exit
+            h.failure = f"unresponsive: no heartbeat for {silent:.1f} s (hung or stopped); killed"
+            log.error("%s %s (pid %s): %s", self.name, describe(h.node), h.process.pid, h.failure)
+            h.process.kill()
+
     def _drain(self, h: WorkerHandle) -> None:
         """Read what an exited member said last (its failure reason) before judging the exit."""
         try:
@@ -313,6 +361,10 @@ class WorkerGroup:
             pass
 
     def _on_message(self, h: WorkerHandle, msg: control.ControlMessage) -> None:
+        if isinstance(msg, control.Heartbeat):
+            if h.failure is None:  # a member already judged dead stays dead
+                h.last_beat = time.monotonic()
+            return
         with self._changed:
             if isinstance(msg, control.WorkerReady):
                 h.ready = msg
@@ -333,13 +385,13 @@ class WorkerGroup:
         h.process.join(KILL_WAIT_S)  # the sentinel fired: reap it so the exit code is known
         code = h.process.exitcode
         reason = ""
-        if not (h.done and code == 0) and not (self._closing and h.failure is None):
+        if not (h.done and code == 0) and not (self._closing and h.failure is None) and not h.retiring:
             reason = f"{describe(h.node)} (pid {h.process.pid}) exited with code {code}"
             if h.failure:
                 reason += f": {h.failure}"
         with self._changed:
             h.exited, h.exitcode = True, code
-            if reason and self.failure is None:
+            if reason and self.failure is None and not self.tolerate_exits:
                 self.failure = reason
             self._changed.notify_all()
         if reason:

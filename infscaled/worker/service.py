@@ -45,7 +45,7 @@ from infscaled.errors import PipelineFailedError, RequestError, WireError
 from infscaled.protocol import control, jsonsafe, tensors
 from infscaled.protocol.plan import DISPATCHER, JobPlan
 from infscaled.protocol.wire import MAX_NDIM
-from infscaled.worker.entry import _die_with_parent
+from infscaled.worker.entry import _die_with_parent, start_heartbeat
 from infscaled.worker.request_stats import RequestStats
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ def dispatcher_main(spec: ServiceSpec, conn: Connection) -> None:
                         format=f"%(asctime)s dispatcher {spec.plan.job} %(levelname)s %(message)s")
     link = _ControlLink(conn)
     link.start()
+    start_heartbeat(NODE, link.send)
     try:
         stats = _run(spec, link)
         link.send(control.WorkerDone(stats))

@@ -1,0 +1,194 @@
+"""Replace what died while `infscaled run` serves (LocalJob's recovery; the controller's is
+controller/recovery.py, the same epochs over agents).
+
+The supervisor thread reports each unexpected exit (a crash, a kill, or a member it killed for
+a silent heartbeat: worker/group.py); a thread of its own then, per loss:
+1. declares the node dead in the next epoch (planning/recovery.py): every running node drops its
+   edges to it, the dispatcher replays what may have crossed it (dispatch/core.py) and, if a
+   stage has no replica left, holds work until the replacement joins (state DEGRADED);
+2. spawns the replacement on the same device with that epoch's plan (RECOVERING), which joins
+   its inherited edges while the pipeline serves on;
+3. once it is READY and every stage is whole again, tells the dispatcher (RUNNING).
+A replacement that fails is itself a loss: replaced again after `backoff_s` (doubling), up to
+`attempts` per original replica; then the job fails with every reason on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from infscaled.controller.job import JobState
+from infscaled.planning.ports import free_ports
+from infscaled.planning.recovery import complete, devices_for, replacement_shape, restored, with_failure
+from infscaled.planning.scale import apply_scale
+from infscaled.protocol.control import UpdateTopology
+from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
+from infscaled.protocol.topology import TopologyUpdate
+from infscaled.worker.group import Member, WorkerGroup
+
+log = logging.getLogger(__name__)
+
+BATCH_S = 0.05  # losses this close together are replaced in one epoch (a host's workers die together)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """One recovery, for the record (`infscaled run` prints it; benchmarks read it)."""
+
+    dead: tuple[Node, ...]
+    added: tuple[Node, ...]
+    reasons: tuple[str, ...]
+    detected_s: float  # monotonic time the loss was reported
+    ready_s: float = 0.0  # from the report until every replacement was READY (0: it never was)
+    load_s: float = 0.0  # the slowest replacement's weight load (inside ready_s)
+    connect_s: float = 0.0  # the slowest replacement's edge joining (inside ready_s)
+
+
+@dataclass
+class _Lineage:
+    """How many replacements a replica's line has had (a replacement inherits its predecessor's)."""
+
+    attempts: dict[Node, int] = field(default_factory=dict)
+    reasons: dict[Node, list[str]] = field(default_factory=dict)
+
+
+class Recoverer:
+    def __init__(self, job: RecoverableJob, group: WorkerGroup, member_for: Callable[[JobPlan, Node], Member],
+                 fail: Callable[[str], None]) -> None:
+        self.job = job
+        self.group = group
+        self.member_for = member_for
+        self.fail = fail
+        self.policy = job.plan.recovery
+        self.state = JobState.RUNNING
+        self.history: list[Replacement] = []
+        self._lost: queue.Queue[tuple[Node, str, float] | None] = queue.Queue()
+        self._lineage = _Lineage()
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
+        self._thread.start()
+
+    def lost(self, node: Node, reason: str) -> None:
+        """Supervisor thread: `node` died unexpectedly."""
+        self._lost.put((node, reason, time.monotonic()))
+
+    def close(self) -> None:
+        self._lost.put(None)
+        self._thread.join(5.0)
+
+    def wait_state(self, state: JobState, timeout_s: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.state == state, timeout_s)
+
+    def _set(self, state: JobState) -> None:
+        with self._changed:
+            if self.state != state:
+                log.warning("job %s: %s", self.job.plan.job, state.value)
+            self.state = state
+            self._changed.notify_all()
+
+    # -- the recovery thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (first := self._lost.get()) is not None:
+            batch = [first]
+            deadline = time.monotonic() + BATCH_S
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    more = self._lost.get(timeout=left)
+                except queue.Empty:
+                    break
+                if more is None:
+                    return
+                batch.append(more)
+            try:
+                self._replace(batch)
+            except Exception as exc:  # noqa: BLE001 - thread boundary: a recovery that cannot go on fails the job
+                log.exception("job %s: recovery failed", self.job.plan.job)
+                self.fail(f"recovery failed: {type(exc).__name__}: {exc}")
+                return
+
+    def _replace(self, batch: list[tuple[Node, str, float]]) -> None:
+        dead = tuple(dict.fromkeys(n for n, _, _ in batch))
+        reasons = tuple(r for _, r, _ in batch)
+        detected = min(t for _, _, t in batch)
+        if self.job.closing:
+            return
+        tries = max(self._lineage.attempts.get(n, 0) for n in dead) + 1
+        history = [r for n in dead for r in self._lineage.reasons.get(n, [])] + list(reasons)
+        if not self.policy.enabled or tries > self.policy.attempts:
+            why = "; ".join(history)
+            if self.policy.enabled:
+                why = f"gave up after {self.policy.attempts} replacement attempt(s): {why}"
+            self.fail(why)
+            return
+        self._set(JobState.DEGRADED)
+        if tries > 1:
+            time.sleep(self.policy.backoff_s * 2 ** (tries - 2))
+        with self.job.topology_lock:
+            old = self.job.plan
+            shape = replacement_shape(old, dead)
+            gone = set(shape.removed)
+            survivors = [w.node for w in old.workers if w.node not in gone]
+            whole = complete(old, survivors)
+            ports = free_ports(len(shape.new_edges), old.dispatcher_host)
+            change = apply_scale(old, shape, devices_for(old, shape), ports)
+            updates = with_failure(change, old, dead, whole)
+            self.job.plan = change.plan
+            for node in shape.removed:
+                if node not in dead:  # a dead generation chain's survivors
+                    self.group.retire(node, f"its chain lost {', '.join(map(str, dead))}")
+            for n in shape.added:
+                self._lineage.attempts[n] = tries
+                self._lineage.reasons[n] = history
+            self._send(updates)
+            self._set(JobState.RECOVERING)
+            for w in change.added:
+                self.group.add(self.member_for(change.plan, w.node))
+        log.warning("job %s: epoch %d: %s dead (%s); replaced by %s", old.job, change.plan.epoch,
+                    ", ".join(map(str, dead)), "; ".join(reasons), ", ".join(map(str, shape.added)))
+        record = Replacement(dead, shape.added, reasons, detected)
+        if not self.group.wait_nodes_ready(shape.added, self.group.ready_timeout_s):
+            self.history.append(record)
+            return  # a replacement that died is a loss of its own: reported by the supervisor
+        ready = [r for n in shape.added if (r := self.group.handles[n].ready) is not None]
+        self.history.append(Replacement(dead, shape.added, reasons, detected, time.monotonic() - detected,
+                                        max(r.load_s for r in ready), max(r.connect_s for r in ready)))
+        with self.job.topology_lock:
+            alive = [w.node for w in self.job.plan.workers if not self.group.handles[w.node].exited]
+            if not whole and complete(self.job.plan, alive):
+                self.job.plan, update = restored(self.job.plan)
+                self._send({DISPATCHER: update})
+            if self._lost.empty() and all(self.group.handles[n].ready for n in alive):
+                self._set(JobState.RUNNING)
+
+    def _send(self, updates: dict[Node, TopologyUpdate]) -> None:
+        for node, update in updates.items():
+            if node == DISPATCHER:
+                self.job.dispatcher_update(update)
+                continue
+            h = self.group.handles.get(node)
+            if h is None or h.exited:
+                continue
+            try:
+                self.group.send(node, UpdateTopology.of(update))
+            except OSError:
+                pass  # it died meanwhile: its own loss is on the way
+
+
+class RecoverableJob(Protocol):
+    """What the Recoverer needs of a job (LocalJob has it)."""
+
+    plan: JobPlan
+    topology_lock: threading.Lock
+
+    @property
+    def closing(self) -> bool: ...
+
+    def dispatcher_update(self, update: TopologyUpdate) -> None: ...
