@@ -3,7 +3,8 @@ chain with no gap and no repeated token, greedy ones equal to HF generate, seede
 (penalties and min_tokens included) equal to the single-process reference, i.e. to a run without
 the fault; with no chain left they wait, and time out with a reason that says what they waited for.
 
-Real worker processes over gloo; the fault is a SIGKILL of a stage-1 worker mid-stream.
+Real worker processes over gloo, LocalJob's own recovery ([recovery]: the lost chain is
+replaced by a new one); the fault is a SIGKILL of a stage-1 worker mid-stream.
 """
 
 from __future__ import annotations
@@ -16,39 +17,18 @@ from typing import Any
 
 import pytest
 import torch
-from test_generation_pipeline import Collected, gen_job, wait_for
+from test_generation_pipeline import Collected, wait_for
 
+from infscaled.config import parse_job
 from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.params import Sampled, SamplingParams
 from infscaled.generation.reference import ReferenceBackend
 from infscaled.generation.sampling import make_generator, resume_sampling, sample_step, skip_draws
 from infscaled.models.sources import resolve
 from infscaled.models.stage import Monolith
-from infscaled.protocol.control import UpdateTopology
 from infscaled.protocol.generation import SequenceSpec, decode_specs, encode_specs
 from infscaled.protocol.plan import Node
-from infscaled.protocol.topology import TopologyUpdate
 from infscaled.runner.launcher import LocalJob, prepare
-
-
-class RecoveringJob(LocalJob):
-    """Until the launcher supervises recovery itself: a worker's death is announced to every
-    running node (TopologyUpdate.dead) instead of failing the job."""
-
-    epoch = 100
-
-    def _on_exit(self, node: Node, code: int | None, reason: str) -> None:
-        if not reason or self.dispatcher is None:
-            return
-        self.epoch += 1
-        update = TopologyUpdate(self.epoch, dead=(node,))
-        self.dispatcher.engine.update(update)
-        for other, handle in self.group.handles.items():
-            if other != node and handle.process.is_alive():
-                try:
-                    self.group.send(other, UpdateTopology.of(update))
-                except Exception:  # noqa: BLE001 - a peer exiting at the same time
-                    pass
 
 
 def hf_greedy_batch(mono: Monolith, prompts: list[list[int]], new: int) -> list[list[int]]:
@@ -64,9 +44,34 @@ def sampled(seed: int, new: int, **extra: Any) -> SamplingParams:
     return SamplingParams(max_new_tokens=new, temperature=0.9, top_k=40, top_p=0.95, seed=seed, **extra)
 
 
+def recovering_job(chains: int, **generation: Any) -> Any:
+    return parse_job({"name": "genft", "model": {"source": "builtin:gpt2-tiny"},
+                      "pipeline": {"stages": 2, "replicas": [chains, chains], "graph": "parallel"},
+                      "generation": {"max_batch_sequences": 4, "kv_budget_tokens": 2048, **generation},
+                      "recovery": {"enabled": True}})
+
+
+def expected_tokens(mono: Monolith, prompts: list[list[int]], params: list[SamplingParams], greedy: int
+                    ) -> list[list[int]]:
+    """The first `greedy` sequences (prompts of one length) by HF generate, the others (seeded
+    sampling) by the single-process reference, which is what the pipeline gives without a fault
+    (test_generation_pipeline checks that)."""
+    reference = ReferenceBackend(mono.model)
+
+    async def one(p: list[int], sp: SamplingParams) -> list[int]:
+        return [t.token if isinstance(t, Sampled) else t async for t in reference.generate(p, sp)]
+
+    head = hf_greedy_batch(mono, prompts[:greedy], params[0].max_new_tokens) if greedy else []
+    return head + [asyncio.run(one(p, sp)) for p, sp in zip(prompts[greedy:], params[greedy:], strict=True)]
+
+
+def tokens_of(c: Collected) -> list[int]:
+    return [t.token if isinstance(t, Sampled) else t for t in c.tokens]
+
+
 def test_sequences_of_a_killed_chain_continue_on_the_other_exactly() -> None:
     new = 64
-    cfg = gen_job("gpt2-tiny", 2, 2, max_batch_sequences=4, kv_budget_tokens=2048)
+    cfg = recovering_job(2)
     gen = torch.Generator().manual_seed(11)
     # Greedy prompts of one length: HF generate does them in one batch, with no padding.
     prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (6, 6, 6, 6, 6, 9, 3, 12, 7, 4)]
@@ -74,17 +79,9 @@ def test_sequences_of_a_killed_chain_continue_on_the_other_exactly() -> None:
               + [sampled(1, new), sampled(2, new), sampled(3, new, logprobs=2),
                  sampled(4, new, frequency_penalty=0.6, presence_penalty=0.4, repetition_penalty=1.3),
                  sampled(5, new, min_tokens=new - 5, stop_token_ids=(7, 9))])
-    mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
-    reference = ReferenceBackend(mono.model)
-
-    async def expected(p: list[int], sp: SamplingParams) -> list[int]:
-        return [t.token if isinstance(t, Sampled) else t async for t in reference.generate(p, sp)]
-
-    want = hf_greedy_batch(mono, prompts[:5], new) + [asyncio.run(expected(p, sp))
-                                                     for p, sp in zip(prompts[5:], params[5:], strict=True)]
-    with RecoveringJob(prepare(cfg)) as job:
+    want = expected_tokens(Monolith(resolve(cfg.model.source), "cpu", "float32", 0), prompts, params, 5)
+    with LocalJob(prepare(cfg)) as job:
         seqs = job.generator
-        seqs.recovery = True
         got = [Collected() for _ in prompts]
         for p, sp, c in zip(prompts, params, got, strict=True):
             seqs.submit(p, sp, c)
@@ -97,32 +94,45 @@ def test_sequences_of_a_killed_chain_continue_on_the_other_exactly() -> None:
         for c in got:
             assert c.done.wait(120), "a stream never ended"
         assert [c.error for c in got] == [None] * len(got)
-        tokens = [[t.token if isinstance(t, Sampled) else t for t in c.tokens] for c in got]
-        assert tokens == want
+        assert [tokens_of(c) for c in got] == want
         assert seqs.replayed >= 1 and any(n < len(w) for n, w in zip(cut, want, strict=True))
-        # Chain 1's surviving stage 0 got the dispatcher's STOP and ended by itself.
+        assert job.state.failure is None
+        # Chain 1's survivor was retired (the dispatcher's STOP or the supervisor's, whichever came first).
         wait_for(lambda: not job.group.handles[Node(0, 1)].process.is_alive(), "0.1 to retire")
-        assert job.group.handles[Node(0, 1)].process.exitcode == 0
 
-        # The last chain dies too: a live sequence and a new one wait for a chain, then time out saying why.
-        seqs.request_timeout_s = 2.0
-        held, late, replayed = Collected(), Collected(), seqs.replayed
-        seqs.submit(prompts[0], SamplingParams(max_new_tokens=200, temperature=0.0), held)
-        wait_for(lambda: len(held.tokens) >= 2, "the held sequence's first tokens")
-        last = job.group.handles[Node(1, 0)].process.pid
-        assert last is not None
-        os.kill(last, signal.SIGSTOP)
-        assert not held.done.is_set()
-        os.kill(last, signal.SIGKILL)
-        wait_for(lambda: seqs.replayed > replayed or held.done.is_set(), "the sequence to wait for a chain")
-        seqs.submit(prompts[1], SamplingParams(max_new_tokens=4, temperature=0.0), late)
-        assert held.done.wait(30) and late.done.wait(30)
-        assert held.error is not None and held.error.startswith("timed out after 2 s waiting to be continued on a "
-                                                                "live replica chain (replica chain 0 lost: ")
-        assert late.error is not None and late.error.startswith("timed out after 2 s waiting for a live replica "
-                                                                "chain (replica chain 0 lost: ")
-        assert late.tokens == []
-        assert seqs.live() == 0
+
+def test_with_no_chain_left_sequences_wait_for_the_replacement_and_continue_exactly() -> None:
+    """The only chain dies mid-stream: its sequences wait (a new one, with a short timeout, times
+    out saying what it waited for) and continue exactly on the replacement chain."""
+    cfg = recovering_job(1)
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    params = [SamplingParams(max_new_tokens=80, temperature=0.0), sampled(9, 80, presence_penalty=0.5)]
+    want = expected_tokens(Monolith(resolve(cfg.model.source), "cpu", "float32", 0), prompts, params, 1)
+    with LocalJob(prepare(cfg)) as job:
+        seqs = job.generator
+        got = [Collected() for _ in prompts]
+        for p, sp, c in zip(prompts, params, got, strict=True):
+            seqs.submit(p, sp, c)
+        wait_for(lambda: all(len(c.tokens) >= 2 for c in got), "the first tokens")
+        victim = job.group.handles[Node(1, 0)].process.pid
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)
+        assert not any(c.done.is_set() for c in got)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: seqs.replayed == 2, "the sequences to wait for a chain")
+        # No chain serves until the replacement has started, loaded and joined: seconds at best.
+        seqs.request_timeout_s = 1.0
+        late = Collected()
+        seqs.submit(prompts[0], SamplingParams(max_new_tokens=4, temperature=0.0), late)
+        assert late.done.wait(30) and late.tokens == []
+        assert late.error is not None and late.error.startswith(
+            "timed out after 1 s waiting for a live replica chain (replica chain 0 lost: 1.0 died")
+        for c in got:
+            assert c.done.wait(120), "a stream never ended"
+        assert [c.error for c in got] == [None, None]
+        assert [tokens_of(c) for c in got] == want
+        assert {c.replica for c in seqs.chains.values()} == {1}  # the replacement chain
+        assert job.state.failure is None
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
