@@ -75,7 +75,6 @@ class GenerationStage(Program):
         self._mb_ids = 0
         self._stopped = False
         self.lost: str | None = None  # why this chain is lost (a broken edge); None while it serves
-        self.dropped_lost = 0  # messages dropped after the chain was lost
 
     def attach(self, engine: object) -> None:
         super().attach(engine)  # type: ignore[arg-type]
@@ -93,7 +92,7 @@ class GenerationStage(Program):
 
     def on_message(self, end: EdgeEnd, wire: Message) -> None:
         if self.lost is not None:
-            self.dropped_lost += 1  # what was in flight when the chain broke: nobody can use it now
+            self.engine.dropped += 1  # in flight when the chain broke: nobody can use it now
             self.engine.passed_on()
             self.engine.ack(end, Ack(ACK, wire.mb_id, int(wire.tensors[REQUESTS_KEY].shape[0]), 0))
             return
