@@ -10,8 +10,7 @@ continues the lost chain's sequences on the surviving one.
 
 Reported: sequences completed / failed, tokens checked against the single-process reference
 (greedy: every token of every sequence), replays and late duplicates dropped, and per kill: the
-longest and median wait of the streams for their next token after the kill (continuation
-delay: a replayed sequence waits for its fresh prefill on another chain) and the replacement's
+longest and median stall of the streams running at the kill (`stall`) and the replacement's
 time to READY (spawn + imports, weight load, edge joining).
 """
 
@@ -51,6 +50,14 @@ class Stream:
             self.times.append(time.monotonic())
         if done:
             self.done.set()
+
+
+def stall(times: list[float], at: float) -> float:
+    """The longest wait between two tokens of a stream around a kill at `at` (the pair's second
+    token after the kill, its first one before at + 60 s): a stream of the killed chain waits
+    for its fresh prefill on another chain (or for a chain to join); the others barely notice."""
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b > at and a < at + 60]
+    return max(gaps, default=0.0)
 
 
 def main() -> None:
@@ -129,12 +136,11 @@ def main() -> None:
     mismatched = sum(1 for s in ok if s.tokens != asyncio.run(expected(s.prompt)))
     per_kill = []
     for k in kills:
-        waits = [next((t for t in s.times if t > k["at"]), float("nan")) - k["at"] for s in k["running"]]
-        waits = [w for w in waits if w == w]
+        waits = [stall(s.times, k["at"]) for s in k["running"]]
         rep = next((r for r in history if str(r.dead[0]) == k["node"]), None)
         per_kill.append({"node": k["node"], "streams_running": len(k["running"]),
-                         "next_token_max_s": round(max(waits), 3) if waits else None,
-                         "next_token_p50_s": round(statistics.median(waits), 3) if waits else None,
+                         "stall_max_s": round(max(waits), 3) if waits else None,
+                         "stall_p50_s": round(statistics.median(waits), 3) if waits else None,
                          "replaced_by": [str(n) for n in rep.added] if rep else [],
                          "replacement_ready_s": round(rep.ready_s, 2) if rep else None,
                          "replacement_load_s": round(rep.load_s, 2) if rep else None,
