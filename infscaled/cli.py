@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--scale-at", action="append", default=[], metavar="T:STAGE=N",
                      help="T s into the workload, scale stage STAGE to N replicas while serving "
                           "(T:chains=N for a generation job's replica chains); repeatable")
+    run.add_argument("--fault-at", action="append", default=[], metavar="T:NODE[:stop]",
+                     help="T s into the workload, kill -9 stage replica NODE (e.g. 3:1.1; with :stop, "
+                          "SIGSTOP it: a hang) and watch the job recover; repeatable")
 
     up = sub.add_parser("up", help="controller + local agent in one process: submit a job, drive it, stop")
     up.add_argument("job", nargs="?", help="job file (default: configs/jobs/quickstart.toml)")
@@ -157,11 +160,11 @@ def _check_workload_args(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace, console: object, level: int) -> int:
     from infscaled.config import load_job
     from infscaled.runner.run import render_summary, run_job
-
-    from infscaled.runner.scaling import parse_scale_at
+    from infscaled.runner.scaling import parse_fault_at, parse_scale_at
 
     _check_workload_args(args)
-    steps = [parse_scale_at(text) for text in args.scale_at]
+    steps: list[Any] = [parse_scale_at(text) for text in args.scale_at]
+    steps += [parse_fault_at(text) for text in args.fault_at]
     cfg = load_job(args.job)
     summary = run_job(cfg, requests=args.requests, rate=args.rate, verify=args.verify,
                       progress=not args.no_progress and sys.stdout.isatty(), log_level=level, scale_at=steps)
@@ -233,7 +236,6 @@ def _serve(coro: Coroutine[Any, Any, None], cancel_on_signals: bool = False) -> 
 
 
 def _serve_job(args: argparse.Namespace, console: Any, level: int) -> int:
-    import asyncio
     import dataclasses
     from pathlib import Path
 

@@ -1,13 +1,13 @@
 """Surviving lost workers with real processes (runner/recovery.py, dispatch/core.py replay).
 
-Under steady closed-loop load on the quickstart shape (stage 1 has two replicas):
-- kill -9 of replica 1.1: no request fails, is lost or is answered twice, every result equals
-  the monolithic model's, and a replacement (a fresh id) joins and carries traffic;
+Under steady closed-loop load on the quickstart shape (stage 1 has two replicas), with no
+request failing, lost or answered twice and every result equal to the monolithic model's:
+- kill -9 of replica 1.1: a replacement (a fresh id) joins and carries traffic;
 - SIGSTOP of a replica (a hung worker): its heartbeat stops, the supervisor kills it and it is
   replaced the same way;
 - kill -9 of stage 0's only replica: requests wait (the dispatcher holds them) and are all
-  answered once the replacement is up;
-- recovery off: a loss fails the job cleanly with the reason (the pre-recovery behaviour).
+  answered once the replacement is up.
+Recovery off: a loss fails the job cleanly with the reason (the pre-recovery behaviour).
 """
 
 from __future__ import annotations
@@ -60,48 +60,42 @@ def _pid(job: LocalJob, node: Node) -> int:
     return pid
 
 
-@pytest.mark.parametrize("fault", ["kill", "stop"])
-def test_lost_replica_is_replaced_under_load(tmp_path: Path, fault: str) -> None:
+def _replaced(job: LocalJob, count: int) -> bool:
+    r = job.recoverer
+    return (r is not None and r.state == JobState.RUNNING and len(r.history) == count
+            and r.history[-1].ready_s > 0)
+
+
+def test_lost_replicas_are_replaced_under_load(tmp_path: Path) -> None:
+    """Three faults in a row on one job: kill -9 of 1.1 (its twin serves on), SIGSTOP of 1.0 (a
+    hung worker: declared dead by its silent heartbeat), kill -9 of 0.0 (stage 0's only replica:
+    requests wait and are replayed once its replacement joins)."""
     cfg, prepared = _job(tmp_path, [1, 2])
     requests = requests_for(cfg.workload, prepared.spec, 50_000)
-    victim = Node(1, 1)
+    faults = [(Node(1, 1), signal.SIGKILL, Node(1, 2)), (Node(1, 0), signal.SIGSTOP, Node(1, 3)),
+              (Node(0, 0), signal.SIGKILL, Node(0, 1))]
     with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 4) as load:
-        _until(lambda: load.done() >= 30, "traffic before the fault")
-        os.kill(_pid(job, victim), signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
-        faulted = time.monotonic()
-        _until(lambda: job.group.handles[victim].exited, f"{victim} to be declared dead", 30)
-        declared = time.monotonic() - faulted
-        assert job.recoverer is not None
-        _until(lambda: job.recoverer is not None and job.recoverer.state == JobState.RUNNING
-               and len(job.recoverer.history) == 1 and job.recoverer.history[0].ready_s > 0,
-               "the replacement to be up", 120)
-        new = job.recoverer.history[0].added
-        assert new == (Node(1, 2),), new  # a fresh id, never the dead one's
-        _until(lambda: (s := job.group.handles[new[0]].stats) is not None and s.micro_batches > 0,
-               "the replacement to carry traffic", 60)
-        before = load.done()
-        _until(lambda: load.done() >= before + 20, "traffic after the replacement")
+        _until(lambda: load.done() >= 30, "traffic before the first fault")
+        for i, (victim, sig, replacement) in enumerate(faults, 1):
+            os.kill(_pid(job, victim), sig)
+            faulted = time.monotonic()
+            _until(lambda v=victim: job.group.handles[v].exited, f"{victim} to be declared dead", 30)
+            declared = time.monotonic() - faulted
+            _until(lambda n=i: _replaced(job, n), f"the replacement of {victim} to be up", 120)
+            assert job.recoverer is not None
+            assert job.recoverer.history[-1].added == (replacement,)  # a fresh id, never the dead one's
+            _until(lambda n=replacement: (s := job.group.handles[n].stats) is not None and s.micro_batches > 0,
+                   f"{replacement} to carry traffic", 60)
+            before = load.done()
+            _until(lambda b=before: load.done() >= b + 20, f"traffic after replacing {victim}")
+            if sig == signal.SIGSTOP:
+                assert "no heartbeat" in job.recoverer.history[-1].reasons[0]
+                assert declared < 10, f"a stopped worker took {declared:.1f} s to be declared dead"
         assert job.group.failure is None and job.dispatcher is not None and job.dispatcher.failure is None
-        if fault == "stop":
-            assert "no heartbeat" in job.recoverer.history[0].reasons[0]
-            assert declared < 10, f"a stopped worker took {declared:.1f} s to be declared dead"
+        replayed = job.dispatcher.replayed
     _verify(prepared, load)
-    assert [n.replica for n in job.plan.nodes(1)] == [0, 2]
-
-
-def test_only_replica_of_a_stage_lost_requests_wait_and_replay(tmp_path: Path) -> None:
-    cfg, prepared = _job(tmp_path, [1, 1])
-    requests = requests_for(cfg.workload, prepared.spec, 50_000)
-    with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 4) as load:
-        _until(lambda: load.done() >= 30, "traffic before the fault")
-        os.kill(_pid(job, Node(0, 0)), signal.SIGKILL)
-        _until(lambda: job.recoverer is not None and len(job.recoverer.history) == 1
-               and job.recoverer.history[0].ready_s > 0, "the replacement to be up", 120)
-        before = load.done()
-        _until(lambda: load.done() >= before + 20, "traffic after the replacement")
-        assert job.plan.nodes(0) == (Node(0, 1),)
-    _verify(prepared, load)
-    assert job.dispatcher is not None and job.dispatcher.replayed > 0
+    assert [n.replica for n in job.plan.nodes(1)] == [2, 3] and job.plan.nodes(0) == (Node(0, 1),)
+    assert replayed > 0
 
 
 def test_recovery_off_fails_the_job_with_the_reason(tmp_path: Path) -> None:
@@ -115,3 +109,51 @@ def test_recovery_off_fails_the_job_with_the_reason(tmp_path: Path) -> None:
         assert f"worker 1.1 (pid {pid}) exited with code -9" in job.dispatcher.failure
     errors = [o.error for o in load.outcomes if o.error is not None]
     assert errors and all("1.1" in e for e in errors)
+
+
+def test_fault_at_parses_and_refuses_bad_steps() -> None:
+    from infscaled.errors import InfscaledError
+    from infscaled.runner.scaling import FaultStep, parse_fault_at
+
+    assert parse_fault_at("3:1.1") == FaultStep(3.0, "1.1", False)
+    assert parse_fault_at(" 0.5:0.0:stop ") == FaultStep(0.5, "0.0", True)
+    for bad in ("3", "3:1", "x:1.1", "3:1.1:pause", "3:dispatcher", ""):
+        with pytest.raises(InfscaledError, match=r"expected T:STAGE.REPLICA"):
+            parse_fault_at(bad)
+
+
+def test_replacement_plans_inherit_edges_and_replace_whole_chains(tmp_path: Path) -> None:
+    """Pure planning (planning/recovery.py): a forward replacement takes exactly the dead node's
+    edges; two dead neighbours are linked to each other's replacements; a generation chain that
+    lost a member is replaced as a whole; `complete` and each running node's update."""
+    from infscaled.planning.recovery import complete, devices_for, dispatcher_restart, replacement_shape, with_failure
+    from infscaled.planning.scale import apply_scale
+    from infscaled.protocol.plan import DISPATCHER
+
+    _, prepared = _job(tmp_path, [1, 2])
+    plan = prepared.plan
+    shape = replacement_shape(plan, [Node(1, 1)])
+    assert shape.added == (Node(1, 2),) and shape.removed == (Node(1, 1),)
+    assert sorted(shape.new_edges) == sorted([(Node(0, 0), Node(1, 2)), (Node(1, 2), DISPATCHER)])
+    change = apply_scale(plan, shape, devices_for(plan, shape), [20001, 20002])
+    updates = with_failure(change, plan, [Node(1, 1)], complete(plan, [Node(0, 0), Node(1, 0)]))
+    assert set(updates) == {Node(0, 0), Node(1, 0), DISPATCHER}
+    assert all(u.dead == (Node(1, 1),) for u in updates.values())
+    assert updates[DISPATCHER].complete is True and updates[Node(0, 0)].complete is None
+    assert [e.key for e in updates[Node(0, 0)].add] == ["0.0->1.2"] and updates[Node(0, 0)].remove == ("0.0->1.1",)
+    assert change.plan.epoch == plan.epoch + 1 and [n.replica for n in change.plan.nodes(1)] == [0, 2]
+    both = replacement_shape(plan, [Node(0, 0), Node(1, 0)])
+    assert both.added == (Node(0, 1), Node(1, 2))
+    assert (Node(0, 1), Node(1, 2)) in both.new_edges and (Node(0, 1), Node(1, 1)) in both.new_edges
+    assert not complete(plan, [Node(1, 0), Node(1, 1)])  # stage 0 has no serving replica
+    restarted, ups = dispatcher_restart(plan, [30001, 30002, 30003])
+    assert sorted(e.port for e in restarted.edges if DISPATCHER in (e.src, e.dst)) == [30001, 30002, 30003]
+    assert all(u.dead == (DISPATCHER,) for u in ups.values()) and len(ups[Node(1, 0)].add) == 1
+
+    gen = prepare(parse_job({"name": "g", "model": {"source": "builtin:llama-tiny"},
+                             "pipeline": {"stages": 2, "replicas": [2, 2], "graph": "parallel"},
+                             "generation": {}})).plan
+    chain = replacement_shape(gen, [Node(1, 0)])
+    assert chain.removed == (Node(0, 0), Node(1, 0)) and chain.added == (Node(0, 2), Node(1, 2))
+    assert (Node(1, 2), Node(0, 2)) in chain.new_edges  # the decode loop of the fresh chain
+    assert complete(gen, [Node(0, 1), Node(1, 1)]) and not complete(gen, [Node(0, 0), Node(1, 1)])

@@ -75,9 +75,9 @@ class ClosedLoop:
                     return
                 i, self._next = self._next, self._next + 1
                 x = next(self.requests)
-            fut: Future[torch.Tensor] = self.submit(x)
             outcome = Outcome(i, x)
             try:
+                fut: Future[torch.Tensor] = self.submit(x)
                 outcome.result = fut.result(WAIT_S)
             except Exception as exc:  # noqa: BLE001 - recorded and asserted on by the test
                 outcome.error = f"{type(exc).__name__}: {exc}"

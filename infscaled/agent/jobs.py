@@ -22,7 +22,7 @@ from pathlib import Path
 from infscaled.agent.config import AgentConfig
 from infscaled.config.source import roots_problem, under_roots
 from infscaled.errors import InfscaledError
-from infscaled.protocol.control import DispatcherStats, StageStats, UpdateTopology
+from infscaled.protocol.control import DispatcherStats, StageStats
 from infscaled.protocol.messages import (
     ChangeTopology,
     Deploy,
@@ -35,7 +35,7 @@ from infscaled.protocol.messages import (
     StopJob,
     WorkerState,
 )
-from infscaled.protocol.plan import DISPATCHER, Node, plan_from_dict
+from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_from_dict
 from infscaled.worker.entry import WorkerSpec, worker_main
 from infscaled.worker.group import Member, WorkerGroup
 from infscaled.worker.inspect import inspect_in_subprocess
@@ -72,6 +72,7 @@ class _Job:
     stages: dict[Node, StageStats] = field(default_factory=dict)
     dispatcher: DispatcherStats | None = None
     fresh: bool = False
+    recovers: bool = False  # the controller replaces lost members: keep the group when all exited
 
 
 class JobManager:
@@ -157,17 +158,18 @@ class JobManager:
             members.append(Member(node, worker_main, spec))
         if len({m.node for m in members}) != len(members):
             raise DeployError(f"deploy {msg.job_id}: a node is listed twice in {msg.nodes}")
-        self._start_group(msg.job_id, members, msg.ready_timeout_s, msg.nodes)
+        self._start_group(msg.job_id, members, msg.ready_timeout_s, msg.nodes, plan)
 
-    def _start_group(self, job_id: str, members: list[Member], ready_timeout_s: float, names: list[str]) -> None:
+    def _start_group(self, job_id: str, members: list[Member], ready_timeout_s: float, names: list[str],
+                     plan: JobPlan) -> None:
         """A new group of processes for a job on this agent (a Deploy, or the first replicas a
-        topology change places here)."""
+        topology change places here). A member whose heartbeat stops is killed and reported failed."""
         group = WorkerGroup(
-            job_id, members, ready_timeout_s,
+            job_id, members, ready_timeout_s, heartbeat_timeout_s=plan.recovery.heartbeat_timeout_s,
             on_ready=lambda node, ready: self._soon(self._report, job_id, node, READY, ready.pid, ""),
             on_stats=lambda node, stats: self._soon(self._stats, job_id, node, stats),
             on_exit=lambda node, code, reason: self._soon(self._exited, job_id, node, code, reason))
-        job = _Job(job_id, group)
+        job = _Job(job_id, group, recovers=plan.recovery.enabled)
         self.jobs[job_id] = job
         log.info("job %s: starting %s", job_id, ", ".join(names))
         try:
@@ -194,27 +196,32 @@ class JobManager:
         try:
             plan = plan_from_dict(msg.plan)
             starts = [Node.parse(n) for n in msg.start]
-            updates = [(Node.parse(u.node), UpdateTopology(msg.epoch, list(u.add), list(u.remove))) for u in msg.updates]
+            updates = [(Node.parse(u.node), u.control(msg.epoch)) for u in msg.updates]
+            stops = [Node.parse(n) for n in msg.stop]
         except (KeyError, ValueError, TypeError) as exc:
             raise DeployError(f"change_topology {msg.job_id}: malformed: {type(exc).__name__}: {exc}") from None
         for node in starts:
-            if node.is_dispatcher or node not in {w.node for w in plan.workers}:
+            if node.is_dispatcher:
+                if not (1 <= msg.dispatcher_port <= 65535 and msg.service_token):
+                    raise DeployError(f"change_topology {msg.job_id}: restarting the dispatcher needs its "
+                                      "dispatcher_port and service_token")
+            elif node not in {w.node for w in plan.workers}:
                 raise DeployError(f"change_topology {msg.job_id}: cannot start {node}: not a stage replica of "
                                   f"epoch {msg.epoch}")
-        for node, update in updates:
+        for node in [n for n, _ in updates] + stops:
             if job is None or node not in job.group.handles:
                 raise DeployError(f"change_topology {msg.job_id}: node {node} does not run here")
         if job is None:  # the job's first replicas on this agent
             if not starts:
                 raise DeployError(f"change_topology {msg.job_id}: the job does not run on this agent")
-            members = [Member(n, worker_main, WorkerSpec(plan, n, self.cfg.worker_log_level, msg.ready_timeout_s))
-                       for n in starts]
-            self._start_group(msg.job_id, members, msg.ready_timeout_s, msg.start)
+            members = [self._member(plan, n, msg) for n in starts]
+            self._start_group(msg.job_id, members, msg.ready_timeout_s, msg.start, plan)
             return
+        for node in stops:
+            job.group.retire(node, f"retired at epoch {msg.epoch}")
         for node in starts:
             try:
-                job.group.add(Member(node, worker_main, WorkerSpec(plan, node, self.cfg.worker_log_level,
-                                                                    msg.ready_timeout_s)))
+                job.group.add(self._member(plan, node, msg))
             except (RuntimeError, ValueError, OSError) as exc:
                 self._report(msg.job_id, node, FAILED, 0, f"starting failed: {exc}")
                 continue
@@ -226,6 +233,14 @@ class JobManager:
                 log.warning("job %s: topology epoch %d not delivered to %s: %s", msg.job_id, msg.epoch, node, exc)
         log.info("job %s: epoch %d: started %s, updated %s", msg.job_id, msg.epoch,
                  ", ".join(msg.start) or "none", ", ".join(u.node for u in msg.updates) or "none")
+
+    def _member(self, plan: JobPlan, node: Node, msg: ChangeTopology) -> Member:
+        """A process a topology change starts here: a stage replica, or the dispatcher service again."""
+        if node.is_dispatcher:
+            return Member(node, dispatcher_main, ServiceSpec(plan, msg.dispatcher_port, msg.service_token,
+                                                             msg.request_timeout_s, self.cfg.worker_log_level,
+                                                             msg.ready_timeout_s))
+        return Member(node, worker_main, WorkerSpec(plan, node, self.cfg.worker_log_level, msg.ready_timeout_s))
 
     async def _stop(self, job: _Job, reason: str) -> None:
         """Stop a job's processes: dispatcher first (it drains, STOP flows down the pipeline),
@@ -282,7 +297,7 @@ class JobManager:
         job = self.jobs.get(job_id)
         pid = (job.group.handles[node].process.pid or 0) if job is not None else 0
         self._report(job_id, node, FAILED if reason else EXITED, pid, reason)
-        if job is not None and not job.stopping and job.group.all_exited:
+        if job is not None and not job.stopping and job.group.all_exited and not job.recovers:
             # Nothing left running: release the group (pipes, supervisor) and forget the job.
             self._tg.create_task(self._stop(job, "all processes exited"), name=f"reap-{job_id}")
 

@@ -10,10 +10,10 @@ from infscaled.config.messages import MISSING, config_error, read_toml
 from infscaled.config.schema import JobConfig
 from infscaled.config.sections import (
     parse_generation,
-    parse_recovery,
     parse_model,
     parse_pipeline,
     parse_placement,
+    parse_recovery,
     parse_workload,
 )
 from infscaled.config.values import Section

@@ -23,7 +23,7 @@ from infscaled.config.messages import config_error
 from infscaled.controller import export, proxy, views, watch
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.guard import PARSED_JSON
-from infscaled.controller.job import SUBMITTED, JobSource, JobState, Rejected
+from infscaled.controller.job import SERVING, SUBMITTED, JobSource, Rejected
 from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import CONNECTED, LOST, Registry
 from infscaled.errors import ConfigError
@@ -99,7 +99,7 @@ async def health(request: web.Request) -> web.Response:
     return json_response({
         "status": "draining" if jobs.draining else "ok",
         "agents": len(request.app[REGISTRY].connected()),
-        "jobs": sum(1 for j in jobs.jobs.values() if j.state is JobState.RUNNING),
+        "jobs": sum(1 for j in jobs.jobs.values() if j.state in SERVING),
     })
 
 
@@ -296,17 +296,28 @@ async def watch_socket(request: web.Request) -> web.WebSocketResponse:
 
 # -- inference -------------------------------------------------------------------------------------
 
+RETRY_S = 0.2  # between tries of a forward request whose dispatcher is unreachable
+
 
 async def infer(request: web.Request) -> web.Response:
     job = request.app[JOBS].get(request.match_info["id"])
-    if job.state is not JobState.RUNNING:
+    if job.state not in SERVING:
         raise Rejected(409, job.describe())
-    agent = request.app[REGISTRY].agents[job.dispatcher_agent]
-    url = f"http://{_url_host(agent.info.advertise)}:{job.dispatcher_port}/infer"
     body = await request.read()
     cfg = request.app[CONFIG]
-    return await proxy.forward(request.app[proxy.SESSION], url, job.service_token, body,
-                               request.headers.get("Content-Type"), cfg.request_timeout_s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.request_timeout_s
+    while True:
+        agent = request.app[REGISTRY].agents[job.dispatcher_agent]
+        url = f"http://{_url_host(agent.info.advertise)}:{job.dispatcher_port}/infer"
+        resp = await proxy.forward(request.app[proxy.SESSION], url, job.service_token, body,
+                                   request.headers.get("Content-Type"), max(0.1, deadline - loop.time()))
+        # Unreachable (502): the dispatcher died with it, or is being restarted (controller/recovery.py).
+        # A forward request is idempotent, so it is sent again until the new one answers.
+        if (resp.status != 502 or job.state not in SERVING or job.plan is None or not job.plan.recovery.enabled
+                or loop.time() + RETRY_S >= deadline):
+            return resp
+        await asyncio.sleep(RETRY_S)
 
 
 def _url_host(host: str) -> str:

@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from infscaled.controller.jobs import LIVE, Job, JobState
+from infscaled.controller.jobs import LIVE, SERVING, Job, JobState
 from infscaled.generation.metrics import LABEL as MODEL_LABEL
 from infscaled.generation.metrics import PREFIX as SERVING_PREFIX
 from infscaled.protocol.control import DispatcherStats, StageStats
@@ -189,7 +189,7 @@ def serving_text(jobs: Iterable[Job], scraped: Mapping[str, str]) -> str:
                            "Fraction of the stages' KV budget reserved by live sequences (0..1).", labels=[MODEL_LABEL])
     shown: dict[str, Job] = {}
     for job in sorted(jobs, key=lambda j: j.created):
-        if job.state is JobState.RUNNING and job.cfg.generation is not None:
+        if job.state in SERVING and job.cfg.generation is not None:
             shown[job.name] = job  # the newest of each name wins
     for name, job in shown.items():
         stats = [st for _, msg in job.metrics.values() for st in msg.stages]

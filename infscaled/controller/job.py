@@ -8,7 +8,7 @@ import secrets
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infscaled.config import JobConfig, parse_job
 from infscaled.config.messages import config_error
@@ -16,6 +16,9 @@ from infscaled.controller.store import JobRecord
 from infscaled.errors import InfscaledError
 from infscaled.protocol.messages import Metrics
 from infscaled.protocol.plan import JobPlan, plan_to_dict
+
+if TYPE_CHECKING:
+    from infscaled.controller.recovery import Recovery
 
 WORKER_STATES = ("starting", "ready", "exited", "failed")
 SUBMITTED = "<submitted>"  # the file name of a job submitted without X-Infscaled-Job-File
@@ -33,7 +36,14 @@ class JobState(enum.StrEnum):
     FAILED = "failed"
 
 
-LIVE = (JobState.DEPLOYING, JobState.RUNNING, JobState.DEGRADED, JobState.RECOVERING, JobState.STOPPING)
+SERVING = (JobState.RUNNING, JobState.DEGRADED, JobState.RECOVERING)  # takes requests
+LIVE = (JobState.DEPLOYING, *SERVING, JobState.STOPPING)
+
+
+def _recovery() -> Any:
+    from infscaled.controller.recovery import Recovery  # it imports this module
+
+    return Recovery()
 
 
 class Rejected(InfscaledError):
@@ -104,6 +114,7 @@ class Job:
     # Loaded after a controller restart: agents of this job that have not registered again yet.
     awaiting: set[str] = field(default_factory=set)
     adopt_deadline: float = float("inf")  # monotonic
+    recovery: Recovery = field(default_factory=lambda: _recovery())  # controller/recovery.py
 
     @property
     def name(self) -> str:

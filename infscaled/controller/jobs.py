@@ -1,9 +1,13 @@
 """Jobs: the store, the state machine, and deployment onto agents.
 
     pending ──► deploying ──► running ──► stopping ──► stopped
-       │            │            │            ▲
+       │            │          │   ▲          ▲
+       │            │   loss   ▼   │ ready    │
+       │            │        degraded ─► recovering   (controller/recovery.py: a lost replica is
+       │            │            │            │         replaced while the job serves)
        └──(DELETE)──┼────────────┼────────────┘ (pending: at once)
-                    └──► failed ◄┘  (a worker failed or exited, an agent was lost, a send failed)
+                    └──► failed ◄┘  (a loss with recovery off, attempts spent or no free device,
+                                     the dispatcher lost, an agent lost, a send failed)
 
 A submitted job is inspected by one agent (unit count and weights), checked with the same
 `planning.job` functions as `infscaled run`, placed on connected agents' free devices
@@ -38,7 +42,8 @@ from typing import Any
 
 from infscaled.config import JobConfig
 from infscaled.controller.config import ControllerConfig
-from infscaled.controller.job import GONE, LIVE, WORKER_STATES, Job, JobSource, JobState, NodeStatus, Rejected
+from infscaled.controller.job import GONE, LIVE, SERVING, WORKER_STATES, Job, JobSource, JobState, NodeStatus, Rejected
+from infscaled.controller.recovery import RECOVERABLE, can_recover, recover, recover_dispatcher, replica_ready
 from infscaled.controller.registry import InspectError, Registry, SendError
 from infscaled.controller.store import JobRecord, Store
 from infscaled.errors import ConfigError
@@ -241,7 +246,7 @@ class JobStore:
         job = self.get(job_id)
         if job.state is JobState.PENDING:
             self._set_stopped(job, "stopped on request before it was placed")
-        elif job.state in (JobState.DEPLOYING, JobState.RUNNING):
+        elif job.state in (JobState.DEPLOYING, *SERVING):
             job.deadline = time.monotonic() + self.cfg.stop_grace_s
             self._set_state(job, JobState.STOPPING, "stop requested")
             await self._send_stop(job, "stopped on request")
@@ -279,7 +284,7 @@ class JobStore:
         for job in list(self.jobs.values()):
             if job.state is JobState.PENDING:
                 self._set_stopped(job, reason)
-            elif job.state in (JobState.DEPLOYING, JobState.RUNNING):
+            elif job.state in (JobState.DEPLOYING, *SERVING):
                 job.deadline = time.monotonic() + timeout_s
                 self._set_state(job, JobState.STOPPING, reason)
                 await self._send_stop(job, reason)
@@ -321,9 +326,18 @@ class JobStore:
                          + (f": {msg.reason}" if msg.reason else ""),
                          agent=agent_id, job=job.id, node=msg.node, state=msg.state)
         self._touch()
-        if job.state in (JobState.DEPLOYING, JobState.RUNNING) and msg.state in ("exited", "failed"):
+        lost = msg.state in ("exited", "failed")
+        why = f"{msg.state} on agent {agent_id}" + (f": {msg.reason}" if msg.reason else "")
+        if lost and can_recover(job, [msg.node]) and not status.retiring:
+            if msg.node == str(DISPATCHER):
+                await recover_dispatcher(self, job, why)
+            else:
+                await recover(self, job, {msg.node: why})
+        elif lost and job.state in (JobState.DEPLOYING, *RECOVERABLE) and not status.retiring:
             await self._fail(job, f"worker {msg.node} on agent {agent_id} {msg.state}"
                                   + (f": {msg.reason}" if msg.reason else ""))
+        elif msg.state == "ready" and job.state is JobState.RECOVERING:
+            await replica_ready(self, job, msg.node)
         elif job.state is JobState.DEPLOYING and all(s.state == "ready" for s in job.nodes.values()):
             job.deadline = float("inf")
             log.info("job %s running", job.id)
@@ -354,7 +368,10 @@ class JobStore:
                 continue
             for status in on_agent:
                 status.state = "lost"
-            if job.state in (JobState.DEPLOYING, JobState.RUNNING):
+            names = [n for n, s in job.nodes.items() if s.agent == agent_id and s.state == "lost" and not s.retiring]
+            if can_recover(job, names):
+                await recover(self, job, {n: f"agent {agent_id} lost: {reason}" for n in names})
+            elif job.state in (JobState.DEPLOYING, *RECOVERABLE):
                 await self._fail(job, reason)
             elif job.state is JobState.STOPPING and job.drained:
                 self._set_stopped(job, job.reason)
@@ -500,6 +517,9 @@ class JobStore:
             pass
         return predicate()
 
+    def set_state(self, job: Job, state: JobState, reason: str, detail: str = "") -> None:
+        self._set_state(job, state, reason, detail)
+
     def _set_state(self, job: Job, state: JobState, reason: str, detail: str = "") -> None:
         """Every job state change goes through here: it is an event for watchers and a row of history."""
         job.state, job.reason = state, reason
@@ -532,7 +552,7 @@ class JobStore:
                 job.adopt_deadline = now + self.cfg.adopt_timeout_s
                 job.deadline = now + (self.cfg.ready_timeout_s if job.state is JobState.DEPLOYING
                                       else self.cfg.stop_grace_s)
-                if job.state is JobState.RUNNING:
+                if job.state in SERVING:
                     job.deadline = float("inf")
             elif not job.drained:
                 job.deadline = now + self.cfg.adopt_timeout_s  # its processes may still hold ports

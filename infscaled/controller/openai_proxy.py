@@ -19,7 +19,7 @@ from aiohttp import web
 from infscaled.controller import proxy
 from infscaled.controller.api import CONFIG, JOBS, REGISTRY
 from infscaled.controller.api import _url_host as url_host
-from infscaled.controller.jobs import Job, JobState
+from infscaled.controller.jobs import SERVING, Job
 from infscaled.generation import openai_api, openapi, schema
 from infscaled.generation.errors import GenerationError, error_body
 
@@ -83,7 +83,7 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
 
 
 def _running(request: web.Request) -> list[Job]:
-    return [j for j in request.app[JOBS].jobs.values() if j.state is JobState.RUNNING]
+    return [j for j in request.app[JOBS].jobs.values() if j.state in SERVING]
 
 
 def _model_card(job: Job) -> dict[str, Any]:
@@ -129,13 +129,13 @@ def resolve_model(request: web.Request, model: Any) -> Job | web.Response:
     if job is None:
         # By name: the newest running job, else the newest of any state (which then says its state).
         named = sorted((j for j in jobs.values() if j.name == model),
-                       key=lambda j: (j.state is JobState.RUNNING, j.created))
+                       key=lambda j: (j.state in SERVING, j.created))
         if not named:
             running = ", ".join(f"{j.name} ({j.id})" for j in _running(request)) or "none"
             return _error(404, f"The model {model!r} does not exist; running jobs: {running}", param="model",
                           code="model_not_found")
         job = named[-1]
-    if job.state is not JobState.RUNNING:
+    if job.state not in SERVING:
         return _error(409, job.describe(), param="model")
     if job.cfg.generation is None:
         return _error(400, f"job {job.id} serves forward passes (POST /v1/jobs/{job.id}/infer), not text "

@@ -162,6 +162,9 @@ class Engine:
         self._lingering: list[tuple[float, EdgeEnd]] = []  # in-edges acknowledged STOP: closed later
         self._linger_lock = threading.Lock()
         self.cuda: Any = None  # engine.cuda.CudaStreams on a CUDA stage whose program wants them
+        self._joining: set[str] = set()  # join(): edge keys still connecting
+        self._on_joined: Callable[[], None] | None = None
+        self._dead: set[Node] = set()  # declared dead by topology updates
         program.attach(self)
         if program.cuda_streams and str(device).startswith("cuda"):
             from infscaled.engine.cuda import CudaStreams
@@ -183,6 +186,30 @@ class Engine:
             end = EdgeEnd(p, self.node)
             self.ends[p.key] = end
             self._opened(end, edges[p.key])
+
+    def join(self, plans: Iterable[EdgePlan], on_joined: Callable[[], None]) -> None:
+        """Join `plans` in the background (each its own connector, as a topology update's edges)
+        and call `on_joined` from the compute thread once none is still connecting: a new node says
+        READY from it. A peer declared dead meanwhile (TopologyUpdate.dead) no longer holds it up;
+        any other failure to connect one of these edges fails the node, naming the edge."""
+        self._joining = set()
+        self._on_joined = on_joined
+        for p in plans:
+            end = EdgeEnd(p, self.node)
+            self.ends[p.key] = end
+            self._joining.add(p.key)
+            self._spawn(self._connector, end, name=f"connect-{p.key}")
+            if end.outgoing:
+                self.program.on_output_added(end)
+        self._inbox.put(_Wake())  # with no edges at all, joined at once
+
+    def _check_joined(self) -> None:
+        if self._on_joined is None:
+            return
+        self._joining = {k for k in self._joining if self.ends[k].state is EdgeState.CONNECTING}
+        if not self._joining:
+            callback, self._on_joined = self._on_joined, None
+            callback()
 
     def update(self, update: TopologyUpdate) -> None:
         """Apply a topology update (thread-safe: it is queued for the compute thread)."""
@@ -301,6 +328,8 @@ class Engine:
                     event = None
                 if event is not None:
                     self._handle(event)
+                    if self._on_joined is not None:
+                        self._check_joined()
                 if self._lingering:
                     self._close_lingering(time.monotonic())
                 if self.on_stats is not None and time.monotonic() >= next_stats:
@@ -363,6 +392,15 @@ class Engine:
             log.info("%s: topology epoch %d ignored (at %d already)", self.node, update.epoch, self.epoch)
             return
         self.epoch = update.epoch
+        dead = frozenset(update.dead)
+        self._dead |= dead
+        for end in list(self.ends.values()):
+            if end.peer in dead and end.state not in (EdgeState.CLOSED, EdgeState.BROKEN):
+                # Whatever its socket says yet, nothing more goes to (or is awaited from) a dead node.
+                # (Before the additions: a restarted dispatcher comes back under its old name.)
+                self._broken(end, TransportError(f"{end.peer} was declared dead"))
+        if dead:
+            self.program.on_nodes_dead(dead)
         for key in update.remove:
             end = self.ends.get(key)
             if end is None or not end.outgoing:
@@ -380,13 +418,6 @@ class Engine:
             self._spawn(self._connector, end, name=f"connect-{plan.key}")
             if end.outgoing:
                 self.program.on_output_added(end)
-        if update.dead:
-            dead = frozenset(update.dead)
-            for end in list(self.ends.values()):
-                if end.peer in dead and end.state not in (EdgeState.CLOSED, EdgeState.BROKEN):
-                    # Whatever its socket says yet, nothing more goes to (or is awaited from) a dead node.
-                    self._broken(end, TransportError(f"{end.peer} was declared dead"))
-            self.program.on_nodes_dead(dead)
         if update.complete is not None:
             self.program.on_complete(update.complete)
         log.info("%s: topology epoch %d applied (+%d, -%d edges, %d dead)", self.node, update.epoch,
@@ -417,6 +448,8 @@ class Engine:
             log.info("%s: edge %s closed by its peer after its last acknowledgement (%s)", self.node, end.key, error)
             self._handle(_OutputClosed(end))
             return
+        if end.key in self._joining and end.state is EdgeState.CONNECTING and end.peer not in self._dead:
+            raise TransportError(f"{self.node}: edge {end.key} failed to connect: {error}") from error
         end.state = EdgeState.BROKEN
         end.error = str(error)
         if end.edge is not None:

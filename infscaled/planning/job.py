@@ -6,9 +6,8 @@ job file means the same pipeline, and fails with the same message, whichever run
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from infscaled.config import JobConfig, check_against_model, check_builtin
 from infscaled.planning import edge_count, make_plan

@@ -9,6 +9,9 @@ dispatcher whether the pipeline is `complete`).
   over exactly its edges, with any dead neighbour replaced by that neighbour's replacement.
   Inheriting edges works for every graph ("mesh", "parallel", "explicit"), and the survivors'
   routing tables simply gain the new edges.
+- The dispatcher: it comes back under its own name on the same host, and every edge it had is
+  joined again on a fresh port (`dispatcher_restart`); what was in flight through it is lost
+  with it (its callers retry forward requests; streams end with an error).
 - Generation jobs: a chain that lost a member is dead as a whole (its survivors hold KV caches
   of sequences the dispatcher moves to other chains), so each such chain is removed and a fresh
   chain (new ids on every stage) is added, as scaling the chains up would.
@@ -16,11 +19,11 @@ dispatcher whether the pipeline is `complete`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from infscaled.planning.scale import ScaleChange, ScaleShape, chain_edges
-from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
+from infscaled.protocol.plan import DISPATCHER, EdgePlan, JobPlan, Node
 from infscaled.protocol.topology import TopologyUpdate
 
 
@@ -94,3 +97,25 @@ def devices_for(plan: JobPlan, shape: ScaleShape) -> Mapping[Node, str]:
         pool = free.get(n.stage)
         out[n] = pool.pop(0) if pool else plan.worker(plan.nodes(n.stage)[0]).device
     return out
+
+
+def dispatcher_restart(plan: JobPlan, ports: Sequence[int]) -> tuple[JobPlan, dict[Node, TopologyUpdate]]:
+    """The epoch that replaces a lost dispatcher: each of its edges gets the next port of `ports`
+    (in plan order), and each stage replica at the other end joins it again."""
+    mine = [e for e in plan.edges if DISPATCHER in (e.src, e.dst)]
+    if len(ports) != len(mine):
+        raise ValueError(f"the dispatcher has {len(mine)} edges, got {len(ports)} ports")
+    fresh = dict(zip((e.key for e in mine), ports, strict=True))
+    edges = tuple(replace(e, port=fresh[e.key]) if e.key in fresh else e for e in plan.edges)
+    nxt = replace(plan, edges=edges, epoch=plan.epoch + 1)
+    adds: dict[Node, list[EdgePlan]] = {}
+    for e in nxt.edges:
+        if e.key in fresh:
+            peer = e.dst if e.src == DISPATCHER else e.src
+            adds.setdefault(peer, []).append(e)
+    updates = {w.node: TopologyUpdate(nxt.epoch, tuple(adds.get(w.node, ())), dead=(DISPATCHER,)) for w in plan.workers}
+    return nxt, updates
+
+
+def dispatcher_edge_count(plan: JobPlan) -> int:
+    return sum(1 for e in plan.edges if DISPATCHER in (e.src, e.dst))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from infscaled.protocol.control import DispatcherStats, EdgeRef, StageStats
+from infscaled.protocol.control import DispatcherStats, EdgeRef, StageStats, UpdateTopology
 from infscaled.protocol.envelope import decode_frame, encode_frame
 
 PROTOCOL_VERSION = 1
@@ -158,12 +158,18 @@ class NodeTopology:
     node: str
     add: list[EdgeRef] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)  # nodes declared dead at this epoch
+    complete: bool | None = None  # the dispatcher's: every stage has a live replica (None: unchanged)
+
+    def control(self, epoch: int) -> UpdateTopology:
+        return UpdateTopology(epoch, list(self.add), list(self.remove), list(self.dead), self.complete)
 
 
 @dataclass(frozen=True)
 class ChangeTopology:
     """A running job's new epoch: start `start` (with the epoch's plan) and hand each running node
-    here its edge changes. Replicas that lose all their in-edges drain and exit on their own."""
+    here its edge changes. Replicas that lose all their in-edges drain and exit on their own;
+    `stop` ones are retired at once (the survivors of a generation chain that lost a member)."""
 
     type: ClassVar[str] = "change_topology"
     job_id: str
@@ -172,6 +178,11 @@ class ChangeTopology:
     start: list[str] = field(default_factory=list)
     updates: list[NodeTopology] = field(default_factory=list)
     ready_timeout_s: float = 300.0
+    stop: list[str] = field(default_factory=list)
+    # When `start` has "dispatcher" (the service restarted after its loss), as in Deploy:
+    dispatcher_port: int = 0
+    service_token: str = ""
+    request_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)

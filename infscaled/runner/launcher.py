@@ -34,7 +34,7 @@ from infscaled.planning.job import plan_job, ports_needed
 from infscaled.planning.placement import place
 from infscaled.planning.ports import free_ports
 from infscaled.planning.scale import apply_scale, scale_shape
-from infscaled.protocol.control import UpdateTopology
+from infscaled.protocol.control import UpdateTopology, WorkerReady
 from infscaled.protocol.plan import JobPlan, Node
 from infscaled.protocol.topology import TopologyUpdate
 from infscaled.runner.recovery import Recoverer
@@ -111,7 +111,7 @@ class LocalJob:
         self.recoverer: Recoverer | None = None
         members = [self._member(self.plan, w.node) for w in self.plan.workers]
         self.group = WorkerGroup(self.plan.job, members, ready_timeout_s, on_exit=self._on_exit,
-                                 heartbeat_timeout_s=self.plan.recovery.heartbeat_timeout_s)
+                                 on_ready=self._on_ready, heartbeat_timeout_s=self.plan.recovery.heartbeat_timeout_s)
         # The group fills in the handles as it spawns; the state shares its dict.
         self.state = JobState(workers=self.group.handles)
 
@@ -246,6 +246,10 @@ class LocalJob:
     def dispatcher_update(self, update: TopologyUpdate) -> None:
         assert self.dispatcher is not None
         self.dispatcher.engine.update(update)
+
+    def _on_ready(self, node: Node, ready: WorkerReady) -> None:
+        if self.recoverer is not None:
+            self.recoverer.ready(node)
 
     def _on_exit(self, node: Node, code: int | None, reason: str) -> None:
         """Supervisor thread: a worker is gone. Once serving, an unexpected exit is a loss to

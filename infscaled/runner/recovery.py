@@ -7,8 +7,10 @@ a silent heartbeat: worker/group.py); a thread of its own then, per loss:
    edges to it, the dispatcher replays what may have crossed it (dispatch/core.py) and, if a
    stage has no replica left, holds work until the replacement joins (state DEGRADED);
 2. spawns the replacement on the same device with that epoch's plan (RECOVERING), which joins
-   its inherited edges while the pipeline serves on;
-3. once it is READY and every stage is whole again, tells the dispatcher (RUNNING).
+   its inherited edges while the pipeline serves on; the thread does not wait for it, so losses
+   that overlap are handled as they come;
+3. once it is READY (the supervisor's on_ready) and every stage has a serving replica again,
+   tells the dispatcher; with nothing pending, the job is RUNNING.
 A replacement that fails is itself a loss: replaced again after `backoff_s` (doubling), up to
 `attempts` per original replica; then the job fails with every reason on the way.
 """
@@ -20,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from infscaled.controller.job import JobState
@@ -70,6 +72,8 @@ class Recoverer:
         self.history: list[Replacement] = []
         self._lost: queue.Queue[tuple[Node, str, float] | None] = queue.Queue()
         self._lineage = _Lineage()
+        self._pending: dict[Node, Replacement] = {}  # replacements not READY yet -> their loss
+        self._whole = True  # what the dispatcher was last told: every stage has a serving replica
         self._changed = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
         self._thread.start()
@@ -135,37 +139,50 @@ class Recoverer:
             old = self.job.plan
             shape = replacement_shape(old, dead)
             gone = set(shape.removed)
-            survivors = [w.node for w in old.workers if w.node not in gone]
-            whole = complete(old, survivors)
+            for n in dead:
+                self._pending.pop(n, None)  # a replacement that died (or was retired) before READY
+            serving = [w.node for w in old.workers if w.node not in gone and self._serving(w.node)]
+            self._whole = complete(old, serving)
             ports = free_ports(len(shape.new_edges), old.dispatcher_host)
             change = apply_scale(old, shape, devices_for(old, shape), ports)
-            updates = with_failure(change, old, dead, whole)
+            updates = with_failure(change, old, dead, self._whole)
             self.job.plan = change.plan
             for node in shape.removed:
                 if node not in dead:  # a dead generation chain's survivors
                     self.group.retire(node, f"its chain lost {', '.join(map(str, dead))}")
+            record = Replacement(dead, shape.added, reasons, detected)
             for n in shape.added:
                 self._lineage.attempts[n] = tries
                 self._lineage.reasons[n] = history
+                self._pending[n] = record
             self._send(updates)
             self._set(JobState.RECOVERING)
             for w in change.added:
                 self.group.add(self.member_for(change.plan, w.node))
         log.warning("job %s: epoch %d: %s dead (%s); replaced by %s", old.job, change.plan.epoch,
                     ", ".join(map(str, dead)), "; ".join(reasons), ", ".join(map(str, shape.added)))
-        record = Replacement(dead, shape.added, reasons, detected)
-        if not self.group.wait_nodes_ready(shape.added, self.group.ready_timeout_s):
-            self.history.append(record)
-            return  # a replacement that died is a loss of its own: reported by the supervisor
-        ready = [r for n in shape.added if (r := self.group.handles[n].ready) is not None]
-        self.history.append(Replacement(dead, shape.added, reasons, detected, time.monotonic() - detected,
-                                        max(r.load_s for r in ready), max(r.connect_s for r in ready)))
+
+    def _serving(self, node: Node) -> bool:
+        h = self.group.handles.get(node)
+        return h is not None and h.ready is not None and not h.exited and node not in self._pending
+
+    def ready(self, node: Node) -> None:
+        """Supervisor thread: a member said READY; the last replacement of a loss completes it."""
         with self.job.topology_lock:
-            alive = [w.node for w in self.job.plan.workers if not self.group.handles[w.node].exited]
-            if not whole and complete(self.job.plan, alive):
+            record = self._pending.pop(node, None)
+            if record is None:
+                return
+            if not any(r is record for r in self._pending.values()):
+                ready = [r for n in record.added if (r := self.group.handles[n].ready) is not None]
+                self.history.append(replace(record, ready_s=time.monotonic() - record.detected_s,
+                                            load_s=max(r.load_s for r in ready),
+                                            connect_s=max(r.connect_s for r in ready)))
+            serving = [w.node for w in self.job.plan.workers if self._serving(w.node)]
+            if not self._whole and complete(self.job.plan, serving):
+                self._whole = True
                 self.job.plan, update = restored(self.job.plan)
                 self._send({DISPATCHER: update})
-            if self._lost.empty() and all(self.group.handles[n].ready for n in alive):
+            if not self._pending and self._lost.empty():
                 self._set(JobState.RUNNING)
 
     def _send(self, updates: dict[Node, TopologyUpdate]) -> None:

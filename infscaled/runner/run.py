@@ -22,7 +22,7 @@ from infscaled.runner.genload import (
     render_generation,
 )
 from infscaled.runner.launcher import LocalJob, Prepared, prepare
-from infscaled.runner.scaling import ScaleSchedule, ScaleStep
+from infscaled.runner.scaling import FaultStep, ScaleSchedule, ScaleStep
 from infscaled.runner.summary import Summary, Verification, render, summarize
 from infscaled.runner.workload import Outcome, RunResult, drive, requests_for
 
@@ -35,7 +35,7 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
 
 def run_job(cfg: JobConfig, *, requests: int | None = None, rate: float | None = None, verify: bool = False,
             progress: bool = False, log_level: int = logging.WARNING,
-            scale_at: list[ScaleStep] | None = None) -> Summary | GenSummary:
+            scale_at: list[ScaleStep | FaultStep] | None = None) -> Summary | GenSummary:
     if requests is not None or rate is not None:
         wl = cfg.workload
         cfg = replace(cfg, workload=replace(wl, requests=requests if requests is not None else wl.requests,
@@ -100,7 +100,7 @@ def verify_results(resolved: ResolvedModel, spec: InputSpec, dtype_name: str, se
 
 
 def run_generation(cfg: JobConfig, *, verify: bool = False, log_level: int = logging.WARNING,
-                   scale_at: list[ScaleStep] | None = None) -> GenSummary:
+                   scale_at: list[ScaleStep | FaultStep] | None = None) -> GenSummary:
     """A generation job's workload: greedy sequences of the [generation] lengths; `verify` checks
     every sequence against Hugging Face `generate` on the monolithic model."""
     assert cfg.generation is not None

@@ -202,9 +202,11 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None], eng
                     on_stats=report if measure else None)
     engine.epoch = plan.epoch
     connecting = time.monotonic()
-    engine.connect(list(plan.in_edges(me)) + list(plan.out_edges(me)))
+    # Joined in the background: a peer that dies meanwhile (declared dead by the supervisor's next
+    # epoch) does not hold this replica's READY up (runner/recovery.py replaces it meanwhile).
+    engine.join(list(plan.in_edges(me)) + list(plan.out_edges(me)), lambda: send(control.WorkerReady(
+        str(me), os.getpid(), worker.device, list(stage.param_names), sum(p.numel() for p in stage.parameters()),
+        load_s, time.monotonic() - connecting)))
     engine_box.put(engine)
-    send(control.WorkerReady(str(me), os.getpid(), worker.device, list(stage.param_names),
-                             sum(p.numel() for p in stage.parameters()), load_s, time.monotonic() - connecting))
     stats = engine.run()
     send(control.WorkerDone(stats))

@@ -127,11 +127,12 @@ class WorkerGroup:
     def add(self, member: Member) -> None:
         """Spawn one more member while the group runs (from any thread: the group's own spawner
         thread, which lives until every member was reaped, starts it, so its PR_SET_PDEATHSIG
-        never fires early); its node must be new to the group (replica ids are never reused)."""
+        never fires early); its node must be new to the group (replica ids are never reused), or
+        have exited (the dispatcher service restarted after its loss)."""
         with self._changed:
             if self._closing:
                 raise RuntimeError(f"{self.name}: stopping; no new members")
-            if member.node in self.handles:
+            if member.node in self.handles and not self.handles[member.node].exited:
                 raise ValueError(f"{self.name}: {describe(member.node)} is already a member")
             if self._spawner is None:
                 self._spawner = threading.Thread(target=self._spawn_loop, name=f"spawner-{self.name}", daemon=True)
@@ -283,14 +284,14 @@ class WorkerGroup:
     # -- supervision (its own thread) ------------------------------------------------------------
 
     def _supervise(self) -> None:
-        seen: set[Node] = set()
+        seen: set[int] = set()  # handles (a restarted dispatcher comes back under its old name)
         live_conns: dict[Any, WorkerHandle] = {}
         live_sentinels: dict[Any, WorkerHandle] = {}
         while True:
             with self._changed:
-                for node, h in self.handles.items():  # members added while running
-                    if node not in seen:
-                        seen.add(node)
+                for h in self.handles.values():  # members added while running
+                    if id(h) not in seen:
+                        seen.add(id(h))
                         live_conns[h.conn] = h
                         live_sentinels[h.process.sentinel] = h
             if not live_sentinels and (self._closing or not self.members):

@@ -176,10 +176,10 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
     input_spec = skeleton(resolve(plan.model_source)).family.input_spec()
     front: FrontEnd
     if plan.generation is not None:
-        front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s)
+        front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s, recovery=plan.recovery.enabled)
     else:
         front = Batching(input_spec, dtype_of(plan.dtype), plan,
-                         request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S)
+                         request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S, recovery=plan.recovery.enabled)
     engine = dispatcher_engine(plan, front, spec.connect_timeout_s)
     link.engine = engine
     front.run_engine()
