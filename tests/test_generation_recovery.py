@@ -20,6 +20,7 @@ import torch
 from test_generation_pipeline import Collected, wait_for
 
 from infscaled.config import parse_job
+from infscaled.controller.job import JobState
 from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.params import Sampled, SamplingParams
 from infscaled.generation.reference import ReferenceBackend
@@ -97,8 +98,11 @@ def test_sequences_of_a_killed_chain_continue_on_the_other_exactly() -> None:
         assert [tokens_of(c) for c in got] == want
         assert seqs.replayed >= 1 and any(n < len(w) for n, w in zip(cut, want, strict=True))
         assert job.state.failure is None
-        # Chain 1's survivor was retired (the dispatcher's STOP or the supervisor's, whichever came first).
+        # Chain 1's survivor was retired (the dispatcher's STOP or the supervisor's, whichever came first),
+        # and the replacement chain joined (waiting for it also keeps the job's stop from cutting its start short).
         wait_for(lambda: not job.group.handles[Node(0, 1)].process.is_alive(), "0.1 to retire")
+        assert job.recoverer is not None and job.recoverer.wait_state(JobState.RUNNING, 120)
+        wait_for(lambda: {c.replica for c in seqs.chains.values()} == {0, 2}, "the new chain 2 to open")
 
 
 def test_with_no_chain_left_sequences_wait_for_the_replacement_and_continue_exactly() -> None:
