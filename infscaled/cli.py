@@ -137,12 +137,16 @@ def main(argv: list[str] | None = None) -> int:
                                    args.job_controller, args.job_token, console,
                                    scale=(args.stage, args.replicas) if args.action == "scale" else None)
     except InfscaledError as exc:
-        # Plain text, never re-wrapped: the message quotes user values (which may look like
-        # markup) and its "FILE: KEY = VALUE" line must stay greppable.
-        from rich.text import Text
-
-        Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(exc)))
-        return 2
+        return _error(exc)
+    except BaseExceptionGroup as group:
+        # asyncio task groups (`up`, `serve`) wrap what failed: say the failure, not the group.
+        leaf = _first_leaf(group)
+        if isinstance(leaf, KeyboardInterrupt):
+            Console(stderr=True).print("interrupted; workers stopped")
+            return 130
+        if isinstance(leaf, InfscaledError):
+            return _error(leaf)
+        raise
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; workers stopped")
         return 130
@@ -155,6 +159,31 @@ def _check_workload_args(args: argparse.Namespace) -> None:
         raise InfscaledError(f"--requests {args.requests}: must be at least 1")
     if args.rate is not None and args.rate < 0:
         raise InfscaledError(f"--rate {args.rate}: must be 0 (closed loop) or positive")
+
+
+def _error(exc: InfscaledError) -> int:
+    # Plain text, never re-wrapped: the message quotes user values (which may look like
+    # markup) and its "FILE: KEY = VALUE" line must stay greppable.
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(exc)))
+    return 2
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (possibly nested) exception groups, preferring a known error."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for inner in e.exceptions:
+                walk(inner)
+        else:
+            leaves.append(e)
+
+    walk(exc)
+    return next((e for e in leaves if isinstance(e, InfscaledError | KeyboardInterrupt)), leaves[0])
 
 
 def _run(args: argparse.Namespace, console: object, level: int) -> int:

@@ -7,6 +7,7 @@ one job serves several checks where it can.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from infscaled.config import parse_job
+from infscaled.config.schema import RecoveryConfig
 from infscaled.errors import RequestError
 from infscaled.models.sources import resolve
 from infscaled.models.stage import skeleton
@@ -160,9 +162,10 @@ def test_bad_request_is_rejected_with_a_clear_error(mesh_job) -> None:  # type: 
 
 
 def test_worker_death_fails_requests_with_its_name_and_leaves_no_process(tmp_path: Path) -> None:
+    """With `[recovery] enabled = false` a loss fails the job cleanly (tests/test_recovery.py: on)."""
     cfg = job_config(tmp_path, "death", {"source": "builtin:gpt2-tiny"},
                      {"stages": 2, "replicas": [1, 1], "max_inflight": 4}, {"seq_len": [4, 8]})
-    prepared = prepare(cfg)
+    prepared = prepare(dataclasses.replace(cfg, recovery=RecoveryConfig(enabled=False)))
     job = LocalJob(prepared)
     job.start()
     pids = [h.process.pid for h in job.state.workers.values()]

@@ -7,7 +7,7 @@ request failing, lost or answered twice and every result equal to the monolithic
   replaced the same way;
 - kill -9 of stage 0's only replica: requests wait (the dispatcher holds them) and are all
   answered once the replacement is up.
-Recovery off: a loss fails the job cleanly with the reason (the pre-recovery behaviour).
+Recovery off: a loss fails the job cleanly with the reason (tests/test_pipeline.py).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ def _job(tmp_path: Path, replicas: list[int], **recovery: Any) -> Any:
     cfg = parse_job({"name": "chaos", "model": {"source": "builtin:gpt2-tiny"},
                      "pipeline": {"stages": 2, "replicas": replicas, "policy": "shortest_queue",
                                   "micro_batch_size": 4, "max_inflight": 6, "max_wait_ms": 1.0},
-                     "workload": {"samples": [1, 2], "seq_len": [16, 16], "request_timeout_s": 60},
-                     "recovery": {"heartbeat_timeout_s": 1.5, **recovery}}, str(tmp_path / "chaos.toml"))
+                     "workload": {"samples": [1, 2], "seq_len": [16, 16], "request_timeout_s": 180},
+                     "recovery": {"heartbeat_timeout_s": 2.0, **recovery}}, str(tmp_path / "chaos.toml"))
     return cfg, prepare(cfg)
 
 
@@ -96,19 +96,6 @@ def test_lost_replicas_are_replaced_under_load(tmp_path: Path) -> None:
     _verify(prepared, load)
     assert [n.replica for n in job.plan.nodes(1)] == [2, 3] and job.plan.nodes(0) == (Node(0, 1),)
     assert replayed > 0
-
-
-def test_recovery_off_fails_the_job_with_the_reason(tmp_path: Path) -> None:
-    cfg, prepared = _job(tmp_path, [1, 2], enabled=False)
-    requests = requests_for(cfg.workload, prepared.spec, 50_000)
-    with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 2) as load:
-        _until(lambda: load.done() >= 10, "traffic before the fault")
-        pid = _pid(job, Node(1, 1))
-        os.kill(pid, signal.SIGKILL)
-        _until(lambda: job.dispatcher is not None and job.dispatcher.failure is not None, "the job to fail", 30)
-        assert f"worker 1.1 (pid {pid}) exited with code -9" in job.dispatcher.failure
-    errors = [o.error for o in load.outcomes if o.error is not None]
-    assert errors and all("1.1" in e for e in errors)
 
 
 def test_fault_at_parses_and_refuses_bad_steps() -> None:

@@ -117,11 +117,17 @@ class Program:
         return self.engine.ends[self.router.pick(route_key)]
 
     def forward(self, msg: Message) -> bool:
-        """Send `msg` on the routed out-edge; with none left (every downstream replica died), drop
-        it and say so: the dispatcher replays what it journaled once a replacement is up."""
+        """Send `msg` on the routed out-edge. With none open, an out-edge still connecting takes it
+        (queued until it opens: a new replica may compute before its own out-edges joined); with
+        none at all (every downstream replica died), drop it and say so: the dispatcher replays
+        what it journaled once a replacement is up."""
         try:
             end = self.pick(msg.route_key)
         except NoRouteError:
+            joining = [e for e in self.engine.outputs() if e.state is EdgeState.CONNECTING]
+            if joining:
+                self.engine.send(joining[msg.mb_id % len(joining)], msg)
+                return True
             self.engine.dropped += 1
             log.warning("%s: no live out-edge; message %d dropped (the dispatcher replays it)",
                         self.engine.node, msg.mb_id)

@@ -3,8 +3,8 @@ and the one bit of history the app keeps (throughput per job, for sparklines).""
 
 from __future__ import annotations
 
-from collections import deque
 import heapq
+from collections import deque
 from collections.abc import Iterable
 
 from rich.text import Text
@@ -17,6 +17,7 @@ HISTORY_LEN = 120  # sparkline points: two minutes at the default 1 s interval
 GOOD_STATES = frozenset({"ready", "running", "connected"})
 BAD_STATES = frozenset({"failed", "lost"})
 DONE_STATES = frozenset({"exited", "stopped", "stopping"})
+SERVING_STATES = frozenset({"running", "degraded", "recovering"})  # a job that takes requests (yellow while healing)
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 
 
@@ -102,7 +103,7 @@ def pick_job(snapshot: Snapshot | None, wanted: str | None) -> JobView | None:
         if job.id == wanted:
             return job
     newest = sorted(snapshot.jobs, key=lambda j: j.created)
-    running = [j for j in newest if j.state == "running"]
+    running = [j for j in newest if j.state in SERVING_STATES]
     return (running or newest)[-1]
 
 
