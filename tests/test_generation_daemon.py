@@ -145,6 +145,69 @@ def test_a_forward_job_is_not_a_model(cluster: tuple[Cluster, str], tmp_path: Pa
 
 
 
+DOOMED_JOB = """
+name = "doomed"
+[model]
+source = "builtin:llama-tiny"
+[pipeline]
+stages = 1
+[generation]
+"""
+
+
+def test_a_dead_dispatcher_ends_streams_with_an_error_event_and_answers_others_502(
+        cluster: tuple[Cluster, str]) -> None:
+    """kill -9 of a job's dispatcher mid-answer: a stream ends with an error event that says why
+    (the official client raises it; no [DONE]), a non-streaming request gets a 502 with the reason."""
+    import os
+    import signal
+
+    import aiohttp
+
+    c, _ = cluster
+    doomed = c.run_job(DOOMED_JOB)
+    pids = {n["node"]: n["pid"] for n in doomed["nodes"]}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    ask = {"model": "doomed", "prompt": "go", "max_tokens": 200, "ignore_eos": True}
+
+    async def scenario() -> None:
+        async with client(c) as api, aiohttp.ClientSession(headers=auth) as raw:
+            stream = await api.completions.create(model="doomed", prompt="go", max_tokens=200, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+            async with raw.post(f"{c.url}/v1/completions", json={**ask, "stream": True}) as sse:
+                first = await sse.content.readuntil(b"\n\n")  # one whole event
+                got = 0
+                async for _ in stream:
+                    got += 1
+                    if got == 2:
+                        break
+                os.kill(pids["0.0"], signal.SIGSTOP)  # the stage stalls, so no answer can finish ...
+                plain = asyncio.create_task(raw.post(f"{c.url}/v1/completions", json=ask))
+                await asyncio.to_thread(c.wait_for, "the dispatcher to hold three sequences", lambda: (d := c.call(
+                    "GET", f"/v1/jobs/{doomed['id']}/metrics")[1]["dispatcher"]) and d["inflight_requests"] == 3, 20)
+                os.kill(pids["dispatcher"], signal.SIGKILL)  # ... before the dispatcher dies
+                rest = await sse.read()
+            with pytest.raises(openai.APIError, match="the job's dispatcher at .* broke off its answer .*; the "
+                                                      "answer is incomplete"):
+                async for _ in stream:
+                    pass
+            answer = await plain
+            status, error = answer.status, await answer.json()
+        assert first.startswith(b"data: {")
+        events = [e for e in (first + rest).decode().split("\n\n") if e]
+        assert "data: [DONE]" not in events and all(e.startswith("data: ") for e in events)
+        assert '"error"' in events[-1] and "broke off its answer" in events[-1]
+        assert all('"error"' not in e for e in events[:-1])
+        assert status == 502 and error["error"]["message"].startswith("the job's dispatcher at ")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.kill(pids["0.0"], signal.SIGCONT)
+        c.call("DELETE", f"/v1/jobs/{doomed['id']}")
+    c.wait_for("the doomed job to end", lambda: c.job(doomed["id"])["state"] in ("stopped", "failed"), 60)
+
+
 def test_infscaled_up_drives_a_generation_job_through_the_api(tmp_path: Path) -> None:
     import json
     import os

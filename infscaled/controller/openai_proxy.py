@@ -8,6 +8,7 @@ official clients show as they are. Nothing here decodes tokens: torch-free.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 from typing import Any
@@ -221,7 +222,13 @@ async def forward_tokenizer(request: web.Request) -> web.StreamResponse:
 
 async def stream_through(request: web.Request, url: str, service_token: str, body: bytes,
                          method: str = "POST") -> web.StreamResponse:
-    """Send `body` to the dispatcher and copy its answer to the client as it arrives.
+    """Send `body` to the dispatcher and give its answer to the client.
+
+    An event stream is copied as it arrives, whole events at a time; any other answer is read
+    in full first. So when the dispatcher dies or goes silent mid-answer, the client always
+    learns it: a stream ends with an `error` event that says why (and no `[DONE]`: the answer is
+    incomplete, and the official clients raise on that event), any other answer becomes a 502
+    or 504 with the reason; never a clean-looking truncated answer.
 
     `request_timeout_s` bounds the wait for the answer to start and every silence within it
     (a long generation may stream for longer). A client that goes away closes the upstream
@@ -235,28 +242,69 @@ async def stream_through(request: web.Request, url: str, service_token: str, bod
     try:
         async with request.app[proxy.SESSION].request(method, url, data=body, headers=headers,
                                                       timeout=timeout) as upstream:
-            resp = web.StreamResponse(status=upstream.status, headers={
-                h: upstream.headers[h] for h in _PASSED_HEADERS if h in upstream.headers})
+            passed = {h: upstream.headers[h] for h in _PASSED_HEADERS if h in upstream.headers}
+            if not upstream.headers.get("Content-Type", "").startswith(SSE_TYPE):
+                answer = await upstream.read()
+                return web.Response(status=upstream.status, body=answer, headers=passed)
+            resp = web.StreamResponse(status=upstream.status, headers=passed)
             await resp.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                try:
-                    await resp.write(chunk)
-                except ConnectionResetError:
-                    # The client left: closing (not reusing) the upstream connection cancels the sequence.
-                    upstream.close()
-                    log.info("client of %s left mid-answer; upstream closed", url)
-                    return resp
-            await resp.write_eof()
-            return resp
+            try:
+                return await _copy_events(request, resp, upstream, url)
+            except ConnectionResetError:
+                # The client left: closing (not reusing) the upstream connection cancels the sequence.
+                upstream.close()
+                log.info("client of %s left mid-answer; upstream closed", url)
+                return resp
     except TimeoutError:
+        why = f"the job's dispatcher at {url} went silent for {cfg.request_timeout_s:g} s (request_timeout_s)"
         if resp is not None:
-            log.warning("dispatcher at %s went silent for %g s mid-answer", url, cfg.request_timeout_s)
-            return resp
+            return await _end_stream(resp, 504, why)
         return _error(504, f"dispatcher at {url} did not answer within {cfg.request_timeout_s:g} s "
                            "(request_timeout_s)")
     except aiohttp.ClientError as exc:
+        why = f"the job's dispatcher at {url} broke off its answer ({type(exc).__name__}: {exc})"
         if resp is not None:
-            log.warning("dispatcher at %s broke off its answer: %s", url, exc)
-            return resp
-        log.warning("dispatcher at %s unreachable: %s", url, exc)
-        return _error(502, f"dispatcher at {url} unreachable: {exc}")
+            return await _end_stream(resp, 502, why)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            log.warning("dispatcher at %s unreachable: %s", url, exc)
+            return _error(502, f"dispatcher at {url} unreachable: {exc}")
+        log.warning("%s", why)
+        return _error(502, f"{why}; the request was not answered")
+
+
+SSE_TYPE = "text/event-stream"
+_DONE = b"data: [DONE]\n\n"  # a stream's last event (generation/responses.py)
+
+
+async def _copy_events(request: web.Request, resp: web.StreamResponse, upstream: aiohttp.ClientResponse,
+                       url: str) -> web.StreamResponse:
+    """Copy server-sent events to the client as they arrive, whole events only (a partial one is
+    kept until its end arrives, so an error event never lands inside it). A stream that ends
+    without `[DONE]` was cut short (the dispatcher died between two chunks): the client gets an
+    error event saying so."""
+    pending = b""
+    finished = False
+    async for chunk in upstream.content.iter_any():
+        pending += chunk
+        cut = pending.rfind(b"\n\n") + 2
+        if cut < 2:
+            continue
+        events, pending = pending[:cut], pending[cut:]
+        finished = events.endswith(_DONE)
+        await resp.write(events)
+    if not finished:
+        return await _end_stream(resp, 502, f"the job's dispatcher at {url} ended the stream before its end")
+    await resp.write_eof()
+    return resp
+
+
+async def _end_stream(resp: web.StreamResponse, status: int, why: str) -> web.StreamResponse:
+    """End a stream already under way with an error event (no [DONE]: the answer is incomplete)."""
+    log.warning("%s; the stream ends with an error event", why)
+    try:
+        await resp.write(b"data: " + json.dumps(error_body(status, f"{why}; the answer is incomplete")).encode()
+                         + b"\n\n")
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client left meanwhile
+    return resp

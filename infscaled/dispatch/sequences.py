@@ -15,6 +15,24 @@ Chains come and go with the topology (protocol/topology.py): a chain is the out-
 stage-0 replica; an added one takes sequences once open; a removed one takes no new sequence,
 and its edge is closed (STOP) once its live sequences finished.
 
+Recovery (issue 12; `recovery` on). A chain is lost when the supervisor declares one of its
+nodes dead (TopologyUpdate.dead: a node (i, r) belongs to chain r) or one of the dispatcher's
+own edges to it breaks. A lost chain takes nothing more; after the core's replay grace its live
+sequences go back to the head of the queue (oldest first) and its edge is closed (STOP: its
+surviving stage 0 drops what it holds and the STOP flows on to whatever survives). A sequence's
+recoverable state is what this front end keeps anyway: its prompt, the tokens it streamed and its
+SamplingParams. Re-admitted on another chain, it is prefilled again with prompt + those tokens
+(its reservation is the same prompt + max_new_tokens, so KV accounting counts the generated
+tokens as prompt), and the last stage rebuilds its sampler from the prefill's SequenceSpec alone
+(`produced`, the tokens when a penalty reads them, the seeded generator advanced past their
+draws: engine/programs/generation.py), so the stream goes on with no gap, no repeated token, and
+the tokens a seeded sequence would have had without the fault. Prompt log-probabilities, already
+sent with its first token, are not asked again. A token from a lost chain that arrives after its
+sequence left it is dropped (counted in `duplicates`): every sequence listens to one chain at a
+time. While no chain can take sequences (`complete` False, or no open chain) they wait, bounded by
+their timeout, whose error then says what they waited for. With recovery off a broken edge fails
+every sequence (the core's `fail`), and a dead node ends its chain's sequences with the reason.
+
 Consumers are called on the engine's compute thread: `PipelineBackend` moves their tokens onto
 an asyncio loop.
 """
@@ -28,7 +46,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,7 +58,7 @@ from infscaled.generation.errors import GenerationError
 from infscaled.generation.kv import reserved_span
 from infscaled.generation.params import FEATURES, PromptLogprobs, Sampled, SamplingParams
 from infscaled.protocol.generation import SequenceSpec
-from infscaled.protocol.plan import GenerationPlan
+from infscaled.protocol.plan import GenerationPlan, Node
 from infscaled.worker.request_stats import RequestStats
 from infscaled.worker.transport import ACK, Ack, Message
 
@@ -63,7 +81,13 @@ class _Sequence:
     reserve: int
     deadline: float
     chain: str = ""  # the chain's edge key; "": waiting for admission
-    produced: int = 0
+    replica: int | None = None  # its chain's replica id: tokens from any other chain are stale
+    generated: list[int] = field(default_factory=list)  # tokens streamed to the consumer so far
+    waited_for: str = ""  # why it is back in the queue (its chain was lost): said if it times out
+
+    @property
+    def produced(self) -> int:
+        return len(self.generated)
 
 
 @dataclass
@@ -78,6 +102,11 @@ class _Chain:
     reserved: int = 0
     live: set[int] = field(default_factory=set)
     draining: bool = False
+    lost: str = ""  # why the chain is lost (recovery); "": it serves
+
+    @property
+    def replica(self) -> int:
+        return self.end.peer.replica
 
 
 class Sequences(FrontEnd):
@@ -97,6 +126,8 @@ class Sequences(FrontEnd):
         self._mb_ids = itertools.count(1)
         self._next_check = 0.0
         self.finished = 0  # sequences that ran to their end (for stats and tests)
+        self._lost_last = ""  # why the last chain was lost (said to sequences that time out waiting)
+        self._lost_replicas: set[int] = set()  # replica ids are never reused: a lost one never serves again
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -156,7 +187,14 @@ class Sequences(FrontEnd):
     # -- compute thread: chains ------------------------------------------------------------------
 
     def on_output_open(self, end: EdgeEnd) -> None:
+        if end.peer.replica in self._lost_replicas:
+            # Lost while its edge was connecting (a chain being added): it never takes a sequence.
+            log.warning("dispatcher: chain %d opened after it was lost; closing it", end.peer.replica)
+            self.engine.close_output(end)
+            return
         self.chains[end.key] = _Chain(end)
+        if self._waiting:
+            log.info("dispatcher: chain %d is open; %d sequence(s) waiting", end.peer.replica, len(self._waiting))
 
     def on_output_removed(self, end: EdgeEnd) -> None:
         chain = self.chains.get(end.key)
@@ -195,7 +233,7 @@ class Sequences(FrontEnd):
             seq.consume(-1, True, item.reason)
         chain = self.chains.get(seq.chain)
         self._end(seq)
-        if chain is not None:
+        if chain is not None and not chain.lost and chain.end.live:
             self.engine.send(chain.end, gw.encode(gw.Free([seq.id]), next(self._mb_ids)))
 
     def _end(self, seq: _Sequence, fail: str | None = None) -> None:
@@ -226,29 +264,33 @@ class Sequences(FrontEnd):
         if now >= self._next_check:
             self._next_check = now + TIMEOUT_CHECK_S
             for seq in [s for s in self._seqs.values() if now > s.deadline]:
-                self._cancel(_Cancel(seq.id, f"{TIMED_OUT} after {self.request_timeout_s:g} s"))
+                self._cancel(_Cancel(seq.id, f"{TIMED_OUT} after {self.request_timeout_s:g} s{self._waited_for(seq)}"))
+        wait = self.replay_if_due(now)
         while (picked := self._admissible()) is not None:
             chain, batch = picked
             for seq in batch:
                 self._waiting.popleft()
                 seq.chain = chain.end.key
+                seq.replica = chain.replica
+                seq.waited_for = ""
                 chain.live.add(seq.id)
                 chain.reserved += reserved_span(seq.reserve)
             with self._lock:
                 self._waiting_count -= len(batch)
             self.engine.send(chain.end, gw.encode(self._prefill(batch), next(self._mb_ids)))
         self.close_when_drained(not self._seqs)
-        return max(0.0, self._next_check - now) if self._seqs else None
+        check = max(0.0, self._next_check - now) if self._seqs else None
+        return wait if check is None else check if wait is None else min(wait, check)
 
     def _admissible(self) -> tuple[_Chain, list[_Sequence]] | None:
         """The chain for the head of the queue and the waiting sequences that go with it in one
         prefill, or None while nothing fits."""
-        if not self._waiting:
+        if not self._waiting or not self.complete:
             return None
         # Counted as the stages count it: whole KV pages (generation/kv.py), so whatever this
         # admits, stage 0 finds room for.
         capacity = reserved_span(self.plan.kv_budget_tokens)
-        open_chains = [c for c in self.chains.values() if not c.draining]
+        open_chains = [c for c in self.chains.values() if not c.draining and not c.lost]
         if not open_chains:
             return None
         best = max(open_chains, key=lambda c: (capacity - c.reserved, c.end.key))
@@ -265,32 +307,34 @@ class Sequences(FrontEnd):
         return best, batch
 
     def _prefill(self, batch: list[_Sequence]) -> gw.Prefill:
-        longest = max(len(s.prompt) for s in batch)
+        # A replayed sequence is prefilled with the tokens it already streamed after its prompt.
+        rows = [s.prompt + s.generated for s in batch]
+        longest = max(len(r) for r in rows)
         ids = torch.zeros(len(batch), longest, dtype=torch.int64)  # [n, T], right-padded
         mask = torch.zeros(len(batch), longest, dtype=torch.int64)
-        for i, s in enumerate(batch):
-            ids[i, :len(s.prompt)] = torch.tensor(s.prompt)
-            mask[i, :len(s.prompt)] = 1
-        # The last stage sees hidden states, not ids: the prompt travels when its sampling reads it.
-        specs = [SequenceSpec(s.id, len(s.prompt), s.reserve, s.params, s.produced,
-                              tuple(s.prompt) if s.params.repetition_penalty != 1.0
-                              or s.params.prompt_logprobs is not None else ()) for s in batch]
-        return gw.Prefill(specs, ids, mask)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        return gw.Prefill([_spec(s) for s in batch], ids, mask)
 
     def on_message(self, end: EdgeEnd, wire: Message) -> None:
         msg = gw.decode(wire)
         if isinstance(msg, gw.Tokens):
             reported = msg.reported or [[] for _ in msg.seqs]
             for s, tok, done, extra in zip(msg.seqs, msg.tokens, msg.done, reported, strict=True):
-                self._deliver(s, tok, done, extra)
+                self._deliver(end.peer.replica, s, tok, done, extra)
         self.engine.passed_on()
         self.engine.ack(end, Ack(ACK, wire.mb_id, len(wire.tensors[REQUESTS_KEY]), 0))
 
-    def _deliver(self, seq_id: int, token: int, done: bool, reported: list[Sampled | PromptLogprobs]) -> None:
+    def _deliver(self, replica: int, seq_id: int, token: int, done: bool,
+                 reported: list[Sampled | PromptLogprobs]) -> None:
         seq = self._seqs.get(seq_id)
         if seq is None:
             return  # cancelled or timed out while the token was on its way
-        seq.produced += 1
+        if seq.replica != replica:
+            self.duplicates += 1  # from a lost chain it has left: continued (or waiting) elsewhere
+            return
+        seq.generated.append(token)
         if done:
             self.finished += 1
             self._end(seq)
@@ -302,6 +346,95 @@ class Sequences(FrontEnd):
     def fail_all(self, reason: str) -> None:
         for seq in list(self._seqs.values()):
             self._end(seq, fail=reason)
+
+    # -- compute thread: recovery ----------------------------------------------------------------
+
+    def on_nodes_dead(self, nodes: frozenset[Node]) -> None:
+        for node in sorted(nodes, key=lambda n: (n.replica, n.stage)):
+            if not node.is_dispatcher:
+                self._lose(node.replica, f"{node} died", precise=True)
+        if self.recovery:
+            super().on_nodes_dead(nodes)  # replay after the grace
+
+    def on_broken(self, end: EdgeEnd, error: BaseException) -> None:
+        if self.recovery and self._failure is None and not self._outputs_closed:
+            self._lose(end.peer.replica, f"its edge {end.key} broke ({_short(error)})")
+        super().on_broken(end, error)  # recovery: log and replay after the grace; else fail everything
+
+    def _lose(self, replica: int, why: str, precise: bool = False) -> None:
+        """Chain `replica` is lost: it takes nothing more. Its sequences are continued elsewhere
+        by `replay` (recovery on) or end now with the reason (recovery off). A `precise` reason
+        (the supervisor named the dead node) replaces a broken edge's, which usually came first."""
+        self._lost_replicas.add(replica)
+        for chain in list(self.chains.values()):
+            if chain.replica != replica:
+                continue
+            if chain.lost:
+                if precise:
+                    chain.lost = self._lost_last = f"replica chain {replica} lost: {why}"
+                continue
+            chain.lost = self._lost_last = f"replica chain {replica} lost: {why}"
+            log.warning("dispatcher: %s; its %d live sequence(s) %s", chain.lost, len(chain.live),
+                        "will continue on another chain" if self.recovery else "fail (recovery is off)")
+            if not self.recovery:
+                for seq_id in sorted(chain.live):
+                    self._end(self._seqs[seq_id], fail=f"{chain.lost}; the job's recovery is off, so its "
+                                                       "sequences cannot be continued")
+
+    def _waited_for(self, seq: _Sequence) -> str:
+        """What a sequence that timed out was waiting for, when a fault made it wait."""
+        if seq.waited_for or seq.chain or not self._lost_last:
+            return seq.waited_for
+        if any(not c.lost and not c.draining for c in self.chains.values()) and self.complete:
+            return ""  # chains serve: it waited for KV room, as any sequence may
+        return f" waiting for a live replica chain ({self._lost_last})"
+
+    def replay(self) -> None:
+        """Every lost chain's live sequences go back to the head of the queue, oldest first, to be
+        prefilled again (prompt + tokens so far) on a chain that serves; the lost chain's edge is
+        closed, which makes its surviving stage 0 drop what it holds."""
+        again: list[_Sequence] = []
+        for chain in [c for c in self.chains.values() if c.lost]:
+            for seq_id in sorted(chain.live):
+                seq = self._seqs[seq_id]
+                seq.chain, seq.replica = "", None
+                seq.waited_for = f" waiting to be continued on a live replica chain ({chain.lost})"
+                again.append(seq)
+            chain.live.clear()
+            chain.reserved = 0
+            del self.chains[chain.end.key]
+            self.engine.close_output(chain.end)
+        if not again:
+            return
+        again.sort(key=lambda s: s.id)
+        self.replayed += len(again)
+        with self._lock:
+            self._waiting_count += len(again)
+        self._waiting.extendleft(reversed(again))
+        open_chains = sum(1 for c in self.chains.values() if not c.lost and not c.draining)
+        log.warning("dispatcher: continuing %d sequence(s) (%d tokens streamed so far) on %s", len(again),
+                    sum(s.produced for s in again),
+                    f"{open_chains} live chain(s)" if open_chains and self.complete
+                    else "the next chain to join (none serves now)")
+
+
+def _short(error: BaseException, limit: int = 160) -> str:
+    """An edge error for a client's message: gloo's run on with advice meant for its own users."""
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _spec(seq: _Sequence) -> SequenceSpec:
+    """What every stage needs of `seq` for its prefill. The last stage sees hidden states, not ids:
+    the prompt travels when its sampling reads it (repetition penalty, prompt log-probabilities),
+    and a replayed sequence's tokens so far when its penalties or min_tokens read them."""
+    params = seq.params
+    if seq.generated and params.prompt_logprobs is not None:
+        params = replace(params, prompt_logprobs=None)  # sent with its first token already
+    needs_prompt = params.repetition_penalty != 1.0 or params.prompt_logprobs is not None
+    return SequenceSpec(seq.id, len(seq.prompt) + seq.produced, seq.reserve, params, seq.produced,
+                        tuple(seq.prompt) if needs_prompt else (),
+                        tuple(seq.generated) if params.needs_history else ())
 
 
 class PipelineBackend:

@@ -18,9 +18,11 @@ from typing import NamedTuple
 import torch
 
 from infscaled.generation.params import PromptLogprobs, Sampled, SamplingParams, parse_sampling
+from infscaled.protocol.generation import SequenceSpec
 
 __all__ = ["SamplingParams", "SequenceSampling", "TokenLogprobs", "make_generator", "parse_sampling", "plain",
-           "process_logits", "prompt_logprobs", "sample_next", "sample_step", "token_logprobs"]
+           "process_logits", "prompt_logprobs", "resume_sampling", "sample_next", "sample_step", "skip_draws",
+           "token_logprobs"]
 
 # Noise is clamped away from 0 so p / E stays finite (exponential_ is > 0 in theory, not in floats).
 _TINY = 1e-20
@@ -31,6 +33,19 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
     gen = torch.Generator(device=device)
     gen.manual_seed(secrets.randbits(63) if seed is None else seed)
     return gen
+
+
+def skip_draws(generator: torch.Generator, draws: int, vocab: int) -> None:
+    """Advance `generator` past the noise of `draws` earlier sampling steps over a vocabulary of
+    `vocab`: a seeded sequence continued elsewhere (replayed after its chain died) then draws
+    exactly what it would have drawn had it never moved. Every step of a sampled row draws one
+    float32 row of `vocab` exponentials from its generator (sample_next, gpu_sampling), and
+    nothing else does, so the state after k steps is a pure function of (seed, k, vocab); the
+    draws are repeated one row at a time, as they were made (a CUDA generator's offset grows
+    per call, not per element)."""
+    row = torch.empty(vocab, dtype=torch.float32, device=generator.device)
+    for _ in range(draws):
+        row.exponential_(generator=generator)
 
 
 def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -167,11 +182,26 @@ class SequenceSampling:
     prompt: Sequence[int] = ()
     outputs: list[int] = field(default_factory=list)
     earlier: int = 0
-    """Tokens generated before this state existed (a replayed sequence): counted, not penalised."""
+    """Tokens generated before this state existed whose ids it was not given (a replayed sequence
+    that no penalty reads): counted towards max_new_tokens only. A replayed sequence whose
+    sampling reads its history gets those tokens in `outputs` instead."""
 
     @property
     def produced(self) -> int:
         return self.earlier + len(self.outputs)
+
+
+def resume_sampling(spec: SequenceSpec, vocab: int, device: torch.device | str) -> SequenceSampling:
+    """A sequence's sampling state at its prefill, from its spec alone. A replayed sequence
+    (produced > 0, its chain died) gets the state it had: its seeded generator advanced past the
+    draws of the tokens it produced (`skip_draws`; only sampled rows draw), and those tokens in
+    `outputs` when its penalties or min_tokens read them, so it continues as if it never moved."""
+    p = spec.sampling
+    generator = make_generator(p.seed, device)
+    if spec.produced and p.temperature > 0 and p.seed is not None:  # unseeded: any continuation will do
+        skip_draws(generator, spec.produced, vocab)
+    return SequenceSampling(p, generator, spec.prompt, list(spec.generated),
+                            earlier=spec.produced - len(spec.generated))
 
 
 def plain(params: Sequence[SamplingParams]) -> bool:

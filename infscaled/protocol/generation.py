@@ -61,13 +61,18 @@ class SequenceSpec:
     produced: int = 0
     """Tokens generated before this prefill (a replayed sequence continues from there)."""
     prompt: tuple[int, ...] = ()
-    """The prompt's ids, sent only when the last stage needs them (repetition penalty, prompt
-    log-probabilities): further stages see hidden states, not ids."""
+    """The prompt's ids (the client's prompt, without tokens generated before a replay), sent only
+    when the last stage needs them (repetition penalty, prompt log-probabilities): further stages
+    see hidden states, not ids."""
+    generated: tuple[int, ...] = ()
+    """A replayed sequence's tokens generated so far (the last `produced` ids of its prefill), sent
+    only when its sampling reads them (penalties, min_tokens), so that it continues exactly."""
 
     def __post_init__(self) -> None:
-        if self.seq < 0 or self.prompt_len < 1 or self.reserve < self.prompt_len or self.produced < 0:
+        if (self.seq < 0 or self.prompt_len < 1 or self.reserve < self.prompt_len or self.produced < 0
+                or len(self.generated) not in (0, self.produced)):
             raise WireError(f"sequence spec {self.seq}: prompt_len {self.prompt_len}, reserve {self.reserve}, "
-                            f"produced {self.produced} are inconsistent")
+                            f"produced {self.produced}, {len(self.generated)} generated ids are inconsistent")
 
     @property
     def remaining(self) -> int:
@@ -99,7 +104,8 @@ def decode_specs(data: bytes) -> list[SequenceSpec]:
                 sampling[name] = tuple(sampling[name])
             out.append(SequenceSpec(int(item["seq"]), int(item["prompt_len"]), int(item["reserve"]),
                                     SamplingParams(**sampling), int(item.get("produced", 0)),
-                                    tuple(int(x) for x in item.get("prompt", ()))))
+                                    tuple(int(x) for x in item.get("prompt", ())),
+                                    tuple(int(x) for x in item.get("generated", ()))))
         except WireError as exc:
             raise WireError(f"sequence spec {i}: {exc}") from None
         except (KeyError, TypeError, ValueError) as exc:

@@ -14,6 +14,15 @@ finished sequences, and sends the tokens to the dispatcher and round the loop.
 Ending: the dispatcher's STOP reaches stage 0, which drops what it holds and closes its output;
 STOP flows down the chain, the last stage passes it to the dispatcher and round the loop, and
 stage 0 ends once the loop's STOP arrived too.
+
+Failures (issue 12): every edge of a chain is on the path of every one of its sequences, so one
+broken edge (a dead neighbour, a dead dispatcher, a malformed message) loses the whole chain. The
+stage says why in its log, frees every cache and from then on drops what still arrives: it
+neither computes nor sends anything more, and never raises for it. The dispatcher continues the
+chain's sequences on another chain (dispatch/sequences.py) and the supervisor retires the
+survivors; a survivor that receives the dispatcher's STOP ends as usual. A replayed sequence's
+prefill carries its tokens so far, and its sampling state is rebuilt from the spec
+(generation.sampling.resume_sampling).
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import PagedBatch, StageKV
 from infscaled.generation.params import PromptLogprobs, Sampled
-from infscaled.generation.sampling import SequenceSampling, make_generator, plain, prompt_logprobs, sample_step
+from infscaled.generation.sampling import SequenceSampling, plain, prompt_logprobs, resume_sampling, sample_step
 from infscaled.models.stage import fuse_stage
 from infscaled.protocol.control import StageStats
 from infscaled.protocol.plan import DISPATCHER, GenerationPlan, Node
@@ -67,6 +76,7 @@ class GenerationStage(Program):
         self.samplers: dict[int, SequenceSampling] = {}
         self._mb_ids = 0
         self._stopped = False
+        self.lost: str | None = None  # why this chain is lost (a broken edge); None while it serves
 
     def attach(self, engine: object) -> None:
         super().attach(engine)  # type: ignore[arg-type]
@@ -83,6 +93,11 @@ class GenerationStage(Program):
         torch.set_grad_enabled(False)
 
     def on_message(self, end: EdgeEnd, wire: Message) -> None:
+        if self.lost is not None:
+            self.engine.dropped += 1  # in flight when the chain broke: nobody can use it now
+            self.engine.passed_on()
+            self.engine.ack(end, Ack(ACK, wire.mb_id, int(wire.tensors[REQUESTS_KEY].shape[0]), 0))
+            return
         msg = gw.decode(wire)
         with torch.inference_mode():
             if isinstance(msg, gw.Tokens):  # stage 0: the loop brought the next tokens
@@ -115,8 +130,19 @@ class GenerationStage(Program):
         self._stopped = True
         self.engine.close_outputs()
 
+    def on_broken(self, end: EdgeEnd, error: BaseException) -> None:
+        super().on_broken(end, error)
+        if self.lost is not None or self._stopped:
+            return
+        self.lost = f"edge {end.key} broke ({type(error).__name__}: {error})"
+        log.warning("%s: replica chain %d lost: %s; its %d sequence(s) dropped here (the dispatcher continues "
+                    "them on another chain)", self.engine.node, self.engine.node.replica, self.lost, len(self.kv.seqs))
+        self.kv.free(list(self.kv.seqs))
+        self.chain = _Chain()
+        self.samplers.clear()
+
     def poll(self, now: float) -> float | None:
-        if not self.first or self._stopped:
+        if not self.first or self._stopped or self.lost is not None:
             return None
         with torch.inference_mode():
             self._schedule()
@@ -192,8 +218,7 @@ class GenerationStage(Program):
         prompt_lps: list[PromptLogprobs | None] = []
         for i, spec in enumerate(msg.specs):
             p = spec.sampling
-            self.samplers[spec.seq] = SequenceSampling(p, make_generator(p.seed, self.device), spec.prompt,
-                                                       earlier=spec.produced)
+            self.samplers[spec.seq] = resume_sampling(spec, logits.shape[-1], self.device)
             # Prompt log-probabilities need every position's logits (a head returning [n, T, V]).
             prompt_lps.append(prompt_logprobs(out["output"][i, :lengths[i]], spec.prompt, p.prompt_logprobs)
                               if p.prompt_logprobs is not None and out["output"].dim() == 3 and spec.prompt
@@ -271,11 +296,11 @@ class GenerationStage(Program):
         self._send_to(self.next_node, msg)
 
     def _send_to(self, peer: Node, msg: gw.GenMessage) -> None:
-        if self._stopped:
-            return  # STOP went down this edge already
+        if self._stopped or self.lost is not None:
+            return  # STOP went down this edge already, or the chain is lost (on_broken said why)
         end = self.engine.output_to(peer)
         if end is None:
-            raise RuntimeError(f"{self.engine.node}: no edge to {peer}")
+            raise RuntimeError(f"{self.engine.node}: no edge to {peer} in this job's plan")
         self._mb_ids += 1
         self.engine.send(end, gw.encode(msg, self._mb_ids))
 
