@@ -55,9 +55,10 @@ async def _wait_for(check: Callable[[], object], what: str, timeout_s: float) ->
 
 
 @contextlib.asynccontextmanager
-async def embedded_cluster(devices: str, log_level: int = logging.WARNING,
-                           ccfg: ControllerConfig | None = None) -> AsyncIterator[tuple[str, str]]:
-    """A controller and one local agent (id "local", `devices`) in this process; yields (url, token).
+async def embedded_cluster(devices: str, log_level: int = logging.WARNING, ccfg: ControllerConfig | None = None,
+                           port_range: tuple[int, int] | None = None) -> AsyncIterator[tuple[str, str]]:
+    """A controller and one local agent (id "local", `devices`, edge ports from `port_range`, else
+    the agent's default) in this process; yields (url, token).
     Without `ccfg`: on 127.0.0.1, a free port and a token of their own (`serve` passes its own
     config). On exit the agent stops first (its workers with it), then the controller: the
     reverse of start-up."""
@@ -78,8 +79,9 @@ async def embedded_cluster(devices: str, log_level: int = logging.WARNING,
             controller = tg.create_task(controller_run(ccfg, on_ready=lambda c: started.set_result(c.url)),
                                         name="controller")
             url = await asyncio.wait_for(started, timeout=30)
+            ports = {"port_range": port_range} if port_range else {}
             acfg = AgentConfig(controller=url, token=token, agent_id="local", devices=devices,
-                               worker_log_level=log_level, state_dir=state_dir, allow_python_sources=True)
+                               worker_log_level=log_level, state_dir=state_dir, allow_python_sources=True, **ports)
             agent = tg.create_task(agent_run(acfg, stop_agent, handle_signals=False), name="agent")
             try:
                 yield url, token
@@ -90,10 +92,12 @@ async def embedded_cluster(devices: str, log_level: int = logging.WARNING,
 
 
 async def up(job_path: Path, cfg: JobConfig, *, progress: bool, verify: bool,
-             log_level: int = logging.WARNING, tui: bool = False) -> UpResult | None:
+             log_level: int = logging.WARNING, tui: bool = False,
+             port_range: tuple[int, int] | None = None) -> UpResult | None:
     """Run the job on an embedded cluster; with `tui`, under the TUI until the user quits it
     (None when they quit before the workload finished)."""
-    async with embedded_cluster(f"cpu:{cfg.pipeline.replica_total}", log_level) as (url, token), \
+    devices = f"cpu:{cfg.pipeline.replica_total}"
+    async with embedded_cluster(devices, log_level, port_range=port_range) as (url, token), \
             Client(url, token, Timeouts(infer_s=cfg.workload.request_timeout_s)) as client:
         if tui:
             return await _drive_under_tui(client, token, job_path, cfg, verify=verify)
@@ -225,11 +229,12 @@ class _Progress:
 
 
 def run_up(job: str | None, *, requests: int | None, rate: float | None, verify: bool, progress: bool,
-           log_level: int, tui: bool = False) -> UpResult | None:
+           log_level: int, tui: bool = False, port_range: tuple[int, int] | None = None) -> UpResult | None:
     path = Path(job) if job else DEFAULT_JOB
     cfg = load_job(path)
     if requests is not None or rate is not None:
         wl = cfg.workload
         cfg = replace(cfg, workload=replace(wl, requests=requests if requests is not None else wl.requests,
                                             rate=rate if rate is not None else wl.rate))
-    return asyncio.run(up(path, cfg, progress=progress, verify=verify, log_level=log_level, tui=tui))
+    return asyncio.run(up(path, cfg, progress=progress, verify=verify, log_level=log_level, tui=tui,
+                          port_range=port_range))
