@@ -217,13 +217,15 @@ def test_snapshots_coalesce_and_64_replicas_stay_fast() -> None:
     async def scenario() -> float:
         async with fake_app() as (app, pilot, feed):
             await pilot.press("3")
-            started = time.perf_counter()
+            # CPU seconds of this process, not wall time: what the drawing costs, whatever else
+            # the machine runs (`make test` runs another test file beside this one).
+            started = time.process_time()
             for tick in range(50):
                 snap = make_snapshot(make_job((16, 16, 16, 16), tick=tick))
                 feed.sink.message(snap)
                 await settle(pilot, lambda s=snap: app.snapshot is s, poll_s=0)
                 await pilot.pause(0)  # and paint it: the frame is most of the cost
-            elapsed = time.perf_counter() - started
+            elapsed = time.process_time() - started
             assert len(app.query(ReplicaCell)) == 64
             assert "100 %" in text_of(app.query_one("#replica-3-15", ReplicaCell))  # stage 3 saturates
             assert " 25 %" in text_of(app.query_one("#replica-0-7", ReplicaCell))  # 0.2 + 0.001 * 49
@@ -238,7 +240,7 @@ def test_snapshots_coalesce_and_64_replicas_stay_fast() -> None:
     elapsed = run(scenario())
     # ~2-4 s on a 2-core VM (a frame of 160 x 50 with ~40 changed widgets is most of it); at one
     # snapshot a second that is a few percent of a core. The bound leaves room for a busy machine.
-    assert elapsed < 10.0, f"50 snapshots of 64 replicas took {elapsed:.2f} s to draw and paint"
+    assert elapsed < 10.0, f"50 snapshots of 64 replicas took {elapsed:.2f} CPU s to draw and paint"
 
 
 def test_a_fleet_of_10000_agents_stays_responsive() -> None:
