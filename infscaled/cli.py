@@ -161,13 +161,15 @@ def _check_workload_args(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, console: object, level: int) -> int:
-    _check_workload_args(args)  # before torch is imported: a typo is answered at once
+    # Flags and the job file are checked before torch is imported: a typo is answered at once.
     from infscaled.config import load_job
-    from infscaled.runner.run import render_summary, run_job
     from infscaled.runner.scaling import parse_scale_at
 
+    _check_workload_args(args)
     steps = [parse_scale_at(text) for text in args.scale_at]
     cfg = load_job(args.job)
+    from infscaled.runner.run import render_summary, run_job
+
     summary = run_job(cfg, requests=args.requests, rate=args.rate, verify=args.verify,
                       progress=not args.no_progress and sys.stdout.isatty(), log_level=level, scale_at=steps)
     console.print(render_summary(summary))  # type: ignore[attr-defined]
