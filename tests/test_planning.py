@@ -16,7 +16,7 @@ from infscaled.planning.graph import build_edges, check_paths, downstream, upstr
 from infscaled.planning.job import make_plan, ports_needed
 from infscaled.planning.partition import balance, check_cover, stage_weights
 from infscaled.planning.placement import place
-from infscaled.planning.ports import PICK_RANGE, ephemeral_low, free_ports
+from infscaled.planning.ports import PICK_RANGE, PORTS_ENV, ephemeral_low, free_ports, run_port_range
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
 
 
@@ -371,3 +371,17 @@ def test_make_plan_rejects_inconsistent_shapes():
         _plan(ports=[5000, 5001])
     with pytest.raises(ValueError, match="stranded"):
         _plan(unchecked={"graph": "explicit", "edges": (("0.0", "1.0"),)}, ports=list(range(4)))
+
+
+def test_run_port_range_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infscaled.errors import InfscaledError
+
+    monkeypatch.delenv(PORTS_ENV, raising=False)
+    assert run_port_range() == PICK_RANGE
+    monkeypatch.setenv(PORTS_ENV, "15000-15009")
+    assert run_port_range() == (15000, 15010)
+    assert all(15000 <= p <= 15009 for p in free_ports(5))
+    for bad in ("15000", "x-2", "20000-19999", "0-10"):
+        monkeypatch.setenv(PORTS_ENV, bad)
+        with pytest.raises(InfscaledError, match=f"INFSCALED_RUN_PORTS = '{bad}': expected FIRST-LAST"):
+            run_port_range()
