@@ -247,7 +247,6 @@ def _port_range(text: str) -> tuple[int, int]:
 
 
 def _serve_job(args: argparse.Namespace, console: Any, level: int) -> int:
-    import asyncio
     import dataclasses
     from pathlib import Path
 

@@ -23,9 +23,9 @@ from textual.widgets import DataTable, RichLog, Sparkline, Static
 from infscaled.protocol.control import DispatcherStats, StageStats
 from infscaled.protocol.watch import (
     AgentView,
+    Delta,
     DeviceView,
     EdgeView,
-    Delta,
     Event,
     FleetSummary,
     JobView,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from infscaled.client import Client
 from infscaled.config import JobConfig
-from infscaled.controller.auth import token_path
 from infscaled.config.state import STATE_DIR_ENV
+from infscaled.controller.auth import token_path
 from infscaled.controller.config import TOKEN_ENV, ControllerConfig
 from infscaled.errors import InfscaledError
 from infscaled.runner.up import READY_TIMEOUT_S, _has_agent, _is_gone, _is_running, _wait_for, embedded_cluster
