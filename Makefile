@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/infscaled up $(JOB)
 
+# Two pytest-xdist workers, a whole test file each at a time (module fixtures are built once):
+# most of a real-process test is waiting (READY handshakes, drains, timeouts), so two files
+# side by side fill two cores. -x: the first failure stops both workers.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-progress", action="store_true", help="no progress bar")
     up.add_argument("--tui", action="store_true",
                     help="watch the job in the TUI while the workload runs; quitting the TUI stops everything")
+    up.add_argument("--port-range", dest="edge_ports", metavar="FIRST-LAST",
+                    help="ports for the job's edges (default 29500-29999); give another range to run two "
+                         "`up` or `serve` on one host at once")
 
     serve = sub.add_parser("serve", help="controller + local agent in one process, the job kept running for "
                                          "any client (OpenAI API, inference API) until Ctrl-C")
@@ -72,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--devices", dest="serve_devices",
                        help="the local agent's devices: auto | cpu:N | cuda:0,cuda:1 (default: the GPUs, else "
                             "one CPU slot per stage replica)")
+    serve.add_argument("--port-range", dest="edge_ports", metavar="FIRST-LAST",
+                       help="ports for the job's edges (default 29500-29999); give another range to run two "
+                            "`up` or `serve` on one host at once")
 
     sub.add_parser("token", help="print the local controller's API token (for INFSCALED_TOKEN)")
 
@@ -187,14 +193,16 @@ def _first_leaf(exc: BaseException) -> BaseException:
 
 
 def _run(args: argparse.Namespace, console: object, level: int) -> int:
+    # Flags and the job file are checked before torch is imported: a typo is answered at once.
     from infscaled.config import load_job
-    from infscaled.runner.run import render_summary, run_job
     from infscaled.runner.scaling import parse_fault_at, parse_scale_at
 
     _check_workload_args(args)
     steps: list[Any] = [parse_scale_at(text) for text in args.scale_at]
     steps += [parse_fault_at(text) for text in args.fault_at]
     cfg = load_job(args.job)
+    from infscaled.runner.run import render_summary, run_job
+
     summary = run_job(cfg, requests=args.requests, rate=args.rate, verify=args.verify,
                       progress=not args.no_progress and sys.stdout.isatty(), log_level=level, scale_at=steps)
     console.print(render_summary(summary))  # type: ignore[attr-defined]
@@ -226,12 +234,9 @@ def _agent(args: argparse.Namespace, level: int) -> int:
 
     if not args.controller_url:
         raise InfscaledError("--role agent needs --controller URL (e.g. http://127.0.0.1:8470)")
-    first, _, last = args.port_range.partition("-")
-    if not (first.isdigit() and (last or first).isdigit()):
-        raise InfscaledError(f"--port-range {args.port_range!r}: expected FIRST-LAST, e.g. 29500-29999")
     extra = {"agent_id": args.agent_id} if args.agent_id else {}
     cfg = AgentConfig(controller=args.controller_url, token=resolve_token(args.token), devices=args.devices,
-                      advertise=args.advertise, port_range=(int(first), int(last or first)),
+                      advertise=args.advertise, port_range=_port_range(args.port_range),
                       worker_log_level=level, orphan_grace_s=args.orphan_grace,
                       allow_python_sources=args.allow_python_sources,
                       model_roots=tuple(str(Path(r).expanduser().resolve()) for r in args.model_roots)
@@ -264,6 +269,16 @@ def _serve(coro: Coroutine[Any, Any, None], cancel_on_signals: bool = False) -> 
         pass
 
 
+def _port_range(text: str) -> tuple[int, int]:
+    first, _, last = text.partition("-")
+    if not (first.isdigit() and (last or first).isdigit()):
+        raise InfscaledError(f"--port-range {text!r}: expected FIRST-LAST, e.g. 29500-29999")
+    lo, hi = int(first), int(last or first)
+    if not 1 <= lo <= hi <= 65535:
+        raise InfscaledError(f"--port-range {text!r}: expected 1 <= FIRST <= LAST <= 65535")
+    return lo, hi
+
+
 def _serve_job(args: argparse.Namespace, console: Any, level: int) -> int:
     import dataclasses
     from pathlib import Path
@@ -273,6 +288,7 @@ def _serve_job(args: argparse.Namespace, console: Any, level: int) -> int:
     from infscaled.runner.serve import Served, default_devices, serve
 
     cfg = load_job(args.job)  # a bad job file fails here, before anything starts
+    ports = _port_range(args.edge_ports) if args.edge_ports else None
     # Without a config: one user serving their own files on their host, as `up` (any model directory).
     ccfg = load_controller_config(args.serve_config) if args.serve_config else ControllerConfig(model_roots=None)
     overrides = {k: v for k, v in (("host", args.serve_host), ("port", args.serve_port)) if v is not None}
@@ -285,7 +301,8 @@ def _serve_job(args: argparse.Namespace, console: Any, level: int) -> int:
         sys.stdout.flush()
 
     console.print(f"starting {cfg.name} on {devices} ...", markup=False, highlight=False)
-    _serve(serve(Path(args.job), cfg, ccfg, devices, log_level=level, on_ready=ready), cancel_on_signals=True)
+    _serve(serve(Path(args.job), cfg, ccfg, devices, log_level=level, on_ready=ready, port_range=ports),
+           cancel_on_signals=True)
     console.print("stopped", markup=False)
     return 0
 
@@ -310,15 +327,16 @@ def _tui(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace, console: object, level: int) -> int:
+    _check_workload_args(args)  # before torch is imported: a typo is answered at once
+    ports = _port_range(args.edge_ports) if args.edge_ports else None
     from infscaled.runner.run import render_summary
     from infscaled.runner.up import run_up
 
-    _check_workload_args(args)
     if args.tui:
         _needs_terminal("infscaled up --tui")
     result = run_up(args.job, requests=args.requests, rate=args.rate, verify=args.verify,
                     progress=not args.no_progress and not args.tui and sys.stdout.isatty(), log_level=level,
-                    tui=args.tui)
+                    tui=args.tui, port_range=ports)
     if result is None:
         console.print("the TUI was closed before the workload finished: the job was stopped, no summary")  # type: ignore[attr-defined]
         return 0

@@ -32,6 +32,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_block() -> int:
+    """The first of 100 edge ports for a test's agents: distinct per test process (the two xdist
+    workers of `make test` apart for sure) and per block handed out at once (4 in turn). Below
+    Linux's ephemeral range (32768+), where any outgoing connection may hold a port, and never
+    in 29500-29999, the default range of `infscaled serve` / `up`, which may run beside."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    block = ((os.getpid() % 15) * 2 + worker % 2) * 4 + next(_clusters) % 4  # 0..119
+    return 20000 + (block + 5 if block >= 95 else block) * 100
+
+
 def alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -181,9 +191,7 @@ def local_cluster(state_dir: Path, agents: dict[str, str], *agent_flags: str) ->
     port = free_port()
     env = {**os.environ, "INFSCALED_TOKEN": TOKEN, "INFSCALED_STATE_DIR": str(state_dir), "HF_HUB_OFFLINE": "1"}
     c = Cluster(f"http://127.0.0.1:{port}", env, port)
-    # Edge ports: distinct per test process and per cluster alive at once (4 in turn).
-    # Below Linux's ephemeral range (32768+), where any outgoing connection may hold a port.
-    base = 20000 + ((os.getpid() % 30) * 4 + next(_clusters) % 4) * 100
+    base = free_port_block()
     try:
         c.start_controller()
         for i, (name, devices) in enumerate(agents.items()):

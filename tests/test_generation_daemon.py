@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from cluster import TOKEN, Cluster, local_cluster
+from cluster import TOKEN, Cluster, free_port_block, local_cluster
 
 from infscaled.generation.tokenizer import load_tokenizer
 from infscaled.models.sources import resolve
@@ -217,10 +217,24 @@ def test_infscaled_up_drives_a_generation_job_through_the_api(tmp_path: Path) ->
     out = tmp_path / "up.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFSCALED_STATE_DIR": str(tmp_path / "state")}
     job = Path(__file__).resolve().parents[1] / "configs" / "jobs" / "llama-generate.toml"
+    # Edge ports of its own (`infscaled serve` in test_serve may run beside it on the default range).
+    first = free_port_block()
     proc = subprocess.run([sys.executable, "-m", "infscaled.cli", "up", str(job), "--requests", "6", "--verify",
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+                           "--json", str(out), "--port-range", f"{first}-{first + 40}"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert (doc["completed"], doc["failed"], doc["verify"]) == (6, 0, {"checked": 6, "mismatched": 0})
     assert doc["tokens_per_s"] > 0 and doc["latency_ms"]["ttft_p50"] > 0 and doc["latency_ms"]["tpot_p50"] > 0
     assert "time per output token" in proc.stdout
+
+
+def test_up_and_serve_refuse_a_bad_port_range_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    from infscaled.cli import main
+
+    job = str(Path(__file__).resolve().parents[1] / "configs" / "jobs" / "llama-generate.toml")
+    for command in (["up", job], ["serve", job]):
+        for bad, want in (("29500-x", "expected FIRST-LAST"), ("30000-29000", "expected 1 <= FIRST <= LAST <= 65535")):
+            assert main([*command, "--port-range", bad]) == 2
+            err = capsys.readouterr().err
+            assert f"--port-range {bad!r}: {want}" in err, err

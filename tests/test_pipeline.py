@@ -110,9 +110,11 @@ def mesh_job(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
         job.stop()
 
 
-def test_thousand_mixed_requests_each_get_exactly_their_own_result(mesh_job) -> None:  # type: ignore[no-untyped-def]
+def test_mixed_requests_each_get_exactly_their_own_result(mesh_job) -> None:  # type: ignore[no-untyped-def]
     prepared, job = mesh_job
-    n = 1000
+    # 300 requests of 1-4 samples x 1-48 tokens, 40 outstanding: hundreds of micro-batches mixing
+    # requests of every shape (1000 proved nothing more and took 3x as long to verify).
+    n = 300
     resolved: list[int] = []
     run = drive(job.submit, requests_for(prepared.cfg.workload, prepared.spec, n), n, 0.0, 40,
                 on_done=lambda o: resolved.append(o.index))

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from infscaled.planning import edge_count, make_plan
+from infscaled.config import parse_job
 from infscaled.planning.graph import build_edges, check_paths, downstream, upstream
+from infscaled.planning.job import make_plan, ports_needed
 from infscaled.planning.partition import balance, check_cover, stage_weights
 from infscaled.planning.placement import place
-from infscaled.planning.ports import PICK_RANGE, ephemeral_low, free_ports
-from infscaled.protocol.plan import DISPATCHER, Node
+from infscaled.planning.ports import PICK_RANGE, PORTS_ENV, ephemeral_low, free_ports, run_port_range
+from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
 
 
 def brute_force_best(weights: list[float], stages: int) -> float:
@@ -293,29 +296,21 @@ def test_free_ports_skip_taken_ports_and_say_when_too_few_are_free():
 # ---------------------------------------------------------------- make_plan
 
 
-def _plan(**overrides):
-    replicas = [1, 2]
-    kwargs = dict(
-        job="j",
-        model_source="tiny",
-        dtype="float32",
-        seed=7,
-        ranges=[(0, 1), (2, 4)],
-        replicas=replicas,
-        graph="mesh",
-        explicit_edges=(),
-        devices=place("auto", replicas, available_cuda=2),
-        policy="round_robin",
-        micro_batch_size=4,
-        max_inflight=8,
-        max_wait_ms=2.0,
-        edge_timeout_s=30.0,
-        host="127.0.0.1",
-        ports=list(range(5000, 5000 + edge_count(replicas, "mesh", ()))),
-        base_dir="/tmp/jobs",
-    )
-    kwargs.update(overrides)
-    return make_plan(**kwargs)
+def _plan(pipeline: dict[str, Any] | None = None, unchecked: dict[str, Any] | None = None,
+          **overrides: Any) -> JobPlan:
+    """make_plan over a job config: `pipeline` overrides [pipeline] keys of the file, `unchecked`
+    sets PipelineConfig fields after validation (what only make_plan's own checks can catch),
+    the rest overrides make_plan's own arguments (ranges, devices, ports)."""
+    table = {"stages": 2, "replicas": [1, 2], "policy": "round_robin", "micro_batch_size": 4, "max_inflight": 8,
+             **(pipeline or {})}
+    cfg = parse_job({"name": "j", "model": {"source": "builtin:gpt2-tiny", "seed": 7}, "pipeline": table},
+                    "/tmp/jobs/j.toml")
+    cfg = replace(cfg, pipeline=replace(cfg.pipeline, **(unchecked or {})))
+    args: dict[str, Any] = dict(ranges=[(0, 1), (2, 4)],
+                                devices=place("auto", cfg.pipeline.replicas, available_cuda=2),
+                                ports=list(range(5000, 5000 + ports_needed(cfg))), host="127.0.0.1")
+    args.update(overrides)
+    return make_plan(cfg, **args)
 
 
 def test_make_plan_end_to_end():
@@ -340,15 +335,34 @@ def test_make_plan_end_to_end():
     assert plan.worker(Node(1, 1)).device == "cuda:0"
     assert (plan.policy, plan.micro_batch_size, plan.max_inflight) == ("round_robin", 4, 8)
     assert (plan.dispatcher_host, plan.base_dir, plan.seed) == ("127.0.0.1", "/tmp/jobs", 7)
+    assert (plan.job, plan.model_source, plan.dtype, plan.graph) == ("j", "builtin:gpt2-tiny", "float32", "mesh")
+    assert plan.generation is None
+
+
+def test_make_plan_carries_every_pipeline_key_it_is_given():
+    """The config travels whole: each [pipeline] and [generation] key the workers read reaches the plan."""
+    keys = {"policy": "weighted", "micro_batch_size": 3, "max_inflight": 5, "max_wait_ms": 7.5,
+            "edge_timeout_s": 9.0, "cuda_graphs": False, "compile": True}
+    plan = _plan(keys)
+    assert {k: getattr(plan, {"compile": "compile_layers"}.get(k, k)) for k in keys} == keys
+    cfg = parse_job({"model": {"source": "builtin:llama-tiny"},
+                     "pipeline": {"stages": 2, "replicas": [2, 2], "graph": "parallel"},
+                     "generation": {"kv_budget_tokens": 640, "max_batch_sequences": 3, "max_new_tokens": 5}})
+    plan = make_plan(cfg, [(0, 1), (2, 3)], ["cpu"] * 4, list(range(6000, 6000 + ports_needed(cfg))), "h")
+    gen = plan.generation
+    assert gen is not None
+    assert (gen.kv_budget_tokens, gen.max_batch_sequences, gen.default_max_new_tokens) == (640, 3, 5)
+    assert gen.micro_batches_in_flight == 2  # 0 in the file: one per stage
+    assert {e.key for e in plan.edges} >= {"1.0->0.0", "1.1->0.1"}  # the decode loop of each chain
 
 
 def test_make_plan_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="2 stage ranges but 3"):
-        _plan(replicas=[1, 1, 1])
+        _plan({"stages": 3, "replicas": [1, 1, 1]})
     with pytest.raises(ValueError, match="leaves a gap"):
         _plan(ranges=[(0, 1), (3, 4)])
     with pytest.raises(ValueError, match="unknown routing policy"):
-        _plan(policy="fastest")
+        _plan(unchecked={"policy": "fastest"})
     with pytest.raises(ValueError, match="distinct"):
         _plan(ports=[5000] * 5)
     with pytest.raises(ValueError, match="2 devices for 3"):
@@ -356,4 +370,18 @@ def test_make_plan_rejects_inconsistent_shapes():
     with pytest.raises(AssertionError):
         _plan(ports=[5000, 5001])
     with pytest.raises(ValueError, match="stranded"):
-        _plan(graph="explicit", explicit_edges=[(Node(0, 0), Node(1, 0))], ports=list(range(4)))
+        _plan(unchecked={"graph": "explicit", "edges": (("0.0", "1.0"),)}, ports=list(range(4)))
+
+
+def test_run_port_range_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infscaled.errors import InfscaledError
+
+    monkeypatch.delenv(PORTS_ENV, raising=False)
+    assert run_port_range() == PICK_RANGE
+    monkeypatch.setenv(PORTS_ENV, "15000-15009")
+    assert run_port_range() == (15000, 15010)
+    assert all(15000 <= p <= 15009 for p in free_ports(5))
+    for bad in ("15000", "x-2", "20000-19999", "0-10"):
+        monkeypatch.setenv(PORTS_ENV, bad)
+        with pytest.raises(InfscaledError, match=f"INFSCALED_RUN_PORTS = '{bad}': expected FIRST-LAST"):
+            run_port_range()

@@ -48,8 +48,7 @@ from infscaled.controller.registry import InspectError, Registry, SendError
 from infscaled.controller.store import JobRecord, Store
 from infscaled.errors import ConfigError
 from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
-from infscaled.planning.graph import build_edges
-from infscaled.planning.job import check_model, explicit_edges, loop_edges, plan_job, stage_ranges
+from infscaled.planning.job import check_model, job_edges, plan_job, stage_ranges
 from infscaled.protocol.messages import Deploy, Metrics, RunningWorker, StopJob, WorkerState
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_from_dict, plan_to_dict
 
@@ -58,7 +57,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class _Placement:
     nodes: dict[Node, tuple[str, str]]  # stage replica -> (agent id, device id)
-    edge_ports: list[int]  # in build_edges order, as plan_job wants them
+    edge_ports: list[int]  # in job_edges order, as plan_job wants them
     dispatcher_agent: str
     dispatcher_port: int
 
@@ -151,7 +150,7 @@ class JobStore:
 
         where = {node: agent for node, (agent, _) in placed.items()}
         where[DISPATCHER] = placed[Node(0, 0)][0]
-        edges = build_edges(replicas, cfg.pipeline.graph, explicit_edges(cfg), loop_edges(cfg))
+        edges = job_edges(cfg)
         need = Counter(where[src] for src, _ in edges)
         need[where[DISPATCHER]] += 1  # the dispatcher's inference service
         free: dict[str, Any] = {}

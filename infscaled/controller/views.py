@@ -70,11 +70,13 @@ def job_view(job: Job, now: float) -> JobView:
         replicas.append(ReplicaView(name, node.stage, node.replica, status.agent, status.device, status.state,
                                     status.pid, status.reason, st, age))
     replicas.sort(key=lambda r: (r.stage, r.replica))
-    stages = [StageView(i, a, b, job.cfg.pipeline.replicas[i]) for i, (a, b) in enumerate(job.ranges)]
+    # After live scaling the plan, not the submitted file, says how many replicas a stage has.
+    counts = [s.replicas for s in job.plan.stages] if job.plan is not None else list(job.cfg.pipeline.replicas)
+    stages = [StageView(i, a, b, counts[i]) for i, (a, b) in enumerate(job.ranges)]
     edges = [EdgeView(str(e.src), str(e.dst), _edge_rate(str(e.src), str(e.dst), stats))
              for e in (job.plan.edges if job.plan is not None else ())]
     return JobView(job.id, job.name, str(job.state), job.reason, job.cfg.model.source, job.created, stages,
-                   replicas, edges, dispatcher, bottleneck_stage(replicas))
+                   replicas, edges, dispatcher, bottleneck_stage(replicas), job.cfg.generation is not None)
 
 
 def _edge_rate(src: str, dst: str, stats: dict[str, tuple[StageStats, float]]) -> float:

@@ -1,18 +1,21 @@
 """From a validated job config and what the model looks like to a JobPlan (pure, no torch).
 
 `infscaled run` (one host) and the controller (many hosts) both plan through here, so a
-job file means the same pipeline, and fails with the same message, whichever runs it.
+job file means the same pipeline, and fails with the same message, whichever runs it. The
+config travels whole: every plan field is read from it here, in one place, rather than
+unpacked by each caller into a long argument list.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 from infscaled.config import JobConfig, check_against_model, check_builtin
-from infscaled.planning import edge_count, make_plan
-from infscaled.planning.partition import balance
-from infscaled.protocol.plan import GenerationPlan, JobPlan, Node
+from infscaled.planning.graph import build_edges, check_paths
+from infscaled.planning.partition import balance, check_cover
+from infscaled.planning.placement import normalise_device
+from infscaled.protocol.plan import DISPATCHER, EdgePlan, GenerationPlan, JobPlan, Node, StagePlan, WorkerPlan
+from infscaled.routing.policies import POLICIES
 
 
 def check_model(cfg: JobConfig, unit_count: int, builtin_names: Sequence[str]) -> JobConfig:
@@ -44,6 +47,12 @@ def loop_edges(cfg: JobConfig) -> tuple[tuple[Node, Node], ...]:
     return tuple((Node(last, r), Node(0, r)) for r in range(replicas[0]))
 
 
+def job_edges(cfg: JobConfig) -> tuple[tuple[Node, Node], ...]:
+    """The job's data-plane edges in port order (`build_edges` order, decode loop included)."""
+    pipe = cfg.pipeline
+    return build_edges(pipe.replicas, pipe.graph, explicit_edges(cfg), loop_edges(cfg))
+
+
 def generation_plan(cfg: JobConfig) -> GenerationPlan | None:
     gen = cfg.generation
     if gen is None:
@@ -53,22 +62,79 @@ def generation_plan(cfg: JobConfig) -> GenerationPlan | None:
 
 
 def ports_needed(cfg: JobConfig) -> int:
+    """How many edges (hence ports) `make_plan` will need for this job."""
+    return len(job_edges(cfg))
+
+
+def make_plan(cfg: JobConfig, ranges: Sequence[tuple[int, int]], devices: Sequence[str], ports: Sequence[int],
+              host: str, hosts: Mapping[Node, str] | None = None) -> JobPlan:
+    """Assemble the JobPlan of `cfg` with its stages cut at `ranges` (one per stage, see
+    `stage_ranges`). `devices` has one entry per replica, stage-major (see `place`); `ports` one
+    per edge in `job_edges` order (see `ports_needed`). `hosts` places nodes (the dispatcher
+    included) on hosts' addresses; a node missing from it gets `host`. An edge's store lives
+    with its sender, so it takes the sender's address.
+
+    Raises ValueError if the shape is inconsistent (ranges vs replicas, stranded replicas,
+    unknown policy, wrong device count, a port repeated on one host).
+    """
     pipe = cfg.pipeline
-    return edge_count(pipe.replicas, pipe.graph, explicit_edges(cfg), loop_edges(cfg))
+    replicas = pipe.replicas
+    if len(ranges) != len(replicas):
+        raise ValueError(f"{len(ranges)} stage ranges but {len(replicas)} replica counts; give one per stage")
+    if ranges:
+        check_cover(ranges, ranges[-1][1] + 1)
+    if pipe.policy not in POLICIES:
+        raise ValueError(f"unknown routing policy {pipe.policy!r}; allowed: {', '.join(POLICIES)}")
+    edges = job_edges(cfg)
+    check_paths(edges, replicas)
+    assert len(ports) == len(edges), f"make_plan: {len(ports)} ports for {len(edges)} edges (use ports_needed)"
+    where = dict(hosts or {})
+    # Each edge's store listens on its sender's host: ports need only be distinct per host
+    # (agents on different hosts may share a port range).
+    endpoints = [(where.get(src, host), port) for (src, _), port in zip(edges, ports, strict=True)]
+    if len(set(endpoints)) != len(endpoints):
+        raise ValueError(f"edge ports must be distinct per host, got {[f'{h}:{p}' for h, p in endpoints]}")
+    if len(devices) != sum(replicas):
+        raise ValueError(f"{len(devices)} devices for {sum(replicas)} stage replicas; give one per replica")
+
+    stages = tuple(
+        StagePlan(index=i, first_unit=first, last_unit=last, replicas=count)
+        for i, ((first, last), count) in enumerate(zip(ranges, replicas, strict=True))
+    )
+    nodes = [Node(stage, r) for stage, count in enumerate(replicas) for r in range(count)]
+    workers = tuple(
+        WorkerPlan(node=node, device=normalise_device(device), host=where.get(node, host))
+        for node, device in zip(nodes, devices, strict=True)
+    )
+    edge_plans = tuple(
+        EdgePlan(src=src, dst=dst, host=where.get(src, host), port=port)
+        for (src, dst), port in zip(edges, ports, strict=True)
+    )
+    return JobPlan(
+        job=cfg.name,
+        model_source=cfg.model.source,
+        dtype=cfg.model.dtype,
+        seed=cfg.model.seed,
+        stages=stages,
+        workers=workers,
+        edges=edge_plans,
+        policy=pipe.policy,
+        micro_batch_size=pipe.micro_batch_size,
+        max_inflight=pipe.max_inflight,
+        max_wait_ms=pipe.max_wait_ms,
+        edge_timeout_s=pipe.edge_timeout_s,
+        dispatcher_host=where.get(DISPATCHER, host),
+        base_dir=cfg.base_dir,
+        generation=generation_plan(cfg),
+        cuda_graphs=pipe.cuda_graphs,
+        compile_layers=pipe.compile,
+        graph=pipe.graph,
+        recovery=cfg.recovery,
+    )
 
 
 def plan_job(cfg: JobConfig, unit_weights: Sequence[int], devices: Sequence[str], ports: Sequence[int],
              host: str, hosts: Mapping[Node, str] | None = None) -> JobPlan:
-    """The plan for a job already checked with `check_model`. `devices` has one entry per stage
-    replica (stage-major), `ports` one per edge, `hosts` where each node runs (default `host`)."""
-    pipe = cfg.pipeline
-    plan = make_plan(
-        job=cfg.name, model_source=cfg.model.source, dtype=cfg.model.dtype, seed=cfg.model.seed,
-        ranges=stage_ranges(cfg, unit_weights), replicas=pipe.replicas, graph=pipe.graph,
-        explicit_edges=explicit_edges(cfg), devices=devices, policy=pipe.policy,
-        micro_batch_size=pipe.micro_batch_size, max_inflight=pipe.max_inflight, max_wait_ms=pipe.max_wait_ms,
-        edge_timeout_s=pipe.edge_timeout_s, host=host, ports=ports, base_dir=cfg.base_dir, hosts=hosts,
-        extra_edges=loop_edges(cfg), generation=generation_plan(cfg), cuda_graphs=pipe.cuda_graphs,
-        compile_layers=pipe.compile,
-    )
-    return replace(plan, recovery=cfg.recovery)
+    """The plan for a job already checked with `check_model`, its stages balanced over
+    `unit_weights` (or cut at the file's `layers`); the rest as `make_plan`."""
+    return make_plan(cfg, stage_ranges(cfg, unit_weights), devices, ports, host, hosts)

@@ -104,6 +104,7 @@ class JobView:
     edges: list[EdgeView] = field(default_factory=list)
     dispatcher: DispatcherStats | None = None
     bottleneck: int = -1  # stage index with the highest mean occupancy; -1 before any stats
+    generation: bool = False  # a generation job: it scales whole replica chains, not one stage
 
 
 @dataclass(frozen=True)

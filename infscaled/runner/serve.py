@@ -74,10 +74,12 @@ def token_hint(ccfg: ControllerConfig) -> str:
 
 
 async def serve(job_path: Path, cfg: JobConfig, ccfg: ControllerConfig, devices: str, *,
-                log_level: int = logging.WARNING, on_ready: Callable[[Served], None] = lambda s: None) -> None:
+                log_level: int = logging.WARNING, on_ready: Callable[[Served], None] = lambda s: None,
+                port_range: tuple[int, int] | None = None) -> None:
     """Run the job on an embedded cluster until cancelled (Ctrl-C), then stop the job, the agent
-    and the controller in that order. `on_ready` gets what to tell the user once the job runs."""
-    async with embedded_cluster(devices, log_level, ccfg) as (url, token), Client(url, token) as client:
+    and the controller in that order. `on_ready` gets what to tell the user once the job runs;
+    `port_range` is the local agent's for edges (None: the agent's default)."""
+    async with embedded_cluster(devices, log_level, ccfg, port_range) as (url, token), Client(url, token) as client:
         await _wait_for(lambda: _has_agent(client), "the local agent to register", AGENT_TIMEOUT_S)
         job = await client.submit(job_path)
         job_id = str(job["id"])

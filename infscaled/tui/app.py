@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.widgets import DataTable, Footer, TabbedContent, TabPane
 
 from infscaled.client import ApiError, Client
-from infscaled.protocol.watch import Event, Snapshot
+from infscaled.protocol.watch import Event, JobView, Snapshot
 from infscaled.tui import format as fmt
 from infscaled.tui.feed import subscribe
 from infscaled.tui.screens import ConfirmScreen, HelpScreen
@@ -103,13 +103,18 @@ class TuiApp(App[None]):
         Binding("n", "cycle_job(1)", "Next job"),
         Binding("p", "cycle_job(-1)", "Prev job", show=False),
         Binding("s", "stop_job", "Stop job"),
+        Binding("left_square_bracket", "select_stage(-1)", "Prev stage", show=False),
+        Binding("right_square_bracket", "select_stage(1)", "Next stage", show=False),
+        Binding("plus", "scale(1)", "Add replica"),
+        Binding("minus", "scale(-1)", "Remove replica"),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
     # Shown by the help screen beside the bindings: keys that belong to a widget.
     EXTRA_KEYS = (("enter", "jobs view: show the highlighted job's pipeline"),
                   ("up / down", "jobs view: move between jobs"),
-                  ("y / n", "answer the stop confirmation"))
+                  ("y / n", "answer the stop confirmation"),
+                  ("[ / ]", "pipeline view: select the previous / next stage for + / -"))
 
     def __init__(self, controller: str, token: str, *, interval_s: float | None = None,
                  feed: Feed = subscribe, job: str | None = None) -> None:
@@ -123,6 +128,7 @@ class TuiApp(App[None]):
         self.history = fmt.History()
         self.selected_job = job  # asked for by the user; None: the newest running job
         self.shown_job: str | None = None  # what the pipeline view shows now
+        self.selected_stage = -1  # the stage `+` / `-` scale; -1: the bottleneck (else stage 0)
         self.connected = False
         self.link_reason = ""
         self._retry_at = 0.0
@@ -210,8 +216,11 @@ class TuiApp(App[None]):
             self.query_one(JobsView).show(snap)
         elif view == "pipeline":
             job = fmt.pick_job(snap, self.selected_job)
+            if job is None or job.id != self.shown_job:
+                self.selected_stage = -1  # another job: back to its bottleneck
             self.shown_job = job.id if job else None
-            self.query_one(PipelineView).show(job, self.history.series(job.id) if job else [])
+            marked = -1 if job is None or job.generation else self.scale_stage(job)
+            self.query_one(PipelineView).show(job, self.history.series(job.id) if job else [], marked)
 
     def _show_link(self) -> None:
         link = self._link
@@ -279,16 +288,67 @@ class TuiApp(App[None]):
         self.push_screen(ConfirmScreen(f"Stop job {job.id} ({job.name}, {job.state})?"), answered)
 
     async def _stop(self, job_id: str) -> None:
-        events = self.query_one(EventsView)
+        answer = await self._ask(f"stopping {job_id}", lambda client: client.stop(job_id))
+        if answer is not None:
+            self.notify(f"stopping {job_id} ({answer.get('state', '?')})")
+            self.query_one(EventsView).note(f"asked the controller to stop {job_id}")
+
+    async def _ask(self, doing: str, call: Callable[[Client], Awaitable[dict[str, Any]]]) -> dict[str, Any] | None:
+        """One request a key makes of the controller; a refusal is shown (and logged), not raised."""
         try:
             async with Client(self.controller, self._token) as client:
-                answer = await client.stop(job_id)
+                return await call(client)
         except ApiError as exc:
-            self.notify(f"stopping {job_id} failed: {exc}", severity="error", timeout=10)
-            events.note(f"stopping {job_id} failed: {exc}", "red")
+            self.notify(f"{doing} failed: {exc}", severity="error", timeout=10)
+            self.query_one(EventsView).note(f"{doing} failed: {exc}", "red")
+            return None
+
+    def scale_stage(self, job: JobView) -> int:
+        """The stage `+` / `-` act on: the one picked with `[` / `]`, else the bottleneck, else 0."""
+        if 0 <= self.selected_stage < len(job.stages):
+            return self.selected_stage
+        return job.bottleneck if 0 <= job.bottleneck < len(job.stages) else 0
+
+    def _pipeline_job(self, doing: str) -> JobView | None:
+        """The job the pipeline view shows, when it is the active view (the scaling keys act there)."""
+        if self.active_view != "pipeline":
+            self.notify(f"{doing}: open the pipeline view (3) first", severity="warning")
+            return None
+        job = fmt.pick_job(self.snapshot, self.shown_job or self.selected_job)
+        if job is None:
+            self.notify(f"{doing}: no job", severity="warning")
+        return job
+
+    def action_select_stage(self, step: int) -> None:
+        job = self._pipeline_job("selecting a stage")
+        if job is None or not job.stages:
             return
-        self.notify(f"stopping {job_id} ({answer.get('state', '?')})")
-        events.note(f"asked the controller to stop {job_id}")
+        self.selected_stage = (self.scale_stage(job) + step) % len(job.stages)
+        self.draw()
+
+    def action_scale(self, step: int) -> None:
+        """One replica more or fewer on the selected stage (a generation job: one replica chain),
+        through the controller's PATCH /v1/jobs/{id}; the diagram follows the job's next epoch."""
+        job = self._pipeline_job("scaling")
+        if job is None:
+            return
+        if job.state != "running":
+            self.notify(f"job {job.id} is {job.state}: only a running job scales", severity="warning")
+            return
+        stage = None if job.generation else self.scale_stage(job)
+        what = "replica chains" if stage is None else f"stage {stage}"
+        target = job.stages[0 if stage is None else stage].replicas + step
+        if target < 1:
+            self.notify(f"{what} of {job.id} has one replica left: it cannot go lower", severity="warning")
+            return
+        self.run_worker(self._scale(job.id, stage, target, what), name=f"scale {job.id}", group="scale")
+
+    async def _scale(self, job_id: str, stage: int | None, replicas: int, what: str) -> None:
+        doing = f"scaling {what} of {job_id} to {replicas}"
+        answer = await self._ask(doing, lambda client: client.scale(job_id, stage, replicas))
+        if answer is not None:
+            self.notify(f"{doing} (epoch {answer.get('epoch', '?')})")
+            self.query_one(EventsView).note(f"asked the controller to scale {what} of {job_id} to {replicas}")
 
     def action_help(self) -> None:
         keys = [(self.get_key_display(b), b.description) for b in self.BINDINGS if isinstance(b, Binding)]

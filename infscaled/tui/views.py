@@ -134,7 +134,8 @@ class PipelineView(Vertical):
             yield spark
         yield ScrollableContainer(id="diagram")
 
-    def show(self, job: JobView | None, throughput: list[float]) -> None:
+    def show(self, job: JobView | None, throughput: list[float], selected: int = -1) -> None:
+        """Draw `job`; `selected` is the stage the scaling keys act on (-1: none marked)."""
         summary = self.query_one("#job-summary", TextCell)
         diagram = self.query_one("#diagram", ScrollableContainer)
         if job is None:
@@ -149,7 +150,7 @@ class PipelineView(Vertical):
         self.query_one("#throughput", Sparkline).data = throughput
         by_stage = fmt.replicas_by_stage(job)
         hops = fmt.hops(job)
-        structure = (job.id, tuple((s.index, s.first_unit, s.last_unit) for s in job.stages),
+        structure = (job.id, tuple((s.index, s.first_unit, s.last_unit, s.replicas) for s in job.stages),
                      tuple(r.node for r in job.replicas), tuple(tuple(sorted((e.src, e.dst) for e in h)) for h in hops))
         if structure != self._structure:
             # Rebuilt only when the job's shape changes; every other snapshot updates in place,
@@ -159,7 +160,8 @@ class PipelineView(Vertical):
             diagram.remove_children()
             self._ends = [DispatcherCell("in", job.dispatcher), DispatcherCell("out", job.dispatcher)]
             self._hops = [EdgeColumn(i, h) for i, h in enumerate(hops)]
-            self._stages = [StageColumn(s, by_stage.get(s.index, []), s.index == job.bottleneck) for s in job.stages]
+            self._stages = [StageColumn(s, by_stage.get(s.index, []), s.index == job.bottleneck, s.index == selected)
+                            for s in job.stages]
             row: list[Widget] = [self._ends[0], self._hops[0]]
             for stage_column, hop in zip(self._stages, self._hops[1:], strict=True):
                 row += [stage_column, hop]
@@ -171,7 +173,8 @@ class PipelineView(Vertical):
         for hop_column in self._hops:
             hop_column.show(hops[hop_column.hop])
         for stage_column in self._stages:
-            stage_column.show(by_stage.get(stage_column.index, []), stage_column.index == job.bottleneck)
+            stage_column.show(by_stage.get(stage_column.index, []), stage_column.index == job.bottleneck,
+                              stage_column.index == selected)
 
 
 def job_summary(job: JobView) -> Text:

@@ -94,25 +94,30 @@ class StageColumn(Vertical):
 
     Keeps references to its cells, so `show` works before Textual has composed them."""
 
-    def __init__(self, stage: StageView, replicas: Sequence[ReplicaView], bottleneck: bool) -> None:
+    def __init__(self, stage: StageView, replicas: Sequence[ReplicaView], bottleneck: bool,
+                 selected: bool = False) -> None:
         super().__init__(id=f"stage-{stage.index}", classes="stage")
         self.index = stage.index
         self._stage = stage
         self._header = TextCell(id=f"stage-{stage.index}-header", classes="stage-header")
         self._cells = {r.node: ReplicaCell(r) for r in replicas}
-        self.show(replicas, bottleneck)
+        self.show(replicas, bottleneck, selected)
 
     def compose(self) -> ComposeResult:
         yield self._header
         yield from self._cells.values()
 
-    def show(self, replicas: Sequence[ReplicaView], bottleneck: bool) -> None:
+    def show(self, replicas: Sequence[ReplicaView], bottleneck: bool, selected: bool = False) -> None:
         if bottleneck != self.has_class("-bottleneck"):
             self.set_class(bottleneck, "-bottleneck")
+        if selected != self.has_class("-selected"):
+            self.set_class(selected, "-selected")
         s = self._stage
         text = Text(f"stage {s.index}", style="bold")
         text.append(f"  units {s.first_unit}-{s.last_unit}  ×{s.replicas}", style="dim")
-        text.append("\n▲ BOTTLENECK" if bottleneck else "\n ", style="bold red")
+        text.append("\n▲ BOTTLENECK " if bottleneck else "\n", style="bold red")
+        if selected:
+            text.append("▶ +/- scales", style="bold")
         self._header.set_text(text)
         for r in replicas:
             cell = self._cells.get(r.node)

@@ -342,7 +342,9 @@ async def _infer(request: web.Request) -> web.Response:
         return _error(503, str(exc))
     except RequestError as exc:
         svc.stats.rejected += 1
-        return _error(400, str(exc))
+        # The service began draining while this request was read: refused as above, 503 (seen
+        # as a 400 when SIGTERM arrived mid-parse on a busy machine).
+        return _error(503 if svc.draining else 400, str(exc))
     except TimeoutError:
         svc.stats.timed_out += 1
         return _error(504, f"request timed out after {timeout_s:g} s")
