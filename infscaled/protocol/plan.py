@@ -6,6 +6,7 @@ each worker receives the whole plan and picks out its own node, its edges and it
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 DISPATCHER_STAGE = -1
@@ -43,8 +44,8 @@ DISPATCHER = Node(DISPATCHER_STAGE, 0)
 class EdgePlan:
     """A directed data-plane edge with its own two-rank process group.
 
-    The sender (rank 0) hosts the edge's TCPStore at host:port; the receiver (rank 1)
-    connects to it. Data flows src -> dst; acknowledgements flow back dst -> src.
+    The sender (rank 0) listens at host:port while the edge is joined; the receiver (rank 1)
+    connects to it (worker/transport.py). Data flows src -> dst; acknowledgements flow back.
     """
 
     src: Node
@@ -121,6 +122,10 @@ class JobPlan:
     # Per stage, the lowest replica id never used yet (empty: one past the highest in `workers`):
     # live scaling never reuses an id, so an edge key always names one edge.
     next_replica: tuple[int, ...] = ()
+    # The job's data-plane secret: every edge connection proves it (worker/edgeauth.py). Made
+    # fresh with each plan (the controller's, `infscaled run`'s), kept by every epoch after it;
+    # it travels only inside Deploy / ChangeTopology and the controller's database.
+    secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
 
     def fresh_replica(self, stage: int) -> int:
         """The id a replica added to `stage` gets."""
@@ -164,6 +169,7 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir, "cuda_graphs": plan.cuda_graphs,
         "compile_layers": plan.compile_layers,
         "epoch": plan.epoch, "graph": plan.graph, "next_replica": list(plan.next_replica),
+        "secret": plan.secret,
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
             plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens],
@@ -185,6 +191,9 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
         epoch=int(d.get("epoch", 0)), graph=str(d.get("graph", "mesh")),  # type: ignore[call-overload]
         next_replica=tuple(int(r) for r in d.get("next_replica", ())),  # type: ignore[attr-defined]
+        # A plan without one (written before secrets existed) cannot join edges: the transport
+        # refuses it with a clear error rather than inventing a secret its peers do not share.
+        secret=str(d.get("secret", "")),
     )
 
 

@@ -191,8 +191,9 @@ def dispatcher_engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) 
     from infscaled.engine.core import Engine, EngineSettings
     from infscaled.worker.transport import Transport
 
+    connector = Transport.keyed(plan.secret)
     engine = Engine(DISPATCHER, front, EngineSettings(plan.dispatcher_host, connect_timeout_s, plan.edge_timeout_s),
-                    lambda _edge: Transport)
+                    lambda _edge: connector)
     engine.epoch = plan.epoch
     engine.connect(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)))
     return engine
