@@ -56,7 +56,8 @@ def test_serving_metrics_record_latencies_tokens_and_finish_reasons() -> None:
     m2.finished(quick, "length", now=10.4)
     f2 = _families(m2.render().decode())
     value2 = {s.name: s.value for samples in f2.values() for s in samples}
-    assert (value2["infscaled:request_queue_time_seconds_sum"], value2["infscaled:request_queue_time_seconds_count"]) == (0, 1)
+    queue2 = "infscaled:request_queue_time_seconds"
+    assert (value2[queue2 + "_sum"], value2[queue2 + "_count"]) == (0, 1)
     assert abs(value2["infscaled:request_prefill_time_seconds_sum"] - 0.4) < 1e-9
     assert value[("infscaled:inter_token_latency_seconds_count", model)] == 2
     assert abs(value[("infscaled:inter_token_latency_seconds_sum", model)] - 0.5) < 1e-9
