@@ -244,3 +244,46 @@ def test_wrong_end_and_bad_dtype_are_rejected() -> None:
     finally:
         sender.close()
         box["b"].close()
+
+
+def test_peer_store_rendezvous_then_leaves_the_connection_clean() -> None:
+    """NCCL edges rendezvous over their proven connection (worker/nccl.PeerStore). Here a real
+    C++ consumer of the Store API, a two-rank ProcessGroupGloo, rendezvouses through two
+    PeerStores over a socket pair; after finish() the stream holds no rendezvous bytes."""
+    from torch.distributed import PrefixStore, ProcessGroupGloo
+
+    from infscaled.worker.nccl import PeerStore
+
+    left, right = socket.socketpair()
+    stores = [PeerStore(left, 20.0), PeerStore(right, 20.0)]
+    sums: dict[int, float] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            opts._devices = [ProcessGroupGloo.create_device(hostname=HOST)]
+            pg = ProcessGroupGloo(PrefixStore("nccl/dispatcher->0.0", stores[r]), r, 2, opts)
+            t = torch.tensor([float(r + 1)])
+            pg.allreduce([t]).wait()
+            sums[r] = float(t.item())
+            stores[r].finish()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert sums == {0: 3.0, 1: 3.0}
+    left.sendall(b"data after the rendezvous")
+    right.settimeout(5)
+    assert right.recv(64) == b"data after the rendezvous"
+    stores[0].set("late", b"1")  # after finish(): local only, nothing crosses the connection
+    assert stores[0].get("late") == b"1"
+    with pytest.raises(KeyError, match="never set"):
+        stores[1].get("late")
+    left.close()
+    right.close()

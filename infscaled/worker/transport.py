@@ -255,9 +255,14 @@ class Transport:
     # -- replies (dst -> src) --------------------------------------------------------------------
 
     def taken(self) -> None:
-        """Receiving end: a whole message was read off the wire; tell the sender (a receipt)."""
+        """Receiving end: a whole message was read off the wire; tell the sender (a receipt).
+        A sender that is gone cannot take it; the message is whole all the same, and the next
+        operation on the edge reports the loss."""
         with self._reply_lock:
-            self._sendall(RECEIPT, "send receipt")
+            try:
+                self._sendall(RECEIPT, "send receipt")
+            except TransportError as e:
+                log.debug("%s", e)
 
     def send_ack(self, record: bytes) -> None:
         with self._reply_lock:
@@ -320,11 +325,21 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        sock = self._sock
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            # Read what already arrived (receipts nobody waits for any more): a socket closed
+            # with unread bytes resets the connection, and the peer's kernel would then drop
+            # data it has not handed to the peer yet (e.g. the last message we sent).
+            sock.setblocking(False)
+            while sock.recv(REPLY_CHUNK):
+                pass
         except OSError:
-            pass  # not connected any more
-        self._sock.close()
+            pass  # nothing more to read, or not connected any more
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
 
 
 def _first_line(e: BaseException) -> str:
