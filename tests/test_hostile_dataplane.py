@@ -10,7 +10,6 @@ result checked against the monolithic model, and each refusal is logged once and
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import re
@@ -18,8 +17,6 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
-from hashlib import sha256
 from pathlib import Path
 
 import psutil
@@ -27,12 +24,13 @@ import pytest
 import torch
 from test_scaling import ClosedLoop, _until
 
+from benchmarks.stranger import Stranger
 from infscaled.config import parse_job
 from infscaled.errors import TransportError
 from infscaled.models import inputs
 from infscaled.models.stage import Monolith
 from infscaled.protocol.plan import EdgePlan, JobPlan, Node, StagePlan, WorkerPlan, plan_from_dict, plan_to_dict
-from infscaled.protocol.wire import DATA, Header, encode_header
+from infscaled.protocol.wire import DATA
 from infscaled.runner.launcher import LocalJob, prepare
 from infscaled.runner.workload import requests_for
 from infscaled.worker import edgeauth
@@ -46,103 +44,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
-
-
-class Stranger:
-    """Attacks the ports it is given from its own threads until stopped, cycling through: a silent
-    connection (held), a wrong secret, garbage bytes, a valid wire header, and bursts of
-    connections. Counts what the listeners did to each attempt."""
-
-    MODES = ("silent", "wrong_secret", "garbage", "wire_header")
-
-    def __init__(self, burst: int = 150) -> None:
-        self.burst = burst
-        self.targets: list[int] = []
-        self.seen: Counter[str] = Counter()
-        self._held: list[socket.socket] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(2)]
-
-    def aim(self, ports: Iterable[int]) -> None:
-        with self._lock:
-            self.targets = sorted(set(ports))
-
-    def __enter__(self) -> Stranger:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-        for s in self._held:
-            s.close()
-
-    def _count(self, what: str) -> None:
-        with self._lock:
-            self.seen[what] += 1
-
-    def _run(self, which: int) -> None:
-        rounds = 0
-        while not self._stop.is_set():
-            with self._lock:
-                ports = list(self.targets)
-            for port in ports:
-                if which == 0:
-                    for mode in self.MODES:
-                        self._attempt(port, mode)
-                elif rounds % 5 == 0:
-                    self._flood(port)
-            rounds += 1
-            self._stop.wait(0.02)
-
-    def _attempt(self, port: int, mode: str) -> None:
-        try:
-            sock = socket.create_connection((HOST, port), timeout=2)
-        except OSError:
-            self._count("not listening")
-            return
-        try:
-            hello = sock.recv(edgeauth.HELLO_BYTES)
-            if not hello.startswith(edgeauth.MAGIC):
-                self._count("no hello")
-                sock.close()
-                return
-            self._count("listener reached")
-            if mode == "silent":
-                self._held.append(sock)  # never proves anything: the listener must drop it
-                if len(self._held) > 64:
-                    self._held.pop(0).close()
-                return
-            if mode == "wrong_secret":
-                mine = os.urandom(32)
-                sock.sendall(edgeauth.MAGIC + mine + hmac.new(b"guess", mine, sha256).digest())
-            elif mode == "garbage":
-                sock.sendall(os.urandom(600))
-            else:
-                sock.sendall(encode_header(Header(DATA, 1, 0, ())))
-            sock.settimeout(5)
-            if sock.recv(64) == b"":
-                self._count(f"{mode} closed by the listener")
-            sock.close()
-        except OSError:
-            self._count(f"{mode} reset")
-            sock.close()
-
-    def _flood(self, port: int) -> None:
-        socks = []
-        for _ in range(self.burst):
-            try:
-                socks.append(socket.create_connection((HOST, port), timeout=1))
-            except OSError:
-                break
-        with self._lock:
-            self.seen["flood connections"] += len(socks)
-        self._stop.wait(0.5)
-        for s in socks:
-            s.close()
 
 
 def test_listener_refuses_strangers_and_still_admits_the_peer(monkeypatch: pytest.MonkeyPatch,
