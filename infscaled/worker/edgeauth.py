@@ -135,7 +135,7 @@ def listen(key: str, bind_host: str, port: int, secret: bytes, timeout_s: float)
         while True:
             now = time.monotonic()
             if now >= deadline:
-                raise TransportError(f"edge {key}: its receiver {where} did not join within {timeout_s}s")
+                raise TransportError(f"edge {key}: no receiver joined at {where} within {timeout_s}s")
             for p in [p for p in pending.values() if p.deadline <= now]:
                 drop(p, TOO_SLOW)
             wake = min([deadline, *(p.deadline for p in pending.values())])
@@ -186,7 +186,7 @@ def _accept(server: socket.socket, pending: dict[socket.socket, _Pending], sel: 
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:  # EMFILE and the like: the process is out of descriptors; back off
-            log.warning("edge listener: accept failed: %s", e)
+            refusals.add(f"accept failed ({e.strerror or e})", "-")
             time.sleep(0.05)
             return
         if len(pending) >= MAX_PENDING:

@@ -141,6 +141,8 @@ class Transport:
         self._reply_lock = threading.Lock()
         self._unreceipted: deque[float] = deque()  # send times of messages not yet taken (sender)
         self._replies = bytearray()  # reply bytes read but not yet parsed (sender)
+        self._poll = select.poll()  # the sender's ack reader waits on it (no FD_SETSIZE limit)
+        self._poll.register(sock, select.POLLIN)
         # Receive host tensors into pinned memory (a CUDA stage then copies them to its device
         # with non-blocking copies); the stage loop sets it.
         self.pin = False
@@ -285,7 +287,7 @@ class Transport:
             if self._closed:
                 raise self._fail("receive ack", "")
             try:
-                readable, _, _ = select.select([self._sock], [], [], wait)
+                readable = self._poll.poll(wait * 1000)
                 chunk = self._sock.recv(REPLY_CHUNK) if readable else None
             except (OSError, ValueError) as e:  # ValueError: the socket was closed meanwhile
                 raise self._fail("receive ack", e) from e
