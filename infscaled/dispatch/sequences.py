@@ -62,9 +62,9 @@ class _Sequence:
     consume: Consumer
     reserve: int
     deadline: float
+    on_admitted: Callable[[float], None] | None = None  # told the admission time (serving metrics)
     chain: str = ""  # the chain's edge key; "": waiting for admission
     produced: int = 0
-    on_admitted: Callable[[float], None] | None = None  # told the admission time (serving metrics)
 
 
 @dataclass

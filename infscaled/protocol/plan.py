@@ -115,6 +115,10 @@ class JobPlan:
     cuda_graphs: bool = True
     # CUDA stages torch.compile their decoder layers (models/stage.py compile_stage).
     compile_layers: bool = False
+    # The job's data-plane secret: every edge connection proves it (worker/edgeauth.py). Made
+    # fresh with each plan (the controller's, `infscaled run`'s), kept by every epoch after it;
+    # it travels only inside Deploy / ChangeTopology and the controller's database.
+    secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     # Bumped by every live topology change (protocol/topology.py says what an epoch guarantees).
     epoch: int = 0
     # How stages are linked (planning/graph.py): only "mesh" jobs can scale a stage while serving.
@@ -122,10 +126,6 @@ class JobPlan:
     # Per stage, the lowest replica id never used yet (empty: one past the highest in `workers`):
     # live scaling never reuses an id, so an edge key always names one edge.
     next_replica: tuple[int, ...] = ()
-    # The job's data-plane secret: every edge connection proves it (worker/edgeauth.py). Made
-    # fresh with each plan (the controller's, `infscaled run`'s), kept by every epoch after it;
-    # it travels only inside Deploy / ChangeTopology and the controller's database.
-    secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
 
     def fresh_replica(self, stage: int) -> int:
         """The id a replica added to `stage` gets."""
@@ -188,12 +188,12 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         max_wait_ms=float(d["max_wait_ms"]), edge_timeout_s=float(d["edge_timeout_s"]),  # type: ignore[arg-type]
         dispatcher_host=str(d["dispatcher_host"]), base_dir=str(d["base_dir"]), cuda_graphs=_bool(d["cuda_graphs"]),
         compile_layers=_bool(d.get("compile_layers", False)),
-        generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
-        epoch=int(d.get("epoch", 0)), graph=str(d.get("graph", "mesh")),  # type: ignore[call-overload]
-        next_replica=tuple(int(r) for r in d.get("next_replica", ())),  # type: ignore[attr-defined]
         # A plan without one (written before secrets existed) cannot join edges: the transport
         # refuses it with a clear error rather than inventing a secret its peers do not share.
         secret=str(d.get("secret", "")),
+        generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
+        epoch=int(d.get("epoch", 0)), graph=str(d.get("graph", "mesh")),  # type: ignore[call-overload]
+        next_replica=tuple(int(r) for r in d.get("next_replica", ())),  # type: ignore[attr-defined]
     )
 
 
