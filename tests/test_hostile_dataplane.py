@@ -113,14 +113,14 @@ def test_an_edge_without_a_secret_or_with_another_jobs_secret_does_not_join() ->
 
     def other_job() -> None:
         try:
-            Edge.connect(plan, plan.dst, HOST, 2.0, secret=b"another job's secret")
+            Edge.connect(plan, plan.dst, HOST, 1.0, secret=b"another job's secret")
         except BaseException as exc:  # noqa: BLE001 - asserted below
             box["peer"] = exc
 
     th = threading.Thread(target=other_job, daemon=True)
     th.start()
-    with pytest.raises(TransportError, match=r"no receiver joined at 127\.0\.0\.1:\d+ within 2\.0s"):
-        Edge.connect(plan, plan.src, HOST, 2.0, secret=SECRET)
+    with pytest.raises(TransportError, match=r"no receiver joined at 127\.0\.0\.1:\d+ within 1\.0s"):
+        Edge.connect(plan, plan.src, HOST, 1.0, secret=SECRET)
     th.join(10)
     assert isinstance(box.get("peer"), TransportError), box
     # The secret travels with the plan (to agents and the database), never in its repr.
