@@ -8,9 +8,12 @@ halves" summed the same work). For each batch size: prefill --batch sequences of
 tokens, then run decode steps with each variant, every variant from its own copy of the same
 cache state:
 
-- attention "torch" (gather the pages + sdpa) or "flex" (flex_attention on the pools in place),
+- attention "torch" (gather the pages + sdpa), "flex" (flex_attention on the pools in place) or
+  "triton" (generation/triton_decode.py),
 - layers eager, "compiled" (torch.compile, models/stage.py compile_stage) or "autotune"
   (the same with mode max-autotune-no-cudagraphs),
+- optionally ":fused": decode steps through the fused projections (models/families/fused_decode.py,
+  what generation stages run); without it, transformers' own layer,
 - always replayed from CUDA graphs (generation/graphs.py) on CUDA.
 
 Per variant: `step_ms`, the median wall time of one whole step as the engine calls it (host
@@ -39,18 +42,29 @@ from benchmarks.gpu_bench import sync
 from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import StageKV, reserved_span
-from infscaled.models.sources import resolve
 from infscaled.generation.sampling import SamplingParams
-from infscaled.models.stage import Stage, build_stage, compile_stage, skeleton
+from infscaled.models.sources import resolve
+from infscaled.models.stage import Stage, build_stage, compile_stage, fuse_stage, skeleton
 
 
-def set_compiled(stage: Stage, compiled: dict[int, Any], on: bool) -> None:
+def set_compiled(stage: Stage, compiled: dict[int, Any], on: bool, mode: str | None = None) -> None:
     """Switch the stage's layers between their compiled twins and eager (twins kept across variants)."""
     for i, unit in enumerate(stage.units):
         if on and i in compiled:
             unit.__dict__["_compiled_layer"] = compiled[i]
+            unit.__dict__["_compile_options"] = ("inductor", mode)
         else:
             unit.__dict__.pop("_compiled_layer", None)
+
+
+def set_fused(stage: Stage, fused: dict[int, Any], on: bool) -> None:
+    """Decode steps through the fused projections (on) or transformers' layer (off); the weights
+    stay the fused ones' views either way."""
+    for i, unit in enumerate(stage.units):
+        if on and i in fused:
+            unit.__dict__["_fused"] = fused[i]
+        else:
+            unit.__dict__.pop("_fused", None)
 
 
 def decode_bytes(stage: Stage) -> int:
@@ -157,7 +171,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--replays", type=int, default=50)
-    ap.add_argument("--variants", default="torch:eager,flex:eager,torch:compiled,flex:compiled")
+    ap.add_argument("--variants", default="flex:compiled,flex:compiled:fused,triton:compiled:fused")
     ap.add_argument("--bw", type=float, default=4.8e12, help="memory bandwidth, bytes/s (H200 datasheet)")
     ap.add_argument("--peak", type=float, default=790.0, help="bf16 matrix TFLOP/s measured on the card")
     ap.add_argument("--profile", action="store_true")
@@ -174,12 +188,14 @@ def main() -> None:
     units = skeleton(resolved).unit_count
     vocab = resolved.family.config.vocab_size  # type: ignore[attr-defined]
     stage = build_stage(resolved, 0, units - 1, a.device, dtype, 0).eval()
-    variants = [tuple(v.split(":")) for v in a.variants.split(",")]
+    variants = [(*v.split(":")[:2], v.endswith(":fused")) for v in a.variants.split(",")]
+    fuse_stage(stage)
+    fused = {i: u.__dict__["_fused"] for i, u in enumerate(stage.units) if "_fused" in u.__dict__}
     # Compiled twins of the layers per mode: "compiled" (inductor's default), "autotune"
     # (max-autotune-no-cudagraphs: inductor times Triton GEMM templates against cuBLAS per shape).
     twins: dict[str, dict[int, Any]] = {"eager": {}}
     for comp, mode in (("compiled", None), ("autotune", "max-autotune-no-cudagraphs")):
-        if any(c == comp for _, c in variants):
+        if any(c == comp for _, c, _ in variants):
             compile_stage(stage, mode=mode)
             twins[comp] = {i: u.__dict__["_compiled_layer"] for i, u in enumerate(stage.units)
                            if "_compiled_layer" in u.__dict__}
@@ -200,10 +216,12 @@ def main() -> None:
             rows = []
             base: list[torch.Tensor] | None = None
             best: tuple[float, DecodeStep | None] = (float("inf"), None)
-            for attention, comp in variants:
+            for attention, comp, on in variants:
                 if not cuda and (attention, comp) != ("torch", "eager"):
                     continue
-                set_compiled(stage, twins[comp], comp != "eager")
+                mode = "max-autotune-no-cudagraphs" if comp == "autotune" else None
+                set_compiled(stage, twins[comp], comp != "eager", mode)
+                set_fused(stage, fused, on)
                 kv = StageKV(batch * reserved_span(reserve), device)
                 seqs = list(range(batch))
                 pb = kv.prefill(seqs, [a.prompt] * batch, [reserve] * batch)
@@ -217,10 +235,12 @@ def main() -> None:
                                                      vocab, step_gen)
                 except Exception as exc:  # noqa: BLE001 - report the variant as failed, measure the others
                     msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-                    print(f"batch {batch:3d} {attention:5s} {comp:8s}: FAILED {msg}", flush=True)
-                    rows.append({"attention": attention, "compiled": comp, "error": msg})
+                    print(f"batch {batch:3d} {attention:6s} {comp:8s} {'fused' if on else 'layer':5s}: FAILED {msg}",
+                          flush=True)
+                    rows.append({"attention": attention, "compiled": comp, "fused": on, "error": msg})
                     continue
                 row["compiled"] = comp
+                row["fused"] = on
                 row["first_steps_s"] = time.perf_counter() - t0  # includes compilation and capture
                 if base is None:
                     base = outs
@@ -228,7 +248,8 @@ def main() -> None:
                                             for o, b in zip(outs, base, strict=True))
                 row["of_bound"] = bound_ms / row.get("gpu_ms", row["step_ms"])
                 rows.append(row)
-                print(f"batch {batch:3d} {attention:5s} {comp:8s}: step {row['step_ms']:.3f} ms, "
+                kind = "fused" if on else "layer"
+                print(f"batch {batch:3d} {attention:6s} {comp:8s} {kind:5s}: step {row['step_ms']:.3f} ms, "
                       f"gpu {row.get('gpu_ms', float('nan')):.3f} ms ({100 * row['of_bound']:.0f}% of bound), "
                       f"replays {row['graph_replays']}, worst rel diff {row['worst_rel_diff']:.1e}, "
                       f"{row['first_steps_s']:.1f} s incl. compile", flush=True)

@@ -31,7 +31,8 @@ requests = $((live * 4))
 concurrency = ${live}
 seed = 0
 TOML
-  timeout "${RUN_TIMEOUT:-240}" python3 -m infscaled.cli run "$job" --no-progress --json "$out/run_${batch}_${live}_${compile}.json" \
+  # GEN_LOG=INFO: the workers' log (graph captures per decode bucket) goes to the .txt as well.
+  timeout "${RUN_TIMEOUT:-240}" python3 -m infscaled.cli ${GEN_LOG:+--log-level $GEN_LOG} run "$job" --no-progress --json "$out/run_${batch}_${live}_${compile}.json" \
     >"$out/run_${batch}_${live}_${compile}.txt" 2>&1
   echo "case batch=${batch} live=${live} compile=${compile} rc=$?"
   python3 - "$out/run_${batch}_${live}_${compile}.json" <<'PY'

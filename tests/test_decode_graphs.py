@@ -86,16 +86,19 @@ def test_compile_job_option_reaches_the_plan_and_rejects_non_booleans() -> None:
         parse_job({**base, "pipeline": {"stages": 1, "compile": "yes"}})
 
 
-@pytest.mark.parametrize("model", ["llama-tiny", "gpt2-tiny"])
-def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model: str, monkeypatch: Any) -> None:
+@pytest.mark.parametrize(("model", "fused"), [("llama-tiny", False), ("gpt2-tiny", False), ("llama-tiny", True)])
+def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model: str, fused: bool,
+                                                                         monkeypatch: Any) -> None:
     """compile_stage on the CPU with dynamo's "eager" backend (the trace without code generation,
     which on a CPU would take minutes): every layer of the stage must reuse one graph per shape
     (one for the decode bucket, one for forward micro-batches; none per layer), prefills stay
     eager, and the outputs equal the uncompiled stage's. Decode steps run on static buckets (as
-    under CUDA graphs; capture replaced as in the test above): compiled layers only run those."""
+    under CUDA graphs; capture replaced as in the test above): compiled layers only run those.
+    `fused`: the compiled stage's decode steps take the fused projections (fused_decode.py), one
+    compiled decode graph for every layer; the reference stays the unfused, uncompiled one."""
     from torch._dynamo.utils import counters
 
-    from infscaled.models.stage import compile_stage
+    from infscaled.models.stage import compile_stage, fuse_stage
 
     torch.manual_seed(0)
     resolved = resolve(f"builtin:{model}")
@@ -103,6 +106,8 @@ def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model:
     torch._dynamo.reset()
     counters.clear()
     assert compile_stage(stages[1], backend="eager") == 3
+    if fused:
+        assert fuse_stage(stages[1]) == 3
     outs: list[list[torch.Tensor]] = [[], []]
     ids = torch.randint(0, 100, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.int64)

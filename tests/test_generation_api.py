@@ -190,6 +190,7 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str]] = [
     ({"logit_bias": {"5": 101}}, "logit_bias = {'5': 101}: must be an object mapping token ids"),
     ({"suffix": "x"}, "suffix = 'x': suffix is not supported by this server"),
     ({"stream": "yes"}, "stream = 'yes': must be true or false"),
+    ({"skip_special_tokens": 0}, "skip_special_tokens = 0: must be true or false"),
     ({"top_k": -2}, "top_k = -2: must be an integer >= 0"),
     ({"stop_token_ids": [999]}, "stop_token_ids = [999]: must be a list of token ids from 0 to 511"),
     # Known fields are type-checked even when not implemented, and never silently ignored.
@@ -393,6 +394,13 @@ def test_choices_prompts_echo_logprobs_and_logit_processors(model: Any) -> None:
             forced = await api.completions.create(model="tiny", prompt=prompt, max_tokens=3, temperature=0,
                                                   logit_bias={"65": 100}, extra_body=NO_EOS)
             assert forced.choices[0].text == TOK.decode([65, 65, 65])
+            # A special token the model generates: its log-probability entry names it; the text
+            # leaves it out unless skip_special_tokens is false (vLLM's default and field).
+            eos: Any = dict(model="tiny", prompt=prompt, max_tokens=2, temperature=0, logprobs=0, logit_bias={"0": 100})
+            for skip, text in ((None, ""), (False, "<|endoftext|>" * 2)):
+                body = {**NO_EOS} if skip is None else {**NO_EOS, "skip_special_tokens": skip}
+                special = (await api.completions.create(**eos, extra_body=body)).choices[0]
+                assert special.text == text and special.logprobs.tokens == ["<|endoftext|>"] * 2
             plain = (await api.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
                                                   extra_body=NO_EOS)).choices[0].text
             penalised = await api.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,

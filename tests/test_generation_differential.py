@@ -8,7 +8,8 @@ micro-batches at every step, prefills of different lengths share a micro-batch, 
 cross KV page boundaries at every offset. One job's KV budget holds only a few sequences at a
 time (admission waits, pages are reused); one model has sliding-window layers narrower than
 its sequences. The Qwen2 job is a model a user would bring: a directory with its own trained
-byte-level BPE tokenizer, driven through the OpenAI API with the official client.
+byte-level BPE tokenizer (with chat markers, which the model emits), driven through the OpenAI API
+with the official client.
 
 Cheap for CI: four job starts (started together, while the references are computed), many
 sequences per job. Everything random comes from SEED: a failure prints the seed, the job and
@@ -67,6 +68,8 @@ CASES = {
     "qwen2": Case("qwen2", 2, 4),
 }
 SLIDING_WINDOW = 24
+# The Qwen2 tokenizer's special tokens: end of text and Qwen's chat markers (ids 0, 1, 2).
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _train_tokenizer(directory: Path) -> Any:
@@ -80,7 +83,7 @@ def _train_tokenizer(directory: Path) -> Any:
     words = ["pipeline", "stage", "replica", "token", "cache", "page", "decode", "prefill", "the", "a", "of"]
     rng = random.Random(SEED)
     corpus = [" ".join(rng.choice(words) for _ in range(12)) + f" {i}." for i in range(300)]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
@@ -88,11 +91,17 @@ def _train_tokenizer(directory: Path) -> Any:
     return fast
 
 
-def _save_model(directory: Path, config: Any, cls_name: str) -> None:
+def _save_model(directory: Path, config: Any, cls_name: str, emitted: list[int] | None = None) -> None:
+    """Seeded random weights; the token ids in `emitted` get embeddings (tied to the lm_head) 3x
+    the others', so the model generates them now and then, as a chat-trained model does its markers."""
     import transformers
 
     torch.manual_seed(SEED)
-    getattr(transformers, cls_name)(config).save_pretrained(directory)
+    model = getattr(transformers, cls_name)(config)
+    if emitted:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[emitted] *= 3
+    model.save_pretrained(directory)
 
 
 def _sources(tmp: Path) -> dict[str, str]:
@@ -109,7 +118,9 @@ def _sources(tmp: Path) -> dict[str, str]:
     tok = _train_tokenizer(qwen2)
     _save_model(qwen2, Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   eos_token_id=tok.eos_token_id, tie_word_embeddings=True), "Qwen2ForCausalLM")
+                                   eos_token_id=tok.convert_tokens_to_ids([SPECIAL_TOKENS[0], SPECIAL_TOKENS[2]]),
+                                   tie_word_embeddings=True), "Qwen2ForCausalLM",
+                emitted=tok.convert_tokens_to_ids(SPECIAL_TOKENS[1:]))
     return {"gpt2": "builtin:gpt2-tiny", "llama": "builtin:llama-tiny", "mistral": str(mistral), "qwen2": str(qwen2)}
 
 
@@ -204,7 +215,8 @@ def check(case: Case, work: Workload, expected: list[list[int]], progress: Progr
     bad = []
     for i, (want, got) in enumerate(zip(expected, progress.tokens, strict=True)):
         if got != want or progress.errors[i] is not None:
-            first = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            pairs = enumerate(zip(got, want, strict=False))
+            first = next((k for k, (a, b) in pairs if a != b), min(len(got), len(want)))
             bad.append(f"  sequence {i}: prompt {len(work.prompts[i])} tokens {work.prompts[i]}, "
                        f"max_new_tokens {work.new[i]}, arrival {work.arrivals[i]}: first difference at "
                        f"output token {first + 1} (error {progress.errors[i]!r})\n    got  {got}\n    want {want}")
@@ -265,29 +277,33 @@ def test_random_concurrent_sequences_equal_hf_generate(name: str, jobs: dict[str
 
 def test_qwen2_with_its_own_bpe_tokenizer_through_the_openai_api(jobs: dict[str, Ready]) -> None:
     """The user's report: 8 concurrent greedy streams of 20 tokens, prompts of 2-4 tokens,
-    max_batch_sequences = 4, two stages; every stream must equal HF generate (twice over). Then
-    random sequences as for the other families, on the same job."""
+    max_batch_sequences = 4, two stages, one stream generating a special token (the report's
+    "divergence": the token was HF's own, but its log-probability entry showed it as "" and the
+    text, special tokens skipped, could not be compared with HF's decode). Every stream's tokens
+    (log-probability entries) and text must equal HF generate's, with special tokens skipped (the
+    default) and kept (`skip_special_tokens: false`); without ignore_eos each stream ends where
+    HF generate ends, also at the end-of-turn marker the model's generation_config lists beside
+    the tokenizer's eos (as a chat model's does). Then random sequences as for the other
+    families, on the same job."""
     from transformers import AutoTokenizer
 
     ready = jobs["qwen2"]
     tok = AutoTokenizer.from_pretrained(ready.source)
-    rng = random.Random(f"{SEED}-qwen2-api")
-    words = ["pipeline", " stage", " replica", " token", " cache", " page", " decode", " of", " the", " 7"]
-    prompts: list[str] = []
-    while len(prompts) < 8:
-        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
-        if 2 <= len(tok.encode(text)) <= 4:
-            prompts.append(text)
+    special = set(tok.convert_tokens_to_ids(SPECIAL_TOKENS))
+    prompts, tokens = _user_prompts(ready, tok, special)
     ids = [tok.encode(p) for p in prompts]
-    tokens = [hf_greedy(ready.model, i, 20) for i in ids]
-    want = [tok.decode(t) for t in tokens]
-    for repetition in range(2):
-        got = asyncio.run(_streams(ready, prompts, 20))
-        assert [text for text, _ in got] == want, (
-            f"SEED={SEED} repetition {repetition}: streams differ from HF generate: "
-            + "; ".join(f"{p!r} {i}: got {g!r} want {w!r}"
-                        for p, i, (g, _), w in zip(prompts, ids, got, want, strict=True) if g != w))
-        assert [usage for _, usage in got] == [20] * 8
+    pieces = [[tok.decode([t]) for t in out] for out in tokens]
+    for skip in (True, False):
+        got = asyncio.run(_streams(ready, prompts, 20, {"ignore_eos": True, "skip_special_tokens": skip}))
+        want = [(tok.decode(t, skip_special_tokens=skip), p, 20, "length") for t, p in zip(tokens, pieces, strict=True)]
+        _same_streams(f"skip_special_tokens={skip}", prompts, got, want)
+    # Without ignore_eos: HF generate with the model's own settings stops at either eos id.
+    eos = set(ready.model.generation_config.eos_token_id)
+    ends = [_hf_generate_as_configured(ready.model, i, 20) for i in ids]
+    assert any(len(t) < 20 for t in ends), f"SEED={SEED}: no stream ends early, so the end ids go untested"
+    want = [(tok.decode(t, skip_special_tokens=True), [tok.decode([x]) for x in t if x not in eos], len(t),
+             "stop" if t[-1] in eos else "length") for t in ends]
+    _same_streams("stopping at the model's eos ids", prompts, asyncio.run(_streams(ready, prompts, 20, {})), want)
     # Text can hide a token (a random model emits many lone bytes, all shown as U+FFFD): the same
     # eight, all at once, token for token; then the random sequences.
     user = Workload(ids, [20] * 8, [0] * 8)
@@ -295,16 +311,53 @@ def test_qwen2_with_its_own_bpe_tokenizer_through_the_openai_api(jobs: dict[str,
     check(CASES["qwen2"], ready.work, ready.expected, drive(ready.job, ready.work))
 
 
-async def _streams(ready: Ready, prompts: list[str], new: int) -> list[tuple[str, int]]:
+def _same_streams(what: str, prompts: list[str], got: list[Any], want: list[Any]) -> None:
+    assert got == want, (f"SEED={SEED} {what}: streams differ from HF generate: "
+                         + "; ".join(f"{p!r}: got {g!r} want {w!r}"
+                                     for p, g, w in zip(prompts, got, want, strict=True) if g != w))
+
+
+def _hf_generate_as_configured(model: Any, prompt: list[int], new: int) -> list[int]:
+    """HF generate, greedy, with the model's generation_config (its eos ids end the sequence)."""
+    ids = torch.tensor([prompt])
+    with one_thread():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             pad_token_id=0)
+    return list(out[0, len(prompt):].tolist())
+
+
+def _user_prompts(ready: Ready, tok: Any, special: set[int]) -> tuple[list[str], list[list[int]]]:
+    """Eight prompts of 2-4 tokens and HF generate's 20 greedy tokens for each, one of them with a
+    special token among its 20 (drawn until one has)."""
+    rng = random.Random(f"{SEED}-qwen2-api")
+    words = ["pipeline", " stage", " replica", " token", " cache", " page", " decode", " of", " the", " 7"]
+    prompts: list[str] = []
+    tokens: list[list[int]] = []
+    for _ in range(400):
+        text = "".join(rng.choice(words) for _ in range(rng.randint(1, 4)))
+        if not 2 <= len(tok.encode(text)) <= 4:
+            continue
+        out = hf_greedy(ready.model, tok.encode(text), 20)
+        if len(prompts) < 7 or any(special & set(t) for t in [*tokens, out]):
+            prompts.append(text)
+            tokens.append(out)
+        if len(prompts) == 8:
+            return prompts, tokens
+    raise AssertionError(f"SEED={SEED}: no prompt makes the qwen2 model generate one of {SPECIAL_TOKENS}")
+
+
+async def _streams(ready: Ready, prompts: list[str], new: int, extra: dict[str, Any]) -> list[
+        tuple[str, list[str], int, str]]:
     """The prompts as concurrent streaming completions through the OpenAI API (the handlers a
-    generation job's dispatcher serves, over this job's dispatcher) with the official client;
-    each stream's text and completion_tokens."""
+    generation job's dispatcher serves, over this job's dispatcher) with the official client and
+    `extra` fields; each stream's text, its tokens' texts (log-probability entries),
+    completion_tokens and finish_reason."""
     import openai
     from aiohttp import web
 
+    from infscaled.dispatch.sequences import PipelineBackend
     from infscaled.generation.openai_api import make_handlers
     from infscaled.generation.tokenizer import load_tokenizer
-    from infscaled.dispatch.sequences import PipelineBackend
 
     config = ready.model.config
     handlers = make_handlers(PipelineBackend(ready.job.generator), load_tokenizer(ready.source), "qwen2",
@@ -317,14 +370,17 @@ async def _streams(ready: Ready, prompts: list[str], new: int) -> list[tuple[str
     await site.start()
     url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
 
-    async def one(api: openai.AsyncOpenAI, prompt: str) -> tuple[str, int]:
+    async def one(api: openai.AsyncOpenAI, prompt: str) -> tuple[str, list[str], int, str]:
         stream = await api.completions.create(model="qwen2", prompt=prompt, max_tokens=new, temperature=0,
-                                              stream=True, stream_options={"include_usage": True},
-                                              extra_body={"ignore_eos": True})
+                                              logprobs=0, stream=True, stream_options={"include_usage": True},
+                                              extra_body=extra)
         chunks = [c async for c in stream]
         usage = chunks[-1].usage
         assert usage is not None
-        return "".join(ch.text for c in chunks for ch in c.choices), usage.completion_tokens
+        choices = [ch for c in chunks for ch in c.choices]
+        pieces = [t for ch in choices if ch.logprobs and ch.logprobs.tokens for t in ch.logprobs.tokens]
+        finish = next(ch.finish_reason for ch in choices if ch.finish_reason)
+        return "".join(ch.text for ch in choices), pieces, usage.completion_tokens, finish
 
     try:
         async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as api:

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from infscaled.config import parse_job
+from infscaled.dispatch.sequences import Sequences
 from infscaled.generation.kv import StageKV
 from infscaled.generation.params import SamplingParams
 from infscaled.models.sources import resolve
 from infscaled.models.stage import Monolith, materialize, skeleton
 from infscaled.runner.launcher import LocalJob, prepare
-from infscaled.dispatch.sequences import Sequences
 
 
 def hf_greedy(mono: Monolith, prompt: list[int], new: int) -> list[int]:
@@ -140,14 +140,29 @@ def wait_for(check: Any, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def test_single_process_kv_decode_matches_hf_for_every_decoder_family() -> None:
-    """The stage-level KV path without processes: prefill in one batch, decode in changing groups."""
-    for name in ("gpt2-tiny", "llama-tiny", "qwen2-tiny", "mistral-tiny"):
+@pytest.mark.parametrize("fused", [False, True])
+def test_single_process_kv_decode_matches_hf_for_every_decoder_family(fused: bool) -> None:
+    """The stage-level KV path without processes: prefill in one batch, decode in changing groups.
+    `fused`: decode steps through the fused projections (models/families/fused_decode.py), whose
+    weights the layers then read as views (no second copy)."""
+    from infscaled.models.stage import fuse_stage
+
+    # (fused: the families with fused decode steps: Qwen2 adds q/k/v biases, Mistral a window)
+    for name in ("llama-tiny", "qwen2-tiny", "mistral-tiny") if fused else ("gpt2-tiny", "llama-tiny", "qwen2-tiny",
+                                                                            "mistral-tiny"):
         resolved = resolve("builtin:" + name)
         mono = Monolith(resolved, "cpu", "float32", 0)
         n = skeleton(resolved).unit_count
         stages = [materialize(skeleton(resolved), a, b, "cpu", "float32", 0, None)
                   for a, b in ((0, 1), (2, n - 2), (n - 1, n - 1))]
+        if fused:
+            params = [sum(p.numel() for p in s.parameters()) for s in stages]
+            assert sum(fuse_stage(s) for s in stages) == n - 2  # every decoder layer
+            assert [sum(p.numel() for p in s.parameters()) for s in stages] == params
+            block = stages[0].units[1]
+            attn = block.layer.self_attn
+            rows_q = attn.q_proj.weight.shape[0]
+            assert attn.k_proj.weight.data_ptr() == block.__dict__["_fused"].qkv[rows_q:].data_ptr()
         kvs = [StageKV(1000) for _ in stages]
         gen = torch.Generator().manual_seed(3)
         prompts = [torch.randint(0, 512, (length,), generator=gen).tolist() for length in (5, 9, 3)]

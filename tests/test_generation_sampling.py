@@ -36,8 +36,11 @@ def test_defaults_and_accepted_values() -> None:
 
 
 def test_eos_joins_stop_ids_unless_ignore_eos() -> None:
-    assert parse_sampling({"stop_token_ids": [3]}, **LIMITS, eos_token_id=256).stop_token_ids == (3, 256)
-    assert parse_sampling({"ignore_eos": True}, **LIMITS, eos_token_id=256).stop_token_ids == ()
+    assert parse_sampling({"stop_token_ids": [3]}, **LIMITS, eos_token_ids=(256,)).stop_token_ids == (3, 256)
+    assert parse_sampling({"ignore_eos": True}, **LIMITS, eos_token_ids=(256,)).stop_token_ids == ()
+    # The model's own eos ids (a chat model's end-of-turn marker) join too, each once.
+    both = parse_sampling({"stop_token_ids": [7]}, **LIMITS, eos_token_ids=(256, 7, 256, 9))
+    assert both.stop_token_ids == (7, 256, 9)
 
 
 BAD = [

@@ -15,6 +15,7 @@ from infscaled.generation.tokenizer import (
     StreamDecoder,
     Tokenizer,
     load_tokenizer,
+    model_eos_ids,
 )
 
 TEXT = "héllo wörld → 你好 🙂!"
@@ -146,3 +147,15 @@ def test_load_tokenizer_by_source(tmp_path: Path) -> None:
         load_tokenizer("python:infscaled.models.zoo:vgg_tiny")
     with pytest.raises(ModelError, match="no tokenizer files in the directory"):
         load_tokenizer(str(tmp_path))
+
+
+def test_model_eos_ids_come_from_generation_config_else_config(tmp_path: Path) -> None:
+    """What transformers' generate stops at: generation_config.json's eos ids, else config.json's."""
+    assert model_eos_ids(tmp_path) == () and model_eos_ids("org/not-a-directory") == ()
+    (tmp_path / "config.json").write_text('{"eos_token_id": 5}')
+    assert model_eos_ids(tmp_path) == (5,)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [7, 5]}')
+    assert model_eos_ids(tmp_path) == (7, 5)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [7,')
+    with pytest.raises(ModelError, match=r"cannot read generation_config\.json"):
+        model_eos_ids(tmp_path)

@@ -42,6 +42,7 @@ SECRET = b"gpu-test-secret"
 CTX = mp.get_context("spawn")
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 two_gpus = pytest.mark.skipif(GPUS < 2, reason="needs CUDA with at least 2 GPUs")
+one_gpu = pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
 
 
 def _port() -> int:
@@ -135,6 +136,47 @@ def test_nccl_pipeline_half_precision(tmp_path: Path, dtype: str) -> None:
         worst = max(worst, float((got - ref).norm() / ref.norm()))
     print(f"{dtype}: worst relative error {worst:.2e}")
     assert worst < {"bfloat16": 5e-2, "float16": 1e-2}[dtype]
+
+
+# -- the engine's CUDA path on one GPU ----------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@one_gpu
+@pytest.mark.parametrize(("source", "graphs"), [("builtin:llama-tiny", True), ("builtin:llama-tiny-last", True),
+                                                 ("builtin:llama-tiny", False)])
+def test_cuda_stages_on_one_gpu_match_monolith(tmp_path: Path, source: str, graphs: bool) -> None:
+    """Two CUDA stages on one GPU (engine/cuda.py streams, programs/forward.py's enqueue-only compute
+    and completion thread, pool buffers, graphs on and off), joined by a gloo edge (one GPU cannot
+    hold both NCCL ranks): every result equals the float32 monolith's."""
+    data = {"name": "gpu-one", "model": {"source": source, "dtype": "float32"},
+            "pipeline": {"stages": 2, "micro_batch_size": 8, "max_inflight": 6, "cuda_graphs": graphs},
+            "placement": {"devices": ["cuda:0", "cuda:0"]},
+            "workload": {"samples": [1, 3], "seq_len": [1, 40]}}  # padded micro-batches too
+    prepared, run, backends = _run(parse_job(data, str(tmp_path / "gpu-one.toml"), base_dir=tmp_path), 40)
+    assert backends["0.0->1.0"] == "gloo"
+    v = verify_outcomes(prepared, run.completed)
+    assert v.checked == 40 and v.mismatched == 0, f"max abs err {v.max_abs_err}"
+
+
+@pytest.mark.gpu
+@one_gpu
+def test_cuda_stage_bf16_on_one_gpu(tmp_path: Path) -> None:
+    """One bf16 CUDA stage with graphs: half precision end to end, within the model's own bf16 error."""
+    from infscaled.models import inputs
+    from infscaled.models.stage import Monolith
+
+    prepared, run, _ = _run(_job(tmp_path, "gpu-one-bf16", "builtin:llama-tiny", "bfloat16", 1, ["cuda:0"]), 24)
+    mono = Monolith(prepared.resolved, "cpu", "float32", prepared.plan.seed)
+    worst = 0.0
+    for o in run.completed:
+        assert o.result.dtype == torch.bfloat16
+        ref = mono.forward(inputs.collate(prepared.spec, [o.request], torch.float32))
+        got = o.result.float()
+        assert got.shape == ref.shape and torch.isfinite(got).all()
+        worst = max(worst, float((got - ref).norm() / ref.norm()))
+    print(f"one GPU bf16: worst relative error {worst:.2e}")
+    assert worst < 5e-2
 
 
 # -- CUDA graphs ------------------------------------------------------------------------------------

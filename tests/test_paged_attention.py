@@ -1,10 +1,11 @@
 """Decode attention over the paged KV pools equals attention over each sequence's contiguous keys.
 
 The reference is plain sdpa over one sequence's keys and values laid end to end (what a model
-without pages computes). Both backends of generation/paged_attention.py read the same pools
+without pages computes). The backends of generation/paged_attention.py read the same pools
 through page tables with scattered pages, padding rows and scratch entries: "torch" (gather +
-mask, the CPU and CI path) and "flex" (flex_attention's block mask; uncompiled on the CPU, the
-compiled kernel in the GPU test). GQA and a sliding window included.
+mask, the CPU and CI path), "flex" (flex_attention's block mask; uncompiled on the CPU, the
+compiled kernel in the GPU test) and "triton" (generation/triton_decode.py, GPU tests only). GQA
+and a sliding window included.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def test_paged_decode_attention_equals_contiguous_attention(backend: str, window
 
 
 def test_unknown_backend_is_refused_with_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown paged attention backend 'flash'; one of torch, flex"):
+    with pytest.raises(ValueError,
+                       match="unknown paged attention backend 'flash'; one of torch, flex, triton$"):
         check_backend("flash")
 
 
@@ -83,3 +85,41 @@ def test_compiled_flex_on_cuda_equals_the_torch_path(window: int) -> None:
         plain = torch_decode(query, pool_k, pool_v, table, positions, 16 ** -0.5, window)
         err = float((fast[:3].float() - plain[:3].float()).norm() / plain[:3].float().norm())
         assert err < tol, (dtype, err)
+
+
+def _triton_case(device: str, dtype: torch.dtype, seed: int, group: int) -> tuple[torch.Tensor, ...]:
+    """Like _case, with llama-3b's head size (128), `group` query heads per kv head, longer rows."""
+    gen = torch.Generator().manual_seed(seed)
+    hkv, dh, pages, width = 2, 128, 40, 12
+    pool_k = torch.randn(pages + 1, PAGE_TOKENS, hkv, dh, generator=gen).to(device, dtype)
+    pool_v = torch.randn(pages + 1, PAGE_TOKENS, hkv, dh, generator=gen).to(device, dtype)
+    perm = torch.randperm(pages, generator=gen)
+    lengths = [1, 16, 17, 150, 191]  # incl. the new token: page edges, several 64-token blocks
+    table = torch.full((len(lengths) + 1, width), pages, dtype=torch.int64)
+    used = 0
+    for r, n in enumerate(lengths):
+        k = -(-n // PAGE_TOKENS)
+        table[r, :k] = perm[used:used + k]
+        used += k
+    positions = torch.tensor([n - 1 for n in lengths] + [0])  # the last row is padding
+    query = torch.randn(len(lengths) + 1, hkv * group, 1, dh, generator=gen).to(device, dtype)
+    return query, pool_k, pool_v, table.to(device), positions.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window", [0, 40])
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_triton_paged_decode_equals_the_torch_path(window: int, group: int) -> None:
+    """The "triton" backend (generation/triton_decode.py) on scattered pages, GQA groups that are
+    and are not powers of two, a sliding window; float32 exactly as the plain path, bf16 within its rounding."""
+    from infscaled.generation.paged_attention import attend_pages
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        query, pool_k, pool_v, table, positions = _triton_case("cuda", dtype, 5 + group + window, group)
+        fast = attend_pages("triton", query, pool_k, pool_v, table, positions, positions, 128 ** -0.5, window)
+        plain = torch_decode(query, pool_k, pool_v, table, positions, 128 ** -0.5, window).transpose(1, 2)
+        assert fast.shape == plain.shape
+        err = float((fast[:-1].float() - plain[:-1].float()).norm() / plain[:-1].float().norm())
+        assert err < tol, (dtype, err)
+        assert torch.isfinite(fast).all()

@@ -198,3 +198,23 @@ def test_pipeline_logprobs_penalties_and_choices_match_the_monolith(served: Serv
                                       logprobs=True, top_logprobs=1, extra_body={"ignore_eos": True})
     assert [c.index for c in two.choices] == [0, 1] and two.usage.completion_tokens == 8
     assert all(len(c.logprobs.content) == 4 for c in two.choices)
+
+
+def test_serve_restarts_on_its_own_state_directory(tmp_path: Path) -> None:
+    """`serve` stopped and started again on the same state directory (the default one, for a user):
+    the controller's store remembers agent "local" and its credential, and the new embedded agent
+    presents it (it was kept in a temporary directory and lost: every restart was refused)."""
+    import asyncio
+
+    from infscaled.client import Client
+    from infscaled.controller.config import ControllerConfig
+    from infscaled.runner.up import _has_agent, _wait_for, embedded_cluster
+
+    ccfg = ControllerConfig(port=0, state_dir=str(tmp_path), model_roots=None)
+
+    async def once() -> None:
+        async with embedded_cluster("cpu:1", ccfg=ccfg) as (url, token), Client(url, token) as client:
+            await _wait_for(lambda: _has_agent(client), "the local agent to register", 30)
+
+    asyncio.run(once())
+    asyncio.run(once())

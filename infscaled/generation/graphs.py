@@ -110,9 +110,9 @@ class DecodeStep:
 
     def _eager(self, x: torch.Tensor, seqs: list[int]) -> dict[str, torch.Tensor]:
         """A step on a batch of exactly these sequences, launched from Python."""
-        # Exact batches come in any shape: a compiled attention (flex) would compile for each one,
-        # so they take the plain path; fixed-shape buckets use the configured backend.
-        batch = self.kv.decode(seqs, "torch")
+        # Exact batches come in any shape: flex would compile for each one, so they take the plain
+        # path; the Triton kernel compiles once for every shape, so it serves them too.
+        batch = self.kv.decode(seqs, "torch" if self.attention == "flex" else self.attention)
         if x.device.type == "cpu":
             x = pinned(x)
         out: dict[str, torch.Tensor] = self.stage(self._act(x.to(self.device, non_blocking=True), batch), batch)

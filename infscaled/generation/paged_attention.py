@@ -20,7 +20,11 @@ Backends (`BACKENDS`, chosen per `DecodeStep`, default `default_backend`):
   reads only the pages a row owns. Needs CUDA (Triton) and head sizes >= 16; CPU runs it
   uncompiled (tests only). It compiles once per decode shape, so `DecodeStep` uses it for its
   fixed-shape buckets (those CUDA graphs replay); exact-size eager batches take "torch".
-Measured on an H200: BENCHMARKS.md section 7 (flex: -16 % per step at 64 sequences, +9 % at 8).
+- "triton": one hand-written Triton kernel (generation/triton_decode.py) reading the pools
+  through the page table, online softmax, one program per (row, kv head). No per-shape
+  compilation, so every batch (bucketed or exact) can use it; the CUDA default where Triton is
+  installed. Head sizes it does not take (not a power of two >= 16) fall back to "torch".
+Measured on an H200: BENCHMARKS.md sections 10 and 14.
 """
 
 from __future__ import annotations
@@ -37,14 +41,18 @@ if TYPE_CHECKING:
     from infscaled.generation.kv import PagedBatch
 
 PAGED = "infscaled_paged"
-BACKENDS = ("torch", "flex")
+BACKENDS = ("torch", "flex", "triton")
 FLEX_MIN_HEAD_DIM = 16  # flex_attention's kernels need head sizes >= 16; smaller heads use "torch"
 _registered = False
 _compiled: dict[str, Callable[..., torch.Tensor]] = {}
 
 
 def default_backend(device: torch.device) -> str:
-    return "flex" if device.type == "cuda" else "torch"
+    from infscaled.generation import triton_decode
+
+    if device.type != "cuda":
+        return "torch"
+    return "triton" if triton_decode.available() else "flex"
 
 
 def check_backend(name: str) -> str:
@@ -100,13 +108,32 @@ def attend(paged: PagedBatch, query: torch.Tensor, pool_k: torch.Tensor, pool_v:
            window: int) -> torch.Tensor:
     """One decode step's attention: query [B, Hq, 1, Dh] over each row's pages -> [B, 1, Hq, Dh]."""
     assert paged.table is not None and paged.positions is not None
-    if paged.attention == "flex" and query.shape[-1] >= FLEX_MIN_HEAD_DIM:
+    return attend_pages(paged.attention, query, pool_k, pool_v, paged.table, paged.positions, paged.kv.page_index,
+                        scale, window)
+
+
+def attend_pages(backend: str, query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor,
+                 positions: torch.Tensor, page_index: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """`attend` on the batch's tensors (what a compiled decoder layer passes): -> [B, 1, Hq, Dh]."""
+    dim = query.shape[-1]
+    if backend == "triton" and query.is_cuda and _triton_ok(dim):
+        out = torch.ops.infscaled.paged_decode(query.squeeze(2), pool_k, pool_v, table, positions, scale, window)
+        return out.unsqueeze(1)  # [B, Hq, Dh] -> [B, 1, Hq, Dh]
+    # "triton" with a head size its kernel does not take (or off CUDA) takes the plain path, not
+    # flex: flex would compile for every exact-size batch (generation/graphs.py's eager steps).
+    if backend == "flex" and dim >= FLEX_MIN_HEAD_DIM:
         # Inside a compiled layer dynamo traces flex_decode itself; eager CUDA calls its compiled twin.
         run = _flex_compiled() if query.is_cuda and not torch.compiler.is_compiling() else flex_decode
-        out = run(query, pool_k, pool_v, paged.table, paged.positions, paged.kv.page_index, scale, window)
+        out = run(query, pool_k, pool_v, table, positions, page_index, scale, window)
     else:
-        out = torch_decode(query, pool_k, pool_v, paged.table, paged.positions, scale, window)
+        out = torch_decode(query, pool_k, pool_v, table, positions, scale, window)
     return out.transpose(1, 2).contiguous()
+
+
+def _triton_ok(head_dim: int) -> bool:
+    from infscaled.generation import triton_decode
+
+    return triton_decode.available() and triton_decode.supports(head_dim)
 
 
 def torch_decode(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor,

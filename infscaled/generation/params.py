@@ -7,7 +7,7 @@ stays importable without torch so the HTTP front end and the controller can use 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -168,14 +168,15 @@ def _logprobs(body: Mapping[str, Any]) -> int | None:
 
 
 def parse_sampling(body: Mapping[str, Any], *, prompt_tokens: int, context_length: int, vocab_size: int,
-                   default_max_new_tokens: int = 16, eos_token_id: int | None = None) -> SamplingParams:
+                   default_max_new_tokens: int = 16, eos_token_ids: Sequence[int] = ()) -> SamplingParams:
     """SamplingParams from an OpenAI request body; every invalid value raises RequestError(400).
 
     Fields: max_tokens / max_completion_tokens, temperature (0..2), top_p (0 < p <= 1), top_k
     (extension, >= 0), seed, stop, stop_token_ids (extension), ignore_eos (extension),
     presence / frequency penalties, repetition_penalty, logit_bias, min_p, min_tokens, logprobs
-    (completions: N; chat: true + top_logprobs N), prompt_logprobs. `n` is the front end's. Without max_tokens the default is clipped to the room the context leaves; an
-    explicit one must fit. `eos_token_id` (the tokenizer's) joins stop_token_ids unless ignore_eos.
+    (completions: N; chat: true + top_logprobs N), prompt_logprobs. `n` is the front end's.
+    Without max_tokens the default is clipped to the room the context leaves; an explicit one
+    must fit. `eos_token_ids` (the tokenizer's and the model's) join stop_token_ids unless ignore_eos.
     """
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0, "must be a number from 0 to 2")
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, "must be a number greater than 0 and at most 1", lo_open=True)
@@ -201,8 +202,8 @@ def parse_sampling(body: Mapping[str, Any], *, prompt_tokens: int, context_lengt
     if not _is_int(min_tokens) or min_tokens < 0:
         raise _bad("min_tokens", body.get("min_tokens"), "must be an integer >= 0")
     stop_ids = _stop_token_ids(body, vocab_size)
-    if eos_token_id is not None and not ignore_eos and eos_token_id not in stop_ids:
-        stop_ids = (*stop_ids, eos_token_id)
+    if not ignore_eos:
+        stop_ids = (*stop_ids, *(i for i in dict.fromkeys(eos_token_ids) if i not in stop_ids))
 
     if prompt_tokens < 1:
         raise RequestError(400, "the prompt is empty: give at least one token", param="prompt")

@@ -70,6 +70,8 @@ class _Sampling(_Model):
     stop: str | list[str] | None = _f("must be a non-empty string or a list of at most 4 non-empty strings")
     stop_token_ids: list[int] | None = _f("must be a list of token ids (an extension)")
     ignore_eos: bool | None = _f("must be true or false (an extension)")
+    skip_special_tokens: bool | None = _f("must be true or false (an extension; default true: special tokens "
+                                          "are left out of the text)")
     stream: bool | None = _f("must be true or false")
     stream_options: StreamOptions | None = _f('must be an object like {"include_usage": true}')
     user: str | None = _f("must be a string")

@@ -7,6 +7,7 @@ Torch-free; transformers is imported only when an HFTokenizer is built.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -29,10 +30,16 @@ class Tokenizer(Protocol):
     @property
     def eos_token_id(self) -> int | None: ...
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence (unless ignore_eos): the tokenizer's eos and the model's."""
+        ...
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; an incomplete UTF-8 sequence at the end decodes to U+FFFD."""
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; an incomplete UTF-8 sequence at the end decodes to U+FFFD. Special
+        tokens (eos, chat markers) are left out unless `skip_special_tokens` is False."""
         ...
 
     def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -44,8 +51,9 @@ class HFTokenizer:
     """A transformers tokenizer from a local model directory (or the local hub cache); never downloads.
 
     `encode` adds the tokenizer's special tokens (a BOS where the model expects one); `decode`
-    skips special tokens. Chat uses the tokenizer's own chat template; without one a chat request
-    is a 400.
+    skips special tokens unless asked not to. Chat uses the tokenizer's own chat template;
+    without one a chat request is a 400. `eos_token_ids`: the tokenizer's eos, then the model's
+    own (`generation_config.json`, else `config.json`, as transformers' `generate` reads them).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -56,17 +64,23 @@ class HFTokenizer:
             self.tok: Any = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ModelError(f"model.source {self.source!r}: cannot load its tokenizer: {exc}") from exc
+        self._model_eos = model_eos_ids(path)
 
     @property
     def eos_token_id(self) -> int | None:
         eos = self.tok.eos_token_id
         return eos if isinstance(eos, int) else None
 
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        first = () if self.eos_token_id is None else (self.eos_token_id,)
+        return first + tuple(i for i in self._model_eos if i not in first)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tok.encode(text, add_special_tokens=add_special_tokens))
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self.tok.decode(list(ids), skip_special_tokens=True))
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     def apply_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if not getattr(self.tok, "chat_template", None):
@@ -77,6 +91,24 @@ class HFTokenizer:
         text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         # The template writes the special tokens itself (BOS included): do not add them again.
         return list(self.tok.encode(text, add_special_tokens=False))
+
+
+def model_eos_ids(path: str | Path) -> tuple[int, ...]:
+    """The end-of-sequence ids a model directory declares: `eos_token_id` (an id or a list) of its
+    `generation_config.json`, or of its `config.json` when it has none. transformers' `generate`
+    stops at each of them, and so does vLLM; a chat model often lists its end-of-turn marker
+    there and not as the tokenizer's eos. () for anything that is not such a directory."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            value = json.loads(file.read_text()).get("eos_token_id")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelError(f"model.source {str(path)!r}: cannot read {name}: {exc}") from exc
+        ids = value if isinstance(value, list) else [value]
+        return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool))
+    return ()
 
 
 def describe_tokenizer(tokenizer: Tokenizer, context_length: int, vocab_size: int) -> dict[str, Any]:
@@ -120,10 +152,13 @@ class StreamDecoder:
     - Stop strings: once the text contains one, `stopped` is set, `stop_string` says which, and
       the text before it is the last delta. Text that could be the start of a stop string is held
       back until decided. `flush()` returns what is held when the sequence ends otherwise.
+    - Special tokens the model generates are left out of the text unless `skip_special_tokens`
+      is False (vLLM's default and its request field of that name).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stop = tuple(s for s in stop if s)
         self.stopped = False
         self.stop_string: str | None = None
@@ -138,8 +173,8 @@ class StreamDecoder:
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        prefix_text = self.tokenizer.decode(self._ids[self._prefix:self._read])
-        new_text = self.tokenizer.decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
         if new_text.endswith(_REPLACEMENT) or len(new_text) <= len(prefix_text):
             return ""  # an incomplete character, or nothing new yet
         self._prefix, self._read = self._read, len(self._ids)
@@ -149,12 +184,15 @@ class StreamDecoder:
         """At the end of the sequence: the held text and any undecodable tail (as U+FFFD)."""
         if self.stopped:
             return ""
-        prefix_text = self.tokenizer.decode(self._ids[self._prefix:self._read])
-        tail = self.tokenizer.decode(self._ids[self._prefix:])[len(prefix_text):]
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        tail = self._decode(self._ids[self._prefix:])[len(prefix_text):]
         self._prefix = self._read = len(self._ids)
         out, self._held = self._held + tail, ""
         self.text += out
         return out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _emit(self, pending: str) -> str:
         hits = [(i, s) for s in self.stop if (i := pending.find(s)) >= 0]

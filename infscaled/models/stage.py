@@ -160,6 +160,12 @@ def compile_stage(stage: Stage, backend: str = "inductor", mode: str | None = No
     return count
 
 
+def fuse_stage(stage: Stage) -> int:
+    """Fuse the decoder layers' projections for decode steps (units that support it: LlamaBlock,
+    models/families/fused_decode.py); returns how many. Generation stages call it once."""
+    return sum(1 for unit in stage.units if getattr(unit, "fuse_projections", lambda: False)())
+
+
 class Monolith:
     """The whole model materialised in one process: the reference a pipeline must match."""
 

@@ -81,8 +81,11 @@ async def embedded_cluster(devices: str, log_level: int = logging.WARNING,
             controller = tg.create_task(controller_run(ccfg, on_ready=lambda c: started.set_result(c.url)),
                                         name="controller")
             url = await asyncio.wait_for(started, timeout=30)
+            # The agent's credential lives beside the controller's store: `serve` keeps both in its
+            # state directory, so a restarted serve's agent presents what its controller remembers
+            # (in a temporary directory it was lost, and the restart was refused: "id 'local' is taken").
             acfg = AgentConfig(controller=url, token=token, agent_id="local", devices=devices,
-                               worker_log_level=log_level, state_dir=state_dir, allow_python_sources=True)
+                               worker_log_level=log_level, state_dir=ccfg.state_dir, allow_python_sources=True)
             agent = tg.create_task(agent_run(acfg, stop_agent, handle_signals=False), name="agent")
             try:
                 yield url, token

@@ -33,6 +33,7 @@ from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import PagedBatch, StageKV
 from infscaled.generation.params import PromptLogprobs, Sampled
 from infscaled.generation.sampling import SequenceSampling, make_generator, plain, prompt_logprobs, sample_step
+from infscaled.models.stage import fuse_stage
 from infscaled.protocol.control import StageStats
 from infscaled.protocol.plan import DISPATCHER, GenerationPlan, Node
 from infscaled.worker.transport import ACK, Ack, Message
@@ -54,6 +55,7 @@ class GenerationStage(Program):
     def __init__(self, stage: torch.nn.Module, device: str, plan: GenerationPlan, stages: int,
                  cuda_graphs: bool = True) -> None:
         super().__init__()
+        fuse_stage(stage)  # decode steps with fused projections (models/families/fused_decode.py)
         self.stage = stage
         self.device = torch.device(device)
         self.plan = plan

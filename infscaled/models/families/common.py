@@ -118,6 +118,7 @@ class CompilableLayer:
         # One graph per shape: decode buckets (rows x pages) x layer kinds, forward micro-batches.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.__dict__["_compiled_layer"] = torch.compile(self.layer, backend=backend, mode=mode, dynamic=False)
+        self.__dict__["_compile_options"] = (backend, mode)  # for a fused decode step (fused_decode.py)
 
     def layer_for(self, ctx: Context, hidden: torch.Tensor) -> torch.nn.Module:
         compiled: torch.nn.Module | None = self.__dict__.get("_compiled_layer")

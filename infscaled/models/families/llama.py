@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
 from infscaled.generation.paged_attention import route_attention
+from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
+from infscaled.models.families import fused_decode
 from infscaled.models.families.common import CompilableLayer, causal_mask, paged_kv_kwargs, position_ids
 
 _CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -66,7 +67,28 @@ class LlamaBlock(CompilableLayer, Unit):
         self.config = config
         self.attention_kind = attention_kind
 
+    def fuse_projections(self) -> bool:
+        """Generation stages: q/k/v and gate/up as one weight each, for decode steps
+        (models/families/fused_decode.py). False when the layer does not have that shape."""
+        if "_fused" in self.__dict__:
+            return True
+        if not fused_decode.can_fuse(self.layer):
+            return False
+        window = int(self.config.sliding_window or 0) if self.attention_kind == "sliding_attention" else 0
+        self.__dict__["_fused"] = fused_decode.fuse(self.layer, window)
+        return True
+
     def forward(self, act: Activation, ctx: Context) -> Activation:
+        kv = ctx.get("kv")
+        fused: fused_decode.FusedLayer | None = self.__dict__.get("_fused")
+        if fused is not None and kv is not None and kv.decoding:
+            pools = kv.kv.pools_of(self.layer.self_attn.layer_idx)
+            if pools is not None:  # (allocated by the prefill that admitted these sequences)
+                # Compiled like the layer (pipeline.compile), on static batches only (as layer_for).
+                options = self.__dict__.get("_compile_options") if "_compiled_layer" in self.__dict__ else None
+                hidden = fused_decode.run(fused, act["hidden"], position_embeddings(act, ctx), pools, kv,
+                                          options if kv.static else None)
+                return carry(act, hidden)
         hidden = self.layer_for(ctx, act["hidden"])(
             act["hidden"],
             attention_mask=causal_mask(self.config, act, ctx, self.attention_kind),

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device call for issue 14 (BENCHMARKS.md section 14): GPU tests, matrix-product shapes,
+# the whole-model decode step, `infscaled run` with 1 stage. Phases are chosen by PHASES
+# (default "tests gemm step gen"); each phase has its own time limit so the call ends inside
+# the device's 10 minutes. Run on the device machine from a copy of the repository root:
+#   OUT=DIR bash benchmarks/decode_device.sh
+# Environment: STEP_ARGS (extra decode_step arguments), GEN_CASES (gen_1stage.sh cases),
+# GPU_TESTS (test files), T_TESTS / T_GEMM / T_STEP / T_GEN (seconds per phase; T_GEN is per
+# case: a llama-3b worker needs ~70 s from spawn to its first decode step, drawing its random
+# weights on one CPU thread, and each new decode bucket compiles: 90 s was too short).
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1
+OUT=${OUT:-out/device}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+log="$OUT/log.txt"
+{
+  date -u
+  nvidia-smi --query-gpu=index,name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+  python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers", transformers.__version__, "triton", triton.__version__, "gpus", torch.cuda.device_count())'
+} 2>&1 | tee -a "$log"
+for phase in ${PHASES:-tests gemm step gen}; do
+  t0=$(date +%s)
+  case $phase in
+    tests)
+      timeout "${T_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu -rA -s \
+        ${GPU_TESTS:-tests/test_gpu.py tests/test_gpu_generation.py tests/test_gpu_sampling.py tests/test_paged_attention.py} \
+        >"$OUT/tests.txt" 2>&1
+      echo "tests rc=$?" | tee -a "$log"
+      grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|worst relative|replayed|passed|failed" "$OUT/tests.txt" | tail -30 | tee -a "$log"
+      ;;
+    gemm)
+      timeout "${T_GEMM:-150}" python3 -m benchmarks.gemm_shapes --out "$OUT" 2>&1 | grep -v WRONG | tee -a "$log" | tail -40
+      ;;
+    step)
+      timeout "${T_STEP:-240}" python3 -m benchmarks.decode_step --out "$OUT" ${STEP_ARGS:---variants flex:compiled,flex:compiled:fused,triton:compiled:fused,triton:eager:fused --profile} \
+        2>&1 | grep -vE "^\s*$|Warning|warn\(" | tee -a "$log" | tail -60
+      ;;
+    gen)
+      mkdir -p /tmp/gen
+      GEN_LOG=INFO RUN_TIMEOUT=${T_GEN:-240} bash benchmarks/gen_1stage.sh /tmp/gen "${GEN_CASES:-8:16:true 64:128:true}" 2>&1 | tee -a "$log"
+      for f in /tmp/gen/run_*.json; do [ -f "$f" ] && cp "$f" "$OUT/gen_$(basename "$f")"; done
+      for f in /tmp/gen/run_*.txt; do [ -f "$f" ] && cp "$f" "$OUT/gen_$(basename "$f")"; done
+      ;;
+  esac
+  echo "phase $phase: $(( $(date +%s) - t0 )) s" | tee -a "$log"
+done
+ls -la "$OUT"

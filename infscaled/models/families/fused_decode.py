@@ -1,0 +1,156 @@
+"""A decoder layer's decode step with fused projections (Llama, Mistral, Qwen2 layers).
+
+Why: a decode step reads every weight once and its matrix products have only the batch's few
+rows, so each product costs about its weight's bytes over the memory bandwidth plus a ramp-up
+and tail that small products never amortise. Measured on an H200 at 8 rows (BENCHMARKS.md
+section 14): k and v (3072 -> 1024) run at 0.85 TB/s alone; q, k, v as one 3072 -> 5120 product
+at 2.96 TB/s; gate and up as one 3072 -> 16384 product at 3.85 TB/s instead of 3.45. The
+products of a llama-3b step fall from 2.27 to 1.81 ms.
+
+`fuse(layer)` concatenates q/k/v (and their biases) and gate/up into one weight each, then makes
+the layer's own projections views of those rows (rows of a row-major [out, in] weight are
+contiguous), so memory does not grow and the transformers layer (prefill, the reference) reads
+the same numbers. `decode_step` is the layer's decode step written out on tensors only: the same
+operations as transformers' layer (RMSNorm, rotary, SiLU-gated MLP) in the same order, with the
+attention on the paged pools (generation/paged_attention.py `attend_pages`). Tensors only, so
+one `torch.compile`d graph serves every layer of a stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infscaled.generation.kv import write_decode_kv
+from infscaled.generation.paged_attention import attend_pages
+
+_compiled: dict[tuple[str, str | None], Any] = {}  # (backend, mode) -> compiled decode_step
+
+
+@dataclass
+class FusedLayer:
+    """One layer's fused weights (views of them are the layer's own projections) and constants."""
+
+    qkv: torch.Tensor  # [Hq*Dh + 2*Hkv*Dh, D]
+    qkv_bias: torch.Tensor | None
+    gate_up: torch.Tensor  # [2*I, D]
+    o: torch.Tensor
+    down: torch.Tensor
+    norm1: torch.Tensor
+    norm2: torch.Tensor
+    eps1: float
+    eps2: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    window: int
+
+
+def can_fuse(layer: nn.Module) -> bool:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return False
+    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    if getattr(attn.o_proj, "bias", None) is not None or getattr(mlp.down_proj, "bias", None) is not None:
+        return False
+    if getattr(mlp.gate_proj, "bias", None) is not None:
+        return False
+    if getattr(attn.config, "hidden_act", None) not in ("silu", "swish"):  # decode_step's MLP is SiLU-gated
+        return False
+    return not any(p.is_meta for p in layer.parameters())
+
+
+def fuse(layer: nn.Module, window: int) -> FusedLayer:
+    """Concatenate the layer's projections in place (see the module docstring)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv_mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: prefill may run outside it
+        qkv = torch.cat([m.weight for m in qkv_mods])
+        bias = torch.cat([m.bias for m in qkv_mods]) if attn.q_proj.bias is not None else None
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        row = 0
+        for m in qkv_mods:
+            n = m.weight.shape[0]
+            m.weight = nn.Parameter(qkv[row:row + n], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[row:row + n], requires_grad=False)
+            row += n
+        inter = mlp.gate_proj.weight.shape[0]
+        mlp.gate_proj.weight = nn.Parameter(gate_up[:inter], requires_grad=False)
+        mlp.up_proj.weight = nn.Parameter(gate_up[inter:], requires_grad=False)
+    cfg = attn.config
+    head_dim = attn.head_dim
+    return FusedLayer(qkv, bias, gate_up, attn.o_proj.weight, mlp.down_proj.weight,
+                      layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                      float(layer.input_layernorm.variance_epsilon),
+                      float(layer.post_attention_layernorm.variance_epsilon),
+                      cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, float(attn.scaling), window)
+
+
+def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' LlamaRMSNorm / Qwen2RMSNorm / MistralRMSNorm, operation for operation.
+    dtype = hidden.dtype
+    h = hidden.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def decode_step(hidden: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor | None, o: torch.Tensor,
+                gate_up: torch.Tensor, down: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor,
+                cos: torch.Tensor, sin: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+                table: torch.Tensor, positions: torch.Tensor, page_index: torch.Tensor, backend: str,
+                eps1: float, eps2: float, heads: int, kv_heads: int, head_dim: int, scale: float,
+                window: int) -> torch.Tensor:
+    """hidden [B, 1, D] -> [B, 1, D]; writes the new key and value into the pools."""
+    b = hidden.shape[0]
+    residual = hidden
+    x = _rms_norm(hidden, norm1, eps1)
+    qkv_out = F.linear(x, qkv, qkv_bias)  # [B, 1, (Hq + 2 Hkv) Dh]
+    nq, nkv = heads * head_dim, kv_heads * head_dim
+    q = qkv_out[..., :nq].view(b, 1, heads, head_dim).transpose(1, 2)  # [B, Hq, 1, Dh]
+    k = qkv_out[..., nq:nq + nkv].view(b, 1, kv_heads, head_dim).transpose(1, 2)
+    v = qkv_out[..., nq + nkv:].view(b, 1, kv_heads, head_dim).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = (q * c) + (_rotate_half(q) * s)
+    k = (k * c) + (_rotate_half(k) * s)
+    write_decode_kv(pool_k, pool_v, table, positions, k, v)
+    attn = attend_pages(backend, q, pool_k, pool_v, table, positions, page_index, scale, window)  # [B, 1, Hq, Dh]
+    hidden = residual + F.linear(attn.reshape(b, 1, nq), o)
+    residual = hidden
+    x = _rms_norm(hidden, norm2, eps2)
+    gu = F.linear(x, gate_up)
+    inter = gate_up.shape[0] // 2
+    return residual + F.linear(F.silu(gu[..., :inter]) * gu[..., inter:], down)
+
+
+def run(f: FusedLayer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+        pools: tuple[torch.Tensor, torch.Tensor], paged: Any,
+        compile_options: tuple[str, str | None] | None) -> torch.Tensor:
+    """One layer's decode step for a micro-batch's `PagedBatch`; `compile_options` (backend, mode):
+    through the torch.compile'd twin, shared by every layer compiled with those options."""
+    fn = _compiled_step(*compile_options) if compile_options is not None else decode_step
+    return fn(hidden, f.qkv, f.qkv_bias, f.o, f.gate_up, f.down, f.norm1, f.norm2, cos_sin[0], cos_sin[1],
+              pools[0], pools[1], paged.table, paged.positions, paged.kv.page_index, paged.attention,
+              f.eps1, f.eps2, f.heads, f.kv_heads, f.head_dim, f.scale, f.window)
+
+
+def _compiled_step(backend: str, mode: str | None) -> Any:
+    fn = _compiled.get((backend, mode))
+    if fn is None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        fn = _compiled[(backend, mode)] = torch.compile(decode_step, backend=backend, mode=mode, dynamic=False)
+    return fn
