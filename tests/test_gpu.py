@@ -147,14 +147,14 @@ def test_nccl_pipeline_half_precision(tmp_path: Path, dtype: str) -> None:
                                                  ("builtin:llama-tiny", False)])
 def test_cuda_stages_on_one_gpu_match_monolith(tmp_path: Path, source: str, graphs: bool) -> None:
     """Two CUDA stages on one GPU (engine/cuda.py streams, programs/forward.py's enqueue-only compute
-    and completion thread, pool buffers, graphs on and off), joined by a gloo edge (one GPU cannot
+    and completion thread, pool buffers, graphs on and off), joined by a TCP edge (one GPU cannot
     hold both NCCL ranks): every result equals the float32 monolith's."""
     data = {"name": "gpu-one", "model": {"source": source, "dtype": "float32"},
             "pipeline": {"stages": 2, "micro_batch_size": 8, "max_inflight": 6, "cuda_graphs": graphs},
             "placement": {"devices": ["cuda:0", "cuda:0"]},
             "workload": {"samples": [1, 3], "seq_len": [1, 40]}}  # padded micro-batches too
     prepared, run, backends = _run(parse_job(data, str(tmp_path / "gpu-one.toml"), base_dir=tmp_path), 40)
-    assert backends["0.0->1.0"] == "gloo"
+    assert backends["0.0->1.0"] == "tcp"
     v = verify_outcomes(prepared, run.completed)
     assert v.checked == 40 and v.mismatched == 0, f"max abs err {v.max_abs_err}"
 
