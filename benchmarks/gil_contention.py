@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.transport_bench import HOST, A, B, _port
+from benchmarks.transport_bench import HOST, SECRET, A, B, _port
 from infscaled.protocol.plan import EdgePlan, Node
 from infscaled.protocol.wire import DATA
 from infscaled.worker.transport import Message, connect_all
@@ -36,7 +36,7 @@ def _spin(stop: threading.Event) -> None:
 def ping_pong(me: Node, ports: tuple[int, int], busy: bool, interval_s: float) -> float:
     sys.setswitchinterval(interval_s)
     there, back = EdgePlan(A, B, HOST, ports[0]), EdgePlan(B, A, HOST, ports[1])
-    edges = connect_all([there, back], me, HOST, 60)
+    edges = connect_all([there, back], me, HOST, 60, secret=SECRET)
     out, inp = (edges[there.key], edges[back.key]) if me == A else (edges[back.key], edges[there.key])
     stop = threading.Event()
     if busy:

@@ -36,15 +36,16 @@ from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
 from benchmarks.identity import FACTORIES, UNITS
 from infscaled.config.load import parse_job
+from infscaled.engine.core import REQUESTS_KEY
 from infscaled.planning.ports import free_ports
 from infscaled.protocol.plan import DISPATCHER, EdgePlan, Node
 from infscaled.protocol.wire import DATA
 from infscaled.runner.launcher import LocalJob, prepare
 from infscaled.runner.workload import drive
-from infscaled.engine.core import REQUESTS_KEY
 from infscaled.worker.transport import Message, connect_all
 
 HOST = "127.0.0.1"
+SECRET = b"bench-secret"  # the edges' handshake key (a job's plan carries its own)
 SIZES = tuple(sorted(FACTORIES))
 QUICK_SIZES = (SIZES[0], SIZES[-1])  # --quick skips the middle size: each (k, size) starts 2k processes
 DEPTHS = (1, 2, 4)
@@ -257,7 +258,7 @@ class _EdgeChainEnd:
 
     def __init__(self, k: int, ports: list[int]) -> None:
         plans = _edge_plans(k, ports)
-        self.edges = connect_all([plans[0], plans[k]], DISPATCHER, HOST, TIMEOUT.total_seconds())
+        self.edges = connect_all([plans[0], plans[k]], DISPATCHER, HOST, TIMEOUT.total_seconds(), secret=SECRET)
         self.out, self.inp = self.edges[plans[0].key], self.edges[plans[k].key]
         self.table = torch.tensor([[0, 1]], dtype=torch.int64)  # [1, 2] (request id, rows)
 
@@ -284,7 +285,7 @@ def _relay_main(index: int, k: int, raw_ports: list[int], edge_ports: list[int],
     device = ProcessGroupGloo.create_device(hostname=HOST, lazy_init=False)
     raw_in, raw_out = _raw_group(raw_ports[index], 1, device), _raw_group(raw_ports[index + 1], 0, device)
     plans = _edge_plans(k, edge_ports)
-    edges = connect_all([plans[index], plans[index + 1]], Node(index, 0), HOST, TIMEOUT.total_seconds())
+    edges = connect_all([plans[index], plans[index + 1]], Node(index, 0), HOST, TIMEOUT.total_seconds(), secret=SECRET)
     inp, out = edges[plans[index].key], edges[plans[index + 1].key]
     for _ in range(rounds):
         _raw_forward(raw_in, raw_out, size, per_round)

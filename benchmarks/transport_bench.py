@@ -23,6 +23,7 @@ from infscaled.protocol.wire import DATA
 from infscaled.worker.transport import Message, connect_all
 
 HOST = "127.0.0.1"
+SECRET = b"bench-secret"  # the edges' handshake key (a job's plan carries its own)
 A, B = Node(-1, 0), Node(0, 0)
 TIMEOUT = timedelta(seconds=60)
 
@@ -64,7 +65,7 @@ def _raw(rank: int, port: int, sizes: list[int], seconds: float) -> dict[int, fl
 
 def _edges(me: Node, ports: tuple[int, int], sizes: list[int], seconds: float) -> dict[int, float]:
     there, back = EdgePlan(A, B, HOST, ports[0]), EdgePlan(B, A, HOST, ports[1])
-    edges = connect_all([there, back], me, HOST, TIMEOUT.total_seconds())
+    edges = connect_all([there, back], me, HOST, TIMEOUT.total_seconds(), secret=SECRET)
     out, inp = (edges[there.key], edges[back.key]) if me == A else (edges[back.key], edges[there.key])
     one_way: dict[int, float] = {}
     try:

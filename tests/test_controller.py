@@ -521,7 +521,7 @@ def test_deploy_run_stop_across_two_agents(tmp_path: Path) -> None:
                 assert (w.host, w.device) == (where[str(w.node)].register.advertise, "cpu")
             ports = [e.port for e in plan.edges]
             assert len(set(ports + [d1.dispatcher_port])) == len(ports) + 1
-            for e in plan.edges:  # an edge's store lives with its sender
+            for e in plan.edges:  # an edge's listener lives with its sender
                 sender = where[str(e.src)].register
                 assert e.host == sender.advertise and sender.port_range[0] <= e.port <= sender.port_range[1]
 
@@ -538,6 +538,11 @@ def test_deploy_run_stop_across_two_agents(tmp_path: Path) -> None:
                 "0.0": ("a1", "cpu:0", "ready"), "1.0": ("a2", "cpu:0", "ready"),
                 "1.1": ("a1", "cpu:1", "ready"), "dispatcher": ("a1", "", "ready")}
             assert "service_token" not in json.dumps(detail) and d1.service_token not in json.dumps(detail)
+            # The data-plane secret reaches every agent of the job, and no API answer.
+            assert len(plan.secret) == 64 and plan_from_dict(d2.plan).secret == plan.secret
+            views = [json.dumps((await api.call("GET", path))[1])
+                     for path in (f"/v1/jobs/{job_id}", "/v1/jobs", f"/v1/jobs/{job_id}/metrics", "/v1/agents")]
+            assert not any(plan.secret in v for v in views)
             assert (await api.call("GET", "/v1/jobs"))[1][0]["state"] == "running"
             agents = (await api.call("GET", "/v1/agents"))[1]
             assert [d["job"] for d in agents[0]["devices"]] == [job_id, job_id, ""]

@@ -35,9 +35,10 @@ from infscaled.runner.launcher import LocalJob, prepare
 from infscaled.runner.run import verify_outcomes
 from infscaled.runner.workload import drive, requests_for
 from infscaled.worker import nccl
-from infscaled.worker.transport import ACK, Ack, Edge, Message, Transport, connect_all
+from infscaled.worker.transport import ACK, Ack, Edge, Message, connect_all
 
 HOST = "127.0.0.1"
+SECRET = b"gpu-test-secret"
 CTX = mp.get_context("spawn")
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 two_gpus = pytest.mark.skipif(GPUS < 2, reason="needs CUDA with at least 2 GPUs")
@@ -68,15 +69,16 @@ def test_transport_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(nccl, "nccl_available", lambda: True)
     plan = _plan(["cuda:0", "cuda:1", "cuda:1", "cpu"])
     got = {e.key: nccl.edge_backend(plan, e) for e in plan.edges}
-    assert got == {"dispatcher->0.0": "gloo",  # the dispatcher is a CPU process
-                   "0.0->1.0": "nccl", "1.0->2.0": "gloo",  # one GPU cannot hold both ranks
-                   "2.0->3.0": "gloo", "3.0->dispatcher": "gloo"}
-    monkeypatch.setenv(nccl.TRANSPORT_ENV, "gloo")
-    assert {nccl.edge_backend(plan, e) for e in plan.edges} == {"gloo"}
+    assert got == {"dispatcher->0.0": "tcp",  # the dispatcher is a CPU process
+                   "0.0->1.0": "nccl", "1.0->2.0": "tcp",  # one GPU cannot hold both ranks
+                   "2.0->3.0": "tcp", "3.0->dispatcher": "tcp"}
+    monkeypatch.setenv(nccl.TRANSPORT_ENV, "tcp")
+    assert {nccl.edge_backend(plan, e) for e in plan.edges} == {"tcp"}
     monkeypatch.delenv(nccl.TRANSPORT_ENV)
     monkeypatch.setattr(nccl, "nccl_available", lambda: False)
-    assert {nccl.edge_backend(plan, e) for e in plan.edges} == {"gloo"}
-    assert nccl.transport_chooser(plan, Node(0, 0))(plan.edges[0]) is Transport
+    assert {nccl.edge_backend(plan, e) for e in plan.edges} == {"tcp"}
+    connector = nccl.transport_chooser(plan, Node(0, 0))(plan.edges[0])
+    assert callable(connector) and not isinstance(connector, type)  # TCP, keyed with the plan's secret
 
 
 # -- pipelines on 2 GPUs ----------------------------------------------------------------------------
@@ -145,14 +147,14 @@ def test_nccl_pipeline_half_precision(tmp_path: Path, dtype: str) -> None:
                                                  ("builtin:llama-tiny", False)])
 def test_cuda_stages_on_one_gpu_match_monolith(tmp_path: Path, source: str, graphs: bool) -> None:
     """Two CUDA stages on one GPU (engine/cuda.py streams, programs/forward.py's enqueue-only compute
-    and completion thread, pool buffers, graphs on and off), joined by a gloo edge (one GPU cannot
+    and completion thread, pool buffers, graphs on and off), joined by a TCP edge (one GPU cannot
     hold both NCCL ranks): every result equals the float32 monolith's."""
     data = {"name": "gpu-one", "model": {"source": source, "dtype": "float32"},
             "pipeline": {"stages": 2, "micro_batch_size": 8, "max_inflight": 6, "cuda_graphs": graphs},
             "placement": {"devices": ["cuda:0", "cuda:0"]},
             "workload": {"samples": [1, 3], "seq_len": [1, 40]}}  # padded micro-batches too
     prepared, run, backends = _run(parse_job(data, str(tmp_path / "gpu-one.toml"), base_dir=tmp_path), 40)
-    assert backends["0.0->1.0"] == "gloo"
+    assert backends["0.0->1.0"] == "tcp"
     v = verify_outcomes(prepared, run.completed)
     assert v.checked == 40 and v.mismatched == 0, f"max abs err {v.max_abs_err}"
 
@@ -224,14 +226,14 @@ def test_cuda_graphs_replay_and_match_monolith(tmp_path: Path) -> None:
 
 def _payload(i: int, device: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(i)
-    return {"requests": torch.tensor([[i, 2]]),  # host tensor: travels over gloo
+    return {"requests": torch.tensor([[i, 2]]),  # host tensor: travels over TCP
             "hidden": torch.randn(2, 64, 256, generator=g).to(device, torch.bfloat16)}
 
 
 def _nccl_receiver(plan: EdgePlan, me: Node, device: str, results: Any) -> None:
     """Child: receive on one NCCL edge, check every tensor, ack; report (node, count, errors)."""
     torch.cuda.set_device(device)
-    edge = Edge.connect(plan, me, HOST, 60.0, nccl.NcclTransport.on(device))
+    edge = Edge.connect(plan, me, HOST, 60.0, nccl.NcclTransport.on(device, SECRET))
     count = bad = 0
     try:
         while True:
@@ -257,7 +259,7 @@ def _nccl_receiver(plan: EdgePlan, me: Node, device: str, results: Any) -> None:
 @two_gpus
 def test_nccl_dead_peer_fails_only_its_edge() -> None:
     """A (this process, cuda:0) -> B and A -> C (children, both on cuda:1, each its own NCCL
-    communicator). Kill B: A's edge to B breaks at once through its gloo channel and its NCCL
+    communicator). Kill B: A's edge to B breaks at once through its TCP connection and its NCCL
     group is aborted, while A -> C keeps moving device tensors."""
     me, b, c = Node(-1, 0), Node(0, 0), Node(0, 1)
     to_b, to_c = EdgePlan(me, b, HOST, _port()), EdgePlan(me, c, HOST, _port())
@@ -267,7 +269,7 @@ def test_nccl_dead_peer_fails_only_its_edge() -> None:
     pb.start()
     pc.start()
     torch.cuda.set_device(0)
-    edges = connect_all([to_b, to_c], me, HOST, 60.0, nccl.NcclTransport.on("cuda:0"))
+    edges = connect_all([to_b, to_c], me, HOST, 60.0, nccl.NcclTransport.on("cuda:0", SECRET))
     eb, ec = edges[to_b.key], edges[to_c.key]
     try:
         assert eb.device_channel and ec.device_channel
@@ -291,7 +293,7 @@ def test_nccl_dead_peer_fails_only_its_edge() -> None:
         killed = time.monotonic()
         waiter.join(10)
         assert ack_error and isinstance(ack_error[0], TransportError), ack_error
-        assert time.monotonic() - killed < 5, "the dead peer must be noticed through gloo at once"
+        assert time.monotonic() - killed < 5, "the dead peer must be noticed through TCP at once"
         assert eb.transport._nccl is None, "the dead peer's NCCL group must be aborted"  # type: ignore[attr-defined]
         with pytest.raises(TransportError, match="broken"):
             eb.send(Message(DATA, 99, 0, _payload(99, "cuda:0")))

@@ -92,6 +92,16 @@ def test_http_surface_errors_health_metrics_tokenizer(served: Served) -> None:
         ttft = [s for s in families["infscaled:time_to_first_token_seconds"]
                 if s.name.endswith("_count") and s.labels == served_by]
         assert ttft and ttft[0].value >= 1
+
+        def summed(name: str, suffix: str) -> float:
+            return sum(s.value for s in families[name] if s.name.endswith(suffix) and s.labels == served_by)
+
+        # Arrival -> admission -> first token: queue and prefill time split the time to first token.
+        for part in ("infscaled:request_queue_time_seconds", "infscaled:request_prefill_time_seconds"):
+            assert summed(part, "_count") == ttft[0].value
+        assert abs(summed("infscaled:request_queue_time_seconds", "_sum")
+                   + summed("infscaled:request_prefill_time_seconds", "_sum")
+                   - summed("infscaled:time_to_first_token_seconds", "_sum")) < 1e-6
         success = {s.labels["finished_reason"]: s.value for s in families["infscaled:request_success"]}
         assert success["length"] >= 1
         assert [s.value for s in families["infscaled:generation_tokens"] if s.labels == served_by][0] >= 3

@@ -1,4 +1,4 @@
-"""The dispatcher service process: real stage workers over gloo, real HTTP on 127.0.0.1.
+"""The dispatcher service process: real stage workers over TCP edges, real HTTP on 127.0.0.1.
 
 One job (builtin:gpt2-tiny, 2 stages) is started through `WorkerGroup` and serves every test
 of this module; results are checked against the monolithic model. The last test stops it with
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -183,6 +184,40 @@ def test_request_json_is_strict_and_bounded_and_answers_are_strict_json() -> Non
     assert ctype == "application/json"
     assert json.loads(body, parse_constant=lambda c: pytest.fail(f"bare {c} in the answer")) == {
         "output": [[1.0, None, None]], "shape": [1, 3], "dtype": "float32"}
+
+
+def test_a_connection_flood_is_capped_and_the_service_keeps_answering(served: Served) -> None:
+    """A stranger at another address (127.0.0.2) opens more connections than one client may
+    hold: the ones past the cap are closed as they are accepted, the dispatcher's descriptors
+    stay bounded, and the controller's address keeps getting verified answers meanwhile."""
+    from infscaled.worker import service
+
+    host, port = served.url.removeprefix("http://").split(":")
+    proc = psutil.Process(served.group.handles[DISPATCHER].process.pid)
+    before = proc.num_fds()
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(service.MAX_CONNECTIONS_PER_CLIENT + 200):
+            flood.append(socket.create_connection((host, int(port)), timeout=5, source_address=("127.0.0.2", 0)))
+        x = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(3))
+        status, doc = post_json(served.url, {"inputs": x.tolist()})  # from 127.0.0.1, during the flood
+        assert status == 200, doc
+        assert torch.allclose(torch.tensor(doc["output"]), expected(served, x), atol=1e-4, rtol=1e-4)
+        held = proc.num_fds() - before
+        assert held <= service.MAX_CONNECTIONS_PER_CLIENT + 16, held
+        closed = 0
+        for s in flood:  # the server aborted the ones past the cap: they read EOF or a reset
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed += 1
+        assert closed >= 150, closed
+    finally:
+        for s in flood:
+            s.close()
 
 
 def test_sigterm_drains_then_every_process_exits_cleanly(served: Served) -> None:

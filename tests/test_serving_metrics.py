@@ -24,25 +24,41 @@ def _families(text: str) -> dict[str, list]:
 def test_serving_metrics_record_latencies_tokens_and_finish_reasons() -> None:
     m = ServingMetrics("job-1", lambda: (3, 2))
     m.accepted(10)
-    times = RequestTimes(arrived=100.0)
+    times = RequestTimes(arrived=100.0, admitted=100.2)  # waited 0.2 s for KV room
     for at in (100.5, 100.7, 101.0):
         times.token(at)
     m.finished(times, "length", now=101.25)
     m.accepted(4)
     m.finished(RequestTimes(arrived=102.0), "abort", now=102.1)  # the client left before a token
+    m.finished(RequestTimes(arrived=102.0, admitted=102.3), "abort", now=102.4)  # admitted, no token yet
     f = _families(m.render().decode())
     value = {(s.name, tuple(sorted(s.labels.items()))): s.value for samples in f.values() for s in samples}
     model = (("model_name", "job-1"),)
     assert value[("infscaled:prompt_tokens_total", model)] == 14
     assert value[("infscaled:generation_tokens_total", model)] == 3
     assert value[("infscaled:request_success_total", (("finished_reason", "length"), *model))] == 1
-    assert value[("infscaled:request_success_total", (("finished_reason", "abort"), *model))] == 1
+    assert value[("infscaled:request_success_total", (("finished_reason", "abort"), *model))] == 2
     assert value[("infscaled:num_requests_running", model)] == 3
     assert value[("infscaled:num_requests_waiting", model)] == 2
     assert value[("infscaled:time_to_first_token_seconds_sum", model)] == 0.5
     assert value[("infscaled:time_to_first_token_seconds_count", model)] == 1  # the aborted one had no token
     assert value[("infscaled:e2e_request_latency_seconds_sum", model)] == 1.25
     assert value[("infscaled:request_decode_time_seconds_sum", model)] == 0.5
+    # Queue time for each admitted request (0.2 + 0.3), prefill from admission to the first token.
+    assert value[("infscaled:request_queue_time_seconds_count", model)] == 2
+    assert abs(value[("infscaled:request_queue_time_seconds_sum", model)] - 0.5) < 1e-9
+    assert value[("infscaled:request_prefill_time_seconds_count", model)] == 1
+    assert abs(value[("infscaled:request_prefill_time_seconds_sum", model)] - 0.3) < 1e-9
+    # A backend that does not report admission: admitted on arrival (no queue), prefill = TTFT.
+    m2 = ServingMetrics("job-2", lambda: (0, 0))
+    quick = RequestTimes(arrived=10.0)
+    quick.token(10.4)
+    m2.finished(quick, "length", now=10.4)
+    f2 = _families(m2.render().decode())
+    value2 = {s.name: s.value for samples in f2.values() for s in samples}
+    queue2 = "infscaled:request_queue_time_seconds"
+    assert (value2[queue2 + "_sum"], value2[queue2 + "_count"]) == (0, 1)
+    assert abs(value2["infscaled:request_prefill_time_seconds_sum"] - 0.4) < 1e-9
     assert value[("infscaled:inter_token_latency_seconds_count", model)] == 2
     assert abs(value[("infscaled:inter_token_latency_seconds_sum", model)] - 0.5) < 1e-9
     assert value[("infscaled:time_to_first_token_seconds_bucket", (("le", "0.5"), *model))] == 1

@@ -1,4 +1,4 @@
-"""Edges over per-edge gloo groups, with real spawned processes on 127.0.0.1.
+"""Edges over authenticated per-edge TCP connections, with real spawned processes on 127.0.0.1.
 
 The pytest process is always one end, so each scenario spawns as few processes as it can
 (importing torch costs ~3 s per process). Every spawned process is killed by the fixture.
@@ -25,6 +25,7 @@ from infscaled.protocol.wire import ACK, DATA, HEADER_BYTES, STOP, STOP_ACK, Ack
 from infscaled.worker.transport import Edge, Message, connect_all
 
 HOST = "127.0.0.1"
+SECRET = b"test-secret"
 CONNECT_S = 30.0  # generous: a spawned child needs a few seconds to import torch
 DISPATCHER, B, C = Node(-1, 0), Node(0, 0), Node(0, 1)
 CTX = mp.get_context("spawn")
@@ -58,8 +59,8 @@ def _same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
 
 def _receiver(plan: EdgePlan, me: Node, results: Any) -> None:
     """Child: receive until STOP and check every message's content; another thread sends the acks,
-    so data and acks cross on the one group concurrently."""
-    edge = Edge.connect(plan, me, HOST, CONNECT_S)
+    so data and acks cross on the one connection concurrently."""
+    edge = Edge.connect(plan, me, HOST, CONNECT_S, secret=SECRET)
     to_ack: queue.Queue[Ack] = queue.Queue()
 
     def acker() -> None:
@@ -87,7 +88,7 @@ def _receiver(plan: EdgePlan, me: Node, results: Any) -> None:
 
 def _garbage_sender(plan: EdgePlan) -> None:
     """Child: send HEADER_BYTES of garbage where a header belongs, then wait for the edge to close."""
-    edge = Edge.connect(plan, plan.src, HOST, CONNECT_S)
+    edge = Edge.connect(plan, plan.src, HOST, CONNECT_S, secret=SECRET)
     edge.transport.send(bytes(range(256)) * (HEADER_BYTES // 256), [])
     try:
         edge.recv_ack()  # returns when the receiver closes its end
@@ -129,7 +130,7 @@ def test_messages_and_concurrent_acks(spawn: Callable[..., Any]) -> None:
     plan = EdgePlan(DISPATCHER, B, HOST, _port())
     results = CTX.Queue()
     spawn(_receiver, plan, B, results)
-    edge = Edge.connect(plan, DISPATCHER, HOST, CONNECT_S)
+    edge = Edge.connect(plan, DISPATCHER, HOST, CONNECT_S, secret=SECRET)
     try:
         acks: list[Ack] = []
         th = _collect_acks(edge, acks)  # acks flow back while this thread keeps sending
@@ -154,7 +155,7 @@ def test_killed_peer_fails_only_its_edge(spawn: Callable[..., Any]) -> None:
     results = CTX.Queue()
     spawn(_receiver, to_b, B, results)
     c = spawn(_receiver, to_c, C, results)
-    edges = connect_all([to_b, to_c], DISPATCHER, HOST, CONNECT_S)
+    edges = connect_all([to_b, to_c], DISPATCHER, HOST, CONNECT_S, secret=SECRET)
     eb, ec = edges[to_b.key], edges[to_c.key]
     try:
         for i in range(3):
@@ -184,7 +185,7 @@ def test_killed_peer_fails_only_its_edge(spawn: Callable[..., Any]) -> None:
 def test_malformed_header_raises_wire_error(spawn: Callable[..., Any]) -> None:
     plan = EdgePlan(DISPATCHER, B, HOST, _port())
     spawn(_garbage_sender, plan)
-    edge = Edge.connect(plan, B, HOST, CONNECT_S)
+    edge = Edge.connect(plan, B, HOST, CONNECT_S, secret=SECRET)
     try:
         with pytest.raises(WireError, match=r"edge dispatcher->0\.0: bad header magic"):
             edge.recv()
@@ -199,7 +200,7 @@ def test_connect_without_peer_times_out(me: Node) -> None:
     plan = EdgePlan(DISPATCHER, B, HOST, _port())
     started = time.monotonic()
     with pytest.raises(TransportError, match=r"edge dispatcher->0\.0: .*within 1\.0s"):
-        Edge.connect(plan, me, HOST, 1.0)
+        Edge.connect(plan, me, HOST, 1.0, secret=SECRET)
     # The store client retries once after a back-off, so it may overshoot a tiny timeout.
     assert 0.9 < time.monotonic() - started < 6
 
@@ -210,7 +211,7 @@ def test_connect_all_closes_what_it_opened() -> None:
     seen: list[BaseException] = []
 
     def b_side() -> None:
-        edge = Edge.connect(to_b, B, HOST, 10.0)
+        edge = Edge.connect(to_b, B, HOST, 10.0, secret=SECRET)
         try:
             edge.recv()
         except TransportError as e:
@@ -221,7 +222,7 @@ def test_connect_all_closes_what_it_opened() -> None:
     th = threading.Thread(target=b_side, daemon=True)
     th.start()
     with pytest.raises(TransportError, match=r"1 of 2 edges failed to connect: edge dispatcher->0\.1"):
-        connect_all([to_b, to_c], DISPATCHER, HOST, 1.5)
+        connect_all([to_b, to_c], DISPATCHER, HOST, 1.5, secret=SECRET)
     th.join(5)
     assert len(seen) == 1 and "receive header failed" in str(seen[0])
 
@@ -229,9 +230,9 @@ def test_connect_all_closes_what_it_opened() -> None:
 def test_wrong_end_and_bad_dtype_are_rejected() -> None:
     plan = EdgePlan(DISPATCHER, B, HOST, _port())
     box: dict[str, Edge] = {}
-    th = threading.Thread(target=lambda: box.setdefault("b", Edge.connect(plan, B, HOST, 10.0)))
+    th = threading.Thread(target=lambda: box.setdefault("b", Edge.connect(plan, B, HOST, 10.0, secret=SECRET)))
     th.start()
-    sender = Edge.connect(plan, DISPATCHER, HOST, 10.0)
+    sender = Edge.connect(plan, DISPATCHER, HOST, 10.0, secret=SECRET)
     th.join()
     try:
         with pytest.raises(TransportError, match="belongs to the receiver"):
@@ -239,7 +240,50 @@ def test_wrong_end_and_bad_dtype_are_rejected() -> None:
         with pytest.raises(WireError, match="complex64"):
             sender.send(Message(DATA, 0, 0, {"z": torch.zeros(2, dtype=torch.complex64)}))
         with pytest.raises(ValueError, match="not an end of edge"):
-            Edge.connect(plan, C, HOST, 1.0)
+            Edge.connect(plan, C, HOST, 1.0, secret=SECRET)
     finally:
         sender.close()
         box["b"].close()
+
+
+def test_peer_store_rendezvous_then_leaves_the_connection_clean() -> None:
+    """NCCL edges rendezvous over their proven connection (worker/nccl.PeerStore). Here a real
+    C++ consumer of the Store API, a two-rank ProcessGroupGloo, rendezvouses through two
+    PeerStores over a socket pair; after finish() the stream holds no rendezvous bytes."""
+    from torch.distributed import PrefixStore, ProcessGroupGloo
+
+    from infscaled.worker.nccl import PeerStore
+
+    left, right = socket.socketpair()
+    stores = [PeerStore(left, 20.0), PeerStore(right, 20.0)]
+    sums: dict[int, float] = {}
+    errors: list[BaseException] = []
+
+    def rank(r: int) -> None:
+        try:
+            opts = ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            opts._devices = [ProcessGroupGloo.create_device(hostname=HOST)]
+            pg = ProcessGroupGloo(PrefixStore("nccl/dispatcher->0.0", stores[r]), r, 2, opts)
+            t = torch.tensor([float(r + 1)])
+            pg.allreduce([t]).wait()
+            sums[r] = float(t.item())
+            stores[r].finish()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert sums == {0: 3.0, 1: 3.0}
+    left.sendall(b"data after the rendezvous")
+    right.settimeout(5)
+    assert right.recv(64) == b"data after the rendezvous"
+    stores[0].set("late", b"1")  # after finish(): local only, nothing crosses the connection
+    assert stores[0].get("late") == b"1"
+    with pytest.raises(KeyError, match="never set"):
+        stores[1].get("late")
+    left.close()
+    right.close()

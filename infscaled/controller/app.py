@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import time
 from dataclasses import dataclass, field, replace
 
@@ -14,11 +13,12 @@ from infscaled.controller import api, openai_proxy, proxy
 from infscaled.controller.auth import auth_middleware, controller_token
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.events import RECENT_EVENTS
-from infscaled.controller.guard import GUARD, ConnectionGuard, GuardedSite, body_middleware, busy_middleware
+from infscaled.controller.guard import GUARD, body_middleware
 from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Registry
 from infscaled.controller.store import EventRecord, Store
 from infscaled.controller.watch import Watchers
+from infscaled.protocol.connguard import ConnectionGuard, GuardedSite, busy_middleware, connection_budget
 from infscaled.protocol.watch import Event
 
 log = logging.getLogger(__name__)
@@ -44,24 +44,6 @@ def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobSto
     api.add_routes(app)
     openai_proxy.add_routes(app)
     return app
-
-
-def connection_budget(wanted: int) -> int:
-    """`wanted`, capped so that connections can never exhaust the process's file descriptors
-    (the soft limit is raised to the hard one first; 256 stay for the database, agents' pipes
-    and outgoing proxy connections). Accepting past the fd limit would make every accept fail."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.info("cannot raise the open-file limit from %d: %s", soft, exc)
-    budget = max(16, min(wanted, soft - 256))
-    if budget < wanted:
-        log.warning("max_connections %d capped to %d by the open-file limit (%d)", wanted, budget, soft)
-    return budget
 
 
 @dataclass

@@ -16,9 +16,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from infscaled.controller.config import TOKEN_ENV, ControllerConfig
-from infscaled.controller.throttle import Throttle
 from infscaled.errors import ConfigError
 from infscaled.generation.errors import error_body
+from infscaled.protocol.connguard import Throttle
 
 log = logging.getLogger(__name__)
 

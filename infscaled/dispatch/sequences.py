@@ -56,7 +56,7 @@ from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd
 from infscaled.generation.errors import GenerationError
 from infscaled.generation.kv import reserved_span
-from infscaled.generation.params import FEATURES, PromptLogprobs, Sampled, SamplingParams
+from infscaled.generation.params import FEATURES, Admitted, PromptLogprobs, Sampled, SamplingParams
 from infscaled.protocol.generation import SequenceSpec
 from infscaled.protocol.plan import GenerationPlan, Node
 from infscaled.worker.request_stats import RequestStats
@@ -80,6 +80,7 @@ class _Sequence:
     consume: Consumer
     reserve: int
     deadline: float
+    on_admitted: Callable[[float], None] | None = None  # told the admission time (serving metrics)
     chain: str = ""  # the chain's edge key; "": waiting for admission
     replica: int | None = None  # its chain's replica id: tokens from any other chain are stale
     generated: list[int] = field(default_factory=list)  # tokens streamed to the consumer so far
@@ -131,9 +132,11 @@ class Sequences(FrontEnd):
 
     # -- any thread ------------------------------------------------------------------------------
 
-    def submit(self, prompt: list[int], params: SamplingParams, consume: Consumer) -> int:
+    def submit(self, prompt: list[int], params: SamplingParams, consume: Consumer,
+               on_admitted: Callable[[float], None] | None = None) -> int:
         """Queue one sequence; returns its id. GenerationError when it can never run or we are
-        closing, failed or full."""
+        closing, failed or full. `on_admitted(monotonic time)` is called (compute thread) when
+        it is admitted onto a chain, before any of its tokens is consumed."""
         if self._failure is not None:
             raise GenerationError(503, f"pipeline failed: {self._failure}")
         if self._closing:
@@ -150,7 +153,7 @@ class Sequences(FrontEnd):
             if self._waiting_count >= self.max_waiting:
                 raise GenerationError(429, f"{self._waiting_count} sequences are waiting for KV room; retry later")
             seq = _Sequence(next(self._ids), list(prompt), params, consume, reserve,
-                            time.monotonic() + self.request_timeout_s)
+                            time.monotonic() + self.request_timeout_s, on_admitted=on_admitted)
             self._live_ids.add(seq.id)
             self._waiting_count += 1
         self.engine.post(seq)
@@ -275,6 +278,8 @@ class Sequences(FrontEnd):
                 seq.waited_for = ""
                 chain.live.add(seq.id)
                 chain.reserved += reserved_span(seq.reserve)
+                if seq.on_admitted is not None:
+                    seq.on_admitted(time.monotonic())
             with self._lock:
                 self._waiting_count -= len(batch)
             self.engine.send(chain.end, gw.encode(self._prefill(batch), next(self._mb_ids)))
@@ -450,16 +455,17 @@ class PipelineBackend:
     features = frozenset(FEATURES)  # the last stage samples with generation.sampling.sample_step
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[
-            int | Sampled | PromptLogprobs]:
+            int | Sampled | PromptLogprobs | Admitted]:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int | Sampled | PromptLogprobs, bool, str | None]] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int | Sampled | PromptLogprobs | Admitted, bool, str | None]] = asyncio.Queue()
 
-        def consume(token: int | Sampled | PromptLogprobs, done: bool, error: str | None) -> None:
+        def consume(token: int | Sampled | PromptLogprobs | Admitted, done: bool, error: str | None) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (token, done, error))
 
         stats = self.stats
         try:
-            seq_id = self.sequences.submit(prompt_ids, params, consume)
+            seq_id = self.sequences.submit(prompt_ids, params, consume,
+                                           on_admitted=lambda at: consume(Admitted(at), False, None))
         except GenerationError:
             if stats is not None:
                 stats.rejected += 1
@@ -477,7 +483,7 @@ class PipelineBackend:
                     if stats is not None and timed_out:
                         stats.timed_out += 1
                     raise GenerationError(504 if timed_out else 503, error)
-                if isinstance(token, PromptLogprobs):
+                if isinstance(token, PromptLogprobs | Admitted):
                     yield token
                     continue
                 produced += 1

@@ -2,7 +2,7 @@
 
 One `ServingMetrics` per front end (a job's dispatcher, or a test server) owns its own
 prometheus_client registry: histograms of time to first token, inter-token latency, end-to-end
-latency and decode time, counters of prompt / generated tokens and of finished requests by
+latency, queue time, prefill time and decode time, counters of prompt / generated tokens and of finished requests by
 reason, gauges of running / waiting requests. The front end serves them as text (GET
 /v1/metrics on a dispatcher); the controller scrapes each running job's and republishes them on
 its own /metrics labelled by the job's name (controller/export.py). Torch-free.
@@ -53,6 +53,7 @@ class RequestTimes:
     """One request's clock readings (time.monotonic()), filled in as it goes."""
 
     arrived: float
+    admitted: float = 0.0  # 0: the backend did not say (then: admitted on arrival, if it produced a token)
     first_token: float = 0.0
     last_token: float = 0.0
     tokens: int = 0
@@ -90,6 +91,10 @@ class ServingMetrics:
                         REQUEST_BUCKETS).labels(model)
         self.decode = hist("request_decode_time_seconds", "Time from the first token to the last.",
                            REQUEST_BUCKETS).labels(model)
+        self.queue = hist("request_queue_time_seconds", "Time from arrival to admission (waiting for KV room).",
+                          REQUEST_BUCKETS).labels(model)
+        self.prefill = hist("request_prefill_time_seconds", "Time from admission to the first token.",
+                            REQUEST_BUCKETS).labels(model)
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of accepted requests.").labels(model)
         self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(model)
         success = counter("request_success", "Requests finished, by finish reason (abort: the client left).",
@@ -101,12 +106,17 @@ class ServingMetrics:
 
     def finished(self, times: RequestTimes, reason: str, now: float | None = None) -> None:
         """A request ended: `reason` is stop, length or abort. Token counts and inter-token gaps
-        are recorded for every request; latencies only for those that produced a token."""
+        are recorded for every request; queue time for every admitted one (never admitted: the
+        client left while it waited); the other latencies only for those that produced a token."""
         now = time.monotonic() if now is None else now
         self.generation_tokens.inc(times.tokens)
         for gap in times.inter_token:
             self.itl.observe(gap)
+        admitted = times.admitted or (times.arrived if times.tokens else 0.0)
+        if admitted:
+            self.queue.observe(admitted - times.arrived)
         if times.tokens:
+            self.prefill.observe(times.first_token - admitted)
             self.ttft.observe(times.first_token - times.arrived)
             self.decode.observe(times.last_token - times.first_token)
             self.e2e.observe(now - times.arrived)

@@ -24,6 +24,7 @@ from infscaled.generation.metrics import RequestTimes, ServingMetrics
 from infscaled.generation.params import (
     SEED_MAX,
     SEED_MIN,
+    Admitted,
     PromptLogprobs,
     Sampled,
     SamplingParams,
@@ -54,9 +55,11 @@ class GenerationBackend(Protocol):
     A backend may have a `features` attribute: the names in params.FEATURES it implements
     (penalties, logit_bias, ...); a request that needs one it lacks is refused with a 400."""
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[int | Sampled | PromptLogprobs]:
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[
+            int | Sampled | PromptLogprobs | Admitted]:
         """Token ids as they are produced (as `Sampled` when params.logprobs is set, after one
-        `PromptLogprobs` when params.prompt_logprobs is); ends after max_new_tokens ids or after
+        `PromptLogprobs` when params.prompt_logprobs is, and after one `Admitted` from a backend
+        that queues sequences); ends after max_new_tokens ids or after
         yielding an id in params.stop_token_ids (which holds the tokenizer's eos unless
         ignore_eos). Closing the iterator early (aclose) cancels the sequence and frees its
         caches. Raises GenerationError(status, message) if it cannot run."""
@@ -260,6 +263,9 @@ async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, prompt_
     tokens = backend.generate(list(prompt_ids), params)
     try:
         async for item in tokens:
+            if isinstance(item, Admitted):
+                outcome.times.admitted = item.at
+                continue
             if isinstance(item, PromptLogprobs):
                 if params.prompt_logprobs is not None and not echo:
                     outcome.prompt_logprobs = _vllm_prompt_logprobs(prompt_ids, item, entries)

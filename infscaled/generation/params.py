@@ -245,6 +245,14 @@ class PromptLogprobs(NamedTuple):
     top: tuple[tuple[tuple[int, float], ...], ...]
 
 
+class Admitted(NamedTuple):
+    """Yielded once, before anything else, by a backend that queues sequences (the pipeline's
+    dispatcher waits for KV room): when the sequence was admitted (time.monotonic()). The
+    serving metrics split the time to first token into queue time and prefill time with it."""
+
+    at: float
+
+
 # What a backend may say it implements (its `features` attribute); a request asking for one the
 # backend lacks is a 400 naming the field. Backends without the attribute implement none.
 FEATURES = ("penalties", "logit_bias", "min_p", "min_tokens", "logprobs", "prompt_logprobs")

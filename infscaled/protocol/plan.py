@@ -6,6 +6,7 @@ each worker receives the whole plan and picks out its own node, its edges and it
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 DISPATCHER_STAGE = -1
@@ -43,8 +44,8 @@ DISPATCHER = Node(DISPATCHER_STAGE, 0)
 class EdgePlan:
     """A directed data-plane edge with its own two-rank process group.
 
-    The sender (rank 0) hosts the edge's TCPStore at host:port; the receiver (rank 1)
-    connects to it. Data flows src -> dst; acknowledgements flow back dst -> src.
+    The sender (rank 0) listens at host:port while the edge is joined; the receiver (rank 1)
+    connects to it (worker/transport.py). Data flows src -> dst; acknowledgements flow back.
     """
 
     src: Node
@@ -128,6 +129,10 @@ class JobPlan:
     cuda_graphs: bool = True
     # CUDA stages torch.compile their decoder layers (models/stage.py compile_stage).
     compile_layers: bool = False
+    # The job's data-plane secret: every edge connection proves it (worker/edgeauth.py). Made
+    # fresh with each plan (the controller's, `infscaled run`'s), kept by every epoch after it;
+    # it travels only inside Deploy / ChangeTopology and the controller's database.
+    secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     # Bumped by every live topology change (protocol/topology.py says what an epoch guarantees).
     epoch: int = 0
     # How stages are linked (planning/graph.py): only "mesh" jobs can scale a stage while serving.
@@ -179,6 +184,7 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "dispatcher_host": plan.dispatcher_host, "base_dir": plan.base_dir, "cuda_graphs": plan.cuda_graphs,
         "compile_layers": plan.compile_layers,
         "epoch": plan.epoch, "graph": plan.graph, "next_replica": list(plan.next_replica),
+        "secret": plan.secret,
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
             plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens],
@@ -199,6 +205,9 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         max_wait_ms=float(d["max_wait_ms"]), edge_timeout_s=float(d["edge_timeout_s"]),  # type: ignore[arg-type]
         dispatcher_host=str(d["dispatcher_host"]), base_dir=str(d["base_dir"]), cuda_graphs=_bool(d["cuda_graphs"]),
         compile_layers=_bool(d.get("compile_layers", False)),
+        # A plan without one (written before secrets existed) cannot join edges: the transport
+        # refuses it with a clear error rather than inventing a secret its peers do not share.
+        secret=str(d.get("secret", "")),
         generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
         epoch=int(d.get("epoch", 0)), graph=str(d.get("graph", "mesh")),  # type: ignore[call-overload]
         next_replica=tuple(int(r) for r in d.get("next_replica", ())),  # type: ignore[attr-defined]

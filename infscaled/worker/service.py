@@ -43,6 +43,13 @@ from aiohttp import web
 
 from infscaled.errors import PipelineFailedError, RequestError, WireError
 from infscaled.protocol import control, jsonsafe, tensors
+from infscaled.protocol.connguard import (
+    ConnectionGuard,
+    GuardedSite,
+    ListenerLimits,
+    busy_middleware,
+    connection_budget,
+)
 from infscaled.protocol.plan import DISPATCHER, JobPlan
 from infscaled.protocol.wire import MAX_NDIM
 from infscaled.worker.entry import _die_with_parent, start_heartbeat
@@ -63,6 +70,13 @@ NODE = str(DISPATCHER)
 # always answered 504 by the handler; the watchdog only frees its pipeline slot afterwards.
 WATCHDOG_SLACK_S = 5.0
 JSON_SHAPE_HINT = "inputs must be a non-empty rectangular list of numbers"
+# The inference port is reachable by strangers (only the controller holds the service token), so
+# its connections are bounded like the controller's own (protocol/connguard.py). The controller's
+# proxy opens up to 1024 connections from one address; its idle pooled ones close after aiohttp's
+# 15 s keep-alive, well before the idle deadline here.
+MAX_CONNECTIONS = 2048
+MAX_CONNECTIONS_PER_CLIENT = 1024
+IDLE_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -192,8 +206,9 @@ def dispatcher_engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) 
     from infscaled.engine.core import Engine, EngineSettings
     from infscaled.worker.transport import Transport
 
+    connector = Transport.keyed(plan.secret)
     engine = Engine(DISPATCHER, front, EngineSettings(plan.dispatcher_host, connect_timeout_s, plan.edge_timeout_s),
-                    lambda _edge: Transport)
+                    lambda _edge: connector)
     engine.epoch = plan.epoch
     engine.connect(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)))
     return engine
@@ -225,7 +240,9 @@ async def _serve(spec: ServiceSpec, dispatcher: FrontEnd, input_spec: InputSpec,
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     svc = _Service(spec, dispatcher, input_spec)
-    app = web.Application(client_max_size=spec.max_body_bytes, middlewares=[_generation_auth])
+    budget = connection_budget(MAX_CONNECTIONS)
+    guard = ConnectionGuard(ListenerLimits(budget, min(MAX_CONNECTIONS_PER_CLIENT, budget), IDLE_TIMEOUT_S))
+    app = web.Application(client_max_size=spec.max_body_bytes, middlewares=[busy_middleware(guard), _generation_auth])
     app[SERVICE] = svc
     app.router.add_get("/health", _health)
     if spec.plan.generation is not None:
@@ -235,7 +252,7 @@ async def _serve(spec: ServiceSpec, dispatcher: FrontEnd, input_spec: InputSpec,
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, spec.plan.dispatcher_host, spec.port)
+        site = GuardedSite(runner, guard, spec.plan.dispatcher_host, spec.port)
         await site.start()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         link.serving(loop, stop)

@@ -1,52 +1,52 @@
-"""Data-plane edges: one two-rank gloo process group per directed edge, and no global world.
+"""Data-plane edges: one authenticated TCP connection per directed edge, and no global world.
 
-Each edge src -> dst is `ProcessGroupGloo(PrefixStore(f"edge/{key}", store), rank, 2, options)`
-built directly (no init_process_group), so a dead peer breaks only its own edges. The sender
-(rank 0) hosts the edge's TCPStore at EdgePlan.host:port; the receiver (rank 1) connects to it
-as a client, which retries until the connect timeout. One group carries both directions:
+Each edge src -> dst is one TCP connection. The sender (rank 0) listens at its own address
+(EdgePlan.host:port, bound to the node's advertised address, never every interface) only while
+the edge is being joined; the receiver (rank 1) connects, retrying until the connect timeout.
+Before anything else, both ends prove the job's secret (`JobPlan.secret`) in a mutual HMAC
+handshake (`worker/edgeauth.py`, which also bounds what strangers can hold); then the listener
+closes. The one connection carries both directions:
 
-    src -> dst  TAG_HEADER  one HEADER_BYTES uint8 header (protocol/wire.py)
-    src -> dst  TAG_TENSOR  each tensor of the header, in order (0-byte tensors are not sent)
-    dst -> src  TAG_ACK     one ACK_BYTES ack record per computed micro-batch
+    src -> dst  one HEADER_BYTES header (protocol/wire.py), then each tensor of the header, in
+                order, as raw bytes (0-byte tensors are not sent)
+    dst -> src  reply frames: b"R" (a receipt: the next message was taken off the wire) or
+                b"A" + one ACK_BYTES ack record (per computed micro-batch)
 
-Concurrent data and ack traffic in opposite directions, from different threads, on the one
-group works (verified on torch 2.13 with 2000 messages + acks), so there is no second group.
+Timeouts (`timeout`, the engine sets [pipeline] edge_timeout_s on open edges):
+- connect: `timeout_s` bounds listening for, or reaching, the peer, handshake included.
+- send / send_ack: each must be handed to the kernel within `timeout`. And every message must
+  be *taken* by the peer within `timeout` of being sent: the receipts say which were, and the
+  sender's ack reader (`recv_ack`) fails the edge when the oldest one is overdue. So a peer that
+  is alive but stalled (SIGSTOP, a wedged thread) breaks the edge, like a dead one, instead of
+  letting socket buffers hide it.
+- recv / recv_ack wait for the next header or ack without limit: idle edges are normal. The
+  tensors that follow a header must each arrive within `timeout`.
+- A killed peer makes pending and later operations on its edges fail at once (EOF / reset).
+- close() shuts the connection down: this process's threads blocked on the edge wake at once,
+  and the peer's pending and later operations fail.
 
-Timeouts, as gloo behaves on torch 2.13 (each point verified with two processes):
-- connect: `timeout_s` bounds reaching the store and the group rendezvous.
-- send / send_ack: every gloo send, however small, completes only once the peer has posted
-  the matching recv, which must happen within `timeout_s`: receivers keep a thread in `recv()`.
-  For the same reason a message costs one extra rendezvous (~90 us on loopback): the receiver
-  can post its tensor recvs only after the header told it their sizes.
-- recv / recv_ack wait for the next header or ack without limit: idle edges are normal, and any
-  gloo recv timeout closes the whole group ("Application timeout caused pair closure"). The
-  tensors that follow a header are bounded by `timeout_s`.
-- A killed peer makes pending and later operations on its edges fail at once.
-- close() releases the group, so the peer's pending operations fail at once. It does not wake
-  a thread of this process blocked in recv() on the same edge (gloo's abort()/shutdown() don't
-  either); that thread wakes when the peer closes or dies, or with its process.
-
-`Transport` moves raw buffers over gloo (host memory). `NcclTransport` (worker/nccl.py) adds a
-two-rank ProcessGroupNCCL on the same store for device tensors, while headers, acks and the
-small host-side tensors (descriptor flag HOST, e.g. the request table) keep going over gloo.
-The per-edge choice is made by the worker (`worker/entry.py`): NCCL when both ends are CUDA
-devices, gloo otherwise (the dispatcher is a CPU process).
+`Transport` moves host buffers. `NcclTransport` (worker/nccl.py) adds a two-rank
+ProcessGroupNCCL for device tensors, rendezvousing over this same authenticated connection,
+while headers, receipts, acks and host-side tensors (descriptor flag HOST, e.g. the request
+table) keep going over TCP. The per-edge choice is made by the worker (`worker/entry.py`):
+NCCL when both ends are CUDA devices, TCP otherwise (the dispatcher is a CPU process).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
+import select
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
-from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore, Work
 
 from infscaled.errors import TransportError, WireError
 from infscaled.protocol.plan import EdgePlan, Node
@@ -65,16 +65,17 @@ from infscaled.protocol.wire import (
     encode_ack,
     encode_header,
 )
+from infscaled.worker import edgeauth
 
 __all__ = ["ACK", "STOP_ACK", "Ack", "Connector", "Edge", "Message", "Transport", "connect_all", "until_stop"]
 
 log = logging.getLogger(__name__)
 
-TAG_HEADER = 1
-TAG_TENSOR = 2
-TAG_ACK = 3
-# "No limit" for idle waits: long enough to never fire, short enough not to overflow gloo's clock.
-IDLE_WAIT = timedelta(days=365)
+RECEIPT = b"R"
+ACK_FRAME = b"A"
+# How often an idle reply reader looks again at whether a receipt became overdue.
+IDLE_POLL_S = 0.5
+REPLY_CHUNK = 1 << 16
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -104,104 +105,135 @@ def _meta(name: str, t: torch.Tensor, device_channel: bool) -> TensorMeta:
     if dtype is None:
         raise WireError(f"tensor {name!r}: dtype {t.dtype} cannot go on the wire, "
                         f"allowed: {sorted(TORCH_DTYPES)}")
-    # Only an edge with a device channel distinguishes host tensors; gloo-only headers stay as before.
+    # Only an edge with a device channel distinguishes host tensors; host-only headers stay as before.
     return TensorMeta(name, dtype, tuple(t.shape), host=device_channel and t.device.type == "cpu")
 
 
-@functools.cache
-def _gloo_device(bind_host: str) -> ProcessGroupGloo.Device:
-    # One device (listening socket + event loop) per bind address, shared by all edges, as
-    # torch shares the default group's devices with its subgroups.
-    return ProcessGroupGloo.create_device(hostname=bind_host, lazy_init=False)
+def _raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous host tensor, without a copy (any dtype, 0-d included)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def secret_bytes(secret: str | bytes) -> bytes:
+    return secret.encode() if isinstance(secret, str) else bytes(secret)
 
 
 Connector = Callable[[EdgePlan, int, str, float], "Transport"]
 
 
 class Transport:
-    """Raw buffers over one edge's two-rank gloo group; errors become TransportError."""
+    """Host buffers over one edge's authenticated TCP connection; errors become TransportError."""
 
     # True where device tensors travel device to device (NcclTransport); False: host memory only.
     device_channel = False
 
-    def __init__(self, key: str, rank: int, store: Store, pg: ProcessGroupGloo, timeout_s: float):
+    def __init__(self, key: str, rank: int, sock: socket.socket, timeout_s: float):
         self.key = key
         self.rank = rank
         self.peer = 1 - rank
-        self.store: Store | None = store  # a CUDA subclass builds its NCCL group on this store
-        self.timeout = timedelta(seconds=timeout_s)
-        self._pg: ProcessGroupGloo | None = pg
-        self._header_buf = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-        self._ack_buf = torch.empty(ACK_BYTES, dtype=torch.uint8)
+        self._sock = sock
+        self._closed = False
+        self._timeout = timedelta(seconds=timeout_s)
+        sock.settimeout(timeout_s)
+        self._header_buf = bytearray(HEADER_BYTES)
+        # The receiving end's receipts (its receive thread) and acks (its ack thread) share the
+        # reply direction: one writer at a time.
+        self._reply_lock = threading.Lock()
+        self._unreceipted: deque[float] = deque()  # send times of messages not yet taken (sender)
+        self._replies = bytearray()  # reply bytes read but not yet parsed (sender)
+        self._poll = select.poll()  # the sender's ack reader waits on it (no FD_SETSIZE limit)
+        self._poll.register(sock, select.POLLIN)
         # Receive host tensors into pinned memory (a CUDA stage then copies them to its device
         # with non-blocking copies); the stage loop sets it.
         self.pin = False
 
+    @property
+    def timeout(self) -> timedelta:
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: timedelta) -> None:
+        self._timeout = value
+        self._sock.settimeout(value.total_seconds())
+
     @classmethod
-    def connect(cls, plan: EdgePlan, rank: int, bind_host: str, timeout_s: float) -> Transport:
-        """Host (rank 0) or reach (rank 1) the edge's store, then build its group; blocks until
-        the peer does the same, or raises TransportError after about `timeout_s`."""
-        store, pg = cls._connect_gloo(plan, rank, bind_host, timeout_s)
-        return cls(plan.key, rank, store, pg, timeout_s)
+    def keyed(cls, secret: str | bytes) -> Connector:
+        """A connector for `Edge.connect` / `connect_all` joining edges with the job's secret."""
+        key = secret_bytes(secret)
+
+        def connect(plan: EdgePlan, rank: int, bind_host: str, timeout_s: float) -> Transport:
+            return cls.connect(plan, rank, bind_host, timeout_s, key)
+
+        return connect
+
+    @classmethod
+    def connect(cls, plan: EdgePlan, rank: int, bind_host: str, timeout_s: float, secret: bytes) -> Transport:
+        """Listen for (rank 0) or reach (rank 1) the peer and prove `secret` both ways; blocks
+        until the peer does the same, or raises TransportError after about `timeout_s`."""
+        return cls(plan.key, rank, cls._join(plan, rank, bind_host, timeout_s, secret), timeout_s)
 
     @staticmethod
-    def _connect_gloo(plan: EdgePlan, rank: int, bind_host: str, timeout_s: float) -> tuple[TCPStore, ProcessGroupGloo]:
-        deadline = time.monotonic() + timeout_s
-        where = f"{plan.host}:{plan.port}"
-        try:
-            store = TCPStore(plan.host, plan.port, 2, rank == 0, timedelta(seconds=timeout_s),
-                             wait_for_workers=False)
-        except RuntimeError as e:
-            verb = "host its store at" if rank == 0 else "reach its store at"
-            raise TransportError(f"edge {plan.key}: cannot {verb} {where} within {timeout_s}s: "
-                                 f"{_first_line(e)}") from e
-        options = ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # missing from torch's stubs
-        options._devices = [_gloo_device(bind_host)]
-        options._timeout = timedelta(seconds=max(deadline - time.monotonic(), 0.1))
-        try:
-            pg = ProcessGroupGloo(PrefixStore(f"edge/{plan.key}", store), rank, 2, options)
-        except RuntimeError as e:
-            peer = plan.dst if rank == 0 else plan.src
-            raise TransportError(f"edge {plan.key}: peer {peer} did not join via {where} "
-                                 f"within {timeout_s}s: {_first_line(e)}") from e
-        return store, pg
+    def _join(plan: EdgePlan, rank: int, bind_host: str, timeout_s: float, secret: bytes) -> socket.socket:
+        if not secret:
+            raise TransportError(f"edge {plan.key}: the plan carries no data-plane secret; "
+                                 "refusing an unauthenticated edge")
+        if rank == 0:
+            return edgeauth.listen(plan.key, bind_host, plan.port, secret, timeout_s)
+        return edgeauth.reach(plan.key, plan.host, plan.port, secret, timeout_s)
 
-    def _group(self, what: str) -> ProcessGroupGloo:
-        if self._pg is None:
-            raise TransportError(f"edge {self.key}: cannot {what}, the edge is closed")
-        return self._pg
+    # -- low level -------------------------------------------------------------------------------
 
-    def _wait(self, works: Iterable[Work], what: str, timeout: timedelta) -> None:
-        try:
-            for work in works:
-                work.wait(timeout)
-        except RuntimeError as e:
-            raise TransportError(f"edge {self.key}: {what} failed: {_first_line(e)}") from e
+    def _fail(self, what: str, e: BaseException | str) -> TransportError:
+        if self._closed:
+            return TransportError(f"edge {self.key}: cannot {what}, the edge is closed")
+        why = e if isinstance(e, str) else _first_line(e)
+        return TransportError(f"edge {self.key}: {what} failed: {why}")
 
-    def _post(self, what: str, op: str, bufs: Sequence[torch.Tensor], tag: int) -> list[Work]:
-        pg = self._group(what)
+    def _sendall(self, data: Any, what: str) -> None:
+        if self._closed:
+            raise self._fail(what, "")
         try:
-            # send/recv are missing from torch's stubs for ProcessGroupGloo.
-            fn = pg.send if op == "send" else pg.recv  # type: ignore[attr-defined]
-            return [fn([b], self.peer, tag) for b in bufs]
-        except RuntimeError as e:
-            raise TransportError(f"edge {self.key}: {what} failed: {_first_line(e)}") from e
+            self._sock.sendall(data)
+        except TimeoutError:
+            raise self._fail(what, f"the peer took nothing for {self._timeout.total_seconds():g}s") from None
+        except OSError as e:
+            raise self._fail(what, e) from e
+
+    def _recv_exact(self, buf: Any, what: str, idle: bool) -> None:
+        """Fill `buf`. With `idle`, wait without limit for its first byte; the rest (and all of
+        it without `idle`) must keep arriving within `timeout`."""
+        view = memoryview(buf).cast("B")
+        got, n = 0, len(view)
+        while got < n:
+            if self._closed:
+                raise self._fail(what, "")
+            try:
+                k = self._sock.recv_into(view[got:], n - got)
+            except TimeoutError:
+                if idle and got == 0:
+                    continue
+                raise self._fail(what, f"nothing arrived for {self._timeout.total_seconds():g}s") from None
+            except OSError as e:
+                raise self._fail(what, e) from e
+            if k == 0:
+                raise self._fail(what, "the peer closed the connection")
+            got += k
+
+    # -- data (src -> dst) -----------------------------------------------------------------------
 
     def send(self, header: bytes, tensors: Sequence[torch.Tensor], ready: Any = None) -> None:
         """Send one header and its tensors (those with bytes), in order. `ready` (a CUDA event
         ordering device tensors) matters only to transports with a device channel."""
         if ready is not None and any(t.device.type != "cpu" for t in tensors):
             ready.synchronize()  # the copies below run on another stream than the one that wrote them
-        hdr = torch.frombuffer(bytearray(header), dtype=torch.uint8)
-        works = self._post("send header", "send", [hdr], TAG_HEADER)
+        self._unreceipted.append(time.monotonic())  # before sending: its receipt cannot come first
+        self._sendall(header, "send header")
         self.send_tensors(tensors)
-        self._wait(works, "send header", self.timeout)
 
     def recv_header(self) -> bytes:
         """Wait, without limit, for the next header."""
-        works = self._post("receive header", "recv", [self._header_buf], TAG_HEADER)
-        self._wait(works, "receive header", IDLE_WAIT)
-        return self._header_buf.numpy().tobytes()
+        self._recv_exact(self._header_buf, "receive header", idle=True)
+        return bytes(self._header_buf)
 
     def empty(self, meta: TensorMeta) -> torch.Tensor:
         """Allocate the (host) buffer a received tensor lands in."""
@@ -215,33 +247,101 @@ class Transport:
         return tensors, None, []
 
     def send_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
-        bufs = [t.detach().to("cpu").contiguous() for t in tensors]
-        self._wait(self._post("send tensors", "send", bufs, TAG_TENSOR), "send tensors", self.timeout)
+        for t in tensors:
+            self._sendall(_raw(t.detach().to("cpu").contiguous()), "send tensors")
 
     def recv_into(self, tensors: Sequence[torch.Tensor]) -> None:
-        works = self._post("receive tensors", "recv", tensors, TAG_TENSOR)
-        self._wait(works, "receive tensors", self.timeout)
+        for t in tensors:
+            self._recv_exact(_raw(t), "receive tensors", idle=False)
+
+    # -- replies (dst -> src) --------------------------------------------------------------------
+
+    def taken(self) -> None:
+        """Receiving end: a whole message was read off the wire; tell the sender (a receipt).
+        A sender that is gone cannot take it; the message is whole all the same, and the next
+        operation on the edge reports the loss."""
+        with self._reply_lock:
+            try:
+                self._sendall(RECEIPT, "send receipt")
+            except TransportError as e:
+                log.debug("%s", e)
 
     def send_ack(self, record: bytes) -> None:
-        buf = torch.frombuffer(bytearray(record), dtype=torch.uint8)
-        self._wait(self._post("send ack", "send", [buf], TAG_ACK), "send ack", self.timeout)
+        with self._reply_lock:
+            self._sendall(ACK_FRAME + record, "send ack")
 
     def recv_ack(self) -> bytes:
-        """Wait, without limit, for the next ack record."""
-        self._wait(self._post("receive ack", "recv", [self._ack_buf], TAG_ACK), "receive ack", IDLE_WAIT)
-        return self._ack_buf.numpy().tobytes()
+        """Wait, without limit, for the next ack record; receipts on the way are consumed, and a
+        message the peer has not taken within `timeout` of its sending fails the edge."""
+        while True:
+            record = self._next_reply()
+            if record is not None:
+                return record
+            wait = IDLE_POLL_S
+            if self._unreceipted:
+                timeout_s = self._timeout.total_seconds()
+                wait = self._unreceipted[0] + timeout_s - time.monotonic()
+                if wait <= 0:
+                    raise self._fail("send", f"the peer took no message for {timeout_s:g}s (stalled?)")
+                wait = min(wait, IDLE_POLL_S)
+            if self._closed:
+                raise self._fail("receive ack", "")
+            try:
+                readable = self._poll.poll(wait * 1000)
+                chunk = self._sock.recv(REPLY_CHUNK) if readable else None
+            except (OSError, ValueError) as e:  # ValueError: the socket was closed meanwhile
+                raise self._fail("receive ack", e) from e
+            if chunk == b"":
+                raise self._fail("receive ack", "the peer closed the connection")
+            if chunk:
+                self._replies += chunk
+
+    def _next_reply(self) -> bytes | None:
+        buf = self._replies
+        while buf:
+            kind = buf[:1]
+            if kind == RECEIPT:
+                del buf[:1]
+                if not self._unreceipted:
+                    raise self._fail("receive ack", "a receipt for a message never sent")
+                self._unreceipted.popleft()
+            elif kind == ACK_FRAME:
+                if len(buf) < 1 + ACK_BYTES:
+                    return None
+                record = bytes(buf[1:1 + ACK_BYTES])
+                del buf[:1 + ACK_BYTES]
+                return record
+            else:
+                raise self._fail("receive ack", f"malformed reply frame {buf[0]:#04x}")
+        return None
+
+    # -- failure and shutdown --------------------------------------------------------------------
 
     def abort(self) -> None:
         """The edge broke (its peer died, or a message was malformed): release what could hang.
-        Gloo fails on its own; a device channel must be aborted (NCCL does not notice dead peers)."""
+        TCP fails on its own; a device channel must be aborted (NCCL does not notice dead peers)."""
 
     def close(self) -> None:
-        pg, self._pg, self.store = self._pg, None, None  # the sender's store frees its port
-        if pg is not None:
-            try:
-                pg.shutdown()
-            except RuntimeError as e:
-                log.debug("edge %s: shutdown: %s", self.key, e)
+        """Shut the connection down (idempotent): blocked threads of this process wake, the peer's
+        operations fail."""
+        if self._closed:
+            return
+        self._closed = True
+        sock = self._sock
+        try:
+            # Read what already arrived (receipts nobody waits for any more): a socket closed
+            # with unread bytes resets the connection, and the peer's kernel would then drop
+            # data it has not handed to the peer yet (e.g. the last message we sent).
+            sock.setblocking(False)
+            while sock.recv(REPLY_CHUNK):
+                pass
+        except OSError:
+            pass  # nothing more to read, or not connected any more
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
 
 
 def _first_line(e: BaseException) -> str:
@@ -277,13 +377,14 @@ class Edge:
 
     @classmethod
     def connect(cls, plan: EdgePlan, me: Node, bind_host: str, timeout_s: float,
-                transport_cls: type[Transport] | Connector = Transport) -> Edge:
+                transport_cls: type[Transport] | Connector = Transport, secret: str | bytes = b"") -> Edge:
         """Join `plan` as its src (rank 0) or dst (rank 1); blocks until the peer joins, or
         raises TransportError naming the edge after about `timeout_s`. `transport_cls` is a
-        Transport class or any connector (plan, rank, bind_host, timeout_s) -> Transport."""
+        Transport class (then `secret` is the job's data-plane secret) or a connector
+        (plan, rank, bind_host, timeout_s) -> Transport that carries it (`Transport.keyed`)."""
         if me not in (plan.src, plan.dst):
             raise ValueError(f"node {me} is not an end of edge {plan.key}")
-        connect = transport_cls.connect if isinstance(transport_cls, type) else transport_cls
+        connect = transport_cls.keyed(secret) if isinstance(transport_cls, type) else transport_cls
         transport = connect(plan, 0 if me == plan.src else 1, bind_host, timeout_s)
         log.debug("edge %s connected as %s", plan.key, "sender" if me == plan.src else "receiver")
         return cls(plan, me, transport)
@@ -308,8 +409,8 @@ class Edge:
             self.transport.abort()
 
     def send(self, msg: Message) -> None:
-        """Send a message. Gloo: tensors are sent as contiguous CPU copies. NCCL: device tensors
-        go device to device once `msg.ready` has fired, host tensors over gloo."""
+        """Send a message. TCP: tensors are sent as contiguous CPU copies. NCCL: device tensors
+        go device to device once `msg.ready` has fired, host tensors over TCP."""
         self._check("send", sender=True)
         dc = self.transport.device_channel
         header = Header(msg.kind, msg.mb_id, msg.route_key,
@@ -328,6 +429,7 @@ class Edge:
         try:
             header = decode_header(self.transport.recv_header())
             tensors, ready, buffers = self.transport.recv_tensors(header.tensors)
+            self.transport.taken()
         except WireError as e:
             self._broke(e)
             raise WireError(f"edge {self.key}: {e}") from None
@@ -379,11 +481,13 @@ def until_stop(edge: Edge) -> Iterator[Message]:
 
 def connect_all(plans: Sequence[EdgePlan], me: Node, bind_host: str, timeout_s: float,
                 transport_cls: type[Transport] | Connector = Transport,
-                transport_for: Callable[[EdgePlan], type[Transport] | Connector] | None = None) -> dict[str, Edge]:
+                transport_for: Callable[[EdgePlan], type[Transport] | Connector] | None = None,
+                secret: str | bytes = b"") -> dict[str, Edge]:
     """Connect all of `me`'s edges concurrently, keyed by edge key.
 
     `transport_for(plan)`, if given, picks each edge's transport (class or connector);
-    otherwise every edge uses `transport_cls`.
+    otherwise every edge uses `transport_cls`. `secret` is for transport classes (a connector
+    carries its own).
 
     Concurrent because building a group blocks until the peer builds it: connecting one edge at
     a time deadlocks when two nodes wait on each other's edges in opposite orders. On any failure
@@ -393,7 +497,7 @@ def connect_all(plans: Sequence[EdgePlan], me: Node, bind_host: str, timeout_s: 
         return {}
     with ThreadPoolExecutor(max_workers=len(plans), thread_name_prefix=f"connect-{me}") as pool:
         futures = {p.key: pool.submit(Edge.connect, p, me, bind_host, timeout_s,
-                                      transport_for(p) if transport_for is not None else transport_cls)
+                                      transport_for(p) if transport_for is not None else transport_cls, secret)
                    for p in plans}
     edges: dict[str, Edge] = {}
     errors: dict[str, BaseException] = {}
