@@ -77,7 +77,7 @@ class Launched:
         self.started = time.monotonic()
         self.proc = subprocess.Popen([str(INFSCALED), *args], cwd=cwd, env=env or _env(),
                                      stdin=subprocess.DEVNULL, stdout=slave if tty else subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, preexec_fn=_interruptible)
         if slave is not None:
             os.close(slave)
             self._fds = {"stdout": master}
@@ -199,6 +199,12 @@ class Launched:
                 f.close()
 
 
+def _interruptible() -> None:
+    """The launcher takes Ctrl-C as it would at a terminal, even where the test runner's own
+    parent ignores SIGINT (a background shell, some xdist set-ups): an ignored SIGINT is inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def launch(tmp_path: Path) -> Iterator[Callable[..., Launched]]:
     started: list[Launched] = []
@@ -227,9 +233,10 @@ def _flat(text: str) -> str:
     return " ".join(text.split())
 
 
-def _serving(launch: Callable[..., Launched], *extra: str) -> tuple[Launched, list[psutil.Process]]:
+def _serving(launch: Callable[..., Launched], *extra: str, job_file: Path = QUICKSTART
+             ) -> tuple[Launched, list[psutil.Process]]:
     """A quickstart run with many requests, waited on until requests complete; and its 3 workers."""
-    job = launch("run", QUICKSTART, "--requests", "100000", *extra, tty=True, env=_env(COLUMNS="200"))
+    job = launch("run", job_file, "--requests", "100000", *extra, tty=True, env=_env(COLUMNS="200"))
     job.wait_output(SERVING, timeout_s=90)
     workers = [w for w in job.workers() if _alive(w)]
     assert len(workers) == 3, f"expected 3 live workers, saw {job.workers()}"
@@ -348,16 +355,18 @@ def test_launcher_sigkill_leaves_no_orphans(launch: Callable[..., Launched]) -> 
     _assert_gone(everything, 15, "descendants after the launcher was SIGKILLed")
 
 
-def _kill_one_worker(launch: Callable[..., Launched], *extra: str) -> tuple[Launched, psutil.Process,
+def _kill_one_worker(launch: Callable[..., Launched], tmp_path: Path, *extra: str) -> tuple[Launched, psutil.Process,
                                                                               list[psutil.Process]]:
-    job, workers = _serving(launch, *extra)
+    # With recovery on (the default) the run would replace the worker and go on (tests/test_recovery.py).
+    job_file = _write(tmp_path, QUICKSTART.read_text() + "\n[recovery]\nenabled = false\n", "quickstart.toml")
+    job, workers = _serving(launch, *extra, job_file=job_file)
     victim = max(workers, key=lambda p: p.pid)
     victim.kill()
     return job, victim, [w for w in workers if w.pid != victim.pid]
 
 
-def test_worker_killed_mid_run_fails_the_job(launch: Callable[..., Launched]) -> None:
-    job, victim, others = _kill_one_worker(launch, "--rate", "0")
+def test_worker_killed_mid_run_fails_the_job(launch: Callable[..., Launched], tmp_path: Path) -> None:
+    job, victim, others = _kill_one_worker(launch, tmp_path, "--rate", "0")
     code = job.wait_exit(30)
     assert code not in (0, 2, 130) and code > 0, job.output
     out = _flat(job.output)
@@ -367,8 +376,8 @@ def test_worker_killed_mid_run_fails_the_job(launch: Callable[..., Launched]) ->
     _assert_gone(others, 5, "surviving workers after a worker died")
 
 
-def test_worker_killed_in_open_loop_fails_the_job_promptly(launch: Callable[..., Launched]) -> None:
-    job, victim, others = _kill_one_worker(launch, "--rate", "50")
+def test_worker_killed_in_open_loop_fails_the_job_promptly(launch: Callable[..., Launched], tmp_path: Path) -> None:
+    job, victim, others = _kill_one_worker(launch, tmp_path, "--rate", "50")
     try:
         code = job.proc.wait(15)
     except subprocess.TimeoutExpired:
