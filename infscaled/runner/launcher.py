@@ -230,9 +230,12 @@ class LocalJob:
         self._closing = True
         if self.recoverer is not None:
             self.recoverer.close()
-        if self.dispatcher is not None and not self.group.failure and self.state.failure is None:
+        failed = bool(self.group.failure or self.state.failure or (self.dispatcher and self.dispatcher.failure))
+        if self.dispatcher is not None and not failed:
             self.dispatcher.close(timeout_s=grace_s * 3)
-        self.group.stop(grace_s)
+        # A failed job's workers have nothing to drain (and a broken edge no longer ends a worker by
+        # itself): every one is told to stop at once.
+        self.group.stop(grace_s, first=list(self.group.handles) if failed else ())
         if self.dispatcher is not None and not self.dispatcher.wait_ended(0):
             self.dispatcher.engine.abort()
 
