@@ -123,7 +123,8 @@ def test_client_disconnect_mid_stream_frees_the_caches(cluster: tuple[Cluster, s
             async for _ in stream:
                 got += 1
                 if got == 3:
-                    c.wait_for("the sequence's caches in use", lambda: kv_in_use(c, job_id) == [(1, 152)] * 2, 10)
+                    c.wait_for(f"the sequence's caches in use (now {kv_in_use(c, job_id)})",
+                               lambda: kv_in_use(c, job_id) == [(1, 152)] * 2, 30)
                     break
             await stream.close()  # the client goes away mid-stream
 

@@ -14,7 +14,9 @@ every replacement is READY, the dispatcher hears that the pipeline is whole agai
 is `running`. A replacement that fails is a loss of its own, replaced again after `backoff_s`
 (doubling), up to `[recovery] attempts` per original replica.
 
-The dispatcher service is restarted the same way (`recover_dispatcher`): on its agent, on its
+The dispatcher service of a forward job is restarted the same way (`recover_dispatcher`; a
+generation job whose dispatcher died fails with the reason, its streams ended with an error
+event by the proxy): on its agent, on its
 HTTP port, with every edge joined again on fresh ports; the stage replicas hear it was dead and
 join the newcomer. What it had in flight is lost with it: the controller's proxy retries forward
 requests (they are idempotent) until the new one answers; a generation stream through it ends
@@ -60,9 +62,12 @@ def can_recover(job: Job, nodes: list[str]) -> bool:
         return False
     if str(DISPATCHER) not in nodes:
         return True
-    # The dispatcher alone: restarted on its agent. With stage replicas, or with its agent: not.
+    # The dispatcher alone, of a forward job: restarted on its agent. With stage replicas, with its
+    # agent, or of a generation job (its chains hold the caches of the sequences that died with it
+    # and treat themselves as lost): not, the job fails with the reason.
     status = job.nodes.get(str(DISPATCHER))
-    return nodes == [str(DISPATCHER)] and status is not None and status.state != "lost"
+    return (nodes == [str(DISPATCHER)] and status is not None and status.state != "lost"
+            and job.plan is not None and job.plan.generation is None)
 
 
 async def recover_dispatcher(store: JobStore, job: Job, why: str) -> None:
