@@ -165,6 +165,8 @@ class Engine:
         self._joining: set[str] = set()  # join(): edge keys still connecting
         self._on_joined: Callable[[], None] | None = None
         self._dead: set[Node] = set()  # declared dead by topology updates
+        # Told of each broken edge (a worker tells its supervisor: worker/entry.py).
+        self.on_edge_failed: Callable[[EdgeEnd, str], None] | None = None
         program.attach(self)
         if program.cuda_streams and str(device).startswith("cuda"):
             from infscaled.engine.cuda import CudaStreams

@@ -95,6 +95,8 @@ class Program:
         usual once its inputs are done (broken ones count as done)."""
         if self.router is not None and end.outgoing:
             self.router.remove(end.key)
+        if self.engine.on_edge_failed is not None:
+            self.engine.on_edge_failed(end, f"{type(error).__name__}: {error}")
         log.warning("%s: edge %s broke (%s: %s); serving on without it", self.engine.node, end.key,
                     type(error).__name__, error)
 

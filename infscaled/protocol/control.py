@@ -183,10 +183,24 @@ class Heartbeat:
 
 HEARTBEAT_INTERVAL_S = 0.25
 
+
+@dataclass(frozen=True)
+class EdgeFailed:
+    """Worker -> supervisor: an edge to `peer` broke (worker/group.py kills a peer that is one of
+    its members and still alive: a peer that stopped taking messages is as good as dead, and its
+    death is what makes the dispatcher replay what the broken edge lost)."""
+
+    type: ClassVar[str] = "edge_failed"
+    node: str
+    peer: str
+    edge: str
+    reason: str
+
 ControlMessage = (WorkerReady | WorkerStatsReport | DispatcherStatsReport | WorkerDone | WorkerFailed | StopWorker
-                  | UpdateTopology | Heartbeat)
+                  | UpdateTopology | Heartbeat | EdgeFailed)
 _TYPES: dict[str, Any] = {c.type: c for c in (WorkerReady, WorkerStatsReport, DispatcherStatsReport, WorkerDone,
-                                              WorkerFailed, StopWorker, UpdateTopology, Heartbeat)}
+                                              WorkerFailed, StopWorker, UpdateTopology, Heartbeat,
+                                              EdgeFailed)}
 
 
 def encode(msg: ControlMessage) -> bytes:

@@ -353,6 +353,21 @@ class WorkerGroup:
             log.error("%s %s (pid %s): %s", self.name, describe(h.node), h.process.pid, h.failure)
             h.process.kill()
 
+    def _edge_failed(self, msg: control.EdgeFailed) -> None:
+        """A member's edge to another member broke: if that peer is still running (hung: it stopped
+        taking messages), kill it, so its loss is handled like any death (replay, replacement)."""
+        try:
+            peer = self.handles.get(Node.parse(msg.peer))
+        except ValueError:
+            return
+        if peer is None or peer.exited or peer.retiring or self._closing or peer.failure is not None:
+            return
+        if not peer.process.is_alive():
+            return  # it died by itself: its sentinel reports it
+        peer.failure = f"unresponsive on edge {msg.edge} ({msg.reason}); killed"
+        log.error("%s %s (pid %s): %s", self.name, describe(peer.node), peer.process.pid, peer.failure)
+        peer.process.kill()
+
     def _drain(self, h: WorkerHandle) -> None:
         """Read what an exited member said last (its failure reason) before judging the exit."""
         try:
@@ -365,6 +380,9 @@ class WorkerGroup:
         if isinstance(msg, control.Heartbeat):
             if h.failure is None:  # a member already judged dead stays dead
                 h.last_beat = time.monotonic()
+            return
+        if isinstance(msg, control.EdgeFailed):
+            self._edge_failed(msg)
             return
         with self._changed:
             if isinstance(msg, control.WorkerReady):
