@@ -144,3 +144,7 @@ def test_replacement_plans_inherit_edges_and_replace_whole_chains(tmp_path: Path
     assert chain.removed == (Node(0, 0), Node(1, 0)) and chain.added == (Node(0, 2), Node(1, 2))
     assert (Node(1, 2), Node(0, 2)) in chain.new_edges  # the decode loop of the fresh chain
     assert complete(gen, [Node(0, 1), Node(1, 1)]) and not complete(gen, [Node(0, 0), Node(1, 1)])
+    from infscaled.planning.recovery import backoff
+    from infscaled.protocol.plan import Recovery
+
+    assert [backoff(Recovery(backoff_s=1.5), n) for n in (1, 2, 3, 4)] == [0.0, 1.5, 3.0, 6.0]

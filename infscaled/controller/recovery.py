@@ -34,7 +34,7 @@ from infscaled.controller.job import GONE, Job, JobState
 from infscaled.controller.registry import SendError
 from infscaled.controller.scaling import apply_on_agents, place, reserve_ports, send_epoch
 from infscaled.planning.assign import PlacementError, device_kind
-from infscaled.planning.recovery import complete, dispatcher_restart, replacement_shape, restored, with_failure
+from infscaled.planning.recovery import backoff, complete, dispatcher_restart, replacement_shape, restored, with_failure
 from infscaled.protocol.plan import DISPATCHER, Node
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ async def recover_dispatcher(store: JobStore, job: Job, why: str) -> None:
             return
         store.set_state(job, JobState.DEGRADED, f"dispatcher lost: {why}")
         if tries > 1:
-            await asyncio.sleep(policy.backoff_s * 2 ** (tries - 2))
+            await asyncio.sleep(backoff(policy, tries))
             if job.state not in RECOVERABLE:
                 return
         agent_of = {Node.parse(n): s.agent for n, s in job.nodes.items()}
@@ -123,7 +123,7 @@ async def recover(store: JobStore, job: Job, lost: dict[str, str]) -> None:
             return
         store.set_state(job, JobState.DEGRADED, "; ".join(f"{n} lost: {lost[n]}" for n in dead))
         if tries > 1:
-            await asyncio.sleep(policy.backoff_s * 2 ** (tries - 2))
+            await asyncio.sleep(backoff(policy, tries))
             if job.state not in RECOVERABLE:
                 return
         plan = job.plan

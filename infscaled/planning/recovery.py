@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 
 from infscaled.planning.scale import ScaleChange, ScaleShape, chain_edges
-from infscaled.protocol.plan import DISPATCHER, EdgePlan, JobPlan, Node
+from infscaled.protocol.plan import DISPATCHER, EdgePlan, JobPlan, Node, Recovery
 from infscaled.protocol.topology import TopologyUpdate
 
 
@@ -117,5 +117,7 @@ def dispatcher_restart(plan: JobPlan, ports: Sequence[int]) -> tuple[JobPlan, di
     return nxt, updates
 
 
-def dispatcher_edge_count(plan: JobPlan) -> int:
-    return sum(1 for e in plan.edges if DISPATCHER in (e.src, e.dst))
+def backoff(policy: Recovery, tries: int) -> float:
+    """Seconds to wait before replacement attempt `tries` (1-based) of one line: none before the
+    first, then `backoff_s`, doubling."""
+    return 0.0 if tries <= 1 else policy.backoff_s * 2 ** (tries - 2)

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from infscaled.controller.job import JobState
 from infscaled.planning.ports import free_ports
-from infscaled.planning.recovery import complete, devices_for, replacement_shape, restored, with_failure
+from infscaled.planning.recovery import backoff, complete, devices_for, replacement_shape, restored, with_failure
 from infscaled.planning.scale import apply_scale
 from infscaled.protocol.control import UpdateTopology
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
@@ -133,8 +133,7 @@ class Recoverer:
             self.fail(why)
             return
         self._set(JobState.DEGRADED)
-        if tries > 1:
-            time.sleep(self.policy.backoff_s * 2 ** (tries - 2))
+        time.sleep(backoff(self.policy, tries))
         with self.job.topology_lock:
             old = self.job.plan
             shape = replacement_shape(old, dead)
