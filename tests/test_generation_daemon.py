@@ -4,6 +4,8 @@ generation job of real worker processes, the official `openai` client pointed at
 from __future__ import annotations
 
 import asyncio
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import openai
 import pytest
 import torch
 from cluster import TOKEN, Cluster, free_port_block, local_cluster
+from prometheus_client.parser import text_string_to_metric_families
 
 from infscaled.generation.tokenizer import load_tokenizer
 from infscaled.models.sources import resolve
@@ -112,24 +115,46 @@ def test_more_sequences_than_the_kv_budget_wait_and_all_finish(cluster: tuple[Cl
     assert asyncio.run(scenario()) == [text] * 10
 
 
+def finished_by_reason(c: Cluster) -> dict[str, float]:
+    """The chat job's finished requests by reason, scraped from its dispatcher at this moment
+    (the controller's /metrics reads each dispatcher's counters when asked; no stats period)."""
+    req = urllib.request.Request(c.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        text = resp.read().decode()
+    return {s.labels["finished_reason"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "infscaled:request_success" for s in f.samples
+            if s.name.endswith("_total") and s.labels.get("model_name") == "chat"}
+
+
 def test_client_disconnect_mid_stream_frees_the_caches(cluster: tuple[Cluster, str]) -> None:
+    """The client leaves after 3 of 150 tokens: the dispatcher ends the sequence as aborted
+    (never finished: `length` does not move) and every stage frees its caches. Checked on the
+    dispatcher's live counters, not on a snapshot of a sequence that may be over within one
+    stats period."""
     c, job_id = cluster
+    before = finished_by_reason(c)
 
     async def scenario() -> None:
         async with client(c) as api:
             stream = await api.completions.create(model="chat", prompt="go", max_tokens=150, temperature=0,
                                                   stream=True, extra_body={"ignore_eos": True})
-            got = 0
-            async for _ in stream:
-                got += 1
-                if got == 3:
-                    c.wait_for(f"the sequence's caches in use (now {kv_in_use(c, job_id)})",
-                               lambda: kv_in_use(c, job_id) == [(1, 152)] * 2, 30)
+            got = []
+            async for chunk in stream:
+                got.append(chunk.choices[0].finish_reason)
+                if len(got) == 3:
                     break
+            assert got == [None] * 3
             await stream.close()  # the client goes away mid-stream
 
     asyncio.run(scenario())
-    c.wait_for("every stage to free the caches", lambda: kv_in_use(c, job_id) == [(0, 0)] * 2, 30)
+    after = c.wait_for("the sequence to end as aborted", lambda: (
+        (now := finished_by_reason(c)).get("abort", 0) > before.get("abort", 0) and now), 30)
+    assert after.get("abort", 0) == before.get("abort", 0) + 1 and after.get("length") == before.get("length"), \
+        (before, after)
+    left = time.monotonic()
+    c.wait_for(f"every stage to free the caches (now {kv_in_use(c, job_id)})", lambda: all(
+        (s["kv_sequences"], s["kv_reserved_tokens"]) == (0, 0) and s["age_s"] < time.monotonic() - left
+        for s in c.call("GET", f"/v1/jobs/{job_id}/metrics")[1]["stages"]), 30)
 
 
 def test_a_forward_job_is_not_a_model(cluster: tuple[Cluster, str], tmp_path: Path) -> None:
