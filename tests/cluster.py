@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -202,3 +203,59 @@ def local_cluster(state_dir: Path, agents: dict[str, str], *agent_flags: str) ->
         everything = c.worker_pids() | descendants(c.procs.values()) | {p.pid for p in c.procs.values()}
         leftovers = stop_all(c.procs.values(), everything)
         assert not leftovers, f"processes outlived the cluster: {leftovers}"
+
+
+class ClientThreads:
+    """Client threads that run from the start of a with-block until its end (they watch `_stop`)."""
+
+    join_s = 60.0
+
+    def __init__(self, target: Callable[..., None], args: Iterable[tuple[Any, ...]]) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=target, args=a, daemon=True) for a in args]
+
+    def __enter__(self) -> Any:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(self.join_s)
+
+
+class ProxyLoad(ClientThreads):
+    """Closed-loop clients posting to a job's inference endpoint through the controller's proxy,
+    one thread per entry of `inputs` (each sends its own), until the block ends; every answer
+    (status, body) is kept. Each client waits `think_s` between requests (a zero-think loop takes
+    every idle core of a 2-core CI machine from the processes under test) and `pause_s` after an
+    answer other than 200 (the job stopped or the controller is away: don't spin). An exception
+    ends a client unless `tolerate` (then it is recorded as status 0)."""
+
+    def __init__(self, cluster: Cluster, job_id: str, inputs: list[Any], *, think_s: float = 0.02,
+                 pause_s: float = 0.0, tolerate: bool = False, timeout: float = 120) -> None:
+        self.cluster, self.job_id = cluster, job_id
+        self.results: list[tuple[int, Any]] = []
+        self._think_s, self._pause_s, self._tolerate, self._timeout = think_s, pause_s, tolerate, timeout
+        super().__init__(self._client, [(x,) for x in inputs])
+
+    def _client(self, x: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                answer = self.cluster.call("POST", f"/v1/jobs/{self.job_id}/infer", {"inputs": x},
+                                           timeout=self._timeout)
+            except (OSError, ValueError):  # ValueError: a body that is not JSON (the controller went away)
+                if not self._tolerate:
+                    raise
+                answer = (0, None)
+            self.results.append(answer)
+            self._stop.wait(self._think_s if answer[0] == 200 else max(self._think_s, self._pause_s))
+
+    def more(self, n: int, what: str, timeout: float = 60) -> None:
+        """Wait for `n` more answers than there are now."""
+        before = len(self.results)
+        self.cluster.wait_for(what, lambda: len(self.results) >= before + n, timeout)
+
+    def failed(self) -> list[tuple[int, Any]]:
+        return [r for r in self.results if r[0] != 200]

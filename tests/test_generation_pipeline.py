@@ -80,8 +80,10 @@ def run_staggered(gen: Sequences, work: list[tuple[list[int], int]]) -> list[Col
     return results
 
 
+# 1 to 3 stages, one and two chains, three families: 11 worker processes (llama-tiny in 4 stages
+# x 2 chains, 8 processes, tested nothing that 3 x 2 does not: a middle stage on each chain).
 @pytest.mark.parametrize(("model", "stages", "replicas"), [
-    ("gpt2-tiny", 1, 1), ("gpt2-tiny", 2, 2), ("qwen2-tiny", 3, 1), ("llama-tiny", 4, 2),
+    ("gpt2-tiny", 1, 1), ("gpt2-tiny", 2, 2), ("qwen2-tiny", 2, 1), ("llama-tiny", 3, 2),
 ])
 def test_greedy_generation_equals_hf_generate(model: str, stages: int, replicas: int,
                                               prompts: list[tuple[list[int], int]]) -> None:

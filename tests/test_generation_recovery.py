@@ -70,6 +70,23 @@ def tokens_of(c: Collected) -> list[int]:
     return [t.token if isinstance(t, Sampled) else t for t in c.tokens]
 
 
+def streams(seqs: Any, prompts: list[list[int]], params: list[SamplingParams], first: int) -> list[Collected]:
+    """Submit every prompt; return once each stream has its `first` tokens (the fault comes next)."""
+    got = [Collected() for _ in prompts]
+    for p, sp, c in zip(prompts, params, got, strict=True):
+        seqs.submit(p, sp, c)
+    wait_for(lambda: all(len(c.tokens) >= first for c in got), f"every stream's first {first} tokens")
+    return got
+
+
+def assert_ended_exactly(got: list[Collected], want: list[list[int]]) -> None:
+    """Every stream ended without an error, with exactly the tokens of a run without the fault."""
+    for c in got:
+        assert c.done.wait(120), "a stream never ended"
+    assert [c.error for c in got] == [None] * len(got)
+    assert [tokens_of(c) for c in got] == want
+
+
 def test_sequences_of_a_killed_chain_continue_on_the_other_exactly() -> None:
     new = 64
     cfg = recovering_job(2)
@@ -83,19 +100,13 @@ def test_sequences_of_a_killed_chain_continue_on_the_other_exactly() -> None:
     want = expected_tokens(Monolith(resolve(cfg.model.source), "cpu", "float32", 0), prompts, params, 5)
     with LocalJob(prepare(cfg)) as job:
         seqs = job.generator
-        got = [Collected() for _ in prompts]
-        for p, sp, c in zip(prompts, params, got, strict=True):
-            seqs.submit(p, sp, c)
-        wait_for(lambda: all(len(c.tokens) >= 3 for c in got), "every stream's first tokens")
+        got = streams(seqs, prompts, params, 3)
         victim = job.group.handles[Node(1, 1)].process.pid
         assert victim is not None
         os.kill(victim, signal.SIGSTOP)  # chain 1 freezes mid-stream, then dies
         cut = [len(c.tokens) for c in got]
         os.kill(victim, signal.SIGKILL)
-        for c in got:
-            assert c.done.wait(120), "a stream never ended"
-        assert [c.error for c in got] == [None] * len(got)
-        assert [tokens_of(c) for c in got] == want
+        assert_ended_exactly(got, want)
         assert seqs.replayed >= 1 and any(n < len(w) for n, w in zip(cut, want, strict=True))
         assert job.state.failure is None
         # Chain 1's survivor was retired (the dispatcher's STOP or the supervisor's, whichever came first),
@@ -114,10 +125,7 @@ def test_with_no_chain_left_sequences_wait_for_the_replacement_and_continue_exac
     want = expected_tokens(Monolith(resolve(cfg.model.source), "cpu", "float32", 0), prompts, params, 1)
     with LocalJob(prepare(cfg)) as job:
         seqs = job.generator
-        got = [Collected() for _ in prompts]
-        for p, sp, c in zip(prompts, params, got, strict=True):
-            seqs.submit(p, sp, c)
-        wait_for(lambda: all(len(c.tokens) >= 2 for c in got), "the first tokens")
+        got = streams(seqs, prompts, params, 2)
         victim = job.group.handles[Node(1, 0)].process.pid
         assert victim is not None
         os.kill(victim, signal.SIGSTOP)
@@ -131,10 +139,7 @@ def test_with_no_chain_left_sequences_wait_for_the_replacement_and_continue_exac
         assert late.done.wait(30) and late.tokens == []
         assert late.error is not None and late.error.startswith(
             "timed out after 1 s waiting for a live replica chain (replica chain 0 lost: 1.0 died")
-        for c in got:
-            assert c.done.wait(120), "a stream never ended"
-        assert [c.error for c in got] == [None, None]
-        assert [tokens_of(c) for c in got] == want
+        assert_ended_exactly(got, want)
         assert {c.replica for c in seqs.chains.values()} == {1}  # the replacement chain
         assert job.state.failure is None
 

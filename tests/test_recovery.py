@@ -74,7 +74,7 @@ def test_lost_replicas_are_replaced_under_load(tmp_path: Path) -> None:
     requests = requests_for(cfg.workload, prepared.spec, 50_000)
     faults = [(Node(1, 1), signal.SIGKILL, Node(1, 2)), (Node(1, 0), signal.SIGSTOP, Node(1, 3)),
               (Node(0, 0), signal.SIGKILL, Node(0, 1))]
-    with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 4) as load:
+    with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 4, think_s=0.01) as load:
         _until(lambda: load.done() >= 30, "traffic before the first fault")
         for i, (victim, sig, replacement) in enumerate(faults, 1):
             os.kill(_pid(job, victim), sig)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from cluster import ClientThreads
 
 from infscaled.config import parse_job
 from infscaled.generation.sampling import SamplingParams
@@ -38,8 +39,10 @@ def _until(check: Any, what: str, timeout_s: float = WAIT_S) -> None:
         time.sleep(0.05)
 
 
-class ClosedLoop:
+class ClosedLoop(ClientThreads):
     """`concurrency` clients, each submitting the next request as soon as its last one answered."""
+
+    join_s = WAIT_S
 
     def __init__(self, submit: Any, requests: Iterator[torch.Tensor], limit: int, concurrency: int,
                  think_s: float = 0.0) -> None:
@@ -51,18 +54,7 @@ class ClosedLoop:
         self.answers = [0] * limit
         self._next = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(concurrency)]
-
-    def __enter__(self) -> ClosedLoop:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(WAIT_S)
+        super().__init__(self._client, [()] * concurrency)
 
     def done(self) -> int:
         with self._lock:
@@ -94,7 +86,7 @@ def test_forward_stage_scales_2_4_1_3_under_load(tmp_path: Path) -> None:
                      "workload": {"samples": [1, 2], "seq_len": [16, 16]}}, str(tmp_path / "scale.toml"))
     prepared = prepare(cfg)
     requests = requests_for(cfg.workload, prepared.spec, 50_000)
-    with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 4) as load:
+    with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 4, think_s=0.01) as load:
         _until(lambda: load.done() >= 20, "traffic before scaling")
         for replicas in (4, 1, 3):
             result = job.scale(1, replicas)

@@ -5,19 +5,16 @@ every view, the stop key, and the controller killed and restarted."""
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cluster import TOKEN, Cluster, local_cluster
+from cluster import TOKEN, Cluster, ProxyLoad, local_cluster
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 
 from infscaled.protocol.control import DispatcherStats, StageStats
@@ -358,46 +355,15 @@ def test_the_tui_never_loads_torch() -> None:
 
 # -- against a real controller with a running job ----------------------------------------------
 
-class Load:
-    """Closed-loop inference requests from two threads, so the snapshot's numbers are not zero."""
-
-    def __init__(self, cluster: Cluster, job_id: str) -> None:
-        self._cluster, self._job_id = cluster, job_id
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(2)]
-        self.ok = 0
-
-    def _loop(self, seed: int) -> None:
-        tokens = [[(seed * 7 + i) % 500 for i in range(12 + 4 * seed)]] * 2
-        while not self._stop.is_set():
-            try:
-                status, _ = self._cluster.call("POST", f"/v1/jobs/{self._job_id}/infer", {"inputs": tokens},
-                                               timeout=30)
-            except (OSError, urllib.error.URLError, json.JSONDecodeError):
-                status = 0
-            if status == 200:
-                self.ok += 1
-            else:
-                self._stop.wait(0.2)  # the job stopped (409) or the controller is away: don't spin
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(35)
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
     """One agent with four CPU slots and a 2-stage job (1 + 2 replicas) under load: one slot is
     left for the scaling keys' extra replica."""
     with local_cluster(tmp_path_factory.mktemp("tui") / "state", {"a1": "cpu:4"}) as c:
         job_id = c.run_job(JOB)["id"]
-        with Load(c, job_id):
+        # Two clients, so the snapshot's numbers are not zero; each its own request shape.
+        requests = [[[(seed * 7 + i) % 500 for i in range(12 + 4 * seed)]] * 2 for seed in range(2)]
+        with ProxyLoad(c, job_id, requests, pause_s=0.2, tolerate=True, timeout=30):
             yield c, job_id
 
 
