@@ -242,7 +242,12 @@ def test_infscaled_up_drives_a_generation_job_through_the_api(tmp_path: Path) ->
 
     out = tmp_path / "up.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFSCALED_STATE_DIR": str(tmp_path / "state")}
-    job = Path(__file__).resolve().parents[1] / "configs" / "jobs" / "llama-generate.toml"
+    # The shipped generation job with one replica chain instead of two (test_serve serves it as
+    # shipped): `up`'s path is the same, for 2 worker processes less.
+    shipped = (Path(__file__).resolve().parents[1] / "configs" / "jobs" / "llama-generate.toml").read_text()
+    assert "replicas = [2, 2]" in shipped
+    job = tmp_path / "llama-generate.toml"
+    job.write_text(shipped.replace("replicas = [2, 2]", "replicas = [1, 1]"))
     # Edge ports of its own (`infscaled serve` in test_serve may run beside it on the default range).
     first = free_port_block()
     proc = subprocess.run([sys.executable, "-m", "infscaled.cli", "up", str(job), "--requests", "6", "--verify",
