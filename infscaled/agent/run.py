@@ -5,8 +5,8 @@ DNS may block), start the warm fork server every worker is forked from (worker/s
 and the stage code imported once, in a thread, before registering: a deploy then starts its
 processes in ~0.05 s each without blocking the loop) -> keep the controller link up (its own
 task, reconnecting) -> handle the controller's messages. Shutdown (SIGINT / SIGTERM, the `stop`
-event, or cancellation) is the reverse: stop every job's processes FIRST (dispatchers drain, then workers; SIGTERM / SIGKILL
-after the grace), report their exits, then close the websocket. No process outlives it.
+event, or cancellation) is the reverse: stop every job's processes FIRST (dispatchers drain, then
+workers; SIGTERM / SIGKILL after the grace), report their exits, then close the websocket. No process outlives it.
 """
 
 from __future__ import annotations
