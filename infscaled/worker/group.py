@@ -83,6 +83,7 @@ class WorkerHandle:
     ready_deadline: float = float("inf")  # monotonic: terminated if not READY by then
     last_beat: float | None = None  # monotonic: when it last said anything (None: nothing yet)
     retiring: bool = False  # stopped on purpose (retire): its exit is expected
+    epoch: int = 0  # the topology epoch of the plan it was started with
 
 
 def describe(node: Node) -> str:
@@ -159,8 +160,10 @@ class WorkerGroup:
         proc.start()
         child.close()
         with self._changed:
+            plan = getattr(m.spec, "plan", None)  # WorkerSpec and ServiceSpec carry their JobPlan
             self.handles[m.node] = WorkerHandle(m.node, proc, parent,
-                                                ready_deadline=time.monotonic() + self.ready_timeout_s)
+                                                ready_deadline=time.monotonic() + self.ready_timeout_s,
+                                                epoch=getattr(plan, "epoch", 0))
             self._changed.notify_all()
 
     def retire(self, node: Node, reason: str) -> None:
@@ -362,6 +365,8 @@ class WorkerGroup:
             return
         if peer is None or peer.exited or peer.retiring or self._closing or peer.failure is not None:
             return
+        if msg.epoch < peer.epoch:
+            return  # an edge to the process this one replaced (a restarted dispatcher keeps its name)
         if not peer.process.is_alive():
             return  # it died by itself: its sentinel reports it
         peer.failure = f"unresponsive on edge {msg.edge} ({msg.reason}); killed"

@@ -190,7 +190,8 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
     input_spec = skeleton(resolve(plan.model_source)).family.input_spec()
     front: FrontEnd
     if plan.generation is not None:
-        front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s, recovery=plan.recovery.enabled)
+        front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s, recovery=plan.recovery.enabled,
+                          epoch=plan.epoch)
     else:
         front = Batching(input_spec, dtype_of(plan.dtype), plan,
                          request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S, recovery=plan.recovery.enabled)
@@ -308,7 +309,8 @@ async def _report_stats(svc: _Service, link: _ControlLink) -> None:
     """Every stats_interval_s, the request view on the control pipe (the agent forwards it)."""
     while True:
         await asyncio.sleep(svc.spec.stats_interval_s)
-        stats = svc.stats.snapshot(svc.dispatcher.inflight())
+        front = svc.dispatcher
+        stats = svc.stats.snapshot(front.inflight(), replayed=front.replayed, duplicates=front.duplicates)
         try:
             link.send(control.DispatcherStatsReport(stats))  # a few hundred bytes: does not block the loop
         except OSError as exc:
