@@ -187,6 +187,11 @@ async def chaos(args: argparse.Namespace, url: str, expected: dict[tuple[str, in
             victim = rng.choice(pool)
             os.kill(victim["pid"], signal.SIGKILL)
             faults.append({"node": victim["node"], "at_s": round(time.monotonic() - t0, 2)})
+        # Load goes on until the last fault is healed (or --heal-timeout passed), then stops.
+        healed = time.monotonic() + args.heal_timeout
+        await asyncio.sleep(1.0)
+        while time.monotonic() < healed and (await job())["state"] != "running":
+            await asyncio.sleep(0.5)
         stop.set()
         await loader
         await asyncio.gather(*tasks)
@@ -224,6 +229,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
     ap.add_argument("--stream-share", type=float, default=0.75)
     ap.add_argument("--dispatcher-share", type=float, default=0.3, help="share of kills aimed at the dispatcher")
+    ap.add_argument("--heal-timeout", type=float, default=240.0, help="after the last fault: wait for `running`")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gen_chaos_daemon.json"))
     args = ap.parse_args()

@@ -107,7 +107,8 @@ class _ControlLink:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self.engine: Engine | None = None  # set once connected: topology updates go to it
+        self.engine: Engine | None = None  # set by attach(): topology updates go to it
+        self._early: list[control.UpdateTopology] = []  # updates that came before the engine existed
 
     def send(self, msg: control.ControlMessage) -> None:
         with self._lock:
@@ -120,6 +121,23 @@ class _ControlLink:
     def start(self) -> None:
         threading.Thread(target=self._watch, name="control", daemon=True).start()
 
+    def attach(self, engine: Engine) -> None:
+        """Topology updates go to `engine` from now on, those that came earlier first, in order (a
+        restarted dispatcher can hear of a later epoch while it starts: a node that died or an
+        edge removed meanwhile; the engine skips epochs it is past)."""
+        with self._lock:
+            self.engine = engine
+            early, self._early = self._early, []
+        for msg in early:
+            self._update(engine, msg)
+
+    @staticmethod
+    def _update(engine: Engine, msg: control.UpdateTopology) -> None:
+        try:
+            engine.update(msg.update())
+        except ValueError as exc:
+            log.warning("ignoring a malformed topology update: %s", exc)
+
     def _watch(self) -> None:
         try:
             while True:
@@ -129,13 +147,12 @@ class _ControlLink:
                     log.warning("ignoring a malformed control message: %s", exc)
                     continue
                 if isinstance(msg, control.UpdateTopology):
-                    if self.engine is None:
-                        log.warning("topology epoch %d arrived before the dispatcher connected; ignored", msg.epoch)
-                        continue
-                    try:
-                        self.engine.update(msg.update())
-                    except ValueError as exc:
-                        log.warning("ignoring a malformed topology update: %s", exc)
+                    with self._lock:
+                        engine = self.engine
+                        if engine is None:
+                            self._early.append(msg)  # applied once the engine exists (attach)
+                    if engine is not None:
+                        self._update(engine, msg)
                     continue
                 if not isinstance(msg, control.StopWorker):
                     continue
@@ -195,10 +212,33 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
     else:
         front = Batching(input_spec, dtype_of(plan.dtype), plan,
                          request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S, recovery=plan.recovery.enabled)
-    engine = dispatcher_engine(plan, front, spec.connect_timeout_s)
-    link.engine = engine
-    front.run_engine()
+    _join(plan, front, link, spec.connect_timeout_s)
     return asyncio.run(_serve(spec, front, input_spec, link, time.monotonic() - started))
+
+
+def _join(plan: JobPlan, front: FrontEnd, link: _ControlLink, timeout_s: float) -> None:
+    """Run the dispatcher's engine and join its edges in the background (they wait for the stage
+    workers to build), applying topology updates meanwhile: a restarted dispatcher's peer that
+    dies, or an edge removed, while it joins no longer holds it up (Engine.join). Returns once
+    every remaining edge is open; raises when one failed to connect or `timeout_s` passed."""
+    from infscaled.engine.core import Engine, EngineSettings
+    from infscaled.errors import InfscaledError
+    from infscaled.worker.transport import Transport
+
+    connector = Transport.keyed(plan.secret)
+    engine = Engine(DISPATCHER, front, EngineSettings(plan.dispatcher_host, timeout_s, plan.edge_timeout_s),
+                    lambda _edge: connector)
+    engine.epoch = plan.epoch
+    joined = threading.Event()
+    engine.join(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)), joined.set)
+    link.attach(engine)  # after join: an update that removes or kills one of these edges finds it
+    front.run_engine()
+    deadline = time.monotonic() + timeout_s
+    while not joined.wait(0.1):
+        if front.wait_ended(0):
+            raise InfscaledError(front.failure or "the dispatcher's engine ended while joining its edges")
+        if time.monotonic() > deadline:
+            raise InfscaledError(f"the dispatcher's edges did not all connect within {timeout_s:g} s")
 
 
 def dispatcher_engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) -> Engine:
