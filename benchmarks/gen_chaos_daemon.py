@@ -190,8 +190,10 @@ async def chaos(args: argparse.Namespace, url: str, expected: dict[tuple[str, in
         # Load goes on until the last fault is healed (or --heal-timeout passed), then stops.
         healed = time.monotonic() + args.heal_timeout
         await asyncio.sleep(1.0)
-        while time.monotonic() < healed and (await job())["state"] != "running":
+        while time.monotonic() < healed and (state := (await job())["state"]) != "running":
             await asyncio.sleep(0.5)
+        if states[-1][1] != state:
+            states.append((time.monotonic() - t0, state))
         stop.set()
         await loader
         await asyncio.gather(*tasks)
