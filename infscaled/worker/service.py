@@ -2,8 +2,10 @@
 
 `dispatcher_main(spec, conn)` is spawned like a stage worker and speaks the same control-pipe
 protocol (READY / failed / done; see `worker.group`). Life cycle: build the model skeleton
-(meta device: the InputSpec, no weights) -> connect the dispatcher's edges (waits for the
-stage workers to build) -> start the Dispatcher -> listen on (plan.dispatcher_host, port) ->
+(meta device: the InputSpec, no weights) -> start the Dispatcher and join its edges (waits for
+the stage workers to build; topology updates that arrive meanwhile are applied, so a restarted
+dispatcher is not held up by a peer that died while it started) -> listen on
+(plan.dispatcher_host, port) ->
 READY -> serve until STOP -> stop listening, drain (dispatcher.close(): in-flight requests
 finish, then STOP flows down the pipeline) -> DONE -> exit 0.
 
@@ -221,14 +223,9 @@ def _join(plan: JobPlan, front: FrontEnd, link: _ControlLink, timeout_s: float) 
     workers to build), applying topology updates meanwhile: a restarted dispatcher's peer that
     dies, or an edge removed, while it joins no longer holds it up (Engine.join). Returns once
     every remaining edge is open; raises when one failed to connect or `timeout_s` passed."""
-    from infscaled.engine.core import Engine, EngineSettings
     from infscaled.errors import InfscaledError
-    from infscaled.worker.transport import Transport
 
-    connector = Transport.keyed(plan.secret)
-    engine = Engine(DISPATCHER, front, EngineSettings(plan.dispatcher_host, timeout_s, plan.edge_timeout_s),
-                    lambda _edge: connector)
-    engine.epoch = plan.epoch
+    engine = _engine(plan, front, timeout_s)
     joined = threading.Event()
     engine.join(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)), joined.set)
     link.attach(engine)  # after join: an update that removes or kills one of these edges finds it
@@ -244,6 +241,12 @@ def _join(plan: JobPlan, front: FrontEnd, link: _ControlLink, timeout_s: float) 
 def dispatcher_engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) -> Engine:
     """The dispatcher's engine with `front` as its program, its edges connected (blocks until
     the stage workers joined: they build their stages first)."""
+    engine = _engine(plan, front, connect_timeout_s)
+    engine.connect(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)))
+    return engine
+
+
+def _engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) -> Engine:
     from infscaled.engine.core import Engine, EngineSettings
     from infscaled.worker.transport import Transport
 
@@ -251,7 +254,6 @@ def dispatcher_engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) 
     engine = Engine(DISPATCHER, front, EngineSettings(plan.dispatcher_host, connect_timeout_s, plan.edge_timeout_s),
                     lambda _edge: connector)
     engine.epoch = plan.epoch
-    engine.connect(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)))
     return engine
 
 
