@@ -292,14 +292,17 @@ class WorkerGroup:
     # -- supervision (its own thread) ------------------------------------------------------------
 
     def _supervise(self) -> None:
-        seen: set[int] = set()  # handles (a restarted dispatcher comes back under its old name)
+        # Handles already watched, by identity (a restarted dispatcher comes back under its old name).
+        # The handle is kept, not just its id(): a dead handle freed could lend its id to a new one,
+        # which would then never be watched (a restarted dispatcher stuck "starting": found by chaos).
+        seen: dict[int, WorkerHandle] = {}
         live_conns: dict[Any, WorkerHandle] = {}
         live_sentinels: dict[Any, WorkerHandle] = {}
         while True:
             with self._changed:
                 for h in self.handles.values():  # members added while running
                     if id(h) not in seen:
-                        seen.add(id(h))
+                        seen[id(h)] = h
                         live_conns[h.conn] = h
                         live_sentinels[h.process.sentinel] = h
             if not live_sentinels and (self._closing or not self.members):
