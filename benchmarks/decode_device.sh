@@ -5,7 +5,8 @@
 # the device's 10 minutes. Run on the device machine from a copy of the repository root:
 #   OUT=DIR bash benchmarks/decode_device.sh
 # Environment: STEP_ARGS (extra decode_step arguments), GEN_CASES (gen_1stage.sh cases),
-# GPU_TESTS (test files), T_TESTS / T_GEMM / T_STEP / T_GEN (seconds per phase; T_GEN is per
+# GPU_TESTS (test files), POISSON_ARGS (benchmarks/gen_poisson.py arguments), T_TESTS / T_GEMM /
+# T_STEP / T_GEN / T_POISSON (seconds per phase; T_GEN is per
 # case: a llama-3b worker needs ~70 s from spawn to its first decode step, drawing its random
 # weights on one CPU thread, and each new decode bucket compiles: 90 s was too short).
 set -u
@@ -41,6 +42,10 @@ for phase in ${PHASES:-tests gemm step gen}; do
     step)
       timeout "${T_STEP:-240}" python3 -m benchmarks.decode_step --out "$OUT" ${STEP_ARGS:---variants flex:compiled,flex:compiled:fused,triton:compiled:fused,triton:eager:fused --profile} \
         2>&1 | grep -vE "^\s*$|Warning|warn\(" | tee -a "$log" | tail -60
+      ;;
+    poisson)
+      timeout "${T_POISSON:-240}" python3 -m benchmarks.gen_poisson --out "$OUT" ${POISSON_ARGS:-} \
+        2>&1 | grep -vE "Warning|warn\(" | tee -a "$log" | tail -20
       ;;
     gen)
       mkdir -p /tmp/gen

@@ -285,7 +285,8 @@ class GenerationStage(Program):
         began, self._began = self._began, None
         if plain(params) and not (prompt_lps and any(prompt_lps)):
             # The common case: no host sync while the tokens come back (generation/gpu_sampling.py).
-            pending = _Pending(seqs, states, sample_async(logits, params, [st.generator for st in states]), began)
+            tokens_on_the_way = sample_async(logits, params, [st.generator for st in states])
+            pending = _Pending(seqs, states, tokens_on_the_way, began, self._mark(began))
             if pending.tokens.event is not None:
                 self._pending.append(pending)  # completed by `poll`, in order
                 return
@@ -293,23 +294,28 @@ class GenerationStage(Program):
             return
         # penalties, logit bias, min_p, min_tokens or log-probabilities: generation/sampling.py
         tokens, sampled = sample_step(logits, states)
-        self._count(seqs, began)
+        self._count(seqs, began, self._mark(began))
         self._finish(seqs, states, tokens, sampled, prompt_lps)
 
-    def _count(self, seqs: list[int], began: Any, ended: Any = None) -> None:
+    def _mark(self, began: Any) -> Any:
+        """A timing event recorded now, if the step began with one (the last stage on CUDA)."""
+        if began is None:
+            return None
+        ended = torch.cuda.Event(enable_timing=True)
+        ended.record(torch.cuda.current_stream(self.device))
+        return ended
+
+    def _count(self, seqs: list[int], began: Any, ended: Any) -> None:
         """The micro-batch's compute time for the stage's stats: GPU time between its events."""
         if began is None:
             return  # counted by _timed (CPU, or a stage that is not last)
-        if ended is None:
-            ended = torch.cuda.Event(enable_timing=True)
-            ended.record(torch.cuda.current_stream(self.device))
         ended.synchronize()
         self.engine.computed(len(seqs), began.elapsed_time(ended) / 1e3)
 
     def _complete(self, pending: _Pending) -> None:
         """A micro-batch's tokens are (or are about to be) on the host: finish its step."""
         tokens = pending.tokens.tokens()
-        self._count(pending.seqs, pending.began, pending.tokens.event)
+        self._count(pending.seqs, pending.began, pending.ended)
         for st, tok in zip(pending.states, tokens, strict=True):
             st.outputs.append(tok)
         self._finish(pending.seqs, pending.states, tokens, [None] * len(tokens), None)
@@ -362,7 +368,8 @@ class _Pending:
     seqs: list[int]
     states: list[SequenceSampling]
     tokens: PendingTokens
-    began: Any  # torch.cuda.Event (timing) recorded before the step; `tokens.event` ends it
+    began: Any  # torch.cuda.Event (timing) recorded before the step
+    ended: Any  # and after its sampling: the step's GPU time, for the stage's stats
 
 
 def _drop_row(msg: gw.Prefill, seq: int) -> gw.Prefill | None:
