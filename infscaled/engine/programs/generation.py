@@ -50,6 +50,8 @@ from infscaled.worker.transport import ACK, Ack, Message
 
 log = logging.getLogger(__name__)
 
+PREFILL_GATHER_S = 0.02  # the longest stage 0 holds a prefill back to merge it with later ones
+
 
 @dataclass
 class _Chain:
@@ -59,6 +61,7 @@ class _Chain:
     held: list[gw.Prefill] = field(default_factory=list)  # prefills waiting for KV room
     inflight: int = 0  # micro-batches sent into the loop whose tokens have not come back
     pending_free: list[int] = field(default_factory=list)  # to send down the chain
+    held_since: float | None = None  # when stage 0 first held prefills back to merge them
 
 
 class GenerationStage(Program):
@@ -190,11 +193,17 @@ class GenerationStage(Program):
 
     def _schedule(self) -> None:
         chain = self.chain
-        while chain.held:
-            msg = chain.held[0]
-            if not self.kv.fits_all([s.reserve for s in msg.specs]):
+        # Prefills wait while more messages are queued (they may be prefills too): the held ones
+        # then run as one micro-batch. A prefill's forward costs about the same at 1 row as at 8
+        # (launches, weight reads), and a closed loop sends one sequence per finished one: one
+        # prefill each cost more than the decode steps between them (BENCHMARKS.md section 19).
+        while chain.held and not self._gathering():
+            merged = _merge(chain.held, self.plan.max_batch_sequences, self.kv)
+            if merged is None:
                 break
-            chain.held.pop(0)
+            msg, taken = merged
+            del chain.held[:taken]
+            chain.held_since = None
             chain.inflight += 1
             self._prefill(msg)
         # At most one round of launches per call, so new messages (prefills, frees) get read in
@@ -208,6 +217,17 @@ class GenerationStage(Program):
             self._decode(seqs, tokens)
         if chain.pending_free and not self.last:
             self._send_next(gw.Free([]))  # frees no compute carried down
+
+    def _gathering(self) -> bool:
+        """Hold prefills back while more messages are queued, unless a micro-batch's worth of rows
+        is held or the oldest has waited PREFILL_GATHER_S (so a busy inbox never starves them)."""
+        chain = self.chain
+        if not self.engine.queued() or sum(len(m.specs) for m in chain.held) >= self.plan.max_batch_sequences:
+            return False
+        now = time.monotonic()
+        if chain.held_since is None:
+            chain.held_since = now
+        return now - chain.held_since < PREFILL_GATHER_S
 
     def _tokens_back(self, msg: gw.Tokens) -> None:
         for s, tok, done in zip(msg.seqs, msg.tokens, msg.done, strict=True):
@@ -370,6 +390,31 @@ class _Pending:
     tokens: PendingTokens
     began: Any  # torch.cuda.Event (timing) recorded before the step
     ended: Any  # and after its sampling: the step's GPU time, for the stage's stats
+
+
+def _merge(held: list[gw.Prefill], rows: int, kv: StageKV) -> tuple[gw.Prefill, int] | None:
+    """The longest run of held prefills from the front (first come, first served) that fits the
+    KV budget and `rows` rows (the first one always, whatever its rows), as one prefill (prompts
+    right-padded to the longest), and how many it took; None when the first does not fit."""
+    taken, reserves = 0, []
+    for msg in held:
+        more = [s.reserve for s in msg.specs]
+        if taken and len(reserves) + len(more) > rows or not kv.fits_all(reserves + more):
+            break
+        reserves += more
+        taken += 1
+    if not taken:
+        return None
+    if taken == 1:
+        return held[0], 1
+    parts = held[:taken]
+    width = max(m.x.shape[1] for m in parts)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    return gw.Prefill([s for m in parts for s in m.specs], torch.cat([padded(m.x) for m in parts]),
+                      torch.cat([padded(m.attention_mask) for m in parts])), taken
 
 
 def _drop_row(msg: gw.Prefill, seq: int) -> gw.Prefill | None:
