@@ -7,7 +7,7 @@
 # Environment: STEP_ARGS (extra decode_step arguments), GEN_CASES (gen_1stage.sh cases),
 # GPU_TESTS (test files), POISSON_ARGS (benchmarks/gen_poisson.py arguments), T_TESTS / T_GEMM /
 # T_STEP / T_GEN / T_POISSON (seconds per phase; T_GEN is per case: a llama-3b stage builds in
-# 6-16 s (section 19; ~70 s before its weights were made in a thread pool), and with compile each
+# 6-16 s (section 20; ~70 s before its weights were made in a thread pool), and with compile each
 # new decode bucket compiles: a 16 x live requests case took 60-90 s).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
