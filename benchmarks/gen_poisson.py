@@ -110,16 +110,19 @@ def main() -> None:
         if warm:
             t0 = time.monotonic()
             # Every decode bucket (rows 1..max_batch) gets its graph while the batch fills and drains.
-            drive_generation(job.generator.submit, iter(workload(warm, args, vocab, seed=99)), warm, 0.0, args.max_batch)
+            warm_work = iter(workload(warm, args, vocab, seed=99))
+            drive_generation(job.generator.submit, warm_work, warm, 0.0, args.max_batch)
             doc["warmup_s"] = time.monotonic() - t0
-            print(f"ready in {doc['ready_s']:.1f} s, warm-up of {warm} sequences {doc['warmup_s']:.1f} s", flush=True)
+            print(f"ready in {doc['ready_s']:.1f} s, warm-up of {warm} sequences {doc['warmup_s']:.1f} s",
+                  flush=True)
         misses = 0
         for i, rate in enumerate(rates):
             n = max(1, round(rate * args.duration_s))
             outcomes, wall = drive_generation(job.generator.submit, iter(workload(n, args, vocab, seed=i)), n, rate, 0)
             row = measure(outcomes, wall, rate, args)
             doc["rates"].append(row)
-            print(f"rate {rate:g}/s: {row['completed']}/{row['sent']} in {wall:.1f} s, {row['tokens_per_s']:.0f} tok/s, "
+            print(f"rate {rate:g}/s: {row['completed']}/{row['sent']} in {wall:.1f} s, "
+                  f"{row['tokens_per_s']:.0f} tok/s, "
                   f"TTFT p50/p99 {row['ttft_p50_ms']:.0f}/{row['ttft_p99_ms']:.0f} ms, TPOT p50/p99 "
                   f"{row['tpot_p50_ms']:.1f}/{row['tpot_p99_ms']:.1f} ms, within SLO {row['within_slo_fraction']:.0%}, "
                   f"meets SLO {row['meets_slo']}", flush=True)
