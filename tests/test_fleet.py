@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from infscaled.agent.client import ControllerLink, reconnect_delay
 from infscaled.agent.config import AgentConfig
@@ -275,5 +276,67 @@ def test_first_views_are_built_in_chunks_and_the_summary_adds_up(tmp_path: Path)
         registry.changed.add("a3")
         views.refresh()
         assert (views.summary().connected, views.summary().lost, views.summary().gpus) == (6, 1, 6)
+
+    asyncio.run(scenario())
+
+
+def test_metrics_carry_the_fleet_and_each_agents_series_come_apart(tmp_path: Path) -> None:
+    """GET /metrics: the fleet's aggregates (and each agent's series only while the fleet is at
+    most metrics_agent_series_max); GET /metrics/agents: every agent, some, a job's, or a shard.
+    Parsed with prometheus_client's own parser."""
+    def parse(text: str) -> dict[str, Any]:
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    async def scenario() -> None:
+        async with fleet(tmp_path, 4, metrics_agent_series_max=2) as (ctl, hosts, http):
+            for i, h in enumerate(hosts):
+                h.link.post(HostMetrics(h.cfg.agent_id, (i + 1) / 10, 1 << 30,
+                                        [DeviceUsage("cuda:0", 0.5, 1 << 30), DeviceUsage("cuda:1", 0.25, 2 << 30)]))
+            await until(lambda: all(a.usage is not None for a in ctl.registry.agents.values()))
+
+            async def scrape(query: str, status: int = 200) -> Any:
+                async with http.get(f"{ctl.url}{query}") as r:  # public: no token
+                    assert r.status == status, (query, await r.text())
+                    if status != 200:
+                        return (await r.json())["error"]
+                    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                    return parse(await r.text())
+
+            top = await scrape("/metrics")
+            assert top["infscaled_agents_connected"].samples[0].value == 4
+            assert top["infscaled_fleet_gpus"].samples[0].value == 8
+            assert top["infscaled_fleet_gpu_utilization_ratio"].samples[0].value == 0.375
+            assert top["infscaled_fleet_cpu_ratio"].samples[0].value == 0.25
+            assert top["process_resident_memory_bytes"].samples[0].value > 0  # the controller's own
+            assert "infscaled_agent_cpu_ratio" not in top  # 4 agents > metrics_agent_series_max
+
+            def cpu(families: dict[str, Any]) -> dict[str, float]:
+                return {s.labels["agent"]: s.value for s in families["infscaled_agent_cpu_ratio"].samples}
+
+            whole = await scrape("/metrics/agents")
+            assert cpu(whole) == {"h00": 0.1, "h01": 0.2, "h02": 0.3, "h03": 0.4}
+            assert len(whole["infscaled_device_utilization_ratio"].samples) == 8
+            shards = [cpu(await scrape(f"/metrics/agents?shard={i}&shards=3")) for i in range(3)]
+            assert sorted(a for s in shards for a in s) == ["h00", "h01", "h02", "h03"]  # each agent once
+            assert cpu(await scrape("/metrics/agents?agent=h01&agent=h03")) == {"h01": 0.2, "h03": 0.4}
+            async with http.post(f"{ctl.url}/v1/jobs", data=JOB, headers={
+                    "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/toml"}) as r:
+                assert r.status == 201, await r.text()
+                job = ctl.jobs.jobs[(await r.json())["id"]]
+            assert set(cpu(await scrape(f"/metrics/agents?job={job.id}"))) == set(job.agents)
+            for query, error in (("?shard=1", "shard and shards go together"),
+                                 ("?shards=0&shard=0", "shards='0': expected an integer from 1 to 1000"),
+                                 ("?shards=3&shard=3", "shard='3': expected an integer from 0 to 2"),
+                                 ("?agent=h01&job=x", "give agent=... or job=..., not both"),
+                                 ("?page=2", "unknown parameter(s) ['page']")):
+                assert error in await scrape(f"/metrics/agents{query}", 400), query
+            assert "no agent(s) 'nobody'" in await scrape("/metrics/agents?agent=nobody", 404)
+            assert "nojob" in await scrape("/metrics/agents?job=nojob", 404)
+            # Two agents leave: the fleet is small enough for /metrics to carry each agent's series.
+            for h in hosts[2:]:
+                await h.link.close()
+            await until(lambda: ctl.registry.connected_count == 2)
+            top = await scrape("/metrics")
+            assert cpu(top) == {"h00": 0.1, "h01": 0.2} and top["infscaled_agents_lost"].samples[0].value == 2
 
     asyncio.run(scenario())

@@ -36,7 +36,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,8 +47,9 @@ from infscaled.controller.recovery import RECOVERABLE, can_recover, recover, rec
 from infscaled.controller.registry import InspectError, Registry, SendError
 from infscaled.controller.store import JobRecord, Store
 from infscaled.errors import ConfigError
-from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
+from infscaled.planning.assign import PlacementError, check_policy, device_kind
 from infscaled.planning.job import check_model, job_edges, plan_job, stage_ranges
+from infscaled.planning.offers import Offers
 from infscaled.protocol.messages import Deploy, Metrics, RunningWorker, StopJob, WorkerState
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_from_dict, plan_to_dict
 
@@ -129,9 +130,8 @@ class JobStore:
 
     def _check_fits_cluster(self, job: Job) -> None:
         """409 unless the job fits every device of every agent we know, busy or not."""
-        offers = [AgentOffer(a.id, a.device_ids) for a in self.registry]
         try:
-            trial = self._place(job, offers, {})
+            trial = self._place(job, self.registry.known, {})
         except PlacementError as exc:
             raise Rejected(409, f"job {job.name} does not fit this cluster (all devices, busy or not): {exc}") from None
         try:
@@ -139,14 +139,15 @@ class JobStore:
         except ValueError as exc:
             raise Rejected(400, f"{job.cfg.path}: cannot plan job {job.name}: {exc}") from None
 
-    def _place(self, job: Job, offers: Sequence[AgentOffer], ports_in_use: dict[str, set[int]]) -> _Placement:
+    def _place(self, job: Job, offers: Offers, ports_in_use: dict[str, set[int]]) -> _Placement:
         cfg = job.cfg
         replicas = cfg.pipeline.replicas
         nodes = [Node(s, r) for s, count in enumerate(replicas) for r in range(count)]
         wanted = cfg.placement.devices
         devices = [wanted] * len(nodes) if isinstance(wanted, str) else list(wanted)
         static = dict(zip(nodes, cfg.placement.agents, strict=True)) if cfg.placement.policy == "static" else None
-        placed = assign(list(zip(nodes, devices, strict=True)), offers, cfg.placement.policy, static)
+        check_policy(cfg.placement.policy)
+        placed = offers.place(list(zip(nodes, devices, strict=True)), cfg.placement.policy, static)
 
         where = {node: agent for node, (agent, _) in placed.items()}
         where[DISPATCHER] = placed[Node(0, 0)][0]
@@ -167,10 +168,10 @@ class JobStore:
         return _Placement(placed, [next(free[where[src]]) for src, _ in edges], where[DISPATCHER], dispatcher_port)
 
     def _plan(self, job: Job, placement: _Placement) -> JobPlan:
-        advertise = {a.id: a.info.advertise for a in self.registry}
+        agents = self.registry.agents
         nodes = sorted(placement.nodes)
-        hosts = {node: advertise[placement.nodes[node][0]] for node in nodes}
-        hosts[DISPATCHER] = advertise[placement.dispatcher_agent]
+        hosts = {node: agents[placement.nodes[node][0]].info.advertise for node in nodes}
+        hosts[DISPATCHER] = agents[placement.dispatcher_agent].info.advertise
         devices = [_plan_device(placement.nodes[node][1]) for node in nodes]
         # Plans and worker processes carry the job id, unique across the cluster, not the name.
         return plan_job(replace(job.cfg, name=job.id), job.unit_weights, devices, placement.edge_ports,
@@ -188,10 +189,9 @@ class JobStore:
                 busy_devices |= {(s.agent, s.device) for s in other.nodes.values() if s.device}
                 for agent_id, ports in other.ports.items():
                     busy_ports.setdefault(agent_id, set()).update(ports)
-        offers = [AgentOffer(a.id, tuple(d for d in a.device_ids if (a.id, d) not in busy_devices))
-                  for a in self.registry.connected()]
+        self.registry.offers.set_busy(busy_devices)  # applies what changed since the last placement
         try:
-            placement = self._place(job, offers, busy_ports)
+            placement = self._place(job, self.registry.offers, busy_ports)
             plan = self._plan(job, placement)
         except PlacementError as exc:
             reason = f"waiting for free devices: {exc}"
