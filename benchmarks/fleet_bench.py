@@ -11,7 +11,8 @@ processes. For each N:
    loaded (the rest): + --watchers `/v1/watch` subscribers, one API client probing GET /v1/jobs,
    GET /v1/agents?limit=100 and a job submission (then its stop) in turn, and a Prometheus-like
    scraper (GET /metrics and one shard of GET /metrics/agents every --scrape-s); latency p50 /
-   p99 of each, bytes a watcher received per second;
+   p99 of each, bytes a watcher received per second, and the longest event-loop delay the
+   controller reports (`infscaled_controller_loop_lag_seconds`);
 3. restart: SIGTERM the controller, start it again on the same port, time until N are back.
 
 Agents wrongly lost = `agent_lost` events a watcher saw during the window, plus sessions the
@@ -236,12 +237,22 @@ async def scrape(http: aiohttp.ClientSession, url: str, until: float, every_s: f
             t0 = time.perf_counter()
             try:
                 async with http.get(url + path, timeout=timeout) as r:
-                    await r.read()
+                    body = await r.read()
                     ok = r.status == 200
+                if ok and path == "/metrics":
+                    lat.setdefault("loop lag", []).append(loop_lag(body))
             except (aiohttp.ClientError, OSError, TimeoutError):
                 ok = False
             lat.setdefault(name if ok else f"{name} failed", []).append(time.perf_counter() - t0)
         shard = (shard + 1) % shards
+
+
+def loop_lag(metrics: bytes) -> float:
+    """The controller's own longest event-loop delay of the last minute, from its /metrics."""
+    for line in metrics.decode().splitlines():
+        if line.startswith("infscaled_controller_loop_lag_seconds "):
+            return float(line.split()[1])
+    return float("nan")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -303,6 +314,8 @@ async def one_n(args: argparse.Namespace, n: int) -> dict[str, Any]:
             result["host_metrics_per_s"] = round((fleet.sim_total("host_metrics_sent") - sent0) / span, 1)
             rss.append(rss_bytes(pid))
             result["rss_mib"] = max(rss) >> 20
+            lags = lat.pop("loop lag", [])
+            result["controller_loop_lag_max_ms"] = round(1000 * max(lags), 1) if lags else None
             result["latency_ms"] = {k: {"p50": round(1000 * pct(v, 0.5), 1), "p99": round(1000 * pct(v, 0.99), 1),
                                         "n": len(v)} for k, v in lat.items()}
             result["watchers"] = args.watchers
@@ -362,7 +375,9 @@ def verdict(r: dict[str, Any]) -> list[str]:
     ]
     little = r.get("busy") == 0  # the target is for a fleet where little changes: --busy 0
     lines_after = [f"  {'PASS' if (r.get('watcher_kb_per_s') or 99) <= 10 else 'FAIL' if little else 'INFO'}  "
-                   f"watcher <= 10 KB/s when little changes (--busy {r.get('busy')}): {r.get('watcher_kb_per_s')}"]
+                   f"watcher <= 10 KB/s when little changes (--busy {r.get('busy')}): {r.get('watcher_kb_per_s')}",
+                   f"  INFO  the controller's longest event-loop delay in the loaded part (its /metrics, per minute): "
+                   f"{r.get('controller_loop_lag_max_ms')} ms"]
     lines = [f"N={r['agents']} (load average {r.get('loadavg_1m')}):"]
     for name, value, ok in checks:
         try:

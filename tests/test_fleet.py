@@ -308,6 +308,9 @@ def test_metrics_carry_the_fleet_and_each_agents_series_come_apart(tmp_path: Pat
             assert top["infscaled_fleet_gpu_utilization_ratio"].samples[0].value == 0.375
             assert top["infscaled_fleet_cpu_ratio"].samples[0].value == 0.25
             assert top["process_resident_memory_bytes"].samples[0].value > 0  # the controller's own
+            await until(lambda: ctl.loop_lag.longest_s(asyncio.get_running_loop().time()) >= 0)
+            lag = (await scrape("/metrics"))["infscaled_controller_loop_lag_seconds"].samples[0].value
+            assert 0 <= lag < 60
             assert "infscaled_agent_cpu_ratio" not in top  # 4 agents > metrics_agent_series_max
 
             def cpu(families: dict[str, Any]) -> dict[str, float]:

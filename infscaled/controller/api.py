@@ -25,6 +25,7 @@ from infscaled.controller.config import ControllerConfig
 from infscaled.controller.guard import PARSED_JSON
 from infscaled.controller.job import SERVING, SUBMITTED, JobSource, Rejected
 from infscaled.controller.jobs import JobStore
+from infscaled.controller.looplag import LoopLag
 from infscaled.controller.registry import CONNECTED, LOST, Registry
 from infscaled.errors import ConfigError
 from infscaled.generation.errors import error_body
@@ -41,6 +42,7 @@ REGISTRY = web.AppKey("registry", Registry)
 JOBS = web.AppKey("jobs", JobStore)
 WATCHERS = web.AppKey("watchers", watch.Watchers)
 AGENT_SERIES = web.AppKey("agent_series", agent_metrics.AgentSeries)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 
 JOB_FILE_HEADER: Final = "X-Infscaled-Job-File"
 TOML_TYPES: Final = ("text/plain", "application/toml", "text/x-toml")
@@ -282,7 +284,8 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
     await views.catch_up()  # the first call at a large fleet: its views in chunks that yield
     views.refresh()
     jobs = request.app[JOBS].jobs.values()
-    families = [*agent_metrics.fleet_families(views.summary(), registry.connected_count), *export.collect(jobs)]
+    families = [request.app[LOOP_LAG].family(asyncio.get_running_loop().time()),
+                *agent_metrics.fleet_families(views.summary(), registry.connected_count), *export.collect(jobs)]
     text = export.render(families)
     if registry.connected_count <= request.app[CONFIG].metrics_agent_series_max:
         text += request.app[AGENT_SERIES].render(

@@ -16,6 +16,7 @@ from infscaled.controller.config import ControllerConfig
 from infscaled.controller.events import RECENT_EVENTS
 from infscaled.controller.guard import GUARD, body_middleware
 from infscaled.controller.jobs import JobStore
+from infscaled.controller.looplag import LoopLag
 from infscaled.controller.registry import Registry
 from infscaled.controller.store import EventRecord, Store
 from infscaled.controller.watch import Watchers
@@ -42,6 +43,7 @@ def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobSto
     app[api.JOBS] = jobs
     app[api.WATCHERS] = Watchers(registry, jobs, cfg.send_timeout_s)
     app[api.AGENT_SERIES] = AgentSeries()
+    app[api.LOOP_LAG] = LoopLag()
     app.cleanup_ctx.append(proxy.session_context(cfg))
     api.add_routes(app)
     openai_proxy.add_routes(app)
@@ -60,6 +62,10 @@ class Controller:
     token: str = field(repr=False)
     port: int = 0
     restored_in_s: float = 0.0  # opening and loading the database at start-up
+
+    @property
+    def loop_lag(self) -> LoopLag:
+        return self.runner.app[api.LOOP_LAG]
 
     @property
     def watchers(self) -> Watchers:
