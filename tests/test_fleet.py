@@ -327,6 +327,9 @@ def test_metrics_carry_the_fleet_and_each_agents_series_come_apart(tmp_path: Pat
                 assert r.status == 201, await r.text()
                 job = ctl.jobs.jobs[(await r.json())["id"]]
             assert set(cpu(await scrape(f"/metrics/agents?job={job.id}"))) == set(job.agents)
+            async with http.get(f"{ctl.url}/v1/agents?job={job.id}&limit=1",
+                                headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert [a["id"] for a in await r.json()] == job.agents[:1]  # a job's agents only, in order
             for query, error in (("?shard=1", "shard and shards go together"),
                                  ("?shards=0&shard=0", "shards='0': expected an integer from 1 to 1000"),
                                  ("?shards=3&shard=3", "shard='3': expected an integer from 0 to 2"),

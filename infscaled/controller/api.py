@@ -121,13 +121,15 @@ async def list_agents(request: web.Request) -> web.Response:
     if q.after and q.after not in position:
         raise Rejected(400, f"after={q.after!r}: no such agent; pass the id of the last agent of the previous page")
     start = position[q.after] + 1 if q.after else 0
+    # A job's agents are few: walk their positions, not the fleet's.
+    walk = sorted(p for a in held if (p := position.get(a)) is not None and p >= start) if q.job else None
     users = jobs.device_users()
     now = time.monotonic()
     page: list[dict[str, Any]] = []
     last = start
-    for last in range(start, len(ids)):
+    for last in (walk if walk is not None else range(start, len(ids))):
         agent = registry.agents.get(ids[last])
-        if agent is None or (q.state and agent.state != q.state) or (q.job and agent.id not in held):
+        if agent is None or (q.state and agent.state != q.state):
             continue
         page.append({**to_dict(views.agent_view(agent, users)), "version": agent.info.version,
                      "port_range": agent.info.port_range,
