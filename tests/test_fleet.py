@@ -23,6 +23,7 @@ from infscaled.controller.config import ControllerConfig
 from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Agent, Registry
 from infscaled.controller.run import run
+from infscaled.controller import watch as watch_module
 from infscaled.controller.views import FleetViews
 from infscaled.errors import WireError
 from infscaled.protocol import messages, watch
@@ -223,12 +224,16 @@ def test_watchers_share_a_stream_of_small_deltas(tmp_path: Path) -> None:
             assert states[1].snapshot is not None and states[1].snapshot.agents[2].cpu_ratio == 0.75
             await read(2, summary, lambda: states[2].snapshot is not None and states[2].snapshot.fleet.cpu_ratio_mean > 0)
             assert all(not d.agents and not d.usage for d in deltas[2])
-            # A watcher joining now gets the usage inside the snapshot's views.
+            # A watcher joining now gets a snapshot (kept from an earlier tick) and the deltas since:
+            # together they carry the usage.
             late = await http.ws_connect(f"{ctl.url}/v1/watch?interval_s=0.1", headers=auth)
+            joined = watch.WatchState()
             async with asyncio.timeout(10):
-                while not isinstance(msg := watch.decode((await late.receive()).data), watch.Snapshot):
-                    pass
-            assert msg.agents[2].cpu_ratio == 0.75 and msg.agents[2].devices[0].util_ratio == 0.5
+                while joined.snapshot is None or joined.snapshot.tick < states[0].snapshot.tick:
+                    msg = watch.decode((await late.receive()).data)
+                    if not isinstance(msg, watch.Event):
+                        assert joined.apply(msg) is not None  # no gap: each delta follows the frame before
+            assert joined.snapshot.agents[2].cpu_ratio == 0.75 and joined.snapshot.agents[2].devices[0].util_ratio == 0.5
             await late.close()
             for ws in [*full, summary]:
                 await ws.close()
@@ -344,5 +349,52 @@ def test_metrics_carry_the_fleet_and_each_agents_series_come_apart(tmp_path: Pat
             await until(lambda: ctl.registry.connected_count == 2)
             top = await scrape("/metrics")
             assert cpu(top) == {"h00": 0.1, "h01": 0.2} and top["infscaled_agents_lost"].samples[0].value == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_watcher_joins_with_the_kept_snapshot_and_the_deltas_since(tmp_path: Path) -> None:
+    """The snapshot is encoded off the loop and reused while the stream keeps the deltas since:
+    a watcher's first frames then add up to the same picture as a snapshot of the current tick;
+    once the deltas since it are gone, a new one is encoded."""
+    async def scenario() -> None:
+        registry = Registry(ControllerConfig(port=0, token=TOKEN, state_dir=str(tmp_path)))
+        views = FleetViews(registry, JobStore(registry.cfg, registry))
+
+        def add(i: int, usage: float) -> None:
+            info = Register(f"a{i}", "h", "127.0.0.1", [Device("cuda:0", "cuda")], 1, 1, [1, 2])
+            registry.admit(Agent(info, None, usage=HostMetrics(info.agent_id, usage, 1, [])))
+
+        for i in range(3):
+            add(i, 0.1)
+        stream = watch_module.Stream(views, 1.0, True)
+        first = await stream.join_frames()
+        assert len(first) == 1 and isinstance(watch.decode(first[0]), watch.Snapshot)
+
+        def tick() -> None:  # what Stream.run does each interval
+            text = stream.advance()
+            stream.recent.append((stream.tick, text))
+
+        add(3, 0.2)  # a new agent, and a usage change of a known one
+        tick()
+        registry.agents["a1"].usage = HostMetrics("a1", 0.9, 1, [])
+        registry.usage_changed.add("a1")
+        tick()
+        frames = await stream.join_frames()
+        assert frames[0] == first[0] and len(frames) == 3  # the kept snapshot, then both deltas
+        state = watch.WatchState()
+        for text in frames:
+            msg = watch.decode(text)
+            assert isinstance(msg, (watch.Snapshot, watch.Delta)) and state.apply(msg) is not None
+        fresh = watch.decode(watch.encode(stream._whole()))  # noqa: SLF001 - the current tick's whole picture
+        assert isinstance(fresh, watch.Snapshot) and state.snapshot is not None
+        assert state.snapshot.agents == fresh.agents and state.snapshot.tick == fresh.tick == stream.tick
+        assert [a.cpu_ratio for a in fresh.agents] == [0.1, 0.9, 0.1, 0.2]
+        for _ in range(watch_module.RECENT_DELTAS):
+            tick()
+        newer = await stream.join_frames()  # the deltas since the kept snapshot are gone: a new one
+        assert len(newer) == 1
+        snap = watch.decode(newer[0])
+        assert isinstance(snap, watch.Snapshot) and snap.tick == stream.tick and snap.agents == fresh.agents
 
     asyncio.run(scenario())
