@@ -18,12 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from infscaled.agent.client import ControllerLink, reconnect_delay
 from infscaled.agent.config import AgentConfig
 from infscaled.agent.devices import usage_changed
+from infscaled.controller import watch as watch_module
 from infscaled.controller.app import Controller
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Agent, Registry
 from infscaled.controller.run import run
-from infscaled.controller import watch as watch_module
 from infscaled.controller.views import FleetViews
 from infscaled.errors import WireError
 from infscaled.protocol import messages, watch
