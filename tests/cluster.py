@@ -78,12 +78,21 @@ def descendants(procs: Iterable[subprocess.Popen[bytes]]) -> set[int]:
     return pids
 
 
+def is_member(p: psutil.Process) -> bool:
+    """A worker or dispatcher process: forked from the supervisor's fork server, it names itself
+    `infscaled-NODE` (worker/start.py); spawned, its command line says multiprocessing's spawn."""
+    try:
+        return p.name().startswith("infscaled-") or "spawn_main" in " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+
+
 def spawned(pids: Iterable[int]) -> set[int]:
-    """Worker and dispatcher processes (multiprocessing's spawn children) among `pids`."""
+    """Worker and dispatcher processes among `pids`."""
     out = set()
     for pid in pids:
         try:
-            if "spawn_main" in " ".join(psutil.Process(pid).cmdline()):
+            if is_member(psutil.Process(pid)):
                 out.add(pid)
         except psutil.NoSuchProcess:
             pass
@@ -196,7 +205,7 @@ def local_cluster(state_dir: Path, agents: dict[str, str], *agent_flags: str) ->
         c.start_controller()
         for i, (name, devices) in enumerate(agents.items()):
             c.start_agent(name, base + 50 * i, devices, *agent_flags)
-        c.wait_for("the agents", lambda: c.agent_states() == dict.fromkeys(agents, "connected"), 60)
+        c.wait_for("the agents", lambda: c.agent_states() == dict.fromkeys(agents, "connected"), 120)
         yield c
     finally:
         everything = c.worker_pids() | descendants(c.procs.values()) | {p.pid for p in c.procs.values()}

@@ -3,7 +3,7 @@
 Every test starts the launcher through `Launched`, which collects its output in reader threads
 and records every descendant process in a monitor thread, so a test can wait on output or on
 processes (with timeouts, never plain sleeps) and the `launch` fixture can kill all of it after.
-Worker processes are recognised by multiprocessing's spawn command line (`spawn_main`).
+Worker processes are recognised by the name they give themselves (`infscaled-NODE`: tests/cluster.is_member).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cluster import is_member
 
 REPO = Path(__file__).resolve().parents[1]
 INFSCALED = REPO / ".venv" / "bin" / "infscaled"
@@ -67,7 +68,7 @@ class Launched:
     def __init__(self, args: list[str], cwd: Path, *, tty: bool = False, env: dict[str, str] | None = None):
         self._cond = threading.Condition()
         self._buf: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
-        self._cmdlines: dict[int, str] = {}
+        self._members: set[int] = set()  # pids of workers and dispatchers (tests/cluster.is_member)
         self.seen: dict[int, psutil.Process] = {}
         self._stop = threading.Event()
         slave = None
@@ -116,13 +117,9 @@ class Launched:
             with self._cond:
                 for c in children:
                     self.seen.setdefault(c.pid, c)
-                    # Between fork and exec a spawned child shows the launcher's command line (or,
-                    # mid-exec, none): read it again until it shows multiprocessing's.
-                    if "multiprocessing" not in self._cmdlines.get(c.pid, ""):
-                        try:
-                            self._cmdlines[c.pid] = " ".join(c.cmdline())
-                        except psutil.Error:
-                            pass
+                    # A member names itself just after it starts: look again until it has.
+                    if c.pid not in self._members and is_member(c):
+                        self._members.add(c.pid)
                 self._cond.notify_all()
             self._stop.wait(0.02)
 
@@ -147,7 +144,7 @@ class Launched:
 
     def workers(self) -> list[psutil.Process]:
         with self._cond:
-            return [p for pid, p in self.seen.items() if "spawn_main" in self._cmdlines.get(pid, "")]
+            return [p for pid, p in self.seen.items() if pid in self._members]
 
     def wait_output(self, pattern: str, timeout_s: float) -> re.Match[str]:
         found: list[re.Match[str]] = []

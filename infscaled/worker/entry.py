@@ -1,4 +1,4 @@
-"""Entry point of a stage worker process (multiprocessing "spawn").
+"""Entry point of a stage worker process (a fork of the supervisor's warm server: worker/start.py).
 
 Life cycle: build the stage (only its own weights) -> connect every edge -> READY on the
 control pipe -> serve until STOP -> final stats -> exit 0. Any failure is reported on

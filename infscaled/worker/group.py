@@ -7,9 +7,11 @@ READY once serving, stats now and then, DONE after a clean drain, FAILED with it
 before a non-zero exit. Stage workers (`worker.entry.worker_main`) and the dispatcher service
 (`worker.service.dispatcher_main`) both qualify.
 
-Threads: start() runs in the caller's thread (a worker's PR_SET_PDEATHSIG is tied to the
-thread that spawned it, so that thread must live as long as the group: the main thread or
-an event loop's thread, never a pool thread). One *supervisor* thread then waits on every
+Members start as forks of this process's warm fork server (worker/start.py: torch and the stage
+code imported once; spawned where there is none). Threads: start() runs in the caller's thread
+(with spawn, a member's PR_SET_PDEATHSIG is tied to the thread that spawned it, so that thread
+must live as long as the group: the main thread or an event loop's thread, never a pool thread).
+One *supervisor* thread then waits on every
 control pipe and process sentinel and calls the callbacks:
 
     on_ready(node, WorkerReady)      the member said READY
@@ -33,7 +35,7 @@ wait for everyone to finish, then SIGTERM, then SIGKILL; it never returns with a
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -46,6 +48,7 @@ from typing import Any
 
 from infscaled.protocol import control
 from infscaled.protocol.plan import Node
+from infscaled.worker.start import member_context, member_main
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ OnExit = Callable[[Node, "int | None", str], None]
 
 @dataclass(frozen=True)
 class Member:
-    """One process to spawn: `target(spec, conn)` runs in the child (spawn start method)."""
+    """One process to start: `target(spec, conn)` runs in the child (spec and target picklable)."""
 
     node: Node
     target: Callable[[Any, Connection], None]
@@ -114,7 +117,7 @@ class WorkerGroup:
 
     def start(self) -> None:
         """Spawn every member (in this thread: see the module docstring) and start supervising."""
-        self._wake_r, self._wake_w = mp.get_context("spawn").Pipe(duplex=False)
+        self._wake_r, self._wake_w = member_context().Pipe(duplex=False)
         try:
             for m in self.members:
                 self._spawn(m)
@@ -153,9 +156,11 @@ class WorkerGroup:
                 done.set_exception(exc)
 
     def _spawn(self, m: Member) -> None:
-        ctx = mp.get_context("spawn")
+        ctx = member_context()  # forks of a warm server where there is one (worker/start.py)
         parent, child = ctx.Pipe(duplex=True)
-        proc = ctx.Process(target=m.target, args=(m.spec, child), name=f"infscaled-{self.name}-{m.node}", daemon=False)
+        name = "dispatcher" if m.node.is_dispatcher else str(m.node)
+        proc = ctx.Process(target=member_main, args=(m.target, dict(os.environ), name, m.spec, child),
+                           name=f"infscaled-{self.name}-{m.node}", daemon=False)
         proc.start()
         child.close()
         with self._changed:
