@@ -87,6 +87,18 @@ def is_member(p: psutil.Process) -> bool:
         return False
 
 
+def fork_server() -> psutil.Process | None:
+    """This process's fork server (worker/start.py), None where members are spawned: a test can
+    suspend it to hold every new member's start."""
+    for child in psutil.Process().children():
+        try:
+            if "multiprocessing.forkserver" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    return None
+
+
 def spawned(pids: Iterable[int]) -> set[int]:
     """Worker and dispatcher processes among `pids`."""
     out = set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -38,7 +39,7 @@ stages = 1
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
-    with local_cluster(tmp_path_factory.mktemp("state"), {"a1": "cpu:3"}) as c:
+    with local_cluster(tmp_path_factory.mktemp("state"), {"a1": "cpu:4"}) as c:
         detail = c.run_job(GEN_JOB)
         yield c, detail["id"]
 
@@ -146,67 +147,117 @@ def test_a_forward_job_is_not_a_model(cluster: tuple[Cluster, str], tmp_path: Pa
 
 
 
-DOOMED_JOB = """
-name = "doomed"
+PHOENIX_JOB = """
+name = "phoenix"
 [model]
 source = "builtin:llama-tiny"
 [pipeline]
-stages = 1
+stages = 2
 [generation]
+[recovery]
+heartbeat_timeout_s = 120.0  # stage 0.0 is stopped on purpose below: not declared dead meanwhile
 """
 
 
-def test_a_dead_dispatcher_ends_streams_with_an_error_event_and_answers_others_502(
+def stage_stats(c: Cluster, job_id: str) -> dict[str, dict[str, Any]]:
+    return {s["node"]: s for s in c.call("GET", f"/v1/jobs/{job_id}/metrics")[1]["stages"]}
+
+
+def test_a_dead_dispatcher_is_restarted_its_streams_end_with_an_error_and_the_job_serves_on(
         cluster: tuple[Cluster, str]) -> None:
-    """kill -9 of a job's dispatcher mid-answer: a stream ends with an error event that says why
-    (the official client raises it; no [DONE]), a non-streaming request gets a 502 with the reason."""
+    """kill -9 of a generation job's dispatcher mid-answer (controller/recovery.py): a stream under
+    way ends with an error event saying the dispatcher died (the official client raises it; no
+    [DONE]); a non-streaming request in flight is asked again of the restarted dispatcher and
+    answered in full; the chain frees the dead dispatcher's sequences at once (no cache leak, no
+    compute spent on them) and joins the new dispatcher, which serves new streams equal to HF
+    generate; the job goes degraded -> recovering -> running (the events /v1/watch and the TUI
+    show)."""
     import os
     import signal
 
     import aiohttp
 
+    from infscaled.protocol import watch
+
     c, _ = cluster
-    doomed = c.run_job(DOOMED_JOB)
-    pids = {n["node"]: n["pid"] for n in doomed["nodes"]}
+    status, submitted = c.submit(PHOENIX_JOB)
+    assert status == 201, submitted
+    job_id = submitted["id"]
+    short_text, _ = expected_text("Hello again", 16)  # while the job deploys
+    job = c.wait_for("the job to run", lambda: (d := c.job(job_id))["state"] == "running" and d, 180)
+    pids = {n["node"]: n["pid"] for n in job["nodes"]}
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    ask = {"model": "doomed", "prompt": "go", "max_tokens": 200, "ignore_eos": True}
+    long_ask = {"model": "phoenix", "prompt": "go", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    computed: list[int] = []  # stage 0.0's rows computed: when the dispatcher died, once it is back
 
     async def scenario() -> None:
         async with client(c) as api, aiohttp.ClientSession(headers=auth) as raw:
-            stream = await api.completions.create(model="doomed", prompt="go", max_tokens=200, temperature=0,
-                                                  stream=True, extra_body={"ignore_eos": True})
-            async with raw.post(f"{c.url}/v1/completions", json={**ask, "stream": True}) as sse:
-                first = await sse.content.readuntil(b"\n\n")  # one whole event
-                got = 0
-                async for _ in stream:
-                    got += 1
-                    if got == 2:
+            stream, sse = await asyncio.gather(
+                api.completions.create(model="phoenix", prompt="go", max_tokens=200, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True}),
+                raw.post(f"{c.url}/v1/completions", json={**long_ask, "stream": True}))
+            async with sse:
+                # Both streams under way (the headers go out with a stream's first token) ...
+                first, _ = await asyncio.gather(sse.content.readuntil(b"\n\n"), anext(aiter(stream)))
+                os.kill(pids["1.0"], signal.SIGSTOP)  # ... then the loop stalls, so no answer can finish
+                try:
+                    plain = asyncio.create_task(raw.post(f"{c.url}/v1/completions", json={
+                        "model": "phoenix", "prompt": "Hello again", "max_tokens": 16, "temperature": 0,
+                        "ignore_eos": True}))
+                    held = await asyncio.to_thread(c.wait_for, "stage 0.0 to hold three sequences", lambda: (
+                        st := stage_stats(c, job_id).get("0.0", {})).get("kv_sequences") == 3 and st, 30)
+                    computed.append(held["samples"])
+                    await asyncio.to_thread(c.wait_for, "the dispatcher to hold them", lambda: (d := c.call(
+                        "GET", f"/v1/jobs/{job_id}/metrics")[1]["dispatcher"]) and d["inflight_requests"] == 3, 20)
+                    os.kill(pids["dispatcher"], signal.SIGKILL)  # ... before the dispatcher dies
+                    rest = await sse.read()
+                    with pytest.raises(openai.APIError, match="the job's dispatcher at .* died mid-answer .*; the "
+                                                              "dispatcher is being restarted: send the request again; "
+                                                              "the answer is incomplete"):
+                        async for _ in stream:
+                            pass
+                finally:
+                    os.kill(pids["1.0"], signal.SIGCONT)
+            answer = await plain  # asked again of the new dispatcher: a whole answer
+            status, body = answer.status, await answer.json()
+            assert status == 200, body
+            assert body["choices"][0]["text"] == short_text
+            await asyncio.to_thread(c.wait_for, "running again", lambda: c.job(job_id)["state"] == "running", 60)
+            # The dead dispatcher's three sequences were freed down the chain at once: no stage
+            # holds a cache, and the chain spent nothing on their ~190 tokens each that nobody
+            # would read (only the plain request's 16 again, and what was on its way).
+            freed = await asyncio.to_thread(c.wait_for, f"every stage to free the caches ({kv_in_use(c, job_id)})",
+                                            lambda: kv_in_use(c, job_id) == [(0, 0)] * 2 and stage_stats(c, job_id), 30)
+            computed.append(freed["0.0"]["samples"])  # kv_in_use listed both stages
+            again = await api.completions.create(model="phoenix", prompt="Hello again", max_tokens=16, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+            assert "".join([ch.choices[0].text async for ch in again if ch.choices]) == short_text
+            async with raw.get(f"{c.url}/metrics") as metrics:
+                text = await metrics.text()
+            async with raw.ws_connect(f"{c.url}/v1/watch") as ws:  # the event history comes first
+                states: list[str] = []
+                async for frame in ws:
+                    msg = watch.decode(frame.data)
+                    if not isinstance(msg, watch.Event):
                         break
-                os.kill(pids["0.0"], signal.SIGSTOP)  # the stage stalls, so no answer can finish ...
-                plain = asyncio.create_task(raw.post(f"{c.url}/v1/completions", json=ask))
-                await asyncio.to_thread(c.wait_for, "the dispatcher to hold three sequences", lambda: (d := c.call(
-                    "GET", f"/v1/jobs/{doomed['id']}/metrics")[1]["dispatcher"]) and d["inflight_requests"] == 3, 20)
-                os.kill(pids["dispatcher"], signal.SIGKILL)  # ... before the dispatcher dies
-                rest = await sse.read()
-            with pytest.raises(openai.APIError, match="the job's dispatcher at .* broke off its answer .*; the "
-                                                      "answer is incomplete"):
-                async for _ in stream:
-                    pass
-            answer = await plain
-            status, error = answer.status, await answer.json()
+                    if msg.kind == "job_state" and msg.job == job_id:
+                        states.append(msg.state)
         assert first.startswith(b"data: {")
         events = [e for e in (first + rest).decode().split("\n\n") if e]
         assert "data: [DONE]" not in events and all(e.startswith("data: ") for e in events)
-        assert '"error"' in events[-1] and "broke off its answer" in events[-1]
+        assert '"error"' in events[-1] and "died mid-answer" in events[-1]
         assert all('"error"' not in e for e in events[:-1])
-        assert status == 502 and error["error"]["message"].startswith("the job's dispatcher at ")
+        assert computed[1] - computed[0] < 100, computed
+        assert states[-4:] == ["running", "degraded", "recovering", "running"], states
+        assert f'infscaled_dispatcher_replayed_requests_total{{job="{job_id}",agent="a1"}} 0' in text
 
     try:
         asyncio.run(scenario())
+        new = {n["node"]: n for n in c.job(job_id)["nodes"]}["dispatcher"]
+        assert new["pid"] != pids["dispatcher"] and new["state"] == "ready"
     finally:
-        os.kill(pids["0.0"], signal.SIGCONT)
-        c.call("DELETE", f"/v1/jobs/{doomed['id']}")
-    c.wait_for("the doomed job to end", lambda: c.job(doomed["id"])["state"] in ("stopped", "failed"), 60)
+        c.call("DELETE", f"/v1/jobs/{job_id}")
+    c.wait_for("the job to stop", lambda: c.job(job_id)["state"] in ("stopped", "failed"), 60)
 
 
 def test_infscaled_up_drives_a_generation_job_through_the_api(tmp_path: Path) -> None:

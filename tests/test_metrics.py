@@ -90,7 +90,8 @@ def test_prometheus_text_parses_with_labels_and_units() -> None:
     job = _job()
     job.metrics["a1"] = (9.0, messages.Metrics("m-1", [StageStats("0.0", 5, 20, 1.5, occupancy=0.5),
                                                        StageStats("1.0", 2, 8, occupancy=0.25)],
-                                               DispatcherStats(requests=4, latency_p99_s=0.2, latency_sum_s=0.5)))
+                                               DispatcherStats(requests=4, latency_p99_s=0.2, latency_sum_s=0.5,
+                                                               replayed=3, duplicates=1)))
     job.metrics["a2"] = (9.5, messages.Metrics("m-1", [StageStats("1.1", 3, 12, occupancy=0.75)]))
     text = export.render(export.collect([job], now=10.0))
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -109,6 +110,10 @@ def test_prometheus_text_parses_with_labels_and_units() -> None:
     assert q["0.99"] == 0.2
     assert {s.name: s.value for s in latency.samples if not s.labels.get("quantile")} == {
         "infscaled_dispatcher_latency_seconds_sum": 0.5, "infscaled_dispatcher_latency_seconds_count": 4}
+    # Recovery's counters (dispatch/core.py): requests (sequences) sent again, late answers dropped.
+    for name, value in (("infscaled_dispatcher_replayed_requests", 3), ("infscaled_dispatcher_duplicates_dropped", 1)):
+        assert families[name].type == "counter"
+        assert [(s.labels, s.value) for s in families[name].samples] == [({"job": "m-1", "agent": "a1"}, value)]
 
     job.state = JobState.STOPPED  # no stale numbers for a job that is gone
     families = {f.name: f for f in text_string_to_metric_families(export.render(export.collect([job])))}

@@ -81,6 +81,10 @@ DISPATCHER_SERIES: tuple[tuple[str, str, str, Callable[[DispatcherStats], float]
     ("dispatcher_rejected_requests", "counter", "Requests refused (bad input, queue full, draining, failed).",
      lambda d: d.rejected),
     ("dispatcher_timed_out_requests", "counter", "Requests answered 504.", lambda d: d.timed_out),
+    ("dispatcher_replayed_requests", "counter",
+     "Requests sent again after a loss (generation: sequences continued on another chain).", lambda d: d.replayed),
+    ("dispatcher_duplicates_dropped", "counter", "Late answers dropped: their work was answered or moved on already.",
+     lambda d: d.duplicates),
 )
 
 

@@ -80,6 +80,8 @@ class JobStore:
         self._orphans_stopped: set[tuple[str, str]] = set()  # (job id, agent id) told to stop on rejoin
         self._to_stop: dict[tuple[str, str], str] = {}  # (job id, agent id) -> why: sent at the next tick
         self._adopt_failures: dict[str, str] = {}  # job id -> why adoption failed: failed at the next tick
+        # Where the next scaling / recovery port search starts, per agent (controller/scaling.py).
+        self.port_cursor: dict[str, int] = {}
         # Each inspection is a child process on an agent: a burst of submissions queues here.
         self._inspections = asyncio.Semaphore(cfg.max_inspections)
         self._waiting_submissions = 0

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,7 @@ from infscaled.controller.api import _url_host as url_host
 from infscaled.controller.jobs import SERVING, Job
 from infscaled.generation import openai_api, openapi, schema
 from infscaled.generation.errors import GenerationError, error_body
+from infscaled.protocol.plan import DISPATCHER
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,26 @@ async def forward_generation(request: web.Request) -> web.StreamResponse:
     job = resolve_model(request, parsed.get("model"))
     if isinstance(job, web.Response):
         return job
-    return await stream_through(request, _dispatcher_url(request, job, request.path), job.service_token,
-                                request[_RAW_BODY_KEY])
+    # The dispatcher died, or is being restarted (controller/recovery.py): an answer that had not
+    # started (a non-streaming one in flight, or any one refused while it restarts) is asked again
+    # until the new one answers. The client saw nothing of it and generation has no side effect,
+    # so it gets one whole answer (for greedy or seeded sampling the very one it would have had).
+    # A stream already under way cannot be continued (its sequence died with the dispatcher): it
+    # ends with an error event instead.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + request.app[CONFIG].request_timeout_s
+    retrying = False
+    while True:
+        resp = await stream_through(request, _dispatcher_url(request, job, request.path), job.service_token,
+                                    request[_RAW_BODY_KEY], job=job)
+        if (resp.prepared or resp.status != 502 or job.state not in SERVING or job.plan is None
+                or not job.plan.recovery.enabled or loop.time() + RETRY_S >= deadline):
+            return resp
+        if not retrying:
+            retrying = True
+            log.warning("job %s: its dispatcher did not answer request %s; asking again until it does (for up to "
+                        "%.0f s)", job.id, request_id(request), deadline - loop.time())
+        await asyncio.sleep(RETRY_S)
 
 
 async def forward_tokenizer(request: web.Request) -> web.StreamResponse:
@@ -221,7 +241,7 @@ async def forward_tokenizer(request: web.Request) -> web.StreamResponse:
 
 
 async def stream_through(request: web.Request, url: str, service_token: str, body: bytes,
-                         method: str = "POST") -> web.StreamResponse:
+                         method: str = "POST", job: Job | None = None) -> web.StreamResponse:
     """Send `body` to the dispatcher and give its answer to the client.
 
     An event stream is copied as it arrives, whole events at a time; any other answer is read
@@ -232,13 +252,15 @@ async def stream_through(request: web.Request, url: str, service_token: str, bod
 
     `request_timeout_s` bounds the wait for the answer to start and every silence within it
     (a long generation may stream for longer). A client that goes away closes the upstream
-    connection, which cancels the sequence there.
+    connection, which cancels the sequence there. With `job`, a stream cut short says whether
+    the dispatcher died (and is being restarted), once the controller heard of it.
     """
     cfg = request.app[CONFIG]
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.request_timeout_s)
     headers = {"Authorization": f"Bearer {service_token}", "Content-Type": "application/json",
                REQUEST_ID: request_id(request)}
     resp: web.StreamResponse | None = None
+    life = _DispatcherLife.of(job)
     try:
         async with request.app[proxy.SESSION].request(method, url, data=body, headers=headers,
                                                       timeout=timeout) as upstream:
@@ -264,14 +286,59 @@ async def stream_through(request: web.Request, url: str, service_token: str, bod
     except aiohttp.ClientError as exc:
         why = f"the job's dispatcher at {url} broke off its answer ({type(exc).__name__}: {exc})"
         if resp is not None:
+            if life is not None:
+                why = await life.explain(request, url) or why
             return await _end_stream(resp, 502, why)
         if isinstance(exc, aiohttp.ClientConnectorError):
-            log.warning("dispatcher at %s unreachable: %s", url, exc)
+            log.info("dispatcher at %s unreachable: %s", url, exc)  # the answer says so; a restart retries it
             return _error(502, f"dispatcher at {url} unreachable: {exc}")
         log.warning("%s", why)
         return _error(502, f"{why}; the request was not answered")
 
 
+RETRY_S = 0.2  # between tries of a generation request whose dispatcher is unreachable or died
+# A dispatcher's death reaches the controller from its agent a moment after its connections broke:
+# a stream it cut short waits this long, at most, to say so instead of just "broke off".
+DEATH_HEARD_S = 2.0
+
+
+@dataclass(frozen=True)
+class _DispatcherLife:
+    """Which dispatcher process answers a request: its pid and restart count when it began."""
+
+    job: Job
+    pid: int
+    restarts: int
+
+    @staticmethod
+    def of(job: Job | None) -> _DispatcherLife | None:
+        if job is None or (status := job.nodes.get(NAME)) is None:
+            return None
+        return _DispatcherLife(job, status.pid, job.recovery.attempts.get(NAME, 0))
+
+    async def explain(self, request: web.Request, url: str) -> str | None:
+        """Why the dispatcher broke off, once the controller heard: it died and is being restarted,
+        or it died and the job failed; None when nothing was heard in DEATH_HEARD_S."""
+        job = self.job
+
+        def heard() -> bool:
+            status = job.nodes.get(NAME)
+            return (job.state not in SERVING or status is None or status.pid != self.pid
+                    or status.state != "ready" or job.recovery.attempts.get(NAME, 0) > self.restarts)
+
+        if not await request.app[JOBS].wait_until(heard, DEATH_HEARD_S):
+            return None
+        if job.state not in SERVING:
+            return f"the job's dispatcher at {url} died mid-answer and the job is {job.state}: {job.reason}"
+        status = job.nodes.get(NAME)
+        reasons = job.recovery.reasons.get(NAME, [])
+        died = (reasons[-1].removeprefix("dispatcher: ") if job.recovery.attempts.get(NAME, 0) > self.restarts
+                else status.reason or status.state if status is not None else "gone")
+        return (f"the job's dispatcher at {url} died mid-answer ({died}); this sequence died with it and "
+                "cannot be continued; the dispatcher is being restarted: send the request again")
+
+
+NAME = str(DISPATCHER)
 SSE_TYPE = "text/event-stream"
 _DONE = b"data: [DONE]\n\n"  # a stream's last event (generation/responses.py)
 

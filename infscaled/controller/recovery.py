@@ -14,13 +14,16 @@ every replacement is READY, the dispatcher hears that the pipeline is whole agai
 is `running`. A replacement that fails is a loss of its own, replaced again after `backoff_s`
 (doubling), up to `[recovery] attempts` per original replica.
 
-The dispatcher service of a forward job is restarted the same way (`recover_dispatcher`; a
-generation job whose dispatcher died fails with the reason, its streams ended with an error
-event by the proxy): on its agent, on its
-HTTP port, with every edge joined again on fresh ports; the stage replicas hear it was dead and
-join the newcomer. What it had in flight is lost with it: the controller's proxy retries forward
-requests (they are idempotent) until the new one answers; a generation stream through it ends
-with an error event. Its agent lost with it: the job fails (the service's port is on that host).
+The dispatcher service is restarted the same way (`recover_dispatcher`), for forward and
+generation jobs alike: on its agent, on its HTTP port, with every edge joined again on fresh
+ports; the stage replicas hear it was dead (`TopologyUpdate.dead`) and join the newcomer. What it
+had in flight is lost with it. The controller's proxy retries forward requests (they are
+idempotent) and generation requests whose answer had not started (non-streaming ones included:
+the client saw nothing of them) until the new one answers; a stream already under way ends with
+an error event saying the dispatcher died (controller/openai_proxy.py). A generation chain frees
+the caches of the dead dispatcher's sequences and serves on (engine/programs/generation.py); the
+new dispatcher numbers its sequences past the old one's. Its agent lost with it: the job fails
+(the service's port is on that host).
 """
 
 from __future__ import annotations
@@ -62,12 +65,10 @@ def can_recover(job: Job, nodes: list[str]) -> bool:
         return False
     if str(DISPATCHER) not in nodes:
         return True
-    # The dispatcher alone, of a forward job: restarted on its agent. With stage replicas, with its
-    # agent, or of a generation job (its chains hold the caches of the sequences that died with it
-    # and treat themselves as lost): not, the job fails with the reason.
+    # The dispatcher alone: restarted on its agent. With stage replicas, or with its agent: not,
+    # the job fails with the reason.
     status = job.nodes.get(str(DISPATCHER))
-    return (nodes == [str(DISPATCHER)] and status is not None and status.state != "lost"
-            and job.plan is not None and job.plan.generation is None)
+    return nodes == [str(DISPATCHER)] and status is not None and status.state != "lost"
 
 
 async def recover_dispatcher(store: JobStore, job: Job, why: str) -> None:

@@ -132,7 +132,10 @@ def apply_on_agents(store: JobStore, job: Job, shape: ScaleShape, placed: dict[N
 
 
 def reserve_ports(store: JobStore, job: Job, senders: list[str]) -> list[int]:
-    """One free port per new edge, in the range of the agent hosting its sender."""
+    """One free port per new edge, in the range of the agent hosting its sender. The search goes
+    round the range from where the last one ended, so a port just released (a dead node's, or a
+    removed edge whose listener a restarting dispatcher may still hold) is not handed out again
+    at once."""
     used: dict[str, set[int]] = {}
     now = time.monotonic()
     for other in store.jobs.values():
@@ -143,9 +146,11 @@ def reserve_ports(store: JobStore, job: Job, senders: list[str]) -> list[int]:
     for agent_id in senders:
         first, last = store.registry.agents[agent_id].info.port_range
         taken = used.setdefault(agent_id, set())
-        port = next((p for p in itertools.count(first) if p > last or p not in taken), last + 1)
-        if port > last:
+        start = min(max(store.port_cursor.get(agent_id, first), first), last)
+        port = next((p for p in itertools.chain(range(start, last + 1), range(first, start)) if p not in taken), None)
+        if port is None:
             raise Rejected(409, f"cannot scale job {job.id}: agent {agent_id} has no free port in {first}..{last}")
+        store.port_cursor[agent_id] = port + 1 if port < last else first
         taken.add(port)
         out.append(port)
     return out

@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 # PromptLogprobs (done=False) if it asked for its prompt's.
 Consumer = Callable[[int | Sampled | PromptLogprobs, bool, str | None], None]
 TIMED_OUT = "timed out"  # how the timeout's reason starts
+EPOCH_ID_SHIFT = 32  # a dispatcher started at topology epoch E numbers its sequences from E << 32
 
 
 @dataclass
@@ -112,7 +113,7 @@ class _Chain:
 
 class Sequences(FrontEnd):
     def __init__(self, plan: GenerationPlan, request_timeout_s: float = 120.0, max_waiting: int = 4096,
-                 on_broken: Callable[[str], None] | None = None, recovery: bool = False) -> None:
+                 on_broken: Callable[[str], None] | None = None, recovery: bool = False, epoch: int = 0) -> None:
         super().__init__(None, on_broken, recovery)
         self.plan = plan
         self.request_timeout_s = request_timeout_s
@@ -123,7 +124,10 @@ class Sequences(FrontEnd):
         self._live_ids: set[int] = set()  # any thread, under the lock: submitted and not ended
         self._waiting_count = 0
         self._idle = threading.Condition(self._lock)
-        self._ids = itertools.count(1)
+        # Sequence ids start past every id of an earlier dispatcher of the job (one restarted after
+        # a death starts at a later epoch): tokens of the dead one's sequences, still in a chain's
+        # loop, are never taken for this one's.
+        self._ids = itertools.count((epoch << EPOCH_ID_SHIFT) + 1)
         self._mb_ids = itertools.count(1)
         self._next_check = 0.0
         self.finished = 0  # sequences that ran to their end (for stats and tests)

@@ -185,7 +185,7 @@ class Engine:
                             self.settings.connect_timeout_s if timeout_s is None else timeout_s,
                             transport_for=self.transport_for)
         for p in plans:
-            end = EdgeEnd(p, self.node)
+            end = EdgeEnd(p, self.node, epoch=self.epoch)
             self.ends[p.key] = end
             self._opened(end, edges[p.key])
 
@@ -197,7 +197,7 @@ class Engine:
         self._joining = set()
         self._on_joined = on_joined
         for p in plans:
-            end = EdgeEnd(p, self.node)
+            end = EdgeEnd(p, self.node, epoch=self.epoch)
             self.ends[p.key] = end
             self._joining.add(p.key)
             self._spawn(self._connector, end, name=f"connect-{p.key}")
@@ -415,7 +415,7 @@ class Engine:
             if self.node not in (plan.src, plan.dst):
                 raise InfscaledError(f"{self.node}: topology epoch {update.epoch} adds edge {plan.key}, "
                                      "which is not this node's")
-            end = EdgeEnd(plan, self.node)
+            end = EdgeEnd(plan, self.node, epoch=self.epoch)
             self.ends[plan.key] = end
             self._spawn(self._connector, end, name=f"connect-{plan.key}")
             if end.outgoing:

@@ -54,6 +54,7 @@ class EdgeEnd:
     recv_stream: object = None  # CUDA stages: this in-edge's receive stream
     sent: int = 0  # out-edges: data messages sent (sender thread)
     acked: int = 0  # out-edges: data messages the peer acknowledged (ack reader thread)
+    epoch: int = 0  # the topology epoch that joined it: a restarted dispatcher's edges are younger than it
 
     @property
     def key(self) -> str:

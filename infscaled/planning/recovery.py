@@ -11,7 +11,8 @@ dispatcher whether the pipeline is `complete`).
   routing tables simply gain the new edges.
 - The dispatcher: it comes back under its own name on the same host, and every edge it had is
   joined again on a fresh port (`dispatcher_restart`); what was in flight through it is lost
-  with it (its callers retry forward requests; streams end with an error).
+  with it (its callers retry forward requests; streams end with an error; a generation chain
+  frees the dead dispatcher's sequences and joins the new one).
 - Generation jobs: a chain that lost a member is dead as a whole (its survivors hold KV caches
   of sequences the dispatcher moves to other chains), so each such chain is removed and a fresh
   chain (new ids on every stage) is added, as scaling the chains up would.

@@ -83,6 +83,9 @@ class DispatcherStats:
     ttft_p99_s: float = 0.0
     tpot_p50_s: float = 0.0  # time per output token after the first
     tpot_p99_s: float = 0.0
+    # Recovery (issue 12), counters since this dispatcher started (a restarted one counts afresh):
+    replayed: int = 0  # requests sent again after a loss (generation: sequences continued on another chain)
+    duplicates: int = 0  # late answers dropped: their work had been answered or moved on already
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,9 @@ class EdgeFailed:
     peer: str
     edge: str
     reason: str
+    # The topology epoch that joined the edge: one older than the peer's own start is an edge to an
+    # earlier process of that name (a restarted dispatcher keeps its name), which is left alone.
+    epoch: int = 0
 
 ControlMessage = (WorkerReady | WorkerStatsReport | DispatcherStatsReport | WorkerDone | WorkerFailed | StopWorker
                   | UpdateTopology | Heartbeat | EdgeFailed)

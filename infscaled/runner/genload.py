@@ -150,6 +150,9 @@ class GenSummary:
     verified: int = 0
     mismatched: int = 0
     scaling: list[Any] = field(default_factory=list)  # runner.scaling.ScaleEvent, from --scale-at
+    # The dispatcher's counters (dispatch/sequences.py); None where the run cannot see them (`up`).
+    replayed: int | None = None  # sequences continued on another chain after a loss
+    duplicates: int | None = None  # late tokens dropped: from a chain the sequence had left
 
     @property
     def completed(self) -> list[SeqOutcome]:
@@ -188,6 +191,8 @@ class GenSummary:
             doc["verify"] = {"checked": self.verified, "mismatched": self.mismatched}
         if self.scaling:
             doc["scaling"] = [e.to_json() for e in self.scaling]
+        if self.replayed is not None:
+            doc["recovery"] = {"replayed": self.replayed, "duplicates_dropped": self.duplicates}
         if self.failure:
             doc["failure"] = self.failure
         errors = sorted({o.error for o in self.outcomes if o.error})
@@ -211,6 +216,8 @@ def render_generation(summary: GenSummary) -> Any:
     if summary.verified:
         checked = f"{summary.verified} checked, {summary.mismatched} mismatched"
         rows.append(("verified (greedy == HF generate)", checked))
+    if summary.replayed is not None:
+        rows.append(("continued on another chain / late tokens dropped", f"{summary.replayed} / {summary.duplicates}"))
     table = label_table(f"job {summary.job} (generation)", rows, summary.failure)
     if not summary.scaling:
         return table

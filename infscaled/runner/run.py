@@ -55,6 +55,8 @@ def run_job(cfg: JobConfig, *, requests: int | None = None, rate: float | None =
         stages = [h.stats for h in job.state.workers.values() if h.stats is not None]
         summary = summarize(cfg.name, run, sorted(stages, key=lambda s: s.node), job.state.failure)
         summary.scaling = schedule.events
+        if job.dispatcher is not None:
+            summary.replayed, summary.duplicates = job.dispatcher.replayed, job.dispatcher.duplicates
     if verify:
         summary.verify = verify_outcomes(prepared, run.completed)
     return summary
@@ -118,6 +120,7 @@ def run_generation(cfg: JobConfig, *, verify: bool = False, log_level: int = log
         stages = sorted((h.stats for h in job.state.workers.values() if h.stats is not None), key=lambda s: s.node)
         summary = GenSummary(cfg.name, outcomes, wall, stages, job.state.failure)
         summary.scaling = schedule.events
+        summary.replayed, summary.duplicates = job.generator.replayed, job.generator.duplicates
     if verify:
         expected = greedy_reference(cfg, [(o.prompt, o.max_new) for o in summary.completed])
         summary.verified = len(expected)

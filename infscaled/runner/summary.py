@@ -40,6 +40,9 @@ class Summary:
     errors: list[str] = field(default_factory=list)
     verify: Verification | None = None
     scaling: list[Any] = field(default_factory=list)  # runner.scaling.ScaleEvent, from --scale-at
+    # The dispatcher's counters (dispatch/core.py); None where the run cannot see them (`up`).
+    replayed: int | None = None  # requests sent again after a loss
+    duplicates: int | None = None  # late answers dropped
 
     @property
     def throughput_rps(self) -> float:
@@ -75,6 +78,8 @@ class Summary:
                              "max_abs_err": self.verify.max_abs_err}
         if self.scaling:
             doc["scaling"] = [e.to_json() for e in self.scaling]
+        if self.replayed is not None:
+            doc["recovery"] = {"replayed": self.replayed, "duplicates_dropped": self.duplicates}
         return doc
 
     def write_json(self, path: str | Path) -> None:
@@ -120,6 +125,8 @@ def render(summary: Summary) -> Any:
         ver = summary.verify
         text = f"{ver.checked} checked, {ver.mismatched} mismatched, max |err| {ver.max_abs_err:.2e}"
         rows.append(("verified", text))
+    if summary.replayed is not None:
+        rows.append(("replayed / late duplicates dropped", f"{summary.replayed} / {summary.duplicates}"))
     head = label_table(f"job {summary.job}", rows, summary.failure)
     stages = Table(title="stages")
     for col in ("stage.replica", "micro-batches", "samples", "busy"):

@@ -201,7 +201,7 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None], eng
     engine = Engine(me, program, settings, transport_chooser(plan, me), worker.device,
                     on_stats=report if measure else None)
     engine.epoch = plan.epoch
-    engine.on_edge_failed = lambda end, why: send(control.EdgeFailed(str(me), str(end.peer), end.key, why))
+    engine.on_edge_failed = lambda end, why: send(control.EdgeFailed(str(me), str(end.peer), end.key, why, end.epoch))
     connecting = time.monotonic()
     # Joined in the background: a peer that dies meanwhile (declared dead by the supervisor's next
     # epoch) does not hold this replica's READY up (runner/recovery.py replaces it meanwhile).

@@ -86,6 +86,7 @@ class WorkerHandle:
     ready_deadline: float = float("inf")  # monotonic: terminated if not READY by then
     last_beat: float | None = None  # monotonic: when it last said anything (None: nothing yet)
     retiring: bool = False  # stopped on purpose (retire): its exit is expected
+    epoch: int = 0  # the topology epoch of the plan it was started with
 
 
 def describe(node: Node) -> str:
@@ -164,8 +165,10 @@ class WorkerGroup:
         proc.start()
         child.close()
         with self._changed:
+            plan = getattr(m.spec, "plan", None)  # WorkerSpec and ServiceSpec carry their JobPlan
             self.handles[m.node] = WorkerHandle(m.node, proc, parent,
-                                                ready_deadline=time.monotonic() + self.ready_timeout_s)
+                                                ready_deadline=time.monotonic() + self.ready_timeout_s,
+                                                epoch=getattr(plan, "epoch", 0))
             self._changed.notify_all()
 
     def retire(self, node: Node, reason: str) -> None:
@@ -289,14 +292,17 @@ class WorkerGroup:
     # -- supervision (its own thread) ------------------------------------------------------------
 
     def _supervise(self) -> None:
-        seen: set[int] = set()  # handles (a restarted dispatcher comes back under its old name)
+        # Handles already watched, by identity (a restarted dispatcher comes back under its old name).
+        # The handle is kept, not just its id(): a dead handle freed could lend its id to a new one,
+        # which would then never be watched (a restarted dispatcher stuck "starting": found by chaos).
+        seen: dict[int, WorkerHandle] = {}
         live_conns: dict[Any, WorkerHandle] = {}
         live_sentinels: dict[Any, WorkerHandle] = {}
         while True:
             with self._changed:
                 for h in self.handles.values():  # members added while running
                     if id(h) not in seen:
-                        seen.add(id(h))
+                        seen[id(h)] = h
                         live_conns[h.conn] = h
                         live_sentinels[h.process.sentinel] = h
             if not live_sentinels and (self._closing or not self.members):
@@ -367,6 +373,8 @@ class WorkerGroup:
             return
         if peer is None or peer.exited or peer.retiring or self._closing or peer.failure is not None:
             return
+        if msg.epoch < peer.epoch:
+            return  # an edge to the process this one replaced (a restarted dispatcher keeps its name)
         if not peer.process.is_alive():
             return  # it died by itself: its sentinel reports it
         peer.failure = f"unresponsive on edge {msg.edge} ({msg.reason}); killed"

@@ -39,7 +39,9 @@ class RequestStats:
         self.finished(tokens, latency_s, now)
         self.sequences.add(now, ttft_s, -1.0 if tpot_s is None else tpot_s)
 
-    def snapshot(self, inflight_micro_batches: int, now: float | None = None) -> DispatcherStats:
+    def snapshot(self, inflight_micro_batches: int, now: float | None = None, replayed: int = 0,
+                 duplicates: int = 0) -> DispatcherStats:
+        """The report; `replayed` and `duplicates` are the dispatcher core's counters (dispatch/core.py)."""
         now = time.monotonic() if now is None else now
         seqs = self.sequences.snapshot(now)
         ttft = sorted(e[1] for e in seqs)
@@ -55,4 +57,5 @@ class RequestStats:
             samples_per_s=rate(sum(e[1] for e in events), covered),
             latency_p50_s=p50, latency_p90_s=p90, latency_p99_s=p99, latency_sum_s=self.latency_sum_s,
             ttft_p50_s=percentile(ttft, 0.5), ttft_p99_s=percentile(ttft, 0.99),
-            tpot_p50_s=percentile(tpot, 0.5), tpot_p99_s=percentile(tpot, 0.99))
+            tpot_p50_s=percentile(tpot, 0.5), tpot_p99_s=percentile(tpot, 0.99),
+            replayed=replayed, duplicates=duplicates)

@@ -2,8 +2,10 @@
 
 `dispatcher_main(spec, conn)` is spawned like a stage worker and speaks the same control-pipe
 protocol (READY / failed / done; see `worker.group`). Life cycle: build the model skeleton
-(meta device: the InputSpec, no weights) -> connect the dispatcher's edges (waits for the
-stage workers to build) -> start the Dispatcher -> listen on (plan.dispatcher_host, port) ->
+(meta device: the InputSpec, no weights) -> start the Dispatcher and join its edges (waits for
+the stage workers to build; topology updates that arrive meanwhile are applied, so a restarted
+dispatcher is not held up by a peer that died while it started) -> listen on
+(plan.dispatcher_host, port) ->
 READY -> serve until STOP -> stop listening, drain (dispatcher.close(): in-flight requests
 finish, then STOP flows down the pipeline) -> DONE -> exit 0.
 
@@ -107,7 +109,8 @@ class _ControlLink:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self.engine: Engine | None = None  # set once connected: topology updates go to it
+        self.engine: Engine | None = None  # set by attach(): topology updates go to it
+        self._early: list[control.UpdateTopology] = []  # updates that came before the engine existed
 
     def send(self, msg: control.ControlMessage) -> None:
         with self._lock:
@@ -120,6 +123,23 @@ class _ControlLink:
     def start(self) -> None:
         threading.Thread(target=self._watch, name="control", daemon=True).start()
 
+    def attach(self, engine: Engine) -> None:
+        """Topology updates go to `engine` from now on, those that came earlier first, in order (a
+        restarted dispatcher can hear of a later epoch while it starts: a node that died or an
+        edge removed meanwhile; the engine skips epochs it is past)."""
+        with self._lock:
+            self.engine = engine
+            early, self._early = self._early, []
+        for msg in early:
+            self._update(engine, msg)
+
+    @staticmethod
+    def _update(engine: Engine, msg: control.UpdateTopology) -> None:
+        try:
+            engine.update(msg.update())
+        except ValueError as exc:
+            log.warning("ignoring a malformed topology update: %s", exc)
+
     def _watch(self) -> None:
         try:
             while True:
@@ -129,13 +149,12 @@ class _ControlLink:
                     log.warning("ignoring a malformed control message: %s", exc)
                     continue
                 if isinstance(msg, control.UpdateTopology):
-                    if self.engine is None:
-                        log.warning("topology epoch %d arrived before the dispatcher connected; ignored", msg.epoch)
-                        continue
-                    try:
-                        self.engine.update(msg.update())
-                    except ValueError as exc:
-                        log.warning("ignoring a malformed topology update: %s", exc)
+                    with self._lock:
+                        engine = self.engine
+                        if engine is None:
+                            self._early.append(msg)  # applied once the engine exists (attach)
+                    if engine is not None:
+                        self._update(engine, msg)
                     continue
                 if not isinstance(msg, control.StopWorker):
                     continue
@@ -190,19 +209,44 @@ def _run(spec: ServiceSpec, link: _ControlLink) -> control.StageStats:
     input_spec = skeleton(resolve(plan.model_source)).family.input_spec()
     front: FrontEnd
     if plan.generation is not None:
-        front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s, recovery=plan.recovery.enabled)
+        front = Sequences(plan.generation, request_timeout_s=spec.request_timeout_s, recovery=plan.recovery.enabled,
+                          epoch=plan.epoch)
     else:
         front = Batching(input_spec, dtype_of(plan.dtype), plan,
                          request_timeout_s=spec.request_timeout_s + WATCHDOG_SLACK_S, recovery=plan.recovery.enabled)
-    engine = dispatcher_engine(plan, front, spec.connect_timeout_s)
-    link.engine = engine
-    front.run_engine()
+    _join(plan, front, link, spec.connect_timeout_s)
     return asyncio.run(_serve(spec, front, input_spec, link, time.monotonic() - started))
+
+
+def _join(plan: JobPlan, front: FrontEnd, link: _ControlLink, timeout_s: float) -> None:
+    """Run the dispatcher's engine and join its edges in the background (they wait for the stage
+    workers to build), applying topology updates meanwhile: a restarted dispatcher's peer that
+    dies, or an edge removed, while it joins no longer holds it up (Engine.join). Returns once
+    every remaining edge is open; raises when one failed to connect or `timeout_s` passed."""
+    from infscaled.errors import InfscaledError
+
+    engine = _engine(plan, front, timeout_s)
+    joined = threading.Event()
+    engine.join(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)), joined.set)
+    link.attach(engine)  # after join: an update that removes or kills one of these edges finds it
+    front.run_engine()
+    deadline = time.monotonic() + timeout_s
+    while not joined.wait(0.1):
+        if front.wait_ended(0):
+            raise InfscaledError(front.failure or "the dispatcher's engine ended while joining its edges")
+        if time.monotonic() > deadline:
+            raise InfscaledError(f"the dispatcher's edges did not all connect within {timeout_s:g} s")
 
 
 def dispatcher_engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) -> Engine:
     """The dispatcher's engine with `front` as its program, its edges connected (blocks until
     the stage workers joined: they build their stages first)."""
+    engine = _engine(plan, front, connect_timeout_s)
+    engine.connect(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)))
+    return engine
+
+
+def _engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) -> Engine:
     from infscaled.engine.core import Engine, EngineSettings
     from infscaled.worker.transport import Transport
 
@@ -210,7 +254,6 @@ def dispatcher_engine(plan: JobPlan, front: FrontEnd, connect_timeout_s: float) 
     engine = Engine(DISPATCHER, front, EngineSettings(plan.dispatcher_host, connect_timeout_s, plan.edge_timeout_s),
                     lambda _edge: connector)
     engine.epoch = plan.epoch
-    engine.connect(list(plan.out_edges(DISPATCHER)) + list(plan.in_edges(DISPATCHER)))
     return engine
 
 
@@ -308,7 +351,8 @@ async def _report_stats(svc: _Service, link: _ControlLink) -> None:
     """Every stats_interval_s, the request view on the control pipe (the agent forwards it)."""
     while True:
         await asyncio.sleep(svc.spec.stats_interval_s)
-        stats = svc.stats.snapshot(svc.dispatcher.inflight())
+        front = svc.dispatcher
+        stats = svc.stats.snapshot(front.inflight(), replayed=front.replayed, duplicates=front.duplicates)
         try:
             link.send(control.DispatcherStatsReport(stats))  # a few hundred bytes: does not block the loop
         except OSError as exc:

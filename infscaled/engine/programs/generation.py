@@ -16,13 +16,23 @@ STOP flows down the chain, the last stage passes it to the dispatcher and round 
 stage 0 ends once the loop's STOP arrived too.
 
 Failures (issue 12): every edge of a chain is on the path of every one of its sequences, so one
-broken edge (a dead neighbour, a dead dispatcher, a malformed message) loses the whole chain. The
+broken edge between two stages (a dead neighbour, a malformed message) loses the whole chain. The
 stage says why in its log, frees every cache and from then on drops what still arrives: it
 neither computes nor sends anything more, and never raises for it. The dispatcher continues the
 chain's sequences on another chain (dispatch/sequences.py) and the supervisor retires the
 survivors; a survivor that receives the dispatcher's STOP ends as usual. A replayed sequence's
 prefill carries its tokens so far, and its sampling state is rebuilt from the spec
 (generation.sampling.resume_sampling).
+
+The dispatcher's death is not the chain's: every sequence on the chain was that dispatcher's, and
+their state died with it, so stage 0 (told by its broken dispatcher edge or by
+TopologyUpdate.dead, whichever comes first) frees them all and sends the FREE down the chain
+behind whatever is already on its way, as any free (so each stage frees them after their last
+message and before any sequence of the next dispatcher); the stages further down just drop the
+tokens meant for the dead dispatcher. The chain serves on and joins the restarted dispatcher's
+edges (TopologyUpdate.add, controller/recovery.py). Tokens still in the loop come back to stage 0
+for sequences it no longer holds and are dropped there; the new dispatcher numbers its sequences
+past every id of the old one (dispatch/sequences.py), so nothing is mistaken for its own.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import torch
 
 from infscaled.engine import genwire as gw
 from infscaled.engine.core import REQUESTS_KEY
-from infscaled.engine.edges import EdgeEnd
+from infscaled.engine.edges import EdgeEnd, EdgeState
 from infscaled.engine.program import Program
 from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.graphs import DecodeStep
@@ -93,7 +103,7 @@ class GenerationStage(Program):
         torch.set_grad_enabled(False)
 
     def on_message(self, end: EdgeEnd, wire: Message) -> None:
-        if self.lost is not None:
+        if self.lost is not None or (end.peer.is_dispatcher and end.state is EdgeState.BROKEN):
             self.engine.dropped += 1  # in flight when the chain broke: nobody can use it now
             self.engine.passed_on()
             self.engine.ack(end, Ack(ACK, wire.mb_id, int(wire.tensors[REQUESTS_KEY].shape[0]), 0))
@@ -134,12 +144,38 @@ class GenerationStage(Program):
         super().on_broken(end, error)
         if self.lost is not None or self._stopped:
             return
+        if end.peer.is_dispatcher:
+            self._dispatcher_gone(f"edge {end.key} broke ({type(error).__name__}: {error})")
+            return
         self.lost = f"edge {end.key} broke ({type(error).__name__}: {error})"
         log.warning("%s: replica chain %d lost: %s; its %d sequence(s) dropped here (the dispatcher continues "
                     "them on another chain)", self.engine.node, self.engine.node.replica, self.lost, len(self.kv.seqs))
         self.kv.free(list(self.kv.seqs))
         self.chain = _Chain()
         self.samplers.clear()
+
+    def on_nodes_dead(self, nodes: frozenset[Node]) -> None:
+        if DISPATCHER in nodes and not self._stopped and self.lost is None:
+            self._dispatcher_gone("the dispatcher was declared dead")
+
+    def _dispatcher_gone(self, why: str) -> None:
+        """Every sequence here was the dead dispatcher's: stage 0 frees them all, down the chain in
+        order (see the module's docstring); the chain serves on for the next dispatcher. `inflight`
+        stays: those micro-batches still come back round the loop, and are dropped then."""
+        if not self.first:
+            log.info("%s: dispatcher gone (%s); stage 0 frees its sequences down the chain", self.engine.node, why)
+            return
+        seqs = list(self.kv.seqs)
+        held = sum(len(m.specs) for m in self.chain.held)
+        self.chain.held.clear()
+        self.chain.ready.clear()
+        if seqs:
+            self._free(seqs)
+            if self.chain.pending_free and not self.last:
+                self._send_next(gw.Free([]))
+        if seqs or held:
+            log.warning("%s: dispatcher gone (%s): %d sequence(s) freed down the chain, %d waiting prefill(s) "
+                        "dropped; serving on for the next dispatcher", self.engine.node, why, len(seqs), held)
 
     def poll(self, now: float) -> float | None:
         if not self.first or self._stopped or self.lost is not None:
@@ -299,6 +335,9 @@ class GenerationStage(Program):
         if self._stopped or self.lost is not None:
             return  # STOP went down this edge already, or the chain is lost (on_broken said why)
         end = self.engine.output_to(peer)
+        if end is None and peer.is_dispatcher and any(e.peer.is_dispatcher for e in self.engine.outputs()):
+            self.engine.dropped += 1  # tokens of a dead dispatcher's sequence: nobody waits for them
+            return
         if end is None:
             raise RuntimeError(f"{self.engine.node}: no edge to {peer} in this job's plan")
         self._mb_ids += 1
