@@ -5,9 +5,10 @@
 # the device's 10 minutes. Run on the device machine from a copy of the repository root:
 #   OUT=DIR bash benchmarks/decode_device.sh
 # Environment: STEP_ARGS (extra decode_step arguments), GEN_CASES (gen_1stage.sh cases),
-# GPU_TESTS (test files), T_TESTS / T_GEMM / T_STEP / T_GEN (seconds per phase; T_GEN is per
-# case: a llama-3b worker needs ~70 s from spawn to its first decode step, drawing its random
-# weights on one CPU thread, and each new decode bucket compiles: 90 s was too short).
+# GPU_TESTS (test files), POISSON_ARGS (benchmarks/gen_poisson.py arguments), T_TESTS / T_GEMM /
+# T_STEP / T_GEN / T_POISSON (seconds per phase; T_GEN is per case: a llama-3b stage builds in
+# 6-16 s (section 20; ~70 s before its weights were made in a thread pool), and with compile each
+# new decode bucket compiles: a 16 x live requests case took 60-90 s).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1
@@ -41,6 +42,10 @@ for phase in ${PHASES:-tests gemm step gen}; do
     step)
       timeout "${T_STEP:-240}" python3 -m benchmarks.decode_step --out "$OUT" ${STEP_ARGS:---variants flex:compiled,flex:compiled:fused,triton:compiled:fused,triton:eager:fused --profile} \
         2>&1 | grep -vE "^\s*$|Warning|warn\(" | tee -a "$log" | tail -60
+      ;;
+    poisson)
+      timeout "${T_POISSON:-240}" python3 -m benchmarks.gen_poisson --out "$OUT" ${POISSON_ARGS:-} \
+        2>&1 | grep -vE "Warning|warn\(" | tee -a "$log" | tail -20
       ;;
     gen)
       mkdir -p /tmp/gen

@@ -6,18 +6,26 @@ processes. For each N:
 
 1. registration: start the simulators (connects spread over --ramp-s) and time until the
    controller counts N connected agents;
-2. quiet window (--quiet-s): only agent traffic; controller CPU (utime + stime from /proc) and RSS;
-3. loaded window (--loaded-s): + --watchers `/v1/watch` subscribers and one API client probing
-   GET /v1/jobs, GET /v1/agents?limit=100 and a job submission (then its stop) in turn; latency
-   p50 / p99 of each, bytes a watcher received per second, and GET /metrics once at the end;
-4. restart: SIGTERM the controller, start it again on the same port, time until N are back.
+2. the no-loss window (--window-s, default 300: the issue's 5 minutes), in two parts:
+   quiet (--quiet-s): only agent traffic; controller CPU (utime + stime from /proc) and RSS;
+   loaded (the rest): + --watchers `/v1/watch` subscribers (bytes each receives per second
+   after its snapshot, over --watch-s with nothing else going on), then one API client probing GET /v1/jobs,
+   GET /v1/agents?limit=100 and a job submission (then its stop) in turn, and a Prometheus-like
+   scraper (GET /metrics and one shard of GET /metrics/agents every --scrape-s); latency p50 /
+   p99 of each, bytes a watcher received per second, and the longest event-loop delay the
+   controller reports (`infscaled_controller_loop_lag_seconds`);
+3. restart: SIGTERM the controller, start it again on the same port, time until N are back.
 
-Agents wrongly lost = `agent_lost` events a watcher saw during 2 and 3, plus sessions the
+Agents wrongly lost = `agent_lost` events a watcher saw during the window, plus sessions the
 simulators saw end there (neither should happen: every agent stays up). Bounded: each phase has a
-deadline, every process is killed at the end, loopback only.
+deadline, every process is killed at the end, loopback only. The last lines compare each result
+with the issue's target (PASS / FAIL).
 
     PYTHONPATH=. python -m benchmarks.fleet_bench --agents 1000 [--agents 10000 ...] [--sims 4]
-        [--quiet-s 30] [--loaded-s 30] [--controller-cpus 0 --sim-cpus 1-7] [--json out.json]
+        [--window-s 300] [--quiet-s 30] [--controller-cpus 0 --sim-cpus 1] [--json out.json]
+
+With --controller-cpus / --sim-cpus the controller and the simulators are pinned (taskset), and
+this process (watchers, probes) runs on the simulators' CPUs: the controller gets its core alone.
 """
 
 from __future__ import annotations
@@ -171,6 +179,7 @@ class WatchCounter:
     lost: int = 0
     since: float = field(default_factory=time.time)  # wall clock: events before it are replays
     errors: list[str] = field(default_factory=list)
+    snapshot_at: float | None = None  # monotonic: when its snapshot (not steady state) arrived
 
 
 async def watch(http: aiohttp.ClientSession, url: str, query: str, counter: WatchCounter, live: list[bool]) -> None:
@@ -178,7 +187,10 @@ async def watch(http: aiohttp.ClientSession, url: str, query: str, counter: Watc
         async with http.ws_connect(f"{url}/v1/watch{query}", headers={"Authorization": f"Bearer {TOKEN}"},
                                    max_msg_size=0) as ws:
             async for frame in ws:
-                if live[0]:
+                if counter.snapshot_at is None and frame.data.startswith('{"v": 2, "type": "snapshot"'):
+                    counter.snapshot_at = time.monotonic()  # bytes count from after the snapshot
+                    continue
+                if live[0] and counter.snapshot_at is not None:
                     counter.frames += 1
                     counter.bytes += len(frame.data)
                     if '"agent_lost"' in frame.data:  # counted only when it happened in the window
@@ -215,6 +227,37 @@ async def probe(http: aiohttp.ClientSession, url: str, until: float, lat: dict[s
                     async with http.delete(f"{url}/v1/jobs/{json.loads(answer)['id']}", headers=headers) as d:
                         await d.read()
         await asyncio.sleep(0.2)
+
+
+async def scrape(http: aiohttp.ClientSession, url: str, until: float, every_s: float,
+                 lat: dict[str, list[float]], shards: int = 20) -> None:
+    """What Prometheus does: every `every_s`, GET /metrics and the next of `shards` shards of
+    GET /metrics/agents (no token: public_metrics)."""
+    timeout = aiohttp.ClientTimeout(total=60)
+    shard = 0
+    while time.monotonic() + every_s < until:
+        await asyncio.sleep(every_s)
+        sharded = f"/metrics/agents?shard={shard}&shards={shards}"
+        for name, path in (("GET /metrics", "/metrics"), (f"GET /metrics/agents (1 of {shards} shards)", sharded)):
+            t0 = time.perf_counter()
+            try:
+                async with http.get(url + path, timeout=timeout) as r:
+                    body = await r.read()
+                    ok = r.status == 200
+                if ok and path == "/metrics":
+                    lat.setdefault("loop lag", []).append(loop_lag(body))
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                ok = False
+            lat.setdefault(name if ok else f"{name} failed", []).append(time.perf_counter() - t0)
+        shard = (shard + 1) % shards
+
+
+def loop_lag(metrics: bytes) -> float:
+    """The controller's own longest event-loop delay of the last minute, from its /metrics."""
+    for line in metrics.decode().splitlines():
+        if line.startswith("infscaled_controller_loop_lag_seconds "):
+            return float(line.split()[1])
+    return float("nan")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -261,37 +304,55 @@ async def one_n(args: argparse.Namespace, n: int) -> dict[str, Any]:
             # -- loaded window: watchers and API probes
             counters = [WatchCounter() for _ in range(args.watchers)]
             tasks += [asyncio.create_task(watch(http, fleet.url, args.watch_query, c, live)) for c in counters]
-            await asyncio.sleep(3)  # the watchers' first (full) snapshots are not steady state
+            # Steady state with watchers and nothing else: what a watcher receives when little
+            # changes (the probe's job churn below is change), counted from after each snapshot.
+            deadline = time.monotonic() + args.register_deadline_s
+            while any(c.snapshot_at is None for c in counters) and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(2)
+            for c in counters:
+                c.bytes = c.frames = 0
+            t_w = time.monotonic()
+            await asyncio.sleep(args.watch_s)
+            result["watcher_kb_per_s"] = round(statistics.mean(c.bytes for c in counters) / (time.monotonic() - t_w)
+                                               / 1024, 2) if counters else None
             for c in counters:
                 c.bytes = c.frames = 0
             sent0 = fleet.sim_total("host_metrics_sent")
             lat: dict[str, list[float]] = {}
             cpu1, t_l = cpu_seconds(pid), time.monotonic()
-            await probe(http, fleet.url, t_l + args.loaded_s, lat)
+            loaded_s = max(5.0, args.window_s - (time.monotonic() - t_q))
+            scraper = asyncio.create_task(scrape(http, fleet.url, t_l + loaded_s, args.scrape_s, lat))
+            await probe(http, fleet.url, t_l + loaded_s, lat)
+            await scraper
             span = time.monotonic() - t_l
             result["cpu_loaded_pct"] = round(100 * (cpu_seconds(pid) - cpu1) / span, 1)
             result["host_metrics_per_s"] = round((fleet.sim_total("host_metrics_sent") - sent0) / span, 1)
             rss.append(rss_bytes(pid))
             result["rss_mib"] = max(rss) >> 20
+            lags = lat.pop("loop lag", [])
+            result["controller_loop_lag_max_ms"] = round(1000 * max(lags), 1) if lags else None
             result["latency_ms"] = {k: {"p50": round(1000 * pct(v, 0.5), 1), "p99": round(1000 * pct(v, 0.99), 1),
                                         "n": len(v)} for k, v in lat.items()}
             result["watchers"] = args.watchers
-            result["watcher_kb_per_s"] = round(statistics.mean(c.bytes for c in counters) / span / 1024, 2) \
+            result["watcher_kb_per_s_with_probe"] = round(statistics.mean(c.bytes for c in counters) / span / 1024, 2) \
                 if counters else None
             await asyncio.sleep(1.5)  # the simulators' reports of the window's end
             live[0] = False
             for t in tasks:
                 t.cancel()
+            result["window_s"] = round(time.monotonic() - t_q, 1)
             result["lost_watch_events"] = sum(c.lost for c in [*watchers, *counters])
             result["lost_sim_drops"] = fleet.sim_total("drops") - drops0
-            # /metrics last: at fleet scale one scrape can hold the loop long enough to drop agents.
+            # The whole fleet's per-agent series in one scrape (what a single Prometheus target
+            # without shards gets), after the window: its cost and whether any agent dropped.
             t_m = time.perf_counter()
-            async with http.get(fleet.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"},
-                                timeout=aiohttp.ClientTimeout(total=120)) as r:
+            async with http.get(fleet.url + "/metrics/agents", timeout=aiohttp.ClientTimeout(total=120)) as r:
                 body = await r.read()
-            result["metrics_ms"], result["metrics_kb"] = round(1000 * (time.perf_counter() - t_m), 1), len(body) >> 10
+            result["metrics_agents_whole_ms"] = round(1000 * (time.perf_counter() - t_m), 1)
+            result["metrics_agents_whole_kb"] = len(body) >> 10
             await asyncio.sleep(4)
-            result["sim_drops_after_one_metrics_scrape"] = fleet.sim_total("drops") - drops0 - result["lost_sim_drops"]
+            result["sim_drops_after_whole_scrape"] = fleet.sim_total("drops") - drops0 - result["lost_sim_drops"]
             print(f"  loaded: {json.dumps(result)}", flush=True)
             # -- restart
             fleet.controller.send_signal(signal.SIGTERM)
@@ -306,6 +367,44 @@ async def one_n(args: argparse.Namespace, n: int) -> dict[str, Any]:
     return result
 
 
+def parse_cpus(text: str) -> set[int]:
+    """taskset's list syntax: "1", "1-3", "0,2-3"."""
+    out: set[int] = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
+
+
+def verdict(r: dict[str, Any]) -> list[str]:
+    """Each of the issue's targets against this result."""
+    lat = r.get("latency_ms", {})
+    api = {k: v["p99"] for k, v in lat.items() if k in ("GET /v1/jobs", "GET /v1/agents?limit=100", "POST /v1/jobs")}
+    checks = [
+        ("registered within 30 s", r.get("register_s"), lambda v: v is not None and v <= 30),
+        ("back within 30 s after a restart", r.get("reregister_s"), lambda v: v is not None and v <= 30),
+        ("controller CPU <= 50 % (agent traffic)", r.get("cpu_agents_only_pct"), lambda v: v is not None and v <= 50),
+        ("RSS <= 1 GB", r.get("rss_mib"), lambda v: v is not None and v <= 1024),
+        (f"0 agents wrongly lost over {r.get('window_s')} s",
+         (r.get("lost_watch_events"), r.get("lost_sim_drops")), lambda v: v == (0, 0)),
+        ("API p99 <= 100 ms with watchers", api, lambda v: len(v) == 3 and max(v.values()) <= 100),
+    ]
+    little = r.get("busy") == 0  # the target is for a fleet where little changes: --busy 0
+    kb = r.get("watcher_kb_per_s")
+    lines_after = [f"  {'PASS' if kb is not None and kb <= 10 else 'FAIL' if little else 'INFO'}  "
+                   f"watcher <= 10 KB/s when little changes (--busy {r.get('busy')}): {r.get('watcher_kb_per_s')}",
+                   f"  INFO  the controller's longest event-loop delay in the loaded part (its /metrics, per minute): "
+                   f"{r.get('controller_loop_lag_max_ms')} ms"]
+    lines = [f"N={r['agents']} (load average {r.get('loadavg_1m')}):"]
+    for name, value, ok in checks:
+        try:
+            passed = ok(value)
+        except TypeError:
+            passed = False
+        lines.append(f"  {'PASS' if passed else 'FAIL'}  {name}: {value}")
+    return lines + lines_after
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--agents", type=int, action="append", help="fleet size; repeat for several (default 1000)")
@@ -315,8 +414,12 @@ def main() -> None:
     ap.add_argument("--host-metrics-s", type=float, default=5.0, help="controller's host_metrics_interval_s")
     ap.add_argument("--ramp-s", type=float, default=10.0)
     ap.add_argument("--settle-s", type=float, default=5.0)
-    ap.add_argument("--quiet-s", type=float, default=30.0)
-    ap.add_argument("--loaded-s", type=float, default=30.0)
+    ap.add_argument("--window-s", type=float, default=300.0,
+                    help="the no-loss window: quiet part, then loaded (watchers, API probes, scrapes)")
+    ap.add_argument("--quiet-s", type=float, default=30.0, help="its first part: agent traffic only")
+    ap.add_argument("--scrape-s", type=float, default=15.0, help="Prometheus-like scrape period in the loaded part")
+    ap.add_argument("--watch-s", type=float, default=20.0,
+                    help="the loaded part's start: watchers only (their KB/s when little changes), then the probes")
     ap.add_argument("--watchers", type=int, default=10)
     ap.add_argument("--watch-query", default="", help="query of the loaded window's watchers, e.g. ?agents=none")
     ap.add_argument("--register-deadline-s", type=float, default=120.0)
@@ -324,8 +427,15 @@ def main() -> None:
     ap.add_argument("--sim-cpus", help="taskset CPU list for the simulators (e.g. 1-7)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.quiet_s + args.watch_s + 10 > args.window_s:
+        ap.error(f"--window-s {args.window_s:g} must leave at least 10 s after --quiet-s {args.quiet_s:g} and "
+                 f"--watch-s {args.watch_s:g} for the probes")
+    if args.sim_cpus:  # watchers and probes share the simulators' CPUs, not the controller's
+        os.sched_setaffinity(0, parse_cpus(args.sim_cpus))
     results = [asyncio.run(one_n(args, n)) for n in args.agents or [1000]]
     print(json.dumps(results, indent=1))
+    for r in results:
+        print("\n".join(verdict(r)))
     if args.json:
         Path(args.json).write_text(json.dumps({"argv": sys.argv[1:], "cpus": os.cpu_count(), "results": results},
                                               indent=1) + "\n")

@@ -12,7 +12,11 @@ N registered agents with usage, and each piece of per-agent or per-request work 
   reported new usage, the delta's size, and the whole snapshot's encoding (once per tick for
   joining watchers);
 - over HTTP on 127.0.0.1 (the real app, token and all): GET /v1/agents?limit=100 (first page
-  and a page deep in the fleet), GET /v1/jobs, GET /v1/health and GET /metrics, p50 / p99.
+  and a page deep in the fleet), GET /v1/jobs, GET /v1/health, GET /metrics and the agents'
+  series (/metrics/agents: one agent, one of 20 shards, the whole fleet), p50 / p99, and for
+  each scrape the longest the loop went without running a 1 ms ticker;
+- a submission's placement (fit check + pick) with no device and half the devices busy,
+  against the scan over every agent it replaced.
 
 The agents have no websocket: only what does not need one is measured here.
 """
@@ -35,14 +39,18 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from benchmarks.fleet_bench import JOB
 from infscaled.controller import api
 from infscaled.controller.app import make_app
 from infscaled.controller.config import ControllerConfig
+from infscaled.controller.job import Job, JobSource
 from infscaled.controller.jobs import JobStore
 from infscaled.controller.registry import Agent, Registry
 from infscaled.controller.run import GC_GEN0_THRESHOLD
 from infscaled.controller.watch import Stream
+from infscaled.planning.assign import AgentOffer, assign
 from infscaled.protocol.messages import Device, DeviceUsage, Heartbeat, HostMetrics, Register, encode
+from infscaled.protocol.plan import Node
 
 TOKEN = "fleet-loop-token"
 
@@ -61,9 +69,57 @@ def fleet(cfg: ControllerConfig, n: int, devices: int) -> tuple[Registry, JobSto
         info = Register(agent_id, f"host-{i}", "127.0.0.1",
                         [Device(f"cuda:{d}", "cuda", "H100", 80 << 30) for d in range(devices)], 64, 1 << 40,
                         [29500, 29999])
-        registry.agents[agent_id] = Agent(info, None, usage=usage(agent_id, devices, rng))
-        registry.changed.add(agent_id)
+        registry.admit(Agent(info, None, usage=usage(agent_id, devices, rng)))
     return registry, jobs
+
+
+
+
+def placement(registry: Registry, jobs: JobStore, n_busy: int) -> dict[str, float]:
+    """A submission's placement work (the fit check over every known agent's devices, then the
+    pick among free ones) with `n_busy` devices held by jobs, against the scan it replaced."""
+    source = JobSource(JOB, "probe.toml")
+    cfg = source.parse(None)
+    job = Job("probe-1", cfg, (1,) * 6, ((0, 2), (3, 5)), time.time(), source)
+    ids = list(registry.agents)
+    busy = {(ids[i // 8], f"cuda:{i % 8}") for i in range(n_busy)}
+    wants = [(Node(0, 0), "cuda"), (Node(1, 0), "cuda")]
+
+    def indexed() -> None:
+        jobs._check_fits_cluster(job)  # noqa: SLF001 - the submission's own steps, without an agent's Inspect
+        registry.offers.set_busy(busy)
+        jobs._place(job, registry.offers, {})  # noqa: SLF001
+
+    def scan() -> None:  # what submit did before the index: every agent's devices, twice
+        assign(wants, [AgentOffer(a.id, a.device_ids) for a in registry], "pack")
+        assign(wants, [AgentOffer(a.id, tuple(d for d in a.device_ids if (a.id, d) not in busy))
+                       for a in registry.connected()], "pack")
+
+    return {"busy_devices": n_busy, "indexed_us": round(us_per_call(indexed, 200), 1),
+            "scan_us": round(us_per_call(scan, 5), 1)}
+
+
+async def loop_stall(fn: Callable[[], Awaitable[Any]]) -> tuple[float, float]:
+    """(wall ms of fn, the longest the event loop went without running a 1 ms ticker meanwhile)."""
+    loop = asyncio.get_running_loop()
+    longest = 0.0
+
+    async def ticker() -> None:
+        nonlocal longest
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.001)
+            longest = max(longest, loop.time() - last)
+            last = loop.time()
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    t0 = time.perf_counter()
+    await fn()
+    wall = time.perf_counter() - t0
+    await asyncio.sleep(0.01)  # the ticker's next run measures a stall that ended with fn
+    task.cancel()
+    return round(wall * 1000, 1), round(longest * 1000, 1)
 
 
 def us_per_call(fn: Callable[[], Any], repeat: int) -> float:
@@ -104,6 +160,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         lambda: [a for a in registry.agents.values() if a.state == "connected" and now - a.last_seen > 10], 20)
         / 1000, 2)
 
+    result["placement"] = [placement(registry, jobs, n) for n in (0, min(8 * args.agents - 8, 8 * args.agents // 2))]
+
     app = make_app(cfg, TOKEN, registry, jobs)
     watchers = app[api.WATCHERS]
     t0 = time.perf_counter()
@@ -141,7 +199,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     latency: dict[str, dict[str, float]] = {}
     async with aiohttp.ClientSession(headers=auth) as http:
         for path, repeat in (("/v1/agents?limit=100", 50), (f"/v1/agents?limit=100&after=agent-{args.agents - 500:05d}", 50),
-                             ("/v1/jobs", 50), ("/v1/health", 50), ("/metrics", 5)):
+                             ("/v1/jobs", 50), ("/v1/health", 50), ("/metrics", 20),
+                             ("/metrics/agents?agent=agent-00042", 50), ("/metrics/agents?shard=0&shards=20", 20),
+                             ("/metrics/agents", 3)):
             async def get(path: str = path) -> None:
                 async with http.get(url + path) as r:
                     assert r.status == 200, (path, r.status, await r.text())
@@ -149,8 +209,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ms = await timed(get, repeat)
             latency[path] = {"p50": round(statistics.median(ms), 1), "p99": round(max(ms) if repeat < 100 else
                                                                                    sorted(ms)[int(0.99 * repeat)], 1)}
-        async with http.get(url + "/metrics") as r:
-            result["metrics_kb"] = len(await r.read()) >> 10
+        sizes = {}
+        for path in ("/metrics", "/metrics/agents?shard=0&shards=20", "/metrics/agents"):
+            async def scrape(path: str = path) -> None:
+                async with http.get(url + path) as r:
+                    sizes[path] = len(await r.read()) >> 10
+            wall, stall = await loop_stall(scrape)
+            latency[path].update(wall_ms=wall, longest_loop_stall_ms=stall, kb=sizes[path])
     result["http_ms"] = latency
     result["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
     result["loadavg_1m"] = os.getloadavg()[0]  # other work on the machine: all times above stretch with it

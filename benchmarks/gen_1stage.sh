@@ -3,6 +3,7 @@
 # (issue 14's table). Usage on the device machine, repository root:
 #   bash benchmarks/gen_1stage.sh OUTDIR "BATCH:LIVE:COMPILE ..."     e.g. "8:16:true 64:128:true"
 # Writes OUTDIR/run_BATCH_LIVE_COMPILE.json (the run summary) and prints its headline numbers.
+# REQ_PER_LIVE (default 4): requests per live sequence (16 makes the steady state dominate).
 set -u
 out=${1:-out/gen_1stage}
 cases=${2:-"8:16:true 64:128:true 8:16:false 64:128:false"}
@@ -27,7 +28,7 @@ kv_budget_tokens = $((live * 272))
 prompt_tokens = 128
 output_tokens = 128
 [workload]
-requests = $((live * 4))
+requests = $((live * ${REQ_PER_LIVE:-4}))
 concurrency = ${live}
 seed = 0
 TOML
@@ -43,6 +44,7 @@ except Exception as e:  # noqa: BLE001 - report and go on with the next case
     print("  no summary:", e); sys.exit(0)
 q = d.get("latency_ms", {})
 print(f"  completed {d.get('completed')} failed {d.get('failed')} tok/s {d.get('tokens_per_s', 0):.0f} "
+      f"(middle half {d.get('tokens_per_s_middle', 0):.0f}) "
       f"TPOT p50 {q.get('tpot_p50', 0):.2f} ms p99 {q.get('tpot_p99', 0):.2f} TTFT p50 {q.get('ttft_p50', 0):.0f} p99 {q.get('ttft_p99', 0):.0f} ms")
 PY
 done

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
+from infscaled.planning.assign import AgentOffer, Offers, PlacementError, assign, device_kind
 from infscaled.protocol.plan import Node
 
 N00, N10, N11, N20 = Node(0, 0), Node(1, 0), Node(1, 1), Node(2, 0)
@@ -131,3 +131,77 @@ def test_placement_is_valid_or_provably_impossible(wants: list[str], specs: list
             assert device_kind(device) == want
         elif want != "auto":
             assert device == want
+
+
+def _scan(workers: list[tuple[Node, str]], agents: list[AgentOffer], policy: str) -> dict[Node, tuple[str, str]]:
+    """The placement rule written as the plain scan over the whole list (the code before the
+    index): the oracle an index kept across changes must agree with."""
+    free = {a.agent_id: list(a.devices) for a in agents}
+    order = [a.agent_id for a in agents]
+    if policy == "pack":
+        order.sort(key=lambda a: -len(free[a]))
+    turn, out = 0, {}
+    spec = {"auto": 2, "cpu": 1, "cuda": 1}
+    for _, (node, want) in sorted(enumerate(workers), key=lambda item: (spec.get(item[1][1], 0), item[0])):
+        found = None
+        for tier in (("cuda", "cpu") if want == "auto" else (want,)):
+            for agent_id in (order[turn:] + order[:turn]) if policy == "spread" else order:
+                match = [d for d in free[agent_id] if (d == tier if ":" in tier else device_kind(d) == tier)]
+                if match:
+                    found = (agent_id, match[0])
+                    free[agent_id].remove(match[0])
+                    break
+            if found:
+                break
+        if found is None:
+            raise PlacementError("short")
+        out[node] = found
+        turn = (order.index(found[0]) + 1) % len(order)
+    return out
+
+
+@given(st.lists(st.tuples(st.integers(0, 11), st.integers(0, 2), st.sets(st.integers(0, 3), max_size=4),
+                          st.sets(st.integers(0, 5), max_size=3)), min_size=1, max_size=12),
+       st.lists(_WANTS, min_size=1, max_size=6), st.sampled_from(["pack", "spread"]))
+def test_the_kept_index_places_as_a_scan_of_the_whole_fleet(
+        steps: list[tuple[int, int, set[int], set[int]]], wants: list[str], policy: str) -> None:
+    """Agents join, leave and rejoin (keeping their position), devices get busy and free; after
+    each change the index's placement equals the scan over every agent's free devices, and the
+    shortage message equals the one for the same offers built from scratch."""
+    offers = Offers()
+    devices: dict[str, tuple[str, ...]] = {}
+    busy: set[tuple[str, str]] = set()
+    workers = [(Node(i, 0), w) for i, w in enumerate(wants)]
+    for slot, action, gpus, busy_slots in steps:
+        agent_id = f"a{slot}"
+        if action == 0:
+            offers.remove(agent_id)
+            devices.pop(agent_id, None)
+        else:
+            devices[agent_id] = tuple(f"cuda:{g}" for g in sorted(gpus)) + ("cpu:0",) * (action == 2)
+            offers.put(agent_id, slot, devices[agent_id])
+        busy = {(f"a{(slot + k) % 12}", f"cuda:{k % 4}") for k in busy_slots}
+        offers.set_busy(busy)
+        listed = [AgentOffer(a, tuple(d for d in devices[a] if (a, d) not in busy))
+                  for a in sorted(devices, key=lambda a: int(a[1:]))]
+        try:
+            expected: dict[Node, tuple[str, str]] | str = _scan(workers, listed, policy)
+        except PlacementError:
+            with pytest.raises(PlacementError) as scratch:
+                assign(workers, listed, policy)
+            expected = str(scratch.value)
+        try:
+            got: dict[Node, tuple[str, str]] | str = offers.place(workers, policy)
+        except PlacementError as exc:
+            got = str(exc)
+        assert got == expected
+
+
+def test_a_large_fleet_shortage_is_summarised() -> None:
+    agents = [AgentOffer(f"h{i:03d}", ("cuda:0",) if i % 50 == 7 else ()) for i in range(200)]
+    with pytest.raises(PlacementError) as info:
+        assign([(Node(i, 0), "cuda") for i in range(5)], agents, "pack")
+    assert str(info.value) == ("needs 5 device(s) (5 cuda); offered: 200 agents, 4 cuda; the first with free "
+                               "devices: h007: cuda:0; h057: cuda:0; h107: cuda:0; h157: cuda:0")
+    with pytest.raises(PlacementError, match=r"'h999'.*offering devices: 200 agents, among them h000, h001,"):
+        assign([(N00, "cuda")], agents, "static", {N00: "h999"})

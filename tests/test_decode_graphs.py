@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from infscaled.generation.graphs import DecodeStep, bucket
-from infscaled.generation.kv import StageKV
+from infscaled.generation.kv import PAGE_TOKENS, StageKV
 from infscaled.models.sources import resolve
 from infscaled.models.stage import build_stage
 
@@ -126,3 +126,15 @@ def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model:
     for got, want in zip(outs[1], outs[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_prefill_positions_go_to_their_pages() -> None:
+    """kv.py's prefill index (built in numpy): row i's position t goes to page pages[t // PAGE] at
+    offset t % PAGE, for prompts of different lengths."""
+    kv = StageKV(4096)
+    seqs, lengths = [3, 5, 9], [5, 40, 17]
+    rows, cols, pages, offsets = kv.prefill(seqs, lengths, [64, 64, 100])._write  # type: ignore[misc]
+    expected = [(i, t, kv.pages[s][t // PAGE_TOKENS], t % PAGE_TOKENS)
+                for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)) for t in range(n)]
+    got = list(zip(rows.tolist(), cols.tolist(), pages.tolist(), offsets.tolist(), strict=True))
+    assert got == expected

@@ -13,10 +13,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from infscaled.agent.client import ControllerLink, reconnect_delay
 from infscaled.agent.config import AgentConfig
 from infscaled.agent.devices import usage_changed
+from infscaled.controller import watch as watch_module
 from infscaled.controller.app import Controller
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.jobs import JobStore
@@ -222,12 +224,16 @@ def test_watchers_share_a_stream_of_small_deltas(tmp_path: Path) -> None:
             assert states[1].snapshot is not None and states[1].snapshot.agents[2].cpu_ratio == 0.75
             await read(2, summary, lambda: states[2].snapshot is not None and states[2].snapshot.fleet.cpu_ratio_mean > 0)
             assert all(not d.agents and not d.usage for d in deltas[2])
-            # A watcher joining now gets the usage inside the snapshot's views.
+            # A watcher joining now gets a snapshot (kept from an earlier tick) and the deltas since:
+            # together they carry the usage.
             late = await http.ws_connect(f"{ctl.url}/v1/watch?interval_s=0.1", headers=auth)
+            joined = watch.WatchState()
             async with asyncio.timeout(10):
-                while not isinstance(msg := watch.decode((await late.receive()).data), watch.Snapshot):
-                    pass
-            assert msg.agents[2].cpu_ratio == 0.75 and msg.agents[2].devices[0].util_ratio == 0.5
+                while joined.snapshot is None or joined.snapshot.tick < states[0].snapshot.tick:
+                    msg = watch.decode((await late.receive()).data)
+                    if not isinstance(msg, watch.Event):
+                        assert joined.apply(msg) is not None  # no gap: each delta follows the frame before
+            assert joined.snapshot.agents[2].cpu_ratio == 0.75 and joined.snapshot.agents[2].devices[0].util_ratio == 0.5
             await late.close()
             for ws in [*full, summary]:
                 await ws.close()
@@ -275,5 +281,120 @@ def test_first_views_are_built_in_chunks_and_the_summary_adds_up(tmp_path: Path)
         registry.changed.add("a3")
         views.refresh()
         assert (views.summary().connected, views.summary().lost, views.summary().gpus) == (6, 1, 6)
+
+    asyncio.run(scenario())
+
+
+def test_metrics_carry_the_fleet_and_each_agents_series_come_apart(tmp_path: Path) -> None:
+    """GET /metrics: the fleet's aggregates (and each agent's series only while the fleet is at
+    most metrics_agent_series_max); GET /metrics/agents: every agent, some, a job's, or a shard.
+    Parsed with prometheus_client's own parser."""
+    def parse(text: str) -> dict[str, Any]:
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    async def scenario() -> None:
+        async with fleet(tmp_path, 4, metrics_agent_series_max=2) as (ctl, hosts, http):
+            for i, h in enumerate(hosts):
+                h.link.post(HostMetrics(h.cfg.agent_id, (i + 1) / 10, 1 << 30,
+                                        [DeviceUsage("cuda:0", 0.5, 1 << 30), DeviceUsage("cuda:1", 0.25, 2 << 30)]))
+            await until(lambda: all(a.usage is not None for a in ctl.registry.agents.values()))
+
+            async def scrape(query: str, status: int = 200) -> Any:
+                async with http.get(f"{ctl.url}{query}") as r:  # public: no token
+                    assert r.status == status, (query, await r.text())
+                    if status != 200:
+                        return (await r.json())["error"]
+                    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                    return parse(await r.text())
+
+            top = await scrape("/metrics")
+            assert top["infscaled_agents_connected"].samples[0].value == 4
+            assert top["infscaled_fleet_gpus"].samples[0].value == 8
+            assert top["infscaled_fleet_gpu_utilization_ratio"].samples[0].value == 0.375
+            assert top["infscaled_fleet_cpu_ratio"].samples[0].value == 0.25
+            assert top["process_resident_memory_bytes"].samples[0].value > 0  # the controller's own
+            await until(lambda: ctl.loop_lag.longest_s(asyncio.get_running_loop().time()) >= 0)
+            lag = (await scrape("/metrics"))["infscaled_controller_loop_lag_seconds"].samples[0].value
+            assert 0 <= lag < 60
+            assert "infscaled_agent_cpu_ratio" not in top  # 4 agents > metrics_agent_series_max
+
+            def cpu(families: dict[str, Any]) -> dict[str, float]:
+                return {s.labels["agent"]: s.value for s in families["infscaled_agent_cpu_ratio"].samples}
+
+            whole = await scrape("/metrics/agents")
+            assert cpu(whole) == {"h00": 0.1, "h01": 0.2, "h02": 0.3, "h03": 0.4}
+            assert len(whole["infscaled_device_utilization_ratio"].samples) == 8
+            shards = [cpu(await scrape(f"/metrics/agents?shard={i}&shards=3")) for i in range(3)]
+            assert sorted(a for s in shards for a in s) == ["h00", "h01", "h02", "h03"]  # each agent once
+            assert cpu(await scrape("/metrics/agents?agent=h01&agent=h03")) == {"h01": 0.2, "h03": 0.4}
+            async with http.post(f"{ctl.url}/v1/jobs", data=JOB, headers={
+                    "Authorization": f"Bearer {TOKEN}", "Content-Type": "application/toml"}) as r:
+                assert r.status == 201, await r.text()
+                job = ctl.jobs.jobs[(await r.json())["id"]]
+            assert set(cpu(await scrape(f"/metrics/agents?job={job.id}"))) == set(job.agents)
+            async with http.get(f"{ctl.url}/v1/agents?job={job.id}&limit=1",
+                                headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert [a["id"] for a in await r.json()] == job.agents[:1]  # a job's agents only, in order
+            for query, error in (("?shard=1", "shard and shards go together"),
+                                 ("?shards=0&shard=0", "shards='0': expected an integer from 1 to 1000"),
+                                 ("?shards=3&shard=3", "shard='3': expected an integer from 0 to 2"),
+                                 ("?agent=h01&job=x", "give agent=... or job=..., not both"),
+                                 ("?page=2", "unknown parameter(s) ['page']")):
+                assert error in await scrape(f"/metrics/agents{query}", 400), query
+            assert "no agent(s) 'nobody'" in await scrape("/metrics/agents?agent=nobody", 404)
+            assert "nojob" in await scrape("/metrics/agents?job=nojob", 404)
+            # Two agents leave: the fleet is small enough for /metrics to carry each agent's series.
+            for h in hosts[2:]:
+                await h.link.close()
+            await until(lambda: ctl.registry.connected_count == 2)
+            top = await scrape("/metrics")
+            assert cpu(top) == {"h00": 0.1, "h01": 0.2} and top["infscaled_agents_lost"].samples[0].value == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_watcher_joins_with_the_kept_snapshot_and_the_deltas_since(tmp_path: Path) -> None:
+    """The snapshot is encoded off the loop and reused while the stream keeps the deltas since:
+    a watcher's first frames then add up to the same picture as a snapshot of the current tick;
+    once the deltas since it are gone, a new one is encoded."""
+    async def scenario() -> None:
+        registry = Registry(ControllerConfig(port=0, token=TOKEN, state_dir=str(tmp_path)))
+        views = FleetViews(registry, JobStore(registry.cfg, registry))
+
+        def add(i: int, usage: float) -> None:
+            info = Register(f"a{i}", "h", "127.0.0.1", [Device("cuda:0", "cuda")], 1, 1, [1, 2])
+            registry.admit(Agent(info, None, usage=HostMetrics(info.agent_id, usage, 1, [])))
+
+        for i in range(3):
+            add(i, 0.1)
+        stream = watch_module.Stream(views, 1.0, True)
+        first = await stream.join_frames()
+        assert len(first) == 1 and isinstance(watch.decode(first[0]), watch.Snapshot)
+
+        def tick() -> None:  # what Stream.run does each interval
+            text = stream.advance()
+            stream.recent.append((stream.tick, text))
+
+        add(3, 0.2)  # a new agent, and a usage change of a known one
+        tick()
+        registry.agents["a1"].usage = HostMetrics("a1", 0.9, 1, [])
+        registry.usage_changed.add("a1")
+        tick()
+        frames = await stream.join_frames()
+        assert frames[0] == first[0] and len(frames) == 3  # the kept snapshot, then both deltas
+        state = watch.WatchState()
+        for text in frames:
+            msg = watch.decode(text)
+            assert isinstance(msg, (watch.Snapshot, watch.Delta)) and state.apply(msg) is not None
+        fresh = watch.decode(watch.encode(stream._whole()))  # noqa: SLF001 - the current tick's whole picture
+        assert isinstance(fresh, watch.Snapshot) and state.snapshot is not None
+        assert state.snapshot.agents == fresh.agents and state.snapshot.tick == fresh.tick == stream.tick
+        assert [a.cpu_ratio for a in fresh.agents] == [0.1, 0.9, 0.1, 0.2]
+        for _ in range(watch_module.RECENT_DELTAS):
+            tick()
+        newer = await stream.join_frames()  # the deltas since the kept snapshot are gone: a new one
+        assert len(newer) == 1
+        snap = watch.decode(newer[0])
+        assert isinstance(snap, watch.Snapshot) and snap.tick == stream.tick and snap.agents == fresh.agents
 
     asyncio.run(scenario())

@@ -4,11 +4,13 @@ The end-to-end flow (workers -> agent -> controller -> GET /metrics) is in test_
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from infscaled.config import parse_job
-from infscaled.controller import export
+from infscaled.controller import agent_metrics, export
 from infscaled.controller.jobs import Job, JobState, NodeStatus
 from infscaled.errors import WireError
 from infscaled.protocol import messages
@@ -91,7 +93,7 @@ def test_prometheus_text_parses_with_labels_and_units() -> None:
                                                DispatcherStats(requests=4, latency_p99_s=0.2, latency_sum_s=0.5,
                                                                replayed=3, duplicates=1)))
     job.metrics["a2"] = (9.5, messages.Metrics("m-1", [StageStats("1.1", 3, 12, occupancy=0.75)]))
-    text = export.render(export.collect([job], agents_connected=2, now=10.0))
+    text = export.render(export.collect([job], now=10.0))
     families = {f.name: f for f in text_string_to_metric_families(text)}
 
     occupancy = {(s.labels["stage"], s.labels["replica"], s.labels["agent"]): s.value
@@ -100,7 +102,6 @@ def test_prometheus_text_parses_with_labels_and_units() -> None:
     assert families["infscaled_stage_samples"].type == "counter"
     assert {s.value for s in families["infscaled_stage_samples"].samples} == {20, 8, 12}
     assert [s.value for s in families["infscaled_stage_compute_seconds"].samples][0] == 1.5
-    assert families["infscaled_agents_connected"].samples[0].value == 2
     states = {s.labels["state"]: s.value for s in families["infscaled_job_state"].samples}
     assert states["running"] == 1 and states["stopped"] == 0
     latency = families["infscaled_dispatcher_latency_seconds"]
@@ -115,7 +116,7 @@ def test_prometheus_text_parses_with_labels_and_units() -> None:
         assert [(s.labels, s.value) for s in families[name].samples] == [({"job": "m-1", "agent": "a1"}, value)]
 
     job.state = JobState.STOPPED  # no stale numbers for a job that is gone
-    families = {f.name: f for f in text_string_to_metric_families(export.render(export.collect([job], 0)))}
+    families = {f.name: f for f in text_string_to_metric_families(export.render(export.collect([job])))}
     assert not families["infscaled_stage_occupancy_ratio"].samples
 
 
@@ -123,8 +124,13 @@ def test_host_and_device_usage_series() -> None:
     usage = [messages.HostMetrics("a1", 0.5, 1 << 30, [messages.DeviceUsage("cuda:0", 0.75, 2 << 30),
                                                        messages.DeviceUsage("cuda:1", 0.0, 0)]),
              messages.HostMetrics("a2", 0.25, 2 << 30, [messages.DeviceUsage("cpu:0")])]  # unmeasured
-    families = {f.name: f for f in text_string_to_metric_families(
-        export.render(export.collect([], agents_connected=2, usage=usage)))}
+    series = agent_metrics.AgentSeries()
+    families = {f.name: f for f in text_string_to_metric_families(series.render(usage))}
+
+    async def streamed() -> str:
+        return "".join([piece async for piece in series.stream(usage, chunk=1)])
+
+    assert series.render(usage) == asyncio.run(streamed())  # the same, in pieces
     assert {s.labels["agent"]: s.value for s in families["infscaled_agent_cpu_ratio"].samples} == {"a1": 0.5,
                                                                                                   "a2": 0.25}
     assert families["infscaled_agent_memory_used_bytes"].samples[1].value == 2 << 30

@@ -385,3 +385,15 @@ def test_run_port_range_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setenv(PORTS_ENV, bad)
         with pytest.raises(InfscaledError, match=f"INFSCALED_RUN_PORTS = '{bad}': expected FIRST-LAST"):
             run_port_range()
+
+
+def test_one_stage_generation_keeps_two_micro_batches_in_flight() -> None:
+    """0 means one per stage, but at least 2: a one-stage chain's GPU runs one micro-batch while the
+    host finishes the other's tokens (engine/programs/generation.py)."""
+    from infscaled.planning.job import generation_plan
+
+    base = {"name": "g", "model": {"source": "builtin:llama-tiny"}, "pipeline": {"stages": 1},
+            "generation": {"max_batch_sequences": 4}}
+    assert generation_plan(parse_job(base, "g.toml")).micro_batches_in_flight == 2  # type: ignore[union-attr]
+    base["generation"] = {"max_batch_sequences": 4, "micro_batches_in_flight": 1}
+    assert generation_plan(parse_job(base, "g.toml")).micro_batches_in_flight == 1  # type: ignore[union-attr]

@@ -67,12 +67,13 @@ def _replaced(job: LocalJob, count: int) -> bool:
 
 
 def test_lost_replicas_are_replaced_under_load(tmp_path: Path) -> None:
-    """Three faults in a row on one job: kill -9 of 1.1 (its twin serves on), SIGSTOP of 1.0 (a
-    hung worker: declared dead by its silent heartbeat), kill -9 of 0.0 (stage 0's only replica:
-    requests wait and are replayed once its replacement joins)."""
-    cfg, prepared = _job(tmp_path, [1, 2])
+    """Three faults in a row on one job: kill -9 of 1.1 (its twin serves on), SIGSTOP of its
+    replacement 1.2 (a hung worker: declared dead by its silent heartbeat; with `attempts = 1`,
+    allowed because 1.2 had come to serve: its line starts afresh), kill -9 of 0.0 (stage 0's
+    only replica: requests wait and are replayed once its replacement joins)."""
+    cfg, prepared = _job(tmp_path, [1, 2], attempts=1)
     requests = requests_for(cfg.workload, prepared.spec, 50_000)
-    faults = [(Node(1, 1), signal.SIGKILL, Node(1, 2)), (Node(1, 0), signal.SIGSTOP, Node(1, 3)),
+    faults = [(Node(1, 1), signal.SIGKILL, Node(1, 2)), (Node(1, 2), signal.SIGSTOP, Node(1, 3)),
               (Node(0, 0), signal.SIGKILL, Node(0, 1))]
     with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 50_000, 4, think_s=0.01) as load:
         _until(lambda: load.done() >= 30, "traffic before the first fault")
@@ -94,7 +95,7 @@ def test_lost_replicas_are_replaced_under_load(tmp_path: Path) -> None:
         assert job.group.failure is None and job.dispatcher is not None and job.dispatcher.failure is None
         replayed = job.dispatcher.replayed
     _verify(prepared, load)
-    assert [n.replica for n in job.plan.nodes(1)] == [2, 3] and job.plan.nodes(0) == (Node(0, 1),)
+    assert [n.replica for n in job.plan.nodes(1)] == [0, 3] and job.plan.nodes(0) == (Node(0, 1),)
     assert replayed > 0
 
 
@@ -148,3 +149,30 @@ def test_replacement_plans_inherit_edges_and_replace_whole_chains(tmp_path: Path
     from infscaled.protocol.plan import Recovery
 
     assert [backoff(Recovery(backoff_s=1.5), n) for n in (1, 2, 3, 4)] == [0.0, 1.5, 3.0, 6.0]
+
+
+def test_attempts_bound_a_line_of_replacements_that_never_serve() -> None:
+    """planning.recovery.Ledger, the one rule of `infscaled run` and the controller."""
+    from infscaled.planning.recovery import Ledger
+
+    led = Ledger()
+    assert led.next_try(["1.1"], ["1.1: killed"]) == (1, ["1.1: killed"])
+    led.started(["1.2"], 1, ["1.1: killed"], lost=["1.1"])
+    # 1.2 dies before READY: attempt 2 of the same line, every reason kept.
+    assert led.next_try(["1.2"], ["1.2: crashed"]) == (2, ["1.1: killed", "1.2: crashed"])
+    led.started(["1.3"], 2, ["1.1: killed", "1.2: crashed"], lost=["1.2"])
+    led.served("1.3")  # it came to serve: a later loss is a new incident
+    assert led.next_try(["1.3"], ["1.3: killed"]) == (1, ["1.3: killed"])
+    # A chain replaced together takes the worst of its lines; losses never reset.
+    led.started(["0.4"], 3, ["0.1: x"], lost=["0.1"])
+    assert led.next_try(["0.4", "1.3"], ["0.4: y"])[0] == 4
+    assert led.losses == {"1.2": 1, "1.3": 2, "0.4": 1} and led.last["1.3"] == "1.2: crashed"
+
+
+def test_attempts_zero_fails_the_job_at_the_first_loss(tmp_path: Path) -> None:
+    _, prepared = _job(tmp_path, [1, 2], attempts=0)
+    with LocalJob(prepared) as job:
+        os.kill(_pid(job, Node(1, 1)), signal.SIGKILL)
+        _until(lambda: job.state.failure is not None, "the job to fail", 60)
+        assert "gave up after 0 replacement attempt(s)" in job.state.failure
+        assert "worker 1.1" in job.state.failure and "code -9" in job.state.failure

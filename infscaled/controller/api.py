@@ -20,11 +20,12 @@ from aiohttp.typedefs import Handler
 from infscaled.config import JobConfig
 from infscaled.config.limits import MAX_JOB_FILE_BYTES
 from infscaled.config.messages import config_error
-from infscaled.controller import export, proxy, views, watch
+from infscaled.controller import agent_metrics, export, proxy, views, watch
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.guard import PARSED_JSON
 from infscaled.controller.job import SERVING, SUBMITTED, JobSource, Rejected
 from infscaled.controller.jobs import JobStore
+from infscaled.controller.looplag import LoopLag
 from infscaled.controller.registry import CONNECTED, LOST, Registry
 from infscaled.errors import ConfigError
 from infscaled.generation.errors import error_body
@@ -40,6 +41,8 @@ CONFIG = web.AppKey("config", ControllerConfig)
 REGISTRY = web.AppKey("registry", Registry)
 JOBS = web.AppKey("jobs", JobStore)
 WATCHERS = web.AppKey("watchers", watch.Watchers)
+AGENT_SERIES = web.AppKey("agent_series", agent_metrics.AgentSeries)
+LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 
 JOB_FILE_HEADER: Final = "X-Infscaled-Job-File"
 TOML_TYPES: Final = ("text/plain", "application/toml", "text/x-toml")
@@ -64,6 +67,7 @@ def add_routes(app: web.Application) -> None:
         web.post("/v1/jobs/{id}/infer", infer),
         web.get("/v1/jobs/{id}/metrics", job_metrics),
         web.get("/metrics", prometheus_metrics),
+        web.get("/metrics/agents", agent_series),
         web.get("/v1/watch", watch_socket),
     ])
 
@@ -98,7 +102,7 @@ async def health(request: web.Request) -> web.Response:
     jobs = request.app[JOBS]
     return json_response({
         "status": "draining" if jobs.draining else "ok",
-        "agents": len(request.app[REGISTRY].connected()),
+        "agents": request.app[REGISTRY].connected_count,
         "jobs": sum(1 for j in jobs.jobs.values() if j.state in SERVING),
     })
 
@@ -117,13 +121,15 @@ async def list_agents(request: web.Request) -> web.Response:
     if q.after and q.after not in position:
         raise Rejected(400, f"after={q.after!r}: no such agent; pass the id of the last agent of the previous page")
     start = position[q.after] + 1 if q.after else 0
+    # A job's agents are few: walk their positions, not the fleet's.
+    walk = sorted(p for a in held if (p := position.get(a)) is not None and p >= start) if q.job else None
     users = jobs.device_users()
     now = time.monotonic()
     page: list[dict[str, Any]] = []
     last = start
-    for last in range(start, len(ids)):
+    for last in (walk if walk is not None else range(start, len(ids))):
         agent = registry.agents.get(ids[last])
-        if agent is None or (q.state and agent.state != q.state) or (q.job and agent.id not in held):
+        if agent is None or (q.state and agent.state != q.state):
             continue
         page.append({**to_dict(views.agent_view(agent, users)), "version": agent.info.version,
                      "port_range": agent.info.port_range,
@@ -271,13 +277,54 @@ def _json_body(body: Any) -> dict[str, Any]:
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:
+    """The controller's, the jobs' and the fleet's series; each agent's too while the fleet is at
+    most metrics_agent_series_max agents (beyond: GET /metrics/agents). Costs the jobs and what
+    changed in the fleet since the last scrape or watch tick, not the fleet."""
     from infscaled.controller.openai_proxy import scrape_serving  # it imports this module
 
-    connected = request.app[REGISTRY].connected()
+    registry, views = request.app[REGISTRY], request.app[WATCHERS].views
+    await views.catch_up()  # the first call at a large fleet: its views in chunks that yield
+    views.refresh()
     jobs = request.app[JOBS].jobs.values()
-    families = export.collect(jobs, len(connected), usage=[a.usage for a in connected if a.usage is not None])
-    serving = export.serving_text(jobs, await scrape_serving(request))
-    return web.Response(text=export.render(families) + serving, headers={"Content-Type": export.CONTENT_TYPE})
+    families = [request.app[LOOP_LAG].family(asyncio.get_running_loop().time()),
+                *agent_metrics.fleet_families(views.summary(), registry.connected_count), *export.collect(jobs)]
+    text = export.render(families)
+    if registry.connected_count <= request.app[CONFIG].metrics_agent_series_max:
+        text += request.app[AGENT_SERIES].render(
+            a.usage for a in registry.agents.values() if a.state == CONNECTED and a.usage is not None)
+    text += export.process_text() + export.serving_text(jobs, await scrape_serving(request))
+    return web.Response(text=text, headers={"Content-Type": export.CONTENT_TYPE})
+
+
+async def agent_series(request: web.Request) -> web.StreamResponse:
+    """GET /metrics/agents: connected agents' host and device series: every agent, `agent=ID`
+    (repeatable), a `job`'s agents, or shard `shard` of `shards` (stable slices by id)."""
+    q = agent_metrics.AgentMetricsQuery.parse(request)
+    registry, views, series = request.app[REGISTRY], request.app[WATCHERS].views, request.app[AGENT_SERIES]
+    if q.agents:
+        unknown = [a for a in q.agents if a not in registry.agents]
+        if unknown:
+            raise Rejected(404, f"no agent(s) {', '.join(map(repr, unknown))}; GET /v1/agents lists them")
+        ids: list[str] = list(q.agents)
+    elif q.job:
+        ids = sorted({s.agent for s in request.app[JOBS].get(q.job).nodes.values()})  # 404 for an unknown job
+    elif q.shards > 1:
+        ids = series.shard_ids(views.order_key(), views.ordered_ids()[0], q.shards, q.shard)
+    else:
+        ids = views.ordered_ids()[0]
+    usage = []
+    for agent_id in ids:
+        agent = registry.agents.get(agent_id)
+        if agent is not None and agent.state == CONNECTED and agent.usage is not None:
+            usage.append(agent.usage)
+    if len(series) > 2 * len(registry.agents) + agent_metrics.CHUNK:
+        series.forget_missing(registry.agents)  # forgotten agents' lines
+    resp = web.StreamResponse(headers={"Content-Type": export.CONTENT_TYPE})
+    await resp.prepare(request)
+    async for piece in series.stream(usage):
+        await resp.write(piece.encode())
+    await resp.write_eof()
+    return resp
 
 
 async def job_metrics(request: web.Request) -> web.Response:

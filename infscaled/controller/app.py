@@ -10,11 +10,13 @@ from dataclasses import dataclass, field, replace
 from aiohttp import web
 
 from infscaled.controller import api, openai_proxy, proxy
+from infscaled.controller.agent_metrics import AgentSeries
 from infscaled.controller.auth import auth_middleware, controller_token
 from infscaled.controller.config import ControllerConfig
 from infscaled.controller.events import RECENT_EVENTS
 from infscaled.controller.guard import GUARD, body_middleware
 from infscaled.controller.jobs import JobStore
+from infscaled.controller.looplag import LoopLag
 from infscaled.controller.registry import Registry
 from infscaled.controller.store import EventRecord, Store
 from infscaled.controller.watch import Watchers
@@ -32,7 +34,7 @@ def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobSto
     JSON errors (so a 401 is JSON too), the token check, then the body read within its limits
     (only an authenticated client gets its body read)."""
     guard = guard if guard is not None else ConnectionGuard(cfg)
-    public = openai_proxy.PUBLIC_PATHS | ({"/metrics"} if cfg.public_metrics else set())
+    public = openai_proxy.PUBLIC_PATHS | ({"/metrics", "/metrics/agents"} if cfg.public_metrics else set())
     app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[
         busy_middleware(guard), api.json_errors, auth_middleware(token, frozenset(public)), body_middleware(cfg, guard)])
     app[GUARD] = guard
@@ -40,6 +42,8 @@ def make_app(cfg: ControllerConfig, token: str, registry: Registry, jobs: JobSto
     app[api.REGISTRY] = registry
     app[api.JOBS] = jobs
     app[api.WATCHERS] = Watchers(registry, jobs, cfg.send_timeout_s)
+    app[api.AGENT_SERIES] = AgentSeries()
+    app[api.LOOP_LAG] = LoopLag()
     app.cleanup_ctx.append(proxy.session_context(cfg))
     api.add_routes(app)
     openai_proxy.add_routes(app)
@@ -58,6 +62,10 @@ class Controller:
     token: str = field(repr=False)
     port: int = 0
     restored_in_s: float = 0.0  # opening and loading the database at start-up
+
+    @property
+    def loop_lag(self) -> LoopLag:
+        return self.runner.app[api.LOOP_LAG]
 
     @property
     def watchers(self) -> Watchers:

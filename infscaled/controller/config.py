@@ -83,6 +83,10 @@ class ControllerConfig:
     public_metrics: bool = True
     """GET /metrics is readable without the token, like vLLM's and /health, so Prometheus and
     load generators can scrape it; false: it needs the token like the rest of the API."""
+    metrics_agent_series_max: int = 100
+    """GET /metrics carries every agent's host and device series while at most this many agents
+    are connected (0: never); a larger fleet's are at GET /metrics/agents (whole, per agent, per
+    job or in shards), and /metrics keeps the fleet's aggregates."""
 
 
 TOP_LEVEL_KEYS: Final = ("controller",)
@@ -130,6 +134,7 @@ def parse_controller_config(data: Mapping[str, Any], path: str = "<string>", *,
         max_waiting_submissions=sec.get_int("max_waiting_submissions", defaults.max_waiting_submissions, 0),
         model_roots=_model_roots(sec, base),
         public_metrics=sec.get_bool("public_metrics", defaults.public_metrics),
+        metrics_agent_series_max=sec.get_int("metrics_agent_series_max", defaults.metrics_agent_series_max, 0),
         **timeouts,
     )
 

@@ -1,9 +1,10 @@
 """Live metrics on the controller: the Prometheus text format (0.0.4) and a job's JSON snapshot.
 
-Two parts. The pipeline's own series (`infscaled_*`: agents, devices, stages, dispatchers) are
-rendered by hand from the snapshots the controller holds: at 10,000 agents with 8 devices each
-(180,000 samples) that takes 0.64 s here against 3.9 s through prometheus_client's
-generate_latest, and it grows with the fleet. The serving series (`infscaled:*`, vLLM's names
+Two parts. The pipeline's own series (`infscaled_*`: jobs, stages, dispatchers) are
+rendered by hand from the snapshots the controller holds (hand rendering took 0.64 s for
+180,000 samples against 3.9 s through prometheus_client's generate_latest); the fleet's and
+each agent's series are in controller/agent_metrics.py, kept apart so that a scrape does not
+grow with the fleet. The serving series (`infscaled:*`, vLLM's names
 labelled by model name: request counts, token counters, latency histograms, KV-cache usage) are
 few per job and go through prometheus_client: each running generation job's dispatcher keeps
 them (generation/metrics.py), the controller scrapes them on each /metrics and relabels them
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prometheus_client import generate_latest
+from prometheus_client import ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,7 +29,6 @@ from infscaled.controller.jobs import LIVE, SERVING, Job, JobState
 from infscaled.generation.metrics import LABEL as MODEL_LABEL
 from infscaled.generation.metrics import PREFIX as SERVING_PREFIX
 from infscaled.protocol.control import DispatcherStats, StageStats
-from infscaled.protocol.messages import HostMetrics
 from infscaled.protocol.plan import Node
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -114,14 +114,11 @@ def render(families: Iterable[Family]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def collect(jobs: Iterable[Job], agents_connected: int, now: float | None = None,
-            usage: Iterable[HostMetrics] = ()) -> list[Family]:
-    """Every family from the controller's state: cluster, connected agents' host and device usage,
-    job states, and the latest stage and dispatcher snapshots of live jobs (a stopped job's last
-    numbers would read as current)."""
+def collect(jobs: Iterable[Job], now: float | None = None) -> list[Family]:
+    """The jobs' families: job states, and the latest stage and dispatcher snapshots of live jobs
+    (a stopped job's last numbers would read as current). The fleet's and each agent's series
+    are in controller/agent_metrics.py."""
     now = time.monotonic() if now is None else now
-    agents = Family("agents_connected", "gauge", "Agents with an open websocket.", [("", {}, agents_connected)])
-    hosts = _usage_families(usage)
     state = Family("job_state", "gauge", "1 for the job's current state, 0 for the others.")
     age = Family("metrics_age_seconds", "gauge", "Seconds since the agent's latest metrics for the job.")
     stage = {n: Family(_full(n, k), k, h) for n, k, h, _ in STAGE_SERIES}
@@ -158,29 +155,20 @@ def collect(jobs: Iterable[Job], agents_connected: int, now: float | None = None
                                                (tpot, (d.tpot_p50_s, d.tpot_p99_s))):
                         family.samples += [("", {**labels, "quantile": "0.5"}, p50),
                                            ("", {**labels, "quantile": "0.99"}, p99)]
-    return [agents, *hosts, state, age, *stage.values(), *disp.values(), latency, ttft, tpot]
-
-
-def _usage_families(usage: Iterable[HostMetrics]) -> list[Family]:
-    """Agents' CPU and RAM, and their devices' utilisation and memory where measured (NVML)."""
-    cpu = Family("agent_cpu_ratio", "gauge", "Whole-host CPU busy fraction.")
-    ram = Family("agent_memory_used_bytes", "gauge", "Host RAM in use (total minus available).")
-    util = Family("device_utilization_ratio", "gauge", "Fraction of NVML's sample period a kernel ran.")
-    mem = Family("device_memory_used_bytes", "gauge", "Device memory in use.")
-    for u in usage:
-        cpu.samples.append(("", {"agent": u.agent_id}, u.cpu_ratio))
-        ram.samples.append(("", {"agent": u.agent_id}, u.ram_used_bytes))
-        for d in u.devices:
-            labels = {"agent": u.agent_id, "device": d.id}
-            if d.util_ratio >= 0:
-                util.samples.append(("", labels, d.util_ratio))
-            if d.memory_used_bytes >= 0:
-                mem.samples.append(("", labels, d.memory_used_bytes))
-    return [cpu, ram, util, mem]
+    return [state, age, *stage.values(), *disp.values(), latency, ttft, tpot]
 
 
 def _full(name: str, kind: str) -> str:
     return name + "_total" if kind == "counter" else name
+
+
+def process_text() -> str:
+    """The controller process's own CPU time, memory and open files (prometheus_client's
+    `process_*` series, read from /proc: a few hundred bytes)."""
+    return generate_latest(_PROCESS).decode()  # type: ignore[arg-type] # any object with collect()
+
+
+_PROCESS = ProcessCollector(registry=None)
 
 
 def serving_text(jobs: Iterable[Job], scraped: Mapping[str, str]) -> str:

@@ -36,7 +36,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,12 +47,15 @@ from infscaled.controller.recovery import RECOVERABLE, can_recover, recover, rec
 from infscaled.controller.registry import InspectError, Registry, SendError
 from infscaled.controller.store import JobRecord, Store
 from infscaled.errors import ConfigError
-from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
+from infscaled.planning.assign import PlacementError, check_policy, device_kind
 from infscaled.planning.job import check_model, job_edges, plan_job, stage_ranges
+from infscaled.planning.offers import Offers
 from infscaled.protocol.messages import Deploy, Metrics, RunningWorker, StopJob, WorkerState
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node, plan_from_dict, plan_to_dict
 
 log = logging.getLogger(__name__)
+
+RECONCILE_GAP_S = 0.02  # the least time between two reconciler ticks
 
 @dataclass(frozen=True)
 class _Placement:
@@ -82,6 +85,13 @@ class JobStore:
         # Each inspection is a child process on an agent: a burst of submissions queues here.
         self._inspections = asyncio.Semaphore(cfg.max_inspections)
         self._waiting_submissions = 0
+        # The jobs a registering agent may concern (live or pending, or with a node that may still
+        # run), found once per reconciler tick, plus those whose state changed since: a fleet
+        # registering again after a restart must not cost every finished job (the database keeps
+        # 1,000) per agent. None: not looked for yet (all jobs).
+        self._unsettled: set[str] | None = None
+        self._changed_jobs: set[str] = set()
+        self._last_tick = 0.0
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -131,9 +141,8 @@ class JobStore:
 
     def _check_fits_cluster(self, job: Job) -> None:
         """409 unless the job fits every device of every agent we know, busy or not."""
-        offers = [AgentOffer(a.id, a.device_ids) for a in self.registry]
         try:
-            trial = self._place(job, offers, {})
+            trial = self._place(job, self.registry.known, {})
         except PlacementError as exc:
             raise Rejected(409, f"job {job.name} does not fit this cluster (all devices, busy or not): {exc}") from None
         try:
@@ -141,14 +150,15 @@ class JobStore:
         except ValueError as exc:
             raise Rejected(400, f"{job.cfg.path}: cannot plan job {job.name}: {exc}") from None
 
-    def _place(self, job: Job, offers: Sequence[AgentOffer], ports_in_use: dict[str, set[int]]) -> _Placement:
+    def _place(self, job: Job, offers: Offers, ports_in_use: dict[str, set[int]]) -> _Placement:
         cfg = job.cfg
         replicas = cfg.pipeline.replicas
         nodes = [Node(s, r) for s, count in enumerate(replicas) for r in range(count)]
         wanted = cfg.placement.devices
         devices = [wanted] * len(nodes) if isinstance(wanted, str) else list(wanted)
         static = dict(zip(nodes, cfg.placement.agents, strict=True)) if cfg.placement.policy == "static" else None
-        placed = assign(list(zip(nodes, devices, strict=True)), offers, cfg.placement.policy, static)
+        check_policy(cfg.placement.policy)
+        placed = offers.place(list(zip(nodes, devices, strict=True)), cfg.placement.policy, static)
 
         where = {node: agent for node, (agent, _) in placed.items()}
         where[DISPATCHER] = placed[Node(0, 0)][0]
@@ -169,10 +179,10 @@ class JobStore:
         return _Placement(placed, [next(free[where[src]]) for src, _ in edges], where[DISPATCHER], dispatcher_port)
 
     def _plan(self, job: Job, placement: _Placement) -> JobPlan:
-        advertise = {a.id: a.info.advertise for a in self.registry}
+        agents = self.registry.agents
         nodes = sorted(placement.nodes)
-        hosts = {node: advertise[placement.nodes[node][0]] for node in nodes}
-        hosts[DISPATCHER] = advertise[placement.dispatcher_agent]
+        hosts = {node: agents[placement.nodes[node][0]].info.advertise for node in nodes}
+        hosts[DISPATCHER] = agents[placement.dispatcher_agent].info.advertise
         devices = [_plan_device(placement.nodes[node][1]) for node in nodes]
         # Plans and worker processes carry the job id, unique across the cluster, not the name.
         return plan_job(replace(job.cfg, name=job.id), job.unit_weights, devices, placement.edge_ports,
@@ -190,10 +200,9 @@ class JobStore:
                 busy_devices |= {(s.agent, s.device) for s in other.nodes.values() if s.device}
                 for agent_id, ports in other.ports.items():
                     busy_ports.setdefault(agent_id, set()).update(ports)
-        offers = [AgentOffer(a.id, tuple(d for d in a.device_ids if (a.id, d) not in busy_devices))
-                  for a in self.registry.connected()]
+        self.registry.offers.set_busy(busy_devices)  # applies what changed since the last placement
         try:
-            placement = self._place(job, offers, busy_ports)
+            placement = self._place(job, self.registry.offers, busy_ports)
             plan = self._plan(job, placement)
         except PlacementError as exc:
             reason = f"waiting for free devices: {exc}"
@@ -385,14 +394,15 @@ class JobStore:
         after Welcome then meet a decided job table."""
         self._rejoined.add(agent_id)
         listed = {(w.job_id, w.node): w for w in workers}
-        for job_id in {w.job_id for w in workers}:
+        listed_jobs = {w.job_id for w in workers}
+        for job_id in listed_jobs:
             job = self.jobs.get(job_id)
             if job is None or job.state not in LIVE or any(
                     (st := job.nodes.get(node)) is None or st.agent != agent_id
                     for j, node in listed if j == job_id):
                 self._orphans_stopped.add((job_id, agent_id))
                 self._to_stop[(job_id, agent_id)] = "the controller does not run this job on this agent"
-        for job in self.jobs.values():
+        for job in self._may_concern(listed_jobs):
             mine = {n: s for n, s in job.nodes.items() if s.agent == agent_id}
             if not mine:
                 continue
@@ -427,6 +437,20 @@ class JobStore:
         self._touch()
         self._wake.set()  # pending jobs may fit now; orphans to stop, adoption failures to act on
 
+    def _may_concern(self, listed_jobs: set[str]) -> list[Job]:
+        """The jobs in which an agent's registration may change something, in creation order: a
+        finished job whose nodes have all exited holds nothing on any agent, unless it lists them."""
+        if self._unsettled is None:
+            return list(self.jobs.values())
+        ids = self._unsettled | self._changed_jobs | listed_jobs
+        return sorted((job for i in ids if (job := self.jobs.get(i)) is not None), key=lambda j: j.created)
+
+    def _find_unsettled(self) -> None:
+        self._changed_jobs = set()
+        self._unsettled = {job.id for job in self.jobs.values()
+                           if job.state in LIVE or job.state is JobState.PENDING
+                           or any(s.state not in GONE for s in job.nodes.values())}
+
     # -- background ------------------------------------------------------------------------------
 
     async def reconcile_forever(self) -> None:
@@ -438,7 +462,11 @@ class JobStore:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+            # Coalesce a burst of wake-ups (a fleet registering: one each) into a tick every
+            # RECONCILE_GAP_S; a tick looks at every job.
+            await asyncio.sleep(max(0.0, self._last_tick + RECONCILE_GAP_S - time.monotonic()))
             self._wake.clear()
+            self._last_tick = time.monotonic()
             try:
                 await self.tick()
             except Exception:  # noqa: BLE001 - task boundary: a bug must not stop the reconciler
@@ -446,6 +474,7 @@ class JobStore:
 
     async def tick(self) -> None:
         now = time.monotonic()
+        self._find_unsettled()
         for job in list(self.jobs.values()):
             if job.state is JobState.DEPLOYING and now > job.deadline:
                 late = [n for n, s in job.nodes.items() if s.state != "ready"]
@@ -479,17 +508,19 @@ class JobStore:
             except SendError as exc:
                 log.warning("job %s: %s", job_id, exc)
         rejoined, self._rejoined = self._rejoined, set()
-        for agent_id in rejoined:
-            # Workers an agent ran when it was lost belong to jobs that failed meanwhile: make sure
-            # they are gone, whatever the agent did when its connection dropped.
-            for job in list(self.jobs.values()):
-                lost_here = any(s.agent == agent_id and s.state == "lost" for s in job.nodes.values())
-                if job.state not in LIVE and lost_here and (job.id, agent_id) not in self._orphans_stopped:
-                    self._orphans_stopped.add((job.id, agent_id))
-                    try:
-                        await self.registry.send(agent_id, StopJob(job.id, job.reason))
-                    except SendError as exc:
-                        log.warning("job %s: %s", job.id, exc)
+        # Workers an agent ran when it was lost belong to jobs that failed meanwhile: make sure
+        # they are gone, whatever the agent did when its connection dropped. One pass over the
+        # jobs for every agent that registered again since the last tick.
+        orphans = [(job, agent_id) for job in (list(self.jobs.values()) if rejoined else [])
+                   if job.state not in LIVE
+                   for agent_id in sorted({s.agent for s in job.nodes.values() if s.state == "lost"} & rejoined)]
+        for job, agent_id in orphans:
+            if (job.id, agent_id) not in self._orphans_stopped:
+                self._orphans_stopped.add((job.id, agent_id))
+                try:
+                    await self.registry.send(agent_id, StopJob(job.id, job.reason))
+                except SendError as exc:
+                    log.warning("job %s: %s", job.id, exc)
         if not self.draining:
             for job in [j for j in self.jobs.values() if j.state is JobState.PENDING]:
                 await self._try_start(job)
@@ -524,6 +555,7 @@ class JobStore:
     def _set_state(self, job: Job, state: JobState, reason: str, detail: str = "") -> None:
         """Every job state change goes through here: it is an event for watchers and a row of history."""
         job.state, job.reason = state, reason
+        self._changed_jobs.add(job.id)
         self._save(job, history=True)
         said = reason or detail
         self.event_log.emit("job_state", f"job {job.id} {state}" + (f": {said}" if said else ""), job=job.id,

@@ -314,7 +314,7 @@ class _DispatcherLife:
     def of(job: Job | None) -> _DispatcherLife | None:
         if job is None or (status := job.nodes.get(NAME)) is None:
             return None
-        return _DispatcherLife(job, status.pid, job.recovery.attempts.get(NAME, 0))
+        return _DispatcherLife(job, status.pid, job.recovery.ledger.losses.get(NAME, 0))
 
     async def explain(self, request: web.Request, url: str) -> str | None:
         """Why the dispatcher broke off, once the controller heard: it died and is being restarted,
@@ -324,15 +324,15 @@ class _DispatcherLife:
         def heard() -> bool:
             status = job.nodes.get(NAME)
             return (job.state not in SERVING or status is None or status.pid != self.pid
-                    or status.state != "ready" or job.recovery.attempts.get(NAME, 0) > self.restarts)
+                    or status.state != "ready" or job.recovery.ledger.losses.get(NAME, 0) > self.restarts)
 
         if not await request.app[JOBS].wait_until(heard, DEATH_HEARD_S):
             return None
         if job.state not in SERVING:
             return f"the job's dispatcher at {url} died mid-answer and the job is {job.state}: {job.reason}"
         status = job.nodes.get(NAME)
-        reasons = job.recovery.reasons.get(NAME, [])
-        died = (reasons[-1].removeprefix("dispatcher: ") if job.recovery.attempts.get(NAME, 0) > self.restarts
+        last = job.recovery.ledger.last.get(NAME, "")
+        died = (last.removeprefix("dispatcher: ") if job.recovery.ledger.losses.get(NAME, 0) > self.restarts
                 else status.reason or status.state if status is not None else "gone")
         return (f"the job's dispatcher at {url} died mid-answer ({died}); this sequence died with it and "
                 "cannot be continued; the dispatcher is being restarted: send the request again")

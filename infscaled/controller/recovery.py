@@ -12,7 +12,8 @@ have crossed them and, if a stage has no replica left, holds work), and starts t
 on free devices (the dead replica's own device is free again, so the same agent is usual). Once
 every replacement is READY, the dispatcher hears that the pipeline is whole again, and the job
 is `running`. A replacement that fails is a loss of its own, replaced again after `backoff_s`
-(doubling), up to `[recovery] attempts` per original replica.
+(doubling), up to `[recovery] attempts` in a row per replica line (planning.recovery.Ledger: a
+replacement that came to serve starts its line afresh).
 
 The dispatcher service is restarted the same way (`recover_dispatcher`), for forward and
 generation jobs alike: on its agent, on its HTTP port, with every edge joined again on fresh
@@ -37,7 +38,15 @@ from infscaled.controller.job import GONE, Job, JobState
 from infscaled.controller.registry import SendError
 from infscaled.controller.scaling import apply_on_agents, place, reserve_ports, send_epoch
 from infscaled.planning.assign import PlacementError, device_kind
-from infscaled.planning.recovery import backoff, complete, dispatcher_restart, replacement_shape, restored, with_failure
+from infscaled.planning.recovery import (
+    Ledger,
+    backoff,
+    complete,
+    dispatcher_restart,
+    replacement_shape,
+    restored,
+    with_failure,
+)
 from infscaled.protocol.plan import DISPATCHER, Node
 
 if TYPE_CHECKING:
@@ -52,8 +61,7 @@ RECOVERABLE = (JobState.RUNNING, JobState.DEGRADED, JobState.RECOVERING)
 class Recovery:
     """A job's recovery bookkeeping (in memory: a restarted controller starts counting afresh)."""
 
-    attempts: dict[str, int] = field(default_factory=dict)  # node -> replacements in its line so far
-    reasons: dict[str, list[str]] = field(default_factory=dict)  # node -> the losses of its line
+    ledger: Ledger = field(default_factory=Ledger)  # attempts and reasons per replica line
     pending: set[str] = field(default_factory=set)  # replacements not READY yet
     whole: bool = True  # False: a stage had no replica left; tell the dispatcher when it has again
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -77,8 +85,7 @@ async def recover_dispatcher(store: JobStore, job: Job, why: str) -> None:
     async with rec.lock:
         assert job.plan is not None
         name = str(DISPATCHER)
-        tries = rec.attempts.get(name, 0) + 1
-        history = rec.reasons.get(name, []) + [f"dispatcher: {why}"]
+        tries, history = rec.ledger.next_try([name], [f"dispatcher: {why}"])
         policy = job.plan.recovery
         if tries > policy.attempts:
             await store.fail(job, f"gave up after {policy.attempts} restart(s) of the dispatcher: {'; '.join(history)}")
@@ -99,7 +106,7 @@ async def recover_dispatcher(store: JobStore, job: Job, why: str) -> None:
         job.ports = {a: tuple(p) for a, p in held.items()}
         status = job.nodes[name]
         status.state, status.reason, status.pid = "assigned", "", 0
-        rec.attempts[name], rec.reasons[name] = tries, history
+        rec.ledger.started([name], tries, history, lost=[name])
         rec.pending.add(name)
         store.set_state(job, JobState.RECOVERING, "", f"epoch {plan.epoch}: dispatcher restarting")
         try:
@@ -117,8 +124,7 @@ async def recover(store: JobStore, job: Job, lost: dict[str, str]) -> None:
         dead = [n for n in lost if n in job.nodes]
         if not dead or job.state not in RECOVERABLE:
             return
-        tries = max(rec.attempts.get(n, 0) for n in dead) + 1
-        history = [r for n in dead for r in rec.reasons.get(n, [])] + [f"{n}: {lost[n]}" for n in dead]
+        tries, history = rec.ledger.next_try(dead, [f"{n}: {lost[n]}" for n in dead])
         if tries > policy.attempts:
             await store.fail(job, f"gave up after {policy.attempts} replacement attempt(s): {'; '.join(history)}")
             return
@@ -148,10 +154,8 @@ async def recover(store: JobStore, job: Job, lost: dict[str, str]) -> None:
                                   f"device to replace {'them' if len(dead) > 1 else 'it'}: {exc}")
             return
         change, agent_of = apply_on_agents(store, job, shape, placed)
-        for n in shape.added:
-            rec.attempts[str(n)] = tries
-            rec.reasons[str(n)] = history
-            rec.pending.add(str(n))
+        rec.ledger.started([str(n) for n in shape.added], tries, history, lost=dead)
+        rec.pending.update(str(n) for n in shape.added)
         rec.whole = rec.whole and whole
         updates = with_failure(change, plan, dead_nodes, whole)
         agent_of[DISPATCHER] = job.dispatcher_agent
@@ -167,6 +171,7 @@ async def replica_ready(store: JobStore, job: Job, node: str) -> None:
     """A replica said READY: once no replacement is pending, the pipeline is whole again."""
     rec = job.recovery
     rec.pending.discard(node)
+    rec.ledger.served(node)
     if job.state is not JobState.RECOVERING or rec.pending or job.plan is None:
         return
     if not rec.whole:

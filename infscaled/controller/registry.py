@@ -32,6 +32,7 @@ from infscaled.controller.config import ControllerConfig
 from infscaled.controller.events import EventLog
 from infscaled.controller.store import AgentRecord, Store
 from infscaled.errors import InfscaledError, WireError
+from infscaled.planning.offers import Offers
 from infscaled.protocol.messages import (
     ErrorMsg,
     Heartbeat,
@@ -146,8 +147,15 @@ class Registry:
         self.changed: set[str] = set()
         self.usage_changed: set[str] = set()  # the same for host usage alone (cheaper to pass on)
         self.forgotten = 0  # agents removed (forget) so far
+        # Placement's indexes (planning/offers.py), kept as agents come and go so that placing a
+        # job walks the agents it may use, not the fleet: every known agent's devices (does a job
+        # fit this cluster at all?) and the connected agents' (jobs set which are busy).
+        self.known = Offers()
+        self.offers = Offers()
+        self._positions: dict[str, int] = {}  # registration order, as numbers the indexes sort by
+        self._next_position = 0
+        self._last_inspector: str | None = None
         self._sweeper: asyncio.Task[None] | None = None  # runs while any agent is connected
-        self._next_inspector = 0
 
     def restore(self, records: list[AgentRecord]) -> None:
         """Start-up: every agent the database knows, as lost until it registers again."""
@@ -159,12 +167,14 @@ class Registry:
                 continue
             self._credentials[rec.id] = rec.credential_sha256
             self._first_seen[rec.id] = rec.first_seen
-            self.agents[rec.id] = Agent(info, None, LOST, lost_reason="not reconnected since the controller started")
-            self.changed.add(rec.id)  # watchers see it (lost)
+            self.admit(Agent(info, None, LOST, lost_reason="not reconnected since the controller started"))
 
     def forget(self, agent_id: str) -> None:
         """Drop a disconnected agent and its credential (its id may then register anew)."""
         self.agents.pop(agent_id, None)
+        self._positions.pop(agent_id, None)
+        self.known.remove(agent_id)
+        self.offers.remove(agent_id)
         self.changed.add(agent_id)  # watchers see it go
         self.forgotten += 1  # GET /v1/agents' index of positions is stale now
         self._credentials.pop(agent_id, None)
@@ -175,8 +185,27 @@ class Registry:
 
     # -- queries ---------------------------------------------------------------------------------
 
+    def admit(self, agent: Agent) -> None:
+        """Add or replace an agent (a known id keeps its place in the order) and index its devices."""
+        position = self._positions.get(agent.id)
+        if position is None:
+            position = self._positions[agent.id] = self._next_position
+            self._next_position += 1
+        self.agents[agent.id] = agent
+        self.known.put(agent.id, position, agent.device_ids)
+        if agent.state == CONNECTED:
+            self.offers.put(agent.id, position, agent.device_ids)
+        else:
+            self.offers.remove(agent.id)
+        self.changed.add(agent.id)
+
     def connected(self) -> list[Agent]:
+        """The connected agents in registration order (walks the fleet: not for per-request paths)."""
         return [a for a in self.agents.values() if a.state == CONNECTED]
+
+    @property
+    def connected_count(self) -> int:
+        return len(self.offers)
 
     def __iter__(self) -> Iterator[Agent]:
         return iter(list(self.agents.values()))
@@ -204,11 +233,11 @@ class Registry:
 
     async def inspect(self, source: str) -> tuple[str, InspectResult]:
         """Ask one connected agent (in turn) to inspect `source`; returns (agent_id, result)."""
-        agents = self.connected()
-        if not agents:
+        agent_id = self.offers.first_after(self._last_inspector)  # in turn, without walking the fleet
+        if agent_id is None:
             raise InspectError("no agent is connected; start an agent with this controller's address and token", 503)
-        agent = agents[self._next_inspector % len(agents)]
-        self._next_inspector += 1
+        agent = self.agents[agent_id]
+        self._last_inspector = agent_id
         request_id = secrets.token_hex(8)
         future: asyncio.Future[InspectResult] = asyncio.get_running_loop().create_future()
         self._inspects[request_id] = (agent.id, future)
@@ -232,6 +261,7 @@ class Registry:
             return
         reason = f"agent {agent.id} lost ({why})"
         agent.state, agent.lost_reason, agent.ws = LOST, reason, None
+        self.offers.remove(agent.id)
         self.changed.add(agent.id)
         # The agent closing its own link is how it stops (or restarts): worth a line, not a warning.
         # Silence (no heartbeat) or a broken socket is. Either way jobs on it fail (below).
@@ -399,7 +429,7 @@ class Registry:
         else:
             log.info("agent %s (%s) registered from %s: %s", msg.agent_id, msg.host, peer,
                      ", ".join(agent.device_ids) or "no devices")
-        self.agents[msg.agent_id] = agent  # a re-registration keeps the agent's place in the order
+        self.admit(agent)  # a re-registration keeps the agent's place in the order
         return agent
 
     async def _handle(self, agent: Agent, data: str | bytes) -> ErrorMsg | None:

@@ -35,6 +35,7 @@ async def run(cfg: ControllerConfig, *, on_ready: Callable[[Controller], None] |
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(ctl.jobs.reconcile_forever(), name="job-reconciler")
+            tg.create_task(ctl.loop_lag.run(), name="loop-lag")
             try:
                 if on_ready is not None:
                     on_ready(ctl)

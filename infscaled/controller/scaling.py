@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from infscaled.controller.job import GONE, Job, JobState, NodeStatus, Rejected
 from infscaled.controller.registry import SendError
-from infscaled.planning.assign import AgentOffer, PlacementError, assign, device_kind
+from infscaled.planning.assign import PlacementError, device_kind
 from infscaled.planning.scale import ScaleChange, ScaleError, ScaleShape, apply_scale, scale_shape
 from infscaled.protocol.control import EdgeRef
 from infscaled.protocol.messages import ChangeTopology, NodeTopology
@@ -105,10 +105,9 @@ def place(store: JobStore, job: Job, wants: list[tuple[Node, str]]) -> dict[Node
     now = time.monotonic()
     busy = {(s.agent, s.device) for other in store.jobs.values() if other.holds_resources(now)
             for s in other.nodes.values() if s.device and s.state not in GONE and not s.retiring}
-    offers = [AgentOffer(a.id, tuple(d for d in a.device_ids if (a.id, d) not in busy))
-              for a in store.registry.connected()]
+    store.registry.offers.set_busy(busy)  # applies what changed since the last placement
     policy = job.cfg.placement.policy if job.cfg.placement.policy != "static" else "pack"
-    return assign(wants, offers, policy, None)
+    return store.registry.offers.place(wants, policy, None)
 
 
 def apply_on_agents(store: JobStore, job: Job, shape: ScaleShape, placed: dict[Node, tuple[str, str]]

@@ -123,12 +123,16 @@ class FleetViews:
         self._users: dict[tuple[str, str], str] = {}
         self._order: tuple[int, list[str], dict[str, int]] = (-1, [], {})
 
+    def order_key(self) -> int:
+        """Changes whenever `ordered_ids` would be rebuilt (an agent added or forgotten)."""
+        return len(self.registry.agents) + (self.registry.forgotten << 32)
+
     def ordered_ids(self) -> tuple[list[str], dict[str, int]]:
         """Agent ids in registration order and each one's position, for `GET /v1/agents` pages.
         Rebuilt only when an id was added (the count grows: a known id that registers again
         keeps its place) or forgotten (Registry.forgotten grows)."""
         agents = self.registry.agents
-        key = len(agents) + (self.registry.forgotten << 32)
+        key = self.order_key()
         if self._order[0] != key:
             ids = list(agents)
             self._order = (key, ids, {agent_id: i for i, agent_id in enumerate(ids)})

@@ -4,7 +4,8 @@ Watchers with the same query (`interval_s`, `agents`) share one `Stream`: every 
 refreshes the agents' views that changed (controller/views.py), compares the jobs' views with
 the previous tick's, encodes ONE delta and hands the same text to each of its watchers. A
 watcher that joins gets the stream's snapshot of the current tick (encoded at most once per
-tick, however many join), then the deltas that follow it. So the controller's cost per tick is
+tick, however many join; encoded in a thread, and reused with the deltas since while those are
+kept), then the deltas that follow it. So the controller's cost per tick is
 what changed plus one encoding per query, not per watcher, and not the fleet's size.
 
 Each watcher has a bounded outbox; a watcher too slow to drain it (or a send that times out) is
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -37,6 +39,8 @@ MIN_INTERVAL_S, MAX_INTERVAL_S = 0.1, 60.0
 AGENT_FILTERS: Final = ("all", "none")
 # Frames a watcher may have waiting; past that it is dropped (it reconnects to a fresh snapshot).
 OUTBOX_FRAMES: Final = 64
+# Deltas a stream keeps: a watcher joins with the latest snapshot encoded and the deltas since.
+RECENT_DELTAS: Final = 16
 
 
 @dataclass(eq=False)  # hashed by identity: a set member
@@ -69,11 +73,15 @@ class Stream:
         self._jobs: dict[str, JobView] = {}
         self._fleet = FleetSummary()
         self._snapshot: tuple[int, str] | None = None  # (tick, encoded snapshot)
+        self._encoding: asyncio.Task[tuple[int, str]] | None = None  # a snapshot being encoded
+        self.recent: deque[tuple[int, str]] = deque(maxlen=RECENT_DELTAS)  # (tick, encoded delta)
         self.task: asyncio.Task[None] | None = None
-        self.advance()  # tick 1: the stream holds the whole picture before its first watcher joins
+        self.advance(encoded=False)  # tick 1: the stream holds the whole picture before its first watcher joins
 
-    def advance(self) -> str:
-        """One tick: what changed since the last, applied to this stream's state and encoded."""
+    def advance(self, encoded: bool = True) -> str:
+        """One tick: what changed since the last, applied to this stream's state and encoded
+        (unless nobody is there to get it: the first tick's delta is the whole fleet, and at
+        10,000 agents encoding it held the loop as long as the snapshot that follows, 0.6 s)."""
         self.views.refresh()
         agents, gone, usage = self.views.changed_since(self._version) if self.agents_listed else ([], [], [])
         self._version = self.views.version
@@ -91,17 +99,39 @@ class Stream:
         self._jobs = current
         self._fleet = self.views.summary()
         self.tick += 1
+        if not encoded:
+            return ""
         return encode(Delta(time.time(), self.tick, self.tick - 1, self._fleet, agents, gone, jobs, jobs_gone, usage))
 
     def snapshot_text(self) -> str:
         """This tick's whole picture, encoded once for every watcher that joins during the tick."""
         if self._snapshot is None or self._snapshot[0] != self.tick:
-            agents = [apply_usage(view, u) if (u := self._usage.get(agent_id)) is not None else view
-                      for agent_id, view in self._agents.items()]
-            snap = Snapshot(time.time(), self.interval_s, agents, list(self._jobs.values()), self._fleet,
-                            self.agents_listed, self.tick)
-            self._snapshot = (self.tick, encode(snap))
+            self._snapshot = (self.tick, encode(self._whole()))
         return self._snapshot[1]
+
+    async def join_frames(self) -> list[str]:
+        """A joining watcher's first frames: the latest snapshot encoded, then the deltas since.
+        A new snapshot is encoded in a thread (at 10,000 agents 14 MB, 0.6 s that would otherwise
+        hold the loop and the agents' pongs), shared by the watchers joining meanwhile; it serves
+        joins as long as the deltas since its tick are kept. Call without awaiting in between
+        the frames' delivery and joining `subscribers`, so that the next delta follows them."""
+        while True:
+            kept = self._snapshot
+            if kept is not None and (kept[0] == self.tick or (self.recent and self.recent[0][0] <= kept[0] + 1)):
+                return [kept[1], *(text for tick, text in self.recent if tick > kept[0])]
+            if self._encoding is None or self._encoding.done():
+                self._encoding = asyncio.create_task(self._encode_whole(), name="watch-snapshot")
+            self._snapshot = await asyncio.shield(self._encoding)
+
+    async def _encode_whole(self) -> tuple[int, str]:
+        tick, snap = self.tick, self._whole()  # views are immutable: the thread reads a fixed picture
+        return tick, await asyncio.to_thread(encode, snap)
+
+    def _whole(self) -> Snapshot:
+        agents = [apply_usage(view, u) if (u := self._usage.get(agent_id)) is not None else view
+                  for agent_id, view in self._agents.items()]
+        return Snapshot(time.time(), self.interval_s, agents, list(self._jobs.values()), self._fleet,
+                        self.agents_listed, self.tick)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -112,6 +142,7 @@ class Stream:
             if loop.time() > next_at:  # fell behind (a busy loop): skip ticks rather than bunch them
                 next_at = loop.time() + self.interval_s
             text = self.advance()
+            self.recent.append((self.tick, text))
             for sub in self.subscribers:
                 sub.offer(text)
 
@@ -141,7 +172,6 @@ class Watchers:
                     async with asyncio.timeout(self.send_timeout_s):
                         await ws.send_str(encode(event))
                 stream = await self._join(sub, interval_s, agents_listed)
-                sub.offer(stream.snapshot_text())  # no await since joining: the next delta follows it
                 try:
                     async with asyncio.TaskGroup() as tg:
                         sender = tg.create_task(self._sender(sub), name="watch-sender")
@@ -159,14 +189,20 @@ class Watchers:
 
     async def _join(self, sub: _Subscriber, interval_s: float, agents_listed: bool) -> Stream:
         key = (interval_s, agents_listed)
-        if key not in self._streams:
-            await self.views.catch_up()  # may yield: another watcher may have made the stream meanwhile
-        stream = self._streams.get(key)
-        if stream is None:
-            stream = self._streams[key] = Stream(self.views, interval_s, agents_listed)
-            stream.task = asyncio.create_task(stream.run(), name=f"watch-stream-{interval_s:g}")
-        stream.subscribers.add(sub)
-        return stream
+        while True:
+            if key not in self._streams:
+                await self.views.catch_up()  # may yield: another watcher may have made the stream meanwhile
+            stream = self._streams.get(key)
+            if stream is None:
+                stream = self._streams[key] = Stream(self.views, interval_s, agents_listed)
+                stream.task = asyncio.create_task(stream.run(), name=f"watch-stream-{interval_s:g}")
+            frames = await stream.join_frames()
+            if self._streams.get(key) is not stream:
+                continue  # its last watcher left while the snapshot was encoded: the stream ended
+            for text in frames:  # no await from here: the stream's next delta follows them
+                sub.offer(text)
+            stream.subscribers.add(sub)
+            return stream
 
     def _leave(self, sub: _Subscriber, stream: Stream) -> None:
         stream.subscribers.discard(sub)

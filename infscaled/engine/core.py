@@ -280,6 +280,10 @@ class Engine:
 
     # -- stats -----------------------------------------------------------------------------------
 
+    def queued(self) -> int:
+        """Events waiting for the compute thread (messages not handled yet)."""
+        return self._inbox.qsize()
+
     def computed(self, samples: int, seconds: float) -> None:
         """Count one computed micro-batch (the compute thread, or a CUDA completion thread)."""
         if self.first_at is None:

@@ -66,14 +66,17 @@ class DecodeStep:
     those n rows (device tensors) and counts the new position in the KV cache."""
 
     def __init__(self, stage: torch.nn.Module, kv: StageKV, device: torch.device, input_key: str, max_rows: int,
-                 graphs: bool, max_graphs: int = 16, attention: str | None = None) -> None:
+                 graphs: bool, max_graphs: int | None = None, attention: str | None = None) -> None:
         self.stage, self.kv, self.device = stage, kv, device
         # The paged attention backend (generation/paged_attention.py): flex on CUDA, torch elsewhere.
         self.attention = check_backend(attention) if attention else default_backend(device)
         self.input_key = input_key
         self.max_rows = max_rows
         self.graphs = graphs and device.type == "cuda"
-        self.max_graphs = max_graphs
+        # Buckets are rows (7 sizes up to 64) x page-table widths (powers of two): mixed lengths
+        # (a long-tailed workload) use dozens. The Triton kernel compiles once for all of them, so
+        # a bucket costs one eager step and a capture: allow 64. flex compiles per shape: 16.
+        self.max_graphs = max_graphs if max_graphs is not None else (64 if self.attention == "triton" else 16)
         self.replays = 0  # steps served by a graph (reported in the stage's stats)
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._pool: Any = None

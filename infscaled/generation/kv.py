@@ -148,16 +148,16 @@ class PagedBatch:
             self.positions.copy_(pinned(positions), non_blocking=True)
 
     def _prefill_index(self, seq_ids: Sequence[int]) -> None:
+        """Where each real prompt position goes: (row, column) of the padded batch -> (page,
+        offset). Built in numpy: a Python loop per token took tens of ms for 64 prompts of 512."""
         kv = self.kv
-        rows, cols, pages, offsets = [], [], [], []
-        for i, (s, n) in enumerate(zip(seq_ids, self.lengths, strict=True)):
-            for t in range(n):
-                rows.append(i)
-                cols.append(t)
-                pages.append(kv.pages[s][t // PAGE_TOKENS])
-                offsets.append(t % PAGE_TOKENS)
-        self._write = tuple(to_device_no_sync(torch.tensor(x, dtype=torch.int64), kv.device)
-                            for x in (rows, cols, pages, offsets))
+        lengths = np.asarray(self.lengths, dtype=np.int64)
+        rows = np.repeat(np.arange(len(seq_ids), dtype=np.int64), lengths)
+        cols = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        pages = np.concatenate([np.asarray(kv.pages[s], dtype=np.int64)[np.arange(n) // PAGE_TOKENS]
+                                for s, n in zip(seq_ids, self.lengths, strict=True)] or [np.zeros(0, np.int64)])
+        offsets = cols % PAGE_TOKENS
+        self._write = tuple(to_device_no_sync(torch.from_numpy(x), kv.device) for x in (rows, cols, pages, offsets))
 
 
 class StageKV:

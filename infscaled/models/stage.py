@@ -8,6 +8,8 @@ peak memory grows with its stage, not with the model.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from infscaled.models.base import Activation, Context, Family, Unit
 from infscaled.models.meta import buffer_names, dtype_of, numel, param_aliases, params_on_meta
 from infscaled.models.sources import ResolvedModel
 from infscaled.models.weights import Checkpoint, seeded_tensor
+
+INIT_THREADS_ENV = "INFSCALED_INIT_THREADS"
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,13 @@ class Stage(nn.Module):
 
 def materialize(sk: Skeleton, first: int, last: int, device: str, dtype: str, seed: int,
                 checkpoint_dir: str | None) -> Stage:
-    """Give units first..last real tensors on `device`; the rest of the skeleton stays meta."""
+    """Give units first..last real tensors on `device`; the rest of the skeleton stays meta.
+
+    The values are made (drawn or read) in a pool of threads, one parameter per task, each cast
+    to the stage's dtype before it is copied to `device`: a 3B model's seeded init drawn on one
+    thread, in float32, then copied took ~70 s before the first decode step (BENCHMARKS.md
+    section 14). The values do not depend on the pool (each parameter has its own generator,
+    keyed by its name), so stages, the monolith and `--verify` still agree bit for bit."""
     if not 0 <= first <= last < sk.unit_count:
         raise ModelError(f"unit range {first}..{last} outside 0..{sk.unit_count - 1}")
     torch_dtype = dtype_of(dtype)
@@ -92,19 +102,28 @@ def materialize(sk: Skeleton, first: int, last: int, device: str, dtype: str, se
     ckpt = Checkpoint(Path(checkpoint_dir)) if checkpoint_dir else None
     prefix = getattr(sk.model, "base_model_prefix", "")
     units = sk.units[first:last + 1]
-    made: dict[int, nn.Parameter] = {}  # keeps tied parameters tied inside the stage
-    names: list[str] = []
+    todo: dict[int, tuple[list[str], torch.Size]] = {}  # id(param) -> its names and shape, once per tied group
+    for unit in units:
+        for module in unit.modules():
+            for pname, p in module._parameters.items():
+                if p is not None and id(p) not in todo:
+                    todo[id(p)] = (aliases.get(id(p), [pname]), p.shape)
+
+    def make(names: list[str], shape: torch.Size) -> nn.Parameter:
+        value = _value(names, shape, seed, ckpt, prefix, device, sk)
+        if value.device.type == "cpu":
+            value = value.to(torch_dtype)  # cast on the host: half the bytes to copy for 16-bit stages
+        return nn.Parameter(value.to(device=device, dtype=torch_dtype), requires_grad=False)
+
+    with ThreadPoolExecutor(max_workers=init_threads(len(todo))) as pool:
+        futures = {key: pool.submit(make, names, shape) for key, (names, shape) in todo.items()}
+        made = {key: f.result() for key, f in futures.items()}  # keeps tied parameters tied inside the stage
+    names: list[str] = [todo[key][0][0] for key in todo]
     for unit in units:
         for module in unit.modules():
             for pname, p in list(module._parameters.items()):
-                if p is None:
-                    continue
-                if id(p) not in made:
-                    full = aliases.get(id(p), [pname])
-                    value = _value(full, p.shape, seed, ckpt, prefix, device, sk)
-                    made[id(p)] = nn.Parameter(value.to(device=device, dtype=torch_dtype), requires_grad=False)
-                    names.append(full[0])
-                module._parameters[pname] = made[id(p)]
+                if p is not None:
+                    module._parameters[pname] = made[id(p)]
             for bname, b in list(module._buffers.items()):
                 if b is None:
                     continue
@@ -117,6 +136,22 @@ def materialize(sk: Skeleton, first: int, last: int, device: str, dtype: str, se
     stage = Stage(list(units), shared, first, last, names)
     stage.eval()
     return stage
+
+
+def init_threads(tasks: int) -> int:
+    """Threads that make a stage's weights: INFSCALED_INIT_THREADS, else the host's cores (at most
+    16; a worker's compute runs on INFSCALED_WORKER_THREADS, but building happens once, before it)."""
+    raw = os.environ.get(INIT_THREADS_ENV, "")
+    if raw:
+        try:
+            wanted = int(raw)
+        except ValueError:
+            raise ModelError(f"{INIT_THREADS_ENV}={raw!r}: expected a whole number of threads >= 1") from None
+        if wanted < 1:
+            raise ModelError(f"{INIT_THREADS_ENV}={raw!r}: expected a whole number of threads >= 1")
+    else:
+        wanted = min(16, os.cpu_count() or 1)
+    return max(1, min(wanted, tasks))
 
 
 def _value(full: list[str], shape: torch.Size, seed: int, ckpt: Checkpoint | None, prefix: str,

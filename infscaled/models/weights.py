@@ -32,7 +32,7 @@ def seeded_tensor(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
     fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=gen) * math.sqrt(2.0 / fan_in)
+    return torch.randn(shape, generator=gen).mul_(math.sqrt(2.0 / fan_in))
 
 
 class Checkpoint:

@@ -57,8 +57,16 @@ def generation_plan(cfg: JobConfig) -> GenerationPlan | None:
     gen = cfg.generation
     if gen is None:
         return None
-    return GenerationPlan(gen.kv_budget_tokens, gen.max_batch_sequences,
-                          gen.micro_batches_in_flight or cfg.pipeline.stage_count, gen.max_new_tokens)
+    return GenerationPlan(gen.kv_budget_tokens, gen.max_batch_sequences, micro_batches_in_flight(cfg),
+                          gen.max_new_tokens)
+
+
+def micro_batches_in_flight(cfg: JobConfig) -> int:
+    """generation.micro_batches_in_flight, else one per stage and at least 2: with one stage, a
+    second micro-batch is what the GPU runs while the host finishes the first one's tokens and
+    prepares its next step (engine/programs/generation.py)."""
+    assert cfg.generation is not None
+    return cfg.generation.micro_batches_in_flight or max(2, cfg.pipeline.stage_count)
 
 
 def ports_needed(cfg: JobConfig) -> int:

@@ -21,7 +21,7 @@ dispatcher whether the pipeline is `complete`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from infscaled.planning.scale import ScaleChange, ScaleShape, chain_edges
 from infscaled.protocol.plan import DISPATCHER, EdgePlan, JobPlan, Node, Recovery
@@ -122,3 +122,41 @@ def backoff(policy: Recovery, tries: int) -> float:
     """Seconds to wait before replacement attempt `tries` (1-based) of one line: none before the
     first, then `backoff_s`, doubling."""
     return 0.0 if tries <= 1 else policy.backoff_s * 2 ** (tries - 2)
+
+
+@dataclass
+class Ledger:
+    """Replacement attempts per replica line, shared by `infscaled run` (runner/recovery.py) and
+    the controller (controller/recovery.py); keys are node names.
+
+    `attempts` counts the replacements of a line *in a row that did not come to serve*: a
+    replacement inherits its predecessor's count plus one; a replica that said READY starts its
+    line afresh (`served`), so a job that loses a healthy replica now and then keeps recovering,
+    while one whose replacements keep dying before they serve gives up after `[recovery] attempts`.
+    A replica that dies right after READY is bounded elsewhere: what it crashed on is replayed only
+    until the request's own timeout. `losses` counts every loss of a line and never resets (the
+    proxy tells one dispatcher death from the next by it, and says why with `last`)."""
+
+    attempts: dict[str, int] = field(default_factory=dict)
+    reasons: dict[str, list[str]] = field(default_factory=dict)  # the losses of the current run
+    losses: dict[str, int] = field(default_factory=dict)
+    last: dict[str, str] = field(default_factory=dict)  # the latest loss of each line (never reset)
+
+    def next_try(self, dead: Sequence[str], why: Sequence[str]) -> tuple[int, list[str]]:
+        """The attempt number for replacing `dead` together, and every reason on their lines so far."""
+        tries = max(self.attempts.get(n, 0) for n in dead) + 1
+        return tries, [r for n in dead for r in self.reasons.get(n, [])] + list(why)
+
+    def started(self, nodes: Iterable[str], tries: int, history: Sequence[str], lost: Iterable[str] = ()) -> None:
+        """`nodes` replace the `lost` ones as attempt `tries` of their line(s)."""
+        total = max((self.losses.get(n, 0) for n in lost), default=0) + 1
+        for n in nodes:
+            self.attempts[n], self.reasons[n] = tries, list(history)
+            self.losses[n] = total
+            if history:
+                self.last[n] = history[-1]
+
+    def served(self, node: str) -> None:
+        """`node` said READY: its line's failed attempts are behind it."""
+        self.attempts.pop(node, None)
+        self.reasons.pop(node, None)

@@ -98,7 +98,8 @@ class Recovery:
     enabled: bool = True
     """Replace lost replicas and replay their work; false: the first loss fails the job (clean)."""
     attempts: int = 3
-    """Replacements tried per lost replica (one after another, with backoff) before the job fails."""
+    """Replacements of one replica tried in a row that die before they serve (with backoff), then
+    the job fails; one that came to serve starts its line afresh (planning.recovery.Ledger)."""
     backoff_s: float = 1.0
     """Wait before a replacement attempt after a failed one; doubles each time."""
     heartbeat_timeout_s: float = 2.0

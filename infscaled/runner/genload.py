@@ -15,6 +15,7 @@ from typing import Any
 from infscaled.config import JobConfig
 from infscaled.config.messages import config_error
 from infscaled.generation.params import SamplingParams
+from infscaled.planning.job import micro_batches_in_flight
 from infscaled.protocol.control import StageStats
 from infscaled.runner.summary import label_table, percentile
 
@@ -65,8 +66,7 @@ def default_concurrency(cfg: JobConfig) -> int:
     micro-batches in the loop."""
     assert cfg.generation is not None
     gen = cfg.generation
-    in_flight = gen.micro_batches_in_flight or cfg.stage_count
-    return cfg.workload.concurrency or gen.max_batch_sequences * max(1, in_flight) * cfg.pipeline.replicas[0]
+    return cfg.workload.concurrency or gen.max_batch_sequences * micro_batches_in_flight(cfg) * cfg.pipeline.replicas[0]
 
 
 def greedy_reference(cfg: JobConfig, work: list[tuple[list[int], int]]) -> list[list[int]]:
@@ -170,6 +170,23 @@ class GenSummary:
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
+    def middle_tokens_per_s(self) -> float:
+        """Tokens/s over the middle half of the run (from 1/4 to 3/4 of its wall time): the steady
+        rate, without the first steps (graph captures, compilation) and the closing drain. Each
+        sequence's tokens after its first count as spread evenly between its first and last."""
+        if not self.outcomes or self.wall_s <= 0:
+            return 0.0
+        start = min(o.submitted for o in self.outcomes)
+        lo, hi = start + self.wall_s / 4, start + self.wall_s * 3 / 4
+        tokens = 0.0
+        for o in self.completed:
+            if o.produced and lo <= o.first_at <= hi:
+                tokens += 1
+            if o.produced > 1 and o.last_at > o.first_at:
+                overlap = min(hi, o.last_at) - max(lo, o.first_at)
+                tokens += (o.produced - 1) * max(0.0, overlap) / (o.last_at - o.first_at)
+        return tokens / (hi - lo)
+
     @property
     def ok(self) -> bool:
         return self.failed == 0 and self.failure is None and self.mismatched == 0
@@ -184,6 +201,7 @@ class GenSummary:
         doc: dict[str, Any] = {
             "job": self.job, "completed": len(self.completed), "failed": self.failed, "wall_s": self.wall_s,
             "output_tokens": self.output_tokens, "tokens_per_s": self.tokens_per_s,
+            "tokens_per_s_middle": self.middle_tokens_per_s(),
             "latency_ms": self.quantiles_ms(),
             "stages": [{"node": s.node, "busy": s.busy, "micro_batches": s.micro_batches} for s in self.stages],
         }
@@ -211,6 +229,7 @@ def render_generation(summary: GenSummary) -> Any:
     q = summary.quantiles_ms()
     rows = [("sequences completed", str(len(summary.completed))), ("sequences failed", str(summary.failed)),
             ("output tokens", str(summary.output_tokens)), ("tokens/s", f"{summary.tokens_per_s:.1f}"),
+            ("tokens/s, middle half of the run", f"{summary.middle_tokens_per_s():.1f}"),
             ("time to first token p50 / p99", f"{q['ttft_p50']:.1f} / {q['ttft_p99']:.1f} ms"),
             ("time per output token p50 / p99", f"{q['tpot_p50']:.2f} / {q['tpot_p99']:.2f} ms")]
     if summary.verified:

@@ -12,7 +12,8 @@ a silent heartbeat: worker/group.py); a thread of its own then, per loss:
 3. once it is READY (the supervisor's on_ready) and every stage has a serving replica again,
    tells the dispatcher; with nothing pending, the job is RUNNING.
 A replacement that fails is itself a loss: replaced again after `backoff_s` (doubling), up to
-`attempts` per original replica; then the job fails with every reason on the way.
+`attempts` in a row per replica line (a replacement that came to serve starts its line afresh:
+planning.recovery.Ledger); then the job fails with every reason on the way.
 """
 
 from __future__ import annotations
@@ -22,12 +23,20 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from infscaled.controller.job import JobState
 from infscaled.planning.ports import free_ports
-from infscaled.planning.recovery import backoff, complete, devices_for, replacement_shape, restored, with_failure
+from infscaled.planning.recovery import (
+    Ledger,
+    backoff,
+    complete,
+    devices_for,
+    replacement_shape,
+    restored,
+    with_failure,
+)
 from infscaled.planning.scale import apply_scale
 from infscaled.protocol.control import UpdateTopology
 from infscaled.protocol.plan import DISPATCHER, JobPlan, Node
@@ -52,14 +61,6 @@ class Replacement:
     connect_s: float = 0.0  # the slowest replacement's edge joining (inside ready_s)
 
 
-@dataclass
-class _Lineage:
-    """How many replacements a replica's line has had (a replacement inherits its predecessor's)."""
-
-    attempts: dict[Node, int] = field(default_factory=dict)
-    reasons: dict[Node, list[str]] = field(default_factory=dict)
-
-
 class Recoverer:
     def __init__(self, job: RecoverableJob, group: WorkerGroup, member_for: Callable[[JobPlan, Node], Member],
                  fail: Callable[[str], None]) -> None:
@@ -71,7 +72,7 @@ class Recoverer:
         self.state = JobState.RUNNING
         self.history: list[Replacement] = []
         self._lost: queue.Queue[tuple[Node, str, float] | None] = queue.Queue()
-        self._lineage = _Lineage()
+        self._ledger = Ledger()  # attempts per replica line (planning/recovery.py)
         self._pending: dict[Node, Replacement] = {}  # replacements not READY yet -> their loss
         self._whole = True  # what the dispatcher was last told: every stage has a serving replica
         self._changed = threading.Condition()
@@ -124,8 +125,7 @@ class Recoverer:
         detected = min(t for _, _, t in batch)
         if self.job.closing:
             return
-        tries = max(self._lineage.attempts.get(n, 0) for n in dead) + 1
-        history = [r for n in dead for r in self._lineage.reasons.get(n, [])] + list(reasons)
+        tries, history = self._ledger.next_try([str(n) for n in dead], reasons)
         if not self.policy.enabled or tries > self.policy.attempts:
             why = "; ".join(history)
             if self.policy.enabled:
@@ -150,9 +150,8 @@ class Recoverer:
                 if node not in dead:  # a dead generation chain's survivors
                     self.group.retire(node, f"its chain lost {', '.join(map(str, dead))}")
             record = Replacement(dead, shape.added, reasons, detected)
+            self._ledger.started([str(n) for n in shape.added], tries, history, lost=[str(n) for n in dead])
             for n in shape.added:
-                self._lineage.attempts[n] = tries
-                self._lineage.reasons[n] = history
                 self._pending[n] = record
             self._send(updates)
             self._set(JobState.RECOVERING)
@@ -170,6 +169,7 @@ class Recoverer:
         if node not in self._pending:
             return  # not a replacement (scaling holds the topology lock while it waits for READY)
         with self.job.topology_lock:
+            self._ledger.served(str(node))
             record = self._pending.pop(node, None)
             if record is None:
                 return

@@ -178,6 +178,8 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None], eng
                         worker.device, plan.dtype, plan.seed,
                         compile_layers=plan.compile_layers and worker.device.startswith("cuda"))
     load_s = time.monotonic() - started
+    log.info("%s: stage of units %d..%d built on %s in %.1f s", me, stage_plan.first_unit, stage_plan.last_unit,
+             worker.device, load_s)
     program: Program
     measure = metrics_enabled()
     if plan.generation is not None:

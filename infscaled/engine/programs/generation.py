@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ from infscaled.engine import genwire as gw
 from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd, EdgeState
 from infscaled.engine.program import Program
-from infscaled.generation.gpu_sampling import sample_async
+from infscaled.generation.gpu_sampling import PendingTokens, sample_async
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import PagedBatch, StageKV
 from infscaled.generation.params import PromptLogprobs, Sampled
@@ -59,6 +60,8 @@ from infscaled.worker.transport import ACK, Ack, Message
 
 log = logging.getLogger(__name__)
 
+PREFILL_GATHER_S = 0.02  # the longest stage 0 holds a prefill back to merge it with later ones
+
 
 @dataclass
 class _Chain:
@@ -68,6 +71,7 @@ class _Chain:
     held: list[gw.Prefill] = field(default_factory=list)  # prefills waiting for KV room
     inflight: int = 0  # micro-batches sent into the loop whose tokens have not come back
     pending_free: list[int] = field(default_factory=list)  # to send down the chain
+    held_since: float | None = None  # when stage 0 first held prefills back to merge them
 
 
 class GenerationStage(Program):
@@ -87,6 +91,11 @@ class GenerationStage(Program):
         self._mb_ids = 0
         self._stopped = False
         self.lost: str | None = None  # why this chain is lost (a broken edge); None while it serves
+        # Last stage on CUDA: sampled micro-batches whose tokens are being copied back, oldest first.
+        # The host goes on (stage 0 of a one-stage chain prepares and launches the next micro-batch)
+        # and completes them in `poll` once their copy has landed: no blocking sync per step.
+        self._pending: list[_Pending] = []
+        self._began: Any = None  # the current step's start event (CUDA, last stage)
 
     def attach(self, engine: object) -> None:
         super().attach(engine)  # type: ignore[arg-type]
@@ -178,13 +187,25 @@ class GenerationStage(Program):
                         "dropped; serving on for the next dispatcher", self.engine.node, why, len(seqs), held)
 
     def poll(self, now: float) -> float | None:
-        if not self.first or self._stopped or self.lost is not None:
+        if self._stopped or self.lost is not None:
+            self._pending.clear()
             return None
         with torch.inference_mode():
-            self._schedule()
+            while self._pending and self._pending[0].tokens.ready():
+                self._complete(self._pending.pop(0))
+            if self.first:
+                self._schedule()
+            if self._pending and not self._runnable():
+                # Nothing to launch until tokens come back: wait for the oldest micro-batch's copy
+                # (this event only; the GPU meanwhile runs the younger ones).
+                self._complete(self._pending.pop(0))
+                if self.first:
+                    self._schedule()
+        return 0.0 if self._runnable() or self._pending else None
+
+    def _runnable(self) -> bool:
         chain = self.chain
-        runnable = bool(chain.ready) and chain.inflight < self.plan.micro_batches_in_flight
-        return 0.0 if runnable else None
+        return self.first and bool(chain.ready) and chain.inflight < self.plan.micro_batches_in_flight
 
     def stats(self, base: StageStats) -> StageStats:
         return replace(base, inflight=self.chain.inflight, kv_tokens=self.kv.held_tokens,
@@ -208,11 +229,17 @@ class GenerationStage(Program):
 
     def _schedule(self) -> None:
         chain = self.chain
-        while chain.held:
-            msg = chain.held[0]
-            if not self.kv.fits_all([s.reserve for s in msg.specs]):
+        # Prefills wait while more messages are queued (they may be prefills too): the held ones
+        # then run as one micro-batch. A prefill's forward costs about the same at 1 row as at 8
+        # (launches, weight reads), and a closed loop sends one sequence per finished one: one
+        # prefill each cost more than the decode steps between them (BENCHMARKS.md section 20).
+        while chain.held and not self._gathering():
+            merged = _merge(chain.held, self.plan.max_batch_sequences, self.kv)
+            if merged is None:
                 break
-            chain.held.pop(0)
+            msg, taken = merged
+            del chain.held[:taken]
+            chain.held_since = None
             chain.inflight += 1
             self._prefill(msg)
         # At most one round of launches per call, so new messages (prefills, frees) get read in
@@ -226,6 +253,17 @@ class GenerationStage(Program):
             self._decode(seqs, tokens)
         if chain.pending_free and not self.last:
             self._send_next(gw.Free([]))  # frees no compute carried down
+
+    def _gathering(self) -> bool:
+        """Hold prefills back while more messages are queued, unless a micro-batch's worth of rows
+        is held or the oldest has waited PREFILL_GATHER_S (so a busy inbox never starves them)."""
+        chain = self.chain
+        if not self.engine.queued() or sum(len(m.specs) for m in chain.held) >= self.plan.max_batch_sequences:
+            return False
+        now = time.monotonic()
+        if chain.held_since is None:
+            chain.held_since = now
+        return now - chain.held_since < PREFILL_GATHER_S
 
     def _tokens_back(self, msg: gw.Tokens) -> None:
         for s, tok, done in zip(msg.seqs, msg.tokens, msg.done, strict=True):
@@ -279,12 +317,17 @@ class GenerationStage(Program):
         return self._timed(seqs, forward)
 
     def _timed(self, seqs: list[int], forward: object) -> dict[str, torch.Tensor]:
+        if self.last and self.device.type == "cuda":
+            # No sync here: the step's GPU time is read from events when its tokens are back
+            # (`_complete`), so the host can launch the next micro-batch meanwhile.
+            self._began = torch.cuda.Event(enable_timing=True)
+            self._began.record(torch.cuda.current_stream(self.device))
+            out: dict[str, torch.Tensor] = forward()  # type: ignore[operator]
+            return out
         started = time.perf_counter()
-        out: dict[str, torch.Tensor] = forward()  # type: ignore[operator]
+        out = forward()  # type: ignore[operator]
         if not self.last:
             out = {"hidden": out["hidden"].cpu()}  # the gloo edges carry host tensors
-        elif self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # so compute time is GPU time
         self.engine.computed(len(seqs), time.perf_counter() - started)
         return out
 
@@ -295,14 +338,47 @@ class GenerationStage(Program):
         decide whether it is done, and send the tokens to the dispatcher and round the loop."""
         states = [self.samplers[s] for s in seqs]
         params = [st.params for st in states]
+        began, self._began = self._began, None
         if plain(params) and not (prompt_lps and any(prompt_lps)):
             # The common case: no host sync while the tokens come back (generation/gpu_sampling.py).
-            tokens = sample_async(logits, params, [st.generator for st in states]).tokens()
-            for st, tok in zip(states, tokens, strict=True):
-                st.outputs.append(tok)
-            sampled: list[Sampled | None] = [None] * len(states)
-        else:  # penalties, logit bias, min_p, min_tokens or log-probabilities: generation/sampling.py
-            tokens, sampled = sample_step(logits, states)
+            tokens_on_the_way = sample_async(logits, params, [st.generator for st in states])
+            pending = _Pending(seqs, states, tokens_on_the_way, began, self._mark(began))
+            if pending.tokens.event is not None:
+                self._pending.append(pending)  # completed by `poll`, in order
+                return
+            self._complete(pending)
+            return
+        # penalties, logit bias, min_p, min_tokens or log-probabilities: generation/sampling.py
+        tokens, sampled = sample_step(logits, states)
+        self._count(seqs, began, self._mark(began))
+        self._finish(seqs, states, tokens, sampled, prompt_lps)
+
+    def _mark(self, began: Any) -> Any:
+        """A timing event recorded now, if the step began with one (the last stage on CUDA)."""
+        if began is None:
+            return None
+        ended = torch.cuda.Event(enable_timing=True)
+        ended.record(torch.cuda.current_stream(self.device))
+        return ended
+
+    def _count(self, seqs: list[int], began: Any, ended: Any) -> None:
+        """The micro-batch's compute time for the stage's stats: GPU time between its events."""
+        if began is None:
+            return  # counted by _timed (CPU, or a stage that is not last)
+        ended.synchronize()
+        self.engine.computed(len(seqs), began.elapsed_time(ended) / 1e3)
+
+    def _complete(self, pending: _Pending) -> None:
+        """A micro-batch's tokens are (or are about to be) on the host: finish its step."""
+        tokens = pending.tokens.tokens()
+        self._count(pending.seqs, pending.began, pending.ended)
+        for st, tok in zip(pending.states, tokens, strict=True):
+            st.outputs.append(tok)
+        self._finish(pending.seqs, pending.states, tokens, [None] * len(tokens), None)
+
+    def _finish(self, seqs: list[int], states: list[SequenceSampling], tokens: list[int],
+                sampled: list[Sampled | None], prompt_lps: list[PromptLogprobs | None] | None) -> None:
+        """Done or not per sequence; the tokens to the dispatcher and round the loop."""
         reported: list[list[Sampled | PromptLogprobs]] = []
         if prompt_lps is not None and any(prompt_lps) or any(sampled):
             lps = prompt_lps or [None] * len(seqs)
@@ -313,7 +389,7 @@ class GenerationStage(Program):
             done.append(finished)
             if finished:
                 self.kv.free([s])
-                self.samplers.pop(s)
+                self.samplers.pop(s, None)  # already gone if cancelled while its tokens were on the way
         out = gw.Tokens(seqs, tokens, done, reported)
         self._send_to(DISPATCHER, out)
         if self.first:  # one stage: the loop is this process
@@ -342,6 +418,42 @@ class GenerationStage(Program):
             raise RuntimeError(f"{self.engine.node}: no edge to {peer} in this job's plan")
         self._mb_ids += 1
         self.engine.send(end, gw.encode(msg, self._mb_ids))
+
+
+@dataclass
+class _Pending:
+    """A last stage's sampled micro-batch whose tokens are still on their way to the host."""
+
+    seqs: list[int]
+    states: list[SequenceSampling]
+    tokens: PendingTokens
+    began: Any  # torch.cuda.Event (timing) recorded before the step
+    ended: Any  # and after its sampling: the step's GPU time, for the stage's stats
+
+
+def _merge(held: list[gw.Prefill], rows: int, kv: StageKV) -> tuple[gw.Prefill, int] | None:
+    """The longest run of held prefills from the front (first come, first served) that fits the
+    KV budget and `rows` rows (the first one always, whatever its rows), as one prefill (prompts
+    right-padded to the longest), and how many it took; None when the first does not fit."""
+    taken, reserves = 0, []
+    for msg in held:
+        more = [s.reserve for s in msg.specs]
+        if taken and len(reserves) + len(more) > rows or not kv.fits_all(reserves + more):
+            break
+        reserves += more
+        taken += 1
+    if not taken:
+        return None
+    if taken == 1:
+        return held[0], 1
+    parts = held[:taken]
+    width = max(m.x.shape[1] for m in parts)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    return gw.Prefill([s for m in parts for s in m.specs], torch.cat([padded(m.x) for m in parts]),
+                      torch.cat([padded(m.attention_mask) for m in parts])), taken
 
 
 def _drop_row(msg: gw.Prefill, seq: int) -> gw.Prefill | None:
