@@ -35,7 +35,6 @@ wait for everyone to finish, then SIGTERM, then SIGKILL; it never returns with a
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -48,7 +47,7 @@ from typing import Any
 
 from infscaled.protocol import control
 from infscaled.protocol.plan import Node
-from infscaled.worker.start import member_context, member_main
+from infscaled.worker.start import member_args, member_context, member_main
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ class WorkerGroup:
         ctx = member_context()  # forks of a warm server where there is one (worker/start.py)
         parent, child = ctx.Pipe(duplex=True)
         name = "dispatcher" if m.node.is_dispatcher else str(m.node)
-        proc = ctx.Process(target=member_main, args=(m.target, dict(os.environ), name, m.spec, child),
+        proc = ctx.Process(target=member_main, args=member_args(m.target, name, m.spec, child),
                            name=f"infscaled-{self.name}-{m.node}", daemon=False)
         proc.start()
         child.close()

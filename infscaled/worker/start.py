@@ -9,6 +9,10 @@ started in ~0.05 s, and shares the imported code's memory copy-on-write. The ser
 CUDA context, no threads of ours and no job state: it only forks.
 
 What a fork server changes, and how it is kept the same as a fresh process:
+- Standard output and error: the server's are the supervisor's at the server's start; each
+  member gets the supervisor's *current* ones (`Stdio`, passed as file descriptors with the
+  start), so a supervisor that redirected them (a log file, a test's capture) keeps its members'
+  output.
 - Environment: the server's is the supervisor's at the server's start. `member_main` applies
   the supervisor's environment as it was when the member was started, so a variable set later
   (`INFSCALED_METRICS`, `INFSCALED_WORKER_THREADS`, ...) reaches the member as before. (Variables
@@ -59,13 +63,42 @@ def member_context() -> BaseContext:
         return _context
 
 
+class Stdio:
+    """The supervisor's stdout and stderr as they are when a member starts (pickled as file
+    descriptors that travel with the start: multiprocessing's DupFd)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        from multiprocessing.reduction import DupFd
+
+        return _stdio_in_child, (DupFd(1), DupFd(2))
+
+
+def _stdio_in_child(out: Any, err: Any) -> tuple[int, int]:
+    return out.detach(), err.detach()
+
+
 def member_main(target: Callable[[Any, Connection], None], env: dict[str, str], name: str, spec: Any,
-                conn: Connection) -> None:
-    """A member's first call in its own process: the supervisor's environment, its name, then `target`."""
+                conn: Connection, stdio: tuple[int, int] | None = None) -> None:
+    """A member's first call in its own process: the supervisor's output, environment and its
+    name, then `target`."""
+    if stdio is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, into in zip(stdio, (1, 2), strict=True):
+            os.dup2(fd, into)
+            os.close(fd)
     os.environ.clear()
     os.environ.update(env)
     set_process_name(NAME_PREFIX + name)
     target(spec, conn)
+
+
+def member_args(target: Callable[[Any, Connection], None], name: str, spec: Any,
+                conn: Connection) -> tuple[Any, ...]:
+    """`member_main`'s arguments for starting `target` now: the environment and (from a fork
+    server) the output of this moment."""
+    stdio = Stdio() if member_context().get_start_method() == "forkserver" else None
+    return (target, dict(os.environ), name, spec, conn, stdio)
 
 
 def set_process_name(name: str) -> None:
