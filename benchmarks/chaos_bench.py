@@ -36,9 +36,10 @@ from infscaled.runner.launcher import LocalJob, prepare
 from infscaled.runner.workload import drive, requests_for
 
 
-def job_config(recovery: bool, rate: float) -> Any:
+def job_config(recovery: bool, rate: float, replicas: list[int] | None = None) -> Any:
+    replicas = replicas or [2, 2, 1]
     return parse_job({"name": "chaos", "model": {"source": "builtin:gpt2-tiny"},
-                      "pipeline": {"stages": 3, "replicas": [2, 2, 1], "policy": "shortest_queue",
+                      "pipeline": {"stages": len(replicas), "replicas": replicas, "policy": "shortest_queue",
                                    "micro_batch_size": 4, "max_inflight": 6, "max_wait_ms": 2.0},
                       "workload": {"samples": [1, 2], "seq_len": [16, 16], "rate": rate, "request_timeout_s": 120},
                       "recovery": {"enabled": recovery}})

@@ -3,7 +3,10 @@ replicas [2, 2, 1]) under a closed loop of 24 clients through LocalJob, `[recove
 off. One warm-up job is discarded, then REPEATS pairs, alternating which mode goes first; each
 job serves 500 requests unmeasured, then REQUESTS measured.
 
-    python -m benchmarks.recovery_cost REPEATS REQUESTS OUT.json
+    python -m benchmarks.recovery_cost REPEATS REQUESTS OUT.json [REPLICAS]
+
+REPLICAS (e.g. `1,1`: 2 stages, one replica each) replaces the chaos job's [2, 2, 1] shape: a job
+with fewer processes than the host has cores measures with less scheduling noise.
 """
 
 import json
@@ -18,9 +21,10 @@ from infscaled.runner.workload import drive, requests_for
 
 def main() -> None:
     repeats, n = int(sys.argv[1]), int(sys.argv[2])
+    shape = [int(r) for r in sys.argv[4].split(",")] if len(sys.argv) > 4 else None
     out: dict[str, list[float]] = {"on": [], "off": []}
     def one(mode: str) -> float:
-        cfg = job_config(mode == "on", 0.0)
+        cfg = job_config(mode == "on", 0.0, shape)
         prepared = prepare(cfg)
         reqs = list(requests_for(cfg.workload, prepared.spec, n + 500))
         with LocalJob(prepared) as job:
@@ -36,7 +40,7 @@ def main() -> None:
     res = {"requests_per_s": out, "median_on": on, "median_off": off, "cost": 1 - on / off,
            "spread_on": (max(out["on"]) - min(out["on"])) / on, "spread_off": (max(out["off"]) - min(out["off"])) / off,
            "requests_per_run": n, "loadavg": os.getloadavg(),
-           "command": f"python -m benchmarks.recovery_cost {repeats} {n}"}
+           "command": " ".join(["python -m benchmarks.recovery_cost", *sys.argv[1:]])}
     print(json.dumps(res, indent=2))
     with open(sys.argv[3], "w") as f:
         f.write(json.dumps(res, indent=2))
