@@ -14,7 +14,8 @@ the job's metrics.
 
     python -m benchmarks.chaos_daemon [--duration 60] [--kill-every 5] [--rate 30] [--out out/chaos_daemon.json]
 
-The kinds of fault are drawn from `--seed`; the figures go to BENCHMARKS.md (chaos sections).
+The kinds of fault are drawn from `--seed`; the figures go to BENCHMARKS.md (section 21). The
+daemons' own logs go to the `--out` path with a `.log` suffix (for reading, not for the repository).
 """
 
 from __future__ import annotations
