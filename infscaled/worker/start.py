@@ -23,7 +23,7 @@ What a fork server changes, and how it is kept the same as a fresh process:
   A server that dies (killed) takes its members with it: each is reported as exited, like any
   death, and the next start brings up a new server.
 - Names: a member sets its process name (`ps -e`, `top`, psutil's `name()`) to
-  `infscaled-NODE`, e.g. `infscaled-1.0` or `infscaled-dispatc` (the kernel keeps 15 bytes);
+  `infscaled-NODE`, e.g. `infscaled-1.0` or `infscaled-dispa` (the kernel keeps 15 bytes);
   its command line is the server's.
 Where no fork server exists (Windows), members are spawned as before.
 """
