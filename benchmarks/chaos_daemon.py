@@ -5,12 +5,12 @@ The forward half of issue 12's 60 s chaos run, as a user deploys it: a controlle
 [2, 2, 1], recovery on) submitted through the API, Poisson arrivals through the controller's
 proxy (`POST /v1/jobs/ID/infer`, aiohttp, one task per request, each with its own deadline).
 Every `--kill-every` seconds one live process of the job is picked at random (the dispatcher
-service with probability `--dispatcher-share`, else a stage worker) and gets SIGKILL (or, for a `--stop-share` of stage workers, SIGSTOP: a
-hang). At the end: requests sent, answered 200, failed (any other status, or a broken
-connection), lost (no answer by the deadline); every 200 checked against the monolith. Per
-fault: the job's states until `running` again, when the replacement (or restarted dispatcher)
-was ready, and the first 200 after it. The dispatcher's replayed / duplicate counters come from
-the job's metrics.
+service with probability `--dispatcher-share`, else a stage worker) and gets SIGKILL (or, for a
+`--stop-share` of stage workers, SIGSTOP: a hang). At the end: requests sent, answered 200,
+failed (any other status, or a broken connection), lost (no answer by the deadline); every 200
+checked against the monolith. Per fault: the job's states until `running` again, when the
+replacement (or restarted dispatcher) was ready, and the first 200 after it. The dispatcher's
+replayed / duplicate counters come from the job's metrics.
 
     python -m benchmarks.chaos_daemon [--duration 60] [--kill-every 5] [--rate 30] [--out out/chaos_daemon.json]
 
@@ -31,20 +31,17 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import torch
 
-from benchmarks.restart_bench import free_port
+from benchmarks.restart_bench import TOKEN, Api, free_port
 from infscaled.models import inputs
 from infscaled.models.sources import resolve
 from infscaled.models.stage import Monolith
 
-TOKEN = "bench-token-" + "c" * 24
 CLI = [sys.executable, "-m", "infscaled.cli"]
 SOURCE = "builtin:gpt2-tiny"
 JOB = f"""
@@ -64,43 +61,19 @@ heartbeat_timeout_s = 2.0
 VOCAB = 512  # gpt2-tiny's
 
 
-def call(url: str, method: str, path: str, body: bytes | None = None, ctype: str = "application/json",
-         timeout: float = 30) -> tuple[int, Any]:
-    req = urllib.request.Request(url + path, data=body, method=method,
-                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": ctype})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
-
-
-def until(what: str, check: Any, timeout: float, poll_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-
-
 class Timeline(threading.Thread):
     """Polls the job every 50 ms: (time, state, {node: (state, pid)})."""
 
-    def __init__(self, url: str, job_id: str) -> None:
+    def __init__(self, api: Api, job_id: str) -> None:
         super().__init__(daemon=True)
-        self.url, self.job_id = url, job_id
+        self.api, self.job_id = api, job_id
         self.samples: list[tuple[float, str, dict[str, tuple[str, int]]]] = []
         self.halt = threading.Event()
 
     def run(self) -> None:
         while not self.halt.is_set():
             try:
-                _, d = call(self.url, "GET", f"/v1/jobs/{self.job_id}", timeout=5)
+                _, d = self.api.call("GET", f"/v1/jobs/{self.job_id}", timeout=5)
                 self.samples.append((time.monotonic(), d["state"],
                                      {n["node"]: (n["state"], n["pid"]) for n in d["nodes"]}))
             except (OSError, KeyError, TypeError):
@@ -158,6 +131,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    api = Api(url)
     load_before = os.getloadavg()
     faults: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
@@ -172,12 +146,12 @@ def main() -> None:
                                           env=env, stderr=logs))
         timeline: Timeline | None = None
         try:
-            until("two agents", lambda: len(call(url, "GET", "/v1/agents")[1]) == 2, 120)
-            status, job = call(url, "POST", "/v1/jobs", JOB.encode(), "application/toml", 300)
+            api.until("two agents", lambda: len(api.call("GET", "/v1/agents")[1]) == 2, 120, 0.1)
+            status, job = api.call("POST", "/v1/jobs", JOB.encode(), "application/toml", 300)
             assert status == 201, job
             job_id = job["id"]
-            until("running", lambda: call(url, "GET", f"/v1/jobs/{job_id}")[1]["state"] == "running", 300)
-            timeline = Timeline(url, job_id)
+            api.until("running", lambda: api.call("GET", f"/v1/jobs/{job_id}")[1]["state"] == "running", 300, 0.1)
+            timeline = Timeline(api, job_id)
             timeline.start()
             load = threading.Thread(target=lambda: asyncio.run(poisson(
                 url, job_id, args.rate, args.duration, args.seed, args.request_timeout, results)), daemon=True)
@@ -198,15 +172,15 @@ def main() -> None:
                 time.sleep(args.kill_every)
             load.join()
             try:
-                until("running after the last fault", lambda: call(url, "GET", f"/v1/jobs/{job_id}")[1]["state"]
-                      == "running", 180)
+                api.until("running after the last fault",
+                          lambda: api.call("GET", f"/v1/jobs/{job_id}")[1]["state"] == "running", 180, 0.1)
             except RuntimeError:
-                print(json.dumps(call(url, "GET", f"/v1/jobs/{job_id}")[1], indent=1)[:6000], flush=True)
+                print(json.dumps(api.call("GET", f"/v1/jobs/{job_id}")[1], indent=1)[:6000], flush=True)
                 raise
             time.sleep(0.5)
             timeline.halt.set()
-            _, metrics = call(url, "GET", f"/v1/jobs/{job_id}/metrics")
-            _, detail = call(url, "GET", f"/v1/jobs/{job_id}")
+            _, metrics = api.call("GET", f"/v1/jobs/{job_id}/metrics")
+            _, detail = api.call("GET", f"/v1/jobs/{job_id}")
         finally:
             if timeline is not None:
                 timeline.halt.set()
