@@ -11,13 +11,12 @@ monolith's.
 from __future__ import annotations
 
 import signal
-import threading
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
-from cluster import alive, local_cluster
+from cluster import ProxyLoad, alive, local_cluster
 
 from infscaled.models import inputs
 from infscaled.models.sources import resolve
@@ -53,18 +52,8 @@ def test_a_lost_agents_replicas_are_placed_on_another_agent(tmp_path: Path) -> N
         mono = Monolith(resolve("builtin:gpt2-tiny"), "cpu", "float32", 0)
         x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
         expected = mono.forward(inputs.collate(mono.family.input_spec(), [x], torch.float32))
-        stop = threading.Event()
-        results: list[tuple[int, Any]] = []
-
-        def client() -> None:
-            while not stop.is_set():
-                results.append(cluster.call("POST", f"/v1/jobs/{job_id}/infer", {"inputs": x.tolist()}))
-
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(3)]
-        for t in threads:
-            t.start()
-        try:
-            cluster.wait_for("traffic", lambda: len(results) >= 10, 60)
+        with ProxyLoad(cluster, job_id, [x.tolist()] * 3) as load:
+            load.more(10, "traffic")
             agent = cluster.procs.pop(lost_agent)
             agent.send_signal(signal.SIGKILL)
             agent.wait(10)
@@ -79,15 +68,9 @@ def test_a_lost_agents_replicas_are_placed_on_another_agent(tmp_path: Path) -> N
                                      for s in now.values())) else None
 
             after = cluster.wait_for("the replicas re-placed and running", moved, 120)
-            before = len(results)
-            cluster.wait_for("traffic on the re-placed replicas", lambda: len(results) >= before + 10, 60)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(60)
-        failed = [r for r in results if r[0] != 200]
-        assert not failed, failed[:3]
-        for _, body in results:
+            load.more(10, "traffic on the re-placed replicas")
+        assert not load.failed(), load.failed()[:3]
+        for _, body in load.results:
             assert torch.allclose(torch.tensor(body["output"]), expected, atol=1e-4, rtol=1e-4)
         assert [s["replicas"] for s in after["stages"]] == [1, 2]
         assert psutil.pid_exists(cluster.procs["controller"].pid)
