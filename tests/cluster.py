@@ -14,13 +14,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
+from aiohttp import web
 
 INFSCALED = [sys.executable, "-m", "infscaled.cli"]
 TOKEN = "test-token-" + "x" * 20
@@ -77,6 +78,18 @@ def descendants(procs: Iterable[subprocess.Popen[bytes]]) -> set[int]:
         except psutil.NoSuchProcess:
             pass
     return pids
+
+
+@asynccontextmanager
+async def loopback(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+    """Serve `app` on 127.0.0.1:`port` (0: a free one) for the block; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def is_member(p: psutil.Process) -> bool:

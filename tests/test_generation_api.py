@@ -14,6 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from cluster import loopback
 from test_controller import TOKEN, Api, FakeAgent, _free_port, controller, make_cfg, submit_inspected, wait_state
 
 from infscaled.generation.errors import GenerationError
@@ -53,14 +54,8 @@ async def serve(backend: Any, port: int = 0, token: str | None = None) -> AsyncI
 
     app = web.Application(middlewares=[auth])
     app.add_routes(make_handlers(backend, load_tokenizer(SOURCE), "tiny", context, vocab).routes())
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with loopback(app, port) as url:
+        yield url
 
 
 def client(url: str, api_key: str = "unused") -> openai.AsyncOpenAI:

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 import torch
+from cluster import loopback
 from test_generation_pipeline import prefill_in_process
 
 from infscaled.config import parse_job
@@ -364,11 +365,6 @@ async def _streams(ready: Ready, prompts: list[str], new: int, extra: dict[str, 
                              config.max_position_embeddings, config.vocab_size)
     app = web.Application()
     app.add_routes(handlers.routes())
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
 
     async def one(api: openai.AsyncOpenAI, prompt: str) -> tuple[str, list[str], int, str]:
         stream = await api.completions.create(model="qwen2", prompt=prompt, max_tokens=new, temperature=0,
@@ -382,11 +378,9 @@ async def _streams(ready: Ready, prompts: list[str], new: int, extra: dict[str, 
         finish = next(ch.finish_reason for ch in choices if ch.finish_reason)
         return "".join(ch.text for ch in choices), pieces, usage.completion_tokens, finish
 
-    try:
-        async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as api:
-            return list(await asyncio.gather(*(one(api, p) for p in prompts)))
-    finally:
-        await runner.cleanup()
+    async with loopback(app) as url, openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
+                                                        timeout=WAIT_S) as api:
+        return list(await asyncio.gather(*(one(api, p) for p in prompts)))
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,6 +10,7 @@ import asyncio
 import time
 from typing import Any
 
+from cluster import loopback
 from prometheus_client.parser import text_string_to_metric_families
 
 from infscaled.config import parse_job
@@ -50,12 +51,7 @@ async def _serve_and_ask(job: LocalJob, waiting_seen: list[int]) -> str:
     handlers = make_handlers(PipelineBackend(job.generator), load_tokenizer(job.plan.model_source), MODEL, 256, 512)
     app = web.Application()
     app.add_routes(handlers.routes())
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with loopback(app) as url:
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120) as api:
             async def one(i: int) -> int:
                 done = await api.completions.create(model=MODEL, prompt=str(i), max_tokens=NEW_TOKENS,
@@ -71,8 +67,6 @@ async def _serve_and_ask(job: LocalJob, waiting_seen: list[int]) -> str:
         async with ClientSession() as http, http.get(url + METRICS_PATH) as resp:
             assert resp.status == 200
             return await resp.text()
-    finally:
-        await runner.cleanup()
 
 
 def test_queue_and_prefill_time_split_the_time_to_first_token() -> None:
