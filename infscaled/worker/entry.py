@@ -24,6 +24,7 @@ from typing import Any
 from infscaled.errors import WireError
 from infscaled.protocol import control
 from infscaled.protocol.plan import JobPlan, Node
+from infscaled.worker.start import PR_SET_PDEATHSIG, prctl
 
 METRICS_ENV = "INFSCALED_METRICS"  # "off": stage workers keep no live metrics (benchmarks compare)
 
@@ -54,11 +55,7 @@ class WorkerSpec:
 
 
 def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EngineBox:

@@ -35,6 +35,7 @@ import multiprocessing as mp
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -101,14 +102,20 @@ def member_args(target: Callable[[Any, Connection], None], name: str, spec: Any,
     return (target, dict(os.environ), name, spec, conn, stdio)
 
 
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+
+
+def prctl(option: int, arg: int | bytes) -> None:
+    """Linux's prctl(2) for this process; nothing elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, arg, 0, 0, 0)
+
+
 def set_process_name(name: str) -> None:
     """The kernel's name of this process (Linux; 15 bytes kept), so `ps -e` tells members apart."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_name = 15
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_name, name.encode()[:15], 0, 0, 0)
+    prctl(PR_SET_NAME, name.encode()[:15])
 
 
 def _noop() -> None:
@@ -120,8 +127,6 @@ def prestart() -> float:
     a thread). Returns the seconds it took; 0 where members are spawned. A supervisor calls it once
     at its own start, so its first member does not wait for the imports (the agent does, before it
     registers: its event loop never blocks on them)."""
-    import time
-
     ctx = member_context()
     if ctx.get_start_method() != "forkserver":
         return 0.0
