@@ -41,6 +41,7 @@ from benchmarks.restart_bench import TOKEN, Api, free_port
 from infscaled.models import inputs
 from infscaled.models.sources import resolve
 from infscaled.models.stage import Monolith
+from infscaled.runner.summary import percentile
 
 CLI = [sys.executable, "-m", "infscaled.cli"]
 SOURCE = "builtin:gpt2-tiny"
@@ -231,8 +232,8 @@ def main() -> None:
         "duration_s": args.duration, "kill_every_s": args.kill_every, "rate": args.rate,
         "sent": len(results), "ok": len(ok), "failed": len(failed), "lost": len(lost), "wrong": wrong,
         "failures": sorted({str(r.get("status")) + " " + json.dumps(r.get("body"))[:160] for r in failed})[:5],
-        "latency_p50_s": _pct([r["done"] - r["sent"] for r in ok], 50),
-        "latency_p99_s": _pct([r["done"] - r["sent"] for r in ok], 99),
+        "latency_p50_s": round(percentile([r["done"] - r["sent"] for r in ok], 50), 3),
+        "latency_p99_s": round(percentile([r["done"] - r["sent"] for r in ok], 99), 3),
         "final_state": detail.get("state"), "epoch": detail.get("epoch"),
         "dispatcher_counters": {k: disp.get(k) for k in ("requests", "replayed", "duplicates", "timed_out")},
         "faults": faults, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
@@ -240,13 +241,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(len(values) * q / 100))], 3)
 
 
 if __name__ == "__main__":
