@@ -135,6 +135,20 @@ class FakeAgent:
         self.register = Register(agent_id, f"host-{agent_id}", advertise,
                                  [Device(f"cpu:{i}", "cpu") for i in range(devices)], 4, 8 << 30, list(port_range))
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._beats: asyncio.Task[None] | None = None
+
+    def start_beating(self, every_s: float = 0.5) -> None:
+        """Send heartbeats from a task of its own until `close`, as a live agent does (for a test
+        whose scenario may leave the socket quiet longer than the controller's heartbeat timeout)."""
+        async def beat() -> None:
+            while self.ws is not None and not self.ws.closed:
+                try:
+                    await self.send(Heartbeat(self.id))
+                except (ConnectionError, RuntimeError):  # the socket closed under us: the test is over
+                    return
+                await asyncio.sleep(every_s)
+
+        self._beats = asyncio.create_task(beat(), name=f"heartbeats-{self.id}")
 
     async def connect(self) -> Welcome:
         self.ws = await self.http.ws_connect(self.url + "/v1/agents/ws", headers={"Authorization": f"Bearer {TOKEN}"})
@@ -171,6 +185,8 @@ class FakeAgent:
             await self.send(WorkerState(job_id, node, state, pid=1000 + i, reason=reason))
 
     async def close(self) -> None:
+        if self._beats is not None:
+            self._beats.cancel()
         if self.ws is not None:
             await self.ws.close()
 

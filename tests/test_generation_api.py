@@ -289,6 +289,7 @@ def test_controller_routes_model_to_the_job_and_streams_through(model: Any, tmp_
             port = _free_port()
             agent = FakeAgent(http, ctl.url, devices=3, port_range=(port, port + 20))
             await agent.connect()
+            agent.start_beating()  # the scenario below can keep the socket quiet past the 5 s timeout
             _, job = await submit_inspected(rest, agent, JOB)
             deploy = await agent.expect(Deploy)
 
