@@ -13,6 +13,9 @@ MAX_WORKERS: Final = 4096  # stage replicas of one job, all stages together
 MAX_EDGES: Final = 65_536  # data-plane edges of one job (mesh: replicas of neighbours multiplied)
 MAX_JOB_FILE_BYTES: Final = 1 << 20  # a job file's TOML text
 MAX_NESTING: Final = 64  # brackets / braces deep, in a JSON body or a job file
+# generation.warmup_s; each worker also caps its warm-up at half the time left before its READY
+# timeout (worker/entry.py), which a job file cannot see.
+MAX_WARMUP_S: Final = 3600.0
 
 
 def mesh_edge_count(replicas: tuple[int, ...]) -> int:

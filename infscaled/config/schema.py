@@ -123,6 +123,8 @@ class GenerationConfig:
     """Decode micro-batches kept in flight per replica chain; 0 = one per stage."""
     max_new_tokens: int = 16
     """Default when a request does not say."""
+    warmup_s: float = 30.0
+    """Seconds a CUDA stage may spend before READY running and capturing its decode buckets; 0 = none."""
     prompt_tokens: tuple[int, int] = (8, 32)
     """`infscaled run` workload: (min, max) prompt length in tokens, drawn uniformly."""
     output_tokens: tuple[int, int] = (8, 32)

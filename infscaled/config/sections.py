@@ -9,7 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from infscaled.config.limits import MAX_EDGES, MAX_REPLICAS_PER_STAGE, MAX_STAGES, MAX_WORKERS, mesh_edge_count
+from infscaled.config.limits import (
+    MAX_EDGES,
+    MAX_REPLICAS_PER_STAGE,
+    MAX_STAGES,
+    MAX_WARMUP_S,
+    MAX_WORKERS,
+    mesh_edge_count,
+)
 from infscaled.config.messages import MISSING, config_error
 from infscaled.config.ranges import UnitRange, layers_allowed, range_problem
 from infscaled.config.schema import (
@@ -284,6 +291,7 @@ def parse_generation(sec: Section, pipeline: PipelineConfig) -> GenerationConfig
         micro_batches_in_flight=sec.get_int("micro_batches_in_flight", GenerationConfig.micro_batches_in_flight,
                                             lo=0),
         max_new_tokens=sec.get_int("max_new_tokens", GenerationConfig.max_new_tokens, lo=1),
+        warmup_s=sec.get_float("warmup_s", GenerationConfig.warmup_s, lo=0.0, hi=MAX_WARMUP_S),
         prompt_tokens=_parse_min_max(sec, "prompt_tokens", GenerationConfig.prompt_tokens),
         output_tokens=_parse_min_max(sec, "output_tokens", GenerationConfig.output_tokens),
     )

@@ -111,6 +111,10 @@ class DecodeStep:
         self.kv.store(seqs, b.batch)
         return {k: v[:n] if isinstance(v, torch.Tensor) and v.shape[:1] == (key[0],) else v for k, v in out.items()}
 
+    def captured(self) -> list[tuple[int, int]]:
+        """The buckets (rows, pages) whose steps replay a CUDA graph."""
+        return [key for key, b in self._buckets.items() if b.graph is not None]
+
     def _eager(self, x: torch.Tensor, seqs: list[int]) -> dict[str, torch.Tensor]:
         """A step on a batch of exactly these sequences, launched from Python."""
         # Exact batches come in any shape: flex would compile for each one, so they take the plain

@@ -89,6 +89,9 @@ class GenerationPlan:
     max_batch_sequences: int
     micro_batches_in_flight: int  # per chain, >= 1
     default_max_new_tokens: int = 16  # when a request does not say
+    # Seconds a CUDA stage may spend before READY running and capturing the decode buckets it will
+    # use (generation/warmup.py); 0 = none. A plan without it (an older writer) warms by default.
+    warmup_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,8 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "secret": plan.secret,
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
-            plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens],
+            plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens,
+            plan.generation.warmup_s],
         "recovery": {"enabled": plan.recovery.enabled, "attempts": plan.recovery.attempts,
                      "backoff_s": plan.recovery.backoff_s, "heartbeat_timeout_s": plan.recovery.heartbeat_timeout_s},
     }
@@ -209,11 +213,21 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
         # A plan without one (written before secrets existed) cannot join edges: the transport
         # refuses it with a clear error rather than inventing a secret its peers do not share.
         secret=str(d.get("secret", "")),
-        generation=None if d.get("generation") is None else GenerationPlan(*(int(v) for v in d["generation"])),  # type: ignore[attr-defined]
+        generation=None if d.get("generation") is None else _generation(d["generation"]),
         epoch=int(d.get("epoch", 0)), graph=str(d.get("graph", "mesh")),  # type: ignore[call-overload]
         next_replica=tuple(int(r) for r in d.get("next_replica", ())),  # type: ignore[attr-defined]
         recovery=_recovery(d.get("recovery")),
     )
+
+
+def _generation(raw: object) -> GenerationPlan:
+    """[kv_budget_tokens, max_batch_sequences, micro_batches_in_flight, default_max_new_tokens(,
+    warmup_s)]: four integers, then the warm-up's seconds (absent in plans of older writers)."""
+    if not isinstance(raw, list) or not 4 <= len(raw) <= 5:
+        raise TypeError(f"generation: expected a list of 4 or 5 numbers, got {raw!r}")
+    kv_budget, rows, in_flight, new_tokens = (int(v) for v in raw[:4])
+    return GenerationPlan(kv_budget, rows, in_flight, new_tokens,
+                          float(raw[4]) if len(raw) == 5 else GenerationPlan.warmup_s)
 
 
 def _recovery(raw: object) -> Recovery:

@@ -171,7 +171,8 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None], eng
     if worker.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(worker.device))  # NCCL and the default streams use it
     started = time.monotonic()
-    stage = build_stage(resolve(plan.model_source), stage_plan.first_unit, stage_plan.last_unit,
+    resolved = resolve(plan.model_source)
+    stage = build_stage(resolved, stage_plan.first_unit, stage_plan.last_unit,
                         worker.device, plan.dtype, plan.seed,
                         compile_layers=plan.compile_layers and worker.device.startswith("cuda"))
     load_s = time.monotonic() - started
@@ -200,6 +201,15 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None], eng
     engine = Engine(me, program, settings, transport_chooser(plan, me), worker.device,
                     on_stats=report if measure else None)
     engine.epoch = plan.epoch
+    if plan.generation is not None:
+        # Before the edges join (so before READY, and before any sequence can reach this stage):
+        # the decode buckets' compilation and capture (generation/warmup.py).
+        from infscaled.generation.warmup import warm_up
+        from infscaled.models.meta import dtype_of
+
+        assert isinstance(program, GenerationStage)
+        warm_up(program.decoder, plan.generation.warmup_s, spec.connect_timeout_s - (time.monotonic() - started),
+                resolved.family, dtype_of(plan.dtype))
     engine.on_edge_failed = lambda end, why: send(control.EdgeFailed(str(me), str(end.peer), end.key, why, end.epoch))
     connecting = time.monotonic()
     # Joined in the background: a peer that dies meanwhile (declared dead by the supervisor's next
