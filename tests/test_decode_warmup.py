@@ -207,7 +207,8 @@ def test_after_warm_up_the_first_decode_steps_replay_graphs(stages: int, compile
         while True:
             stats = [job.group.handles[Node(s, 0)].stats for s in range(stages)]
             replays = [s.graph_replays if s is not None else -1 for s in stats]
-            if all(r >= want for r in replays) or time.monotonic() > deadline:
+            freed = all(s is not None and s.kv_sequences == 0 for s in stats)
+            if all(r >= want for r in replays) and freed or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         print(f"warmup_s {warmup_s}, compile {compiled}: graph replays per stage {replays} for {steps} decode steps")
