@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from infscaled.protocol.plan import GenerationPlan
 from infscaled.protocol.plan import Recovery as RecoveryConfig
 
 DTYPES: Final = ("float32", "bfloat16", "float16")
@@ -123,7 +124,7 @@ class GenerationConfig:
     """Decode micro-batches kept in flight per replica chain; 0 = one per stage."""
     max_new_tokens: int = 16
     """Default when a request does not say."""
-    warmup_s: float = 30.0
+    warmup_s: float = GenerationPlan.warmup_s  # 30 s: one default for job files and plans
     """Seconds a CUDA stage may spend before READY running and capturing its decode buckets; 0 = none."""
     prompt_tokens: tuple[int, int] = (8, 32)
     """`infscaled run` workload: (min, max) prompt length in tokens, drawn uniformly."""
