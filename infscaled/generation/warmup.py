@@ -78,7 +78,8 @@ class Warmed:
 
 def sizes(limit: int, cap: int) -> list[int]:
     """Every `bucket(n, cap)` for n in 1..limit, ascending: the powers of two, then the cap."""
-    out, size = [], 1
+    out: list[int] = []
+    size = 1
     while True:
         out.append(min(size, cap))
         if size >= limit or size >= cap:
