@@ -89,6 +89,7 @@ class GenerationPlan:
     max_batch_sequences: int
     micro_batches_in_flight: int  # per chain, >= 1
     default_max_new_tokens: int = 16  # when a request does not say
+    prefill_chunk_tokens: int = 0  # most prompt tokens per prefill micro-batch; 0: whole prompts
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "secret": plan.secret,
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
-            plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens],
+            plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens,
+            plan.generation.prefill_chunk_tokens],
         "recovery": {"enabled": plan.recovery.enabled, "attempts": plan.recovery.attempts,
                      "backoff_s": plan.recovery.backoff_s, "heartbeat_timeout_s": plan.recovery.heartbeat_timeout_s},
     }
