@@ -115,8 +115,9 @@ def decode(wire: Message) -> GenMessage:
                 raise WireError(f"prefill specs name sequences {[s.seq for s in specs]}, its table {seqs}")
             starts = [int(a) for a in t[g.STARTS].tolist()] if g.STARTS in t else []
             lengths = t[g.MASK].sum(dim=1).tolist() if t[g.MASK].dim() == 2 else []
+            rows = zip(starts or [0] * len(specs), lengths, specs, strict=True)
             if len(lengths) != len(specs) or starts and len(starts) != len(specs) or any(
-                    a < 0 or a + n > s.prompt_len for a, n, s in zip(starts or [0] * len(specs), lengths, specs, strict=True)):
+                    a < 0 or a + n > s.prompt_len for a, n, s in rows):
                 raise WireError(f"prefill of {len(specs)} sequence(s): mask rows of {lengths} tokens, chunk starts "
                                 f"{starts or 'none'}, prompts of {[s.prompt_len for s in specs]} are inconsistent")
             return Prefill(specs, t[g.X], t[g.MASK], free, starts)

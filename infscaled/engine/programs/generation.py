@@ -50,7 +50,7 @@ from infscaled.engine.edges import EdgeEnd, EdgeState
 from infscaled.engine.program import Program
 from infscaled.generation.gpu_sampling import PendingTokens, sample_async
 from infscaled.generation.graphs import DecodeStep
-from infscaled.generation.kv import PagedBatch, StageKV
+from infscaled.generation.kv import PagedBatch, StageKV, to_device_no_sync
 from infscaled.generation.params import PromptLogprobs, Sampled
 from infscaled.generation.sampling import SequenceSampling, plain, prompt_logprobs, resume_sampling, sample_step
 from infscaled.models.stage import fuse_stage
@@ -337,10 +337,10 @@ class GenerationStage(Program):
         output = out["output"]  # [n, T, V], or [n, V] (next-token logits)
         logits = output
         if logits.dim() == 3:
-            index = torch.tensor(lengths, device=logits.device) - 1
+            index = to_device_no_sync(torch.tensor(lengths) - 1, logits.device)
             logits = logits[torch.arange(len(seqs), device=logits.device), index]  # [n, V]
         if len(final) < len(seqs):
-            logits = logits[torch.tensor(final, device=logits.device)]
+            logits = logits[to_device_no_sync(torch.tensor(final), logits.device)]  # (no host sync)
         prompt_lps: list[PromptLogprobs | None] = []
         for i in final:
             spec = msg.specs[i]
