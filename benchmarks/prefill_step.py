@@ -34,11 +34,12 @@ Per shape (--shapes ROWSxTOKENS,...) and variant, medians over --iters after --w
 - wall_ms: the whole prefill above, admission to first token on the host (synchronised before).
 - stage_ms (CUDA): GPU time between the stage's own two events (what its stats count as compute:
   launch gaps included).
-- gpu_ms (CUDA): GPU time of the admission, forward and store alone, between CUDA events while a
-  spin kernel (torch.cuda._sleep) holds the GPU until all of it is launched, so launch gaps do
-  not count; `gpu_launches_hidden` is false when the host was not done by the spin's end (a host
-  sync inside the forward: see `syncs`; or more launches than a CUDA stream queues, about a
-  thousand, so the host waited for room), and gpu_ms may then include gaps (marked * in the table).
+- gpu_ms (CUDA): the GPU's own time, without launch gaps. Measured as gpu_events_ms: CUDA events
+  around the admission, forward and store while a spin kernel (torch.cuda._sleep) holds the GPU
+  until all of it is launched. When the host was not done by the spin's end
+  (`gpu_launches_hidden` false: a host sync inside the forward, see `syncs`, or more launches
+  than a CUDA stream queues, about a thousand), the events count gaps, and gpu_ms is kernel_ms
+  instead (marked * in the table).
 - host_ms = wall_ms - gpu_ms: what the prefill costs beyond the GPU's own work.
 - phases_ms: host time per step: index (kv.prefill), forward (stage + store launched), select
   (next-token logits), resume (resume_sampling), sample (sample_async launched), wait (token on
@@ -275,7 +276,7 @@ def profile_prefill(pre: Prefiller, rows: int, ids: torch.Tensor, mask: torch.Te
             pre.once(rows, ids, mask)
             torch.cuda.synchronize()
         kernels = top_kernels(prof, 1, top)
-        result["kernels"] = kernels[0]["kernels_per_step"]
+        result["kernels"] = round(kernels[0]["kernels_per_step"])
         result["kernel_ms"] = kernels[0]["total_us_per_step"] / 1e3
         if full:
             result["top_kernels"] = kernels[1:]
@@ -324,17 +325,19 @@ def run_variant(pre: Prefiller, a: argparse.Namespace, rows: int, ids: torch.Ten
     row: dict[str, Any] = {"wall_ms": statistics.median(r["wall_ms"] for r in runs),
                            "phases_ms": {p: statistics.median(r["phases_ms"][p] for r in runs)
                                          for p in (*PHASES, "free")}}
+    row.update(profile_prefill(pre, rows, ids, mask, a.profile, trace, a.top))
     if pre.cuda:
         row["stage_ms"] = statistics.median(r["stage_ms"] for r in runs)
         assert cycles_per_ms is not None
         # The spin must outlast the host's launching: twice its time for these steps, plus margin.
         spin_ms = min(1000.0, 2 * (row["phases_ms"]["index"] + row["phases_ms"]["forward"]) + 5)
         timed = [pre.gpu_ms(rows, ids, mask, spin_ms, cycles_per_ms) for _ in range(a.gpu_iters)]
-        row["gpu_ms"] = statistics.median(t for t, _ in timed)
+        row["gpu_events_ms"] = statistics.median(t for t, _ in timed)
         row["gpu_launches_hidden"] = all(hidden for _, hidden in timed)
+        # Gaps in the events' time when the host could not launch ahead: the kernels' own sum then.
+        row["gpu_ms"] = row["gpu_events_ms"] if row["gpu_launches_hidden"] else row["kernel_ms"]
         row["host_ms"] = row["wall_ms"] - row["gpu_ms"]
         row["syncs"] = count_syncs(pre, rows, ids, mask)
-    row.update(profile_prefill(pre, rows, ids, mask, a.profile, trace, a.top))
     return row
 
 
@@ -409,36 +412,53 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for rows, tokens in shapes:
-            ids = torch.randint(0, vocab, (rows, tokens), generator=gen)
-            mask = torch.ones(rows, tokens, dtype=torch.int64)
-            flops = prompt_flops(stage, rows, tokens)
-            entry: dict[str, Any] = {"rows": rows, "tokens": tokens, "flops": flops, "variants": []}
-            ref: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-            for name, on, comp in variants:
-                set_fused(stage, fused, on)
-                set_compiled(stage, twins, comp)
-                trace = out / f"prefill_trace_{rows}x{tokens}_{name.replace(':', '_')}.json" if a.traces else None
-                row = {"variant": name, "fused": on, "compiled": comp,
-                       **run_variant(pre, a, rows, ids, mask, cycles_per_ms, trace)}
-                row["tokens_per_s"] = rows * tokens / (row["wall_ms"] / 1e3)
-                row["tflops"] = flops / (row["wall_ms"] / 1e3) / 1e12
-                row["of_peak"] = row["tflops"] / a.peak
-                if "gpu_ms" in row:
-                    row["tflops_gpu"] = flops / (row["gpu_ms"] / 1e3) / 1e12
-                kept = pre.once(rows, ids, mask, keep=True)
-                check = ([kept["logits"].float().cpu()], written_kv(stage, kv, kept["specs"]))
-                kv.free([s.seq for s in kept["specs"]])
-                ref = ref or check
-                row["logits_diff"], row["kv_diff"] = rel_diff(check[0], ref[0]), rel_diff(check[1], ref[1])
-                entry["variants"].append(row)
-                print(line(f"{rows}x{tokens}", row), flush=True)
-                if a.profile:
-                    print(profile_lines(row), flush=True)
-            results["shapes"][f"{rows}x{tokens}"] = entry
+            ids = torch.randint(0, vocab, (rows, tokens), generator=gen)  # the same prompts for every variant
+            results["shapes"][f"{rows}x{tokens}"] = measure_shape(pre, a, variants, fused, twins, ids, out,
+                                                                  cycles_per_ms)
             path.write_text(json.dumps(results, indent=2))  # after each shape: a cut-short run keeps what it measured
             if cuda:
                 torch.cuda.empty_cache()
     print(f"wrote {path}", flush=True)
+
+
+def measure_shape(pre: Prefiller, a: argparse.Namespace, variants: list[tuple[str, bool, bool]],
+                  fused: dict[int, Any], twins: dict[int, Any], ids: torch.Tensor, out: Path,
+                  cycles_per_ms: float | None) -> dict[str, Any]:
+    """Every variant's prefill of these prompts (ids [rows, tokens]), printed as it is measured."""
+    stage, kv = pre.stage, pre.kv
+    rows, tokens = ids.shape
+    mask = torch.ones(rows, tokens, dtype=torch.int64)
+    flops = prompt_flops(stage, rows, tokens)
+    entry: dict[str, Any] = {"rows": rows, "tokens": tokens, "flops": flops, "variants": []}
+    ref: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    for name, on, comp in variants:
+        set_fused(stage, fused, on)
+        set_compiled(stage, twins, comp)
+        trace = out / f"prefill_trace_{rows}x{tokens}_{name.replace(':', '_')}.json" if a.traces else None
+        try:
+            row = {"variant": name, "fused": on, "compiled": comp,
+                   **run_variant(pre, a, rows, ids, mask, cycles_per_ms, trace)}
+            kept = pre.once(rows, ids, mask, keep=True)
+            check = ([kept["logits"].float().cpu()], written_kv(stage, kv, kept["specs"]))
+        except Exception as exc:  # noqa: BLE001 - report the variant as failed, measure the others
+            msg = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+            print(f"{rows}x{tokens} {name}: FAILED {msg}", flush=True)
+            entry["variants"].append({"variant": name, "fused": on, "compiled": comp, "error": msg})
+            continue
+        finally:
+            kv.free(list(kv.seqs))  # the kept sequences, or whatever a failure left admitted
+        row["tokens_per_s"] = rows * tokens / (row["wall_ms"] / 1e3)
+        row["tflops"] = flops / (row["wall_ms"] / 1e3) / 1e12
+        row["of_peak"] = row["tflops"] / a.peak
+        if "gpu_ms" in row:
+            row["tflops_gpu"] = flops / (row["gpu_ms"] / 1e3) / 1e12
+        ref = ref or check
+        row["logits_diff"], row["kv_diff"] = rel_diff(check[0], ref[0]), rel_diff(check[1], ref[1])
+        entry["variants"].append(row)
+        print(line(f"{rows}x{tokens}", row), flush=True)
+        if a.profile:
+            print(profile_lines(row), flush=True)
+    return entry
 
 
 def profile_lines(r: dict[str, Any]) -> str:
