@@ -192,13 +192,48 @@ def prefill_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list
     return act
 
 
+def chunked_prefill_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list[int]],
+                               reserves: list[int], chunk: int) -> list[int]:
+    """Sequences 0..n-1 prefilled in chunks of `chunk` tokens, as stage 0 schedules them: each
+    micro-batch takes the next chunk of every started prompt, and prompt i starts at round i, so
+    rows with past and fresh rows share micro-batches. Each sequence's first token (greedy)."""
+    done = [0] * len(prompts)
+    first: dict[int, int] = {}
+    round_ = 0
+    while len(first) < len(prompts):
+        rows = [s for s in range(min(round_ + 1, len(prompts))) if done[s] < len(prompts[s])]
+        round_ += 1
+        parts = [prompts[s][done[s]:done[s] + chunk] for s in rows]
+        ids = torch.zeros(len(rows), max(len(p) for p in parts), dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(parts):
+            ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
+        starts = [done[s] for s in rows]
+        act: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask,
+                                        "position_ids": torch.tensor(starts).unsqueeze(1) + torch.arange(ids.shape[1])}
+        for stage, kv in zip(stages, kvs, strict=True):
+            batch = kv.prefill(rows, [len(p) for p in parts], [reserves[s] for s in rows], starts)
+            batch.last_logits = True
+            act = stage(act, batch)
+            kv.store(rows, batch)
+        for i, s in enumerate(rows):
+            done[s] += len(parts[i])
+            if done[s] == len(prompts[s]):
+                first[s] = int(act["output"][i].argmax())
+    return [first[s] for s in range(len(prompts))]
+
+
 def decode_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list[int]],
-                      new: list[int]) -> list[list[int]]:
+                      new: list[int], chunk: int = 0) -> list[list[int]]:
     seqs = list(range(len(prompts)))
     lengths = [len(p) for p in prompts]
+    reserves = [n + m for n, m in zip(lengths, new, strict=True)]
     with torch.inference_mode():
-        act = prefill_in_process(stages, kvs, prompts, [n + m for n, m in zip(lengths, new, strict=True)])
-        out = [[int(act["output"][i, lengths[i] - 1].argmax())] for i in seqs]
+        if chunk:
+            out = [[t] for t in chunked_prefill_in_process(stages, kvs, prompts, reserves, chunk)]
+        else:
+            act = prefill_in_process(stages, kvs, prompts, reserves)
+            out = [[int(act["output"][i, lengths[i] - 1].argmax())] for i in seqs]
         step = 0
         while live := [s for s in seqs if len(out[s]) < new[s]]:
             groups = [live] if step % 2 == 0 else [[s] for s in live]  # batches change every step
@@ -214,6 +249,48 @@ def decode_in_process(stages: list[Any], kvs: list[StageKV], prompts: list[list[
                 for i, s in enumerate(group):
                     out[s].append(int(act["output"][i, -1].argmax()))
     return out
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_prefill_matches_hf_for_every_decoder_family(fused: bool) -> None:
+    """Prompts prefilled in chunks of 4 tokens (each chunk attends to the earlier ones in the
+    pages), fresh rows and later chunks in the same micro-batches, then decoded: greedy = HF
+    `generate` for every family, including windows of 4 (Mistral: every layer; Qwen2: layers 1-2),
+    which chunks of past straddle. `fused`: the fused prefill step (models/families/fused_decode.py)."""
+    from infscaled.models.sources import ResolvedModel, family_for_config
+    from infscaled.models.stage import fuse_stage
+    from tests.test_models_decoders import _sliding_configs
+
+    models = [resolve("builtin:llama-tiny"), *(ResolvedModel(f"sliding-{k}", family_for_config(c), None)
+                                               for k, c in _sliding_configs().items())]
+    if not fused:
+        models.insert(0, resolve("builtin:gpt2-tiny"))
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 512, (length,), generator=gen).tolist() for length in (13, 9, 5, 1)]
+    new = [5, 6, 4, 3]
+    for resolved in models:
+        mono = Monolith(resolved, "cpu", "float32", 0)
+        n = skeleton(resolved).unit_count
+        stages = [materialize(skeleton(resolved), a, b, "cpu", "float32", 0, None) for a, b in ((0, 1), (2, n - 1))]
+        if fused:
+            assert sum(fuse_stage(s) for s in stages) == n - 2
+        kvs = [StageKV(1000) for _ in stages]
+        got = decode_in_process(stages, kvs, prompts, new, chunk=4)
+        assert got == [hf_greedy(mono, p, m) for p, m in zip(prompts, new, strict=True)], resolved.source
+
+
+def test_a_chunk_must_continue_its_sequence_exactly() -> None:
+    kv = StageKV(256)
+    kv.store([1], kv.prefill([1], [4], [20]))
+    with pytest.raises(ValueError, match="a chunk from position 6, but 4 positions are cached"):
+        kv.prefill([1], [3], [20], [6])
+    with pytest.raises(ValueError, match="a chunk from position 2, but 0 positions are cached"):
+        kv.prefill([2], [3], [20], [2])
+    with pytest.raises(ValueError, match="prompt of 21 tokens exceeds its reservation of 20"):
+        kv.prefill([1], [17], [20], [4])
+    batch = kv.prefill([1], [3], [20], [4])
+    kv.store([1], batch)
+    assert kv.length[1] == 7 and kv.reserved[1] == 20 and len(kv.pages[1]) == 2
 
 
 def test_infscaled_run_drives_a_generation_workload(tmp_path: Any) -> None:

@@ -10,8 +10,12 @@ is a scratch page: padding rows of a micro-batch and unused table entries point 
 A micro-batch of sequences gets a `PagedBatch`, the object transformers' attention layers call
 `update` on (it duck-types `Cache.update`):
 
-- prefill (prompts right-padded to the batch's longest, no past): the layer's keys and values
-  [B, H, T, Dh] are used as they are, and each row's real positions are written to its pages.
+- prefill (prompts right-padded to the batch's longest): each row's real positions are written
+  to its pages. Without past (every row starts at position 0) the layer's keys and values
+  [B, H, T, Dh] are used as they are. A chunk of a longer prompt (chunked prefill, row b starting
+  at `starts[b]` > 0, its earlier chunks already cached) attends to its past too: `update`
+  returns each row's pages gathered [B, H, P * PAGE, Dh] (past and the chunk just written), and
+  `past_mask` is the matching causal mask (models/families/common.py `causal_mask` uses it).
 - decode (one new token per sequence, at position `positions[b]`): the new key and value are
   written to their page and `update` returns the layer's pools themselves; the attention
   (generation/paged_attention.py) reads each row's pages through its page table `table`, row b
@@ -65,6 +69,13 @@ def to_device_no_sync(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return pinned(host).to(device, non_blocking=True)
 
 
+def gather_pages(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Each row's pages of a pool [pages + 1, PAGE, H, Dh] through its table [B, P], as the
+    sequence they hold: [B, H, P * PAGE, Dh]."""
+    b, p = table.shape
+    return pool[table].reshape(b, p * pool.shape[1], *pool.shape[2:]).transpose(1, 2)
+
+
 def write_decode_kv(pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor, positions: torch.Tensor,
                     key: torch.Tensor, value: torch.Tensor) -> None:
     """A decode step's new key and value [B, H, 1, Dh] into each row's page at its position."""
@@ -81,15 +92,22 @@ class PagedBatch:
     with each step's sequences, their index tensors updated in place so a captured graph sees them.
     """
 
-    def __init__(self, kv: StageKV, decoding: bool, lengths: Sequence[int], attention: str = "torch") -> None:
+    def __init__(self, kv: StageKV, decoding: bool, lengths: Sequence[int], attention: str = "torch",
+                 starts: Sequence[int] = ()) -> None:
         self.kv = kv
         self.attention = attention  # decode: the paged attention backend (generation/paged_attention.py)
         self.static = False  # a fixed-shape batch (`static`): compiled layers may run it
         self.decoding = decoding
-        self.lengths = list(lengths)  # per row: prefill: the prompt length; decode: cached length
+        self.lengths = list(lengths)  # per row: prefill: the chunk's tokens; decode: cached length
+        self.starts = list(starts) or [0] * len(self.lengths)  # prefill: positions cached before the chunk
+        self.past = any(self.starts)  # prefill: some row attends to an earlier chunk
+        # prefill: the last stage needs next-token logits only (no prompt log-probabilities asked):
+        # the head then runs on each row's last real position (models/families/llama.py LlamaHead).
+        self.last_logits = False
         self.positions: torch.Tensor | None = None  # decode: [B] int64, where each new token goes
-        self.table: torch.Tensor | None = None  # decode: [B, P] int64 page ids
+        self.table: torch.Tensor | None = None  # decode (and prefill with past): [B, P] int64 page ids
         self._write: tuple[torch.Tensor, ...] | None = None  # prefill: rows, cols, pages, offsets
+        self._masks: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}  # prefill with past: per window
 
     # -- what the attention layers call --------------------------------------------------------
 
@@ -105,7 +123,9 @@ class PagedBatch:
             # key [B, H, T, Dh] -> the real positions' [N, H, Dh] into their pages.
             pool_k[pages, offsets] = key.transpose(1, 2)[rows, cols]
             pool_v[pages, offsets] = value.transpose(1, 2)[rows, cols]
-            return key, value
+            if not self.past:
+                return key, value
+            return gather_pages(pool_k, self.table), gather_pages(pool_v, self.table)
         assert self.positions is not None and self.table is not None
         write_decode_kv(pool_k, pool_v, self.table, self.positions, key, value)
         return pool_k, pool_v  # the attention reads the pages in place (paged_attention.py)
@@ -147,17 +167,45 @@ class PagedBatch:
             self.table.copy_(pinned(table), non_blocking=True)
             self.positions.copy_(pinned(positions), non_blocking=True)
 
+    def past_mask(self, width: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+        """Prefill with past: the additive mask [B, 1, T, P * PAGE] over `update`'s gathered pages
+        (T = `width`, the batch's padded chunk width). Query t of row b is at position starts[b] + t
+        and sees positions <= its own (within `window` if set) that are cached or in the chunk; a
+        padding query (t >= lengths[b]) is given the row's last real one's, so no row is empty."""
+        key = (width, window, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            assert self.table is not None
+            starts = torch.tensor(self.starts, dtype=torch.int64).unsqueeze(1)  # [B, 1]
+            lengths = torch.tensor(self.lengths, dtype=torch.int64).unsqueeze(1)
+            query = starts + torch.minimum(torch.arange(width).unsqueeze(0), lengths - 1)  # [B, T]
+            j = torch.arange(self.table.shape[1] * PAGE_TOKENS)
+            allowed = j <= query.unsqueeze(2)  # [B, T, L]
+            if window:
+                allowed &= j > query.unsqueeze(2) - window
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            mask = self._masks[key] = to_device_no_sync(mask.unsqueeze(1), self.kv.device)
+        return mask
+
     def _prefill_index(self, seq_ids: Sequence[int]) -> None:
-        """Where each real prompt position goes: (row, column) of the padded batch -> (page,
-        offset). Built in numpy: a Python loop per token took tens of ms for 64 prompts of 512."""
+        """Where each real position of the chunk goes: (row, column) of the padded batch -> (page,
+        offset) of position starts[row] + column. Built in numpy: a Python loop per token took tens
+        of ms for 64 prompts of 512. With past, also the rows' page tables (for `update`'s gather)."""
         kv = self.kv
         lengths = np.asarray(self.lengths, dtype=np.int64)
         rows = np.repeat(np.arange(len(seq_ids), dtype=np.int64), lengths)
         cols = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        pages = np.concatenate([np.asarray(kv.pages[s], dtype=np.int64)[np.arange(n) // PAGE_TOKENS]
-                                for s, n in zip(seq_ids, self.lengths, strict=True)] or [np.zeros(0, np.int64)])
-        offsets = cols % PAGE_TOKENS
+        pages = np.concatenate([np.asarray(kv.pages[s], dtype=np.int64)[(a + np.arange(n)) // PAGE_TOKENS]
+                                for s, a, n in zip(seq_ids, self.starts, self.lengths, strict=True)]
+                               or [np.zeros(0, np.int64)])
+        offsets = (cols + np.repeat(np.asarray(self.starts, dtype=np.int64), lengths)) % PAGE_TOKENS
         self._write = tuple(to_device_no_sync(torch.from_numpy(x), kv.device) for x in (rows, cols, pages, offsets))
+        if self.past:
+            width = max(pages_for(a + n) for a, n in zip(self.starts, self.lengths, strict=True))
+            table = np.full((len(seq_ids), width), kv.scratch_page, dtype=np.int64)
+            for i, (s, a, n) in enumerate(zip(seq_ids, self.starts, self.lengths, strict=True)):
+                table[i, :pages_for(a + n)] = kv.pages[s][:pages_for(a + n)]
+            self.table = to_device_no_sync(torch.from_numpy(table), kv.device)
 
 
 class StageKV:
@@ -222,23 +270,34 @@ class StageKV:
 
     # -- micro-batches -----------------------------------------------------------------------------
 
-    def prefill(self, seq_ids: Sequence[int], lengths: Sequence[int], reserves: Sequence[int]) -> PagedBatch:
-        for s, n, r in zip(seq_ids, lengths, reserves, strict=True):
-            if s in self.length:
+    def prefill(self, seq_ids: Sequence[int], lengths: Sequence[int], reserves: Sequence[int],
+                starts: Sequence[int] = ()) -> PagedBatch:
+        """A prefill micro-batch: row i caches `lengths[i]` positions from `starts[i]` (default 0).
+        A row starting at 0 is admitted (its reservation's pages taken); a later chunk of a prompt
+        continues a live sequence that has exactly `starts[i]` positions cached."""
+        starts = list(starts) or [0] * len(seq_ids)
+        new = []
+        for s, n, r, a in zip(seq_ids, lengths, reserves, starts, strict=True):
+            if a == 0 and s in self.length:
                 raise ValueError(f"sequence {s} is already cached here")
-            if n > r:
-                raise ValueError(f"sequence {s}: prompt of {n} tokens exceeds its reservation of {r}")
-        if not self.fits_all(reserves):
+            if a and self.length.get(s) != a:
+                raise ValueError(f"sequence {s}: a chunk from position {a}, but {self.length.get(s, 0)} "
+                                 f"positions are cached")
+            if a + n > (r if a == 0 else self.reserved[s]):
+                raise ValueError(f"sequence {s}: prompt of {a + n} tokens exceeds its reservation of {r}")
+            if a == 0:
+                new.append((s, r))
+        if not self.fits_all([r for _, r in new]):
             raise MemoryError(f"KV budget exceeded: {len(self._free_pages)} of {self.page_count} pages free, "
-                              f"{sum(pages_for(r) for r in reserves)} more asked")
-        for s, r in zip(seq_ids, reserves, strict=True):
+                              f"{sum(pages_for(r) for _, r in new)} more asked")
+        for s, r in new:
             self.reserved[s], self.length[s] = r, 0
             self.pages[s] = [self._free_pages.pop() for _ in range(pages_for(r))]
-        owned = [(p, j) for s in seq_ids for j, p in enumerate(self.pages[s])]
+        owned = [(p, j) for s, _ in new for j, p in enumerate(self.pages[s])]
         if owned:
             pages, index = to_device_no_sync(torch.tensor(owned, dtype=torch.int64).T.contiguous(), self.device)
             self.page_index[pages] = index
-        batch = PagedBatch(self, decoding=False, lengths=lengths)
+        batch = PagedBatch(self, decoding=False, lengths=lengths, starts=starts)
         batch._prefill_index(seq_ids)
         return batch
 
@@ -256,5 +315,9 @@ class StageKV:
 
     def store(self, seq_ids: Sequence[int], kv: PagedBatch) -> None:
         """The layers wrote the step's keys and values into the pages; count the positions."""
-        for s, n in zip(seq_ids, kv.lengths, strict=True):
-            self.length[s] = n + 1 if kv.decoding else n
+        if kv.decoding:
+            for s, n in zip(seq_ids, kv.lengths, strict=True):
+                self.length[s] = n + 1
+            return
+        for s, n, a in zip(seq_ids, kv.lengths, kv.starts, strict=True):
+            self.length[s] = a + n

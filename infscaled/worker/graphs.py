@@ -9,7 +9,7 @@ Contract (`StageGraphs.run`, called by the compute thread inside
 - Key (`graph_key`): a micro-batch may replay a graph captured for the same key. The key is
   (name, shape, dtype) of every device tensor, plus the host `attention_mask` when it is all
   ones. Host tensors are read by Python at capture time only (units decide "nothing is padded"
-  on the host: models/families/common.py `device_mask`, llama.py `last_positions`), so a graph
+  on the host: models/families/common.py `device_mask`, `last_positions`), so a graph
   is valid only for the host values it was captured with: all ones, recorded in the key. Any
   other host tensor (a padded mask, anything else) gives no key: the micro-batch runs eagerly.
   The request table never reaches the stage (the loop pops it first) and is ignored here.

@@ -61,6 +61,13 @@ def causal_mask(config: Any, act: Activation, ctx: Context, kind: str = "full_at
         # A decode step's attention reads the paged cache and masks it itself (paged_kv_kwargs).
         masks[kind] = None
         position_ids(act, ctx)  # what the builder below would have filled in ctx
+    if kind not in masks and kv is not None and not kv.decoding and kv.past:
+        # A later chunk of a prompt (chunked prefill) attends to its cached earlier chunks: the
+        # cache's `update` returns each row's pages, and this mask matches them (generation/kv.py).
+        window = int(getattr(config, "sliding_window", None) or 0) if kind == "sliding_attention" else 0
+        hidden = act["hidden"]
+        masks[kind] = kv.past_mask(hidden.shape[1], window, hidden.dtype)
+        position_ids(act, ctx)
     if kind not in masks:
         from transformers import masking_utils
 
@@ -92,6 +99,22 @@ def paged_kv_kwargs(ctx: Context, layer_idx: int) -> dict[str, Any]:
         return {}
     pools = kv.kv.pools_of(layer_idx)
     return {"paged_kv": kv} if pools is None else {"paged_kv": kv, "kv_pools": pools}
+
+
+def next_token_only(ctx: Context) -> bool:
+    """A generation prefill whose last stage needs each row's next-token logits only (nobody
+    asked for prompt log-probabilities): the head runs on B rows, not B * T (generation/kv.py)."""
+    kv = ctx.get("kv")
+    return kv is not None and not kv.decoding and kv.last_logits
+
+
+def last_positions(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """hidden [B, T, D] at each row's last real token (right padding) -> [B, D]; decided on the
+    host when the mask is there (a CUDA stage keeps it in host memory), so no device sync."""
+    if mask.device.type == "cpu" and bool(mask.all()):
+        return hidden[:, -1]
+    last = mask.to(hidden.device, non_blocking=True).sum(dim=1) - 1  # [B]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 COMPILED_SHAPES = 8  # forward micro-batch shapes a compiled layer compiles for; later ones run eagerly

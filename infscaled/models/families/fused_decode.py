@@ -1,4 +1,4 @@
-"""A decoder layer's decode step with fused projections (Llama, Mistral, Qwen2 layers).
+"""A decoder layer's decode and prefill steps with fused projections (Llama, Mistral, Qwen2 layers).
 
 Why: a decode step reads every weight once and its matrix products have only the batch's few
 rows, so each product costs about its weight's bytes over the memory bandwidth plus a ramp-up
@@ -14,6 +14,13 @@ the same numbers. `decode_step` is the layer's decode step written out on tensor
 operations as transformers' layer (RMSNorm, rotary, SiLU-gated MLP) in the same order, with the
 attention on the paged pools (generation/paged_attention.py `attend_pages`). Tensors only, so
 one `torch.compile`d graph serves every layer of a stage.
+
+`prefill_step` is the same layer over a prompt (or a chunk of one): the same operations on
+[B, T, D], the keys and values written into the pages by the micro-batch's `PagedBatch.update`,
+and the attention by `scaled_dot_product_attention` with the mask the layer would get
+(common.causal_mask: transformers' own, or the past mask of a later chunk). Why not the
+transformers layer: a prefill of a few rows is launch-bound, and the layer's Python (decorators,
+keyword plumbing, separate q/k/v and gate/up products) costs more than its kernels.
 """
 
 from __future__ import annotations
@@ -133,6 +140,36 @@ def decode_step(hidden: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor 
     gu = F.linear(x, gate_up)
     inter = gate_up.shape[0] // 2
     return residual + F.linear(F.silu(gu[..., :inter]) * gu[..., inter:], down)
+
+
+def prefill_step(f: FusedLayer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], paged: Any,
+                 layer_idx: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """hidden [B, T, D] -> [B, T, D] for a prefill micro-batch (or chunk); writes the real
+    positions' keys and values into the pages. `mask`: None means causal (right padding keeps
+    every real query away from padded keys), else a boolean or additive mask [B, 1, T, S]."""
+    b, t = hidden.shape[:2]
+    residual = hidden
+    x = _rms_norm(hidden, f.norm1, f.eps1)
+    qkv_out = F.linear(x, f.qkv, f.qkv_bias)  # [B, T, (Hq + 2 Hkv) Dh]
+    nq, nkv = f.heads * f.head_dim, f.kv_heads * f.head_dim
+    q = qkv_out[..., :nq].view(b, t, f.heads, f.head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
+    k = qkv_out[..., nq:nq + nkv].view(b, t, f.kv_heads, f.head_dim).transpose(1, 2)
+    v = qkv_out[..., nq + nkv:].view(b, t, f.kv_heads, f.head_dim).transpose(1, 2)
+    c, s = cos_sin[0].unsqueeze(1), cos_sin[1].unsqueeze(1)
+    q = (q * c) + (_rotate_half(q) * s)
+    k = (k * c) + (_rotate_half(k) * s)
+    keys, values = paged.update(k, v, layer_idx)  # [B, Hkv, S, Dh]: the chunk, or past + chunk
+    group = f.heads // f.kv_heads
+    if group > 1:  # as transformers' repeat_kv: query head h reads kv head h // group
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=f.scale)
+    hidden = residual + F.linear(attn.transpose(1, 2).reshape(b, t, nq), f.o)
+    residual = hidden
+    x = _rms_norm(hidden, f.norm2, f.eps2)
+    gu = F.linear(x, f.gate_up)
+    inter = f.gate_up.shape[0] // 2
+    return residual + F.linear(F.silu(gu[..., :inter]) * gu[..., inter:], f.down)
 
 
 def run(f: FusedLayer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],

@@ -7,9 +7,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
 from infscaled.generation.paged_attention import route_attention
-from infscaled.models.families.common import CompilableLayer, causal_context, paged_kv_kwargs
+from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
+from infscaled.models.families.common import (
+    CompilableLayer,
+    causal_context,
+    last_positions,
+    next_token_only,
+    paged_kv_kwargs,
+)
 
 
 class GPT2Embed(Unit):
@@ -48,7 +54,10 @@ class GPT2Head(Unit):
         self.ln_f, self.lm_head = ln_f, lm_head
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
-        return {"output": self.lm_head(self.ln_f(act["hidden"]))}  # [B, T, V]
+        hidden = act["hidden"]
+        if next_token_only(ctx):
+            hidden = last_positions(hidden, act["attention_mask"])  # [B, D]: next-token logits [B, V]
+        return {"output": self.lm_head(self.ln_f(hidden))}  # [B, T, V]
 
 
 class GPT2Family(Family):

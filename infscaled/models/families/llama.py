@@ -15,7 +15,14 @@ from torch import nn
 from infscaled.generation.paged_attention import route_attention
 from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
 from infscaled.models.families import fused_decode
-from infscaled.models.families.common import CompilableLayer, causal_mask, paged_kv_kwargs, position_ids
+from infscaled.models.families.common import (
+    CompilableLayer,
+    causal_mask,
+    last_positions,
+    next_token_only,
+    paged_kv_kwargs,
+    position_ids,
+)
 
 _CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -89,6 +96,12 @@ class LlamaBlock(CompilableLayer, Unit):
                 hidden = fused_decode.run(fused, act["hidden"], position_embeddings(act, ctx), pools, kv,
                                           options if kv.static else None)
                 return carry(act, hidden)
+        if fused is not None and kv is not None and not kv.decoding:
+            # A generation prefill (or a chunk of one): the fused layer, eager (models/families/fused_decode.py).
+            mask = causal_mask(self.config, act, ctx, self.attention_kind)
+            hidden = fused_decode.prefill_step(fused, act["hidden"], position_embeddings(act, ctx), kv,
+                                               self.layer.self_attn.layer_idx, mask)
+            return carry(act, hidden)
         hidden = self.layer_for(ctx, act["hidden"])(
             act["hidden"],
             attention_mask=causal_mask(self.config, act, ctx, self.attention_kind),
@@ -113,18 +126,9 @@ class LlamaHead(Unit):
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         hidden = act["hidden"]  # [B, T, D]
-        if self.last:
+        if self.last or next_token_only(ctx):
             hidden = last_positions(hidden, act["attention_mask"])  # [B, D]
         return {"output": self.lm_head(self.norm(hidden))}  # [B, T, V] or [B, V]
-
-
-def last_positions(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """hidden [B, T, D] at each row's last real token (right padding) -> [B, D]; decided on the
-    host when the mask is there (a CUDA stage keeps it in host memory), so no device sync."""
-    if mask.device.type == "cpu" and bool(mask.all()):
-        return hidden[:, -1]
-    last = mask.to(hidden.device, non_blocking=True).sum(dim=1) - 1  # [B]
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
 class LlamaFamily(Family):
