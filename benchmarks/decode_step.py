@@ -161,13 +161,15 @@ def top_kernels(prof: Any, runs: int, top: int = 12) -> list[dict[str, Any]]:
             *rows[:top]]
 
 
-def prompt_flops(stage: Stage, rows: int, tokens: int) -> float:
+def prompt_flops(stage: Stage, rows: int, tokens: int, next_token_only: bool = False) -> float:
     """Matrix FLOPs of `rows` prompts of `tokens` each (no padding, no past): 2 x parameters x
-    tokens (the lm_head on every position, or on each row's last one for a next-token head) plus
-    causal attention, 2 x T^2 x (heads x head size) per row and layer (QK^T and PV, half each)."""
+    tokens (the lm_head on every position, or on each row's last one for a next-token head or
+    `next_token_only`) plus causal attention, 2 x T^2 x (heads x head size) per row and layer
+    (QK^T and PV, half each)."""
     params = matmul_params(stage)
     head = next((u for u in stage.units if hasattr(u, "lm_head")), None)
-    head_params = head.lm_head.weight.numel() if head is not None and getattr(head, "last", False) else 0
+    last = next_token_only or getattr(head, "last", False)
+    head_params = head.lm_head.weight.numel() if head is not None and last else 0
     cfg: Any = next(u.layer.self_attn.config for u in stage.units if hasattr(u, "layer"))
     width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     layers = sum(1 for u in stage.units if hasattr(u, "layer"))

@@ -18,17 +18,23 @@ prompts (host tensors moved to the device as `_run` does) writing keys and value
 `kv.store`, the next-token logits picked at each row's last position, `resume_sampling` per
 sequence (its generator), `sample_async` (the first token; greedy unless --temperature), the
 event `_mark` records, and the wait for the token on the host (`_complete`). Then the sequences
-are freed (not timed). Prompts are random ids, every row --tokens long (no padding), the same for
+are freed (not timed). Prompts are random ids, every row the shape's TOKENS long (no padding), the same for
 every variant of a shape; the reservation is prompt + --new.
 
-Variants (--variants, comma-separated), each eager:
-- "layer": transformers' decoder layers (the unit's `_fused` entry removed, decode_step.set_fused);
-- "fused": the units' fused projections (fuse_stage). Today LlamaBlock takes its fused path on
-  decode steps only, so both variants prefill through the same code; the switch is the `_fused`
-  entry, whatever path it selects.
-- a ":compiled" suffix also sets the layers' torch.compile twins (decode_step.set_compiled).
-  Today CompilableLayer.layer_for runs every prefill batch eagerly, so this changes nothing until
-  a prefill path compiles.
+Variants (--variants, comma-separated; default layer,fused), each eager:
+- "layer": transformers' decoder layers (the unit's `_fused` entry removed, decode_step.set_fused):
+  what prefills ran before the fused prefill step;
+- "fused": the units' fused projections (fuse_stage), which LlamaBlock prefills through
+  (models/families/fused_decode.py prefill_step). The switch is the `_fused` entry, whatever
+  path it selects;
+- modifiers, each optional, in any order: ":compiled" sets the layers' torch.compile twins
+  (decode_step.set_compiled; CompilableLayer.layer_for runs prefill batches eagerly, so this
+  changes nothing until a prefill path compiles); ":last" sets the batch's `last_logits` (the
+  head computes each row's next-token logits only, as a prefill that asked for no prompt
+  log-probabilities may); ":chunkN" prefills each prompt in chunks of N tokens (chunked
+  prefill: each chunk one kv.prefill from its start position, attending to the earlier chunks'
+  keys and values in the pages, as tests/test_generation_pipeline.py runs them), all chunks timed
+  as one prefill. E.g. `--variants layer,fused,fused:last,fused:last:chunk256`.
 
 Per shape (--shapes ROWSxTOKENS,...) and variant, medians over --iters after --warmup:
 - wall_ms: the whole prefill above, admission to first token on the host (synchronised before).
@@ -44,8 +50,9 @@ Per shape (--shapes ROWSxTOKENS,...) and variant, medians over --iters after --w
 - phases_ms: host time per step: index (kv.prefill), forward (stage + store launched), select
   (next-token logits), resume (resume_sampling), sample (sample_async launched), wait (token on
   the host); a step that syncs includes the GPU time it waited for. free: kv.free afterwards.
-- tokens_per_s; tflops = FLOPs / wall (decode_step.prompt_flops: 2 x parameters x tokens +
-  causal attention) and of_peak against --peak; tflops_gpu = FLOPs / gpu_ms.
+- tokens_per_s; tflops = FLOPs / wall (decode_step.prompt_flops: 2 x parameters x tokens, the
+  lm_head on one token per row with ":last", + causal attention; the same for chunks, whose
+  gathered past costs more) and of_peak against --peak; tflops_gpu = FLOPs / gpu_ms.
 - kernels, kernel_ms (CUDA): GPU operations (kernels, copies, fills) of one profiled prefill and
   their summed time (decode_step.top_kernels): the GPU's busy time, gaps never included.
 - syncs (CUDA): synchronising CUDA calls in one prefill (torch.cuda.set_sync_debug_mode), counted
@@ -67,6 +74,7 @@ import statistics
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +84,7 @@ from benchmarks.decode_step import prompt_flops, set_compiled, set_fused, top_ke
 from benchmarks.gpu_bench import sync
 from benchmarks.trace_summary import summarise
 from infscaled.generation.gpu_sampling import PendingTokens, sample_async
-from infscaled.generation.kv import PAGE_TOKENS, PagedBatch, StageKV, reserved_span
+from infscaled.generation.kv import PAGE_TOKENS, StageKV, reserved_span
 from infscaled.generation.sampling import SamplingParams, resume_sampling
 from infscaled.models.stage import Stage, compile_stage
 from infscaled.protocol.generation import SequenceSpec
@@ -86,19 +94,30 @@ DEFAULT_SHAPES = "1x128,8x128,1x512,4x512,1x2048"
 TINY_SHAPES = "1x16,8x16,1x64,4x64,1x128"  # llama-tiny has 256 positions
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How one prefill runs: --variants' BASE[:compiled][:last][:chunkN]."""
+
+    name: str
+    fused: bool  # the units' fused projections (their `_fused` entry), else transformers' layers
+    compiled: bool = False  # the layers' torch.compile twins set
+    last: bool = False  # PagedBatch.last_logits: the head computes next-token logits only
+    chunk: int = 0  # prompts in chunks of this many tokens (0: whole)
+
+
 class Marks:
-    """Host timestamps between a prefill's steps (PHASES), when timing; a no-op otherwise."""
+    """Host time per step of a prefill (PHASES), summed over chunks, when timing; else a no-op."""
 
     def __init__(self, on: bool) -> None:
         self.on = on
-        self.times: list[float] = [time.perf_counter()] if on else []
+        self.ms: dict[str, float] = {}
+        self._last = time.perf_counter()
 
-    def __call__(self) -> None:
+    def __call__(self, phase: str) -> None:
         if self.on:
-            self.times.append(time.perf_counter())
-
-    def phases_ms(self) -> dict[str, float]:
-        return {p: 1e3 * (b - a) for p, a, b in zip(PHASES, self.times, self.times[1:], strict=False)}
+            now = time.perf_counter()
+            self.ms[phase] = self.ms.get(phase, 0.0) + 1e3 * (now - self._last)
+            self._last = now
 
 
 class Prefiller:
@@ -109,6 +128,7 @@ class Prefiller:
         self.new = new
         self.sampling = SamplingParams(max_new_tokens=new, temperature=temperature, seed=0 if temperature else None)
         self.cuda = device.type == "cuda"
+        self.variant = Variant("layer", False)
         self._next_seq = 0
 
     def specs(self, rows: int, tokens: int) -> list[SequenceSpec]:
@@ -117,46 +137,53 @@ class Prefiller:
         return [SequenceSpec(s, tokens, tokens + self.new, self.sampling) for s in range(first, first + rows)]
 
     def forward(self, specs: list[SequenceSpec], ids: torch.Tensor, mask: torch.Tensor,
-                mark: Marks) -> tuple[PagedBatch, dict[str, torch.Tensor], Any]:
-        """Admission, forward, store: `_prefill` up to `_run`'s return."""
+                mark: Marks) -> tuple[dict[str, torch.Tensor], int, Any]:
+        """Admission, forward, store (`_prefill` up to `_run`'s return), chunk after chunk with
+        --variants' chunkN; the last chunk's output and width."""
         seqs = [s.seq for s in specs]
-        pb = self.kv.prefill(seqs, [s.prompt_len for s in specs], [s.reserve for s in specs])
-        mark()
+        rows, total = ids.shape
+        width = self.variant.chunk or total
         began = None
-        if self.cuda:  # `_timed` on the last stage: the step's GPU time is read from two events
-            began = torch.cuda.Event(enable_timing=True)
-            began.record(torch.cuda.current_stream(self.device))
-        act = {"input_ids": ids, "attention_mask": mask}  # host tensors, as a Prefill message brings them
-        out: dict[str, torch.Tensor] = self.stage({k: v.to(self.device, non_blocking=True) for k, v in act.items()},
-                                                  pb)
-        self.kv.store(seqs, pb)
-        mark()
-        return pb, out, began
+        for a in range(0, total, width):
+            n = min(width, total - a)
+            pb = self.kv.prefill(seqs, [n] * rows, [s.reserve for s in specs], [a] * rows)
+            pb.last_logits = self.variant.last
+            act = {"input_ids": ids[:, a:a + n], "attention_mask": mask[:, a:a + n]}  # host, as a Prefill brings them
+            if self.variant.chunk:  # a chunk's rows say where they start (tests/test_generation_pipeline.py)
+                act["position_ids"] = a + torch.arange(n).expand(rows, n)
+            mark("index")
+            if self.cuda and began is None:  # `_timed` on the last stage: GPU time from two events
+                began = torch.cuda.Event(enable_timing=True)
+                began.record(torch.cuda.current_stream(self.device))
+            out: dict[str, torch.Tensor] = self.stage({k: v.to(self.device, non_blocking=True)
+                                                       for k, v in act.items()}, pb)
+            self.kv.store(seqs, pb)
+            mark("forward")
+        return out, n, began
 
-    def first_token(self, specs: list[SequenceSpec], out: dict[str, torch.Tensor], began: Any,
+    def first_token(self, specs: list[SequenceSpec], out: dict[str, torch.Tensor], width: int, began: Any,
                     mark: Marks) -> tuple[PendingTokens, torch.Tensor, Any]:
         """The rest of `_prefill` and `_sampled`'s common case (plain sampling, no prompt log-probs)."""
-        lengths = [s.prompt_len for s in specs]
         logits = out["output"]  # [n, T, V], or [n, V] for a next-token head
         if logits.dim() == 3:  # `_prefill`'s own lines (a sync found here is `_prefill`'s)
-            index = torch.tensor(lengths, device=logits.device) - 1
+            index = torch.tensor([width] * len(specs), device=logits.device) - 1
             logits = logits[torch.arange(len(specs), device=logits.device), index]  # [n, V]
-        mark()
+        mark("select")
         states = [resume_sampling(spec, logits.shape[-1], self.device) for spec in specs]
-        mark()
+        mark("resume")
         pending = sample_async(logits, [st.params for st in states], [st.generator for st in states])
         ended = None
         if began is not None:  # `_mark`
             ended = torch.cuda.Event(enable_timing=True)
             ended.record(torch.cuda.current_stream(self.device))
-        mark()
+        mark("sample")
         return pending, logits, ended
 
     def launch(self, specs: list[SequenceSpec], ids: torch.Tensor, mask: torch.Tensor,
                mark: Marks) -> tuple[PendingTokens, torch.Tensor, Any, Any]:
         """The whole prefill up to the wait for its first token."""
-        _, out, began = self.forward(specs, ids, mask, mark)
-        pending, logits, ended = self.first_token(specs, out, began, mark)
+        out, width, began = self.forward(specs, ids, mask, mark)
+        pending, logits, ended = self.first_token(specs, out, width, began, mark)
         return pending, logits, began, ended
 
     def once(self, rows: int, ids: torch.Tensor, mask: torch.Tensor, timed: bool = False,
@@ -164,13 +191,13 @@ class Prefiller:
         """One whole prefill; the sequences are freed after it unless `keep` (then returned)."""
         specs = self.specs(rows, ids.shape[1])
         sync(str(self.device))
-        mark = Marks(timed)
         t0 = time.perf_counter()
+        mark = Marks(timed)
         pending, logits, began, ended = self.launch(specs, ids, mask, mark)
         pending.tokens()
         wall = time.perf_counter() - t0
-        mark()
-        result: dict[str, Any] = {"wall_ms": 1e3 * wall, "phases_ms": mark.phases_ms()}
+        mark("wait")
+        result: dict[str, Any] = {"wall_ms": 1e3 * wall, "phases_ms": mark.ms}
         if ended is not None:
             ended.synchronize()
             result["stage_ms"] = began.elapsed_time(ended)
@@ -305,15 +332,18 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def parse_variants(text: str) -> list[tuple[str, bool, bool]]:
-    """'layer' / 'fused', each optionally ':compiled' -> (name, fused, compiled)."""
+def parse_variants(text: str) -> list[Variant]:
+    """'layer' or 'fused', each with optional ':compiled', ':last', ':chunkN' (any order)."""
     out = []
     for item in text.split(","):
-        base, _, suffix = item.strip().partition(":")
-        if base not in ("layer", "fused") or suffix not in ("", "compiled"):
-            raise ValueError(f"--variants: {item!r} is not layer or fused, optionally with :compiled "
-                             f"(e.g. layer,fused,fused:compiled)")
-        out.append((item.strip(), base == "fused", suffix == "compiled"))
+        base, *mods = item.strip().split(":")
+        chunks = [int(m[5:]) for m in mods if re.fullmatch(r"chunk[1-9]\d*", m)]
+        unknown = [m for m in mods if m not in ("compiled", "last") and not re.fullmatch(r"chunk[1-9]\d*", m)]
+        if base not in ("layer", "fused") or unknown or len(chunks) > 1 or len(set(mods)) < len(mods):
+            raise ValueError(f"--variants: {item!r} is not layer or fused, each modifier at most once of :compiled, "
+                             f":last, :chunkN with N >= 1 (e.g. layer,fused,fused:last,fused:last:chunk256)")
+        out.append(Variant(item.strip(), base == "fused", "compiled" in mods, "last" in mods,
+                           chunks[0] if chunks else 0))
     return out
 
 
@@ -352,7 +382,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model source (default builtin:llama-3b, or llama-tiny with --tiny)")
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--shapes", default=None, help=f"ROWSxTOKENS,... (default {DEFAULT_SHAPES}; --tiny {TINY_SHAPES})")
-    ap.add_argument("--variants", default="layer,fused", help="layer / fused, each optionally :compiled")
+    ap.add_argument("--variants", default="layer,fused",
+                    help="layer / fused, each with optional :compiled, :last, :chunkN (see the module docstring)")
     ap.add_argument("--new", type=int, default=128, help="tokens each sequence reserves beyond its prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="first-token sampling (0: greedy)")
     ap.add_argument("--kv-budget", type=int, default=0, help="StageKV tokens (0: what the largest shape needs)")
@@ -384,14 +415,14 @@ def main() -> None:
         if tokens + a.new > cfg.max_position_embeddings:
             ap.error(f"--shapes {rows}x{tokens}: prompt + --new {a.new} exceeds the model's "
                      f"{cfg.max_position_embeddings} positions")
-    if any(on for _, on, _ in variants) and not fused:
+    if any(v.fused for v in variants) and not fused:
         ap.error(f"{source}: no layer has fused projections (fuse_stage), so variant 'fused' means nothing here")
     needed = max(rows * reserved_span(tokens + a.new) for rows, tokens in shapes)
     if a.kv_budget and a.kv_budget < needed:
         ap.error(f"--kv-budget {a.kv_budget}: the largest shape needs {needed} tokens (rows x prompt + --new, "
                  f"in whole pages of {PAGE_TOKENS})")
     twins: dict[int, Any] = {}
-    if any(c for _, _, c in variants):
+    if any(v.compiled for v in variants):
         compile_stage(stage)
         twins = {i: u.__dict__["_compiled_layer"] for i, u in enumerate(stage.units) if "_compiled_layer" in u.__dict__}
     kv = StageKV(a.kv_budget or needed, device)  # one per stage, its pools allocated by the first prefill
@@ -421,32 +452,34 @@ def main() -> None:
     print(f"wrote {path}", flush=True)
 
 
-def measure_shape(pre: Prefiller, a: argparse.Namespace, variants: list[tuple[str, bool, bool]],
+def measure_shape(pre: Prefiller, a: argparse.Namespace, variants: list[Variant],
                   fused: dict[int, Any], twins: dict[int, Any], ids: torch.Tensor, out: Path,
                   cycles_per_ms: float | None) -> dict[str, Any]:
     """Every variant's prefill of these prompts (ids [rows, tokens]), printed as it is measured."""
     stage, kv = pre.stage, pre.kv
     rows, tokens = ids.shape
     mask = torch.ones(rows, tokens, dtype=torch.int64)
-    flops = prompt_flops(stage, rows, tokens)
-    entry: dict[str, Any] = {"rows": rows, "tokens": tokens, "flops": flops, "variants": []}
+    entry: dict[str, Any] = {"rows": rows, "tokens": tokens, "variants": []}
     ref: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-    for name, on, comp in variants:
-        set_fused(stage, fused, on)
-        set_compiled(stage, twins, comp)
-        trace = out / f"prefill_trace_{rows}x{tokens}_{name.replace(':', '_')}.json" if a.traces else None
+    for v in variants:
+        set_fused(stage, fused, v.fused)
+        set_compiled(stage, twins, v.compiled)
+        pre.variant = v
+        trace = out / f"prefill_trace_{rows}x{tokens}_{v.name.replace(':', '_')}.json" if a.traces else None
+        described = {"variant": v.name, "fused": v.fused, "compiled": v.compiled, "last_logits": v.last,
+                     "chunk": v.chunk}
         try:
-            row = {"variant": name, "fused": on, "compiled": comp,
-                   **run_variant(pre, a, rows, ids, mask, cycles_per_ms, trace)}
+            row = {**described, **run_variant(pre, a, rows, ids, mask, cycles_per_ms, trace)}
             kept = pre.once(rows, ids, mask, keep=True)
             check = ([kept["logits"].float().cpu()], written_kv(stage, kv, kept["specs"]))
         except Exception as exc:  # noqa: BLE001 - report the variant as failed, measure the others
             msg = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
-            print(f"{rows}x{tokens} {name}: FAILED {msg}", flush=True)
-            entry["variants"].append({"variant": name, "fused": on, "compiled": comp, "error": msg})
+            print(f"{rows}x{tokens} {v.name}: FAILED {msg}", flush=True)
+            entry["variants"].append({**described, "error": msg})
             continue
         finally:
             kv.free(list(kv.seqs))  # the kept sequences, or whatever a failure left admitted
+        row["flops"] = flops = prompt_flops(stage, rows, tokens, v.last)
         row["tokens_per_s"] = rows * tokens / (row["wall_ms"] / 1e3)
         row["tflops"] = flops / (row["wall_ms"] / 1e3) / 1e12
         row["of_peak"] = row["tflops"] / a.peak
@@ -480,7 +513,7 @@ def profile_lines(r: dict[str, Any]) -> str:
 def header() -> str:
     cols = ("shape", "variant", "wall ms", "gpu ms", "host ms", "stage ms", "kern ms", "tok/s", "TFLOP/s", "peak",
             "kernels", "syncs", "diff", "  host steps ms: " + " / ".join(PHASES))
-    return "{:<7} {:<15} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>5} {:>7} {:>5} {:>7} {}".format(*cols)
+    return "{:<7} {:<20} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>5} {:>7} {:>5} {:>7} {}".format(*cols)
 
 
 def line(shape: str, r: dict[str, Any]) -> str:
@@ -490,7 +523,7 @@ def line(shape: str, r: dict[str, Any]) -> str:
     diff = max(r["logits_diff"], r["kv_diff"])
     steps = " / ".join(f"{r['phases_ms'][p]:.2f}" for p in PHASES)
     hidden = "" if r.get("gpu_launches_hidden", True) else "*"
-    return (f"{shape:<7} {r['variant']:<15} {ms('wall_ms'):>8} {ms('gpu_ms') + hidden:>8} {ms('host_ms'):>8} "
+    return (f"{shape:<7} {r['variant']:<20} {ms('wall_ms'):>8} {ms('gpu_ms') + hidden:>8} {ms('host_ms'):>8} "
             f"{ms('stage_ms'):>8} {ms('kernel_ms'):>8} {r['tokens_per_s']:>9.0f} {r['tflops']:>7.3g} "
             f"{100 * r['of_peak']:>4.0f}% "
             f"{r.get('kernels', '-'):>7} {sum(r['syncs'].values()) if 'syncs' in r else '-':>5} {diff:>7.1e}   {steps}")
