@@ -18,8 +18,8 @@ prompts (host tensors moved to the device as `_run` does) writing keys and value
 `kv.store`, the next-token logits picked at each row's last position, `resume_sampling` per
 sequence (its generator), `sample_async` (the first token; greedy unless --temperature), the
 event `_mark` records, and the wait for the token on the host (`_complete`). Then the sequences
-are freed (not timed). Prompts are random ids, every row the shape's TOKENS long (no padding), the same for
-every variant of a shape; the reservation is prompt + --new.
+are freed (not timed). Prompts are random ids, every row the shape's TOKENS long (no padding),
+the same for every variant of a shape; the reservation is prompt + --new.
 
 Variants (--variants, comma-separated; default layer,fused), each eager:
 - "layer": transformers' decoder layers (the unit's `_fused` entry removed, decode_step.set_fused):
@@ -55,8 +55,8 @@ Per shape (--shapes ROWSxTOKENS,...) and variant, medians over --iters after --w
   gathered past costs more) and of_peak against --peak; tflops_gpu = FLOPs / gpu_ms.
 - kernels, kernel_ms (CUDA): GPU operations (kernels, copies, fills) of one profiled prefill and
   their summed time (decode_step.top_kernels): the GPU's busy time, gaps never included.
-- syncs (CUDA): synchronising CUDA calls in one prefill (torch.cuda.set_sync_debug_mode), counted
-  by the source line that made them.
+- syncs (CUDA): synchronising CUDA calls in one prefill before its wait for the token
+  (torch.cuda.set_sync_debug_mode), counted by the source line that made them.
 - logits_diff, kv_diff: largest relative difference from the first variant's next-token logits
   and keys/values written to the pages (every layer).
 --profile adds the top kernels, the top host (CPU) ops by self time, and the prefill's Chrome
