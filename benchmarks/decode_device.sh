@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # One device call for issue 14 (BENCHMARKS.md section 14): GPU tests, matrix-product shapes,
-# the whole-model decode step, `infscaled run` with 1 stage. Phases are chosen by PHASES
+# the whole-model decode step, `infscaled run` with 1 stage, and (phase prefill, only when named)
+# a generation stage's prefill (benchmarks/prefill_step.py). Phases are chosen by PHASES
 # (default "tests gemm step gen"); each phase has its own time limit so the call ends inside
 # the device's 10 minutes. Run on the device machine from a copy of the repository root:
 #   OUT=DIR bash benchmarks/decode_device.sh
+#   OUT=DIR PHASES="prefill" PREFILL_ARGS="--profile" bash benchmarks/decode_device.sh
 # Environment: STEP_ARGS (extra decode_step arguments), GEN_CASES (gen_1stage.sh cases),
-# GPU_TESTS (test files), POISSON_ARGS (benchmarks/gen_poisson.py arguments), T_TESTS / T_GEMM /
-# T_STEP / T_GEN / T_POISSON (seconds per phase; T_GEN is per case: a llama-3b stage builds in
+# GPU_TESTS (test files), POISSON_ARGS (benchmarks/gen_poisson.py arguments), PREFILL_ARGS
+# (prefill_step arguments, default --profile), T_TESTS / T_GEMM / T_STEP / T_GEN / T_POISSON /
+# T_PREFILL (seconds per phase; T_GEN is per case: a llama-3b stage builds in
 # 6-16 s (section 20; ~70 s before its weights were made in a thread pool), and with compile each
 # new decode bucket compiles: a 16 x live requests case took 60-90 s).
 set -u
@@ -42,6 +45,10 @@ for phase in ${PHASES:-tests gemm step gen}; do
     step)
       timeout "${T_STEP:-240}" python3 -m benchmarks.decode_step --out "$OUT" ${STEP_ARGS:---variants flex:compiled,flex:compiled:fused,triton:compiled:fused,triton:eager:fused --profile} \
         2>&1 | grep -vE "^\s*$|Warning|warn\(" | tee -a "$log" | tail -60
+      ;;
+    prefill)
+      timeout "${T_PREFILL:-150}" python3 -m benchmarks.prefill_step --out "$OUT" ${PREFILL_ARGS:---profile} \
+        2>&1 | grep -vE "^\s*$|Warning|warn\(|USDT" | tee -a "$log" | tail -120
       ;;
     poisson)
       timeout "${T_POISSON:-240}" python3 -m benchmarks.gen_poisson --out "$OUT" ${POISSON_ARGS:-} \

@@ -67,18 +67,37 @@ def set_fused(stage: Stage, fused: dict[int, Any], on: bool) -> None:
             unit.__dict__.pop("_fused", None)
 
 
-def decode_bytes(stage: Stage) -> int:
-    """Bytes of the parameters a decode step reads: all but the embedding table (B rows of it)."""
+def whole_model(source: str, device: str, dtype: str) -> tuple[Stage, int, dict[int, Any]]:
+    """The whole model as one stage (what a 1-stage job runs), its projections fused once as a
+    generation stage's are (fuse_stage); with the vocabulary size and the fused layers by unit
+    index (for set_fused)."""
+    resolved = resolve(source)
+    units = skeleton(resolved).unit_count
+    vocab = resolved.family.config.vocab_size  # type: ignore[attr-defined]
+    stage = build_stage(resolved, 0, units - 1, device, dtype, 0).eval()
+    fuse_stage(stage)
+    fused = {i: u.__dict__["_fused"] for i, u in enumerate(stage.units) if "_fused" in u.__dict__}
+    return stage, vocab, fused
+
+
+def matmul_params(stage: Stage) -> list[torch.nn.Parameter]:
+    """The parameters every token's forward multiplies by: all but the embedding tables (a lookup
+    of B rows), a tied lm_head counted once."""
     embed = {id(p) for n, p in stage.named_parameters() if "embed" in n or ".wte." in n or ".wpe." in n}
     head = {id(p) for n, p in stage.named_parameters() if "lm_head" in n}
     seen: set[int] = set()
-    total = 0
+    out = []
     for p in stage.parameters():
         if id(p) in seen or (id(p) in embed and id(p) not in head):
             continue
         seen.add(id(p))
-        total += p.numel() * p.element_size()
-    return total
+        out.append(p)
+    return out
+
+
+def decode_bytes(stage: Stage) -> int:
+    """Bytes of the parameters a decode step reads: all but the embedding table (B rows of it)."""
+    return sum(p.numel() * p.element_size() for p in matmul_params(stage))
 
 
 def run_variant(stage: Stage, kv: StageKV, device: torch.device, batch: int, attention: str, graphs: bool,
@@ -123,6 +142,12 @@ def profile_replay(stepper: DecodeStep, top: int = 12) -> list[dict[str, Any]]:
         for _ in range(5):
             graph.replay()
         torch.cuda.synchronize()
+    return top_kernels(prof, 5, top)
+
+
+def top_kernels(prof: Any, runs: int, top: int = 12) -> list[dict[str, Any]]:
+    """A profile's GPU work per run (step or prefill): its total and count first (kernels, copies
+    and fills), then the `top` kernels by GPU time."""
     rows = []
     total = 0.0
     for e in prof.key_averages():
@@ -130,18 +155,32 @@ def profile_replay(stepper: DecodeStep, top: int = 12) -> list[dict[str, Any]]:
         if t <= 0 or e.key.startswith("cudaGraph"):
             continue
         total += t
-        rows.append({"kernel": e.key[:90], "us_per_step": t / 5, "calls_per_step": e.count / 5})
+        rows.append({"kernel": e.key[:90], "us_per_step": t / runs, "calls_per_step": e.count / runs})
     rows.sort(key=lambda r: -r["us_per_step"])
-    return [{"total_us_per_step": total / 5, "kernels_per_step": sum(r["calls_per_step"] for r in rows)}, *rows[:top]]
+    return [{"total_us_per_step": total / runs, "kernels_per_step": sum(r["calls_per_step"] for r in rows)},
+            *rows[:top]]
+
+
+def prompt_flops(stage: Stage, rows: int, tokens: int, next_token_only: bool = False) -> float:
+    """Matrix FLOPs of `rows` prompts of `tokens` each (no padding, no past): 2 x parameters x
+    tokens (the lm_head on every position, or on each row's last one for a next-token head or
+    `next_token_only`) plus causal attention, 2 x T^2 x (heads x head size) per row and layer
+    (QK^T and PV, half each)."""
+    params = matmul_params(stage)
+    head = next((u for u in stage.units if hasattr(u, "lm_head")), None)
+    last = next_token_only or getattr(head, "last", False)
+    head_params = head.lm_head.weight.numel() if head is not None and last else 0
+    cfg: Any = next(u.layer.self_attn.config for u in stage.units if hasattr(u, "layer"))
+    width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    layers = sum(1 for u in stage.units if hasattr(u, "layer"))
+    linear = 2 * (sum(p.numel() for p in params) - head_params) * rows * tokens + 2 * head_params * rows
+    return float(linear + 2 * layers * rows * tokens * tokens * width)
 
 
 def forward_bench(stage: Stage, compiled: dict[int, Any], device: torch.device, batch: int, length: int,
                   vocab: int, peak: float) -> list[dict[str, Any]]:
     """Prompt processing without a cache (a forward job's micro-batch): eager and compiled."""
-    params = sum(p.numel() for n, p in stage.named_parameters() if "embed" not in n)
-    cfg: Any = stage.units[1].layer.self_attn.config
-    layers, width = cfg.num_hidden_layers, cfg.hidden_size
-    flops = 2 * params * batch * length + 4 * layers * batch * length * length * width / 2  # causal attention
+    flops = prompt_flops(stage, batch, length)
     ids = torch.randint(0, vocab, (batch, length), device=device)
     act = {"input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.int64)}
     rows = []
@@ -184,13 +223,8 @@ def main() -> None:
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     dtype = "bfloat16" if cuda else "float32"
-    resolved = resolve(source)
-    units = skeleton(resolved).unit_count
-    vocab = resolved.family.config.vocab_size  # type: ignore[attr-defined]
-    stage = build_stage(resolved, 0, units - 1, a.device, dtype, 0).eval()
+    stage, vocab, fused = whole_model(source, a.device, dtype)
     variants = [(*v.split(":")[:2], v.endswith(":fused")) for v in a.variants.split(",")]
-    fuse_stage(stage)
-    fused = {i: u.__dict__["_fused"] for i, u in enumerate(stage.units) if "_fused" in u.__dict__}
     # Compiled twins of the layers per mode: "compiled" (inductor's default), "autotune"
     # (max-autotune-no-cudagraphs: inductor times Triton GEMM templates against cuBLAS per shape).
     twins: dict[str, dict[int, Any]] = {"eager": {}}

@@ -57,15 +57,17 @@ class Case:
     stages: int
     max_batch_sequences: int
     kv_budget_tokens: int = 8192
+    prefill_chunk_tokens: int = 512
 
 
-# gpt2 with one stage; llama over two with a KV budget for ~4 sequences (admission waits, pages
-# are reused); mistral over three with a sliding window narrower than most sequences; qwen2
-# (a user's directory model, through the OpenAI API) over two.
+# gpt2 with one stage, prompts in chunks of 16 tokens; llama over two with a KV budget for ~4
+# sequences (admission waits, pages are reused), whole prompts; mistral over three with a sliding
+# window narrower than most sequences, chunks of 20 (they straddle the window); qwen2 (a user's
+# directory model, through the OpenAI API) over two, the default chunks (merged prompts split).
 CASES = {
-    "gpt2": Case("gpt2", 1, 5),
-    "llama": Case("llama", 2, 3, kv_budget_tokens=512),
-    "mistral": Case("mistral", 3, 4),
+    "gpt2": Case("gpt2", 1, 5, prefill_chunk_tokens=16),
+    "llama": Case("llama", 2, 3, kv_budget_tokens=512, prefill_chunk_tokens=0),
+    "mistral": Case("mistral", 3, 4, prefill_chunk_tokens=20),
     "qwen2": Case("qwen2", 2, 4),
 }
 SLIDING_WINDOW = 24
@@ -129,7 +131,8 @@ def _job(case: Case, source: str) -> LocalJob:
     cfg = parse_job({"name": f"diff-{case.name}", "model": {"source": source, "dtype": "float32"},
                      "pipeline": {"stages": case.stages},
                      "generation": {"max_batch_sequences": case.max_batch_sequences,
-                                    "kv_budget_tokens": case.kv_budget_tokens}})
+                                    "kv_budget_tokens": case.kv_budget_tokens,
+                                    "prefill_chunk_tokens": case.prefill_chunk_tokens}})
     return LocalJob(prepare(cfg))
 
 

@@ -110,8 +110,16 @@ def test_more_sequences_than_the_kv_budget_queue_and_all_finish(prompts: list[tu
 
 
 def test_cancel_frees_the_caches_on_every_stage() -> None:
-    """A cancelled sequence (its client went away) leaves no cache behind, as every stage reports."""
-    cfg = gen_job("llama-tiny", 3, 1, kv_budget_tokens=4096)
+    """A cancelled sequence (its client went away) leaves no cache behind, as every stage reports.
+    The last stage is stopped while the sequence is cancelled (the heartbeat timeout is long), so
+    the sequence cannot finish first: its 220 tokens take well under the 1 s stats interval."""
+    import os
+    import signal
+
+    from infscaled.protocol.plan import Node
+
+    cfg = parse_job({"name": "gen-llama-tiny", "model": {"source": "builtin:llama-tiny"}, "pipeline": {"stages": 3},
+                     "generation": {"kv_budget_tokens": 4096}, "recovery": {"heartbeat_timeout_s": 60}})
     with LocalJob(prepare(cfg)) as job:
         handles = job.group.handles
 
@@ -121,12 +129,18 @@ def test_cancel_frees_the_caches_on_every_stage() -> None:
 
         long = Collected()
         seq = job.generator.submit(list(range(1, 30)), SamplingParams(max_new_tokens=220, temperature=0.0), long)
-        wait_for(lambda: all(n == 1 and t >= 29 and r == 29 + 220 for n, t, r in kv_report()), "the cache in use")
-        from infscaled.protocol.plan import Node
-
-        middle = handles[Node(1, 0)].stats
-        assert middle is not None and [(e.src, e.samples_per_s > 0) for e in middle.inputs] == [("0.0", True)]
-        job.generator.cancel(seq)
+        wait_for(lambda: len(long.tokens) >= 5, "the first tokens")
+        last = handles[Node(2, 0)].process.pid
+        assert last is not None
+        os.kill(last, signal.SIGSTOP)  # the chain stalls with the sequence alive
+        try:
+            wait_for(lambda: all(n == 1 and t >= 29 and r == 29 + 220 for n, t, r in kv_report()[:2]),
+                     "the cache in use")
+            middle = handles[Node(1, 0)].stats
+            assert middle is not None and [(e.src, e.samples_per_s > 0) for e in middle.inputs] == [("0.0", True)]
+            job.generator.cancel(seq)
+        finally:
+            os.kill(last, signal.SIGCONT)
         wait_for(lambda: kv_report() == [(0, 0, 0)] * 3, "every stage to free the cancelled sequence")
         assert not long.done.is_set() and 5 <= len(long.tokens) < 220
         short = Collected()

@@ -219,7 +219,7 @@ def test_sampling_params_and_logprobs_survive_the_wire() -> None:
     rich = SamplingParams(9, 0.7, 5, 0.9, 42, (3, 0), (), False, 0.5, -0.25, 1.3, ((7, 100.0), (2, -3.5)), 0.05, 2, 3, 1)
     specs = [g.SequenceSpec(1, 3, 12, rich, prompt=(5, 6, 7)), g.SequenceSpec(2, 1, 5, SamplingParams(4))]
     prefill = gw.decode(gw.encode(gw.Prefill(specs, torch.zeros(2, 3, dtype=torch.long),
-                                             torch.ones(2, 3, dtype=torch.long)), 1))
+                                             torch.tensor([[1, 1, 1], [1, 0, 0]])), 1))
     assert isinstance(prefill, gw.Prefill) and prefill.specs == specs  # every sampling field, and the prompt
     reported = [[PromptLogprobs((-1.0, -2.0), (((6, -1.0),), ((9, -0.1),))), Sampled(11, -0.5, ((11, -0.5), (4, -1.5)))],
                 []]

@@ -32,17 +32,20 @@ def _work() -> list[tuple[list[int], int]]:
 
 
 @pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
-@pytest.mark.parametrize(("stages", "graphs", "compiled"),
-                         [(2, True, False), (2, False, False), (2, True, True), (1, True, False)])
-def test_greedy_generation_on_cuda_stages_equals_hf_generate(stages: int, graphs: bool, compiled: bool) -> None:
+@pytest.mark.parametrize(("stages", "graphs", "compiled", "chunk"),
+                         [(2, True, False, 512), (2, False, False, 512), (2, True, True, 512), (1, True, False, 512),
+                          (1, True, False, 4), (2, True, False, 5)])
+def test_greedy_generation_on_cuda_stages_equals_hf_generate(stages: int, graphs: bool, compiled: bool,
+                                                             chunk: int) -> None:
     """Decode attention is the CUDA default on the paged pools; `compiled`: the job option
     pipeline.compile (torch.compile'd decoder layers under the CUDA graphs). One stage: two
-    micro-batches in flight, the second launched while the first one's tokens come back."""
+    micro-batches in flight, the second launched while the first one's tokens come back.
+    `chunk`: prefill_chunk_tokens (4, 5: the prompts go in chunks that attend to their past)."""
     devices = ["cuda:0", "cuda:1" if GPUS > 1 else "cuda:0"][:stages]
     cfg = parse_job({"name": "gen-gpu", "model": {"source": "builtin:llama-tiny"},
                      "pipeline": {"stages": stages, "cuda_graphs": graphs, "compile": compiled},
                      "placement": {"devices": devices},
-                     "generation": {"max_batch_sequences": 4}})
+                     "generation": {"max_batch_sequences": 4, "prefill_chunk_tokens": chunk}})
     work = _work()
     mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
     expected = [hf_greedy(mono, p, n) for p, n in work]

@@ -122,6 +122,10 @@ class GenerationConfig:
     """Most sequences in one micro-batch (prefill or decode step)."""
     micro_batches_in_flight: int = 0
     """Decode micro-batches kept in flight per replica chain; 0 = one per stage."""
+    prefill_chunk_tokens: int = 512
+    """Most prompt tokens in one prefill micro-batch: a longer prompt is prefilled in chunks, one
+    between decode steps, so an arrival delays running sequences by at most one chunk; 0 = whole
+    prompts (each arrival's prefill runs at once, however long)."""
     max_new_tokens: int = 16
     """Default when a request does not say."""
     warmup_s: float = GenerationPlan.warmup_s  # 30 s: one default for job files and plans

@@ -290,6 +290,7 @@ def parse_generation(sec: Section, pipeline: PipelineConfig) -> GenerationConfig
         max_batch_sequences=sec.get_int("max_batch_sequences", GenerationConfig.max_batch_sequences, lo=1),
         micro_batches_in_flight=sec.get_int("micro_batches_in_flight", GenerationConfig.micro_batches_in_flight,
                                             lo=0),
+        prefill_chunk_tokens=sec.get_int("prefill_chunk_tokens", GenerationConfig.prefill_chunk_tokens, lo=0),
         max_new_tokens=sec.get_int("max_new_tokens", GenerationConfig.max_new_tokens, lo=1),
         warmup_s=sec.get_float("warmup_s", GenerationConfig.warmup_s, lo=0.0, hi=MAX_WARMUP_S),
         prompt_tokens=_parse_min_max(sec, "prompt_tokens", GenerationConfig.prompt_tokens),

@@ -24,10 +24,24 @@ class Prefill:
     x: torch.Tensor  # input_ids [n, T] int64 (right-padded) into stage 0; hidden [n, T, D] further down
     attention_mask: torch.Tensor  # [n, T] int64
     free: list[int] = field(default_factory=list)
+    # Per row, positions cached before this chunk (chunked prefill); empty: every row starts at 0.
+    starts: list[int] = field(default_factory=list)
 
     @property
     def seqs(self) -> list[int]:
         return [s.seq for s in self.specs]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Per row, the chunk's tokens (the prompt when not chunked): its mask's ones."""
+        return [int(n) for n in self.attention_mask.sum(dim=1).tolist()]
+
+    def row_starts(self) -> list[int]:
+        return self.starts or [0] * len(self.specs)
+
+    def finals(self) -> list[bool]:
+        """Per row, whether this chunk ends its prompt (the last stage then samples its first token)."""
+        return [a + n == s.prompt_len for a, n, s in zip(self.row_starts(), self.lengths, self.specs, strict=True)]
 
 
 @dataclass
@@ -70,6 +84,8 @@ def encode(msg: GenMessage, mb_id: int) -> Message:
         tensors = {g.REQUESTS: table(msg.seqs), g.X: msg.x, g.MASK: msg.attention_mask, g.SPECS: specs}
         if msg.free:
             tensors[g.FREE_IDS] = _ids(msg.free)
+        if any(msg.starts):
+            tensors[g.STARTS] = _ids(msg.starts)
         route = msg.specs[0].seq if msg.specs else 0
         return Message(MsgKind.PREFILL, mb_id, route, tensors)
     if isinstance(msg, Decode):
@@ -97,7 +113,14 @@ def decode(wire: Message) -> GenMessage:
             specs = g.decode_specs(t[g.SPECS].numpy().tobytes())
             if [s.seq for s in specs] != seqs:
                 raise WireError(f"prefill specs name sequences {[s.seq for s in specs]}, its table {seqs}")
-            return Prefill(specs, t[g.X], t[g.MASK], free)
+            starts = [int(a) for a in t[g.STARTS].tolist()] if g.STARTS in t else []
+            lengths = t[g.MASK].sum(dim=1).tolist() if t[g.MASK].dim() == 2 else []
+            rows = zip(starts or [0] * len(specs), lengths, specs, strict=True)
+            if len(lengths) != len(specs) or starts and len(starts) != len(specs) or any(
+                    a < 0 or a + n > s.prompt_len for a, n, s in rows):
+                raise WireError(f"prefill of {len(specs)} sequence(s): mask rows of {lengths} tokens, chunk starts "
+                                f"{starts or 'none'}, prompts of {[s.prompt_len for s in specs]} are inconsistent")
+            return Prefill(specs, t[g.X], t[g.MASK], free, starts)
         if wire.kind == MsgKind.DECODE:
             return Decode(seqs, t[g.X], free)
         if wire.kind == MsgKind.TOKENS:

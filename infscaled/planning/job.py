@@ -58,7 +58,7 @@ def generation_plan(cfg: JobConfig) -> GenerationPlan | None:
     if gen is None:
         return None
     return GenerationPlan(gen.kv_budget_tokens, gen.max_batch_sequences, micro_batches_in_flight(cfg),
-                          gen.max_new_tokens, gen.warmup_s)
+                          gen.max_new_tokens, gen.prefill_chunk_tokens, gen.warmup_s)
 
 
 def micro_batches_in_flight(cfg: JobConfig) -> int:

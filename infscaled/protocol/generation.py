@@ -8,7 +8,12 @@ message carries the request table `requests` [n, 2] (sequence id, 1), which stat
     kind     edge                       fields (tensor name: shape, dtype)
     PREFILL  dispatcher -> stage 0      requests; x: input_ids [n, T] int64, right-padded;
              stage i -> i+1             attention_mask [n, T] int64; specs: [bytes] uint8, the
-                                        rows' SequenceSpecs (JSON, below); free: [m] int64 (opt.)
+                                        rows' SequenceSpecs (JSON, below); free: [m] int64 (opt.);
+                                        starts: [n] int64 (opt., zeros when absent): a chunk of a
+                                        longer prompt (chunked prefill) holds the row's positions
+                                        starts..starts+len-1 (len: its mask's ones), the earlier
+                                        ones cached by earlier chunks; the row's last chunk is the
+                                        one that reaches its spec's prompt_len
                                         (between stages x is the hidden state [n, T, D])
     DECODE   stage 0 -> 1 -> ...        requests; x: next input ids [n, 1] int64 on stage 0's
                                         in-edge, hidden [n, 1, D] further down; free (opt.)
@@ -39,6 +44,7 @@ X = "x"
 MASK = "attention_mask"
 SPECS = "specs"
 FREE_IDS = "free"
+STARTS = "starts"
 TOKENS = "tokens"
 DONE = "done"
 

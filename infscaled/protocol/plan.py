@@ -89,6 +89,7 @@ class GenerationPlan:
     max_batch_sequences: int
     micro_batches_in_flight: int  # per chain, >= 1
     default_max_new_tokens: int = 16  # when a request does not say
+    prefill_chunk_tokens: int = 0  # most prompt tokens per prefill micro-batch; 0: whole prompts
     # Seconds a CUDA stage may spend before READY running and capturing the decode buckets it will
     # use (generation/warmup.py); 0 = none. A plan without it (an older writer) warms by default.
     warmup_s: float = 30.0
@@ -192,7 +193,7 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
             plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens,
-            plan.generation.warmup_s],
+            plan.generation.prefill_chunk_tokens, plan.generation.warmup_s],
         "recovery": {"enabled": plan.recovery.enabled, "attempts": plan.recovery.attempts,
                      "backoff_s": plan.recovery.backoff_s, "heartbeat_timeout_s": plan.recovery.heartbeat_timeout_s},
     }
@@ -221,13 +222,15 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
 
 
 def _generation(raw: object) -> GenerationPlan:
-    """[kv_budget_tokens, max_batch_sequences, micro_batches_in_flight, default_max_new_tokens(,
-    warmup_s)]: four integers, then the warm-up's seconds (absent in plans of older writers)."""
-    if not isinstance(raw, list) or not 4 <= len(raw) <= 5:
-        raise TypeError(f"generation: expected a list of 4 or 5 numbers, got {raw!r}")
+    """[kv_budget_tokens, max_batch_sequences, micro_batches_in_flight, default_max_new_tokens,
+    prefill_chunk_tokens, warmup_s]: integers, then the warm-up's seconds. A plan of an older
+    writer ends earlier; what it lacks takes GenerationPlan's defaults."""
+    if not isinstance(raw, list) or not 4 <= len(raw) <= 6:
+        raise TypeError(f"generation: expected a list of 4 to 6 numbers, got {raw!r}")
     kv_budget, rows, in_flight, new_tokens = (int(v) for v in raw[:4])
     return GenerationPlan(kv_budget, rows, in_flight, new_tokens,
-                          float(raw[4]) if len(raw) == 5 else GenerationPlan.warmup_s)
+                          int(raw[4]) if len(raw) > 4 else GenerationPlan.prefill_chunk_tokens,
+                          float(raw[5]) if len(raw) > 5 else GenerationPlan.warmup_s)
 
 
 def _recovery(raw: object) -> Recovery:

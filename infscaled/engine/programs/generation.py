@@ -50,28 +50,51 @@ from infscaled.engine.edges import EdgeEnd, EdgeState
 from infscaled.engine.program import Program
 from infscaled.generation.gpu_sampling import PendingTokens, sample_async
 from infscaled.generation.graphs import DecodeStep
-from infscaled.generation.kv import PagedBatch, StageKV
+from infscaled.generation.kv import PagedBatch, StageKV, to_device_no_sync
 from infscaled.generation.params import PromptLogprobs, Sampled
 from infscaled.generation.sampling import SequenceSampling, plain, prompt_logprobs, resume_sampling, sample_step
 from infscaled.models.stage import fuse_stage
 from infscaled.protocol.control import StageStats
+from infscaled.protocol.generation import SequenceSpec
 from infscaled.protocol.plan import DISPATCHER, GenerationPlan, Node
 from infscaled.worker.transport import ACK, Ack, Message
 
 log = logging.getLogger(__name__)
 
 PREFILL_GATHER_S = 0.02  # the longest stage 0 holds a prefill back to merge it with later ones
+NO_CHUNKS = 1 << 62  # prefill_chunk_tokens = 0: a micro-batch's prompts are not split
+
+
+@dataclass
+class _Prompt:
+    """A prompt admitted at stage 0 (its reservation counted), prefilled chunk by chunk."""
+
+    spec: SequenceSpec
+    ids: torch.Tensor  # [prompt_len] int64
+    done: int = 0  # positions sent into the chain so far; 0: no chunk yet (no pages taken)
+
+    @property
+    def left(self) -> int:
+        return self.spec.prompt_len - self.done
 
 
 @dataclass
 class _Chain:
-    """Stage 0's view of its chain (its live sequences are those its KV cache holds)."""
+    """Stage 0's view of its chain (its live sequences are those its KV cache holds).
+
+    A sequence is held (its prefill waits for KV room), then queued (admitted: its reservation
+    counted; prefilled a chunk at a time), then prefilling until its first token comes back
+    (`prefilling` holds it from admission to then), then decoding (`ready` while its next input
+    token waits for a decode micro-batch), until its last token or a free."""
 
     ready: dict[int, int] = field(default_factory=dict)  # sequence -> next input token
     held: list[gw.Prefill] = field(default_factory=list)  # prefills waiting for KV room
+    queue: list[_Prompt] = field(default_factory=list)  # admitted prompts not wholly sent, in order
+    prefilling: set[int] = field(default_factory=set)  # admitted sequences whose first token is not back
     inflight: int = 0  # micro-batches sent into the loop whose tokens have not come back
     pending_free: list[int] = field(default_factory=list)  # to send down the chain
     held_since: float | None = None  # when stage 0 first held prefills back to merge them
+    prefill_turn: bool = True  # a decode micro-batch was launched since the last prefill one
 
 
 class GenerationStage(Program):
@@ -175,8 +198,10 @@ class GenerationStage(Program):
             log.info("%s: dispatcher gone (%s); stage 0 frees its sequences down the chain", self.engine.node, why)
             return
         seqs = list(self.kv.seqs)
-        held = sum(len(m.specs) for m in self.chain.held)
+        held = sum(len(m.specs) for m in self.chain.held) + sum(1 for p in self.chain.queue if not p.done)
         self.chain.held.clear()
+        self.chain.queue.clear()
+        self.chain.prefilling.clear()
         self.chain.ready.clear()
         if seqs:
             self._free(seqs)
@@ -205,7 +230,15 @@ class GenerationStage(Program):
 
     def _runnable(self) -> bool:
         chain = self.chain
-        return self.first and bool(chain.ready) and chain.inflight < self.plan.micro_batches_in_flight
+        return self.first and (bool(chain.ready) and chain.inflight < self.plan.micro_batches_in_flight
+                               or bool(chain.queue) and self._prefill_turn())
+
+    def _prefill_turn(self) -> bool:
+        """A prefill micro-batch may run now: while sequences decode, one per decode micro-batch
+        launched (so an arrival's prompt delays each decode step by at most one micro-batch of
+        prefill_chunk_tokens); when none decodes, back to back."""
+        chain = self.chain
+        return chain.prefill_turn or all(s in chain.prefilling for s in self.kv.seqs)
 
     def stats(self, base: StageStats) -> StageStats:
         return replace(base, inflight=self.chain.inflight, kv_tokens=self.kv.held_tokens,
@@ -223,24 +256,30 @@ class GenerationStage(Program):
                 if s in live and not self.last:
                     self.chain.pending_free.append(s)
                 self.chain.ready.pop(s, None)
+                self.chain.prefilling.discard(s)
                 self.chain.held = [m for m in (_drop_row(h, s) for h in self.chain.held) if m is not None]
             elif not self.last:
                 self.chain.pending_free.append(s)
+        if self.first:
+            gone = set(seqs)
+            self.chain.queue = [p for p in self.chain.queue if p.spec.seq not in gone]
 
     def _schedule(self) -> None:
         chain = self.chain
-        # Prefills wait while more messages are queued (they may be prefills too): the held ones
-        # then run as one micro-batch. A prefill's forward costs about the same at 1 row as at 8
-        # (launches, weight reads), and a closed loop sends one sequence per finished one: one
-        # prefill each cost more than the decode steps between them (BENCHMARKS.md section 20).
-        while chain.held and not self._gathering():
-            merged = _merge(chain.held, self.plan.max_batch_sequences, self.kv)
-            if merged is None:
-                break
-            msg, taken = merged
-            del chain.held[:taken]
+        _admit(chain, self.kv)
+        # One prefill micro-batch per call: up to prefill_chunk_tokens prompt tokens (prompts
+        # split into chunks across micro-batches) from the queue's front. Prefills wait while more
+        # messages are queued (they may be prefills too), so they run together: a prefill's forward
+        # costs about the same at 1 row as at 8 (launches, weight reads), and a closed loop sends
+        # one sequence per finished one (BENCHMARKS.md section 20).
+        if chain.queue and self._prefill_turn() and not self._gathering():
+            msg = _next_prefill(chain.queue, self.plan.max_batch_sequences,
+                                self.plan.prefill_chunk_tokens or NO_CHUNKS)
+            chain.queue = [p for p in chain.queue if p.left]
             chain.held_since = None
-            chain.inflight += 1
+            chain.prefill_turn = False
+            if any(msg.finals()):
+                chain.inflight += 1  # its first tokens come back round the loop
             self._prefill(msg)
         # At most one round of launches per call, so new messages (prefills, frees) get read in
         # between even when the loop is this process (one stage: tokens are back at once).
@@ -250,6 +289,7 @@ class GenerationStage(Program):
             seqs = list(chain.ready)[:self.plan.max_batch_sequences]
             tokens = torch.tensor([[chain.ready.pop(s)] for s in seqs], dtype=torch.int64)  # [n, 1]
             chain.inflight += 1
+            chain.prefill_turn = True
             self._decode(seqs, tokens)
         if chain.pending_free and not self.last:
             self._send_next(gw.Free([]))  # frees no compute carried down
@@ -258,8 +298,8 @@ class GenerationStage(Program):
         """Hold prefills back while more messages are queued, unless a micro-batch's worth of rows
         is held or the oldest has waited PREFILL_GATHER_S (so a busy inbox never starves them)."""
         chain = self.chain
-        if not self.engine.queued() or sum(len(m.specs) for m in chain.held) >= self.plan.max_batch_sequences:
-            return False
+        if chain.queue[0].done or not self.engine.queued() or len(chain.queue) >= self.plan.max_batch_sequences:
+            return False  # (a prompt under way continues at once)
         now = time.monotonic()
         if chain.held_since is None:
             chain.held_since = now
@@ -269,6 +309,7 @@ class GenerationStage(Program):
         for s, tok, done in zip(msg.seqs, msg.tokens, msg.done, strict=True):
             if s not in self.kv.seqs:
                 continue  # freed (cancelled; or finished, with one stage) while its token was on the way
+            self.chain.prefilling.discard(s)
             if done:
                 self._free([s])
             else:
@@ -277,27 +318,39 @@ class GenerationStage(Program):
     # -- compute ---------------------------------------------------------------------------------
 
     def _prefill(self, msg: gw.Prefill) -> None:
-        seqs = msg.seqs
-        lengths = [s.prompt_len for s in msg.specs]
-        kv = self.kv.prefill(seqs, lengths, [s.reserve for s in msg.specs])
+        """A prefill micro-batch: whole prompts, or chunks of them (rows with `starts`)."""
+        seqs, lengths, starts = msg.seqs, msg.lengths, msg.row_starts()
+        kv = self.kv.prefill(seqs, lengths, [s.reserve for s in msg.specs], starts)
+        # Prompt log-probabilities need every position's logits; otherwise the head computes each
+        # row's next-token logits only (a long prompt's [T, V] logits are large).
+        kv.last_logits = not any(s.sampling.prompt_logprobs is not None for s in msg.specs)
         act = {"input_ids" if self.first else "hidden": msg.x, "attention_mask": msg.attention_mask}
+        if any(starts):
+            act["position_ids"] = torch.tensor(starts).unsqueeze(1) + torch.arange(msg.x.shape[1])  # [n, T]
         out = self._run(act, kv, seqs)
         if not self.last:
-            self._send_next(gw.Prefill(msg.specs, out["hidden"], msg.attention_mask))
+            self._send_next(gw.Prefill(msg.specs, out["hidden"], msg.attention_mask, starts=msg.starts))
             return
-        logits = out["output"]  # [n, T, V], or [n, V] for a next-token head
+        final = [i for i, f in enumerate(msg.finals()) if f]  # rows whose prompt this chunk ends
+        if not final:
+            return
+        output = out["output"]  # [n, T, V], or [n, V] (next-token logits)
+        logits = output
         if logits.dim() == 3:
-            index = torch.tensor(lengths, device=logits.device) - 1
+            index = to_device_no_sync(torch.tensor(lengths) - 1, logits.device)
             logits = logits[torch.arange(len(seqs), device=logits.device), index]  # [n, V]
+        if len(final) < len(seqs):
+            logits = logits[to_device_no_sync(torch.tensor(final), logits.device)]  # (no host sync)
         prompt_lps: list[PromptLogprobs | None] = []
-        for i, spec in enumerate(msg.specs):
+        for i in final:
+            spec = msg.specs[i]
             p = spec.sampling
             self.samplers[spec.seq] = resume_sampling(spec, logits.shape[-1], self.device)
-            # Prompt log-probabilities need every position's logits (a head returning [n, T, V]).
-            prompt_lps.append(prompt_logprobs(out["output"][i, :lengths[i]], spec.prompt, p.prompt_logprobs)
-                              if p.prompt_logprobs is not None and out["output"].dim() == 3 and spec.prompt
+            # (a row asking for them is never chunked: stage 0's _next_prefill sends it whole)
+            prompt_lps.append(prompt_logprobs(output[i, :lengths[i]], spec.prompt, p.prompt_logprobs)
+                              if p.prompt_logprobs is not None and output.dim() == 3 and spec.prompt
                               else None)
-        self._sampled(seqs, logits, prompt_lps)
+        self._sampled([seqs[i] for i in final], logits, prompt_lps)
 
     def _decode(self, seqs: list[int], x: torch.Tensor) -> None:
         out = self._timed(seqs, lambda: self.decoder.step(x, seqs))
@@ -310,8 +363,10 @@ class GenerationStage(Program):
     def _run(self, act: dict[str, torch.Tensor], kv: PagedBatch, seqs: list[int]) -> dict[str, torch.Tensor]:
         """A prefill's forward (eager: its shapes vary)."""
         def forward() -> dict[str, torch.Tensor]:
-            out: dict[str, torch.Tensor] = self.stage({k: v.to(self.device, non_blocking=True) for k, v in act.items()},
-                                                      kv)
+            # The padding mask stays on the host: the units decide there whether anything is padded
+            # (models/families/common.py device_mask), without a device sync.
+            out: dict[str, torch.Tensor] = self.stage(
+                {k: v if k == "attention_mask" else v.to(self.device, non_blocking=True) for k, v in act.items()}, kv)
             self.kv.store(seqs, kv)
             return out
         return self._timed(seqs, forward)
@@ -431,29 +486,50 @@ class _Pending:
     ended: Any  # and after its sampling: the step's GPU time, for the stage's stats
 
 
-def _merge(held: list[gw.Prefill], rows: int, kv: StageKV) -> tuple[gw.Prefill, int] | None:
-    """The longest run of held prefills from the front (first come, first served) that fits the
-    KV budget and `rows` rows (the first one always, whatever its rows), as one prefill (prompts
-    right-padded to the longest), and how many it took; None when the first does not fit."""
-    taken, reserves = 0, []
-    for msg in held:
+def _admit(chain: _Chain, kv: StageKV) -> None:
+    """Held prefills, first come first served, join the queue while the KV budget has room for
+    every queued prompt not yet started (started ones hold their pages already) and theirs."""
+    waiting = [p.spec.reserve for p in chain.queue if not p.done]
+    while chain.held:
+        msg = chain.held[0]
         more = [s.reserve for s in msg.specs]
-        if taken and len(reserves) + len(more) > rows or not kv.fits_all(reserves + more):
+        if not kv.fits_all(waiting + more):
+            return
+        chain.held.pop(0)
+        waiting += more
+        for i, spec in enumerate(msg.specs):
+            chain.queue.append(_Prompt(spec, msg.x[i, :spec.prompt_len]))
+            chain.prefilling.add(spec.seq)
+
+
+def _next_prefill(queue: list[_Prompt], rows: int, tokens: int) -> gw.Prefill:
+    """The next prefill micro-batch from the queue's front: at most `rows` rows and `tokens`
+    prompt tokens, a prompt longer than what is left of them contributing a chunk (it continues in
+    the next micro-batch); prompts right-padded to the longest chunk. A prompt that asked for its
+    log-probabilities goes whole (they are computed from one pass's logits), alone if it must.
+    Advances each prompt's `done`."""
+    taken: list[tuple[_Prompt, int]] = []
+    budget = tokens
+    for p in queue:
+        if len(taken) >= rows or budget <= 0:
             break
-        reserves += more
-        taken += 1
-    if not taken:
-        return None
-    if taken == 1:
-        return held[0], 1
-    parts = held[:taken]
-    width = max(m.x.shape[1] for m in parts)
-
-    def padded(t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
-
-    return gw.Prefill([s for m in parts for s in m.specs], torch.cat([padded(m.x) for m in parts]),
-                      torch.cat([padded(m.attention_mask) for m in parts])), taken
+        n = min(p.left, budget)
+        if n < p.left and p.spec.sampling.prompt_logprobs is not None:
+            if taken:
+                break
+            n = p.left
+        taken.append((p, n))
+        budget -= n
+    width = max(n for _, n in taken)
+    x = torch.zeros(len(taken), width, dtype=torch.int64)
+    mask = torch.zeros(len(taken), width, dtype=torch.int64)
+    starts = []
+    for i, (p, n) in enumerate(taken):
+        x[i, :n] = p.ids[p.done:p.done + n]
+        mask[i, :n] = 1
+        starts.append(p.done)
+        p.done += n
+    return gw.Prefill([p.spec for p, _ in taken], x, mask, starts=starts if any(starts) else [])
 
 
 def _drop_row(msg: gw.Prefill, seq: int) -> gw.Prefill | None:
