@@ -92,7 +92,7 @@ def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model:
     """compile_stage on the CPU with dynamo's "eager" backend (the trace without code generation,
     which on a CPU would take minutes): every layer of the stage must reuse one graph per shape
     (one for the decode bucket, one for forward micro-batches; none per layer), prefills stay
-    eager, and the outputs equal the uncompiled stage's. Decode steps run on static buckets (as
+    eager (fused: compiled with dynamic shapes around the attention), and the outputs equal the uncompiled stage's. Decode steps run on static buckets (as
     under CUDA graphs; capture replaced as in the test above): compiled layers only run those.
     `fused`: the compiled stage's decode steps take the fused projections (fused_decode.py), one
     compiled decode graph for every layer; the reference stays the unfused, uncompiled one."""
@@ -120,12 +120,18 @@ def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model:
             batch = kv.prefill([1, 2], [5, 7], [40, 40])
             out.append(stage({"input_ids": ids, "attention_mask": mask}, batch)["hidden"])
             kv.store([1, 2], batch)
+            batch = kv.prefill([5, 6], [4, 5], [40, 40])  # another prompt length: no new graph
+            short = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+            out.append(stage({"input_ids": ids[:, :5], "attention_mask": short}, batch)["hidden"][:, :4])
+            kv.store([5, 6], batch)
             for i in range(3):
                 out.append(step.step(torch.tensor([[3 + i], [4 + i]]), [1, 2])["hidden"])
             out.append(stage({"input_ids": ids, "attention_mask": mask})["hidden"])  # a forward micro-batch
     for got, want in zip(outs[1], outs[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    # One graph for the decode bucket, one for forward micro-batches; fused: the prefill's two
+    # parts around its attention (dynamic shapes), every layer sharing them.
+    assert counters["stats"]["unique_graphs"] == (4 if fused else 2), dict(counters["stats"])
 
 
 def test_prefill_positions_go_to_their_pages() -> None:

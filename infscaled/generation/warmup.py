@@ -23,7 +23,8 @@ Which buckets (`plan_buckets`), most useful first:
   (with compile a bucket costs seconds; without, two launch-bound steps and a capture).
 
 Leaving nothing behind: one warm-up sequence (WARMUP_SEQ, an id no dispatcher uses) is admitted
-through a real 1-token prefill forward of the stage, so the KV pools are allocated from real keys
+through a real 1-token prefill forward of the stage (then prefills of 1 and 2 rows of a page, so
+a compiled prefill has compiled its dynamic-shape graphs), so the KV pools are allocated from real keys
 (heads, head size, dtype) exactly as the first real prefill would; then, per bucket, it is admitted
 again with a reservation of exactly `width` pages and stepped twice with every one of the bucket's
 `rows` rows pointing at its pages (input: token 0 on stage 0, zero hidden states on later stages).
@@ -113,10 +114,10 @@ def warm_decode(decoder: DecodeStep, budget_s: float, hidden_size: int, dtype: t
                         int(decoder.max_graphs * GRAPH_SHARE))
     first = decoder.input_key == "input_ids"
 
-    def zeros(rows: int) -> torch.Tensor:  # a micro-batch's host input, as the edges deliver it
+    def zeros(rows: int, tokens: int = 1) -> torch.Tensor:  # a micro-batch's host input, as the edges deliver it
         if first:
-            return torch.zeros((rows, 1), dtype=torch.int64)  # [rows, 1] token ids
-        return torch.zeros((rows, 1, hidden_size), dtype=dtype)  # [rows, 1, D] hidden states
+            return torch.zeros((rows, tokens), dtype=torch.int64)  # [rows, T] token ids
+        return torch.zeros((rows, tokens, hidden_size), dtype=dtype)  # [rows, T, D] hidden states
 
     started = time.monotonic()
     replays = decoder.replays
@@ -128,6 +129,15 @@ def warm_decode(decoder: DecodeStep, budget_s: float, hidden_size: int, dtype: t
             act = {decoder.input_key: zeros(1), "attention_mask": torch.ones(1, 1, dtype=torch.int64)}
             decoder.stage({k: v.to(decoder.device) for k, v in act.items()}, batch)
             kv.free([WARMUP_SEQ])
+            # Prefills of 1 and 2 rows of PAGE_TOKENS: with compile, the fused prefill's parts
+            # compile for dynamic shapes here (sizes 1 are specialised), not on the first request.
+            for rows in (1, 2):
+                seqs = [WARMUP_SEQ - i for i in range(rows)]
+                batch = kv.prefill(seqs, [PAGE_TOKENS] * rows, [PAGE_TOKENS] * rows)
+                decoder.stage({decoder.input_key: zeros(rows, PAGE_TOKENS).to(decoder.device),
+                               "attention_mask": torch.ones(rows, PAGE_TOKENS, dtype=torch.int64)}, batch)
+                for s in reversed(seqs):  # (last taken, first given back: the pool's order as before)
+                    kv.free([s])
             _sync(decoder.device)
             last = 0.0
             for rows, width in plan:
@@ -143,7 +153,7 @@ def warm_decode(decoder: DecodeStep, budget_s: float, hidden_size: int, dtype: t
                 stepped.append((rows, width))
                 last = time.monotonic() - now
     finally:
-        kv.free([WARMUP_SEQ])
+        kv.free([WARMUP_SEQ, WARMUP_SEQ - 1])
         decoder.replays = replays
     planned = set(plan)
     return Warmed(tuple(stepped), tuple(k for k in decoder.captured() if k in planned), len(plan),

@@ -36,6 +36,7 @@ from infscaled.generation.kv import write_decode_kv
 from infscaled.generation.paged_attention import attend_pages
 
 _compiled: dict[tuple[str, str | None], Any] = {}  # (backend, mode) -> compiled decode_step
+_compiled_parts: dict[tuple[str, str, str | None], Any] = {}  # (function, backend, mode) -> prefill part
 
 
 @dataclass
@@ -143,33 +144,52 @@ def decode_step(hidden: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor 
 
 
 def prefill_step(f: FusedLayer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], paged: Any,
-                 layer_idx: int, mask: torch.Tensor | None) -> torch.Tensor:
+                 layer_idx: int, mask: torch.Tensor | None,
+                 compile_options: tuple[str, str | None] | None = None) -> torch.Tensor:
     """hidden [B, T, D] -> [B, T, D] for a prefill micro-batch (or chunk); writes the real
     positions' keys and values into the pages. `mask`: None means causal (right padding keeps
-    every real query away from padded keys), else a boolean or additive mask [B, 1, T, S]."""
-    b, t = hidden.shape[:2]
-    residual = hidden
-    x = _rms_norm(hidden, f.norm1, f.eps1)
-    qkv_out = F.linear(x, f.qkv, f.qkv_bias)  # [B, T, (Hq + 2 Hkv) Dh]
-    nq, nkv = f.heads * f.head_dim, f.kv_heads * f.head_dim
-    q = qkv_out[..., :nq].view(b, t, f.heads, f.head_dim).transpose(1, 2)  # [B, Hq, T, Dh]
-    k = qkv_out[..., nq:nq + nkv].view(b, t, f.kv_heads, f.head_dim).transpose(1, 2)
-    v = qkv_out[..., nq + nkv:].view(b, t, f.kv_heads, f.head_dim).transpose(1, 2)
-    c, s = cos_sin[0].unsqueeze(1), cos_sin[1].unsqueeze(1)
-    q = (q * c) + (_rotate_half(q) * s)
-    k = (k * c) + (_rotate_half(k) * s)
+    every real query away from padded keys), else a boolean or additive mask [B, 1, T, S].
+    `compile_options` (backend, mode): the parts before and after the attention run as
+    `torch.compile`d twins with dynamic shapes (one graph each for every layer and prompt length),
+    which fuses the norms, rotary and gating into a few kernels: an eager prefill is launch-bound
+    (BENCHMARKS.md section 22: ~41 kernels per layer, ~1.2 ms of host time per layer on the H200's host)."""
+    pre = _compiled_part(_pre_attention, *compile_options) if compile_options is not None else _pre_attention
+    post = _compiled_part(_post_attention, *compile_options) if compile_options is not None else _post_attention
+    q, k, v = pre(hidden, f.qkv, f.qkv_bias, f.norm1, cos_sin[0], cos_sin[1], f.eps1, f.heads, f.kv_heads,
+                  f.head_dim)
     keys, values = paged.update(k, v, layer_idx)  # [B, Hkv, S, Dh]: the chunk, or past + chunk
     group = f.heads // f.kv_heads
     if group > 1:  # as transformers' repeat_kv: query head h reads kv head h // group
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=f.scale)
-    hidden = residual + F.linear(attn.transpose(1, 2).reshape(b, t, nq), f.o)
-    residual = hidden
-    x = _rms_norm(hidden, f.norm2, f.eps2)
-    gu = F.linear(x, f.gate_up)
-    inter = f.gate_up.shape[0] // 2
-    return residual + F.linear(F.silu(gu[..., :inter]) * gu[..., inter:], f.down)
+    return post(hidden, attn, f.o, f.gate_up, f.down, f.norm2, f.eps2)  # type: ignore[no-any-return]
+
+
+def _pre_attention(hidden: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor | None, norm1: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, eps1: float, heads: int, kv_heads: int,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Norm, q/k/v product, rotary: hidden [B, T, D] -> q [B, Hq, T, Dh], k and v [B, Hkv, T, Dh]."""
+    b, t = hidden.shape[:2]
+    x = _rms_norm(hidden, norm1, eps1)
+    qkv_out = F.linear(x, qkv, qkv_bias)  # [B, T, (Hq + 2 Hkv) Dh]
+    nq, nkv = heads * head_dim, kv_heads * head_dim
+    q = qkv_out[..., :nq].view(b, t, heads, head_dim).transpose(1, 2)
+    k = qkv_out[..., nq:nq + nkv].view(b, t, kv_heads, head_dim).transpose(1, 2)
+    v = qkv_out[..., nq + nkv:].view(b, t, kv_heads, head_dim).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * c) + (_rotate_half(q) * s), (k * c) + (_rotate_half(k) * s), v
+
+
+def _post_attention(residual: torch.Tensor, attn: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor,
+                    down: torch.Tensor, norm2: torch.Tensor, eps2: float) -> torch.Tensor:
+    """attn [B, Hq, T, Dh] -> the layer's output [B, T, D]: o product, residual, norm, gated MLP."""
+    b, _, t, _ = attn.shape
+    hidden = residual + F.linear(attn.transpose(1, 2).reshape(b, t, -1), o)
+    x = _rms_norm(hidden, norm2, eps2)
+    gu = F.linear(x, gate_up)
+    inter = gate_up.shape[0] // 2
+    return hidden + F.linear(F.silu(gu[..., :inter]) * gu[..., inter:], down)
 
 
 def run(f: FusedLayer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
@@ -181,6 +201,15 @@ def run(f: FusedLayer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.
     return fn(hidden, f.qkv, f.qkv_bias, f.o, f.gate_up, f.down, f.norm1, f.norm2, cos_sin[0], cos_sin[1],
               pools[0], pools[1], paged.table, paged.positions, paged.kv.page_index, paged.attention,
               f.eps1, f.eps2, f.heads, f.kv_heads, f.head_dim, f.scale, f.window)
+
+
+def _compiled_part(fn: Any, backend: str, mode: str | None) -> Any:
+    """`fn` compiled with dynamic shapes (prompt lengths and row counts vary), once per options."""
+    key = (fn.__name__, backend, mode)
+    compiled = _compiled_parts.get(key)
+    if compiled is None:
+        compiled = _compiled_parts[key] = torch.compile(fn, backend=backend, mode=mode, dynamic=True)
+    return compiled
 
 
 def _compiled_step(backend: str, mode: str | None) -> Any:

@@ -99,8 +99,9 @@ class LlamaBlock(CompilableLayer, Unit):
         if fused is not None and kv is not None and not kv.decoding:
             # A generation prefill (or a chunk of one): the fused layer, eager (models/families/fused_decode.py).
             mask = causal_mask(self.config, act, ctx, self.attention_kind)
+            options = self.__dict__.get("_compile_options") if "_compiled_layer" in self.__dict__ else None
             hidden = fused_decode.prefill_step(fused, act["hidden"], position_embeddings(act, ctx), kv,
-                                               self.layer.self_attn.layer_idx, mask)
+                                               self.layer.self_attn.layer_idx, mask, options)
             return carry(act, hidden)
         hidden = self.layer_for(ctx, act["hidden"])(
             act["hidden"],
