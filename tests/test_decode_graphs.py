@@ -92,7 +92,8 @@ def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model:
     """compile_stage on the CPU with dynamo's "eager" backend (the trace without code generation,
     which on a CPU would take minutes): every layer of the stage must reuse one graph per shape
     (one for the decode bucket, one for forward micro-batches; none per layer), prefills stay
-    eager (fused: compiled with dynamic shapes around the attention), and the outputs equal the uncompiled stage's. Decode steps run on static buckets (as
+    eager (fused: compiled with dynamic shapes around the attention), and the outputs
+    equal the uncompiled stage's. Decode steps run on static buckets (as
     under CUDA graphs; capture replaced as in the test above): compiled layers only run those.
     `fused`: the compiled stage's decode steps take the fused projections (fused_decode.py), one
     compiled decode graph for every layer; the reference stays the unfused, uncompiled one."""
