@@ -145,3 +145,52 @@ def test_prefill_positions_go_to_their_pages() -> None:
                 for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)) for t in range(n)]
     got = list(zip(rows.tolist(), cols.tolist(), pages.tolist(), offsets.tolist(), strict=True))
     assert got == expected
+
+
+def test_prefills_on_static_buckets_compute_what_exact_prefills_do(monkeypatch: Any) -> None:
+    """`PrefillStep` with graphs forced on (capture replaced as above): prompts of 5, 9 and 3
+    tokens padded into a 4 x 16 bucket give the real rows' next-token logits and write the same
+    keys and values into their pages as an exact prefill; a later chunk, a prompt asking for every
+    position's logits, too many rows or an unfused stage take the eager path (no bucket)."""
+    from infscaled.generation.graphs import PrefillStep
+    from infscaled.models.stage import fuse_stage
+
+    resolved = resolve("builtin:llama-tiny")
+    stages = [build_stage(resolved, 0, 5, "cpu", "float32", 0).eval() for _ in range(2)]
+    for stage in stages:
+        fuse_stage(stage)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 9, 3]
+    ids = torch.zeros(3, 9, dtype=torch.int64)
+    mask = torch.zeros(3, 9, dtype=torch.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n], mask[i, :n] = torch.randint(0, 512, (n,), generator=gen), 1
+    seqs, reserves = [4, 7, 9], [40, 40, 40]
+    kvs = [StageKV(1024) for _ in stages]
+    with torch.inference_mode():
+        batch = kvs[0].prefill(seqs, lengths, reserves)
+        batch.last_logits = True
+        want = stages[0]({"input_ids": ids, "attention_mask": mask}, batch)["output"]
+        kvs[0].store(seqs, batch)
+        step = PrefillStep(stages[1], kvs[1], torch.device("cpu"), "input_ids", max_rows=8, graphs=False)
+        step.graphs = True
+        monkeypatch.setattr(step, "_capture", lambda b, key: setattr(b, "eager", True))
+        key = step.key(3, 9, past=False, last_logits=True)
+        assert key == (4, 16)
+        got = step.step(key, ids, seqs, lengths, reserves)["output"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert kvs[1].length == kvs[0].length == dict(zip(seqs, lengths, strict=True))
+    for layer in range(4):
+        pools = [kv.pools_of(layer) for kv in kvs]
+        for s in seqs:
+            for j in range(2):
+                mine = pools[0][j][kvs[0].pages[s]].flatten(0, 1)[:kvs[0].length[s]]  # type: ignore[index]
+                theirs = pools[1][j][kvs[1].pages[s]].flatten(0, 1)[:kvs[1].length[s]]  # type: ignore[index]
+                torch.testing.assert_close(theirs, mine)
+    assert step.key(3, 9, past=True, last_logits=True) is None
+    assert step.key(3, 9, past=False, last_logits=False) is None
+    assert step.key(9, 9, past=False, last_logits=True) is None
+    assert step.key(1, 4096, past=False, last_logits=True) is None  # more than PREFILL_GRAPH_TOKENS
+    unfused = PrefillStep(build_stage(resolved, 0, 5, "cpu", "float32", 0), StageKV(64), torch.device("cpu"),
+                          "input_ids", max_rows=8, graphs=True)
+    assert step.fused and not unfused.fused  # (unfused layers prefill through transformers: eager)

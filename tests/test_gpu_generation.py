@@ -71,3 +71,38 @@ def test_greedy_generation_on_cuda_stages_equals_hf_generate(stages: int, graphs
             assert all(r > 20 for r in replays), replays
         else:
             assert replays == [0] * stages
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
+@pytest.mark.parametrize("stages", [1, 2])
+def test_prefills_replayed_from_graphs_give_hf_generate_tokens(stages: int) -> None:
+    """Prompts of 3 to 16 tokens one after the other: each prefill is a 1 x 16 bucket
+    (generation/graphs.py PrefillStep), captured on its second use and replayed from the third;
+    then three at once (merged, or a 2 x 16 and a 1 x 16 bucket). Greedy tokens equal HF `generate` (float32)."""
+    from test_generation_pipeline import Collected
+
+    from infscaled.generation.params import SamplingParams
+
+    devices = ["cuda:0", "cuda:1" if GPUS > 1 else "cuda:0"][:stages]
+    cfg = parse_job({"name": "gen-gpu-prefill", "model": {"source": "builtin:llama-tiny"},
+                     "pipeline": {"stages": stages}, "placement": {"devices": devices},
+                     "generation": {"max_batch_sequences": 4, "warmup_s": 0}})
+    gen = torch.Generator().manual_seed(12)
+    work = [(torch.randint(0, 512, (n,), generator=gen).tolist(), 6) for n in (3, 16, 9, 12, 5, 14, 7, 11)]
+    mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
+    expected = [hf_greedy(mono, p, n) for p, n in work]
+    got: list[list[int]] = []
+    with LocalJob(prepare(cfg)) as job:
+        singles, pairs = work[:5], work[5:]
+        for prompt, new in singles:
+            c = Collected()
+            job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
+            assert c.done.wait(60) and c.error is None
+            got.append(c.tokens)
+        collected = [Collected() for _ in pairs]
+        for (prompt, new), c in zip(pairs, collected, strict=True):
+            job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
+        for c in collected:
+            assert c.done.wait(60) and c.error is None
+            got.append(c.tokens)
+    assert got == expected

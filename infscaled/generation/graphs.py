@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from infscaled.generation.kv import PagedBatch, StageKV, pinned
+from infscaled.generation.kv import PAGE_TOKENS, PagedBatch, StageKV, pinned
 from infscaled.generation.paged_attention import check_backend, default_backend
 from infscaled.worker.graphs import capture
 
@@ -150,3 +150,99 @@ class DecodeStep:
             return
         b.graph, b.out = graph, out
         log.info("decode step of %d rows x %d pages captured as a CUDA graph", key[0], key[1])
+
+
+PREFILL_GRAPH_TOKENS = 2048  # the most padded tokens (rows x columns) of a prefill replayed from a graph
+
+
+class PrefillStep:
+    """One stage's prefill micro-batches (whole prompts, or a prompt's first chunk) replayed from
+    CUDA graphs, where that can be done.
+
+    Why: an eager prefill is launch-bound. Measured on the H200 (BENCHMARKS.md section 22) a
+    1 x 128-token prefill of llama-3b is 3.5-5.3 ms of kernels behind 33 ms of host time (570 to
+    1,240 launches from Python, compiled or not), and every running sequence waits through it.
+
+    What is replayed: a micro-batch with no past (every row starts at position 0) whose rows and
+    columns, rounded up to powers of two (`bucket`, columns at least a page), stay within
+    PREFILL_GRAPH_TOKENS, on a stage whose decoder layers all run the fused prefill
+    (models/families/fused_decode.py): its operations depend on the shape alone. A bucket holds
+    a static input buffer and a static `PagedBatch` (`static_prefill`: where each real position's
+    keys and values go, padding to the scratch page; each row's last real column for the head);
+    its host mask is all ones, so the attention is causal without a mask, which right padding
+    keeps exact for the real positions. Like decode buckets: the first micro-batch of a bucket
+    runs eagerly on the static tensors, the second captures, later ones replay; a failed capture
+    leaves the bucket eager. Everything else (later chunks, prompt log-probabilities, other
+    families, CPU stages) runs eagerly (the caller's path).
+    """
+
+    def __init__(self, stage: torch.nn.Module, kv: StageKV, device: torch.device, input_key: str, max_rows: int,
+                 graphs: bool, max_graphs: int = 24) -> None:
+        self.stage, self.kv, self.device, self.input_key = stage, kv, device, input_key
+        self.max_rows, self.max_graphs = max_rows, max_graphs
+        layers = [u for u in getattr(stage, "units", []) if hasattr(u, "fuse_projections")]
+        self.fused = bool(layers) and all("_fused" in u.__dict__ for u in layers)
+        self.graphs = graphs and device.type == "cuda" and self.fused
+        self.replays = 0
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._pool: Any = None
+        self._capture_stream: Any = None
+
+    def key(self, rows: int, columns: int, past: bool, last_logits: bool) -> tuple[int, int] | None:
+        """The bucket of a micro-batch of `rows` x `columns` (padded), or None: run it eagerly."""
+        if not self.graphs or past or not last_logits or rows > self.max_rows or columns > PREFILL_GRAPH_TOKENS:
+            return None
+        key = (bucket(rows, self.max_rows), max(PAGE_TOKENS, bucket(columns, PREFILL_GRAPH_TOKENS)))
+        if key[0] * key[1] > PREFILL_GRAPH_TOKENS:
+            return None
+        if key not in self._buckets and len(self._buckets) >= self.max_graphs:
+            return None
+        return key
+
+    def step(self, key: tuple[int, int], x: torch.Tensor, seqs: list[int], lengths: list[int],
+             reserves: list[int]) -> dict[str, torch.Tensor]:
+        """Admit `seqs` (kv.admit, as StageKV.prefill does) and run their prompts x (host input
+        [n, T] ids or [n, T, D] hidden) in bucket `key`; outputs for the real rows (and columns)."""
+        n, t = x.shape[:2]
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(PagedBatch.static_prefill(self.kv, *key))
+        self.kv.admit(seqs, lengths, reserves, [0] * n)
+        b.batch.load_prefill(seqs, lengths)
+        if b.x is None:
+            b.x = torch.zeros((key[0], key[1], *x.shape[2:]), dtype=x.dtype, device=self.device)
+        b.x.zero_()
+        b.x[:n, :t].copy_(pinned(x) if x.device.type == "cpu" else x, non_blocking=True)
+        b.steps += 1
+        if b.graph is None and not b.eager and b.steps >= 2:
+            self._capture(b, key)
+        if b.graph is not None:
+            b.graph.replay()
+            self.replays += 1
+            out = b.out
+        else:
+            out = self.stage(self._act(b), b.batch)
+        assert out is not None
+        self.kv.store(seqs, b.batch)
+        return {"hidden": out["hidden"][:n, :t]} if "hidden" in out else {"output": out["output"][:n]}
+
+    def _act(self, b: _Bucket) -> dict[str, torch.Tensor]:
+        assert b.x is not None
+        # All ones on the host: nothing is padded as far as the units can tell, so the attention
+        # is causal without a mask (exact for right padding); the head reads b.batch.last_index.
+        return {self.input_key: b.x, "attention_mask": torch.ones(b.x.shape[:2], dtype=torch.int64)}
+
+    def _capture(self, b: _Bucket, key: tuple[int, int]) -> None:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._capture_stream = torch.cuda.Stream(self.device)
+        try:
+            graph, out = capture(lambda: self.stage(self._act(b), b.batch), torch.cuda.current_stream(self.device),
+                                 self._capture_stream, self._pool)
+        except Exception:  # noqa: BLE001 - a graph is an optimisation: fall back to eager, loudly
+            log.warning("prefill of %d rows x %d tokens: CUDA graph capture failed; this shape runs eagerly",
+                        key[0], key[1], exc_info=True)
+            b.eager = True
+            return
+        b.graph, b.out = graph, out
+        log.info("prefill of %d rows x %d tokens captured as a CUDA graph", key[0], key[1])

@@ -104,6 +104,9 @@ class PagedBatch:
         # prefill: the last stage needs next-token logits only (no prompt log-probabilities asked):
         # the head then runs on each row's last real position (models/families/llama.py LlamaHead).
         self.last_logits = False
+        # A static prefill batch (generation/graphs.py PrefillStep): each row's last real column on
+        # the device, as the head reads it inside a replayed graph (its host mask is all ones).
+        self.last_index: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # decode: [B] int64, where each new token goes
         self.table: torch.Tensor | None = None  # decode (and prefill with past): [B, P] int64 page ids
         self._write: tuple[torch.Tensor, ...] | None = None  # prefill: rows, cols, pages, offsets
@@ -187,10 +190,8 @@ class PagedBatch:
             mask = self._masks[key] = to_device_no_sync(mask.unsqueeze(1), self.kv.device)
         return mask
 
-    def _prefill_index(self, seq_ids: Sequence[int]) -> None:
-        """Where each real position of the chunk goes: (row, column) of the padded batch -> (page,
-        offset) of position starts[row] + column. Built in numpy: a Python loop per token took tens
-        of ms for 64 prompts of 512. With past, also the rows' page tables (for `update`'s gather)."""
+    def _write_arrays(self, seq_ids: Sequence[int]) -> tuple[np.ndarray, ...]:
+        """(rows, cols, pages, offsets) of the chunk's real positions, in numpy."""
         kv = self.kv
         lengths = np.asarray(self.lengths, dtype=np.int64)
         rows = np.repeat(np.arange(len(seq_ids), dtype=np.int64), lengths)
@@ -199,7 +200,41 @@ class PagedBatch:
                                 for s, a, n in zip(seq_ids, self.starts, self.lengths, strict=True)]
                                or [np.zeros(0, np.int64)])
         offsets = (cols + np.repeat(np.asarray(self.starts, dtype=np.int64), lengths)) % PAGE_TOKENS
-        self._write = tuple(to_device_no_sync(torch.from_numpy(x), kv.device) for x in (rows, cols, pages, offsets))
+        return rows, cols, pages, offsets
+
+    @classmethod
+    def static_prefill(cls, kv: StageKV, rows: int, tokens: int) -> PagedBatch:
+        """A prefill batch of fixed shape (rows x tokens, no past) whose index tensors stay where
+        they are (`load_prefill` fills them), for a prefill replayed from a CUDA graph."""
+        batch = cls(kv, decoding=False, lengths=[])
+        batch.static = True
+        batch.last_logits = True
+        batch._write = tuple(torch.zeros(rows * tokens, dtype=torch.int64, device=kv.device) for _ in range(4))
+        batch.last_index = torch.zeros(rows, dtype=torch.int64, device=kv.device)
+        return batch
+
+    def load_prefill(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
+        """A static prefill batch: point it at these admitted sequences' prompts (no past). Slots
+        beyond their real positions write the scratch page; rows beyond them read column 0."""
+        assert self._write is not None and self.last_index is not None
+        self.lengths, self.starts = list(lengths), [0] * len(lengths)
+        size = self._write[0].shape[0]
+        for target, real in zip(self._write, self._write_arrays(seq_ids), strict=True):
+            padded = np.zeros(size, dtype=np.int64)
+            padded[:len(real)] = real
+            if target is self._write[2]:
+                padded[len(real):] = self.kv.scratch_page
+            target.copy_(pinned(torch.from_numpy(padded)), non_blocking=True)
+        last = np.zeros(self.last_index.shape[0], dtype=np.int64)
+        last[:len(lengths)] = np.asarray(lengths, dtype=np.int64) - 1
+        self.last_index.copy_(pinned(torch.from_numpy(last)), non_blocking=True)
+
+    def _prefill_index(self, seq_ids: Sequence[int]) -> None:
+        """Where each real position of the chunk goes: (row, column) of the padded batch -> (page,
+        offset) of position starts[row] + column. Built in numpy: a Python loop per token took tens
+        of ms for 64 prompts of 512. With past, also the rows' page tables (for `update`'s gather)."""
+        kv = self.kv
+        self._write = tuple(to_device_no_sync(torch.from_numpy(x), kv.device) for x in self._write_arrays(seq_ids))
         if self.past:
             width = max(pages_for(a + n) for a, n in zip(self.starts, self.lengths, strict=True))
             table = np.full((len(seq_ids), width), kv.scratch_page, dtype=np.int64)
@@ -276,6 +311,14 @@ class StageKV:
         A row starting at 0 is admitted (its reservation's pages taken); a later chunk of a prompt
         continues a live sequence that has exactly `starts[i]` positions cached."""
         starts = list(starts) or [0] * len(seq_ids)
+        self.admit(seq_ids, lengths, reserves, starts)
+        batch = PagedBatch(self, decoding=False, lengths=lengths, starts=starts)
+        batch._prefill_index(seq_ids)
+        return batch
+
+    def admit(self, seq_ids: Sequence[int], lengths: Sequence[int], reserves: Sequence[int],
+              starts: Sequence[int]) -> None:
+        """`prefill`'s checks and page allocation (a static batch is loaded separately)."""
         new = []
         for s, n, r, a in zip(seq_ids, lengths, reserves, starts, strict=True):
             if a == 0 and s in self.length:
@@ -297,9 +340,6 @@ class StageKV:
         if owned:
             pages, index = to_device_no_sync(torch.tensor(owned, dtype=torch.int64).T.contiguous(), self.device)
             self.page_index[pages] = index
-        batch = PagedBatch(self, decoding=False, lengths=lengths, starts=starts)
-        batch._prefill_index(seq_ids)
-        return batch
 
     def check_decode(self, seq_ids: Sequence[int]) -> None:
         """Every one of these sequences has room for one more position (its reservation)."""

@@ -49,7 +49,7 @@ from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd, EdgeState
 from infscaled.engine.program import Program
 from infscaled.generation.gpu_sampling import PendingTokens, sample_async
-from infscaled.generation.graphs import DecodeStep
+from infscaled.generation.graphs import DecodeStep, PrefillStep
 from infscaled.generation.kv import PagedBatch, StageKV, to_device_no_sync
 from infscaled.generation.params import PromptLogprobs, Sampled
 from infscaled.generation.sampling import SequenceSampling, plain, prompt_logprobs, resume_sampling, sample_step
@@ -126,8 +126,11 @@ class GenerationStage(Program):
         self.first = node.stage == 0
         self.last = node.stage == self.stages - 1
         self.next_node = Node(node.stage + 1, node.replica) if not self.last else None
-        self.decoder = DecodeStep(self.stage, self.kv, self.device, "input_ids" if self.first else "hidden",
-                                  self.plan.max_batch_sequences, graphs=self.cuda_graphs)
+        key = "input_ids" if self.first else "hidden"
+        self.decoder = DecodeStep(self.stage, self.kv, self.device, key, self.plan.max_batch_sequences,
+                                  graphs=self.cuda_graphs)
+        self.prefills = PrefillStep(self.stage, self.kv, self.device, key, self.plan.max_batch_sequences,
+                                    graphs=self.cuda_graphs)
 
     # -- engine hooks ----------------------------------------------------------------------------
 
@@ -320,14 +323,20 @@ class GenerationStage(Program):
     def _prefill(self, msg: gw.Prefill) -> None:
         """A prefill micro-batch: whole prompts, or chunks of them (rows with `starts`)."""
         seqs, lengths, starts = msg.seqs, msg.lengths, msg.row_starts()
-        kv = self.kv.prefill(seqs, lengths, [s.reserve for s in msg.specs], starts)
+        reserves = [s.reserve for s in msg.specs]
         # Prompt log-probabilities need every position's logits; otherwise the head computes each
         # row's next-token logits only (a long prompt's [T, V] logits are large).
-        kv.last_logits = not any(s.sampling.prompt_logprobs is not None for s in msg.specs)
-        act = {"input_ids" if self.first else "hidden": msg.x, "attention_mask": msg.attention_mask}
-        if any(starts):
-            act["position_ids"] = torch.tensor(starts).unsqueeze(1) + torch.arange(msg.x.shape[1])  # [n, T]
-        out = self._run(act, kv, seqs)
+        last_logits = not any(s.sampling.prompt_logprobs is not None for s in msg.specs)
+        key = self.prefills.key(len(seqs), msg.x.shape[1], any(starts), last_logits)
+        if key is not None:  # replayed from a CUDA graph (generation/graphs.py PrefillStep)
+            out = self._timed(seqs, lambda: self.prefills.step(key, msg.x, seqs, lengths, reserves))
+        else:
+            kv = self.kv.prefill(seqs, lengths, reserves, starts)
+            kv.last_logits = last_logits
+            act = {"input_ids" if self.first else "hidden": msg.x, "attention_mask": msg.attention_mask}
+            if any(starts):
+                act["position_ids"] = torch.tensor(starts).unsqueeze(1) + torch.arange(msg.x.shape[1])  # [n, T]
+            out = self._run(act, kv, seqs)
         if not self.last:
             self._send_next(gw.Prefill(msg.specs, out["hidden"], msg.attention_mask, starts=msg.starts))
             return

@@ -108,6 +108,16 @@ def next_token_only(ctx: Context) -> bool:
     return kv is not None and not kv.decoding and kv.last_logits
 
 
+def next_token_hidden(hidden: torch.Tensor, act: Activation, ctx: Context) -> torch.Tensor:
+    """hidden [B, T, D] at each row's last real token -> [B, D]: from a static prefill batch's
+    device index when there is one (a replayed graph's host mask says nothing), else the mask."""
+    kv = ctx.get("kv")
+    index = getattr(kv, "last_index", None) if kv is not None and not kv.decoding else None
+    if index is not None:
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+    return last_positions(hidden, act["attention_mask"])
+
+
 def last_positions(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """hidden [B, T, D] at each row's last real token (right padding) -> [B, D]; decided on the
     host when the mask is there (a CUDA stage keeps it in host memory), so no device sync."""

@@ -12,7 +12,7 @@ from infscaled.models.base import Activation, Context, Family, InputSpec, Unit
 from infscaled.models.families.common import (
     CompilableLayer,
     causal_context,
-    last_positions,
+    next_token_hidden,
     next_token_only,
     paged_kv_kwargs,
 )
@@ -56,7 +56,7 @@ class GPT2Head(Unit):
     def forward(self, act: Activation, ctx: Context) -> Activation:
         hidden = act["hidden"]
         if next_token_only(ctx):
-            hidden = last_positions(hidden, act["attention_mask"])  # [B, D]: next-token logits [B, V]
+            hidden = next_token_hidden(hidden, act, ctx)  # [B, D]: next-token logits [B, V]
         return {"output": self.lm_head(self.ln_f(hidden))}  # [B, T, V]
 
 

@@ -18,7 +18,7 @@ from infscaled.models.families import fused_decode
 from infscaled.models.families.common import (
     CompilableLayer,
     causal_mask,
-    last_positions,
+    next_token_hidden,
     next_token_only,
     paged_kv_kwargs,
     position_ids,
@@ -128,7 +128,7 @@ class LlamaHead(Unit):
     def forward(self, act: Activation, ctx: Context) -> Activation:
         hidden = act["hidden"]  # [B, T, D]
         if self.last or next_token_only(ctx):
-            hidden = last_positions(hidden, act["attention_mask"])  # [B, D]
+            hidden = next_token_hidden(hidden, act, ctx)  # [B, D]
         return {"output": self.lm_head(self.norm(hidden))}  # [B, T, V] or [B, V]
 
 
