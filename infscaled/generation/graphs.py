@@ -59,6 +59,19 @@ class _Bucket:
     out: dict[str, torch.Tensor] | None = None  # the graph's static outputs
     eager: bool = False  # capture failed: never try again
 
+    def run(self, capture: Any, forward: Any) -> tuple[dict[str, torch.Tensor], bool]:
+        """One step of this bucket: its first eager, `capture()` on the second, then replays;
+        the outputs and whether they came from a replay."""
+        self.steps += 1
+        if self.graph is None and not self.eager and self.steps >= 2:
+            capture()
+        if self.graph is not None:
+            self.graph.replay()
+            assert self.out is not None
+            return self.out, True
+        out: dict[str, torch.Tensor] = forward()
+        return out, False
+
 
 class DecodeStep:
     """Runs decode steps of one stage: `step(x, seqs)` with x the host input of the micro-batch
@@ -79,8 +92,7 @@ class DecodeStep:
         self.max_graphs = max_graphs if max_graphs is not None else (64 if self.attention == "triton" else 16)
         self.replays = 0  # steps served by a graph (reported in the stage's stats)
         self._buckets: dict[tuple[int, int], _Bucket] = {}
-        self._pool: Any = None
-        self._capture_stream: Any = None
+        self._graphs = _Captures(device)
 
     def step(self, x: torch.Tensor, seqs: list[int]) -> dict[str, torch.Tensor]:
         n = len(seqs)
@@ -98,16 +110,8 @@ class DecodeStep:
         b.x[:n].copy_(pinned(x) if x.device.type == "cpu" else x, non_blocking=True)
         if n < key[0]:
             b.x[n:].zero_()
-        b.steps += 1
-        if b.graph is None and not b.eager and b.steps >= 2:
-            self._capture(b, key)
-        if b.graph is not None:
-            b.graph.replay()
-            self.replays += 1
-            out = b.out
-        else:
-            out = self.stage(self._act(b.x, b.batch), b.batch)
-        assert out is not None
+        out, replayed = b.run(lambda: self._capture(b, key), lambda: self.stage(self._act(b.x, b.batch), b.batch))
+        self.replays += replayed
         self.kv.store(seqs, b.batch)
         return {k: v[:n] if isinstance(v, torch.Tensor) and v.shape[:1] == (key[0],) else v for k, v in out.items()}
 
@@ -137,19 +141,31 @@ class DecodeStep:
     def _capture(self, b: _Bucket, key: tuple[int, int]) -> None:
         x = b.x
         assert x is not None
+        self._graphs.capture(b, lambda: self.stage(self._act(x, b.batch), b.batch),
+                             f"decode step of {key[0]} rows x {key[1]} pages")
+
+
+class _Captures:
+    """A step kind's CUDA graphs: one memory pool and capture stream, made on first use."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pool: Any = None
+        self._stream: Any = None
+
+    def capture(self, b: _Bucket, forward: Any, what: str) -> None:
+        """Capture `forward()` as `b`'s graph; a failure logs a warning and leaves `b` eager for good."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-            self._capture_stream = torch.cuda.Stream(self.device)
+            self._stream = torch.cuda.Stream(self.device)
         try:
-            graph, out = capture(lambda: self.stage(self._act(x, b.batch), b.batch),
-                                 torch.cuda.current_stream(self.device), self._capture_stream, self._pool)
+            graph, out = capture(forward, torch.cuda.current_stream(self.device), self._stream, self._pool)
         except Exception:  # noqa: BLE001 - a graph is an optimisation: fall back to eager, loudly
-            log.warning("decode step of %d rows x %d pages: CUDA graph capture failed; this shape runs eagerly",
-                        key[0], key[1], exc_info=True)
+            log.warning("%s: CUDA graph capture failed; this shape runs eagerly", what, exc_info=True)
             b.eager = True
             return
         b.graph, b.out = graph, out
-        log.info("decode step of %d rows x %d pages captured as a CUDA graph", key[0], key[1])
+        log.info("%s captured as a CUDA graph", what)
 
 
 PREFILL_GRAPH_TOKENS = 2048  # the most padded tokens (rows x columns) of a prefill replayed from a graph
@@ -185,8 +201,7 @@ class PrefillStep:
         self.graphs = graphs and device.type == "cuda" and self.fused
         self.replays = 0
         self._buckets: dict[tuple[int, int], _Bucket] = {}
-        self._pool: Any = None
-        self._capture_stream: Any = None
+        self._graphs = _Captures(device)
 
     def key(self, rows: int, columns: int, past: bool, last_logits: bool) -> tuple[int, int] | None:
         """The bucket of a micro-batch of `rows` x `columns` (padded), or None: run it eagerly."""
@@ -213,16 +228,8 @@ class PrefillStep:
             b.x = torch.zeros((key[0], key[1], *x.shape[2:]), dtype=x.dtype, device=self.device)
         b.x.zero_()
         b.x[:n, :t].copy_(pinned(x) if x.device.type == "cpu" else x, non_blocking=True)
-        b.steps += 1
-        if b.graph is None and not b.eager and b.steps >= 2:
-            self._capture(b, key)
-        if b.graph is not None:
-            b.graph.replay()
-            self.replays += 1
-            out = b.out
-        else:
-            out = self.stage(self._act(b), b.batch)
-        assert out is not None
+        out, replayed = b.run(lambda: self._capture(b, key), lambda: self.stage(self._act(b), b.batch))
+        self.replays += replayed
         self.kv.store(seqs, b.batch)
         return {"hidden": out["hidden"][:n, :t]} if "hidden" in out else {"output": out["output"][:n]}
 
@@ -233,16 +240,5 @@ class PrefillStep:
         return {self.input_key: b.x, "attention_mask": torch.ones(b.x.shape[:2], dtype=torch.int64)}
 
     def _capture(self, b: _Bucket, key: tuple[int, int]) -> None:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-            self._capture_stream = torch.cuda.Stream(self.device)
-        try:
-            graph, out = capture(lambda: self.stage(self._act(b), b.batch), torch.cuda.current_stream(self.device),
-                                 self._capture_stream, self._pool)
-        except Exception:  # noqa: BLE001 - a graph is an optimisation: fall back to eager, loudly
-            log.warning("prefill of %d rows x %d tokens: CUDA graph capture failed; this shape runs eagerly",
-                        key[0], key[1], exc_info=True)
-            b.eager = True
-            return
-        b.graph, b.out = graph, out
-        log.info("prefill of %d rows x %d tokens captured as a CUDA graph", key[0], key[1])
+        self._graphs.capture(b, lambda: self.stage(self._act(b), b.batch),
+                             f"prefill of {key[0]} rows x {key[1]} tokens")
