@@ -105,3 +105,21 @@ def test_chunk_starts_travel_on_the_wire_and_bad_ones_are_refused() -> None:
     wire.tensors["starts"] = torch.tensor([4, 0])
     with pytest.raises(WireError, match="inconsistent"):
         gw.decode(wire)
+
+
+def test_prefill_chunk_tokens_reaches_the_plan_and_rejects_bad_values() -> None:
+    from infscaled.config import ConfigError, parse_job
+    from infscaled.planning.job import generation_plan
+    from infscaled.protocol.plan import plan_from_dict, plan_to_dict
+    from infscaled.runner.launcher import prepare
+
+    base = {"name": "g", "model": {"source": "builtin:llama-tiny"}, "pipeline": {"stages": 1}}
+    assert parse_job({**base, "generation": {}}).generation.prefill_chunk_tokens == 512  # type: ignore[union-attr]
+    cfg = parse_job({**base, "generation": {"prefill_chunk_tokens": 0}})
+    assert generation_plan(cfg).prefill_chunk_tokens == 0  # type: ignore[union-attr]
+    cfg = parse_job({**base, "generation": {"prefill_chunk_tokens": 64}})
+    plan = prepare(cfg).plan
+    assert plan_from_dict(plan_to_dict(plan)).generation.prefill_chunk_tokens == 64  # type: ignore[union-attr]
+    for bad in (-1, "64", 1.5, True):
+        with pytest.raises(ConfigError, match="generation.prefill_chunk_tokens"):
+            parse_job({**base, "generation": {"prefill_chunk_tokens": bad}})
