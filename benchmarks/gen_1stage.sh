@@ -4,6 +4,7 @@
 #   bash benchmarks/gen_1stage.sh OUTDIR "BATCH:LIVE:COMPILE ..."     e.g. "8:16:true 64:128:true"
 # Writes OUTDIR/run_BATCH_LIVE_COMPILE.json (the run summary) and prints its headline numbers.
 # REQ_PER_LIVE (default 4): requests per live sequence (16 makes the steady state dominate).
+# MBIF: the job's [generation] micro_batches_in_flight (absent: the default).
 # WARMUP_S: the job's [generation] warmup_s (decode buckets warmed before READY; absent: the default).
 set -u
 out=${1:-out/gen_1stage}
@@ -29,6 +30,7 @@ kv_budget_tokens = $((live * 272))
 prompt_tokens = 128
 output_tokens = 128
 ${WARMUP_S:+warmup_s = ${WARMUP_S}}
+${MBIF:+micro_batches_in_flight = ${MBIF}}
 [workload]
 requests = $((live * ${REQ_PER_LIVE:-4}))
 concurrency = ${live}
