@@ -190,3 +190,35 @@ def test_worker_death_fails_requests_with_its_name_and_leaves_no_process(tmp_pat
         job.stop()
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_request_posted_as_the_pipeline_fails_is_failed_not_left_waiting(tmp_path: Path) -> None:
+    """A submit that passed the failure check just before the failure was set posts its request
+    after the dispatcher's engine has stopped: it must fail (PipelineFailedError), not wait forever
+    (a closed-loop `infscaled run` then never ended after a worker died). Likewise a sequence."""
+    from infscaled.errors import PipelineFailedError
+    from infscaled.generation.params import SamplingParams
+
+    cfg = job_config(tmp_path, "late", {"source": "builtin:gpt2-tiny"}, {"stages": 1},
+                     {"samples": [1, 1], "seq_len": [4, 4]})
+    prepared = prepare(cfg)
+    with LocalJob(prepared) as job:
+        dispatcher = job.dispatcher
+        assert dispatcher is not None
+        dispatcher.fail("a worker died (test)")
+        assert dispatcher._stopped.wait(30)  # the loop is over (its threads may be joined for a while)
+        dispatcher._failure = None  # the failure check passed before the failure was set
+        late = job.submit(next(iter(requests_for(cfg.workload, prepared.spec, 1))))
+        assert isinstance(late.exception(timeout=5), PipelineFailedError)
+        dispatcher._failure = "a worker died (test)"
+    gen = parse_job({"name": "late-gen", "model": {"source": "builtin:llama-tiny"}, "pipeline": {"stages": 1},
+                     "generation": {}})
+    with LocalJob(prepare(gen)) as job:
+        seqs = job.generator
+        seqs.fail("a worker died (test)")
+        assert seqs._stopped.wait(30)
+        seqs._failure = None
+        got: list[tuple[bool, str | None]] = []
+        seqs.submit([1, 2, 3], SamplingParams(max_new_tokens=2), lambda t, done, err: got.append((done, err)))
+        assert got == [(True, "pipeline failed: the dispatcher has stopped")] and seqs.live() == 0
+        seqs._failure = "a worker died (test)"

@@ -78,7 +78,13 @@ class Batching(FrontEnd):
             self._queued += 1
             req = _Request(next(self._ids), x, Future(), time.monotonic() + self.request_timeout_s)
         self.engine.post(req)
+        self.posted()  # (a failure that raced this submit may have stopped the engine's loop)
         return req.future
+
+    def abandoned(self, item: object, reason: str) -> None:
+        if isinstance(item, _Request):
+            self._dequeued(1)
+            _resolve(item.future, exc=PipelineFailedError(reason))
 
     def inflight(self) -> int:
         """Micro-batches in the pipeline now."""

@@ -117,6 +117,7 @@ class FrontEnd(Program):
         self._draining = False  # compute thread: close requested, finish what is in flight
         self._outputs_closed = False
         self._ended = threading.Event()
+        self._stopped = threading.Event()  # the engine's loop is over: nothing posted is handled any more
         self._thread: threading.Thread | None = None
         self.engine_error: BaseException | None = None
         # Called (in its own thread) when an edge breaks. The supervisor usually knows the first
@@ -143,6 +144,28 @@ class FrontEnd(Program):
     @property
     def failure(self) -> str | None:
         return self._failure
+
+    def finish(self) -> None:
+        """The engine's loop is over, or ends now (a failure aborts it): see fail_unprocessed."""
+        self._stopped.set()
+        self.fail_unprocessed()
+
+    def posted(self) -> None:
+        """A submitter posted work: if the loop is over already, fail it (see fail_unprocessed)."""
+        if self._stopped.is_set():
+            self.fail_unprocessed()
+
+    def fail_unprocessed(self) -> None:
+        """Fail work posted to an engine whose loop is over (it stops at a failure or after a
+        close; its threads are joined for up to the edge timeout after that): its submitter would
+        wait for it forever. Called as the loop ends (`finish`) and by a submitter that finds it
+        over after posting (`posted`); each item is taken by one of them only."""
+        reason = f"pipeline failed: {self._failure or 'the dispatcher has stopped'}"
+        for item in self.engine.unprocessed():
+            self.abandoned(item, reason)
+
+    def abandoned(self, item: object, reason: str) -> None:
+        """A posted item the engine never handled (see fail_unprocessed)."""
 
     def fail(self, reason: str) -> None:
         """Fail everything queued and in flight (a worker died, an edge broke)."""

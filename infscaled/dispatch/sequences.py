@@ -161,7 +161,12 @@ class Sequences(FrontEnd):
             self._live_ids.add(seq.id)
             self._waiting_count += 1
         self.engine.post(seq)
+        self.posted()  # (a failure that raced this submit may have stopped the engine's loop)
         return seq.id
+
+    def abandoned(self, item: object, reason: str) -> None:
+        if isinstance(item, _Sequence):
+            self._end(item, fail=reason)
 
     def cancel(self, seq_id: int) -> None:
         """Drop a sequence (its consumer went away): its reservation and caches are freed."""

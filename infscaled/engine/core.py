@@ -221,6 +221,18 @@ class Engine:
         """Hand the program a local item (thread-safe): `Program.on_local` gets it on the compute thread."""
         self._inbox.put(_Local(item))
 
+    def unprocessed(self) -> list[object]:
+        """Once the compute loop has ended: take the local items posted that it never handled (any
+        thread; each item is returned once), so their owner can fail them rather than leave them waiting."""
+        items = []
+        while True:
+            try:
+                ev = self._inbox.get_nowait()
+            except queue.Empty:
+                return items
+            if isinstance(ev, _Local):
+                items.append(ev.item)
+
     def wake(self) -> None:
         """Make the compute thread call `Program.poll` soon (thread-safe)."""
         self._inbox.put(_Wake())
