@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from infscaled.generation.kv import gather_pages
+
 if TYPE_CHECKING:
     from infscaled.generation.kv import PagedBatch
 
@@ -139,11 +141,8 @@ def _triton_ok(head_dim: int) -> bool:
 def torch_decode(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor,
                  positions: torch.Tensor, scale: float, window: int) -> torch.Tensor:
     """The plain path: gather [B, Hkv, P * PAGE, Dh], mask, sdpa. -> [B, Hq, 1, Dh]."""
-    page = pool_k.shape[1]
-    b, p = table.shape
-    keys = pool_k[table].reshape(b, p * page, *pool_k.shape[2:]).transpose(1, 2)
-    values = pool_v[table].reshape(b, p * page, *pool_v.shape[2:]).transpose(1, 2)
-    j = torch.arange(p * page, device=table.device).unsqueeze(0)
+    keys, values = gather_pages(pool_k, table), gather_pages(pool_v, table)  # [B, Hkv, P * PAGE, Dh]
+    j = torch.arange(keys.shape[2], device=table.device).unsqueeze(0)
     last = positions.unsqueeze(1)  # [B, 1]
     allowed = j <= last
     if window:
