@@ -122,25 +122,10 @@ def decode_step(hidden: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor 
                 eps1: float, eps2: float, heads: int, kv_heads: int, head_dim: int, scale: float,
                 window: int) -> torch.Tensor:
     """hidden [B, 1, D] -> [B, 1, D]; writes the new key and value into the pools."""
-    b = hidden.shape[0]
-    residual = hidden
-    x = _rms_norm(hidden, norm1, eps1)
-    qkv_out = F.linear(x, qkv, qkv_bias)  # [B, 1, (Hq + 2 Hkv) Dh]
-    nq, nkv = heads * head_dim, kv_heads * head_dim
-    q = qkv_out[..., :nq].view(b, 1, heads, head_dim).transpose(1, 2)  # [B, Hq, 1, Dh]
-    k = qkv_out[..., nq:nq + nkv].view(b, 1, kv_heads, head_dim).transpose(1, 2)
-    v = qkv_out[..., nq + nkv:].view(b, 1, kv_heads, head_dim).transpose(1, 2)
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = (q * c) + (_rotate_half(q) * s)
-    k = (k * c) + (_rotate_half(k) * s)
+    q, k, v = _pre_attention(hidden, qkv, qkv_bias, norm1, cos, sin, eps1, heads, kv_heads, head_dim)
     write_decode_kv(pool_k, pool_v, table, positions, k, v)
     attn = attend_pages(backend, q, pool_k, pool_v, table, positions, page_index, scale, window)  # [B, 1, Hq, Dh]
-    hidden = residual + F.linear(attn.reshape(b, 1, nq), o)
-    residual = hidden
-    x = _rms_norm(hidden, norm2, eps2)
-    gu = F.linear(x, gate_up)
-    inter = gate_up.shape[0] // 2
-    return residual + F.linear(F.silu(gu[..., :inter]) * gu[..., inter:], down)
+    return _post_attention(hidden, attn.transpose(1, 2), o, gate_up, down, norm2, eps2)
 
 
 def prefill_step(f: FusedLayer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], paged: Any,
