@@ -7,6 +7,7 @@ else handles `Prefill`, `Decode`, `Tokens` and `Free` objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -31,9 +32,9 @@ class Prefill:
     def seqs(self) -> list[int]:
         return [s.seq for s in self.specs]
 
-    @property
+    @cached_property
     def lengths(self) -> list[int]:
-        """Per row, the chunk's tokens (the prompt when not chunked): its mask's ones."""
+        """Per row, the chunk's tokens (the prompt when not chunked): its mask's ones (counted once)."""
         return [int(n) for n in self.attention_mask.sum(dim=1).tolist()]
 
     def row_starts(self) -> list[int]:
@@ -114,13 +115,14 @@ def decode(wire: Message) -> GenMessage:
             if [s.seq for s in specs] != seqs:
                 raise WireError(f"prefill specs name sequences {[s.seq for s in specs]}, its table {seqs}")
             starts = [int(a) for a in t[g.STARTS].tolist()] if g.STARTS in t else []
-            lengths = t[g.MASK].sum(dim=1).tolist() if t[g.MASK].dim() == 2 else []
-            rows = zip(starts or [0] * len(specs), lengths, specs, strict=True)
-            if len(lengths) != len(specs) or starts and len(starts) != len(specs) or any(
+            msg = Prefill(specs, t[g.X], t[g.MASK], free, starts)
+            lengths = msg.lengths if msg.attention_mask.dim() == 2 else []
+            rows = zip(msg.row_starts(), lengths, specs, strict=True)
+            if len(lengths) != len(specs) or len(msg.row_starts()) != len(specs) or any(
                     a < 0 or a + n > s.prompt_len for a, n, s in rows):
                 raise WireError(f"prefill of {len(specs)} sequence(s): mask rows of {lengths} tokens, chunk starts "
-                                f"{starts or 'none'}, prompts of {[s.prompt_len for s in specs]} are inconsistent")
-            return Prefill(specs, t[g.X], t[g.MASK], free, starts)
+                                f"{msg.starts or 'none'}, prompts of {[s.prompt_len for s in specs]} are inconsistent")
+            return msg
         if wire.kind == MsgKind.DECODE:
             return Decode(seqs, t[g.X], free)
         if wire.kind == MsgKind.TOKENS:
