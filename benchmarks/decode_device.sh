@@ -55,10 +55,31 @@ for phase in ${PHASES:-tests gemm step gen}; do
         2>&1 | grep -vE "Warning|warn\(" | tee -a "$log" | tail -20
       ;;
     gen)
-      mkdir -p /tmp/gen
+      rm -rf /tmp/gen && mkdir -p /tmp/gen
       GEN_LOG=INFO RUN_TIMEOUT=${T_GEN:-240} bash benchmarks/gen_1stage.sh /tmp/gen "${GEN_CASES:-8:16:true 64:128:true}" 2>&1 | tee -a "$log"
       for f in /tmp/gen/run_*.json; do [ -f "$f" ] && cp "$f" "$OUT/gen_$(basename "$f")"; done
       for f in /tmp/gen/run_*.txt; do [ -f "$f" ] && cp "$f" "$OUT/gen_$(basename "$f")"; done
+      ;;
+    hostprof)
+      # Where the time of a step goes: one case of gen_1stage.sh (HOSTPROF_CASE "BATCH:LIVE",
+      # compile off; HOSTPROF_REQ requests per live sequence keep it serving) with the stage's GPU
+      # trace (INFSCALED_PROFILE_DIR: decode micro-batches 300-339, engine/profile.py) and the
+      # host sampled by py-spy (a wheel in .whl) for HOSTPROF_S seconds, every process and thread,
+      # from 3 s after the stage's decode warm-up ended.
+      rm -rf /tmp/hp && mkdir -p /tmp/hp
+      IFS=: read -r hb hl <<<"${HOSTPROF_CASE:-16:16}"
+      INFSCALED_PROFILE_DIR=$OUT GEN_LOG=INFO REQ_PER_LIVE=${HOSTPROF_REQ:-60} RUN_TIMEOUT=${T_HOSTPROF:-150} \
+        bash benchmarks/gen_1stage.sh /tmp/hp "$hb:$hl:false" >/tmp/hp/case.txt 2>&1 &
+      for _ in $(seq 120); do grep -qs "decode warm-up:" /tmp/hp/run_*.txt && break; sleep 1; done
+      sleep 3
+      pid=$(pgrep -f "infscaled.cli.* run /tmp/hp/job" | head -1)
+      timeout 60 /tmp/site/bin/py-spy record --pid "$pid" --subprocesses --threads -d "${HOSTPROF_S:-6}" -r 200 -f raw \
+        -o "$OUT/hostprof_raw.txt" 2>&1 | tail -2 | tee -a "$log"
+      python3 -m benchmarks.pyspy_summary "$OUT/hostprof_raw.txt" --min-samples 100 >"$OUT/hostprof.txt" 2>&1
+      wait
+      cat /tmp/hp/case.txt | tee -a "$log"
+      cp /tmp/hp/run_*.json "$OUT/hostprof_run.json" 2>/dev/null
+      [ -f "$OUT/stage-0.0.json" ] && python3 -m benchmarks.trace_summary "$OUT/stage-0.0.json" 2>&1 | tee -a "$log"
       ;;
   esac
   echo "phase $phase: $(( $(date +%s) - t0 )) s" | tee -a "$log"

@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="[pipeline] compile = true")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--kv-budget", type=int, default=400_000)
+    ap.add_argument("--micro-batches", type=int, default=0,
+                    help="[generation] micro_batches_in_flight (0: the default, one per stage)")
     ap.add_argument("--rates", default="2,4,8,12,16")
     ap.add_argument("--duration-s", type=float, default=30.0)
     ap.add_argument("--prompt-mean", type=float, default=512)
@@ -95,7 +97,8 @@ def main() -> None:
     cfg = parse_job({"name": "gen-poisson", "model": {"source": args.source, "dtype": args.dtype},
                      "pipeline": {"stages": 1, "cuda_graphs": True, "compile": args.compile},
                      "placement": {"devices": [args.device]},
-                     "generation": {"max_batch_sequences": args.max_batch, "kv_budget_tokens": args.kv_budget}},
+                     "generation": {"max_batch_sequences": args.max_batch, "kv_budget_tokens": args.kv_budget,
+                                    "micro_batches_in_flight": args.micro_batches}},
                     "gen_poisson.toml")
     prepared = prepare(cfg)
     vocab = prepared.spec.vocab_size

@@ -347,9 +347,9 @@ def run_infscaled(o: Opts, name: str, split: list[tuple[int, int]], replicas: li
                   out_dir: Path, inflight: int, profile: bool = False, gloo: bool = False,
                   graphs: bool = True) -> dict[str, Any]:
     from infscaled.config import parse_job
+    from infscaled.engine.profile import PROFILE_ENV
     from infscaled.runner.launcher import LocalJob, prepare
     from infscaled.worker.nccl import TRANSPORT_ENV
-    from infscaled.engine.programs.forward import PROFILE_ENV
 
     # The workers inherit these: a Chrome trace of 10 micro-batches per CUDA stage; gloo-only edges.
     if profile:

@@ -443,6 +443,48 @@ def test_seeded_sampling_through_the_pipeline_equals_the_single_process_referenc
     assert again.tokens == want[0]
 
 
+def test_a_one_stage_chain_running_ahead_ends_sequences_exactly() -> None:
+    """One stage launches step N + 1 before the host has step N's tokens (generation.py
+    `_run_ahead`): sequences that end by a stop token get no token past it, those that end by
+    length no more than they asked for, rows with penalties (sampled on the host) keep their tokens
+    in order next to rows that run ahead, and every cache is freed at the end."""
+    import asyncio
+
+    from infscaled.generation.reference import ReferenceBackend
+
+    cfg = gen_job("llama-tiny", 1, 1, max_batch_sequences=4)
+    reference = ReferenceBackend.from_source(cfg.model.source)
+    prompt = [5, 6, 7, 8, 9]
+    free_run = SamplingParams(max_new_tokens=12, temperature=0.0)
+
+    async def reference_tokens(prompts: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+        return [[t async for t in reference.generate(p, sp)] for p, sp in zip(prompts, params, strict=True)]
+
+    [unstopped] = asyncio.run(reference_tokens([prompt], [free_run]))
+    stop = unstopped[3]  # the sequence's 4th token: it ends there, mid-way through its micro-batches
+    params = [SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=(stop,)),
+              SamplingParams(max_new_tokens=9, temperature=0.0),
+              SamplingParams(max_new_tokens=10, temperature=0.0, repetition_penalty=1.5),
+              SamplingParams(max_new_tokens=1, temperature=0.0),
+              SamplingParams(max_new_tokens=7, temperature=0.9, top_k=20, seed=3)]
+    prompts = [prompt, [11, 12, 13], [21, 22, 23, 24], [31, 32], [41, 42, 43]]
+    want = asyncio.run(reference_tokens(prompts, params))
+    assert want[0] == unstopped[:unstopped.index(stop) + 1]
+    with LocalJob(prepare(cfg)) as job:
+        for _ in range(2):  # all at once, then again with the caches of the first round reused
+            got = [Collected() for _ in prompts]
+            for p, sp, c in zip(prompts, params, got, strict=True):
+                job.generator.submit(p, sp, c)
+            for c in got:
+                assert c.done.wait(60) and c.error is None
+            assert [c.tokens for c in got] == want
+        [handle] = job.group.handles.values()
+        wait_for(lambda: handle.stats is not None and (handle.stats.kv_sequences, handle.stats.kv_tokens,
+                                                        handle.stats.kv_reserved_tokens) == (0, 0, 0),
+                 "the stage to free every cache")
+        assert job.generator.live() == 0
+
+
 def test_a_workload_longer_than_the_context_is_refused_before_starting() -> None:
     from infscaled.errors import ConfigError
     from infscaled.runner.run import run_job

@@ -185,6 +185,9 @@ class SequenceSampling:
     """Tokens generated before this state existed whose ids it was not given (a replayed sequence
     that no penalty reads): counted towards max_new_tokens only. A replayed sequence whose
     sampling reads its history gets those tokens in `outputs` instead."""
+    ahead: int = 0
+    """Tokens sampled on the device whose values are not in `outputs` yet (a one-stage chain runs
+    a step ahead of the host: engine/programs/generation.py `_run_ahead`)."""
 
     @property
     def produced(self) -> int:

@@ -62,11 +62,11 @@ def generation_plan(cfg: JobConfig) -> GenerationPlan | None:
 
 
 def micro_batches_in_flight(cfg: JobConfig) -> int:
-    """generation.micro_batches_in_flight, else one per stage and at least 2: with one stage, a
-    second micro-batch is what the GPU runs while the host finishes the first one's tokens and
-    prepares its next step (engine/programs/generation.py)."""
+    """generation.micro_batches_in_flight, else one per stage: every stage has one to work on. A
+    one-stage chain needs no second one to keep its GPU busy while the host finishes a step's
+    tokens: it runs a step ahead (engine/programs/generation.py `_run_ahead`)."""
     assert cfg.generation is not None
-    return cfg.generation.micro_batches_in_flight or max(2, cfg.pipeline.stage_count)
+    return cfg.generation.micro_batches_in_flight or cfg.pipeline.stage_count
 
 
 def ports_needed(cfg: JobConfig) -> int:

@@ -18,7 +18,6 @@ ack; an in-edge's STOP is acknowledged through the same queue, after every earli
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ import torch
 
 from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd
+from infscaled.engine.profile import StepTrace
 from infscaled.engine.program import Program
 from infscaled.protocol.control import StageStats
 from infscaled.protocol.wire import DATA
@@ -35,11 +35,6 @@ from infscaled.worker.router import Router
 from infscaled.worker.transport import ACK, Ack, Message
 
 log = logging.getLogger(__name__)
-
-# INFSCALED_PROFILE_DIR=DIR: a CUDA stage records a torch profiler trace of micro-batches
-# PROFILE_FROM..PROFILE_FROM+PROFILE_COUNT-1 (steady state) to DIR/stage-<node>.json (Chrome trace).
-PROFILE_ENV = "INFSCALED_PROFILE_DIR"
-PROFILE_FROM, PROFILE_COUNT = 30, 10
 
 
 class ForwardStage(Program):
@@ -56,8 +51,7 @@ class ForwardStage(Program):
         self._done: queue.Queue[Any] = queue.Queue()  # CUDA: completions in compute order; None ends
         self._completer: threading.Thread | None = None
         self._enqueued = 0
-        self._profile_dir = os.environ.get(PROFILE_ENV)
-        self._profiler: Any = None
+        self._trace = StepTrace(30, 10)  # INFSCALED_PROFILE_DIR: engine/profile.py
         self._failed: BaseException | None = None
 
     def start(self) -> None:
@@ -110,8 +104,7 @@ class ForwardStage(Program):
     def _compute_cuda(self, end: EdgeEnd, msg: Message) -> None:
         """Enqueue one micro-batch on the compute stream; never waits for the GPU."""
         cuda = self.engine.cuda
-        if self._profile_dir:
-            self._profile_step()
+        self._trace.step(self.engine.node, self.device)
         requests = msg.tensors.pop(REQUESTS_KEY)
         act = msg.tensors
         stream = cuda.compute
@@ -167,23 +160,3 @@ class ForwardStage(Program):
         from dataclasses import replace
 
         return replace(base, graph_replays=self.graphs.replays)
-
-    def _profile_step(self) -> None:
-        """Diagnostics only (INFSCALED_PROFILE_DIR): start and stop a trace around a few micro-batches."""
-        n = self._enqueued
-        self._enqueued += 1
-        if n == PROFILE_FROM:
-            from torch.profiler import ProfilerActivity, profile
-
-            # GPU activity only: recording every CPU op would slow the launching thread and
-            # starve the GPU, so the trace would not show the steady state it is meant to show.
-            self._profiler = profile(activities=[ProfilerActivity.CUDA])
-            self._profiler.__enter__()
-        elif n == PROFILE_FROM + PROFILE_COUNT and self._profiler is not None:
-            torch.cuda.synchronize(self.device)
-            self._profiler.__exit__(None, None, None)
-            path = os.path.join(str(self._profile_dir), f"stage-{self.engine.node}.json")
-            self._profiler.export_chrome_trace(path)
-            self._profiler = None
-            log.warning("stage %s: profiler trace of micro-batches %d..%d written to %s", self.engine.node,
-                        PROFILE_FROM, PROFILE_FROM + PROFILE_COUNT - 1, path)

@@ -7,7 +7,8 @@ all stages see the same sequences in the same order, and frees travel down the c
 ahead of any later allocation. Sequences whose next token came back wait in `ready`; stage 0
 starts a decode micro-batch of up to max_batch_sequences of them whenever fewer than
 micro_batches_in_flight are in the loop, so sequences join and leave at every step and every
-stage has work. The last stage samples (generation.sampling.sample_next, each sequence with its
+stage has work (a one-stage chain launches its next step before the host has this one's tokens:
+`_run_ahead`). The last stage samples (generation.sampling.sample_next, each sequence with its
 own seeded generator), decides `done` (max_new_tokens or a stop id), frees its own cache of
 finished sequences, and sends the tokens to the dispatcher and round the loop.
 
@@ -47,6 +48,7 @@ import torch
 from infscaled.engine import genwire as gw
 from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd, EdgeState
+from infscaled.engine.profile import StepTrace
 from infscaled.engine.program import Program
 from infscaled.generation.gpu_sampling import PendingTokens, sample_async
 from infscaled.generation.graphs import DecodeStep, PrefillStep
@@ -78,6 +80,15 @@ class _Prompt:
         return self.spec.prompt_len - self.done
 
 
+@dataclass(frozen=True)
+class _OnDevice:
+    """A next input token still on the device: row `row` of a step's sampled `tokens` [n] (a
+    one-stage chain launches the next step before the host has the token; see `_run_ahead`)."""
+
+    tokens: torch.Tensor
+    row: int
+
+
 @dataclass
 class _Chain:
     """Stage 0's view of its chain (its live sequences are those its KV cache holds).
@@ -87,7 +98,7 @@ class _Chain:
     (`prefilling` holds it from admission to then), then decoding (`ready` while its next input
     token waits for a decode micro-batch), until its last token or a free."""
 
-    ready: dict[int, int] = field(default_factory=dict)  # sequence -> next input token
+    ready: dict[int, int | _OnDevice] = field(default_factory=dict)  # sequence -> next input token
     held: list[gw.Prefill] = field(default_factory=list)  # prefills waiting for KV room
     queue: list[_Prompt] = field(default_factory=list)  # admitted prompts not wholly sent, in order
     prefilling: set[int] = field(default_factory=set)  # admitted sequences whose first token is not back
@@ -119,6 +130,7 @@ class GenerationStage(Program):
         # and completes them in `poll` once their copy has landed: no blocking sync per step.
         self._pending: list[_Pending] = []
         self._began: Any = None  # the current step's start event (CUDA, last stage)
+        self._trace = StepTrace(300, 40)  # INFSCALED_PROFILE_DIR: engine/profile.py
 
     def attach(self, engine: object) -> None:
         super().attach(engine)  # type: ignore[arg-type]
@@ -126,6 +138,8 @@ class GenerationStage(Program):
         self.first = node.stage == 0
         self.last = node.stage == self.stages - 1
         self.next_node = Node(node.stage + 1, node.replica) if not self.last else None
+        # A one-stage chain runs one step ahead of the host: see `_run_ahead`.
+        self.ahead = 1 if self.first and self.last else 0
         key = "input_ids" if self.first else "hidden"
         self.decoder = DecodeStep(self.stage, self.kv, self.device, key, self.plan.max_batch_sequences,
                                   graphs=self.cuda_graphs)
@@ -219,13 +233,15 @@ class GenerationStage(Program):
             self._pending.clear()
             return None
         with torch.inference_mode():
-            while self._pending and self._pending[0].tokens.ready():
-                self._complete(self._pending.pop(0))
+            if not self.ahead:
+                while self._pending and self._pending[0].tokens.ready():
+                    self._complete(self._pending.pop(0))
             if self.first:
                 self._schedule()
-            if self._pending and not self._runnable():
-                # Nothing to launch until tokens come back: wait for the oldest micro-batch's copy
-                # (this event only; the GPU meanwhile runs the younger ones).
+            # Finish the oldest sampled micro-batch once nothing can be launched before it (waiting
+            # for its copy only; the GPU meanwhile runs the younger ones), or, running ahead, once a
+            # younger one is launched behind it: the host finishes step N while the GPU runs N + 1.
+            if self._pending and (not self._runnable() or self.ahead and len(self._pending) > 1):
                 self._complete(self._pending.pop(0))
                 if self.first:
                     self._schedule()
@@ -233,7 +249,7 @@ class GenerationStage(Program):
 
     def _runnable(self) -> bool:
         chain = self.chain
-        return self.first and (bool(chain.ready) and chain.inflight < self.plan.micro_batches_in_flight
+        return self.first and (bool(chain.ready) and chain.inflight < self.plan.micro_batches_in_flight + self.ahead
                                or bool(chain.queue) and self._prefill_turn())
 
     def _prefill_turn(self) -> bool:
@@ -287,10 +303,10 @@ class GenerationStage(Program):
         # At most one round of launches per call, so new messages (prefills, frees) get read in
         # between even when the loop is this process (one stage: tokens are back at once).
         for _ in range(self.plan.micro_batches_in_flight):
-            if not chain.ready or chain.inflight >= self.plan.micro_batches_in_flight:
+            if not chain.ready or chain.inflight >= self.plan.micro_batches_in_flight + self.ahead:
                 break
             seqs = list(chain.ready)[:self.plan.max_batch_sequences]
-            tokens = torch.tensor([[chain.ready.pop(s)] for s in seqs], dtype=torch.int64)  # [n, 1]
+            tokens = _inputs([chain.ready.pop(s) for s in seqs], self.device)  # [n, 1]
             chain.inflight += 1
             chain.prefill_turn = True
             self._decode(seqs, tokens)
@@ -308,14 +324,18 @@ class GenerationStage(Program):
             chain.held_since = now
         return now - chain.held_since < PREFILL_GATHER_S
 
-    def _tokens_back(self, msg: gw.Tokens) -> None:
+    def _tokens_back(self, msg: gw.Tokens, readied: bool = False) -> None:
+        """Stage 0: a micro-batch's tokens are back; with `readied` the sequences that go on are
+        in `ready` already (on the device, `_run_ahead`), and only the finished ones matter."""
         for s, tok, done in zip(msg.seqs, msg.tokens, msg.done, strict=True):
+            if done and readied:
+                self.chain.ready.pop(s, None)  # ended by a stop token: no next step after all
             if s not in self.kv.seqs:
                 continue  # freed (cancelled; or finished, with one stage) while its token was on the way
             self.chain.prefilling.discard(s)
             if done:
                 self._free([s])
-            else:
+            elif not readied:
                 self.chain.ready[s] = tok
 
     # -- compute ---------------------------------------------------------------------------------
@@ -381,6 +401,7 @@ class GenerationStage(Program):
         return self._timed(seqs, forward)
 
     def _timed(self, seqs: list[int], forward: object) -> dict[str, torch.Tensor]:
+        self._trace.step(self.engine.node, self.device)
         if self.last and self.device.type == "cuda":
             # No sync here: the step's GPU time is read from events when its tokens are back
             # (`_complete`), so the host can launch the next micro-batch meanwhile.
@@ -406,16 +427,34 @@ class GenerationStage(Program):
         if plain(params) and not (prompt_lps and any(prompt_lps)):
             # The common case: no host sync while the tokens come back (generation/gpu_sampling.py).
             tokens_on_the_way = sample_async(logits, params, [st.generator for st in states])
-            pending = _Pending(seqs, states, tokens_on_the_way, began, self._mark(began))
-            if pending.tokens.event is not None:
+            pending = _Pending(seqs, states, tokens_on_the_way, began, self._mark(began), readied=bool(self.ahead))
+            if self.ahead:
+                self._run_ahead(pending)
+            if pending.tokens.event is not None or self.ahead:
                 self._pending.append(pending)  # completed by `poll`, in order
                 return
             self._complete(pending)
             return
-        # penalties, logit bias, min_p, min_tokens or log-probabilities: generation/sampling.py
+        # penalties, logit bias, min_p, min_tokens or log-probabilities (generation/sampling.py):
+        # the host needs every earlier token of these rows first, so tokens stay in order.
+        while self._pending:
+            self._complete(self._pending.pop(0))
         tokens, sampled = sample_step(logits, states)
         self._count(seqs, began, self._mark(began))
         self._finish(seqs, states, tokens, sampled, prompt_lps)
+
+    def _run_ahead(self, pending: _Pending) -> None:
+        """One-stage chain: the sampled rows' next step may start before their tokens reach the host
+        (its input is read on the device), so the host finishes step N while the GPU runs step N + 1
+        instead of the GPU waiting for the host between steps. A row ready now is one that cannot
+        end by length with this token; one that ends by a stop token is found when its tokens are
+        back: it is freed then, and its row in the step already launched is dropped (`_finish`).
+        The stages' stream order makes that step's write into its freed pages land before any
+        later use of them."""
+        for i, (s, st) in enumerate(zip(pending.seqs, pending.states, strict=True)):
+            st.ahead += 1
+            if st.produced + st.ahead < st.params.max_new_tokens:
+                self.chain.ready[s] = _OnDevice(pending.tokens.device, i)
 
     def _mark(self, began: Any) -> Any:
         """A timing event recorded now, if the step began with one (the last stage on CUDA)."""
@@ -438,11 +477,18 @@ class GenerationStage(Program):
         self._count(pending.seqs, pending.began, pending.ended)
         for st, tok in zip(pending.states, tokens, strict=True):
             st.outputs.append(tok)
-        self._finish(pending.seqs, pending.states, tokens, [None] * len(tokens), None)
+            st.ahead -= pending.readied
+        self._finish(pending.seqs, pending.states, tokens, [None] * len(tokens), None, pending.readied)
 
     def _finish(self, seqs: list[int], states: list[SequenceSampling], tokens: list[int],
-                sampled: list[Sampled | None], prompt_lps: list[PromptLogprobs | None] | None) -> None:
-        """Done or not per sequence; the tokens to the dispatcher and round the loop."""
+                sampled: list[Sampled | None], prompt_lps: list[PromptLogprobs | None] | None,
+                readied: bool = False) -> None:
+        """Done or not per sequence; the tokens to the dispatcher and round the loop. Rows of
+        sequences freed meanwhile (cancelled, or ended while a step ran ahead) are dropped."""
+        live = [i for i, (s, st) in enumerate(zip(seqs, states, strict=True)) if self.samplers.get(s) is st]
+        if len(live) < len(seqs):
+            seqs, states, tokens, sampled = ([xs[i] for i in live] for xs in (seqs, states, tokens, sampled))
+            prompt_lps = [prompt_lps[i] for i in live] if prompt_lps is not None else None
         reported: list[list[Sampled | PromptLogprobs]] = []
         if prompt_lps is not None and any(prompt_lps) or any(sampled):
             lps = prompt_lps or [None] * len(seqs)
@@ -453,13 +499,14 @@ class GenerationStage(Program):
             done.append(finished)
             if finished:
                 self.kv.free([s])
-                self.samplers.pop(s, None)  # already gone if cancelled while its tokens were on the way
+                self.samplers.pop(s, None)
         out = gw.Tokens(seqs, tokens, done, reported)
-        self._send_to(DISPATCHER, out)
+        if seqs:
+            self._send_to(DISPATCHER, out)
         if self.first:  # one stage: the loop is this process
             self.chain.inflight -= 1
-            self._tokens_back(out)
-        else:
+            self._tokens_back(out, readied)
+        elif seqs:
             self._send_to(Node(0, self.engine.node.replica), gw.Tokens(seqs, tokens, done))  # no log-probs
 
     # -- sending ---------------------------------------------------------------------------------
@@ -493,6 +540,30 @@ class _Pending:
     tokens: PendingTokens
     began: Any  # torch.cuda.Event (timing) recorded before the step
     ended: Any  # and after its sampling: the step's GPU time, for the stage's stats
+    readied: bool = False  # its rows that go on are in `ready` already (`_run_ahead`)
+
+
+def _inputs(values: list[int | _OnDevice], device: torch.device) -> torch.Tensor:
+    """A decode micro-batch's input ids [n, 1] from the ready tokens: on the host when all of them
+    are there, else on the device, the host ones copied in and the others read from the steps
+    that sampled them (no host sync)."""
+    if all(isinstance(v, int) for v in values):
+        return torch.tensor(values, dtype=torch.int64).unsqueeze(1)
+    first = values[0]
+    if isinstance(first, _OnDevice) and len(values) == first.tokens.shape[0] and all(
+            isinstance(v, _OnDevice) and v.tokens is first.tokens and v.row == i for i, v in enumerate(values)):
+        return first.tokens.unsqueeze(1)  # the common case: the whole of one step's rows, in order
+    x = to_device_no_sync(torch.tensor([v if isinstance(v, int) else 0 for v in values], dtype=torch.int64), device)
+    sources: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, _OnDevice):
+            _, rows, picks = sources.setdefault(id(v.tokens), (v.tokens, [], []))
+            rows.append(i)
+            picks.append(v.row)
+    for tokens, rows, picks in sources.values():
+        x.index_copy_(0, to_device_no_sync(torch.tensor(rows), device),
+                      tokens.index_select(0, to_device_no_sync(torch.tensor(picks), device)))
+    return x.unsqueeze(1)
 
 
 def _admit(chain: _Chain, kv: StageKV) -> None:

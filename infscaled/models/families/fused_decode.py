@@ -13,7 +13,9 @@ contiguous), so memory does not grow and the transformers layer (prefill, the re
 the same numbers. `decode_step` is the layer's decode step written out on tensors only: the same
 operations as transformers' layer (RMSNorm, rotary, SiLU-gated MLP) in the same order, with the
 attention on the paged pools (generation/paged_attention.py `attend_pages`). Tensors only, so
-one `torch.compile`d graph serves every layer of a stage.
+one `torch.compile`d graph serves every layer of a stage. On CUDA the norms (with the residual add
+before the second), the rotary embedding with the key / value write, and the SiLU gating are one
+Triton kernel each (generation/triton_layer.py): the same numbers in a tenth of the launches.
 
 `prefill_step` is the same layer over a prompt (or a chunk of one): the same operations on
 [B, T, D], the keys and values written into the pages by the micro-batch's `PagedBatch.update`,
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infscaled.generation import triton_layer
 from infscaled.generation.kv import write_decode_kv
 from infscaled.generation.paged_attention import attend_pages
 
@@ -102,7 +105,10 @@ def fuse(layer: nn.Module, window: int) -> FusedLayer:
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # transformers' LlamaRMSNorm / Qwen2RMSNorm / MistralRMSNorm, operation for operation.
+    # transformers' LlamaRMSNorm / Qwen2RMSNorm / MistralRMSNorm, operation for operation (on
+    # CUDA one kernel: generation/triton_layer.py).
+    if triton_layer.usable(hidden):
+        return torch.ops.infscaled.rms_norm(hidden, weight, eps)  # type: ignore[no-any-return]
     dtype = hidden.dtype
     h = hidden.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)
@@ -122,6 +128,12 @@ def decode_step(hidden: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor 
                 eps1: float, eps2: float, heads: int, kv_heads: int, head_dim: int, scale: float,
                 window: int) -> torch.Tensor:
     """hidden [B, 1, D] -> [B, 1, D]; writes the new key and value into the pools."""
+    if triton_layer.usable(hidden):  # rotary and the key / value write as one kernel
+        qkv_out = F.linear(_rms_norm(hidden, norm1, eps1), qkv, qkv_bias)
+        q = torch.ops.infscaled.rotary_kv(qkv_out, cos, sin, pool_k, pool_v, table, positions, heads, kv_heads,
+                                          head_dim)
+        attn = attend_pages(backend, q, pool_k, pool_v, table, positions, page_index, scale, window)
+        return _post_attention(hidden, attn.transpose(1, 2), o, gate_up, down, norm2, eps2)
     q, k, v = _pre_attention(hidden, qkv, qkv_bias, norm1, cos, sin, eps1, heads, kv_heads, head_dim)
     write_decode_kv(pool_k, pool_v, table, positions, k, v)
     attn = attend_pages(backend, q, pool_k, pool_v, table, positions, page_index, scale, window)  # [B, 1, Hq, Dh]
@@ -170,7 +182,11 @@ def _post_attention(residual: torch.Tensor, attn: torch.Tensor, o: torch.Tensor,
                     down: torch.Tensor, norm2: torch.Tensor, eps2: float) -> torch.Tensor:
     """attn [B, Hq, T, Dh] -> the layer's output [B, T, D]: o product, residual, norm, gated MLP."""
     b, _, t, _ = attn.shape
-    hidden = residual + F.linear(attn.transpose(1, 2).reshape(b, t, -1), o)
+    out = F.linear(attn.transpose(1, 2).reshape(b, t, -1), o)
+    if triton_layer.usable(out):  # the residual add and the norm, then the gating, one kernel each
+        hidden, x = torch.ops.infscaled.add_rms_norm(out, residual, norm2, eps2)
+        return hidden + F.linear(torch.ops.infscaled.silu_mul(F.linear(x, gate_up)), down)
+    hidden = residual + out
     x = _rms_norm(hidden, norm2, eps2)
     gu = F.linear(x, gate_up)
     inter = gate_up.shape[0] // 2
