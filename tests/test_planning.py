@@ -387,13 +387,12 @@ def test_run_port_range_from_the_environment(monkeypatch: pytest.MonkeyPatch) ->
             run_port_range()
 
 
-def test_one_stage_generation_keeps_one_micro_batch_in_flight_unless_told() -> None:
-    """0 means one per stage: a one-stage chain keeps one micro-batch (it runs a step ahead instead
-    of alternating two halves, engine/programs/generation.py); the file's value wins."""
+def test_one_stage_generation_keeps_two_micro_batches_in_flight_unless_told() -> None:
+    """0 means one per stage, but at least 2 (planning/job.py says why); the file's value wins."""
     from infscaled.planning.job import generation_plan
 
     base = {"name": "g", "model": {"source": "builtin:llama-tiny"}, "pipeline": {"stages": 1},
             "generation": {"max_batch_sequences": 4}}
-    assert generation_plan(parse_job(base, "g.toml")).micro_batches_in_flight == 1  # type: ignore[union-attr]
-    base["generation"] = {"max_batch_sequences": 4, "micro_batches_in_flight": 2}
     assert generation_plan(parse_job(base, "g.toml")).micro_batches_in_flight == 2  # type: ignore[union-attr]
+    base["generation"] = {"max_batch_sequences": 4, "micro_batches_in_flight": 1}
+    assert generation_plan(parse_job(base, "g.toml")).micro_batches_in_flight == 1  # type: ignore[union-attr]
