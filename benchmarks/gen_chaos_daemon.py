@@ -1,7 +1,7 @@
 """Chaos for a generation job in daemon mode: random stage or dispatcher kills under Poisson load.
 
 A controller and one agent (subprocesses, the `infscaled` CLI) run builtin llama-tiny as 2 stages x
-2 replica chains with `[recovery]` on (attempts raised so that a minute of kills does not spend
+2 replica chains (`--stages`) with `[recovery]` on (attempts raised so that a minute of kills does not spend
 them). Requests arrive as a Poisson process through the controller's OpenAI routes: greedy
 completions (`ignore_eos`) of a few fixed prompts and lengths, streaming or not. Every
 `--kill-every` seconds a random ready stage replica, or (with `--dispatcher-share`) the dispatcher
@@ -45,9 +45,9 @@ name = "chaos-gen"
 [model]
 source = "builtin:llama-tiny"
 [pipeline]
-stages = 2
-replicas = [2, 2]
-graph = "parallel"
+stages = {stages}
+replicas = {replicas}
+{graph}
 [generation]
 kv_budget_tokens = 2048
 max_batch_sequences = 8
@@ -56,6 +56,12 @@ attempts = 100
 """
 PROMPTS = ["Hello pipeline", "go", "0123456789", "The quick brown fox", "once upon a time", "abc abc abc"]
 LENGTHS = (16, 32, 48)
+
+
+def job_file(stages: int) -> str:
+    """Two replica chains of `stages` stages (one stage: each chain is one process, whose decode
+    runs a step ahead of its host)."""
+    return JOB.format(stages=stages, replicas=[2] * stages, graph='graph = "parallel"' if stages > 1 else "")
 
 
 def free_port() -> int:
@@ -138,7 +144,8 @@ async def chaos(args: argparse.Namespace, url: str, expected: dict[tuple[str, in
     auth = {"Authorization": f"Bearer {TOKEN}"}
     rng = random.Random(args.seed)
     async with aiohttp.ClientSession(headers=auth) as http:
-        async with http.post(f"{url}/v1/jobs", data=JOB, headers={"Content-Type": "application/toml"}) as r:
+        job = job_file(args.stages)
+        async with http.post(f"{url}/v1/jobs", data=job, headers={"Content-Type": "application/toml"}) as r:
             job_id = (await r.json())["id"]
 
         async def job() -> dict[str, Any]:
@@ -214,7 +221,7 @@ async def chaos(args: argparse.Namespace, url: str, expected: dict[tuple[str, in
         final = await job()
         async with http.get(f"{url}/v1/jobs/{job_id}/metrics") as r:
             dispatcher = (await r.json())["dispatcher"] or {}
-    return {"duration_s": args.duration, "kill_every_s": args.kill_every, "rate": args.rate,
+    return {"stages": args.stages, "duration_s": args.duration, "kill_every_s": args.kill_every, "rate": args.rate,
             "stream_share": args.stream_share, "sent": len(outcomes),
             "counts": {k: kinds.count(k) for k in ("exact", "wrong", "error_event", "error_status",
                                                    "clean_truncated", "transport")},
@@ -227,6 +234,7 @@ async def chaos(args: argparse.Namespace, url: str, expected: dict[tuple[str, in
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--stages", type=int, default=2, help="stages per replica chain (2 chains)")
     ap.add_argument("--kill-every", type=float, default=5.0)
     ap.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
     ap.add_argument("--stream-share", type=float, default=0.75)

@@ -29,6 +29,7 @@ from infscaled.config import parse_job
 from infscaled.errors import TransportError
 from infscaled.models import inputs
 from infscaled.models.stage import Monolith
+from infscaled.planning.ports import PORTS_ENV
 from infscaled.protocol.plan import EdgePlan, JobPlan, Node, StagePlan, WorkerPlan, plan_from_dict, plan_to_dict
 from infscaled.protocol.wire import DATA
 from infscaled.runner.launcher import LocalJob, prepare
@@ -133,11 +134,16 @@ def test_an_edge_without_a_secret_or_with_another_jobs_secret_does_not_join() ->
     assert plan_from_dict(plan_to_dict(prepared_plan)).secret == prepared_plan.secret
 
 
-def test_a_serving_job_under_attack_on_its_data_ports(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    """Real workers: the stranger aims at every edge port of the plan from before start-up to
-    the end, including the new edges of a scale-up while serving (the serving worker 0.0
-    listens for its new peer meanwhile). Nothing is lost, every result is the monolith's, the
-    worker's descriptors stay bounded, refusals are logged once per (edge, reason)."""
+def test_a_serving_job_under_attack_on_its_data_ports(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real workers: the stranger aims at every port the job may take (its edge ports come from a
+    small range of its own), from before start-up to the end, so also at the new edges of a
+    scale-up while serving the moment they open (the serving worker 0.0 listens for its new peer
+    only while that peer starts: a fraction of a second with a warm start, which a stranger aimed
+    only once the new plan was seen could miss). Nothing is lost, every result is the monolith's,
+    the worker's descriptors stay bounded, refusals are logged once per (edge, reason)."""
+    first = 20100  # above the default pick range (10000-19999): no other test's edges land here
+    monkeypatch.setenv(PORTS_ENV, f"{first}-{first + 39}")
     cfg = parse_job({"name": "hostile-dp", "model": {"source": "builtin:gpt2-tiny"},
                      "pipeline": {"stages": 2, "replicas": [1, 1], "micro_batch_size": 4, "max_inflight": 6,
                                   "max_wait_ms": 1.0},
@@ -145,8 +151,9 @@ def test_a_serving_job_under_attack_on_its_data_ports(tmp_path: Path, capfd: pyt
     prepared = prepare(cfg)
     before = edgeauth.refused()
     requests = requests_for(cfg.workload, prepared.spec, 10_000)
+    assert all(first <= e.port < first + 40 for e in prepared.plan.edges)
     with Stranger() as stranger:
-        stranger.aim(e.port for e in prepared.plan.edges)
+        stranger.aim(range(first, first + 40))
         with LocalJob(prepared) as job, ClosedLoop(job.submit, requests, 10_000, 4) as load:
             _until(lambda: load.done() >= 20, "traffic under attack")
             for e in prepared.plan.edges:  # joined: a serving job's data ports are closed
@@ -158,7 +165,7 @@ def test_a_serving_job_under_attack_on_its_data_ports(tmp_path: Path, capfd: pyt
             scaling = threading.Thread(target=job.scale, args=(1, 2), daemon=True)
             scaling.start()
             _until(lambda: job.plan.epoch == 1, "the new epoch's plan")
-            stranger.aim(e.port for e in job.plan.edges)
+            assert all(first <= e.port < first + 40 for e in job.plan.edges)
             peak = fds_serving
             while scaling.is_alive():
                 peak = max(peak, w00.num_fds())
