@@ -484,7 +484,10 @@ class GenerationStage(Program):
                 sampled: list[Sampled | None], prompt_lps: list[PromptLogprobs | None] | None,
                 readied: bool = False) -> None:
         """Done or not per sequence; the tokens to the dispatcher and round the loop. Rows of
-        sequences freed meanwhile (cancelled, or ended while a step ran ahead) are dropped."""
+        sequences freed meanwhile (cancelled, or ended while a step ran ahead) are not sent to the
+        dispatcher; round the loop every micro-batch goes back whole (stage 0 counts it back in,
+        and skips the sequences it no longer holds)."""
+        every = seqs, tokens  # the micro-batch's rows, for the loop
         live = [i for i, (s, st) in enumerate(zip(seqs, states, strict=True)) if self.samplers.get(s) is st]
         if len(live) < len(seqs):
             seqs, states, tokens, sampled = ([xs[i] for i in live] for xs in (seqs, states, tokens, sampled))
@@ -506,8 +509,10 @@ class GenerationStage(Program):
         if self.first:  # one stage: the loop is this process
             self.chain.inflight -= 1
             self._tokens_back(out, readied)
-        elif seqs:
-            self._send_to(Node(0, self.engine.node.replica), gw.Tokens(seqs, tokens, done))  # no log-probs
+            return
+        ended = dict(zip(seqs, done, strict=True))  # a dropped row: stage 0 freed it already
+        self._send_to(Node(0, self.engine.node.replica),
+                      gw.Tokens(every[0], every[1], [ended.get(s, True) for s in every[0]]))  # no log-probs
 
     # -- sending ---------------------------------------------------------------------------------
 
