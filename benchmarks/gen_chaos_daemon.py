@@ -212,10 +212,11 @@ async def chaos(args: argparse.Namespace, url: str, expected: dict[tuple[str, in
             nxt = [t for t, o in outcomes if t > f["at_s"] and o["kind"] == "exact"]
             f["next_exact_answer_after_s"] = round(nxt[0] - f["at_s"], 2) if nxt else None
         leak: list[Any] = []
-        for _ in range(60):  # idle now: every stage's caches must come back to zero
+        for _ in range(60):  # idle now: every stage replica's caches must come back to zero
             async with http.get(f"{url}/v1/jobs/{job_id}/metrics") as r:
                 leak = [(s["node"], s["kv_sequences"]) for s in (await r.json())["stages"]]
-            if all(n == 0 for _, n in leak):
+            # (a replacement started by the last fault is listed once it has sent its first stats)
+            if len(leak) == 2 * args.stages and all(n == 0 for _, n in leak):
                 break
             await asyncio.sleep(0.5)
         final = await job()
