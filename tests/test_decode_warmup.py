@@ -57,8 +57,9 @@ def test_warmup_s_reaches_the_plan_and_rejects_bad_values() -> None:
     assert plan.generation is not None and plan.generation.warmup_s == 7.5
     assert plan_from_dict(plan_to_dict(plan)).generation == plan.generation
     older = plan_to_dict(plan)
-    older["generation"] = older["generation"][:5]  # type: ignore[index]  # a plan written before the key
-    assert plan_from_dict(older).generation == replace(plan.generation, warmup_s=GenerationPlan.warmup_s)
+    older["generation"] = older["generation"][:4]  # type: ignore[index]  # a plan written before the key
+    assert plan_from_dict(older).generation == replace(plan.generation, warmup_s=GenerationPlan.warmup_s,
+                                                       prefill_chunk_tokens=GenerationPlan.prefill_chunk_tokens)
     for bad, why in ((-1, "out of range"), (1e6, "out of range"), ("30", "expected a number"),
                      (True, "expected a number")):
         with pytest.raises(ConfigError, match=f"generation.warmup_s.*{why}"):

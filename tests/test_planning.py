@@ -356,6 +356,26 @@ def test_make_plan_carries_every_pipeline_key_it_is_given():
     assert {e.key for e in plan.edges} >= {"1.0->0.0", "1.1->0.1"}  # the decode loop of each chain
 
 
+def test_a_generation_plan_of_an_older_writer_keeps_its_fields() -> None:
+    """The generation fields travel as a list, each new one appended: a plan stored by an older
+    controller (4 fields, or 5 with the warm-up) reads as it was written, and a new one round-trips."""
+    from infscaled.protocol.plan import GenerationPlan, plan_from_dict, plan_to_dict
+
+    cfg = parse_job({"model": {"source": "builtin:llama-tiny"}, "pipeline": {"stages": 2},
+                     "generation": {"max_batch_sequences": 3, "prefill_chunk_tokens": 64, "warmup_s": 7.5}})
+    doc = plan_to_dict(make_plan(cfg, [(0, 1), (2, 3)], ["cpu"] * 2, list(range(6000, 6000 + ports_needed(cfg))),
+                                 "h"))
+    gen = plan_from_dict(doc).generation
+    assert gen is not None and (gen.prefill_chunk_tokens, gen.warmup_s) == (64, 7.5)
+    for fields, want in ((5, (GenerationPlan.prefill_chunk_tokens, 7.5)),
+                         (4, (GenerationPlan.prefill_chunk_tokens, GenerationPlan.warmup_s))):
+        older = plan_from_dict({**doc, "generation": doc["generation"][:fields]}).generation  # type: ignore[index]
+        assert older is not None
+        assert (older.max_batch_sequences, older.prefill_chunk_tokens, older.warmup_s) == (3, *want)
+    with pytest.raises(TypeError, match="generation: expected a list of 4 to 6 numbers"):
+        plan_from_dict({**doc, "generation": [1, 2, 3]})
+
+
 def test_make_plan_rejects_inconsistent_shapes():
     with pytest.raises(ValueError, match="2 stage ranges but 3"):
         _plan({"stages": 3, "replicas": [1, 1, 1]})

@@ -193,7 +193,7 @@ def plan_to_dict(plan: JobPlan) -> dict[str, object]:
         "generation": None if plan.generation is None else [
             plan.generation.kv_budget_tokens, plan.generation.max_batch_sequences,
             plan.generation.micro_batches_in_flight, plan.generation.default_max_new_tokens,
-            plan.generation.prefill_chunk_tokens, plan.generation.warmup_s],
+            plan.generation.warmup_s, plan.generation.prefill_chunk_tokens],
         "recovery": {"enabled": plan.recovery.enabled, "attempts": plan.recovery.attempts,
                      "backoff_s": plan.recovery.backoff_s, "heartbeat_timeout_s": plan.recovery.heartbeat_timeout_s},
     }
@@ -223,14 +223,16 @@ def plan_from_dict(d: dict[str, object]) -> JobPlan:
 
 def _generation(raw: object) -> GenerationPlan:
     """[kv_budget_tokens, max_batch_sequences, micro_batches_in_flight, default_max_new_tokens,
-    prefill_chunk_tokens, warmup_s]: integers, then the warm-up's seconds. A plan of an older
-    writer ends earlier; what it lacks takes GenerationPlan's defaults."""
+    warmup_s, prefill_chunk_tokens]: each field was appended when it came, so a plan of an older
+    writer (a controller's database, an agent of another version) ends earlier, and what it lacks
+    takes GenerationPlan's defaults (no warm-up field: 30 s; no chunk field: whole prompts, as
+    those writers prefilled)."""
     if not isinstance(raw, list) or not 4 <= len(raw) <= 6:
         raise TypeError(f"generation: expected a list of 4 to 6 numbers, got {raw!r}")
     kv_budget, rows, in_flight, new_tokens = (int(v) for v in raw[:4])
     return GenerationPlan(kv_budget, rows, in_flight, new_tokens,
-                          int(raw[4]) if len(raw) > 4 else GenerationPlan.prefill_chunk_tokens,
-                          float(raw[5]) if len(raw) > 5 else GenerationPlan.warmup_s)
+                          prefill_chunk_tokens=int(raw[5]) if len(raw) > 5 else GenerationPlan.prefill_chunk_tokens,
+                          warmup_s=float(raw[4]) if len(raw) > 4 else GenerationPlan.warmup_s)
 
 
 def _recovery(raw: object) -> Recovery:
