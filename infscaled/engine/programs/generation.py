@@ -328,8 +328,6 @@ class GenerationStage(Program):
         """Stage 0: a micro-batch's tokens are back; with `readied` the sequences that go on are
         in `ready` already (on the device, `_run_ahead`), and only the finished ones matter."""
         for s, tok, done in zip(msg.seqs, msg.tokens, msg.done, strict=True):
-            if done and readied:
-                self.chain.ready.pop(s, None)  # ended by a stop token: no next step after all
             if s not in self.kv.seqs:
                 continue  # freed (cancelled; or finished, with one stage) while its token was on the way
             self.chain.prefilling.discard(s)
@@ -427,7 +425,7 @@ class GenerationStage(Program):
         if plain(params) and not (prompt_lps and any(prompt_lps)):
             # The common case: no host sync while the tokens come back (generation/gpu_sampling.py).
             tokens_on_the_way = sample_async(logits, params, [st.generator for st in states])
-            pending = _Pending(seqs, states, tokens_on_the_way, began, self._mark(began), readied=bool(self.ahead))
+            pending = _Pending(seqs, states, tokens_on_the_way, began, self._mark(began))
             if self.ahead:
                 self._run_ahead(pending)
             if pending.tokens.event is not None or self.ahead:
@@ -477,8 +475,8 @@ class GenerationStage(Program):
         self._count(pending.seqs, pending.began, pending.ended)
         for st, tok in zip(pending.states, tokens, strict=True):
             st.outputs.append(tok)
-            st.ahead -= pending.readied
-        self._finish(pending.seqs, pending.states, tokens, [None] * len(tokens), None, pending.readied)
+            st.ahead -= self.ahead  # (running ahead, `_run_ahead` counted this token)
+        self._finish(pending.seqs, pending.states, tokens, [None] * len(tokens), None, bool(self.ahead))
 
     def _finish(self, seqs: list[int], states: list[SequenceSampling], tokens: list[int],
                 sampled: list[Sampled | None], prompt_lps: list[PromptLogprobs | None] | None,
@@ -501,8 +499,7 @@ class GenerationStage(Program):
             finished = st.produced >= st.params.max_new_tokens or tok in st.params.stop_token_ids
             done.append(finished)
             if finished:
-                self.kv.free([s])
-                self.samplers.pop(s, None)
+                self._free([s])  # (one stage: also out of `ready`, where running ahead put it)
         out = gw.Tokens(seqs, tokens, done, reported)
         if seqs:
             self._send_to(DISPATCHER, out)
@@ -545,7 +542,6 @@ class _Pending:
     tokens: PendingTokens
     began: Any  # torch.cuda.Event (timing) recorded before the step
     ended: Any  # and after its sampling: the step's GPU time, for the stage's stats
-    readied: bool = False  # its rows that go on are in `ready` already (`_run_ahead`)
 
 
 def _inputs(values: list[int | _OnDevice], device: torch.device) -> torch.Tensor:
