@@ -50,7 +50,6 @@ class ForwardStage(Program):
         self.graphs: Any = None
         self._done: queue.Queue[Any] = queue.Queue()  # CUDA: completions in compute order; None ends
         self._completer: threading.Thread | None = None
-        self._enqueued = 0
         self._trace = StepTrace(30, 10)  # INFSCALED_PROFILE_DIR: engine/profile.py
         self._failed: BaseException | None = None
 
