@@ -5,7 +5,7 @@ A controller and one agent (subprocesses, the `infscaled` CLI) run builtin llama
 them). Requests arrive as a Poisson process through the controller's OpenAI routes: greedy
 completions (`ignore_eos`) of a few fixed prompts and lengths, streaming or not. Every
 `--kill-every` seconds a random ready stage replica, or (with `--dispatcher-share`) the dispatcher
-service, gets SIGKILL.
+service, gets SIGKILL (a stage replica, with `--stop-share`, SIGSTOP instead: a hang).
 
 Every answer is classified (nothing is allowed to look like success unless it is one):
 - `exact`: finished, text equal to HF generate on the monolithic model (a fault-free run's tokens);
@@ -192,8 +192,10 @@ async def chaos(args: argparse.Namespace, url: str, expected: dict[tuple[str, in
             if not pool:
                 continue
             victim = rng.choice(pool)
-            os.kill(victim["pid"], signal.SIGKILL)
-            faults.append({"node": victim["node"], "at_s": round(time.monotonic() - t0, 2)})
+            sig = (signal.SIGSTOP if victim["node"] != "dispatcher" and rng.random() < args.stop_share
+                   else signal.SIGKILL)
+            os.kill(victim["pid"], sig)
+            faults.append({"node": victim["node"], "signal": sig.name, "at_s": round(time.monotonic() - t0, 2)})
         # Load goes on until the last fault is healed (or --heal-timeout passed), then stops.
         healed = time.monotonic() + args.heal_timeout
         await asyncio.sleep(1.0)
@@ -222,7 +224,8 @@ async def chaos(args: argparse.Namespace, url: str, expected: dict[tuple[str, in
         final = await job()
         async with http.get(f"{url}/v1/jobs/{job_id}/metrics") as r:
             dispatcher = (await r.json())["dispatcher"] or {}
-    return {"stages": args.stages, "duration_s": args.duration, "kill_every_s": args.kill_every, "rate": args.rate,
+    return {"stages": args.stages, "stop_share": args.stop_share, "duration_s": args.duration,
+            "kill_every_s": args.kill_every, "rate": args.rate,
             "stream_share": args.stream_share, "sent": len(outcomes),
             "counts": {k: kinds.count(k) for k in ("exact", "wrong", "error_event", "error_status",
                                                    "clean_truncated", "transport")},
@@ -240,6 +243,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson)")
     ap.add_argument("--stream-share", type=float, default=0.75)
     ap.add_argument("--dispatcher-share", type=float, default=0.3, help="share of kills aimed at the dispatcher")
+    ap.add_argument("--stop-share", type=float, default=0.0,
+                    help="share of stage-replica faults that are SIGSTOP (a hang its heartbeat reveals), not SIGKILL")
     ap.add_argument("--heal-timeout", type=float, default=240.0, help="after the last fault: wait for `running`")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/gen_chaos_daemon.json"))
