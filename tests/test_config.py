@@ -682,3 +682,15 @@ def test_generation_bad_values(tmp_path: Path) -> None:
     assert_parts(message, "generation.output_tokens = [9, 3]", "1 <= min <= max")
     message = load_error(tmp_path, with_pipeline("stages = 2", "[generation]\nkv_budget = 64"))
     assert_parts(message, "generation.kv_budget = 64", "did you mean 'kv_budget_tokens'?")
+    message = load_error(tmp_path, with_pipeline("stages = 2", "[generation]\nprefill_chunk_tokens = -1"))
+    assert_parts(message, "generation.prefill_chunk_tokens = -1", "allowed: an integer >= 0")
+    message = load_error(tmp_path, with_pipeline("stages = 2", '[generation]\nprefill_chunk_tokens = "512"'))
+    assert_parts(message, "generation.prefill_chunk_tokens = '512'", "expected an integer")
+
+
+def test_prefill_chunk_tokens_reaches_the_plan(tmp_path: Path) -> None:
+    from infscaled.planning.job import generation_plan
+
+    for text, want in (("", 512), ("prefill_chunk_tokens = 64", 64), ("prefill_chunk_tokens = 0", 0)):
+        cfg = load_job(write(tmp_path, with_pipeline("stages = 2", f"[generation]\n{text}")))
+        assert generation_plan(cfg).prefill_chunk_tokens == want  # type: ignore[union-attr]
