@@ -33,7 +33,7 @@ from infscaled.protocol.watch import (
     bottleneck_stage,
 )
 from infscaled.tui import format as fmt
-from infscaled.tui.app import TuiApp
+from infscaled.tui.app import BadFrame, LinkDown, LinkUp, SnapshotReady, TuiApp, WatchEvent
 from infscaled.tui.screens import ConfirmScreen, HelpScreen
 from infscaled.tui.views import JOB_COLUMNS, MAX_AGENT_ROWS, MAX_DEVICE_ROWS, JobsView
 from infscaled.tui.widgets import EdgeColumn, ReplicaCell, StageColumn, TextCell, cell_id
@@ -318,6 +318,28 @@ def test_link_states_events_once_and_the_stop_question() -> None:
             assert not [w for w in app.workers if w.group == "stop"]
 
     run(scenario())
+
+
+def test_feed_messages_arriving_while_the_app_closes_are_dropped() -> None:
+    """A snapshot, event or link change queued as the app shuts down (the user quits, or a test's
+    run_test ends, mid-stream) arrives when Textual has removed the views: it is dropped, not an
+    error that fails the shutdown (CI once failed on `No nodes match '#views'` here)."""
+    async def scenario() -> TuiApp:
+        async with fake_app() as (app, pilot, feed):
+            feed.sink.message(make_snapshot(make_job()))
+            await settle(pilot, lambda: app.snapshot)
+            assert not app.closing
+        return app
+
+    app = run(scenario())
+    assert app.closing
+    app.sink.message(make_snapshot(make_job(tick=1)))
+    app.on_snapshot_ready(SnapshotReady())
+    app.on_watch_event(WatchEvent(Event(9, 1001.0, "agent_joined", "agent a2 joined", agent="a2")))
+    app.on_link_down(LinkDown("controller closed the link", 1.0))
+    app.on_link_up(LinkUp("http://ctl:1/v1/watch"))
+    app.on_bad_frame(BadFrame("not JSON"))
+    assert app.connected and app.link_reason == "controller closed the link"
 
 
 NO_TORCH = r"""

@@ -164,10 +164,18 @@ class TuiApp(App[None]):
         return self.query_one("#views", TabbedContent).active
 
     # -- what the subscription posts ---------------------------------------------------------
+    # The feed's messages can still be queued when the app closes: Textual dispatches them while
+    # it tears the screen down, when the views they draw on are gone (a snapshot arriving as the
+    # user quits). Each handler drops its message once the app has stopped running.
+
+    @property
+    def closing(self) -> bool:
+        """The app has begun to shut down (or never ran): its views may be gone."""
+        return not self.is_running or not self._link.is_attached
 
     def on_snapshot_ready(self, _: SnapshotReady) -> None:
         snap = self.sink.take()
-        if snap is None:
+        if snap is None or self.closing:
             return
         self.snapshot = snap
         self._snapshot_at = time.monotonic()
@@ -176,6 +184,8 @@ class TuiApp(App[None]):
         self._show_link()
 
     def on_watch_event(self, msg: WatchEvent) -> None:
+        if self.closing:
+            return
         key = (msg.event.seq, msg.event.time)
         if key in self._seen:
             return  # replayed after a reconnect: already in the log
@@ -186,20 +196,27 @@ class TuiApp(App[None]):
 
     def on_link_up(self, msg: LinkUp) -> None:
         self.connected = True
+        if self.closing:
+            return
         self.screen.remove_class("-disconnected")
         self.query_one(EventsView).note(f"connected to {self.controller}", "green")
         self._show_link()
 
     def on_link_down(self, msg: LinkDown) -> None:
-        if self.connected or msg.reason != self.link_reason:
-            self.query_one(EventsView).note(f"disconnected: {msg.reason}", "red")
+        news = self.connected or msg.reason != self.link_reason
         self.connected = False
         self.link_reason = msg.reason
         self._retry_at = time.monotonic() + msg.retry_in_s
+        if self.closing:
+            return
+        if news:
+            self.query_one(EventsView).note(f"disconnected: {msg.reason}", "red")
         self.screen.add_class("-disconnected")
         self._show_link()
 
     def on_bad_frame(self, msg: BadFrame) -> None:
+        if self.closing:
+            return
         self.query_one(EventsView).note(f"ignored a bad frame: {msg.problem}", "yellow")
 
     # -- drawing -----------------------------------------------------------------------------
