@@ -1,14 +1,17 @@
 """Third-party clients against `infscaled serve`, unmodified: aiperf's load test (its own TTFT,
 inter-token latency and throughput, and the server's Prometheus histograms it scrapes from
-/metrics) and lm-eval's `local-completions` on two tiny local tasks (generate_until, and a
-multiple-choice one scored by loglikelihood, which needs the job's engine to report
-log-probabilities).
+/metrics), guidellm's Poisson-arrival run over streamed chat completions (it asks for vLLM's
+per-chunk usage, `stream_options.continuous_usage_stats`) and lm-eval's `local-completions` on
+two tiny local tasks (generate_until, and a multiple-choice one scored by loglikelihood, which
+needs the job's engine to report log-probabilities).
 
     python -m benchmarks.serve_clients [--job configs/jobs/llama-generate.toml] [--aiperf PATH]
-                                      [--requests 96] [--concurrency 8] [--out out/bench]
+                                      [--guidellm PATH] [--requests 96] [--concurrency 8]
+                                      [--rate 4] [--out out/bench]
 
-aiperf runs from its own environment (`--aiperf`, default: `aiperf` on PATH; skipped when
-absent), since it pins its own dependencies; lm-eval from this one. Writes serve_clients.json.
+aiperf and guidellm run from their own environments (`--aiperf`, `--guidellm`, default: on PATH;
+each skipped when absent), since they pin their own dependencies; lm-eval from this one.
+Writes serve_clients.json.
 """
 
 from __future__ import annotations
@@ -176,6 +179,38 @@ def run_aiperf(aiperf: str, served: Served, requests: int, concurrency: int, out
     }
 
 
+def run_guidellm(guidellm: str, served: Served, requests: int, rate: float, out: Path) -> dict[str, Any]:
+    """guidellm's Poisson profile at `rate` requests/s, `requests` streamed chat completions of 32
+    prompt and 32 output tokens (it sends ignore_eos and per-chunk usage)."""
+    artifacts = out / "guidellm"
+    shutil.rmtree(artifacts, ignore_errors=True)
+    artifacts.mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [guidellm, "run", "--backend", f"kind=openai_http,target={served.url},api_key={served.token}",
+           "--profile", f"kind=poisson,rate={rate:g}", "--constraint", f"kind=max_requests,count={requests}",
+           "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=32",
+           "--tokenizer", f"kind=hf_auto,model={TOKENIZER}", "--output", "kind=json",
+           "--disable-console-interactive"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=artifacts)
+    (out / "guidellm.log").write_text(run.stdout + run.stderr)
+    if run.returncode != 0:
+        raise RuntimeError(f"guidellm exited {run.returncode}; see {out / 'guidellm.log'}")
+    bench = json.loads((artifacts / "benchmarks.json").read_text())["benchmarks"][0]["metrics"]
+
+    def ok(name: str) -> dict[str, float]:
+        stats = bench[name]["successful"]
+        return {"mean": stats["mean"], "p50": stats["percentiles"]["p50"], "p99": stats["percentiles"]["p99"]}
+
+    totals = bench["request_totals"]
+    return {
+        "requests": requests, "rate_rps": rate, "input_tokens": 32, "output_tokens": 32,
+        "successful": totals["successful"], "errored": totals["errored"], "incomplete": totals["incomplete"],
+        "output_tokens_per_second": bench["output_tokens_per_second"]["successful"]["mean"],
+        "ttft_ms": ok("time_to_first_token_ms"), "itl_ms": ok("inter_token_latency_ms"),
+        "output_tokens_per_request": ok("output_token_count"),
+    }
+
+
 def run_lm_eval(served: Served, out: Path) -> dict[str, Any]:
     include = out / "lm_eval_tasks"
     tasks = write_lm_eval_tasks(include)
@@ -194,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", default="configs/jobs/llama-generate.toml")
     parser.add_argument("--aiperf", default=shutil.which("aiperf"), help="aiperf executable (its own venv)")
+    parser.add_argument("--guidellm", default=shutil.which("guidellm"), help="guidellm executable (its own venv)")
     parser.add_argument("--requests", type=int, default=96)
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=8, help="aiperf's concurrent requests")
+    parser.add_argument("--rate", type=float, default=4.0, help="guidellm's Poisson arrival rate, requests/s")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -208,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                 doc["server_histograms"] = scrape_histograms(served.url, served.model)
             else:
                 print("aiperf not found (pass --aiperf PATH): load test skipped")
+            if args.guidellm:
+                doc["guidellm"] = run_guidellm(args.guidellm, served, args.requests, args.rate, args.out)
+            else:
+                print("guidellm not found (pass --guidellm PATH): Poisson run skipped")
             doc["lm_eval"] = run_lm_eval(served, args.out)
         finally:
             served.stop()

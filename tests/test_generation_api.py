@@ -99,6 +99,40 @@ def test_completions_stream_and_not_agree_with_the_reference(model: Any) -> None
     asyncio.run(scenario())
 
 
+def test_continuous_usage_stats_gives_every_chunk_its_choice_usage_so_far(model: Any) -> None:
+    """vLLM's stream_options.continuous_usage_stats (guidellm sends it with every streamed request):
+    each chunk carries the usage of its choice so far, counting up to the choice's total; the
+    final usage-only chunk still comes with include_usage, and only then."""
+    async def scenario() -> None:
+        async with serve(ReferenceBackend(model)) as url, client(url) as api:
+            messages: Any = [{"role": "user", "content": "count with me"}]
+            prompt = len(TOK.apply_chat(messages))
+            kw: Any = dict(model="tiny", messages=messages, max_tokens=9, temperature=0.7, seed=11, n=2, stream=True,
+                           extra_body=NO_EOS)
+            _, chunks = await collect(await api.chat.completions.create(
+                **kw, stream_options={"include_usage": True, "continuous_usage_stats": True}))
+            *per_choice, final = chunks
+            assert final.choices == [] and final.usage is not None
+            assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (prompt, 18)
+            for index in (0, 1):
+                mine = [c for c in per_choice if c.choices[0].index == index]
+                seen = [c.usage.completion_tokens for c in mine]
+                assert seen[0] == 0 and mine[0].choices[0].delta.role == "assistant"
+                assert seen == sorted(seen) and seen[-1] == 9, seen
+                assert mine[-1].choices[0].finish_reason == "length"
+                assert all(c.usage.prompt_tokens == prompt and c.usage.total_tokens == prompt + c.usage.completion_tokens
+                           for c in mine)
+            # Per-chunk usage alone: no usage-only chunk at the end.
+            _, chunks = await collect(await api.completions.create(
+                model="tiny", prompt="Hello", max_tokens=5, temperature=0, stream=True,
+                stream_options={"continuous_usage_stats": True}, extra_body=NO_EOS))
+            assert all(c.choices for c in chunks) and chunks[-1].usage.completion_tokens == 5
+            counted = [c.usage.completion_tokens for c in chunks if c.choices[0].text]
+            assert counted and counted == sorted(set(counted)) and counted[-1] <= 5, counted
+
+    asyncio.run(scenario())
+
+
 def test_chat_with_a_seed_is_reproducible_streamed_or_not(model: Any) -> None:
     async def scenario() -> None:
         async with serve(ReferenceBackend(model)) as url, client(url) as api:
@@ -191,7 +225,8 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str]] = [
     # Known fields are type-checked even when not implemented, and never silently ignored.
     ({"presence_penalty": [[1]]}, "presence_penalty = [[1]]: must be a number from -2 to 2"),
     ({"response_format": {"type": "json_object"}}, "response_format = {'type': 'json_object'}: only"),
-    ({"stream_options": {"continuous_usage_stats": True}}, "stream_options.continuous_usage_stats = true: per-chunk"),
+    ({"stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation = true: stream obfusc"),
+    ({"stream_options": {"continuous_usage_stats": 1}}, "stream_options.continuous_usage_stats = 1: must be true or"),
     ({"max_tokens": 2.0}, "max_tokens = 2.0: must be an integer >= 1"),
     ({"temperature": True}, "temperature = True: must be a number from 0 to 2"),
 ]
@@ -219,7 +254,9 @@ def test_bad_requests_are_400s_with_our_messages(model: Any) -> None:
                 assert message in err.value.message, (extra, err.value.message)
                 assert isinstance(err.value.body, dict) and err.value.body["type"] == "invalid_request_error"
                 param = next(iter(extra))
-                assert err.value.param == (param if param != "stream_options" else "stream_options.continuous_usage_stats")
+                if param == "stream_options":
+                    param = f"stream_options.{next(iter(extra['stream_options']))}"
+                assert err.value.param == param
             # A backend without the sampling features (no `features`): each is a 400 naming its field.
             async with serve(PlainBackend(backend)) as plain_url, client(plain_url) as plain:
                 for extra in ({"presence_penalty": 0.5}, {"repetition_penalty": 1.2}, {"logit_bias": {"5": 10}},

@@ -39,6 +39,7 @@ from infscaled.generation.responses import (
     LogprobEntry,
     Outcome,
     Piece,
+    counts,
     sse,
 )
 from infscaled.generation.tokenizer import CHAT_ROLES, StreamDecoder, Tokenizer, describe_tokenizer
@@ -79,6 +80,8 @@ class GenerationRequest:
     n: int = 1
     echo: bool = False
     skip_special_tokens: bool = True  # the text leaves special tokens out (vLLM's extension and default)
+    # stream_options.continuous_usage_stats (vLLM's extension): every chunk carries its choice's usage so far.
+    chunk_usage: bool = False
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -199,8 +202,9 @@ def parse_request(kind: Kind, body: Any, tokenizer: Tokenizer, info: ModelInfo,
         if feature not in features:
             raise RequestError(400, f"{field_name} is not supported by this job's engine yet", param=field_name)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunk_usage = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     return GenerationRequest(kind, req.model or info.name, prompts, shared, bool(req.stream), include_usage, n, echo,
-                             req.skip_special_tokens is not False)
+                             req.skip_special_tokens is not False, chunk_usage)
 
 
 def error_response(exc: GenerationError) -> web.Response:
@@ -287,7 +291,7 @@ async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, prompt_
             logprobs: tuple[LogprobEntry, ...] = ()
             if isinstance(item, Sampled) and params.logprobs is not None:
                 logprobs = (LogprobEntry(entries.text(token), item.logprob, entries.top(item.top)),)
-            yield Piece(decoder.feed(token), logprobs)
+            yield Piece(decoder.feed(token), logprobs, outcome.completion_tokens)
             if decoder.stopped:
                 outcome.finish_reason = "stop"
                 break  # only the front end knows stop strings: cancel the rest
@@ -296,7 +300,7 @@ async def run_sequence(backend: GenerationBackend, tokenizer: Tokenizer, prompt_
         if outcome.finish_reason is None:
             outcome.finish_reason = "stop"  # the backend ended early (its own eos)
         if not decoder.stopped and (tail := decoder.flush()):
-            yield Piece(tail)
+            yield Piece(tail, (), outcome.completion_tokens)
     finally:
         aclose: Callable[[], Awaitable[None]] | None = getattr(tokens, "aclose", None)
         if aclose is not None:
@@ -502,7 +506,11 @@ async def _stream(request: web.Request, req: GenerationRequest, envelope: Envelo
     so a backend that refuses the sequence still gets its own status; an error after that is
     sent as an `error` event. Each choice ends with a chunk carrying its finish_reason."""
     resp = web.StreamResponse(headers=SSE_HEADERS)
-    usage = req.include_usage
+    usage = req.include_usage or req.chunk_usage  # chunks carry a "usage" key
+
+    def so_far(i: int, completion_tokens: int) -> dict[str, int] | None:
+        return counts(outcomes[i].prompt_tokens, completion_tokens) if req.chunk_usage else None
+
     offsets = [0] * len(outcomes)
     try:
         try:
@@ -510,14 +518,17 @@ async def _stream(request: web.Request, req: GenerationRequest, envelope: Envelo
                 if not resp.prepared:
                     await resp.prepare(request)
                     if envelope.kind == "chat":
-                        await resp.write(b"".join(sse(envelope.chunk(j, Piece(""), role=True, with_usage=usage))
+                        await resp.write(b"".join(sse(envelope.chunk(j, Piece(""), role=True, with_usage=usage,
+                                                                     usage=so_far(j, 0)))
                                                   for j in range(len(outcomes))))
                 if piece is None:
                     last = envelope.chunk(i, None if envelope.kind == "chat" else Piece(""),
-                                          outcomes[i].finish_reason, with_usage=usage)
+                                          outcomes[i].finish_reason, with_usage=usage,
+                                          usage=so_far(i, outcomes[i].completion_tokens))
                     await resp.write(sse(last))
                 elif piece.text or piece.logprobs:
-                    await resp.write(sse(envelope.chunk(i, piece, with_usage=usage, offset=offsets[i])))
+                    await resp.write(sse(envelope.chunk(i, piece, with_usage=usage, offset=offsets[i],
+                                                        usage=so_far(i, piece.completion_tokens))))
                     offsets[i] += len(piece.text)
         except GenerationError as exc:
             if not resp.prepared:
@@ -527,7 +538,7 @@ async def _stream(request: web.Request, req: GenerationRequest, envelope: Envelo
             return resp
         if not resp.prepared:
             await resp.prepare(request)
-        await resp.write((sse(envelope.usage_chunk(outcomes, prompt_tokens)) if usage else b"") + DONE)
+        await resp.write((sse(envelope.usage_chunk(outcomes, prompt_tokens)) if req.include_usage else b"") + DONE)
         await resp.write_eof()
     except ConnectionResetError:
         return _client_left(request, resp)

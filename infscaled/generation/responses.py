@@ -32,10 +32,12 @@ class LogprobEntry(NamedTuple):
 
 
 class Piece(NamedTuple):
-    """What one choice adds at a time: text, and the log-probabilities of the tokens behind it."""
+    """What one choice adds at a time: text, the log-probabilities of the tokens behind it, and
+    how many tokens the choice had generated when it was cut (per-chunk usage)."""
 
     text: str
     logprobs: tuple[LogprobEntry, ...] = ()
+    completion_tokens: int = 0
 
 
 @dataclass
@@ -57,9 +59,12 @@ class Outcome:
 
 def usage(prompt_tokens: int, outcomes: Sequence[Outcome]) -> dict[str, int]:
     """Each prompt counted once (however many choices it has), every choice's tokens."""
-    completion = sum(o.completion_tokens for o in outcomes)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+    return counts(prompt_tokens, sum(o.completion_tokens for o in outcomes))
+
+
+def counts(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def completion_logprobs(entries: Sequence[LogprobEntry], offset: int = 0) -> dict[str, Any]:
@@ -128,9 +133,11 @@ class Envelope(NamedTuple):
         return {**self._head(obj), "choices": choices, "usage": usage(prompt_tokens, outcomes)}
 
     def chunk(self, index: int, piece: Piece | None, finish_reason: FinishReason | None = None, *,
-              role: bool = False, with_usage: bool = False, offset: int = 0) -> dict[str, Any]:
+              role: bool = False, with_usage: bool = False, usage: dict[str, int] | None = None,
+              offset: int = 0) -> dict[str, Any]:
         """One streamed chunk of choice `index`; `role` marks chat's first one, `with_usage` adds
-        `"usage": null`; `offset` is the choice's text length so far (completions' text_offset)."""
+        `"usage": usage` (null unless per-chunk usage was asked for: `counts` of that choice so
+        far); `offset` is the choice's text length so far (completions' text_offset)."""
         entries = piece.logprobs if piece is not None else ()
         logprobs = self._logprobs(entries, offset) if entries else None
         if self.kind == "completion":
@@ -142,7 +149,7 @@ class Envelope(NamedTuple):
                 delta["content"] = piece.text
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         out = {**self._head(self.obj), "choices": [choice]}
-        return {**out, "usage": None} if with_usage else out
+        return {**out, "usage": usage} if with_usage else out
 
     def usage_chunk(self, outcomes: Sequence[Outcome], prompt_tokens: int) -> dict[str, Any]:
         return {**self._head(self.obj), "choices": [], "usage": usage(prompt_tokens, outcomes)}

@@ -37,7 +37,7 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: bool | None = _f("must be true or false")
-    continuous_usage_stats: bool | None = _f("must be true or false (true is not supported)")
+    continuous_usage_stats: bool | None = _f("must be true or false")
     include_obfuscation: bool | None = _f("must be true or false (true is not supported)")
 
 
@@ -144,8 +144,7 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "prompt_cache_key": ((None,), "prompt caching is not supported"),
     "safety_identifier": ((None,), "safety identifiers are not supported"),
 }
-_UNSUPPORTED_STREAM_OPTIONS = {"continuous_usage_stats": "per-chunk usage is not supported",
-                               "include_obfuscation": "stream obfuscation is not supported"}
+_UNSUPPORTED_STREAM_OPTIONS = {"include_obfuscation": "stream obfuscation is not supported"}
 _UNSUPPORTED_MESSAGE_FIELDS = {"name": "participant names are not supported",
                                "tool_calls": "tool calls are not supported",
                                "tool_call_id": "tool messages are not supported"}
