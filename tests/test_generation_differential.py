@@ -426,3 +426,39 @@ def test_paged_decode_logits_equal_the_models_own_forward(name: str, sources: di
                 assert diff < 1e-4, (f"SEED={SEED} {name}: sequence {s} (prompt {len(prompts[s])} tokens) at "
                                      f"position {len(tokens[s]) - 1}: logits differ by {diff:.2e}")
                 tokens[s].append(int(got.argmax()))
+
+
+def llama_like_configs() -> dict[str, tuple[Any, str]]:
+    """A tiny config of each model type that families/llama.py serves beyond Llama, Mistral and
+    Qwen2, each with what sets it apart: Qwen3's per-head q/k norms (with a sliding window on its
+    upper layers), Phi-3's fused projections with a partial rotary and one window for every
+    layer, OLMo-2's whole-projection q/k norms and post-norms, StarCoder2's LayerNorm, biased
+    GELU MLP and window, SmolLM3's layers without rotary."""
+    import transformers as hf
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  max_position_embeddings=256, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    return {
+        "qwen3": (hf.Qwen3Config(**common, head_dim=16, use_sliding_window=True, sliding_window=8,
+                                 max_window_layers=2), "Qwen3ForCausalLM"),
+        "phi3": (hf.Phi3Config(**common, sliding_window=8, partial_rotary_factor=0.5), "Phi3ForCausalLM"),
+        "olmo2": (hf.Olmo2Config(**common), "Olmo2ForCausalLM"),
+        "starcoder2": (hf.Starcoder2Config(**common, sliding_window=8), "Starcoder2ForCausalLM"),
+        "smollm3": (hf.SmolLM3Config(**common, no_rope_layer_interval=2), "SmolLM3ForCausalLM"),
+    }
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3"])
+def test_llama_like_families_equal_hf_generate(model_type: str, tmp_path: Path) -> None:
+    """Each further model type of the Llama adapter, saved as a user's directory, over two
+    stages with prompts in chunks of 16 (the windows of 8 are narrower than most prompts):
+    random concurrent greedy sequences equal HF generate's, token for token."""
+    config, cls_name = llama_like_configs()[model_type]
+    _save_model(tmp_path, config, cls_name)
+    case = Case(model_type, 2, 3, kv_budget_tokens=2048, prefill_chunk_tokens=16)
+    model = _reference(str(tmp_path))
+    work = Workload.draw(random.Random(f"{SEED}-{model_type}"), config.vocab_size, 8)
+    expected = [hf_greedy(model, p, n) for p, n in zip(work.prompts, work.new, strict=True)]
+    with _job(case, str(tmp_path)) as job:
+        check(case, work, expected, drive(job, work))
+        assert job.generator.live() == 0

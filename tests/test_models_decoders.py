@@ -1,4 +1,5 @@
-"""Decoder families (GPT-2, Llama, Mistral, Qwen2) cut into stages match the monolithic model.
+"""Decoder families (GPT-2, Llama, Mistral, Qwen2 and the Llama-like Qwen3, Phi-3, OLMo-2,
+StarCoder2, SmolLM3) cut into stages match the monolithic model.
 
 In-process, tiny configs, no worker processes. The reference is always the Hugging Face
 model's own forward on each request alone (unpadded), never numbers from a previous run.
@@ -109,6 +110,45 @@ def test_sliding_window_layers_match_monolith(model_type: str) -> None:
         config.layer_types = ["full_attention"] * config.num_hidden_layers
     unwindowed = Monolith(ResolvedModel("full", family_for_config(config), None), "cpu", "float32", SEED)
     assert not torch.allclose(alone(unwindowed.forward, requests[2]), results[2], **F32)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3"])
+def test_llama_like_model_types_match_monolith(model_type: str) -> None:
+    """The further model types of the Llama adapter (configs: test_generation_differential) cut
+    1-4 ways; their layers run as transformers' own, never the fused Llama step (which would
+    drop their q/k norms or mis-read their projections)."""
+    from test_generation_differential import llama_like_configs
+
+    from infscaled.models.families import fused_decode
+
+    config = llama_like_configs()[model_type][0]
+    resolved = ResolvedModel(f"like-{model_type}", family_for_config(config), None)
+    mono = Monolith(resolved, "cpu", "float32", SEED)
+    requests = make_requests(resolved)
+    for cuts in [(), (2,), (1, 3, -1)]:
+        results = run_pipeline(resolved, build_pipeline(resolved, cuts), requests)
+        for request, result in zip(requests, results, strict=True):
+            torch.testing.assert_close(result, alone(mono.forward, request), **F32)
+    assert not fused_decode.can_fuse(mono.model.model.layers[0])
+
+
+def test_llama_adapter_tables_agree() -> None:
+    """sources.LLAMA_LIKE (what resolves to the Llama adapter) names exactly the model types the
+    adapter has a class and a mask rule for; Llama's own layer fuses, an unknown type is refused."""
+    from transformers import LlamaConfig
+
+    from infscaled.errors import ModelError
+    from infscaled.models.families import fused_decode, llama
+    from infscaled.models.sources import LLAMA_LIKE
+
+    assert set(LLAMA_LIKE) == set(llama._CAUSAL_LM_CLASSES) == set(llama._MASK_RULES)
+    mono = Monolith(resolve("builtin:llama-tiny"), "cpu", "float32", SEED)
+    assert fused_decode.can_fuse(mono.model.model.layers[0])
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2)
+    config.model_type = "gemma"
+    with pytest.raises(ModelError, match="model_type 'gemma' is not supported; supported: .*qwen3"):
+        family_for_config(config)
 
 
 def test_input_spec() -> None:

@@ -15,13 +15,16 @@ from typing import Any
 from infscaled.errors import ModelError
 from infscaled.models.base import Family
 
+# The model types of families/llama.py (its class and mask tables; test_models_decoders checks), named
+# here without importing that module.
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "starcoder2", "smollm3")
+
 # transformers model_type -> module under infscaled.models.families and its class.
-# Mistral and Qwen2 share Llama's layer structure, so one adapter serves the family.
+# Mistral, Qwen2 and the others of families/llama.py share Llama's model structure, so one
+# adapter serves them.
 _HF_FAMILIES: dict[str, tuple[str, str]] = {
     "gpt2": ("gpt2", "GPT2Family"),
-    "llama": ("llama", "LlamaFamily"),
-    "mistral": ("llama", "LlamaFamily"),
-    "qwen2": ("llama", "LlamaFamily"),
+    **{model_type: ("llama", "LlamaFamily") for model_type in LLAMA_LIKE},
     "bert": ("bert", "BertFamily"),
     "resnet": ("resnet", "ResNetFamily"),
 }

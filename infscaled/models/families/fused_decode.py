@@ -62,7 +62,14 @@ class FusedLayer:
     window: int
 
 
+# The layers whose operations decode_step and prefill_step write out: any other layer (q/k
+# norms, post-norms, LayerNorm) runs as transformers' own, even where its projections look alike.
+FUSABLE_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
+
+
 def can_fuse(layer: nn.Module) -> bool:
+    if type(layer).__name__ not in FUSABLE_LAYERS:
+        return False
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return False

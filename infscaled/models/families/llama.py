@@ -1,5 +1,7 @@
-"""Llama, Mistral and Qwen2 (one layer structure):
-units = [embed (embed_tokens), decoder layer 0..n-1, head (norm + lm_head)].
+"""Decoders of Llama's model structure: Llama, Mistral, Qwen2, and Qwen3, Phi-3, OLMo-2,
+StarCoder2 and SmolLM3, whose transformers models differ from Llama's only inside the decoder
+layer (q/k norms, fused or biased projections, LayerNorm, no-rope layers), which runs as
+transformers' own: units = [embed (embed_tokens), decoder layer 0..n-1, head (norm + lm_head)].
 
 Rotary embeddings are parameter-free and needed by every layer, so the model's rotary
 module is a shared module; each stage computes (cos, sin) once per micro-batch.
@@ -24,16 +26,23 @@ from infscaled.models.families.common import (
     position_ids,
 )
 
-_CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
+                      "starcoder2": "Starcoder2ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+# How each model's own forward picks a layer's attention mask: from `config.layer_types`, one
+# mask for every layer (sliding when `config.sliding_window` is set, any `layer_types` ignored),
+# or always the full causal mask.
+_MASK_RULES = {"qwen2": "layer_types", "qwen3": "layer_types", "smollm3": "layer_types",
+               "mistral": "one", "phi3": "one", "starcoder2": "one", "llama": "full", "olmo2": "full"}
 
 
 def layer_attention_kinds(config: Any) -> list[str]:
     """Each layer's attention kind, chosen exactly as the transformers model's own forward chooses it."""
     n = config.num_hidden_layers
-    if config.model_type == "qwen2":
+    rule = _MASK_RULES[config.model_type]
+    if rule == "layer_types":
         return list(config.layer_types[:n])
-    if config.model_type == "mistral":
-        # MistralModel applies one mask to every layer and ignores any `layer_types`.
+    if rule == "one":
         return ["full_attention" if config.sliding_window is None else "sliding_attention"] * n
     return ["full_attention"] * n
 
