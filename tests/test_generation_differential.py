@@ -433,7 +433,8 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
     Qwen2, each with what sets it apart: Qwen3's per-head q/k norms (with a sliding window on its
     upper layers), Phi-3's fused projections with a partial rotary and one window for every
     layer, OLMo-2's whole-projection q/k norms and post-norms, StarCoder2's LayerNorm, biased
-    GELU MLP and window, SmolLM3's layers without rotary."""
+    GELU MLP and window, SmolLM3's layers without rotary, Gemma's scaled embedding, (1 + w) norms
+    and GELU gating."""
     import transformers as hf
 
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -445,10 +446,11 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
         "olmo2": (hf.Olmo2Config(**common), "Olmo2ForCausalLM"),
         "starcoder2": (hf.Starcoder2Config(**common, sliding_window=8), "Starcoder2ForCausalLM"),
         "smollm3": (hf.SmolLM3Config(**common, no_rope_layer_interval=2), "SmolLM3ForCausalLM"),
+        "gemma": (hf.GemmaConfig(**common, head_dim=16), "GemmaForCausalLM"),
     }
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma"])
 def test_llama_like_families_equal_hf_generate(model_type: str, tmp_path: Path) -> None:
     """Each further model type of the Llama adapter, saved as a user's directory, over two
     stages with prompts in chunks of 16 (the windows of 8 are narrower than most prompts):

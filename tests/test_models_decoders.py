@@ -1,5 +1,5 @@
 """Decoder families (GPT-2, Llama, Mistral, Qwen2 and the Llama-like Qwen3, Phi-3, OLMo-2,
-StarCoder2, SmolLM3) cut into stages match the monolithic model.
+StarCoder2, SmolLM3, Gemma) cut into stages match the monolithic model.
 
 In-process, tiny configs, no worker processes. The reference is always the Hugging Face
 model's own forward on each request alone (unpadded), never numbers from a previous run.
@@ -112,7 +112,7 @@ def test_sliding_window_layers_match_monolith(model_type: str) -> None:
     assert not torch.allclose(alone(unwindowed.forward, requests[2]), results[2], **F32)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma"])
 def test_llama_like_model_types_match_monolith(model_type: str) -> None:
     """The further model types of the Llama adapter (configs: test_generation_differential) cut
     1-4 ways; their layers run as transformers' own, never the fused Llama step (which would
@@ -146,8 +146,8 @@ def test_llama_adapter_tables_agree() -> None:
     assert fused_decode.can_fuse(mono.model.model.layers[0])
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2)
-    config.model_type = "gemma"
-    with pytest.raises(ModelError, match="model_type 'gemma' is not supported; supported: .*qwen3"):
+    config.model_type = "falcon"
+    with pytest.raises(ModelError, match="model_type .falcon. is not supported; supported: .*gemma.*qwen3"):
         family_for_config(config)
 
 

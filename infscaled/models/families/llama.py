@@ -1,7 +1,8 @@
 """Decoders of Llama's model structure: Llama, Mistral, Qwen2, and Qwen3, Phi-3, OLMo-2,
-StarCoder2 and SmolLM3, whose transformers models differ from Llama's only inside the decoder
-layer (q/k norms, fused or biased projections, LayerNorm, no-rope layers), which runs as
-transformers' own: units = [embed (embed_tokens), decoder layer 0..n-1, head (norm + lm_head)].
+StarCoder2, SmolLM3 and Gemma, whose transformers models differ from Llama's only inside their
+modules (q/k norms, fused or biased projections, LayerNorm, no-rope layers, a scaled
+embedding), which run as transformers' own:
+units = [embed (embed_tokens), decoder layer 0..n-1, head (norm + lm_head)].
 
 Rotary embeddings are parameter-free and needed by every layer, so the model's rotary
 module is a shared module; each stage computes (cos, sin) once per micro-batch.
@@ -28,12 +29,12 @@ from infscaled.models.families.common import (
 
 _CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                      "starcoder2": "Starcoder2ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+                      "starcoder2": "Starcoder2ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "gemma": "GemmaForCausalLM"}
 # How each model's own forward picks a layer's attention mask: from `config.layer_types`, one
 # mask for every layer (sliding when `config.sliding_window` is set, any `layer_types` ignored),
 # or always the full causal mask.
 _MASK_RULES = {"qwen2": "layer_types", "qwen3": "layer_types", "smollm3": "layer_types",
-               "mistral": "one", "phi3": "one", "starcoder2": "one", "llama": "full", "olmo2": "full"}
+               "mistral": "one", "phi3": "one", "starcoder2": "one", "llama": "full", "olmo2": "full", "gemma": "full"}
 
 
 def layer_attention_kinds(config: Any) -> list[str]:
