@@ -434,7 +434,7 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
     upper layers), Phi-3's fused projections with a partial rotary and one window for every
     layer, OLMo-2's whole-projection q/k norms and post-norms, StarCoder2's LayerNorm, biased
     GELU MLP and window, SmolLM3's layers without rotary, Gemma's scaled embedding, (1 + w) norms
-    and GELU gating."""
+    and GELU gating, Granite's four multipliers (two outside any module)."""
     import transformers as hf
 
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -447,10 +447,13 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
         "starcoder2": (hf.Starcoder2Config(**common, sliding_window=8), "Starcoder2ForCausalLM"),
         "smollm3": (hf.SmolLM3Config(**common, no_rope_layer_interval=2), "SmolLM3ForCausalLM"),
         "gemma": (hf.GemmaConfig(**common, head_dim=16), "GemmaForCausalLM"),
+        "granite": (hf.GraniteConfig(**common, embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                                     attention_multiplier=0.0625), "GraniteForCausalLM"),
     }
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma"])
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma",
+                                        "granite"])
 def test_llama_like_families_equal_hf_generate(model_type: str, tmp_path: Path) -> None:
     """Each further model type of the Llama adapter, saved as a user's directory, over two
     stages with prompts in chunks of 16 (the windows of 8 are narrower than most prompts):

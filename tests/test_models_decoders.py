@@ -1,5 +1,5 @@
 """Decoder families (GPT-2, Llama, Mistral, Qwen2 and the Llama-like Qwen3, Phi-3, OLMo-2,
-StarCoder2, SmolLM3, Gemma) cut into stages match the monolithic model.
+StarCoder2, SmolLM3, Gemma, Granite) cut into stages match the monolithic model.
 
 In-process, tiny configs, no worker processes. The reference is always the Hugging Face
 model's own forward on each request alone (unpadded), never numbers from a previous run.
@@ -112,7 +112,8 @@ def test_sliding_window_layers_match_monolith(model_type: str) -> None:
     assert not torch.allclose(alone(unwindowed.forward, requests[2]), results[2], **F32)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma"])
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma",
+                                        "granite"])
 def test_llama_like_model_types_match_monolith(model_type: str) -> None:
     """The further model types of the Llama adapter (configs: test_generation_differential) cut
     1-4 ways; their layers run as transformers' own, never the fused Llama step (which would

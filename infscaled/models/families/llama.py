@@ -1,7 +1,8 @@
 """Decoders of Llama's model structure: Llama, Mistral, Qwen2, and Qwen3, Phi-3, OLMo-2,
-StarCoder2, SmolLM3 and Gemma, whose transformers models differ from Llama's only inside their
-modules (q/k norms, fused or biased projections, LayerNorm, no-rope layers, a scaled
-embedding), which run as transformers' own:
+StarCoder2, SmolLM3, Gemma and Granite, whose transformers models differ from Llama's only
+inside their modules (q/k norms, fused or biased projections, LayerNorm, no-rope layers, a
+scaled embedding), which run as transformers' own, and for Granite in two constants the embed
+and head units apply (`embedding_multiplier`, `logits_divisor`):
 units = [embed (embed_tokens), decoder layer 0..n-1, head (norm + lm_head)].
 
 Rotary embeddings are parameter-free and needed by every layer, so the model's rotary
@@ -29,12 +30,24 @@ from infscaled.models.families.common import (
 
 _CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                      "starcoder2": "Starcoder2ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "gemma": "GemmaForCausalLM"}
+                      "starcoder2": "Starcoder2ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
+                      "gemma": "GemmaForCausalLM", "granite": "GraniteForCausalLM"}
 # How each model's own forward picks a layer's attention mask: from `config.layer_types`, one
 # mask for every layer (sliding when `config.sliding_window` is set, any `layer_types` ignored),
 # or always the full causal mask.
 _MASK_RULES = {"qwen2": "layer_types", "qwen3": "layer_types", "smollm3": "layer_types",
-               "mistral": "one", "phi3": "one", "starcoder2": "one", "llama": "full", "olmo2": "full", "gemma": "full"}
+               "mistral": "one", "phi3": "one", "starcoder2": "one", "llama": "full", "olmo2": "full", "gemma": "full",
+               "granite": "full"}
+
+
+def embedding_multiplier(config: Any) -> float:
+    """What the model's forward multiplies the embeddings by outside any module (Granite's)."""
+    return float(config.embedding_multiplier) if config.model_type == "granite" else 1.0
+
+
+def logits_divisor(config: Any) -> float:
+    """What the causal-LM forward divides the logits by after the lm_head (Granite's)."""
+    return float(config.logits_scaling) if config.model_type == "granite" else 1.0
 
 
 def layer_attention_kinds(config: Any) -> list[str]:
@@ -67,12 +80,15 @@ def carry(act: Activation, hidden: torch.Tensor) -> Activation:
 
 
 class LlamaEmbed(Unit):
-    def __init__(self, embed_tokens: nn.Module) -> None:
+    def __init__(self, embed_tokens: nn.Module, multiplier: float = 1.0) -> None:
         super().__init__()
         self.embed_tokens = embed_tokens
+        self.multiplier = multiplier
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         hidden = self.embed_tokens(act["input_ids"])  # [B, T, D]
+        if self.multiplier != 1.0:
+            hidden = hidden * self.multiplier
         return carry(act, hidden)
 
 
@@ -130,16 +146,18 @@ class LlamaHead(Unit):
     real token [B, V] (next-token logits: what prompt processing returns; the lm_head then runs
     on B rows instead of B * T)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module, last: bool = False) -> None:
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, last: bool = False, divisor: float = 1.0) -> None:
         super().__init__()
         self.norm, self.lm_head = norm, lm_head
         self.last = last
+        self.divisor = divisor
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         hidden = act["hidden"]  # [B, T, D]
         if self.last or next_token_only(ctx):
             hidden = next_token_hidden(hidden, act, ctx)  # [B, D]
-        return {"output": self.lm_head(self.norm(hidden))}  # [B, T, V] or [B, V]
+        logits = self.lm_head(self.norm(hidden))  # [B, T, V] or [B, V]
+        return {"output": logits / self.divisor if self.divisor != 1.0 else logits}
 
 
 class LlamaFamily(Family):
@@ -163,9 +181,9 @@ class LlamaFamily(Family):
         base = causal_lm.model
         kinds = layer_attention_kinds(self.config)
         return [
-            LlamaEmbed(base.embed_tokens),
+            LlamaEmbed(base.embed_tokens, embedding_multiplier(self.config)),
             *(LlamaBlock(layer, self.config, kind) for layer, kind in zip(base.layers, kinds, strict=True)),
-            LlamaHead(base.norm, causal_lm.lm_head, last=self.last),
+            LlamaHead(base.norm, causal_lm.lm_head, last=self.last, divisor=logits_divisor(self.config)),
         ]
 
     def shared(self, model: nn.Module) -> dict[str, nn.Module]:
