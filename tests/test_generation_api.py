@@ -120,8 +120,8 @@ def test_continuous_usage_stats_gives_every_chunk_its_choice_usage_so_far(model:
                 assert seen[0] == 0 and mine[0].choices[0].delta.role == "assistant"
                 assert seen == sorted(seen) and seen[-1] == 9, seen
                 assert mine[-1].choices[0].finish_reason == "length"
-                assert all(c.usage.prompt_tokens == prompt and c.usage.total_tokens == prompt + c.usage.completion_tokens
-                           for c in mine)
+                assert all(c.usage.prompt_tokens == prompt
+                           and c.usage.total_tokens == prompt + c.usage.completion_tokens for c in mine)
             # Per-chunk usage alone: no usage-only chunk at the end.
             _, chunks = await collect(await api.completions.create(
                 model="tiny", prompt="Hello", max_tokens=5, temperature=0, stream=True,
@@ -170,6 +170,10 @@ def test_stop_strings_and_stop_token_ids(model: Any) -> None:
             text, chunks = await collect(await api.completions.create(**kw, stop=stop, stream=True,
                                                                       extra_body=NO_EOS))
             assert text == expected and chunks[-1].choices[0].finish_reason == "stop"
+            # More than OpenAI's 4, as lm-eval's local-completions sends (a task's `until` + eos).
+            many = [f"never-{i}" for i in range(7)] + [stop]
+            done = await api.completions.create(**kw, extra_body={"stop": many, **NO_EOS})
+            assert (done.choices[0].text, done.choices[0].finish_reason) == (expected, "stop")
 
             params = SamplingParams(40, temperature=1.0, seed=3)
             ids = [t async for t in backend.generate(TOK.encode("Once upon"), params)]
@@ -207,7 +211,7 @@ BAD_COMPLETIONS: list[tuple[dict[str, Any], str]] = [
     ({"temperature": 5}, "temperature = 5: must be a number from 0 to 2"),
     ({"top_p": 0}, "top_p = 0: must be a number greater than 0 and at most 1"),
     ({"seed": "x"}, "seed = 'x': must be an integer"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop = ['a', 'b', 'c', 'd', 'e']: must be a non-empty string or a list"),
+    ({"stop": ["ab"] * 65}, "'ab', 'ab']: must be a non-empty string or a list of at most 64 non-empty strings"),
     ({"max_tokens": 250}, f"prompt has {DIGITS} tokens; with max_tokens 250 it needs {DIGITS + 250} positions, "
                           "the model has 256"),
     ({"prompt": [5] * 300}, "prompt has 300 tokens, the model has 256 positions"),

@@ -13,7 +13,9 @@ from typing import Any, NamedTuple
 
 from infscaled.generation.errors import RequestError
 
-MAX_STOP_STRINGS = 4  # OpenAI's limit
+# OpenAI takes 4; vLLM any number, and lm-eval's local-completions sends a task's every `until`
+# string plus the eos text (humaneval's: 6). The cap bounds the per-token stop-string scan.
+MAX_STOP_STRINGS = 64
 MAX_LOGPROBS = 20  # alternatives per token, OpenAI's limit for top_logprobs
 MAX_LOGIT_BIAS = 300  # entries; OpenAI's limit
 MAX_REPETITION_PENALTY = 10.0

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infscaled.generation.errors import RequestError
-from infscaled.generation.params import MAX_LOGPROBS, SEED_MAX, SEED_MIN
+from infscaled.generation.params import MAX_LOGPROBS, MAX_STOP_STRINGS, SEED_MAX, SEED_MIN
 
 M = TypeVar("M", bound=BaseModel)
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -67,7 +67,8 @@ class _Sampling(_Model):
     min_p: float | None = _f("must be a number from 0 to 1 (an extension)", ge=0, le=1, allow_inf_nan=False)
     n: int | None = _f("must be an integer >= 1", ge=1)
     seed: int | None = _f(f"must be an integer from {SEED_MIN} to {SEED_MAX}", ge=SEED_MIN, le=SEED_MAX)
-    stop: str | list[str] | None = _f("must be a non-empty string or a list of at most 4 non-empty strings")
+    stop: str | list[str] | None = _f(f"must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
+                                      "non-empty strings")
     stop_token_ids: list[int] | None = _f("must be a list of token ids (an extension)")
     ignore_eos: bool | None = _f("must be true or false (an extension)")
     skip_special_tokens: bool | None = _f("must be true or false (an extension; default true: special tokens "
