@@ -66,7 +66,7 @@ output_type: generate_until
 doc_to_text: "{{{{question}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
-  until: ["\\n"]
+  until: ["\\n", "\\nclass", "\\ndef", "\\n#", "Q:"]
   max_gen_toks: 8
   do_sample: false
 metric_list:

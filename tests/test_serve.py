@@ -152,7 +152,8 @@ def test_schemathesis_against_served_openapi(served: Served, tmp_path: Path) -> 
 def test_lm_eval_local_completions_generate_until_and_loglikelihood(served: Served, tmp_path: Path) -> None:
     """lm-eval's `local-completions` unmodified, with its remote tokenizer (/tokenizer_info,
     /tokenize, /detokenize): a generate_until task and a multiple-choice one, which lm-eval
-    scores by loglikelihood (echo + logprobs over token-id prompts, several per request)."""
+    scores by loglikelihood (echo + logprobs over token-id prompts, several per request). The
+    generate_until task stops at 5 strings, as humaneval's does: with the eos text lm-eval sends 6."""
     from benchmarks.serve_clients import lm_eval_command, write_lm_eval_tasks
 
     tasks = write_lm_eval_tasks(tmp_path / "tasks")
