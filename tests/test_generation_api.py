@@ -278,10 +278,22 @@ def test_bad_requests_are_400s_with_our_messages(model: Any) -> None:
                 with pytest.raises(openai.BadRequestError, match=r".*") as err:
                     await api.chat.completions.create(model="tiny", messages=messages)
                 assert message in err.value.message
+            hi: Any = [{"role": "user", "content": "hi"}]
+            tool: Any = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+            for extra, message in [({"tools": [tool]}, "tools = [{'type': 'function', 'function': {'name': 'f', "),
+                                   ({"tool_choice": "auto"}, "tool_choice = 'auto': tools are not supported"),
+                                   ({"parallel_tool_calls": "no"}, "parallel_tool_calls = 'no': must be true or")]:
+                with pytest.raises(openai.BadRequestError) as err:
+                    await api.chat.completions.create(model="tiny", messages=hi, extra_body=extra)
+                assert message in err.value.message and err.value.param == next(iter(extra)), err.value.message
             async with http.post(f"{url}/v1/completions", data=b"{not json") as resp:
                 assert resp.status == 400
                 assert (await resp.json())["error"]["message"].startswith("the request body is not valid JSON")
             assert backend.started == 0
+            # The neutral values agent frameworks send with every request are no-ops.
+            done = await api.chat.completions.create(model="tiny", messages=hi, max_tokens=2, tools=[],
+                                                     tool_choice="none", parallel_tool_calls=False)
+            assert done.choices[0].finish_reason in ("length", "stop")
 
     asyncio.run(scenario())
 

@@ -130,7 +130,9 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "suffix": ((None, ""), "suffix is not supported"),
     "tools": ((None, []), "tools are not supported"),
     "tool_choice": ((None, "none"), "tools are not supported"),
-    "parallel_tool_calls": ((None,), "tools are not supported"),
+    # Without tools (any other value of `tools` is refused) it has nothing to act on: agent
+    # frameworks send `false` with every request.
+    "parallel_tool_calls": ((None, True, False), "tools are not supported"),
     "functions": ((None, []), "function calling is not supported"),
     "function_call": ((None, "none"), "function calling is not supported"),
     "audio": ((None,), "audio output is not supported"),
