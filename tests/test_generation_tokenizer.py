@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from infscaled.errors import ModelError
-from infscaled.generation.errors import RequestError
+from infscaled.generation.errors import GenerationError, RequestError
 from infscaled.generation.tokenizer import (
     BUILTIN_TOKENIZER_DIR,
     HFTokenizer,
@@ -139,6 +139,29 @@ def test_hf_tokenizer_without_chat_template_refuses_chat(hf_dir: Path, tmp_path:
     with pytest.raises(RequestError, match="has no chat template: use /v1/completions") as err:
         HFTokenizer(tmp_path).apply_chat([{"role": "user", "content": "hi"}])
     assert err.value.status == 400
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(hf_dir: Path, tmp_path: Path) -> None:
+    """Templates raise for conversations their model was not trained on (Gemma: no system role;
+    Mistral: roles must alternate): the client gets a 400 with the template's words, not a 500.
+    A template that does not parse is the model's fault: a 500 that says so."""
+    from transformers import AutoTokenizer
+
+    strict = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    strict.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                            "supported') }}{% endif %}" + CHAT_TEMPLATE)
+    strict.save_pretrained(tmp_path / "strict")
+    tok = HFTokenizer(tmp_path / "strict")
+    assert tok.decode(tok.apply_chat([{"role": "user", "content": "hello"}])) == "<|user|>hello<|assistant|>"
+    for role in ("system", "developer"):  # developer is sent to the template as system
+        with pytest.raises(RequestError, match="chat template refused these messages: System role not supp") as err:
+            tok.apply_chat([{"role": role, "content": "be brief"}, {"role": "user", "content": "hello"}])
+        assert (err.value.status, err.value.param) == (400, "messages")
+    strict.chat_template = "{% for m in messages %}{{ m['content'] }"
+    strict.save_pretrained(tmp_path / "broken")
+    with pytest.raises(GenerationError, match="chat template of .*broken cannot be used") as broken:
+        HFTokenizer(tmp_path / "broken").apply_chat([{"role": "user", "content": "hello"}])
+    assert broken.value.status == 500
 
 
 def test_load_tokenizer_by_source(tmp_path: Path) -> None:

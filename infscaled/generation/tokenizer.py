@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from infscaled.errors import ModelError
-from infscaled.generation.errors import RequestError
+from infscaled.generation.errors import GenerationError, RequestError
 
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 # Any of these in a directory means it holds a transformers tokenizer.
@@ -88,7 +88,17 @@ class HFTokenizer:
                                     "use /v1/completions with a prompt", param="messages")
         # `developer` is OpenAI's newer name for `system`, which is what templates know.
         messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        from jinja2 import TemplateError, TemplateSyntaxError
+
+        try:
+            text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateSyntaxError as exc:  # the model's fault, not the request's
+            raise GenerationError(500, f"the chat template of {self.source} cannot be used: {exc}") from exc
+        except TemplateError as exc:
+            # The template's own raise_exception: e.g. Gemma's "System role not supported", or
+            # Mistral's roles that must alternate user / assistant.
+            raise RequestError(400, f"the model's chat template refused these messages: {exc}",
+                               param="messages") from exc
         # The template writes the special tokens itself (BOS included): do not add them again.
         return list(self.tok.encode(text, add_special_tokens=False))
 
