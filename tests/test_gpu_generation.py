@@ -10,6 +10,7 @@ captured and replayed for some buckets while others still run eagerly.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,27 @@ def test_prefills_replayed_from_graphs_give_hf_generate_tokens(stages: int) -> N
             assert c.done.wait(60) and c.error is None
             got.append(c.tokens)
     assert got == expected
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "granite", "phi3", "olmo2", "starcoder2", "smollm3"])
+def test_llama_like_families_on_cuda_stages_with_graphs_equal_hf_generate(model_type: str, tmp_path: Path) -> None:
+    """The Llama adapter's further model types (test_generation_differential's configs) on CUDA:
+    their layers are transformers' own (never the fused step), decode steps replayed from CUDA
+    graphs, prompts longer than the windows in chunks of 16; float32, so greedy tokens equal HF."""
+    from test_generation_differential import _reference, _save_model, llama_like_configs
+    from test_generation_differential import hf_greedy as hf_greedy_of
+
+    config, cls_name = llama_like_configs()[model_type]
+    _save_model(tmp_path, config, cls_name)
+    devices = ["cuda:0", "cuda:1" if GPUS > 1 else "cuda:0"]
+    cfg = parse_job({"name": f"gen-gpu-{model_type}", "model": {"source": str(tmp_path), "dtype": "float32"},
+                     "pipeline": {"stages": 2}, "placement": {"devices": devices},
+                     "generation": {"max_batch_sequences": 4, "prefill_chunk_tokens": 16}})
+    work = _work()
+    model = _reference(str(tmp_path))
+    expected = [hf_greedy_of(model, p, n) for p, n in work]
+    with LocalJob(prepare(cfg)) as job:
+        results = run_staggered(job.generator, work)
+    assert [r.error for r in results] == [None] * len(work)
+    assert [r.tokens for r in results] == expected
