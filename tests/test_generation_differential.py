@@ -392,7 +392,11 @@ def test_paged_decode_logits_equal_the_models_own_forward(name: str, sources: di
     caches equal the model's own forward over the whole sequence (no cache) within float32
     noise, at every position into the fourth page, while the decode groups change at
     every step. An error too small to flip a random model's greedy token still shows here."""
-    source = sources[name]
+    decode_logits_equal_forward(name, sources[name])
+
+
+def decode_logits_equal_forward(name: str, source: str) -> None:
+    """test_paged_decode_logits_equal_the_models_own_forward's check on the model at `source`."""
     resolved = resolve(source)
     model = _reference(source)
     n = skeleton(resolved).unit_count
@@ -434,7 +438,9 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
     upper layers), Phi-3's fused projections with a partial rotary and one window for every
     layer, OLMo-2's whole-projection q/k norms and post-norms, StarCoder2's LayerNorm, biased
     GELU MLP and window, SmolLM3's layers without rotary, Gemma's scaled embedding, (1 + w) norms
-    and GELU gating, Granite's four multipliers (two outside any module)."""
+    and GELU gating, Gemma 2's soft-capped attention scores and logits (caps small enough, and
+    weights large enough, that they bite) with a window on alternate layers, Gemma 3's local and
+    global rotary frequencies, Granite's four multipliers (two outside any module)."""
     import transformers as hf
 
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -447,13 +453,20 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
         "starcoder2": (hf.Starcoder2Config(**common, sliding_window=8), "Starcoder2ForCausalLM"),
         "smollm3": (hf.SmolLM3Config(**common, no_rope_layer_interval=2), "SmolLM3ForCausalLM"),
         "gemma": (hf.GemmaConfig(**common, head_dim=16), "GemmaForCausalLM"),
+        "gemma2": (hf.Gemma2Config(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                   attn_logit_softcapping=1.0, final_logit_softcapping=2.0, initializer_range=0.5),
+                   "Gemma2ForCausalLM"),
+        "gemma3_text": (hf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                            sliding_window_pattern=2), "Gemma3ForCausalLM"),
         "granite": (hf.GraniteConfig(**common, embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
                                      attention_multiplier=0.0625), "GraniteForCausalLM"),
     }
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma",
-                                        "granite"])
+LLAMA_LIKE = ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3_text", "granite"]
+
+
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
 def test_llama_like_families_equal_hf_generate(model_type: str, tmp_path: Path) -> None:
     """Each further model type of the Llama adapter, saved as a user's directory, over two
     stages with prompts in chunks of 16 (the windows of 8 are narrower than most prompts):
@@ -467,3 +480,12 @@ def test_llama_like_families_equal_hf_generate(model_type: str, tmp_path: Path) 
     with _job(case, str(tmp_path)) as job:
         check(case, work, expected, drive(job, work))
         assert job.generator.live() == 0
+
+
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
+def test_llama_like_paged_decode_logits_equal_the_models_own_forward(model_type: str, tmp_path: Path) -> None:
+    """The logits check above for each further model type: what greedy tokens cannot show (a
+    missing soft-cap, a rotary of the wrong frequency on a few layers) shows here."""
+    config, cls_name = llama_like_configs()[model_type]
+    _save_model(tmp_path, config, cls_name)
+    decode_logits_equal_forward(model_type, str(tmp_path))

@@ -112,8 +112,8 @@ def test_sliding_window_layers_match_monolith(model_type: str) -> None:
     assert not torch.allclose(alone(unwindowed.forward, requests[2]), results[2], **F32)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma",
-                                        "granite"])
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2",
+                                        "gemma3_text", "granite"])
 def test_llama_like_model_types_match_monolith(model_type: str) -> None:
     """The further model types of the Llama adapter (configs: test_generation_differential) cut
     1-4 ways; their layers run as transformers' own, never the fused Llama step (which would

@@ -24,6 +24,7 @@ Backends (`BACKENDS`, chosen per `DecodeStep`, default `default_backend`):
   through the page table, online softmax, one program per (row, kv head). No per-shape
   compilation, so every batch (bucketed or exact) can use it; the CUDA default where Triton is
   installed. Head sizes it does not take (not a power of two >= 16) fall back to "torch".
+Soft-capped attention scores (Gemma 2) only "torch" implements; such layers take it on any backend.
 Measured on an H200: BENCHMARKS.md sections 10 and 14.
 """
 
@@ -102,22 +103,27 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         return result
     window = kwargs.get("sliding_window") or 0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = attend(paged, query, key, value, float(scale), int(window))
+    out = attend(paged, query, key, value, float(scale), int(window), float(kwargs.get("softcap") or 0.0))
     return out, None
 
 
 def attend(paged: PagedBatch, query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, scale: float,
-           window: int) -> torch.Tensor:
+           window: int, softcap: float = 0.0) -> torch.Tensor:
     """One decode step's attention: query [B, Hq, 1, Dh] over each row's pages -> [B, 1, Hq, Dh]."""
     assert paged.table is not None and paged.positions is not None
     return attend_pages(paged.attention, query, pool_k, pool_v, paged.table, paged.positions, paged.kv.page_index,
-                        scale, window)
+                        scale, window, softcap)
 
 
 def attend_pages(backend: str, query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor,
-                 positions: torch.Tensor, page_index: torch.Tensor, scale: float, window: int) -> torch.Tensor:
-    """`attend` on the batch's tensors (what a compiled decoder layer passes): -> [B, 1, Hq, Dh]."""
+                 positions: torch.Tensor, page_index: torch.Tensor, scale: float, window: int,
+                 softcap: float = 0.0) -> torch.Tensor:
+    """`attend` on the batch's tensors (what a compiled decoder layer passes): -> [B, 1, Hq, Dh].
+    `softcap` (Gemma 2's attention logit soft-capping, cap * tanh(score / cap)) only the plain
+    path implements: such a layer's decode attention takes it whatever the backend."""
     dim = query.shape[-1]
+    if softcap:
+        return torch_decode(query, pool_k, pool_v, table, positions, scale, window, softcap).transpose(1, 2)
     if backend == "triton" and query.is_cuda and _triton_ok(dim):
         out = torch.ops.infscaled.paged_decode(query.squeeze(2), pool_k, pool_v, table, positions, scale, window)
         return out.unsqueeze(1)  # [B, Hq, Dh] -> [B, 1, Hq, Dh]
@@ -139,8 +145,9 @@ def _triton_ok(head_dim: int) -> bool:
 
 
 def torch_decode(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor,
-                 positions: torch.Tensor, scale: float, window: int) -> torch.Tensor:
-    """The plain path: gather [B, Hkv, P * PAGE, Dh], mask, sdpa. -> [B, Hq, 1, Dh]."""
+                 positions: torch.Tensor, scale: float, window: int, softcap: float = 0.0) -> torch.Tensor:
+    """The plain path: gather [B, Hkv, P * PAGE, Dh], mask, sdpa (or, with `softcap`, the
+    scores capped before the softmax, as transformers' eager attention does). -> [B, Hq, 1, Dh]."""
     keys, values = gather_pages(pool_k, table), gather_pages(pool_v, table)  # [B, Hkv, P * PAGE, Dh]
     j = torch.arange(keys.shape[2], device=table.device).unsqueeze(0)
     last = positions.unsqueeze(1)  # [B, 1]
@@ -148,6 +155,14 @@ def torch_decode(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor
     if window:
         allowed &= j > last - window
     gqa = query.shape[1] != keys.shape[1]
+    if softcap:
+        groups = query.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(query, keys.transpose(2, 3)) * scale  # [B, Hq, 1, P * PAGE]
+        scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(weights, values)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed[:, None, None, :], scale=scale,
                                           enable_gqa=gqa)
 

@@ -1,8 +1,9 @@
 """Decoders of Llama's model structure: Llama, Mistral, Qwen2, and Qwen3, Phi-3, OLMo-2,
-StarCoder2, SmolLM3, Gemma and Granite, whose transformers models differ from Llama's only
-inside their modules (q/k norms, fused or biased projections, LayerNorm, no-rope layers, a
-scaled embedding), which run as transformers' own, and for Granite in two constants the embed
-and head units apply (`embedding_multiplier`, `logits_divisor`):
+StarCoder2, SmolLM3, Gemma 1-3 (text) and Granite, whose transformers models differ from Llama's
+only inside their modules (q/k norms, fused or biased projections, LayerNorm, no-rope layers, a
+scaled embedding, soft-capped attention), which run as transformers' own, and in what the embed
+and head units apply (Granite's `embedding_multiplier` and `logits_divisor`, Gemma 2's
+`logits_softcap`) and the rotary frequencies per layer type (Gemma 3):
 units = [embed (embed_tokens), decoder layer 0..n-1, head (norm + lm_head)].
 
 Rotary embeddings are parameter-free and needed by every layer, so the model's rotary
@@ -31,13 +32,16 @@ from infscaled.models.families.common import (
 _CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                       "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
                       "starcoder2": "Starcoder2ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
-                      "gemma": "GemmaForCausalLM", "granite": "GraniteForCausalLM"}
+                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                      "granite": "GraniteForCausalLM"}
 # How each model's own forward picks a layer's attention mask: from `config.layer_types`, one
 # mask for every layer (sliding when `config.sliding_window` is set, any `layer_types` ignored),
 # or always the full causal mask.
 _MASK_RULES = {"qwen2": "layer_types", "qwen3": "layer_types", "smollm3": "layer_types",
                "mistral": "one", "phi3": "one", "starcoder2": "one", "llama": "full", "olmo2": "full", "gemma": "full",
-               "granite": "full"}
+               "granite": "full", "gemma2": "layer_types", "gemma3_text": "layer_types"}
+# Gemma 3's rotary module has an inverse frequency per layer type (local and global rope bases).
+_ROPE_PER_LAYER_TYPE = frozenset({"gemma3_text"})
 
 
 def embedding_multiplier(config: Any) -> float:
@@ -48,6 +52,12 @@ def embedding_multiplier(config: Any) -> float:
 def logits_divisor(config: Any) -> float:
     """What the causal-LM forward divides the logits by after the lm_head (Granite's)."""
     return float(config.logits_scaling) if config.model_type == "granite" else 1.0
+
+
+def logits_softcap(config: Any) -> float:
+    """Gemma 2 / 3's final soft-capping of the logits (cap * tanh(logits / cap)); 0: none."""
+    return float(getattr(config, "final_logit_softcapping", None) or 0.0) if config.model_type.startswith(
+        "gemma") else 0.0
 
 
 def layer_attention_kinds(config: Any) -> list[str]:
@@ -61,12 +71,16 @@ def layer_attention_kinds(config: Any) -> list[str]:
     return ["full_attention"] * n
 
 
-def position_embeddings(act: Activation, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary (cos, sin), each [1, T, head_dim] in the hidden dtype; once per stage and micro-batch."""
-    if "position_embeddings" not in ctx:
+def position_embeddings(act: Activation, ctx: Context,
+                        layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary (cos, sin), each [1, T, head_dim] in the hidden dtype; once per stage and micro-batch
+    (and per layer type, for a rotary module that has one frequency per type)."""
+    key = "position_embeddings" if layer_type is None else f"position_embeddings:{layer_type}"
+    if key not in ctx:
         rotary = ctx["shared"]["rotary"]
-        ctx["position_embeddings"] = rotary(act["hidden"], position_ids(act, ctx))
-    cos_sin: tuple[torch.Tensor, torch.Tensor] = ctx["position_embeddings"]
+        args = (act["hidden"], position_ids(act, ctx)) + ((layer_type,) if layer_type is not None else ())
+        ctx[key] = rotary(*args)
+    cos_sin: tuple[torch.Tensor, torch.Tensor] = ctx[key]
     return cos_sin
 
 
@@ -99,6 +113,7 @@ class LlamaBlock(CompilableLayer, Unit):
         self.layer = layer
         self.config = config
         self.attention_kind = attention_kind
+        self.rope_type = attention_kind if config.model_type in _ROPE_PER_LAYER_TYPE else None
 
     def fuse_projections(self) -> bool:
         """Generation stages: q/k/v and gate/up as one weight each, for decode steps
@@ -133,7 +148,7 @@ class LlamaBlock(CompilableLayer, Unit):
             act["hidden"],
             attention_mask=causal_mask(self.config, act, ctx, self.attention_kind),
             position_ids=position_ids(act, ctx),
-            position_embeddings=position_embeddings(act, ctx),
+            position_embeddings=position_embeddings(act, ctx, self.rope_type),
             cache=ctx.get("kv"),  # generation: this stage's KV cache of the micro-batch's sequences
             use_cache=False,
             **paged_kv_kwargs(ctx, self.layer.self_attn.layer_idx),
@@ -146,18 +161,24 @@ class LlamaHead(Unit):
     real token [B, V] (next-token logits: what prompt processing returns; the lm_head then runs
     on B rows instead of B * T)."""
 
-    def __init__(self, norm: nn.Module, lm_head: nn.Module, last: bool = False, divisor: float = 1.0) -> None:
+    def __init__(self, norm: nn.Module, lm_head: nn.Module, last: bool = False, divisor: float = 1.0,
+                 softcap: float = 0.0) -> None:
         super().__init__()
         self.norm, self.lm_head = norm, lm_head
         self.last = last
         self.divisor = divisor
+        self.softcap = softcap
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         hidden = act["hidden"]  # [B, T, D]
         if self.last or next_token_only(ctx):
             hidden = next_token_hidden(hidden, act, ctx)  # [B, D]
         logits = self.lm_head(self.norm(hidden))  # [B, T, V] or [B, V]
-        return {"output": logits / self.divisor if self.divisor != 1.0 else logits}
+        if self.divisor != 1.0:
+            logits = logits / self.divisor
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return {"output": logits}
 
 
 class LlamaFamily(Family):
@@ -183,7 +204,8 @@ class LlamaFamily(Family):
         return [
             LlamaEmbed(base.embed_tokens, embedding_multiplier(self.config)),
             *(LlamaBlock(layer, self.config, kind) for layer, kind in zip(base.layers, kinds, strict=True)),
-            LlamaHead(base.norm, causal_lm.lm_head, last=self.last, divisor=logits_divisor(self.config)),
+            LlamaHead(base.norm, causal_lm.lm_head, last=self.last, divisor=logits_divisor(self.config),
+                      softcap=logits_softcap(self.config)),
         ]
 
     def shared(self, model: nn.Module) -> dict[str, nn.Module]:
