@@ -135,14 +135,15 @@ def test_llama_like_model_types_match_monolith(model_type: str) -> None:
 
 def test_llama_adapter_tables_agree() -> None:
     """sources.LLAMA_LIKE (what resolves to the Llama adapter) names exactly the model types the
-    adapter has a class and a mask rule for; Llama's own layer fuses, an unknown type is refused."""
+    adapter's table describes (class, mask rule, ...); Llama's own layer fuses, an unknown type
+    is refused."""
     from transformers import LlamaConfig
 
     from infscaled.errors import ModelError
     from infscaled.models.families import fused_decode, llama
     from infscaled.models.sources import LLAMA_LIKE
 
-    assert set(LLAMA_LIKE) == set(llama._CAUSAL_LM_CLASSES) == set(llama._MASK_RULES)
+    assert set(LLAMA_LIKE) == set(llama._TYPES)
     mono = Monolith(resolve("builtin:llama-tiny"), "cpu", "float32", SEED)
     assert fused_decode.can_fuse(mono.model.model.layers[0])
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -122,19 +122,17 @@ def attend_pages(backend: str, query: torch.Tensor, pool_k: torch.Tensor, pool_v
     `softcap` (Gemma 2's attention logit soft-capping, cap * tanh(score / cap)) only the plain
     path implements: such a layer's decode attention takes it whatever the backend."""
     dim = query.shape[-1]
-    if softcap:
-        return torch_decode(query, pool_k, pool_v, table, positions, scale, window, softcap).transpose(1, 2)
-    if backend == "triton" and query.is_cuda and _triton_ok(dim):
+    if backend == "triton" and not softcap and query.is_cuda and _triton_ok(dim):
         out = torch.ops.infscaled.paged_decode(query.squeeze(2), pool_k, pool_v, table, positions, scale, window)
         return out.unsqueeze(1)  # [B, Hq, Dh] -> [B, 1, Hq, Dh]
     # "triton" with a head size its kernel does not take (or off CUDA) takes the plain path, not
     # flex: flex would compile for every exact-size batch (generation/graphs.py's eager steps).
-    if backend == "flex" and dim >= FLEX_MIN_HEAD_DIM:
+    if backend == "flex" and not softcap and dim >= FLEX_MIN_HEAD_DIM:
         # Inside a compiled layer dynamo traces flex_decode itself; eager CUDA calls its compiled twin.
         run = _flex_compiled() if query.is_cuda and not torch.compiler.is_compiling() else flex_decode
         out = run(query, pool_k, pool_v, table, positions, page_index, scale, window)
     else:
-        out = torch_decode(query, pool_k, pool_v, table, positions, scale, window)
+        out = torch_decode(query, pool_k, pool_v, table, positions, scale, window, softcap)
     return out.transpose(1, 2).contiguous()
 
 

@@ -15,8 +15,8 @@ from typing import Any
 from infscaled.errors import ModelError
 from infscaled.models.base import Family
 
-# The model types of families/llama.py (its class and mask tables; test_models_decoders checks), named
-# here without importing that module.
+# The model types of families/llama.py (its `_TYPES`; test_models_decoders checks), named here
+# without importing that module.
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma",
               "gemma2", "gemma3_text", "granite")
 

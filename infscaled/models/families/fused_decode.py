@@ -69,12 +69,8 @@ FUSABLE_LAYERS = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2De
 
 def can_fuse(layer: nn.Module) -> bool:
     if type(layer).__name__ not in FUSABLE_LAYERS:
-        return False
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if attn is None or mlp is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return False
-    if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        return False
+        return False  # (these three always have q/k/v/o and gate/up/down projections)
+    attn, mlp = layer.self_attn, layer.mlp
     if getattr(attn.o_proj, "bias", None) is not None or getattr(mlp.down_proj, "bias", None) is not None:
         return False
     if getattr(mlp.gate_proj, "bias", None) is not None:

@@ -2,8 +2,8 @@
 StarCoder2, SmolLM3, Gemma 1-3 (text) and Granite, whose transformers models differ from Llama's
 only inside their modules (q/k norms, fused or biased projections, LayerNorm, no-rope layers, a
 scaled embedding, soft-capped attention), which run as transformers' own, and in what the embed
-and head units apply (Granite's `embedding_multiplier` and `logits_divisor`, Gemma 2's
-`logits_softcap`) and the rotary frequencies per layer type (Gemma 3):
+and head units apply (Granite's multipliers, Gemma 2's logits soft-cap) and the rotary
+frequencies per layer type (Gemma 3); `_TYPES` says which type does what:
 units = [embed (embed_tokens), decoder layer 0..n-1, head (norm + lm_head)].
 
 Rotary embeddings are parameter-free and needed by every layer, so the model's rotary
@@ -12,6 +12,8 @@ module is a shared module; each stage computes (cos, sin) once per micro-batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import torch
@@ -29,44 +31,51 @@ from infscaled.models.families.common import (
     position_ids,
 )
 
-_CAUSAL_LM_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                      "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "olmo2": "Olmo2ForCausalLM",
-                      "starcoder2": "Starcoder2ForCausalLM", "smollm3": "SmolLM3ForCausalLM",
-                      "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-                      "granite": "GraniteForCausalLM"}
-# How each model's own forward picks a layer's attention mask: from `config.layer_types`, one
-# mask for every layer (sliding when `config.sliding_window` is set, any `layer_types` ignored),
-# or always the full causal mask.
-_MASK_RULES = {"qwen2": "layer_types", "qwen3": "layer_types", "smollm3": "layer_types",
-               "mistral": "one", "phi3": "one", "starcoder2": "one", "llama": "full", "olmo2": "full", "gemma": "full",
-               "granite": "full", "gemma2": "layer_types", "gemma3_text": "layer_types"}
-# Gemma 3's rotary module has an inverse frequency per layer type (local and global rope bases).
-_ROPE_PER_LAYER_TYPE = frozenset({"gemma3_text"})
+
+class _Mask(Enum):
+    """How a model's forward picks a layer's attention mask."""
+
+    LAYER_TYPES = "layer_types"  # from `config.layer_types`
+    ONE = "one"  # one mask for every layer: sliding when `config.sliding_window` is set (any layer_types ignored)
+    FULL = "full"  # always the full causal mask
 
 
-def embedding_multiplier(config: Any) -> float:
-    """What the model's forward multiplies the embeddings by outside any module (Granite's)."""
-    return float(config.embedding_multiplier) if config.model_type == "granite" else 1.0
+@dataclass(frozen=True)
+class _Type:
+    """What one model type does outside its decoder layers (inside them transformers' code runs)."""
+
+    causal_lm: str  # the transformers class
+    mask: _Mask
+    rope_per_layer_type: bool = False  # Gemma 3: an inverse frequency per layer type (local, global)
+    # Granite: its forward multiplies the embeddings by `embedding_multiplier` and divides the
+    # logits by `logits_scaling`, outside any module.
+    multipliers: bool = False
+    logits_softcap: bool = False  # Gemma 2 / 3: logits soft-capped by `final_logit_softcapping`
 
 
-def logits_divisor(config: Any) -> float:
-    """What the causal-LM forward divides the logits by after the lm_head (Granite's)."""
-    return float(config.logits_scaling) if config.model_type == "granite" else 1.0
-
-
-def logits_softcap(config: Any) -> float:
-    """Gemma 2 / 3's final soft-capping of the logits (cap * tanh(logits / cap)); 0: none."""
-    return float(getattr(config, "final_logit_softcapping", None) or 0.0) if config.model_type.startswith(
-        "gemma") else 0.0
+_TYPES = {
+    "llama": _Type("LlamaForCausalLM", _Mask.FULL),
+    "mistral": _Type("MistralForCausalLM", _Mask.ONE),
+    "qwen2": _Type("Qwen2ForCausalLM", _Mask.LAYER_TYPES),
+    "qwen3": _Type("Qwen3ForCausalLM", _Mask.LAYER_TYPES),
+    "phi3": _Type("Phi3ForCausalLM", _Mask.ONE),
+    "olmo2": _Type("Olmo2ForCausalLM", _Mask.FULL),
+    "starcoder2": _Type("Starcoder2ForCausalLM", _Mask.ONE),
+    "smollm3": _Type("SmolLM3ForCausalLM", _Mask.LAYER_TYPES),
+    "gemma": _Type("GemmaForCausalLM", _Mask.FULL),
+    "gemma2": _Type("Gemma2ForCausalLM", _Mask.LAYER_TYPES, logits_softcap=True),
+    "gemma3_text": _Type("Gemma3ForCausalLM", _Mask.LAYER_TYPES, rope_per_layer_type=True, logits_softcap=True),
+    "granite": _Type("GraniteForCausalLM", _Mask.FULL, multipliers=True),
+}
 
 
 def layer_attention_kinds(config: Any) -> list[str]:
     """Each layer's attention kind, chosen exactly as the transformers model's own forward chooses it."""
     n = config.num_hidden_layers
-    rule = _MASK_RULES[config.model_type]
-    if rule == "layer_types":
+    rule = _TYPES[config.model_type].mask
+    if rule is _Mask.LAYER_TYPES:
         return list(config.layer_types[:n])
-    if rule == "one":
+    if rule is _Mask.ONE:
         return ["full_attention" if config.sliding_window is None else "sliding_attention"] * n
     return ["full_attention"] * n
 
@@ -113,7 +122,7 @@ class LlamaBlock(CompilableLayer, Unit):
         self.layer = layer
         self.config = config
         self.attention_kind = attention_kind
-        self.rope_type = attention_kind if config.model_type in _ROPE_PER_LAYER_TYPE else None
+        self.rope_type = attention_kind if _TYPES[config.model_type].rope_per_layer_type else None
 
     def fuse_projections(self) -> bool:
         """Generation stages: q/k/v and gate/up as one weight each, for decode steps
@@ -194,18 +203,20 @@ class LlamaFamily(Family):
 
         # The concrete class rather than AutoModelForCausalLM.from_config: from_config also sets
         # torch's default dtype from config.dtype while constructing, which we do not want.
-        cls = getattr(transformers, _CAUSAL_LM_CLASSES[self.config.model_type])
+        cls = getattr(transformers, _TYPES[self.config.model_type].causal_lm)
         return cls(self.config)
 
     def units(self, model: nn.Module) -> list[Unit]:
         causal_lm: Any = model  # transformers modules are untyped attribute bags to mypy
         base = causal_lm.model
         kinds = layer_attention_kinds(self.config)
+        config, spec = self.config, _TYPES[self.config.model_type]
         return [
-            LlamaEmbed(base.embed_tokens, embedding_multiplier(self.config)),
-            *(LlamaBlock(layer, self.config, kind) for layer, kind in zip(base.layers, kinds, strict=True)),
-            LlamaHead(base.norm, causal_lm.lm_head, last=self.last, divisor=logits_divisor(self.config),
-                      softcap=logits_softcap(self.config)),
+            LlamaEmbed(base.embed_tokens, float(config.embedding_multiplier) if spec.multipliers else 1.0),
+            *(LlamaBlock(layer, config, kind) for layer, kind in zip(base.layers, kinds, strict=True)),
+            LlamaHead(base.norm, causal_lm.lm_head, last=self.last,
+                      divisor=float(config.logits_scaling) if spec.multipliers else 1.0,
+                      softcap=float(config.final_logit_softcapping or 0.0) if spec.logits_softcap else 0.0),
         ]
 
     def shared(self, model: nn.Module) -> dict[str, nn.Module]:
