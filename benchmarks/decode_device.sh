@@ -4,12 +4,13 @@
 # a generation stage's prefill (benchmarks/prefill_step.py). Phases are chosen by PHASES
 # (default "tests gemm step gen"); each phase has its own time limit so the call ends inside
 # the device's 10 minutes; `poisson` (benchmarks/gen_poisson.py) and `hostprof` (one gen case
-# with py-spy on every process and the stage's GPU trace) also run only when named.
+# with py-spy on every process and the stage's GPU trace) and `tune` (the paged decode kernel's
+# launch choices) also run only when named.
 # Run on the device machine from a copy of the repository root:
 #   OUT=DIR bash benchmarks/decode_device.sh
 #   OUT=DIR PHASES="prefill" PREFILL_ARGS="--profile" bash benchmarks/decode_device.sh
 # Environment: STEP_ARGS (extra decode_step arguments), GEN_CASES (gen_1stage.sh cases),
-# GPU_TESTS (test files), HOSTPROF_CASE / HOSTPROF_REQ / HOSTPROF_S, POISSON_ARGS (benchmarks/gen_poisson.py arguments), PREFILL_ARGS
+# GPU_TESTS (test files), TUNE_ARGS (benchmarks/paged_decode_tune.py arguments), HOSTPROF_CASE / HOSTPROF_REQ / HOSTPROF_S, POISSON_ARGS (benchmarks/gen_poisson.py arguments), PREFILL_ARGS
 # (prefill_step arguments, default --profile), T_TESTS / T_GEMM / T_STEP / T_GEN / T_POISSON /
 # T_PREFILL (seconds per phase; T_GEN is per case: a llama-3b stage builds in
 # 6-16 s (section 20; ~70 s before its weights were made in a thread pool), and with compile each
@@ -51,6 +52,10 @@ for phase in ${PHASES:-tests gemm step gen}; do
     prefill)
       timeout "${T_PREFILL:-150}" python3 -m benchmarks.prefill_step --out "$OUT" ${PREFILL_ARGS:---profile} \
         2>&1 | grep -vE "^\s*$|Warning|warn\(|USDT" | tee -a "$log" | tail -120
+      ;;
+    tune)
+      timeout "${T_TUNE:-200}" python3 -m benchmarks.paged_decode_tune --out "$OUT" ${TUNE_ARGS:-} \
+        2>&1 | grep -vE "Warning|warn\(" | tee -a "$log" | tail -20
       ;;
     poisson)
       timeout "${T_POISSON:-240}" python3 -m benchmarks.gen_poisson --out "$OUT" ${POISSON_ARGS:-} \

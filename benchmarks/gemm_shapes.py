@@ -2,6 +2,10 @@
 skinny kernel (generation/skinny_gemm.py), per shape, at the memory-bandwidth bound.
 
     python -m benchmarks.gemm_shapes --out DIR          # on a GPU (llama-3b's layer shapes)
+    python -m benchmarks.gemm_shapes --rows 8,128,2048 --fused-only --no-triton --kmajor --out DIR
+
+--kmajor also times cuBLAS on each weight stored the other way round ([K, N] contiguous, passed
+to F.linear as its transposed view: the same product, another kernel choice).
 
 Each shape runs over 28 distinct weight copies (one per layer, 5.6 GB in all: nothing stays in
 the 60 MB L2), captured in one CUDA graph and replayed; time per layer from CUDA events, and
@@ -66,10 +70,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="8,64")
     ap.add_argument("--out", default="out/gemm")
+    ap.add_argument("--fused-only", action="store_true", help="only the fused layer's shapes")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton skinny kernel's sweep")
+    ap.add_argument("--kmajor", action="store_true", help="also cuBLAS on [K, N]-contiguous weights")
     a = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    shapes = {**SEPARATE, **FUSED}
+    shapes = dict(FUSED) if a.fused_only else {**SEPARATE, **FUSED}
     weights = {name: [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(LAYERS)]
                for name, (n, k) in shapes.items()}
     results: dict[str, Any] = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
@@ -82,7 +89,14 @@ def main() -> None:
             cublas = graph_time(lambda ws=ws, x=x: [F.linear(x, w) for w in ws]) / LAYERS
             best: tuple[float, dict[str, int]] = (float("inf"), {})
             ref = F.linear(x, ws[0]).float()
-            for cfg in configs(n):
+            kmajor = None
+            if a.kmajor:
+                wts = [w.t().contiguous() for w in ws]
+                got = F.linear(x, wts[0].t()).float()
+                assert float((got - ref).norm() / ref.norm()) < 1e-2
+                kmajor = graph_time(lambda wts=wts, x=x: [F.linear(x, w.t()) for w in wts]) / LAYERS
+                del wts
+            for cfg in ([] if a.no_triton else configs(n)):
                 try:
                     got = skinny_linear(x, ws[0], **cfg).float()
                     err = float((got - ref).norm() / ref.norm())
@@ -96,11 +110,19 @@ def main() -> None:
                 if t < best[0]:
                     best = (t, cfg)
             table[name] = {"n": n, "k": k, "cublas_us": 1e3 * cublas, "cublas_tbs": gb / LAYERS / cublas,
-                           "triton_us": 1e3 * best[0], "triton_tbs": gb / LAYERS / best[0], "triton_cfg": best[1]}
-            print(f"m={m:3d} {name:8s} {n:6d}x{k:5d}: cuBLAS {1e3 * cublas:7.1f} us ({gb / LAYERS / cublas:4.2f} TB/s)"
-                  f"  triton {1e3 * best[0]:7.1f} us ({gb / LAYERS / best[0]:4.2f} TB/s) {best[1]}", flush=True)
+                           "triton_us": 1e3 * best[0], "triton_tbs": gb / LAYERS / best[0], "triton_cfg": best[1],
+                           "kmajor_us": None if kmajor is None else 1e3 * kmajor,
+                           "tflops": 2 * m * n * k / cublas / 1e9}
+            print(f"m={m:3d} {name:8s} {n:6d}x{k:5d}: cuBLAS {1e3 * cublas:7.1f} us ({gb / LAYERS / cublas:4.2f} TB/s,"
+                  f" {2 * m * n * k / cublas / 1e9:5.0f} TFLOP/s)"
+                  + ("" if kmajor is None else f"  K-major {1e3 * kmajor:7.1f} us")
+                  + ("" if a.no_triton
+                     else f"  triton {1e3 * best[0]:7.1f} us ({gb / LAYERS / best[0]:4.2f} TB/s) {best[1]}"),
+                  flush=True)
         for label, names in (("separate", SEPARATE), ("fused", FUSED)):
-            for lib in ("cublas", "triton"):
+            if not all(nm in table for nm in names):
+                continue
+            for lib in ("cublas",) + (("kmajor",) if a.kmajor else ()) + (() if a.no_triton else ("triton",)):
                 per_layer = sum(table[nm][f"{lib}_us"] for nm in names)
                 table[f"{label}_{lib}_ms_per_step"] = per_layer * LAYERS / 1e3
                 print(f"m={m:3d} {label:8s} {lib:6s}: {per_layer * LAYERS / 1e3:.3f} ms per 28 layers", flush=True)

@@ -6,6 +6,7 @@
 # REQ_PER_LIVE (default 4): requests per live sequence (16 makes the steady state dominate).
 # MBIF: the job's [generation] micro_batches_in_flight (absent: the default).
 # WARMUP_S: the job's [generation] warmup_s (decode buckets warmed before READY; absent: the default).
+# PREFILL_CHUNK: the job's [generation] prefill_chunk_tokens (absent: the default).
 set -u
 out=${1:-out/gen_1stage}
 cases=${2:-"8:16:true 64:128:true 8:16:false 64:128:false"}
@@ -31,6 +32,7 @@ prompt_tokens = 128
 output_tokens = 128
 ${WARMUP_S:+warmup_s = ${WARMUP_S}}
 ${MBIF:+micro_batches_in_flight = ${MBIF}}
+${PREFILL_CHUNK:+prefill_chunk_tokens = ${PREFILL_CHUNK}}
 [workload]
 requests = $((live * ${REQ_PER_LIVE:-4}))
 concurrency = ${live}

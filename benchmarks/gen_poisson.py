@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--kv-budget", type=int, default=400_000)
     ap.add_argument("--micro-batches", type=int, default=0,
                     help="[generation] micro_batches_in_flight (0: the default, one per stage)")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="[generation] prefill_chunk_tokens (absent: the job's default)")
     ap.add_argument("--rates", default="2,4,8,12,16")
     ap.add_argument("--duration-s", type=float, default=30.0)
     ap.add_argument("--prompt-mean", type=float, default=512)
@@ -98,7 +100,9 @@ def main() -> None:
                      "pipeline": {"stages": 1, "cuda_graphs": True, "compile": args.compile},
                      "placement": {"devices": [args.device]},
                      "generation": {"max_batch_sequences": args.max_batch, "kv_budget_tokens": args.kv_budget,
-                                    "micro_batches_in_flight": args.micro_batches}},
+                                    "micro_batches_in_flight": args.micro_batches,
+                                    **({} if args.prefill_chunk is None
+                                       else {"prefill_chunk_tokens": args.prefill_chunk})}},
                     "gen_poisson.toml")
     prepared = prepare(cfg)
     vocab = prepared.spec.vocab_size

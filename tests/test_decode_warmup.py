@@ -175,6 +175,72 @@ def test_warm_up_off_without_graphs_and_within_its_budget(monkeypatch: Any) -> N
     assert offered == [] and program.kv.seqs == {} and program.kv.fits(64)
 
 
+def test_prefill_buckets_are_every_shape_a_prefill_can_take() -> None:
+    from infscaled.generation.graphs import PREFILL_GRAPH_TOKENS, PrefillStep
+    from infscaled.generation.kv import StageKV
+
+    for max_rows in (1, 4, 12, 64, 128):
+        step = PrefillStep(torch.nn.Module(), StageKV(64), torch.device("cpu"), "input_ids", max_rows, False)
+        step.graphs = True  # (key() answers for a graph-capable stage; nothing runs here)
+        buckets = step.buckets()
+        formed = {step.key(r, c, past=False, last_logits=True) for r in range(1, max_rows + 1)
+                  for c in range(1, PREFILL_GRAPH_TOKENS + 1, 7)} - {None}
+        assert formed == set(buckets) and step.max_graphs == len(buckets)
+    assert len(buckets) == 36 and buckets[:2] == [(1, 16), (1, 32)] and buckets[-1] == (128, 16)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_prefill_warm_up_runs_every_bucket_and_leaves_the_cache_as_it_was(monkeypatch: Any) -> None:
+    """After the decode buckets, the prefill buckets (PrefillStep's, capture recorded as above):
+    every one the model's positions and the KV budget allow, rows then columns ascending, each
+    offered for capture once; the cache ends as it began; a prefill after it is exact."""
+    resolved = resolve(MODEL)
+    (program,), _ = _stages(monkeypatch, 1, budget=1024, max_rows=4)
+    prefills = program.prefills
+    prefills.graphs = True
+    offered: list[tuple[int, int]] = []
+
+    def record(b: Any, key: tuple[int, int]) -> None:
+        offered.append(key)
+        b.eager = True
+
+    monkeypatch.setattr(prefills, "_capture", record)
+    warmed = warm_up(program.decoder, 60.0, 600.0, resolved.family, torch.float32, prefills)
+    assert warmed is not None and warmed.prefill is not None
+    # Rows 1, 2, 4 x columns 16..256 (llama-tiny's 256 positions), within 1024 tokens: 1 x 16..256,
+    # 2 x 16..256, 4 x 16..256 — 4 x 256 (1,024 tokens) fits exactly.
+    want = [(r, c) for r in (1, 2, 4) for c in (16, 32, 64, 128, 256)]
+    assert list(warmed.prefill.stepped) == want and offered == want and warmed.prefill.planned == len(want)
+    assert "prefill warm-up: 15 of 15 buckets run" in warmed.prefill.describe()
+    assert "rows x tokens: 1x16 1x32" in warmed.prefill.describe()
+    kv = program.kv
+    assert kv.seqs == {} and kv.reserved == {} and kv.pages == {} and kv.reserved_tokens == 0
+    assert prefills.replays == 0
+    kv.prefill([99], [1], [3 * PAGE_TOKENS])
+    assert kv.pages[99] == [0, 1, 2]  # the free pages' order is the fresh pool's
+    kv.free([99])
+    # A prompt of 9 tokens through its warmed bucket (1 x 16) gives the monolith's logits.
+    prompt = torch.tensor([[5, 77, 3, 120, 9, 41, 8, 200, 17]])
+    with torch.inference_mode():
+        key = prefills.key(1, 9, past=False, last_logits=True)
+        assert key == (1, 16)
+        got = prefills.step(key, prompt, [0], [9], [32])["output"]
+        want_logits = Monolith(resolved, "cpu", "float32", 0).model(prompt).logits[:, -1]
+    torch.testing.assert_close(got, want_logits, rtol=1e-4, atol=1e-4)
+    kv.free([0])
+    # A KV budget under a bucket's tokens leaves that bucket to first use; the time budget caps.
+    (small,), _ = _stages(monkeypatch, 1, budget=256, max_rows=4)
+    small.prefills.graphs = True
+    monkeypatch.setattr(small.prefills, "_capture", record)
+    warmed = warm_up(small.decoder, 60.0, 600.0, resolved.family, torch.float32, small.prefills)
+    assert warmed is not None and warmed.prefill is not None
+    assert all(r * c <= 256 for r, c in warmed.prefill.stepped) and (4, 64) in warmed.prefill.stepped
+    assert (2, 256) not in warmed.prefill.stepped
+    from infscaled.generation.warmup import warm_prefill
+    none = warm_prefill(small.prefills, 0.0, 64, torch.float32)
+    assert none.stepped == () and "captured on first use" in none.describe() and small.kv.seqs == {}
+
+
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from infscaled.engine import genwire as gw
-from infscaled.engine.programs.generation import NO_CHUNKS, _admit, _Chain, _next_prefill
+from infscaled.engine.programs.generation import (
+    NO_CHUNKS,
+    PREFILL_GATHER_S,
+    _admit,
+    _Chain,
+    _hold_prefills,
+    _next_prefill,
+)
 from infscaled.errors import WireError
 from infscaled.generation.kv import StageKV
 from infscaled.generation.params import SamplingParams
@@ -60,6 +67,28 @@ def test_rows_cap_a_micro_batch_and_the_budget_holds_prefills_back() -> None:
     kv = StageKV(64)
     chain = _queued(_prefill(0, [3, 3]), kv=kv)  # the first does not fit: it waits, held
     assert not chain.queue and len(chain.held) == 1
+
+
+def test_prefills_are_held_for_a_busy_inbox_only_until_a_micro_batch_is_queued() -> None:
+    # Two prompts of 100 with room for 8 rows and 512 tokens: held while the inbox is busy, for at
+    # most PREFILL_GATHER_S from the first hold.
+    chain = _queued(_prefill(0, [100, 100], reserve=1024))
+    assert _hold_prefills(chain, True, rows=8, tokens=512, now=0.0)
+    assert _hold_prefills(chain, True, rows=8, tokens=512, now=PREFILL_GATHER_S / 2)
+    assert not _hold_prefills(chain, True, rows=8, tokens=512, now=PREFILL_GATHER_S)
+    idle_inbox = False
+    assert not _hold_prefills(_queued(_prefill(0, [100, 100], reserve=1024)), idle_inbox, rows=8, tokens=512, now=0.0)
+    # A micro-batch's worth of rows, or of prompt tokens (the closed loop of 128-token prompts
+    # that was held 20 ms behind every 4 prompts: BENCHMARKS.md section 25), goes at once.
+    assert not _hold_prefills(_queued(_prefill(0, [100, 100], reserve=1024)), True, rows=2, tokens=512, now=0.0)
+    assert not _hold_prefills(_queued(_prefill(0, [100, 100], reserve=1024)), True, rows=8, tokens=200, now=0.0)
+    assert not _hold_prefills(_queued(_prefill(0, [600], reserve=1024)), True, rows=8, tokens=512, now=0.0)
+    assert _hold_prefills(_queued(_prefill(0, [100, 99], reserve=1024)), True, rows=8, tokens=200, now=0.0)
+    assert _hold_prefills(_queued(_prefill(0, [600], reserve=1024)), True, rows=8, tokens=NO_CHUNKS, now=0.0)
+    # A prompt under way continues at once.
+    chain = _queued(_prefill(0, [10]))
+    _next_prefill(chain.queue, rows=8, tokens=4)
+    assert not _hold_prefills(chain, True, rows=8, tokens=512, now=0.0)
 
 
 def test_long_prompts_go_in_chunks_within_the_token_budget() -> None:

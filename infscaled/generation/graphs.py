@@ -193,9 +193,12 @@ class PrefillStep:
     """
 
     def __init__(self, stage: torch.nn.Module, kv: StageKV, device: torch.device, input_key: str, max_rows: int,
-                 graphs: bool, max_graphs: int = 24) -> None:
+                 graphs: bool, max_graphs: int | None = None) -> None:
         self.stage, self.kv, self.device, self.input_key = stage, kv, device, input_key
-        self.max_rows, self.max_graphs = max_rows, max_graphs
+        self.max_rows = max_rows
+        # The buckets are few (36 at 128 rows) and share one memory pool: by default every one
+        # may have its graph, so no prefill shape runs eagerly for good.
+        self.max_graphs = max_graphs if max_graphs is not None else len(self.buckets())
         layers = [u for u in getattr(stage, "units", []) if hasattr(u, "fuse_projections")]
         self.fused = bool(layers) and all("_fused" in u.__dict__ for u in layers)
         self.graphs = graphs and device.type == "cuda" and self.fused
@@ -213,6 +216,23 @@ class PrefillStep:
         if key not in self._buckets and len(self._buckets) >= self.max_graphs:
             return None
         return key
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every bucket `key` can give (rows, columns), rows then columns ascending."""
+        rows, out = 1, []
+        while True:
+            r = min(rows, self.max_rows)
+            columns = PAGE_TOKENS
+            while r * columns <= PREFILL_GRAPH_TOKENS:
+                out.append((r, columns))
+                columns *= 2
+            if r >= self.max_rows:
+                return out
+            rows *= 2
+
+    def captured(self) -> list[tuple[int, int]]:
+        """The buckets (rows, columns) whose prefills replay a CUDA graph."""
+        return [key for key, b in self._buckets.items() if b.graph is not None]
 
     def step(self, key: tuple[int, int], x: torch.Tensor, seqs: list[int], lengths: list[int],
              reserves: list[int]) -> dict[str, torch.Tensor]:

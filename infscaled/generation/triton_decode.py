@@ -69,8 +69,15 @@ if triton is not None:
                  out.to(out_ptr.dtype.element_ty), mask=hmask[:, None])
 
 
+# The launch's tile and schedule (benchmarks/paged_decode_tune.py measures the alternatives).
+BLOCK_T = 64
+NUM_WARPS = 4
+NUM_STAGES: int | None = None  # Triton's default
+
+
 def _launch(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, table: torch.Tensor,
-            positions: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+            positions: torch.Tensor, scale: float, window: int, block_t: int | None = None,
+            num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """query [B, Hq, Dh] (contiguous), pools [pages + 1, PAGE, Hkv, Dh] -> [B, Hq, Dh]."""
     assert triton is not None
     b, hq, dh = query.shape
@@ -82,9 +89,10 @@ def _launch(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, tab
         query, pool_k, pool_v, table, positions, out,
         query.stride(0), query.stride(1), table.stride(0), pool_k.stride(0), pool_k.stride(1), pool_k.stride(2),
         out.stride(0), out.stride(1), scale * 1.4426950408889634, window if window > 0 else 1 << 40,
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=dh, PAGE=page, BLOCK_T=64,
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=dh, PAGE=page, BLOCK_T=block_t or BLOCK_T,
         # float32 jobs promise greedy = HF: no TF32 there.
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4)
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps or NUM_WARPS,
+        **({} if (stages := num_stages or NUM_STAGES) is None else {"num_stages": stages}))
     return out
 
 

@@ -1,4 +1,4 @@
-"""A generation stage's decode buckets, run and captured before the stage says READY.
+"""A generation stage's decode and prefill buckets, run and captured before the stage says READY.
 
 Why: a CUDA stage captures its decode step once per bucket (generation/graphs.py: a bucket's first
 step runs eagerly, the second captures) and, with `[pipeline] compile = true`, compiles it for
@@ -22,6 +22,13 @@ Which buckets (`plan_buckets`), most useful first:
 - within `budget_s`: a bucket starts only while the last one's time still fits in what is left
   (with compile a bucket costs seconds; without, two launch-bound steps and a capture).
 
+Then the prefill buckets (`warm_prefill`, with the time left): generation/graphs.py PrefillStep
+replays whole prompts (and first chunks) of up to PREFILL_GRAPH_TOKENS padded tokens from graphs,
+one per (rows, columns) bucket; there are few of them (36 at 128 rows), all planned, rows then
+columns ascending. Met first while serving, each would cost an eager prefill and a capture in
+front of every running sequence (on an H200, llama-3b: all 36 take 4.4 s before READY;
+BENCHMARKS.md section 25).
+
 Leaving nothing behind: one warm-up sequence (WARMUP_SEQ, an id no dispatcher uses) is admitted
 through a real 1-token prefill forward of the stage (then prefills of 1 and 2 rows of a page, so
 a compiled prefill has compiled its dynamic-shape graphs), so the KV pools are allocated from real keys
@@ -39,12 +46,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
-from infscaled.generation.graphs import DecodeStep, bucket
+from infscaled.generation.graphs import DecodeStep, PrefillStep, bucket
 from infscaled.generation.kv import PAGE_TOKENS, pages_for
 
 if TYPE_CHECKING:
@@ -60,21 +67,26 @@ STEPS_PER_BUCKET = 2  # an eager step (lazy initialisations, compilation), then 
 
 @dataclass(frozen=True)
 class Warmed:
-    """What a warm-up did: the buckets it stepped (rows, pages), in order, those of them that
-    now replay a CUDA graph, how many it planned, and how long it took."""
+    """What a warm-up did: the buckets it stepped (rows, pages; for prefills rows, tokens), in
+    order, those of them that now replay a CUDA graph, how many it planned, and how long it took;
+    `prefill`: the prefill warm-up that followed a decode warm-up, if any."""
 
     stepped: tuple[tuple[int, int], ...]
     captured: tuple[tuple[int, int], ...]
     planned: int
     seconds: float
     budget_s: float
+    kind: str = "decode"
+    prefill: Warmed | None = None
 
     def describe(self) -> str:
         shapes = " ".join(f"{r}x{w}" for r, w in self.stepped) or "none"
         left = self.planned - len(self.stepped)
         tail = f"; {left} more are captured on first use (time budget)" if left else ""
-        return (f"decode warm-up: {len(self.stepped)} of {self.planned} buckets run, {len(self.captured)} captured "
-                f"as CUDA graphs, in {self.seconds:.1f} s (budget {self.budget_s:g} s; rows x pages: {shapes}){tail}")
+        unit = "pages" if self.kind == "decode" else "tokens"
+        return (f"{self.kind} warm-up: {len(self.stepped)} of {self.planned} buckets run, {len(self.captured)} "
+                f"captured as CUDA graphs, in {self.seconds:.1f} s (budget {self.budget_s:g} s; rows x {unit}: "
+                f"{shapes}){tail}")
 
 
 def sizes(limit: int, cap: int) -> list[int]:
@@ -160,12 +172,55 @@ def warm_decode(decoder: DecodeStep, budget_s: float, hidden_size: int, dtype: t
                   time.monotonic() - started, budget_s)
 
 
+def warm_prefill(prefills: PrefillStep, budget_s: float, hidden_size: int, dtype: torch.dtype,
+                 max_positions: int = 0) -> Warmed:
+    """Run (and capture) every prefill bucket of `prefills` (PrefillStep.buckets: rows, then
+    columns ascending) within `budget_s`, as the decode warm-up does its buckets: a bucket's
+    rows are warm-up sequences (WARMUP_SEQ, WARMUP_SEQ - 1, ...) admitted with prompts of exactly
+    its columns, prefilled twice (eager, then the capture) and freed, last taken first given
+    back, so the StageKV ends as it began. A bucket whose tokens the KV budget cannot hold is
+    left to first use; one wider than the model's positions (`max_positions`, 0: no limit) is
+    never used. Why: a bucket first met while serving costs an eager prefill and a capture
+    in front of every running sequence."""
+    kv = prefills.kv
+    assert not kv.seqs, "warm-up runs before the stage serves"
+    widest = bucket(max_positions, 1 << 40) if max_positions > 0 else 1 << 40
+    plan = [k for k in prefills.buckets() if k[1] <= widest and kv.fits_all([k[1]] * k[0])][:prefills.max_graphs]
+    first = prefills.input_key == "input_ids"
+    started = time.monotonic()
+    replays = prefills.replays
+    stepped: list[tuple[int, int]] = []
+    last = 0.0
+    with torch.inference_mode():
+        for rows, columns in plan:
+            now = time.monotonic()
+            if now - started + last > budget_s:
+                break
+            seqs = [WARMUP_SEQ - i for i in range(rows)]
+            x = (torch.zeros((rows, columns), dtype=torch.int64) if first
+                 else torch.zeros((rows, columns, hidden_size), dtype=dtype))
+            for _ in range(STEPS_PER_BUCKET):
+                try:
+                    prefills.step((rows, columns), x, seqs, [columns] * rows, [columns] * rows)
+                finally:
+                    for s in reversed(seqs):  # (last taken, first given back: the pool's order as before)
+                        kv.free([s])
+            _sync(prefills.device)
+            stepped.append((rows, columns))
+            last = time.monotonic() - now
+    prefills.replays = replays
+    planned = set(plan)
+    return Warmed(tuple(stepped), tuple(k for k in prefills.captured() if k in planned), len(plan),
+                  time.monotonic() - started, budget_s, kind="prefill")
+
+
 def warm_up(decoder: DecodeStep, warmup_s: float, ready_left_s: float, family: Family,
-            dtype: torch.dtype) -> Warmed | None:
+            dtype: torch.dtype, prefills: PrefillStep | None = None) -> Warmed | None:
     """The worker's call (worker/entry.py), before its edges join: warm the decode buckets of a
-    stage whose decode steps replay CUDA graphs, for at most `warmup_s` (generation.warmup_s) and
-    at most half the `ready_left_s` seconds left before the supervisor's READY timeout; one INFO
-    line says what was done. A warm-up that fails logs a warning and leaves the rest to first
+    stage whose decode steps replay CUDA graphs, then (given `prefills`, with what is left of the
+    time) its prefill buckets, for at most `warmup_s` (generation.warmup_s) in all and at most half
+    the `ready_left_s` seconds left before the supervisor's READY timeout; an INFO line for each
+    says what was done. A warm-up that fails logs a warning and leaves the rest to first
     use: like graphs themselves, it is a speed-up, never a reason for a stage to fail (a real
     fault shows again, with its real error, on the first request)."""
     if warmup_s <= 0 or not decoder.graphs:
@@ -185,7 +240,16 @@ def warm_up(decoder: DecodeStep, warmup_s: float, ready_left_s: float, family: F
         log.warning("decode warm-up failed; its buckets are captured on first use", exc_info=True)
         return None
     log.info("%s", warmed.describe())
-    return warmed
+    if prefills is None or not prefills.graphs:
+        return warmed
+    try:
+        prefill = warm_prefill(prefills, max(0.0, budget - warmed.seconds), hidden, dtype,
+                               family.input_spec().max_positions)
+    except Exception:  # noqa: BLE001 - as above
+        log.warning("prefill warm-up failed; its buckets are captured on first use", exc_info=True)
+        return warmed
+    log.info("%s", prefill.describe())
+    return replace(warmed, prefill=prefill)
 
 
 def _sync(device: torch.device) -> None:

@@ -203,13 +203,13 @@ def _serve(spec: WorkerSpec, send: Callable[[control.ControlMessage], None], eng
     engine.epoch = plan.epoch
     if plan.generation is not None:
         # Before the edges join (so before READY, and before any sequence can reach this stage):
-        # the decode buckets' compilation and capture (generation/warmup.py).
+        # the decode and prefill buckets' compilation and capture (generation/warmup.py).
         from infscaled.generation.warmup import warm_up
         from infscaled.models.meta import dtype_of
 
         assert isinstance(program, GenerationStage)
         warm_up(program.decoder, plan.generation.warmup_s, spec.connect_timeout_s - (time.monotonic() - started),
-                resolved.family, dtype_of(plan.dtype))
+                resolved.family, dtype_of(plan.dtype), program.prefills)
     engine.on_edge_failed = lambda end, why: send(control.EdgeFailed(str(me), str(end.peer), end.key, why, end.epoch))
     connecting = time.monotonic()
     # Joined in the background: a peer that dies meanwhile (declared dead by the supervisor's next

@@ -314,15 +314,8 @@ class GenerationStage(Program):
             self._send_next(gw.Free([]))  # frees no compute carried down
 
     def _gathering(self) -> bool:
-        """Hold prefills back while more messages are queued, unless a micro-batch's worth of rows
-        is held or the oldest has waited PREFILL_GATHER_S (so a busy inbox never starves them)."""
-        chain = self.chain
-        if chain.queue[0].done or not self.engine.queued() or len(chain.queue) >= self.plan.max_batch_sequences:
-            return False  # (a prompt under way continues at once)
-        now = time.monotonic()
-        if chain.held_since is None:
-            chain.held_since = now
-        return now - chain.held_since < PREFILL_GATHER_S
+        return _hold_prefills(self.chain, self.engine.queued(), self.plan.max_batch_sequences,
+                              self.plan.prefill_chunk_tokens or NO_CHUNKS, time.monotonic())
 
     def _tokens_back(self, msg: gw.Tokens, readied: bool = False) -> None:
         """Stage 0: a micro-batch's tokens are back; with `readied` the sequences that go on are
@@ -581,6 +574,20 @@ def _admit(chain: _Chain, kv: StageKV) -> None:
         for i, spec in enumerate(msg.specs):
             chain.queue.append(_Prompt(spec, msg.x[i, :spec.prompt_len]))
             chain.prefilling.add(spec.seq)
+
+
+def _hold_prefills(chain: _Chain, inbox_busy: bool, rows: int, tokens: int, now: float) -> bool:
+    """Whether stage 0 holds its queued prefills back a little, to merge them with the ones a busy
+    inbox may bring: not when a prompt is under way (its chunks go on at once), nor once a
+    micro-batch's worth is queued (`rows` prompts, or `tokens` prompt tokens: more would wait
+    for the next micro-batch anyway), nor after the oldest has waited PREFILL_GATHER_S (so a busy
+    inbox never starves them). Records in the chain when the hold began."""
+    queue = chain.queue
+    if queue[0].done or not inbox_busy or len(queue) >= rows or sum(p.left for p in queue) >= tokens:
+        return False
+    if chain.held_since is None:
+        chain.held_since = now
+    return now - chain.held_since < PREFILL_GATHER_S
 
 
 def _next_prefill(queue: list[_Prompt], rows: int, tokens: int) -> gw.Prefill:
