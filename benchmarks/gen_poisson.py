@@ -8,7 +8,9 @@ Prompt and output lengths are lognormal (sigma --sigma, means --prompt-mean / --
 --max-prompt / --max-output), prompts are random token ids, sampling greedy with exactly the drawn
 number of new tokens. The job starts once; a closed-loop warm-up (--warmup sequences of every
 decode batch size) runs first, so graph captures and compilation are not in the measured rates.
-Each rate then sends rate x --duration-s sequences (Poisson arrivals) and waits for all of them.
+Each rate then sends rate x --duration-s sequences (Poisson arrivals; the lengths and prompts
+drawn from seed --seed + 1000 x rate, so a rate's workload is the same in any sweep) and waits
+for all of them.
 Per rate: TTFT and TPOT p50/p99, tokens/s, and whether the SLO (TTFT p99 <= --ttft-slo-ms, TPOT
 p99 <= --tpot-slo-ms) holds. Goodput = completed sequences/s at the highest rate that meets the
 SLO. Writes DIR/gen_poisson.json and prints one line per rate.
@@ -79,6 +81,7 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="[generation] prefill_chunk_tokens (absent: the job's default)")
     ap.add_argument("--rates", default="2,4,8,12,16")
+    ap.add_argument("--seed", type=int, default=0, help="added to each rate's workload seed (rate x 1000)")
     ap.add_argument("--duration-s", type=float, default=30.0)
     ap.add_argument("--prompt-mean", type=float, default=512)
     ap.add_argument("--output-mean", type=float, default=256)
@@ -123,9 +126,13 @@ def main() -> None:
             print(f"ready in {doc['ready_s']:.1f} s, warm-up of {warm} sequences {doc['warmup_s']:.1f} s",
                   flush=True)
         misses = 0
-        for i, rate in enumerate(rates):
+        for rate in rates:
             n = max(1, round(rate * args.duration_s))
-            outcomes, wall = drive_generation(job.generator.submit, iter(workload(n, args, vocab, seed=i)), n, rate, 0)
+            # The workload's seed is the rate's (before: its index in --rates, so one rate drew
+            # other prompts in another sweep, and p99s of runs with other lists were not comparable).
+            seed = args.seed + round(rate * 1000)
+            work = iter(workload(n, args, vocab, seed=seed))
+            outcomes, wall = drive_generation(job.generator.submit, work, n, rate, 0)
             row = measure(outcomes, wall, rate, args)
             doc["rates"].append(row)
             print(f"rate {rate:g}/s: {row['completed']}/{row['sent']} in {wall:.1f} s, "

@@ -251,11 +251,23 @@ def test_bfloat16_stages_match_monolith() -> None:
     resolved = resolve("builtin:llama-tiny")
     mono = Monolith(resolved, "cpu", "bfloat16", SEED)
     requests = make_requests(resolved)
+    exact = Monolith(resolved, "cpu", "float32", SEED)
     results = run_pipeline(resolved, build_pipeline(resolved, (1, 3, -1), "bfloat16"), requests, torch.bfloat16)
+
+    def off(got: torch.Tensor, want: torch.Tensor) -> float:
+        return float((got.float() - want.float()).norm() / want.float().norm())
+
     for request, result in zip(requests, results, strict=True):
         assert result.dtype == torch.bfloat16
-        # bf16 keeps 8 bits of mantissa; padded-batch vs single-request kernels round differently.
-        torch.testing.assert_close(result, alone(mono.forward, request), atol=2e-2, rtol=2e-2)
+        # bf16 keeps 8 bits of mantissa, and padded-batch and single-request kernels round
+        # differently, by how much depends on the CPU's kernels (AVX-512 BF16 or not): element
+        # bounds that held on one CI machine failed on another. What must hold anywhere: the
+        # stages' bf16 output is as close to the float32 model as the monolith's own bf16 output
+        # (~1-2 % of the norm), and within 2 % of that output.
+        mono_bf16 = alone(mono.forward, request)
+        reference = alone(exact.forward, request)
+        assert off(result, reference) <= 1.25 * off(mono_bf16, reference) + 1e-3
+        assert off(result, mono_bf16) < 2e-2
 
 
 # 5. Memory grows with the stage, not the model ----------------------------------------------
