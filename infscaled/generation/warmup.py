@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +66,17 @@ GRAPH_SHARE = 0.75  # of DecodeStep.max_graphs, the most the warm-up takes
 STEPS_PER_BUCKET = 2  # an eager step (lazy initialisations, compilation), then the capture
 
 
+class Warm(Enum):
+    """What a warm-up ran: decode steps (buckets of rows x pages) or prefills (rows x tokens)."""
+
+    DECODE = "decode"
+    PREFILL = "prefill"
+
+    @property
+    def unit(self) -> str:
+        return "pages" if self is Warm.DECODE else "tokens"
+
+
 @dataclass(frozen=True)
 class Warmed:
     """What a warm-up did: the buckets it stepped (rows, pages; for prefills rows, tokens), in
@@ -76,17 +88,16 @@ class Warmed:
     planned: int
     seconds: float
     budget_s: float
-    kind: str = "decode"
+    kind: Warm = Warm.DECODE
     prefill: Warmed | None = None
 
     def describe(self) -> str:
         shapes = " ".join(f"{r}x{w}" for r, w in self.stepped) or "none"
         left = self.planned - len(self.stepped)
         tail = f"; {left} more are captured on first use (time budget)" if left else ""
-        unit = "pages" if self.kind == "decode" else "tokens"
-        return (f"{self.kind} warm-up: {len(self.stepped)} of {self.planned} buckets run, {len(self.captured)} "
-                f"captured as CUDA graphs, in {self.seconds:.1f} s (budget {self.budget_s:g} s; rows x {unit}: "
-                f"{shapes}){tail}")
+        return (f"{self.kind.value} warm-up: {len(self.stepped)} of {self.planned} buckets run, "
+                f"{len(self.captured)} captured as CUDA graphs, in {self.seconds:.1f} s (budget {self.budget_s:g} s; "
+                f"rows x {self.kind.unit}: {shapes}){tail}")
 
 
 def sizes(limit: int, cap: int) -> list[int]:
@@ -211,7 +222,7 @@ def warm_prefill(prefills: PrefillStep, budget_s: float, hidden_size: int, dtype
     prefills.replays = replays
     planned = set(plan)
     return Warmed(tuple(stepped), tuple(k for k in prefills.captured() if k in planned), len(plan),
-                  time.monotonic() - started, budget_s, kind="prefill")
+                  time.monotonic() - started, budget_s, kind=Warm.PREFILL)
 
 
 def warm_up(decoder: DecodeStep, warmup_s: float, ready_left_s: float, family: Family,
