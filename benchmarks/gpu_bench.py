@@ -66,6 +66,7 @@ class Opts:
         self.warmup = a.warmup
         self.dtype = a.dtype
         self.gpus = a.gpus
+        self.peak = a.peak
 
 
 def dev(o: Opts, i: int) -> str:
@@ -98,6 +99,35 @@ def config(o: Opts) -> Any:
     from infscaled.models.builtins import builtin_config
 
     return builtin_config(o.model.removeprefix("builtin:"))
+
+
+def batch_flops(o: Opts) -> float:
+    """Matrix FLOPs of one micro-batch (--batch prompts of --seq tokens, no padding): 2 x the decoder
+    layers' projection weights x tokens, the lm_head on each row's last token (the builtin's
+    next-token head), and causal attention (QK^T and PV: 2 x T^2 x heads x head size per row and
+    layer, half of the square each)."""
+    cfg = config(o)
+    d, inter, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    per_layer = d * (heads + 2 * kv_heads) * head_dim + heads * head_dim * d + 3 * d * inter
+    tokens = o.batch * o.seq
+    return float(2 * layers * per_layer * tokens + 2 * d * cfg.vocab_size * o.batch
+                 + 2 * layers * o.batch * o.seq * o.seq * heads * head_dim)
+
+
+def with_flops(o: Opts, s: dict[str, Any]) -> dict[str, Any]:
+    """Adds the achieved matrix TFLOP/s of the run and its share of --peak; for a one-stage
+    pipeline (the whole model) also of the stage's GPU compute time per micro-batch."""
+    flops = batch_flops(o)
+    s["batch_tflop"] = flops / 1e12
+    s["tflops"] = s["seq_per_s"] / o.batch * flops / 1e12
+    s["of_peak"] = s["tflops"] / o.peak
+    if len(s.get("stage_compute_ms") or ()) == 1:
+        s["stage_tflops"] = flops / (s["stage_compute_ms"][0] * 1e-3) / 1e12
+        s["stage_of_peak"] = s["stage_tflops"] / o.peak
+    return s
 
 
 def hf_model(o: Opts, device: str) -> Any:
@@ -147,7 +177,7 @@ def run_monolith(o: Opts, device: str) -> dict[str, Any]:
             hf_forward(model, batches[i % len(batches)]).cpu()  # result to the host: synchronises
 
     lat, elapsed, n = timed_loop(step, o.seconds, o.warmup)
-    return summary(lat, n * o.batch, elapsed)
+    return with_flops(o, summary(lat, n * o.batch, elapsed))
 
 
 def _dp_child(o: Opts, device: str, barrier: Any, out: Any) -> None:
@@ -218,7 +248,7 @@ def run_accelerate(o: Opts, gpus: list[int], split: list[tuple[int, int]]) -> di
             hf_forward(model, batches[i % len(batches)]).cpu()
 
     lat, elapsed, n = timed_loop(step, o.seconds, o.warmup)
-    return summary(lat, n * o.batch, elapsed)
+    return with_flops(o, summary(lat, n * o.batch, elapsed))
 
 
 # -- (d) torch.distributed.pipelining GPipe -------------------------------------------------------
@@ -435,7 +465,7 @@ def _run_infscaled(o: Opts, name: str, split: list[tuple[int, int]], replicas: l
              stage_stats={k: (v.__dict__ if v is not None else None) for k, v in stats.items()},
              cuda_graphs=graphs, graph_replays={k: v.graph_replays for k, v in stats.items() if v is not None},
              transport=os.environ.get("INFSCALED_TRANSPORT", "auto"))
-    return s
+    return with_flops(o, s)
 
 
 # -- per-unit cost and splits ---------------------------------------------------------------------
@@ -505,6 +535,9 @@ def cases(o: Opts, costs: list[float], gpus: int, out: Path) -> Iterator[tuple[s
     split2, split4 = balanced(costs, 2), balanced(costs, 4) if gpus >= 4 else None
     g2 = [0, 1]
     yield "a monolith 1 GPU", lambda: run_monolith(o, dev(o, 0))
+    yield "e infscaled 1 stage", lambda: run_infscaled(o, "inf1", [(0, len(costs) - 1)], [1], [dev(o, 0)], out, 3)
+    if gpus < 2:
+        return
     yield "b dp 2 GPUs", lambda: run_dp(o, g2)
     yield "c accelerate 2 GPUs", lambda: run_accelerate(o, g2, split2)
     yield "d gpipe 2 GPUs m=8", lambda: run_gpipe(o, g2, split2)
@@ -546,6 +579,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per case (after warm-up)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up batches per case")
+    p.add_argument("--peak", type=float, default=790.0, help="bf16 matrix TFLOP/s of one card (H200: ~790)")
     p.add_argument("--only", default="", help="comma-separated case-name prefixes to run (e.g. 'a ,e ')")
     a = p.parse_args()
     if a.tiny:
@@ -592,6 +626,10 @@ def main() -> None:
                     f"{[round(x, 2) for x in r['stage_compute_ms']]})" if "efficiency" in r else ""
             if "graph_replays" in r:
                 extra += f" graph replays {r['graph_replays']}"
+            if "tflops" in r:
+                extra += f" {r['tflops']:.0f} TFLOP/s ({r['of_peak']:.0%} of peak)"
+            if "stage_of_peak" in r:
+                extra += f", stage compute {r['stage_tflops']:.0f} TFLOP/s ({r['stage_of_peak']:.0%})"
             print(f"{name}: {r['seq_per_s']:.1f} seq/s p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} ms"
                   f"{extra} [{time.perf_counter() - t:.0f} s]", flush=True)
         info["results"] = results

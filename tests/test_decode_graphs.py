@@ -92,7 +92,8 @@ def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model:
     """compile_stage on the CPU with dynamo's "eager" backend (the trace without code generation,
     which on a CPU would take minutes): every layer of the stage must reuse one graph per shape
     (one for the decode bucket, one for forward micro-batches; none per layer), prefills stay
-    eager (fused: compiled with dynamic shapes around the attention), and the outputs
+    eager (fused: compiled with dynamic shapes around the attention, forward micro-batches
+    too), and the outputs
     equal the uncompiled stage's. Decode steps run on static buckets (as
     under CUDA graphs; capture replaced as in the test above): compiled layers only run those.
     `fused`: the compiled stage's decode steps take the fused projections (fused_decode.py), one
@@ -130,21 +131,28 @@ def test_compiled_layers_share_one_graph_and_compute_what_eager_layers_do(model:
             out.append(stage({"input_ids": ids, "attention_mask": mask})["hidden"])  # a forward micro-batch
     for got, want in zip(outs[1], outs[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # One graph for the decode bucket, one for forward micro-batches; fused: the prefill's two
-    # parts around its attention (dynamic shapes), every layer sharing them.
-    assert counters["stats"]["unique_graphs"] == (4 if fused else 2), dict(counters["stats"])
+    # One graph for the decode bucket, one for forward micro-batches; fused: the decode bucket and
+    # the prefill's two parts around its attention (dynamic shapes), every layer sharing them, which
+    # forward micro-batches run too.
+    assert counters["stats"]["unique_graphs"] == (3 if fused else 2), dict(counters["stats"])
 
 
 def test_prefill_positions_go_to_their_pages() -> None:
-    """kv.py's prefill index (built in numpy): row i's position t goes to page pages[t // PAGE] at
-    offset t % PAGE, for prompts of different lengths."""
+    """kv.py's prefill index (built in numpy): in a chunk padded to T columns, row i's position t
+    goes to slot page * PAGE + offset of page pages[t // PAGE], offset t % PAGE, for prompts of
+    different lengths; padding columns go to the scratch page; a width too narrow is an error."""
     kv = StageKV(4096)
     seqs, lengths = [3, 5, 9], [5, 40, 17]
-    rows, cols, pages, offsets = kv.prefill(seqs, lengths, [64, 64, 100])._write  # type: ignore[misc]
-    expected = [(i, t, kv.pages[s][t // PAGE_TOKENS], t % PAGE_TOKENS)
-                for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)) for t in range(n)]
-    got = list(zip(rows.tolist(), cols.tolist(), pages.tolist(), offsets.tolist(), strict=True))
-    assert got == expected
+    batch = kv.prefill(seqs, lengths, [64, 64, 100])
+    width = 41
+    slots = batch.slots(width).tolist()
+    scratch = kv.scratch_page * PAGE_TOKENS
+    expected = [kv.pages[s][t // PAGE_TOKENS] * PAGE_TOKENS + t % PAGE_TOKENS if t < n else scratch
+                for s, n in zip(seqs, lengths, strict=True) for t in range(width)]
+    assert slots == expected
+    assert batch.slots(width) is batch.slots(width)  # made once per width
+    with pytest.raises(ValueError, match="does not fit 39 columns"):
+        batch.slots(39)
 
 
 def test_prefills_on_static_buckets_compute_what_exact_prefills_do(monkeypatch: Any) -> None:

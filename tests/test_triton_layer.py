@@ -103,3 +103,50 @@ def test_rotary_kv_rotates_q_and_writes_k_and_v_into_their_pages(device: str, dt
     check(pools[0], want_k, dtype)
     assert torch.equal(pools[1], want_v)  # values are copied, not computed
     assert not torch.equal(pools[0], want_k.new_zeros(want_k.shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared_angles", [True, False])
+def test_rotary_qkv_rotates_a_prefill_and_writes_its_keys_and_values_into_their_slots(
+        device: str, dtype: torch.dtype, shared_angles: bool) -> None:
+    """The prefill kernel: q, k (rotated) and v [B, H, T, Dh] as the torch path makes them, with
+    cos / sin per row or shared by the rows ([1, T, Dh]), and each token's key and value written to
+    its pool slot (page * PAGE + offset; padding to the scratch page); without pools, nothing written."""
+    from infscaled.generation.kv import StageKV
+
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, head_dim, rows, t = 6, 2, 12, 2, 21
+    qkv = torch.randn(rows, t, (heads + 2 * kv_heads) * head_dim, generator=gen).to(device, dtype)
+    angle = torch.rand(1 if shared_angles else rows, t, head_dim // 2, generator=gen) * 6
+    cos = torch.cat([angle.cos(), angle.cos()], -1).to(device, dtype)
+    sin = torch.cat([angle.sin(), angle.sin()], -1).to(device, dtype)
+    kv = StageKV(256, device)
+    batch = kv.prefill([1, 2], [21, 9], [40, 30])  # row 1: 12 columns of padding
+    pools = kv.pools_for(0, kv_heads, head_dim, dtype, torch.device(device))
+    want = [p.clone() for p in pools]
+    nq, nkv = heads * head_dim, kv_heads * head_dim
+    q = qkv[..., :nq].view(rows, t, heads, head_dim).transpose(1, 2)
+    k = qkv[..., nq:nq + nkv].view(rows, t, kv_heads, head_dim).transpose(1, 2)
+    v = qkv[..., nq + nkv:].view(rows, t, kv_heads, head_dim).transpose(1, 2)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    want_k = torch_rotate(k, c, s)
+    slots = batch.slots(t)
+    for pool, x in zip(want, (want_k, v), strict=True):
+        pool.view(-1, kv_heads, head_dim)[slots] = x.transpose(1, 2).reshape(rows * t, kv_heads, head_dim)
+    got_q, got_k, got_v = torch.ops.infscaled.rotary_qkv(qkv, cos, sin, heads, kv_heads, head_dim, *pools, slots)
+    check(got_q, torch_rotate(q, c, s), dtype)
+    check(got_k, want_k, dtype)
+    assert torch.equal(got_v, v) and got_q.is_contiguous() and got_k.is_contiguous()
+    scratch = kv.scratch_page
+    for got, expected in zip(pools, want, strict=True):  # the real positions; padding only touched scratch
+        check(got[:scratch], expected[:scratch], dtype)
+    for s_, n in ((1, 21), (2, 9)):  # every real position is where decode steps will read it
+        for pos in range(n):
+            page, off = kv.pages[s_][pos // PAGE_TOKENS], pos % PAGE_TOKENS
+            row = [1, 2].index(s_)
+            check(pools[0][page, off], want_k[row, :, pos], dtype)
+    before = [p.clone() for p in pools]
+    again = torch.ops.infscaled.rotary_qkv(qkv, cos, sin, heads, kv_heads, head_dim)
+    for got, expected in zip(again, (got_q, got_k, got_v), strict=True):
+        assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(pools, before, strict=True))

@@ -109,7 +109,10 @@ class PagedBatch:
         self.last_index: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # decode: [B] int64, where each new token goes
         self.table: torch.Tensor | None = None  # decode (and prefill with past): [B, P] int64 page ids
-        self._write: tuple[torch.Tensor, ...] | None = None  # prefill: rows, cols, pages, offsets
+        # prefill: where each (row, column) of the padded chunk [B, T] goes in a layer's pool seen
+        # as [slots, H, Dh] (page * PAGE + offset; padding: the scratch page), per width T
+        self._slots: dict[int, torch.Tensor] = {}
+        self._index: tuple[np.ndarray, ...] | None = None  # prefill: rows, cols, pages, offsets (real positions)
         self._masks: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}  # prefill with past: per window
 
     # -- what the attention layers call --------------------------------------------------------
@@ -121,17 +124,42 @@ class PagedBatch:
         given = kwargs.get("kwargs", {}).get("kv_pools")
         pool_k, pool_v = given if given is not None else self.kv.pool(layer_idx, key)
         if not self.decoding:
-            assert self._write is not None
-            rows, cols, pages, offsets = self._write
-            # key [B, H, T, Dh] -> the real positions' [N, H, Dh] into their pages.
-            pool_k[pages, offsets] = key.transpose(1, 2)[rows, cols]
-            pool_v[pages, offsets] = value.transpose(1, 2)[rows, cols]
-            if not self.past:
-                return key, value
-            return gather_pages(pool_k, self.table), gather_pages(pool_v, self.table)
+            # key [B, H, T, Dh] -> every (row, column)'s [H, Dh] into its slot (padding: scratch).
+            b, h, t, d = key.shape
+            slots = self.slots(t)
+            pool_k.view(-1, h, d)[slots] = key.transpose(1, 2).reshape(b * t, h, d)
+            pool_v.view(-1, h, d)[slots] = value.transpose(1, 2).reshape(b * t, h, d)
+            return self.attended(key, value, (pool_k, pool_v))
         assert self.positions is not None and self.table is not None
         write_decode_kv(pool_k, pool_v, self.table, self.positions, key, value)
         return pool_k, pool_v  # the attention reads the pages in place (paged_attention.py)
+
+    def attended(self, key: torch.Tensor, value: torch.Tensor, pools: KV) -> KV:
+        """Prefill: the keys and values a chunk's queries attend to once its own are in the pools:
+        the chunk's [B, H, T, Dh] without past, else each row's pages gathered [B, H, P * PAGE, Dh]."""
+        if not self.past:
+            return key, value
+        return gather_pages(pools[0], self.table), gather_pages(pools[1], self.table)
+
+    def slots(self, width: int) -> torch.Tensor:
+        """Prefill: the pool slot [B * width] of each (row, column) of the chunk padded to `width`
+        columns: page * PAGE + offset for a real position, the scratch page for padding."""
+        slots = self._slots.get(width)
+        if slots is None:
+            if self.static or self._index is None:
+                raise ValueError(f"no prefill slots for a chunk {width} wide (have {sorted(self._slots)})")
+            slots = self._slots[width] = to_device_no_sync(torch.from_numpy(self._slot_array(width)), self.kv.device)
+        return slots
+
+    def _slot_array(self, width: int, size: int | None = None) -> np.ndarray:
+        assert self._index is not None
+        rows, cols, pages, offsets = self._index
+        if len(cols) and int(cols.max()) >= width:
+            raise ValueError(f"a chunk of {int(cols.max()) + 1} tokens does not fit {width} columns")
+        out = np.full(size if size is not None else len(self.lengths) * width, self.kv.scratch_page * PAGE_TOKENS,
+                      dtype=np.int64)
+        out[rows * width + cols] = pages * PAGE_TOKENS + offsets
+        return out
 
     @classmethod
     def static(cls, kv: StageKV, rows: int, width: int, attention: str = "torch") -> PagedBatch:
@@ -204,31 +232,29 @@ class PagedBatch:
         batch = cls(kv, decoding=False, lengths=[])
         batch.static = True
         batch.last_logits = True
-        batch._write = tuple(torch.zeros(rows * tokens, dtype=torch.int64, device=kv.device) for _ in range(4))
+        batch._slots[tokens] = torch.zeros(rows * tokens, dtype=torch.int64, device=kv.device)
         batch.last_index = torch.zeros(rows, dtype=torch.int64, device=kv.device)
         return batch
 
     def load_prefill(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
         """A static prefill batch: point it at these admitted sequences' prompts (no past). Slots
         beyond their real positions write the scratch page; rows beyond them read column 0."""
-        assert self._write is not None and self.last_index is not None
+        assert self.last_index is not None and len(self._slots) == 1
         self.lengths, self.starts = list(lengths), [0] * len(lengths)
-        size = self._write[0].shape[0]
-        fill = (0, 0, self.kv.scratch_page, 0)  # (rows, cols, pages, offsets) of a padding slot
-        for target, real, pad in zip(self._write, self._write_arrays(seq_ids), fill, strict=True):
-            padded = np.full(size, pad, dtype=np.int64)
-            padded[:len(real)] = real
-            target.copy_(pinned(torch.from_numpy(padded)), non_blocking=True)
+        self._index = self._write_arrays(seq_ids)
+        (width, slots), = self._slots.items()
+        slots.copy_(pinned(torch.from_numpy(self._slot_array(width, slots.numel()))), non_blocking=True)
         last = np.zeros(self.last_index.shape[0], dtype=np.int64)
         last[:len(lengths)] = np.asarray(lengths, dtype=np.int64) - 1
         self.last_index.copy_(pinned(torch.from_numpy(last)), non_blocking=True)
 
     def _prefill_index(self, seq_ids: Sequence[int]) -> None:
         """Where each real position of the chunk goes: (row, column) of the padded batch -> (page,
-        offset) of position starts[row] + column. Built in numpy: a Python loop per token took tens
-        of ms for 64 prompts of 512. With past, also the rows' page tables (for `update`'s gather)."""
+        offset) of position starts[row] + column (`slots` makes the device index per width). Built in
+        numpy: a Python loop per token took tens of ms for 64 prompts of 512. With past, also the
+        rows' page tables (for `update`'s gather)."""
         kv = self.kv
-        self._write = tuple(to_device_no_sync(torch.from_numpy(x), kv.device) for x in self._write_arrays(seq_ids))
+        self._index = self._write_arrays(seq_ids)
         if self.past:
             # Each row's pages up to the chunk's end (its past and the chunk), for `update`'s gather.
             owned = [kv.pages[s][:pages_for(a + n)] for s, a, n in zip(seq_ids, self.starts, self.lengths, strict=True)]
@@ -284,11 +310,14 @@ class StageKV:
     def pool(self, layer_idx: int, like: torch.Tensor) -> KV:
         """Layer `layer_idx`'s pools, allocated on first use for the whole budget (a key [B, H, T, Dh]
         gives heads, head size, dtype and device)."""
+        return self.pools_for(layer_idx, like.shape[1], like.shape[3], like.dtype, like.device)
+
+    def pools_for(self, layer_idx: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> KV:
+        """Layer `layer_idx`'s pools [pages + 1, PAGE, heads, head_dim], allocated on first use."""
         pools = self._pools.get(layer_idx)
         if pools is None:
-            shape = (self.page_count + 1, PAGE_TOKENS, like.shape[1], like.shape[3])
-            pools = (torch.zeros(shape, dtype=like.dtype, device=like.device),
-                     torch.zeros(shape, dtype=like.dtype, device=like.device))
+            shape = (self.page_count + 1, PAGE_TOKENS, heads, head_dim)
+            pools = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             self._pools[layer_idx] = pools
         return pools
 

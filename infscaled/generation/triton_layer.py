@@ -78,6 +78,18 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, (a * u).to(dtype), mask=mask)
 
     @triton.jit
+    def _rotate(base, cos_row, sin_row, r, mask, HALF: tl.constexpr):
+        """One head's rotary embedding, in the activation dtype as transformers computes it:
+        (x * cos) + (rotate_half(x) * sin), each product rounded (rotate_half(x) = cat(-x2, x1))."""
+        x = tl.load(base + r, mask=mask, other=0.0)
+        partner = tl.load(base + tl.where(r < HALF, r + HALF, r - HALF), mask=mask, other=0.0).to(tl.float32)
+        rotated = tl.where(r < HALF, -partner, partner)  # (negation exact)
+        c = tl.load(cos_row + r, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_row + r, mask=mask, other=0.0).to(tl.float32)
+        dtype = x.dtype
+        return ((x.to(tl.float32) * c).to(dtype).to(tl.float32) + (rotated * s).to(dtype).to(tl.float32)).to(dtype)
+
+    @triton.jit
     def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, table_ptr, pos_ptr,
                           stride_qkv, stride_cos, stride_sin, stride_qb, stride_qh, stride_tb,
                           stride_kp, stride_kt, stride_kh,
@@ -85,18 +97,10 @@ if triton is not None:
                           PAGE: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)  # query heads 0..HQ-1, then key/value heads
-        half: tl.constexpr = D // 2
         r = tl.arange(0, BLOCK_D)
         mask = r < D
         base = qkv_ptr + b * stride_qkv + h * D
-        x = tl.load(base + r, mask=mask, other=0.0)
-        partner = tl.load(base + tl.where(r < half, r + half, r - half), mask=mask, other=0.0).to(tl.float32)
-        rotated = tl.where(r < half, -partner, partner)  # rotate_half(x) = cat(-x2, x1) (negation exact)
-        c = tl.load(cos_ptr + b * stride_cos + r, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(sin_ptr + b * stride_sin + r, mask=mask, other=0.0).to(tl.float32)
-        dtype = x.dtype
-        y = ((x.to(tl.float32) * c).to(dtype).to(tl.float32)
-             + (rotated * s).to(dtype).to(tl.float32)).to(dtype)  # (x * cos) + (rot * sin)
+        y = _rotate(base, cos_ptr + b * stride_cos, sin_ptr + b * stride_sin, r, mask, D // 2)
         if h < HQ:
             tl.store(q_ptr + b * stride_qb + h * stride_qh + r, y, mask=mask)
         else:
@@ -106,6 +110,33 @@ if triton is not None:
             tl.store(k_ptr + offs, y, mask=mask)
             v = tl.load(base + HKV * D + r, mask=mask, other=0.0)  # this kv head's value: HKV heads further on
             tl.store(v_ptr + offs, v, mask=mask)
+
+    @triton.jit
+    def _rotary_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pool_k_ptr, pool_v_ptr, slot_ptr, T,
+                           stride_qkv, stride_cb, stride_ct, stride_sb, stride_st, stride_slot, stride_ph,
+                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                           WRITE: tl.constexpr):
+        row = tl.program_id(0)  # (b, t) of the [B, T] tokens
+        h = tl.program_id(1)  # query heads 0..HQ-1, then key/value heads
+        b = row // T
+        t = row % T
+        r = tl.arange(0, BLOCK_D)
+        mask = r < D
+        base = qkv_ptr + row * stride_qkv + h * D
+        y = _rotate(base, cos_ptr + b * stride_cb + t * stride_ct, sin_ptr + b * stride_sb + t * stride_st, r, mask,
+                    D // 2)
+        if h < HQ:
+            tl.store(q_ptr + ((b * HQ + h) * T + t) * D + r, y, mask=mask)
+        else:
+            hk = h - HQ
+            out = ((b * HKV + hk) * T + t) * D + r
+            v = tl.load(base + HKV * D + r, mask=mask, other=0.0)  # this kv head's value: HKV heads further on
+            tl.store(k_ptr + out, y, mask=mask)
+            tl.store(v_ptr + out, v, mask=mask)
+            if WRITE:
+                slot = tl.load(slot_ptr + row)
+                tl.store(pool_k_ptr + slot * stride_slot + hk * stride_ph + r, y, mask=mask)
+                tl.store(pool_v_ptr + slot * stride_slot + hk * stride_ph + r, v, mask=mask)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -202,3 +233,44 @@ def rotary_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool_k: t
 def _(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
       table: torch.Tensor, positions: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
     return qkv.new_empty((qkv.shape[0], heads, 1, head_dim))
+
+
+@torch.library.custom_op("infscaled::rotary_qkv", mutates_args=("pool_k", "pool_v"))
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+               pool_k: torch.Tensor | None = None, pool_v: torch.Tensor | None = None,
+               slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prefill's q/k/v product qkv [B, T, (Hq + 2 Hkv) Dh] with cos / sin [B or 1, T, Dh]: the
+    rotated queries [B, Hq, T, Dh], rotated keys and the values [B, Hkv, T, Dh] (contiguous, as the
+    attention takes them); with pools [pages + 1, PAGE, Hkv, Dh] and `slots` [B * T] (token (b, t)'s
+    place in a pool flattened to [slots, Hkv, Dh]: page * PAGE + offset), each token's key and value
+    are written there too."""
+    assert triton is not None
+    b, t = qkv.shape[:2]
+    rows = _rows(qkv)
+    c, s = (x if x.stride(-1) == 1 else x.contiguous() for x in (cos, sin))
+    q = torch.empty((b, heads, t, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((b, kv_heads, t, head_dim), dtype=qkv.dtype, device=qkv.device)
+    v = torch.empty_like(k)
+    write = pool_k is not None and pool_v is not None and slots is not None
+    if write:
+        assert pool_k is not None and pool_v is not None and slots is not None
+        assert pool_k.stride() == pool_v.stride() and pool_k.stride(0) == pool_k.shape[1] * pool_k.stride(1)
+        assert slots.numel() == b * t, f"{slots.numel()} slots for {b} x {t} tokens"
+    grid: Any = (b * t, heads + kv_heads)
+    _rotary_qkv_kernel[grid](rows, c, s, q, k, v, pool_k if write else k, pool_v if write else v,
+                             slots if write else rows, t, rows.stride(0),
+                             c.stride(0) if c.shape[0] > 1 else 0, c.stride(1),
+                             s.stride(0) if s.shape[0] > 1 else 0, s.stride(1),
+                             pool_k.stride(1) if write else 0, pool_k.stride(2) if write else 0,  # type: ignore[union-attr]
+                             HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+                             WRITE=write, num_warps=1)
+    return q, k, v
+
+
+@rotary_qkv.register_fake
+def _(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+      pool_k: torch.Tensor | None = None, pool_v: torch.Tensor | None = None,
+      slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, t = qkv.shape[:2]
+    kv = qkv.new_empty((b, kv_heads, t, head_dim))
+    return qkv.new_empty((b, heads, t, head_dim)), kv, torch.empty_like(kv)

@@ -29,6 +29,7 @@ from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd
 from infscaled.engine.profile import StepTrace
 from infscaled.engine.program import Program
+from infscaled.models.stage import fuse_stage
 from infscaled.protocol.control import StageStats
 from infscaled.protocol.wire import DATA
 from infscaled.worker.router import Router
@@ -43,6 +44,9 @@ class ForwardStage(Program):
     def __init__(self, stage: torch.nn.Module, device: str, router: Router, cuda_graphs: bool = True,
                  max_inflight: int = 2) -> None:
         super().__init__(router)
+        # Decoder layers of Llama's shape run as the fused layer (models/families/fused_decode.py
+        # prefill_step): q/k/v and gate/up as one product each, on CUDA the small operations as Triton kernels.
+        fuse_stage(stage)
         self.stage = stage
         self.device = torch.device(device)
         self.cuda_graphs = cuda_graphs

@@ -146,18 +146,33 @@ def decode_step(hidden: torch.Tensor, qkv: torch.Tensor, qkv_bias: torch.Tensor 
 def prefill_step(f: FusedLayer, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], paged: Any,
                  layer_idx: int, mask: torch.Tensor | None,
                  compile_options: tuple[str, str | None] | None = None) -> torch.Tensor:
-    """hidden [B, T, D] -> [B, T, D] for a prefill micro-batch (or chunk); writes the real
-    positions' keys and values into the pages. `mask`: None means causal (right padding keeps
+    """hidden [B, T, D] -> [B, T, D] for a prefill micro-batch (or chunk), writing the real
+    positions' keys and values into the pages of `paged`, or for a forward job's micro-batch
+    (`paged` None: nothing cached). `mask`: None means causal (right padding keeps
     every real query away from padded keys), else a boolean or additive mask [B, 1, T, S].
     `compile_options` (backend, mode): the parts before and after the attention run as
     `torch.compile`d twins with dynamic shapes (one graph each for every layer and prompt length),
     which fuses the norms, rotary and gating into a few kernels: an eager prefill is launch-bound
     (BENCHMARKS.md section 22: ~41 kernels per layer, ~1.2 ms of host time per layer on the H200's host)."""
-    pre = _compiled_part(_pre_attention, *compile_options) if compile_options is not None else _pre_attention
+    if triton_layer.usable(hidden):
+        # The norm, the product, then rotary with the keys' and values' write into the pages as one
+        # kernel (generation/triton_layer.py rotary_qkv): no part left for a compiler to fuse.
+        qkv_out = F.linear(_rms_norm(hidden, f.norm1, f.eps1), f.qkv, f.qkv_bias)
+        if paged is None:
+            q, keys, values = torch.ops.infscaled.rotary_qkv(qkv_out, cos_sin[0], cos_sin[1], f.heads, f.kv_heads,
+                                                             f.head_dim)
+        else:
+            pools = paged.kv.pools_for(layer_idx, f.kv_heads, f.head_dim, hidden.dtype, hidden.device)
+            q, k, v = torch.ops.infscaled.rotary_qkv(qkv_out, cos_sin[0], cos_sin[1], f.heads, f.kv_heads,
+                                                     f.head_dim, *pools, paged.slots(hidden.shape[1]))
+            keys, values = paged.attended(k, v, pools)
+    else:
+        pre = _compiled_part(_pre_attention, *compile_options) if compile_options is not None else _pre_attention
+        q, keys, values = pre(hidden, f.qkv, f.qkv_bias, f.norm1, cos_sin[0], cos_sin[1], f.eps1, f.heads,
+                              f.kv_heads, f.head_dim)
+        if paged is not None:
+            keys, values = paged.update(keys, values, layer_idx)  # [B, Hkv, S, Dh]: the chunk, or past + chunk
     post = _compiled_part(_post_attention, *compile_options) if compile_options is not None else _post_attention
-    q, k, v = pre(hidden, f.qkv, f.qkv_bias, f.norm1, cos_sin[0], cos_sin[1], f.eps1, f.heads, f.kv_heads,
-                  f.head_dim)
-    keys, values = paged.update(k, v, layer_idx)  # [B, Hkv, S, Dh]: the chunk, or past + chunk
     group = f.heads // f.kv_heads
     if group > 1:  # as transformers' repeat_kv: query head h reads kv head h // group
         keys = keys.repeat_interleave(group, dim=1)

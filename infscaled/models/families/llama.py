@@ -146,8 +146,9 @@ class LlamaBlock(CompilableLayer, Unit):
                 hidden = fused_decode.run(fused, act["hidden"], position_embeddings(act, ctx), pools, kv,
                                           options if kv.static else None)
                 return carry(act, hidden)
-        if fused is not None and kv is not None and not kv.decoding:
-            # A generation prefill (or a chunk of one): the fused layer, eager (models/families/fused_decode.py).
+        if fused is not None and (kv is None or not kv.decoding):
+            # A prompt: a generation prefill (or a chunk of one) writing its keys and values into the
+            # pages, or a forward job's micro-batch (no cache): the fused layer (models/families/fused_decode.py).
             mask = causal_mask(self.config, act, ctx, self.attention_kind)
             options = self.__dict__.get("_compile_options") if "_compiled_layer" in self.__dict__ else None
             hidden = fused_decode.prefill_step(fused, act["hidden"], position_embeddings(act, ctx), kv,
