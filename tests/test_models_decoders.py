@@ -20,7 +20,7 @@ from torch import nn
 from infscaled.models.builtins import builtin_config
 from infscaled.models.inputs import collate, split
 from infscaled.models.sources import ResolvedModel, family_for_config, resolve
-from infscaled.models.stage import Monolith, Skeleton, Stage, build_stage, materialize, skeleton
+from infscaled.models.stage import Monolith, Skeleton, Stage, build_stage, fuse_stage, materialize, skeleton
 
 MODELS = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny"]
 # Stage boundaries (first unit of each later stage); negative counts from the end. 1 to 4 stages.
@@ -53,9 +53,15 @@ def run_pipeline(resolved: ResolvedModel, stages: list[Stage], requests: list[to
     return split(spec, act["output"], requests)
 
 
-def build_pipeline(resolved: ResolvedModel, cuts: tuple[int, ...], dtype: str = "float32") -> list[Stage]:
+def build_pipeline(resolved: ResolvedModel, cuts: tuple[int, ...], dtype: str = "float32",
+                   fused: bool = False) -> list[Stage]:
+    """The stages of `cuts`; `fused`: their Llama-shaped decoder layers fused as a forward job's
+    stages are (engine/programs/forward.py: models/families/fused_decode.py prefill_step)."""
     n = skeleton(resolved).unit_count
-    return [build_stage(resolved, a, b, "cpu", dtype, SEED) for a, b in ranges(n, cuts)]
+    stages = [build_stage(resolved, a, b, "cpu", dtype, SEED) for a, b in ranges(n, cuts)]
+    for stage in stages if fused else ():
+        fuse_stage(stage)
+    return stages
 
 
 def alone(forward, request: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -69,12 +75,15 @@ def monoliths() -> dict[str, Monolith]:
 
 # 1. Unit decomposition, masks and padding ----------------------------------------------------
 
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused"])
 @pytest.mark.parametrize("cuts", CUTS, ids=lambda c: "cuts" + "_".join(map(str, c)))
 @pytest.mark.parametrize("name", MODELS)
-def test_stages_match_monolith(name: str, cuts: tuple[int, ...], monoliths: dict[str, Monolith]) -> None:
+def test_stages_match_monolith(name: str, cuts: tuple[int, ...], fused: bool, monoliths: dict[str, Monolith]) -> None:
+    """Stages of every cut, padded requests of several lengths; `fused`: as a forward job runs them
+    (Llama-shaped layers as the fused layer; GPT-2's are not, and stay transformers')."""
     resolved = resolve(f"builtin:{name}")
     requests = make_requests(resolved)
-    results = run_pipeline(resolved, build_pipeline(resolved, cuts), requests)
+    results = run_pipeline(resolved, build_pipeline(resolved, cuts, fused=fused), requests)
     for request, result in zip(requests, results, strict=True):
         expected = alone(monoliths[name].forward, request)
         assert result.shape == expected.shape
@@ -94,13 +103,16 @@ def _sliding_configs() -> dict[str, object]:
     }
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["layers", "fused"])
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
-def test_sliding_window_layers_match_monolith(model_type: str) -> None:
+def test_sliding_window_layers_match_monolith(model_type: str, fused: bool) -> None:
     config = _sliding_configs()[model_type]
     resolved = ResolvedModel(f"sliding-{model_type}", family_for_config(config), None)
     mono = Monolith(resolved, "cpu", "float32", SEED)
     requests = make_requests(resolved)
-    results = run_pipeline(resolved, build_pipeline(resolved, (2, -1)), requests)
+    stages = build_pipeline(resolved, (2, -1), fused=fused)
+    assert sum("_fused" in u.__dict__ for s in stages for u in s.units) == (3 if fused else 0)
+    results = run_pipeline(resolved, stages, requests)
     for request, result in zip(requests, results, strict=True):
         torch.testing.assert_close(result, alone(mono.forward, request), **F32)
 

@@ -106,12 +106,13 @@ def test_rotary_kv_rotates_q_and_writes_k_and_v_into_their_pages(device: str, dt
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shared_angles", [True, False])
+@pytest.mark.parametrize(("shared_angles", "group"), [(True, 3), (False, 1)])
 def test_rotary_qkv_rotates_a_prefill_and_writes_its_keys_and_values_into_their_slots(
-        device: str, dtype: torch.dtype, shared_angles: bool) -> None:
-    """The prefill kernel: q, k (rotated) and v [B, H, T, Dh] as the torch path makes them, with
-    cos / sin per row or shared by the rows ([1, T, Dh]), and each token's key and value written to
-    its pool slot (page * PAGE + offset; padding to the scratch page); without pools, nothing written."""
+        device: str, dtype: torch.dtype, shared_angles: bool, group: int) -> None:
+    """The prefill kernel: q, k (rotated) and v [B, H, T, Dh] as the torch path makes them (k and
+    v repeated for each query head with `group` 3, as repeat_kv), with cos / sin per row or shared
+    by the rows ([1, T, Dh]), and each token's key and value written once to its pool slot
+    (page * PAGE + offset; padding to the scratch page); without pools, nothing written."""
     from infscaled.generation.kv import StageKV
 
     gen = torch.Generator().manual_seed(3)
@@ -133,10 +134,13 @@ def test_rotary_qkv_rotates_a_prefill_and_writes_its_keys_and_values_into_their_
     slots = batch.slots(t)
     for pool, x in zip(want, (want_k, v), strict=True):
         pool.view(-1, kv_heads, head_dim)[slots] = x.transpose(1, 2).reshape(rows * t, kv_heads, head_dim)
-    got_q, got_k, got_v = torch.ops.infscaled.rotary_qkv(qkv, cos, sin, heads, kv_heads, head_dim, *pools, slots)
+    got_q, got_k, got_v = torch.ops.infscaled.rotary_qkv_pages(qkv, cos, sin, *pools, slots, heads, kv_heads,
+                                                               head_dim, group)
     check(got_q, torch_rotate(q, c, s), dtype)
-    check(got_k, want_k, dtype)
-    assert torch.equal(got_v, v) and got_q.is_contiguous() and got_k.is_contiguous()
+    check(got_k, want_k.repeat_interleave(group, dim=1), dtype)
+    assert torch.equal(got_v, v.repeat_interleave(group, dim=1))
+    # [B, T, H, Dh] underneath: the attention's output [B, H, T, Dh] then flattens to [B, T, H * Dh] as a view
+    assert got_q.transpose(1, 2).is_contiguous() and got_k.transpose(1, 2).is_contiguous()
     scratch = kv.scratch_page
     for got, expected in zip(pools, want, strict=True):  # the real positions; padding only touched scratch
         check(got[:scratch], expected[:scratch], dtype)
@@ -146,7 +150,7 @@ def test_rotary_qkv_rotates_a_prefill_and_writes_its_keys_and_values_into_their_
             row = [1, 2].index(s_)
             check(pools[0][page, off], want_k[row, :, pos], dtype)
     before = [p.clone() for p in pools]
-    again = torch.ops.infscaled.rotary_qkv(qkv, cos, sin, heads, kv_heads, head_dim)
+    again = torch.ops.infscaled.rotary_qkv(qkv, cos, sin, heads, kv_heads, head_dim, group)  # a forward job's
     for got, expected in zip(again, (got_q, got_k, got_v), strict=True):
         assert torch.equal(got, expected)
-    assert all(torch.equal(a, b) for a, b in zip(pools, before, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(pools, before, strict=True))  # no pages: nothing written

@@ -114,29 +114,31 @@ if triton is not None:
     @triton.jit
     def _rotary_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pool_k_ptr, pool_v_ptr, slot_ptr, T,
                            stride_qkv, stride_cb, stride_ct, stride_sb, stride_st, stride_slot, stride_ph,
-                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                           HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                            WRITE: tl.constexpr):
-        row = tl.program_id(0)  # (b, t) of the [B, T] tokens
-        h = tl.program_id(1)  # query heads 0..HQ-1, then key/value heads
+        row = tl.program_id(0)  # token (b, t) of the [B, T] prompt tokens: every head of it
         b = row // T
         t = row % T
-        r = tl.arange(0, BLOCK_D)
-        mask = r < D
-        base = qkv_ptr + row * stride_qkv + h * D
-        y = _rotate(base, cos_ptr + b * stride_cb + t * stride_ct, sin_ptr + b * stride_sb + t * stride_st, r, mask,
-                    D // 2)
-        if h < HQ:
-            tl.store(q_ptr + ((b * HQ + h) * T + t) * D + r, y, mask=mask)
-        else:
-            hk = h - HQ
-            out = ((b * HKV + hk) * T + t) * D + r
-            v = tl.load(base + HKV * D + r, mask=mask, other=0.0)  # this kv head's value: HKV heads further on
-            tl.store(k_ptr + out, y, mask=mask)
-            tl.store(v_ptr + out, v, mask=mask)
-            if WRITE:
-                slot = tl.load(slot_ptr + row)
-                tl.store(pool_k_ptr + slot * stride_slot + hk * stride_ph + r, y, mask=mask)
-                tl.store(pool_v_ptr + slot * stride_slot + hk * stride_ph + r, v, mask=mask)
+        h = tl.arange(0, BLOCK_H)[:, None]  # query heads 0..HQ-1, then key heads
+        r = tl.arange(0, BLOCK_D)[None, :]
+        in_d = r < D
+        base = qkv_ptr + row * stride_qkv
+        y = _rotate(base + h * D, cos_ptr + b * stride_cb + t * stride_ct, sin_ptr + b * stride_sb + t * stride_st,
+                    r, (h < HQ + HKV) & in_d, D // 2)
+        tl.store(q_ptr + (row * HQ + h) * D + r, y, mask=(h < HQ) & in_d)
+        hk = h - HQ
+        is_k = (h >= HQ) & (h < HQ + HKV) & in_d
+        hv = tl.arange(0, BLOCK_V)[:, None]
+        is_v = (hv < HKV) & in_d
+        v = tl.load(base + (HQ + HKV + hv) * D + r, mask=is_v, other=0.0)
+        for g in tl.static_range(GROUP):  # each key / value head as the GROUP query heads that read it
+            tl.store(k_ptr + (row * HKV * GROUP + hk * GROUP + g) * D + r, y, mask=is_k)
+            tl.store(v_ptr + (row * HKV * GROUP + hv * GROUP + g) * D + r, v, mask=is_v)
+        if WRITE:
+            slot = tl.load(slot_ptr + row)
+            tl.store(pool_k_ptr + slot * stride_slot + hk * stride_ph + r, y, mask=is_k)
+            tl.store(pool_v_ptr + slot * stride_slot + hv * stride_ph + r, v, mask=is_v)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -235,42 +237,68 @@ def _(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool_k: torch.Ten
     return qkv.new_empty((qkv.shape[0], heads, 1, head_dim))
 
 
-@torch.library.custom_op("infscaled::rotary_qkv", mutates_args=("pool_k", "pool_v"))
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-               pool_k: torch.Tensor | None = None, pool_v: torch.Tensor | None = None,
-               slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A prefill's q/k/v product qkv [B, T, (Hq + 2 Hkv) Dh] with cos / sin [B or 1, T, Dh]: the
-    rotated queries [B, Hq, T, Dh], rotated keys and the values [B, Hkv, T, Dh] (contiguous, as the
-    attention takes them); with pools [pages + 1, PAGE, Hkv, Dh] and `slots` [B * T] (token (b, t)'s
-    place in a pool flattened to [slots, Hkv, Dh]: page * PAGE + offset), each token's key and value
-    are written there too."""
+def _rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                group: int, pools: tuple[torch.Tensor, torch.Tensor] | None,
+                slots: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     assert triton is not None
     b, t = qkv.shape[:2]
     rows = _rows(qkv)
     c, s = (x if x.stride(-1) == 1 else x.contiguous() for x in (cos, sin))
-    q = torch.empty((b, heads, t, head_dim), dtype=qkv.dtype, device=qkv.device)
-    k = torch.empty((b, kv_heads, t, head_dim), dtype=qkv.dtype, device=qkv.device)
+    # Stored [B, T, H, Dh] and returned as [B, H, T, Dh] views: the attention's output then comes
+    # back in the same layout, and the layer's [B, T, H * Dh] of it is a view, not a copy.
+    q = torch.empty((b, t, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((b, t, kv_heads * group, head_dim), dtype=qkv.dtype, device=qkv.device)
     v = torch.empty_like(k)
-    write = pool_k is not None and pool_v is not None and slots is not None
-    if write:
-        assert pool_k is not None and pool_v is not None and slots is not None
+    pool_k, pool_v = pools if pools is not None else (k, v)
+    if pools is not None:
+        assert slots is not None and slots.numel() == b * t, f"slots for {b} x {t} tokens needed"
         assert pool_k.stride() == pool_v.stride() and pool_k.stride(0) == pool_k.shape[1] * pool_k.stride(1)
-        assert slots.numel() == b * t, f"{slots.numel()} slots for {b} x {t} tokens"
-    grid: Any = (b * t, heads + kv_heads)
-    _rotary_qkv_kernel[grid](rows, c, s, q, k, v, pool_k if write else k, pool_v if write else v,
-                             slots if write else rows, t, rows.stride(0),
-                             c.stride(0) if c.shape[0] > 1 else 0, c.stride(1),
-                             s.stride(0) if s.shape[0] > 1 else 0, s.stride(1),
-                             pool_k.stride(1) if write else 0, pool_k.stride(2) if write else 0,  # type: ignore[union-attr]
-                             HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-                             WRITE=write, num_warps=1)
-    return q, k, v
+    block_h = triton.next_power_of_2(heads + kv_heads)
+    grid: Any = (b * t,)
+    _rotary_qkv_kernel[grid](rows, c, s, q, k, v, pool_k, pool_v, slots if slots is not None else rows, t,
+                             rows.stride(0), c.stride(0) if c.shape[0] > 1 else 0, c.stride(1),
+                             s.stride(0) if s.shape[0] > 1 else 0, s.stride(1), pool_k.stride(1), pool_k.stride(2),
+                             HQ=heads, HKV=kv_heads, D=head_dim, GROUP=group, BLOCK_H=block_h,
+                             BLOCK_V=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+                             WRITE=pools is not None, num_warps=4 if block_h * head_dim >= 2048 else 1)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+@torch.library.custom_op("infscaled::rotary_qkv", mutates_args=())
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+               group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A prompt's q/k/v product qkv [B, T, (Hq + 2 Hkv) Dh] with cos / sin [B or 1, T, Dh]: the
+    rotated queries [B, Hq, T, Dh], the rotated keys and the values [B, Hkv * group, T, Dh], each
+    key / value head repeated `group` times (as transformers' repeat_kv: query head h reads kv
+    head h // group; 1: not repeated). Views of [B, T, H, Dh] tensors."""
+    return _rotary_qkv(qkv, cos, sin, heads, kv_heads, head_dim, group, None, None)
+
+
+@torch.library.custom_op("infscaled::rotary_qkv_pages", mutates_args=("pool_k", "pool_v"))
+def rotary_qkv_pages(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool_k: torch.Tensor,
+                     pool_v: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                     group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rotary_qkv`, and each token's key and value (once per kv head) written into pools
+    [pages + 1, PAGE, Hkv, Dh] at its slot: `slots` [B * T], token (b, t)'s place in a pool seen as
+    [slots, Hkv, Dh] (page * PAGE + offset; PagedBatch.slots)."""
+    return _rotary_qkv(qkv, cos, sin, heads, kv_heads, head_dim, group, (pool_k, pool_v), slots)
+
+
+def _rotary_qkv_fake(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                     group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, t = qkv.shape[:2]
+    kv = qkv.new_empty((b, t, kv_heads * group, head_dim))
+    return qkv.new_empty((b, t, heads, head_dim)).transpose(1, 2), kv.transpose(1, 2), torch.empty_like(kv).transpose(1, 2)
 
 
 @rotary_qkv.register_fake
 def _(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-      pool_k: torch.Tensor | None = None, pool_v: torch.Tensor | None = None,
-      slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, t = qkv.shape[:2]
-    kv = qkv.new_empty((b, kv_heads, t, head_dim))
-    return qkv.new_empty((b, heads, t, head_dim)), kv, torch.empty_like(kv)
+      group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rotary_qkv_fake(qkv, heads, kv_heads, head_dim, group)
+
+
+@rotary_qkv_pages.register_fake
+def _(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor,
+      slots: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+      group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rotary_qkv_fake(qkv, heads, kv_heads, head_dim, group)

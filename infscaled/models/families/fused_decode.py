@@ -154,27 +154,32 @@ def prefill_step(f: FusedLayer, hidden: torch.Tensor, cos_sin: tuple[torch.Tenso
     `torch.compile`d twins with dynamic shapes (one graph each for every layer and prompt length),
     which fuses the norms, rotary and gating into a few kernels: an eager prefill is launch-bound
     (BENCHMARKS.md section 22: ~41 kernels per layer, ~1.2 ms of host time per layer on the H200's host)."""
+    group = f.heads // f.kv_heads  # query heads per key / value head
     if triton_layer.usable(hidden):
         # The norm, the product, then rotary with the keys' and values' write into the pages as one
-        # kernel (generation/triton_layer.py rotary_qkv): no part left for a compiler to fuse.
+        # kernel (generation/triton_layer.py rotary_qkv): no part left for a compiler to fuse. Without
+        # past the kernel also repeats each key / value head for its query heads (no copy after).
         qkv_out = F.linear(_rms_norm(hidden, f.norm1, f.eps1), f.qkv, f.qkv_bias)
+        past = paged is not None and paged.past
         if paged is None:
             q, keys, values = torch.ops.infscaled.rotary_qkv(qkv_out, cos_sin[0], cos_sin[1], f.heads, f.kv_heads,
-                                                             f.head_dim)
+                                                             f.head_dim, group)
         else:
             pools = paged.kv.pools_for(layer_idx, f.kv_heads, f.head_dim, hidden.dtype, hidden.device)
-            q, k, v = torch.ops.infscaled.rotary_qkv(qkv_out, cos_sin[0], cos_sin[1], f.heads, f.kv_heads,
-                                                     f.head_dim, *pools, paged.slots(hidden.shape[1]))
-            keys, values = paged.attended(k, v, pools)
+            q, keys, values = torch.ops.infscaled.rotary_qkv_pages(
+                qkv_out, cos_sin[0], cos_sin[1], *pools, paged.slots(hidden.shape[1]), f.heads, f.kv_heads,
+                f.head_dim, 1 if past else group)
+            keys, values = paged.attended(keys, values, pools)
+        repeat = past
     else:
         pre = _compiled_part(_pre_attention, *compile_options) if compile_options is not None else _pre_attention
         q, keys, values = pre(hidden, f.qkv, f.qkv_bias, f.norm1, cos_sin[0], cos_sin[1], f.eps1, f.heads,
                               f.kv_heads, f.head_dim)
         if paged is not None:
             keys, values = paged.update(keys, values, layer_idx)  # [B, Hkv, S, Dh]: the chunk, or past + chunk
+        repeat = True
     post = _compiled_part(_post_attention, *compile_options) if compile_options is not None else _post_attention
-    group = f.heads // f.kv_heads
-    if group > 1:  # as transformers' repeat_kv: query head h reads kv head h // group
+    if group > 1 and repeat:  # as transformers' repeat_kv: query head h reads kv head h // group
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=f.scale)
