@@ -111,7 +111,10 @@ if triton is not None:
             v = tl.load(base + HKV * D + r, mask=mask, other=0.0)  # this kv head's value: HKV heads further on
             tl.store(v_ptr + offs, v, mask=mask)
 
-    @triton.jit
+    # A prompt's width and its rows' rotary strides vary with every prefill: compiled once for all
+    # of them (Triton would otherwise specialise on each value's divisibility, and compile anew
+    # in front of running sequences the first time a width is seen).
+    @triton.jit(do_not_specialize=["T", "stride_cb", "stride_sb"])
     def _rotary_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pool_k_ptr, pool_v_ptr, slot_ptr, T,
                            stride_qkv, stride_cb, stride_ct, stride_sb, stride_st, stride_slot, stride_ph,
                            HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, GROUP: tl.constexpr,

@@ -31,7 +31,8 @@ BENCHMARKS.md section 25).
 
 Leaving nothing behind: one warm-up sequence (WARMUP_SEQ, an id no dispatcher uses) is admitted
 through a real 1-token prefill forward of the stage (then prefills of 1 and 2 rows of a page, so
-a compiled prefill has compiled its dynamic-shape graphs), so the KV pools are allocated from real keys
+a compiled prefill has compiled its dynamic-shape graphs, and a second chunk of a prompt, which
+attends to its first: its own kernels), so the KV pools are allocated from real keys
 (heads, head size, dtype) exactly as the first real prefill would; then, per bucket, it is admitted
 again with a reservation of exactly `width` pages and stepped twice with every one of the bucket's
 `rows` rows pointing at its pages (input: token 0 on stage 0, zero hidden states on later stages).
@@ -161,6 +162,14 @@ def warm_decode(decoder: DecodeStep, budget_s: float, hidden_size: int, dtype: t
                                "attention_mask": torch.ones(rows, PAGE_TOKENS, dtype=torch.int64)}, batch)
                 for s in reversed(seqs):  # (last taken, first given back: the pool's order as before)
                     kv.free([s])
+            # A prompt's second chunk (a prefill with past: on CUDA its own variant of the rotary
+            # kernel, generation/triton_layer.py), so the first long prompt does not compile it.
+            kv.store([WARMUP_SEQ], kv.prefill([WARMUP_SEQ], [PAGE_TOKENS], [2 * PAGE_TOKENS]))
+            batch = kv.prefill([WARMUP_SEQ], [PAGE_TOKENS], [2 * PAGE_TOKENS], [PAGE_TOKENS])
+            decoder.stage({decoder.input_key: zeros(1, PAGE_TOKENS).to(decoder.device),
+                           "attention_mask": torch.ones(1, PAGE_TOKENS, dtype=torch.int64),
+                           "position_ids": torch.arange(PAGE_TOKENS, 2 * PAGE_TOKENS).unsqueeze(0)}, batch)
+            kv.free([WARMUP_SEQ])
             _sync(decoder.device)
             last = 0.0
             for rows, width in plan:
