@@ -1,13 +1,17 @@
 """A fused decoder layer's small operations as Triton kernels: RMSNorm (with the residual add
-before it), rotary embedding with the decode step's key and value write into the pages, and the
-SiLU-gated product of the MLP.
+before it), rotary embedding with the key and value write into the pages (a decode step's one
+token per row: `rotary_kv`; a prompt's tokens: `rotary_qkv_pages`, or `rotary_qkv` for a forward
+job's micro-batch, which has no pages), and the SiLU-gated product of the MLP.
 
 Why: a decode step of llama-3b at 16 rows replayed from a CUDA graph was 4.5 ms of GPU time, of
 which ~1.75 ms were the matrix products and ~2.5 ms some 1,100 small elementwise, reduction,
 index and copy kernels (~40 per layer: an RMSNorm alone is eight: cast, pow, mean, add, rsqrt,
 two products, cast back), each ~1-8 µs for a few kilobytes (BENCHMARKS.md section 23). Each
 kernel here does in one launch what those did in eight or ten, reading and writing each element
-once.
+once. A prompt's rotary kernel replaced about fourteen: rotary of q and k as torch operations,
+the keys' and values' gather and index-put into the pages, the key / value heads repeated for
+their query heads; it also lays q, k and v out [B, T, H, Dh] so the attention's output needs no
+copy (a 4 x 128 prefill of llama-3b: 6.98 -> 4.87 ms of GPU time, BENCHMARKS.md section 26).
 
 Same numbers as the torch path (models/families/fused_decode.py, itself transformers' operations
 in transformers' order): every intermediate that torch rounds to the activation dtype is rounded
@@ -15,7 +19,8 @@ here too (a product in bfloat16 is made in float32 and rounded, as torch's kerne
 order of a row's sum of squares differs (a tree in both, of another shape). float32 jobs are
 tested against HF `generate` on the GPU; bfloat16 agreement is reported (BENCHMARKS.md).
 
-Registered as custom ops (`infscaled::rms_norm`, `add_rms_norm`, `silu_mul`, `rotary_kv`) so a
+Registered as custom ops (`infscaled::rms_norm`, `add_rms_norm`, `silu_mul`, `rotary_kv`,
+`rotary_qkv`, `rotary_qkv_pages`) so a
 compiled layer calls them as opaque kernels, and a CUDA graph captures them like any kernel.
 CUDA only (`available`); `TRITON_INTERPRET=1` runs them on CPU tensors (tests/test_triton_layer.py).
 """
@@ -291,7 +296,8 @@ def _rotary_qkv_fake(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int
                      group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, t = qkv.shape[:2]
     kv = qkv.new_empty((b, t, kv_heads * group, head_dim))
-    return qkv.new_empty((b, t, heads, head_dim)).transpose(1, 2), kv.transpose(1, 2), torch.empty_like(kv).transpose(1, 2)
+    q = qkv.new_empty((b, t, heads, head_dim))
+    return q.transpose(1, 2), kv.transpose(1, 2), torch.empty_like(kv).transpose(1, 2)
 
 
 @rotary_qkv.register_fake
