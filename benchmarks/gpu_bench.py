@@ -9,8 +9,11 @@ prompt-processing forward returning next-token logits [batch, vocab] to the host
   dp            (b) one monolith replica per GPU, each its own process (the bound when it fits)
   accelerate    (c) HF accelerate `dispatch_model` with a layer-balanced device_map (naive MP)
   gpipe         (d) torch.distributed.pipelining, ScheduleGPipe, forward only, m=8 micro-batches
-  infscaled     (e) infscaled pipelines: 2 and 4 stages, and a replicated bottleneck stage, with CUDA
-                    graphs (the default); the 2-stage case once more without (eager launches)
+  infscaled     (e) infscaled pipelines: 1 stage (the whole model), 2 and 4 stages, and a replicated
+                    bottleneck stage, with CUDA graphs (the default); the 2-stage case once more
+                    without (eager launches). With one GPU only (a) and the 1-stage case run.
+Each case also reports matrix TFLOP/s (`batch_flops`) and its share of --peak; a 1-stage case
+also of its stage's GPU compute time per micro-batch (issue 14's prompt-processing target).
 Model: builtin llama-3b-last (Llama architecture, hidden 3072, 28 layers, 32k vocab, ~3.0B
 parameters, random weights, bf16); the lm_head runs on the last position only, in every case.
 
