@@ -5,7 +5,8 @@
 # (default "tests gemm step gen"); each phase has its own time limit so the call ends inside
 # the device's 10 minutes; `poisson` (benchmarks/gen_poisson.py) and `hostprof` (one gen case
 # with py-spy on every process and the stage's GPU trace) and `tune` (the paged decode kernel's
-# launch choices) also run only when named.
+# launch choices) and `poissonprof` (a Poisson run with py-spy and per-request timings) also run
+# only when named.
 # Run on the device machine from a copy of the repository root:
 #   OUT=DIR bash benchmarks/decode_device.sh
 #   OUT=DIR PHASES="prefill" PREFILL_ARGS="--profile" bash benchmarks/decode_device.sh
@@ -86,6 +87,25 @@ for phase in ${PHASES:-tests gemm step gen}; do
       wait
       cat /tmp/hp/case.txt | tee -a "$log"
       cp /tmp/hp/run_*.json "$OUT/hostprof_run.json" 2>/dev/null
+      [ -f "$OUT/stage-0.0.json" ] && python3 -m benchmarks.trace_summary "$OUT/stage-0.0.json" 2>&1 | tee -a "$log"
+      ;;
+    poissonprof)
+      # Where a Poisson run's time goes (BENCHMARKS.md section 26: 8/s did worse after the prompt
+      # kernel, cause not found): gen_poisson with POISSON_ARGS (keep --warmup >= 1: its "ready in"
+      # line, printed after the warm-up, starts the sampling), every request's timings in its JSON,
+      # py-spy on every process and thread for HOSTPROF_S seconds from the first rate, and a GPU
+      # trace of the micro-batches INFSCALED_PROFILE_STEPS names (FIRST:COUNT; default 300:40,
+      # inside the warm-up).
+      rm -rf /tmp/pp && mkdir -p /tmp/pp
+      INFSCALED_PROFILE_DIR=$OUT timeout "${T_POISSON:-240}" python3 -m benchmarks.gen_poisson --out "$OUT" \
+        ${POISSON_ARGS:-} >/tmp/pp/run.txt 2>&1 &
+      for _ in $(seq 240); do grep -qs "^ready in" /tmp/pp/run.txt && break; sleep 1; done
+      pid=$(pgrep -f "^python3 -m benchmarks.gen_poisson" | head -1)
+      timeout 60 /tmp/site/bin/py-spy record --pid "$pid" --subprocesses --threads -d "${HOSTPROF_S:-10}" -r 200 -f raw \
+        -o "$OUT/poissonprof_raw.txt" 2>&1 | tail -2 | tee -a "$log"
+      python3 -m benchmarks.pyspy_summary "$OUT/poissonprof_raw.txt" --min-samples 100 >"$OUT/poissonprof.txt" 2>&1
+      wait
+      grep -vE "Warning|warn\(" /tmp/pp/run.txt | tail -20 | tee -a "$log"
       [ -f "$OUT/stage-0.0.json" ] && python3 -m benchmarks.trace_summary "$OUT/stage-0.0.json" 2>&1 | tee -a "$log"
       ;;
   esac

@@ -11,8 +11,8 @@ decode batch size) runs first, so graph captures and compilation are not in the 
 Each rate then sends rate x --duration-s sequences (Poisson arrivals; the lengths and prompts
 drawn from seed --seed + 1000 x rate, so a rate's workload is the same in any sweep) and waits
 for all of them.
-Per rate: TTFT and TPOT p50/p99, tokens/s, and whether the SLO (TTFT p99 <= --ttft-slo-ms, TPOT
-p99 <= --tpot-slo-ms) holds. Goodput = completed sequences/s at the highest rate that meets the
+Per rate: TTFT and TPOT p50/p99, tokens/s, whether the SLO (TTFT p99 <= --ttft-slo-ms, TPOT
+p99 <= --tpot-slo-ms) holds, and every request's send time, lengths, TTFT and TPOT (`requests`). Goodput = completed sequences/s at the highest rate that meets the
 SLO. Writes DIR/gen_poisson.json and prints one line per rate.
 """
 
@@ -65,7 +65,21 @@ def measure(outcomes: list[Any], wall: float, rate: float, args: argparse.Namesp
            "errors": sorted({o.error for o in outcomes if o.error})[:5]}
     row["meets_slo"] = (len(done) == len(outcomes) and row["ttft_p99_ms"] <= args.ttft_slo_ms
                         and row["tpot_p99_ms"] <= args.tpot_slo_ms)
+    row["requests"] = per_request(outcomes)
     return row
+
+
+def per_request(outcomes: list[Any]) -> list[dict[str, Any]]:
+    """Each sequence in the order sent: when it was sent (s after the first), its prompt and output
+    lengths, TTFT and TPOT in ms: which requests missed the SLO, how long their prompts were and
+    what else was arriving then."""
+    if not outcomes:
+        return []
+    t0 = min(o.submitted for o in outcomes)
+    return [{"sent_s": round(o.submitted - t0, 4), "prompt": len(o.prompt), "output": o.produced,
+             "ttft_ms": round(o.ttft_s * 1000, 2) if o.error is None else None,
+             "tpot_ms": round(o.tpot_s * 1000, 3) if o.error is None and o.tpot_s is not None else None,
+             "error": o.error} for o in sorted(outcomes, key=lambda o: o.submitted)]
 
 
 def main() -> None:

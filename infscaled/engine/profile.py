@@ -4,8 +4,10 @@ Chrome trace (torch profiler), when INFSCALED_PROFILE_DIR is set (workers inheri
 Both programs call `StepTrace.step()` once per micro-batch they launch: a forward stage traces
 micro-batches 30-39, a generation stage 300-339 (its first few hundred are prefills and the first
 decode steps of each bucket; decode steps are short, so forty of them show the gaps between
-steps). The trace goes to DIR/stage-<node>.json; `python -m benchmarks.trace_summary FILE`
-prints per-stream busy time and the compute stream's idle gaps (docs/gpu.md).
+steps). INFSCALED_PROFILE_STEPS="FIRST:COUNT" traces micro-batches FIRST..FIRST+COUNT-1 instead
+(e.g. later in a run whose warm-up launches thousands). The trace goes to DIR/stage-<node>.json;
+`python -m benchmarks.trace_summary FILE` prints per-stream busy time and the compute stream's
+idle gaps (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -19,12 +21,31 @@ import torch
 log = logging.getLogger(__name__)
 
 PROFILE_ENV = "INFSCALED_PROFILE_DIR"
+STEPS_ENV = "INFSCALED_PROFILE_STEPS"
+
+
+def steps_window(value: str | None, first: int, count: int) -> tuple[int, int]:
+    """The traced window (first micro-batch, how many) from INFSCALED_PROFILE_STEPS ("FIRST:COUNT",
+    FIRST >= 0, COUNT >= 1), else the program's own; a malformed value is said in a warning and
+    the program's own window kept (a diagnostic never stops a stage)."""
+    if not value:
+        return first, count
+    parts = value.split(":")
+    try:
+        chosen = int(parts[0]), int(parts[1])
+        if len(parts) != 2 or chosen[0] < 0 or chosen[1] < 1:
+            raise ValueError
+    except (ValueError, IndexError):
+        log.warning("%s=%r is not FIRST:COUNT (FIRST >= 0, COUNT >= 1): tracing micro-batches %d..%d",
+                    STEPS_ENV, value, first, first + count - 1)
+        return first, count
+    return chosen
 
 
 class StepTrace:
     def __init__(self, first: int, count: int) -> None:
         self.dir = os.environ.get(PROFILE_ENV) or None
-        self.first, self.count = first, count
+        self.first, self.count = steps_window(os.environ.get(STEPS_ENV), first, count) if self.dir else (first, count)
         self._steps = 0
         self._profiler: Any = None
 
