@@ -11,9 +11,10 @@ decode batch size) runs first, so graph captures and compilation are not in the 
 Each rate then sends rate x --duration-s sequences (Poisson arrivals; the lengths and prompts
 drawn from seed --seed + 1000 x rate, so a rate's workload is the same in any sweep) and waits
 for all of them.
-Per rate: TTFT and TPOT p50/p99, tokens/s, whether the SLO (TTFT p99 <= --ttft-slo-ms, TPOT
-p99 <= --tpot-slo-ms) holds, and every request's send time, lengths, TTFT and TPOT (`requests`). Goodput = completed sequences/s at the highest rate that meets the
-SLO. Writes DIR/gen_poisson.json and prints one line per rate.
+Per rate: TTFT and TPOT p50/p99, tokens/s, whether the SLO (TTFT p99 <= --ttft-slo-ms, TPOT p99 <=
+--tpot-slo-ms) holds, and every request's send time, lengths, TTFT and TPOT (`requests`). Goodput
+= completed sequences/s at the highest rate that meets the SLO. Writes DIR/gen_poisson.json and
+prints one line per rate.
 """
 
 from __future__ import annotations
