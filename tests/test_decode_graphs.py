@@ -158,8 +158,8 @@ def test_prefill_positions_go_to_their_pages() -> None:
 def test_prefills_on_static_buckets_compute_what_exact_prefills_do(monkeypatch: Any) -> None:
     """`PrefillStep` with graphs forced on (capture replaced as above): prompts of 5, 9 and 3
     tokens padded into a 4 x 16 bucket give the real rows' next-token logits and write the same
-    keys and values into their pages as an exact prefill; a later chunk, a prompt asking for every
-    position's logits, too many rows or an unfused stage take the eager path (no bucket)."""
+    keys and values into their pages as an exact prefill; a prompt asking for every position's
+    logits, too many rows or an unfused stage take the eager path (no bucket)."""
     from infscaled.generation.graphs import PrefillStep
     from infscaled.models.stage import fuse_stage
 
@@ -183,7 +183,7 @@ def test_prefills_on_static_buckets_compute_what_exact_prefills_do(monkeypatch: 
         step = PrefillStep(stages[1], kvs[1], torch.device("cpu"), "input_ids", max_rows=8, graphs=False)
         step.graphs = True
         monkeypatch.setattr(step, "_capture", lambda b, key: setattr(b, "eager", True))
-        key = step.key(3, 9, past=False, last_logits=True)
+        key = step.key(3, 9, last_logits=True)
         assert key == (4, 16)
         got = step.step(key, ids, seqs, lengths, reserves)["output"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -195,10 +195,84 @@ def test_prefills_on_static_buckets_compute_what_exact_prefills_do(monkeypatch: 
                 mine = pools[0][j][kvs[0].pages[s]].flatten(0, 1)[:kvs[0].length[s]]  # type: ignore[index]
                 theirs = pools[1][j][kvs[1].pages[s]].flatten(0, 1)[:kvs[1].length[s]]  # type: ignore[index]
                 torch.testing.assert_close(theirs, mine)
-    assert step.key(3, 9, past=True, last_logits=True) is None
-    assert step.key(3, 9, past=False, last_logits=False) is None
-    assert step.key(9, 9, past=False, last_logits=True) is None
-    assert step.key(1, 4096, past=False, last_logits=True) is None  # more than PREFILL_GRAPH_TOKENS
+    assert step.key(3, 9, last_logits=True, pages=3) == (4, 16, 4)  # later chunks: a bucket with pages
+    assert step.key(3, 9, last_logits=False) is None
+    assert step.key(9, 9, last_logits=True) is None
+    assert step.key(1, 4096, last_logits=True) is None  # more than PREFILL_GRAPH_TOKENS
     unfused = PrefillStep(build_stage(resolved, 0, 5, "cpu", "float32", 0), StageKV(64), torch.device("cpu"),
                           "input_ids", max_rows=8, graphs=True)
     assert step.fused and not unfused.fused  # (unfused layers prefill through transformers: eager)
+
+
+def test_later_chunks_on_static_buckets_compute_what_exact_chunked_prefills_do(monkeypatch: Any) -> None:
+    """Prefills with past in `PrefillStep` buckets (graphs forced on, capture replaced as above, so
+    every micro-batch runs on the bucket's static tensors, as a replay would): prompts of 37, 20
+    and 11 tokens in chunks, a later chunk beside a fresh prompt in one micro-batch, the same
+    bucket reused by other sequences at other positions (its page tables, positions and past mask
+    refilled in place). Every chunk's next-token logits and every cached key and value equal
+    those of exact eager prefills of the same chunks."""
+    from infscaled.generation.graphs import PrefillStep, past_pages
+    from infscaled.models.stage import fuse_stage
+
+    resolved = resolve("builtin:llama-tiny")
+    stages = [build_stage(resolved, 0, 5, "cpu", "float32", 0).eval() for _ in range(2)]
+    for stage in stages:
+        fuse_stage(stage)
+    gen = torch.Generator().manual_seed(2)
+    prompts = {s: torch.randint(0, 512, (n,), generator=gen)
+               for s, n in ((1, 37), (2, 20), (3, 11), (4, 30), (5, 7), (6, 25))}
+    # micro-batches of (sequence, start, length) rows, in the order a chunked queue forms them
+    plan = [[(1, 0, 16)], [(1, 16, 16), (2, 0, 9)], [(1, 32, 5), (2, 9, 11), (3, 0, 11)],
+            [(4, 0, 16)], [(5, 0, 7), (4, 16, 14)], [(6, 0, 16)], [(6, 16, 9)]]
+    kvs = [StageKV(1024) for _ in stages]
+    step = PrefillStep(stages[1], kvs[1], torch.device("cpu"), "input_ids", max_rows=4, graphs=False)
+    step.graphs = True
+    monkeypatch.setattr(step, "_capture", lambda b, key: setattr(b, "eager", True))
+    keys = []
+    with torch.inference_mode():
+        for rows in plan:
+            seqs, starts, lengths = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+            width = max(lengths)
+            ids = torch.zeros(len(rows), width, dtype=torch.int64)
+            mask = torch.zeros(len(rows), width, dtype=torch.int64)
+            for i, (s, a, n) in enumerate(rows):
+                ids[i, :n], mask[i, :n] = prompts[s][a:a + n], 1
+            reserves = [64] * len(rows)
+            batch = kvs[0].prefill(seqs, lengths, reserves, starts)
+            batch.last_logits = True
+            act = {"input_ids": ids, "attention_mask": mask}
+            if any(starts):
+                act["position_ids"] = torch.tensor(starts).unsqueeze(1) + torch.arange(width)
+            want = stages[0](act, batch)["output"]
+            kvs[0].store(seqs, batch)
+            key = step.key(len(rows), width, True, past_pages(starts, lengths))
+            assert key is not None
+            keys.append(key)
+            got = step.step(key, ids, seqs, lengths, reserves, starts)["output"]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert keys == [(1, 16), (2, 16, 2), (4, 16, 4), (1, 16), (2, 16, 2), (1, 16), (1, 16, 2)]
+    assert step._buckets[(2, 16, 2)].steps == 2  # reused: other sequences, other starts per row
+    assert kvs[1].length == kvs[0].length == {1: 37, 2: 20, 3: 11, 4: 30, 5: 7, 6: 25}
+    for layer in range(4):
+        pools = [kv.pools_of(layer) for kv in kvs]
+        for s in prompts:
+            for j in range(2):
+                mine = pools[0][j][kvs[0].pages[s]].flatten(0, 1)[:kvs[0].length[s]]  # type: ignore[index]
+                theirs = pools[1][j][kvs[1].pages[s]].flatten(0, 1)[:kvs[1].length[s]]  # type: ignore[index]
+                torch.testing.assert_close(theirs, mine)
+
+
+def test_a_static_prefill_batch_refuses_what_it_cannot_hold() -> None:
+    """A chunk with past in a bucket without page tables, or reaching past the bucket's pages, is
+    an error, not a silent wrong attention."""
+    from infscaled.generation.kv import PagedBatch
+
+    kv = StageKV(1024)
+    kv.admit([1], [16], [64], [0])
+    kv.length[1] = 16
+    plain = PagedBatch.static_prefill(kv, 2, 16)
+    with pytest.raises(ValueError, match="without a page table"):
+        plain.load_prefill([1], [8], [16])
+    narrow = PagedBatch.static_prefill(kv, 2, 16, pages=1)
+    with pytest.raises(ValueError, match="chunks reaching 2 pages do not fit a static batch of 1"):
+        narrow.load_prefill([1], [8], [16])

@@ -183,7 +183,7 @@ def test_prefill_buckets_are_every_shape_a_prefill_can_take() -> None:
         step = PrefillStep(torch.nn.Module(), StageKV(64), torch.device("cpu"), "input_ids", max_rows, False)
         step.graphs = True  # (key() answers for a graph-capable stage; nothing runs here)
         buckets = step.buckets()
-        formed = {step.key(r, c, past=False, last_logits=True) for r in range(1, max_rows + 1)
+        formed = {step.key(r, c, last_logits=True) for r in range(1, max_rows + 1)
                   for c in range(1, PREFILL_GRAPH_TOKENS + 1, 7)} - {None}
         assert formed == set(buckets) and step.max_graphs == len(buckets)
     assert len(buckets) == 36 and buckets[:2] == [(1, 16), (1, 32)] and buckets[-1] == (128, 16)
@@ -222,7 +222,7 @@ def test_prefill_warm_up_runs_every_bucket_and_leaves_the_cache_as_it_was(monkey
     # A prompt of 9 tokens through its warmed bucket (1 x 16) gives the monolith's logits.
     prompt = torch.tensor([[5, 77, 3, 120, 9, 41, 8, 200, 17]])
     with torch.inference_mode():
-        key = prefills.key(1, 9, past=False, last_logits=True)
+        key = prefills.key(1, 9, last_logits=True)
         assert key == (1, 16)
         got = prefills.step(key, prompt, [0], [9], [32])["output"]
         want_logits = Monolith(resolved, "cpu", "float32", 0).model(prompt).logits[:, -1]

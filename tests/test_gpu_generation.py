@@ -110,6 +110,39 @@ def test_prefills_replayed_from_graphs_give_hf_generate_tokens(stages: int) -> N
 
 
 @pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
+def test_later_chunks_replayed_from_graphs_give_hf_generate_tokens() -> None:
+    """Prompts of 40 and 33 tokens in chunks of 16: the chunks after the first have past, each
+    in a (rows, columns, pages) bucket (generation/graphs.py PrefillStep), captured on its second
+    use and replayed from the third, with the page tables, positions and past mask refilled for
+    each; then three prompts at once. Greedy tokens equal HF `generate` (float32)."""
+    from test_generation_pipeline import Collected
+
+    from infscaled.generation.params import SamplingParams
+
+    cfg = parse_job({"name": "gen-gpu-chunks", "model": {"source": "builtin:llama-tiny"},
+                     "pipeline": {"stages": 1}, "placement": {"devices": ["cuda:0"]},
+                     "generation": {"max_batch_sequences": 4, "warmup_s": 0, "prefill_chunk_tokens": 16}})
+    gen = torch.Generator().manual_seed(13)
+    work = [(torch.randint(0, 512, (n,), generator=gen).tolist(), 5) for n in (40, 40, 40, 33, 33, 40, 33, 21)]
+    mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
+    expected = [hf_greedy(mono, p, n) for p, n in work]
+    got: list[list[int]] = []
+    with LocalJob(prepare(cfg)) as job:
+        for prompt, new in work[:5]:
+            c = Collected()
+            job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
+            assert c.done.wait(60) and c.error is None
+            got.append(c.tokens)
+        collected = [Collected() for _ in work[5:]]
+        for (prompt, new), c in zip(work[5:], collected, strict=True):
+            job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
+        for c in collected:
+            assert c.done.wait(60) and c.error is None
+            got.append(c.tokens)
+    assert got == expected
+
+
+@pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
 @pytest.mark.parametrize("model_type", ["qwen3", "gemma", "gemma2", "gemma3_text", "granite", "phi3", "olmo2",
                                         "starcoder2", "smollm3"])
 def test_llama_like_families_on_cuda_stages_with_graphs_equal_hf_generate(model_type: str, tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from infscaled.generation.kv import PAGE_TOKENS, PagedBatch, StageKV, pinned
+from infscaled.generation.kv import PAGE_TOKENS, PagedBatch, StageKV, pages_for, pinned
 from infscaled.generation.paged_attention import check_backend, default_backend
 from infscaled.worker.graphs import capture
 
@@ -54,6 +54,7 @@ def bucket(n: int, cap: int) -> int:
 class _Bucket:
     batch: PagedBatch  # static: its table and positions are filled in place
     x: torch.Tensor | None = None  # static input: input_ids [rows, 1] or hidden [rows, 1, D]
+    positions: torch.Tensor | None = None  # a prefill with past: static position_ids [rows, columns]
     steps: int = 0
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     out: dict[str, torch.Tensor] | None = None  # the graph's static outputs
@@ -169,6 +170,7 @@ class _Captures:
 
 
 PREFILL_GRAPH_TOKENS = 2048  # the most padded tokens (rows x columns) of a prefill replayed from a graph
+PAST_GRAPHS = 16  # the most prefill buckets with past (later chunks) that get a graph, on first uses
 
 
 class PrefillStep:
@@ -179,17 +181,22 @@ class PrefillStep:
     1 x 128-token prefill of llama-3b is 3.5-5.3 ms of kernels behind 33 ms of host time (570 to
     1,240 launches from Python, compiled or not), and every running sequence waits through it.
 
-    What is replayed: a micro-batch with no past (every row starts at position 0) whose rows and
-    columns, rounded up to powers of two (`bucket`, columns at least a page), stay within
-    PREFILL_GRAPH_TOKENS, on a stage whose decoder layers all run the fused prefill
-    (models/families/fused_decode.py): its operations depend on the shape alone. A bucket holds
-    a static input buffer and a static `PagedBatch` (`static_prefill`: where each real position's
-    keys and values go, padding to the scratch page; each row's last real column for the head);
-    its host mask is all ones, so the attention is causal without a mask, which right padding
-    keeps exact for the real positions. Like decode buckets: the first micro-batch of a bucket
-    runs eagerly on the static tensors, the second captures, later ones replay; a failed capture
-    leaves the bucket eager. Everything else (later chunks, prompt log-probabilities, other
-    families, CPU stages) runs eagerly (the caller's path).
+    What is replayed: a micro-batch whose rows and columns, rounded up to powers of two
+    (`bucket`, columns at least a page), stay within PREFILL_GRAPH_TOKENS, on a stage whose
+    decoder layers all run the fused prefill (models/families/fused_decode.py): its operations
+    depend on the shape alone. A bucket holds a static input buffer and a static `PagedBatch`
+    (`static_prefill`: where each real position's keys and values go, padding to the scratch
+    page; each row's last real column for the head); its host mask is all ones. Without past
+    (every row starts at position 0: whole prompts, first chunks) the attention is causal without
+    a mask, which right padding keeps exact for the real positions; a bucket is (rows, columns).
+    With past (a prompt's later chunks, possibly beside fresh prompts) a bucket is (rows, columns,
+    pages): the rows' page tables, their positions and the additive past mask
+    (`PagedBatch.past_mask`) are static tensors too, refilled for each micro-batch; at most
+    PAST_GRAPHS such buckets get graphs, met while serving (the warm-up runs only the buckets
+    without past: a prompt's chunks can end at any page). Like decode buckets: the first
+    micro-batch of a bucket runs eagerly on the static tensors, the second captures, later ones
+    replay; a failed capture leaves the bucket eager. Everything else (prompt log-probabilities,
+    other families, CPU stages) runs eagerly (the caller's path).
     """
 
     def __init__(self, stage: torch.nn.Module, kv: StageKV, device: torch.device, input_key: str, max_rows: int,
@@ -203,22 +210,29 @@ class PrefillStep:
         self.fused = bool(layers) and all("_fused" in u.__dict__ for u in layers)
         self.graphs = graphs and device.type == "cuda" and self.fused
         self.replays = 0
-        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._buckets: dict[tuple[int, ...], _Bucket] = {}
         self._graphs = _Captures(device)
 
-    def key(self, rows: int, columns: int, past: bool, last_logits: bool) -> tuple[int, int] | None:
-        """The bucket of a micro-batch of `rows` x `columns` (padded), or None: run it eagerly."""
-        if not self.graphs or past or not last_logits or rows > self.max_rows or columns > PREFILL_GRAPH_TOKENS:
+    def key(self, rows: int, columns: int, last_logits: bool, pages: int = 0) -> tuple[int, ...] | None:
+        """The bucket of a micro-batch of `rows` x `columns` (padded), or None: run it eagerly.
+        `pages`: for chunks with past, the widest page table its rows need (their past and the
+        chunk; `past_pages`); 0 for a micro-batch without past."""
+        if not self.graphs or not last_logits or rows > self.max_rows or columns > PREFILL_GRAPH_TOKENS:
             return None
-        key = (bucket(rows, self.max_rows), max(PAGE_TOKENS, bucket(columns, PREFILL_GRAPH_TOKENS)))
+        key: tuple[int, ...] = (bucket(rows, self.max_rows), max(PAGE_TOKENS, bucket(columns, PREFILL_GRAPH_TOKENS)))
         if key[0] * key[1] > PREFILL_GRAPH_TOKENS:
             return None
-        if key not in self._buckets and len(self._buckets) >= self.max_graphs:
-            return None
+        if pages:
+            key = (*key, bucket(pages, self.kv.page_count))
+        if key not in self._buckets:
+            taken = sum(1 for k in self._buckets if len(k) == len(key))
+            if taken >= (PAST_GRAPHS if pages else self.max_graphs):
+                return None
         return key
 
     def buckets(self) -> list[tuple[int, int]]:
-        """Every bucket `key` can give (rows, columns), rows then columns ascending."""
+        """Every bucket without past `key` can give (rows, columns), rows then columns ascending
+        (those the warm-up runs)."""
         rows, out = 1, []
         while True:
             r = min(rows, self.max_rows)
@@ -230,24 +244,32 @@ class PrefillStep:
                 return out
             rows *= 2
 
-    def captured(self) -> list[tuple[int, int]]:
-        """The buckets (rows, columns) whose prefills replay a CUDA graph."""
+    def captured(self) -> list[tuple[int, ...]]:
+        """The buckets (rows, columns[, pages]) whose prefills replay a CUDA graph."""
         return [key for key, b in self._buckets.items() if b.graph is not None]
 
-    def step(self, key: tuple[int, int], x: torch.Tensor, seqs: list[int], lengths: list[int],
-             reserves: list[int]) -> dict[str, torch.Tensor]:
+    def step(self, key: tuple[int, ...], x: torch.Tensor, seqs: list[int], lengths: list[int],
+             reserves: list[int], starts: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Admit `seqs` (kv.admit, as StageKV.prefill does) and run their prompts x (host input
-        [n, T] ids or [n, T, D] hidden) in bucket `key`; outputs for the real rows (and columns)."""
+        [n, T] ids or [n, T, D] hidden; chunks from `starts`, in a bucket with pages) in bucket
+        `key`; outputs for the real rows (and columns)."""
         n, t = x.shape[:2]
+        starts = starts or [0] * n
         b = self._buckets.get(key)
         if b is None:
             b = self._buckets[key] = _Bucket(PagedBatch.static_prefill(self.kv, *key))
-        self.kv.admit(seqs, lengths, reserves, [0] * n)
-        b.batch.load_prefill(seqs, lengths)
+        self.kv.admit(seqs, lengths, reserves, starts)
+        b.batch.load_prefill(seqs, lengths, starts)
         if b.x is None:
             b.x = torch.zeros((key[0], key[1], *x.shape[2:]), dtype=x.dtype, device=self.device)
         b.x.zero_()
         b.x[:n, :t].copy_(pinned(x) if x.device.type == "cpu" else x, non_blocking=True)
+        if b.batch.past:  # each row's positions: its start onwards (padding rows: 0, 1, ...)
+            positions = torch.arange(key[1]).repeat(key[0], 1)
+            positions[:n] += torch.tensor(starts).unsqueeze(1)
+            if b.positions is None:
+                b.positions = torch.zeros_like(positions, device=self.device)
+            b.positions.copy_(pinned(positions), non_blocking=True)
         out, replayed = b.run(lambda: self._capture(b, key), lambda: self.stage(self._act(b), b.batch))
         self.replays += replayed
         self.kv.store(seqs, b.batch)
@@ -256,9 +278,21 @@ class PrefillStep:
     def _act(self, b: _Bucket) -> dict[str, torch.Tensor]:
         assert b.x is not None
         # All ones on the host: nothing is padded as far as the units can tell, so the attention
-        # is causal without a mask (exact for right padding); the head reads b.batch.last_index.
-        return {self.input_key: b.x, "attention_mask": torch.ones(b.x.shape[:2], dtype=torch.int64)}
+        # is causal without a mask (exact for right padding), or with past under the batch's
+        # static past mask; the head reads b.batch.last_index.
+        act = {self.input_key: b.x, "attention_mask": torch.ones(b.x.shape[:2], dtype=torch.int64)}
+        if b.positions is not None:
+            act["position_ids"] = b.positions
+        return act
 
-    def _capture(self, b: _Bucket, key: tuple[int, int]) -> None:
-        self._graphs.capture(b, lambda: self.stage(self._act(b), b.batch),
-                             f"prefill of {key[0]} rows x {key[1]} tokens")
+    def _capture(self, b: _Bucket, key: tuple[int, ...]) -> None:
+        what = f"prefill of {key[0]} rows x {key[1]} tokens" + (f" after up to {key[2]} pages" if len(key) > 2 else "")
+        self._graphs.capture(b, lambda: self.stage(self._act(b), b.batch), what)
+
+
+def past_pages(starts: list[int], lengths: list[int]) -> int:
+    """The widest page table a micro-batch's chunks need (each row's past and its chunk), or 0
+    when no row has past (it runs without page tables)."""
+    if not any(starts):
+        return 0
+    return max(pages_for(a + n) for a, n in zip(starts, lengths, strict=True))

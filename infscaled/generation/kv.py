@@ -197,21 +197,27 @@ class PagedBatch:
         """Prefill with past: the additive mask [B, 1, T, P * PAGE] over `update`'s gathered pages
         (T = `width`, the batch's padded chunk width). Query t of row b is at position starts[b] + t
         and sees positions <= its own (within `window` if set) that are cached or in the chunk; a
-        padding query (t >= lengths[b]) is given the row's last real one's, so no row is empty."""
+        padding query (t >= lengths[b]) is given the row's last real one's, so no row is empty. A
+        static batch keeps the tensor and `load_prefill` refills it (a replayed graph reads it)."""
         key = (width, window, dtype)
         mask = self._masks.get(key)
         if mask is None:
-            assert self.table is not None
-            starts = torch.tensor(self.starts, dtype=torch.int64).unsqueeze(1)  # [B, 1]
-            lengths = torch.tensor(self.lengths, dtype=torch.int64).unsqueeze(1)
-            query = starts + torch.minimum(torch.arange(width).unsqueeze(0), lengths - 1)  # [B, T]
-            j = torch.arange(self.table.shape[1] * PAGE_TOKENS)
-            allowed = j <= query.unsqueeze(2)  # [B, T, L]
-            if window:
-                allowed &= j > query.unsqueeze(2) - window
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-            mask = self._masks[key] = to_device_no_sync(mask.unsqueeze(1), self.kv.device)
+            mask = self._masks[key] = to_device_no_sync(self._past_mask_host(*key), self.kv.device)
         return mask
+
+    def _past_mask_host(self, width: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+        assert self.table is not None
+        rows = self.table.shape[0]  # a static batch's padding rows: one real position each (0)
+        pad = rows - len(self.starts)
+        starts = torch.tensor(self.starts + [0] * pad, dtype=torch.int64).unsqueeze(1)  # [B, 1]
+        lengths = torch.tensor(self.lengths + [1] * pad, dtype=torch.int64).unsqueeze(1)
+        query = starts + torch.minimum(torch.arange(width).unsqueeze(0), lengths - 1)  # [B, T]
+        j = torch.arange(self.table.shape[1] * PAGE_TOKENS)
+        allowed = j <= query.unsqueeze(2)  # [B, T, L]
+        if window:
+            allowed &= j > query.unsqueeze(2) - window
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask.unsqueeze(1)
 
     def _write_arrays(self, seq_ids: Sequence[int]) -> tuple[np.ndarray, ...]:
         """(rows, cols, pages, offsets) of the chunk's real positions, in numpy."""
@@ -226,24 +232,43 @@ class PagedBatch:
         return rows, cols, pages, offsets
 
     @classmethod
-    def static_prefill(cls, kv: StageKV, rows: int, tokens: int) -> PagedBatch:
-        """A prefill batch of fixed shape (rows x tokens, no past) whose index tensors stay where
-        they are (`load_prefill` fills them), for a prefill replayed from a CUDA graph."""
+    def static_prefill(cls, kv: StageKV, rows: int, tokens: int, pages: int = 0) -> PagedBatch:
+        """A prefill batch of fixed shape (rows x tokens) whose index tensors stay where they are
+        (`load_prefill` fills them), for a prefill replayed from a CUDA graph. `pages` > 0: chunks
+        with past, each row's page table `pages` wide (its past and the chunk, gathered for the
+        attention, under `past_mask`); 0: no past."""
         batch = cls(kv, decoding=False, lengths=[])
         batch.static = True
         batch.last_logits = True
         batch._slots[tokens] = torch.zeros(rows * tokens, dtype=torch.int64, device=kv.device)
         batch.last_index = torch.zeros(rows, dtype=torch.int64, device=kv.device)
+        if pages:
+            batch.past = True
+            batch.table = torch.full((rows, pages), kv.scratch_page, dtype=torch.int64, device=kv.device)
         return batch
 
-    def load_prefill(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
-        """A static prefill batch: point it at these admitted sequences' prompts (no past). Slots
-        beyond their real positions write the scratch page; rows beyond them read column 0."""
+    def load_prefill(self, seq_ids: Sequence[int], lengths: Sequence[int], starts: Sequence[int] = ()) -> None:
+        """A static prefill batch: point it at these admitted sequences' chunks (from `starts`, a
+        batch with past; else from 0). Slots beyond their real positions write the scratch page;
+        rows beyond them read column 0 (and, with past, see the scratch page's first position)."""
         assert self.last_index is not None and len(self._slots) == 1
-        self.lengths, self.starts = list(lengths), [0] * len(lengths)
+        starts = list(starts) or [0] * len(lengths)
+        if any(starts) and not self.past:
+            raise ValueError("a chunk with past in a static prefill batch without a page table")
+        self.lengths, self.starts = list(lengths), starts
         self._index = self._write_arrays(seq_ids)
         (width, slots), = self._slots.items()
         slots.copy_(pinned(torch.from_numpy(self._slot_array(width, slots.numel()))), non_blocking=True)
+        if self.past:
+            assert self.table is not None
+            owned = [self.kv.pages[s][:pages_for(a + n)] for s, a, n in zip(seq_ids, starts, lengths, strict=True)]
+            if max(len(o) for o in owned) > self.table.shape[1]:
+                raise ValueError(f"chunks reaching {max(len(o) for o in owned)} pages do not fit a static "
+                                 f"batch of {self.table.shape[1]}")
+            table = self.kv.page_table(owned, *self.table.shape)
+            self.table.copy_(pinned(torch.from_numpy(table)), non_blocking=True)
+            for key, mask in self._masks.items():
+                mask.copy_(pinned(self._past_mask_host(*key)), non_blocking=True)
         last = np.zeros(self.last_index.shape[0], dtype=np.int64)
         last[:len(lengths)] = np.asarray(lengths, dtype=np.int64) - 1
         self.last_index.copy_(pinned(torch.from_numpy(last)), non_blocking=True)

@@ -51,7 +51,7 @@ from infscaled.engine.edges import EdgeEnd, EdgeState
 from infscaled.engine.profile import StepTrace
 from infscaled.engine.program import Program
 from infscaled.generation.gpu_sampling import PendingTokens, sample_async
-from infscaled.generation.graphs import DecodeStep, PrefillStep
+from infscaled.generation.graphs import DecodeStep, PrefillStep, past_pages
 from infscaled.generation.kv import PagedBatch, StageKV, to_device_no_sync
 from infscaled.generation.params import PromptLogprobs, Sampled
 from infscaled.generation.sampling import SequenceSampling, plain, prompt_logprobs, resume_sampling, sample_step
@@ -338,9 +338,9 @@ class GenerationStage(Program):
         # Prompt log-probabilities need every position's logits; otherwise the head computes each
         # row's next-token logits only (a long prompt's [T, V] logits are large).
         last_logits = not any(s.sampling.prompt_logprobs is not None for s in msg.specs)
-        key = self.prefills.key(len(seqs), msg.x.shape[1], any(starts), last_logits)
+        key = self.prefills.key(len(seqs), msg.x.shape[1], last_logits, past_pages(starts, lengths))
         if key is not None:  # replayed from a CUDA graph (generation/graphs.py PrefillStep)
-            out = self._timed(seqs, lambda: self.prefills.step(key, msg.x, seqs, lengths, reserves))
+            out = self._timed(seqs, lambda: self.prefills.step(key, msg.x, seqs, lengths, reserves, starts))
         else:
             kv = self.kv.prefill(seqs, lengths, reserves, starts)
             kv.last_logits = last_logits
