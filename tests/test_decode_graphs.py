@@ -155,6 +155,18 @@ def test_prefill_positions_go_to_their_pages() -> None:
         batch.slots(39)
 
 
+def assert_same_cache(kvs: list[StageKV], seqs: Any, layers: int = 4) -> None:
+    """Every cached key and value of `seqs` in the first StageKV equals the second's (each in its
+    own pages)."""
+    for layer in range(layers):
+        pools = [kv.pools_of(layer) for kv in kvs]
+        for s in seqs:
+            for j in range(2):
+                mine = pools[0][j][kvs[0].pages[s]].flatten(0, 1)[:kvs[0].length[s]]  # type: ignore[index]
+                theirs = pools[1][j][kvs[1].pages[s]].flatten(0, 1)[:kvs[1].length[s]]  # type: ignore[index]
+                torch.testing.assert_close(theirs, mine)
+
+
 def test_prefills_on_static_buckets_compute_what_exact_prefills_do(monkeypatch: Any) -> None:
     """`PrefillStep` with graphs forced on (capture replaced as above): prompts of 5, 9 and 3
     tokens padded into a 4 x 16 bucket give the real rows' next-token logits and write the same
@@ -188,13 +200,7 @@ def test_prefills_on_static_buckets_compute_what_exact_prefills_do(monkeypatch: 
         got = step.step(key, ids, seqs, lengths, reserves)["output"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert kvs[1].length == kvs[0].length == dict(zip(seqs, lengths, strict=True))
-    for layer in range(4):
-        pools = [kv.pools_of(layer) for kv in kvs]
-        for s in seqs:
-            for j in range(2):
-                mine = pools[0][j][kvs[0].pages[s]].flatten(0, 1)[:kvs[0].length[s]]  # type: ignore[index]
-                theirs = pools[1][j][kvs[1].pages[s]].flatten(0, 1)[:kvs[1].length[s]]  # type: ignore[index]
-                torch.testing.assert_close(theirs, mine)
+    assert_same_cache(kvs, seqs)
     assert step.key(3, 9, last_logits=True, pages=3) == (4, 16, 4)  # later chunks: a bucket with pages
     assert step.key(3, 9, last_logits=False) is None
     assert step.key(9, 9, last_logits=True) is None
@@ -253,13 +259,7 @@ def test_later_chunks_on_static_buckets_compute_what_exact_chunked_prefills_do(m
     assert keys == [(1, 16), (2, 16, 2), (4, 16, 4), (1, 16), (2, 16, 2), (1, 16), (1, 16, 2)]
     assert step._buckets[(2, 16, 2)].steps == 2  # reused: other sequences, other starts per row
     assert kvs[1].length == kvs[0].length == {1: 37, 2: 20, 3: 11, 4: 30, 5: 7, 6: 25}
-    for layer in range(4):
-        pools = [kv.pools_of(layer) for kv in kvs]
-        for s in prompts:
-            for j in range(2):
-                mine = pools[0][j][kvs[0].pages[s]].flatten(0, 1)[:kvs[0].length[s]]  # type: ignore[index]
-                theirs = pools[1][j][kvs[1].pages[s]].flatten(0, 1)[:kvs[1].length[s]]  # type: ignore[index]
-                torch.testing.assert_close(theirs, mine)
+    assert_same_cache(kvs, prompts)
 
 
 def test_a_static_prefill_batch_refuses_what_it_cannot_hold() -> None:

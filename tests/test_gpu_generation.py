@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -74,16 +75,34 @@ def test_greedy_generation_on_cuda_stages_equals_hf_generate(stages: int, graphs
             assert replays == [0] * stages
 
 
+def one_by_one_then_together(job: Any, work: list[tuple[list[int], int]], singles: int) -> list[list[int]]:
+    """Greedy tokens of `work` (prompt, new tokens) through a running job: the first `singles`
+    one after another (each waited for), then the rest at once; in `work`'s order."""
+    from test_generation_pipeline import Collected
+
+    from infscaled.generation.params import SamplingParams
+
+    got: list[list[int]] = []
+    for prompt, new in work[:singles]:
+        c = Collected()
+        job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
+        assert c.done.wait(60) and c.error is None
+        got.append(c.tokens)
+    collected = [Collected() for _ in work[singles:]]
+    for (prompt, new), c in zip(work[singles:], collected, strict=True):
+        job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
+    for c in collected:
+        assert c.done.wait(60) and c.error is None
+        got.append(c.tokens)
+    return got
+
+
 @pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
 @pytest.mark.parametrize("stages", [1, 2])
 def test_prefills_replayed_from_graphs_give_hf_generate_tokens(stages: int) -> None:
     """Prompts of 3 to 16 tokens one after the other: each prefill is a 1 x 16 bucket
     (generation/graphs.py PrefillStep), captured on its second use and replayed from the third;
     then three at once (merged, or a 2 x 16 and a 1 x 16 bucket). Greedy tokens equal HF `generate` (float32)."""
-    from test_generation_pipeline import Collected
-
-    from infscaled.generation.params import SamplingParams
-
     devices = ["cuda:0", "cuda:1" if GPUS > 1 else "cuda:0"][:stages]
     cfg = parse_job({"name": "gen-gpu-prefill", "model": {"source": "builtin:llama-tiny"},
                      "pipeline": {"stages": stages}, "placement": {"devices": devices},
@@ -92,20 +111,8 @@ def test_prefills_replayed_from_graphs_give_hf_generate_tokens(stages: int) -> N
     work = [(torch.randint(0, 512, (n,), generator=gen).tolist(), 6) for n in (3, 16, 9, 12, 5, 14, 7, 11)]
     mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
     expected = [hf_greedy(mono, p, n) for p, n in work]
-    got: list[list[int]] = []
     with LocalJob(prepare(cfg)) as job:
-        singles, pairs = work[:5], work[5:]
-        for prompt, new in singles:
-            c = Collected()
-            job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
-            assert c.done.wait(60) and c.error is None
-            got.append(c.tokens)
-        collected = [Collected() for _ in pairs]
-        for (prompt, new), c in zip(pairs, collected, strict=True):
-            job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
-        for c in collected:
-            assert c.done.wait(60) and c.error is None
-            got.append(c.tokens)
+        got = one_by_one_then_together(job, work, 5)
     assert got == expected
 
 
@@ -115,10 +122,6 @@ def test_later_chunks_replayed_from_graphs_give_hf_generate_tokens() -> None:
     in a (rows, columns, pages) bucket (generation/graphs.py PrefillStep), captured on its second
     use and replayed from the third, with the page tables, positions and past mask refilled for
     each; then three prompts at once. Greedy tokens equal HF `generate` (float32)."""
-    from test_generation_pipeline import Collected
-
-    from infscaled.generation.params import SamplingParams
-
     cfg = parse_job({"name": "gen-gpu-chunks", "model": {"source": "builtin:llama-tiny"},
                      "pipeline": {"stages": 1}, "placement": {"devices": ["cuda:0"]},
                      "generation": {"max_batch_sequences": 4, "warmup_s": 0, "prefill_chunk_tokens": 16}})
@@ -126,19 +129,8 @@ def test_later_chunks_replayed_from_graphs_give_hf_generate_tokens() -> None:
     work = [(torch.randint(0, 512, (n,), generator=gen).tolist(), 5) for n in (40, 40, 40, 33, 33, 40, 33, 21)]
     mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
     expected = [hf_greedy(mono, p, n) for p, n in work]
-    got: list[list[int]] = []
     with LocalJob(prepare(cfg)) as job:
-        for prompt, new in work[:5]:
-            c = Collected()
-            job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
-            assert c.done.wait(60) and c.error is None
-            got.append(c.tokens)
-        collected = [Collected() for _ in work[5:]]
-        for (prompt, new), c in zip(work[5:], collected, strict=True):
-            job.generator.submit(prompt, SamplingParams(max_new_tokens=new, temperature=0.0), c)
-        for c in collected:
-            assert c.done.wait(60) and c.error is None
-            got.append(c.tokens)
+        got = one_by_one_then_together(job, work, 5)
     assert got == expected
 
 

@@ -261,11 +261,7 @@ class PagedBatch:
         slots.copy_(pinned(torch.from_numpy(self._slot_array(width, slots.numel()))), non_blocking=True)
         if self.past:
             assert self.table is not None
-            owned = [self.kv.pages[s][:pages_for(a + n)] for s, a, n in zip(seq_ids, starts, lengths, strict=True)]
-            if max(len(o) for o in owned) > self.table.shape[1]:
-                raise ValueError(f"chunks reaching {max(len(o) for o in owned)} pages do not fit a static "
-                                 f"batch of {self.table.shape[1]}")
-            table = self.kv.page_table(owned, *self.table.shape)
+            table = self._past_table(seq_ids, *self.table.shape)
             self.table.copy_(pinned(torch.from_numpy(table)), non_blocking=True)
             for key, mask in self._masks.items():
                 mask.copy_(pinned(self._past_mask_host(*key)), non_blocking=True)
@@ -278,13 +274,19 @@ class PagedBatch:
         offset) of position starts[row] + column (`slots` makes the device index per width). Built in
         numpy: a Python loop per token took tens of ms for 64 prompts of 512. With past, also the
         rows' page tables (for `update`'s gather)."""
-        kv = self.kv
         self._index = self._write_arrays(seq_ids)
         if self.past:
-            # Each row's pages up to the chunk's end (its past and the chunk), for `update`'s gather.
-            owned = [kv.pages[s][:pages_for(a + n)] for s, a, n in zip(seq_ids, self.starts, self.lengths, strict=True)]
-            table = kv.page_table(owned, len(seq_ids), max(len(o) for o in owned))
-            self.table = to_device_no_sync(torch.from_numpy(table), kv.device)
+            self.table = to_device_no_sync(torch.from_numpy(self._past_table(seq_ids, len(seq_ids))), self.kv.device)
+
+    def _past_table(self, seq_ids: Sequence[int], rows: int, width: int = 0) -> np.ndarray:
+        """Prefill with past: each row's pages up to its chunk's end (its past and the chunk), for
+        the attention's gather, as a [rows, width] table (width 0: the widest row's)."""
+        chunks = zip(seq_ids, self.starts, self.lengths, strict=True)
+        owned = [self.kv.pages[s][:pages_for(a + n)] for s, a, n in chunks]
+        widest = max(len(o) for o in owned)
+        if width and widest > width:
+            raise ValueError(f"chunks reaching {widest} pages do not fit a static batch of {width}")
+        return self.kv.page_table(owned, rows, width or widest)
 
 
 class StageKV:
