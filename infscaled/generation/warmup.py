@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from infscaled.generation.graphs import DecodeStep, PrefillStep, bucket
-from infscaled.generation.kv import PAGE_TOKENS, pages_for
+from infscaled.generation.kv import PAGE_TOKENS, PagedBatch, pages_for
 
 if TYPE_CHECKING:
     from infscaled.models.base import Family
@@ -143,6 +143,9 @@ def warm_decode(decoder: DecodeStep, budget_s: float, hidden_size: int, dtype: t
             return torch.zeros((rows, tokens), dtype=torch.int64)  # [rows, T] token ids
         return torch.zeros((rows, tokens, hidden_size), dtype=dtype)  # [rows, T, D] hidden states
 
+    def run(act: dict[str, torch.Tensor], batch: PagedBatch) -> None:  # a prefill, its inputs on the stage's device
+        decoder.stage({k: v.to(decoder.device) for k, v in act.items()}, batch)
+
     started = time.monotonic()
     replays = decoder.replays
     stepped: list[tuple[int, int]] = []
@@ -150,25 +153,24 @@ def warm_decode(decoder: DecodeStep, budget_s: float, hidden_size: int, dtype: t
         with torch.inference_mode():
             # The pools: allocated by the stage's attention layers on a real prefill (generation/kv.py).
             batch = kv.prefill([WARMUP_SEQ], [1], [PAGE_TOKENS])
-            act = {decoder.input_key: zeros(1), "attention_mask": torch.ones(1, 1, dtype=torch.int64)}
-            decoder.stage({k: v.to(decoder.device) for k, v in act.items()}, batch)
+            run({decoder.input_key: zeros(1), "attention_mask": torch.ones(1, 1, dtype=torch.int64)}, batch)
             kv.free([WARMUP_SEQ])
             # Prefills of 1 and 2 rows of PAGE_TOKENS: with compile, the fused prefill's parts
             # compile for dynamic shapes here (sizes 1 are specialised), not on the first request.
             for rows in (1, 2):
                 seqs = [WARMUP_SEQ - i for i in range(rows)]
                 batch = kv.prefill(seqs, [PAGE_TOKENS] * rows, [PAGE_TOKENS] * rows)
-                decoder.stage({decoder.input_key: zeros(rows, PAGE_TOKENS).to(decoder.device),
-                               "attention_mask": torch.ones(rows, PAGE_TOKENS, dtype=torch.int64)}, batch)
+                run({decoder.input_key: zeros(rows, PAGE_TOKENS),
+                     "attention_mask": torch.ones(rows, PAGE_TOKENS, dtype=torch.int64)}, batch)
                 for s in reversed(seqs):  # (last taken, first given back: the pool's order as before)
                     kv.free([s])
             # A prompt's second chunk (a prefill with past: on CUDA its own variant of the rotary
             # kernel, generation/triton_layer.py), so the first long prompt does not compile it.
             kv.store([WARMUP_SEQ], kv.prefill([WARMUP_SEQ], [PAGE_TOKENS], [2 * PAGE_TOKENS]))
             batch = kv.prefill([WARMUP_SEQ], [PAGE_TOKENS], [2 * PAGE_TOKENS], [PAGE_TOKENS])
-            decoder.stage({decoder.input_key: zeros(1, PAGE_TOKENS).to(decoder.device),
-                           "attention_mask": torch.ones(1, PAGE_TOKENS, dtype=torch.int64),
-                           "position_ids": torch.arange(PAGE_TOKENS, 2 * PAGE_TOKENS).unsqueeze(0)}, batch)
+            run({decoder.input_key: zeros(1, PAGE_TOKENS),
+                 "attention_mask": torch.ones(1, PAGE_TOKENS, dtype=torch.int64),
+                 "position_ids": torch.arange(PAGE_TOKENS, 2 * PAGE_TOKENS).unsqueeze(0)}, batch)
             kv.free([WARMUP_SEQ])
             _sync(decoder.device)
             last = 0.0
