@@ -9,7 +9,8 @@ tokens, then run decode steps with each variant, every variant from its own copy
 cache state:
 
 - attention "torch" (gather the pages + sdpa), "flex" (flex_attention on the pools in place) or
-  "triton" (generation/triton_decode.py),
+  "triton" (generation/triton_decode.py; "triton-nosplit": the same kernel without splitting
+  few rows' positions across programs),
 - layers eager, "compiled" (torch.compile, models/stage.py compile_stage) or "autotune"
   (the same with mode max-autotune-no-cudagraphs),
 - optionally ":fused": decode steps through the fused projections (models/families/fused_decode.py,
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 
 from benchmarks.gpu_bench import sync
+from infscaled.generation import triton_decode
 from infscaled.generation.gpu_sampling import sample_async
 from infscaled.generation.graphs import DecodeStep
 from infscaled.generation.kv import StageKV, reserved_span
@@ -243,6 +245,7 @@ def main() -> None:
                                "dtype": dtype, "prompt": a.prompt, "weight_bytes": bytes_read, "bound_ms": bound_ms,
                                "torch": torch.__version__, "batches": {}}
     gen = torch.Generator().manual_seed(0)
+    split_default = triton_decode.SPLIT_PROGRAMS
     with torch.inference_mode():
         for batch in [int(b) for b in a.batches.split(",")]:
             reserve = a.prompt + a.steps + 2
@@ -264,9 +267,12 @@ def main() -> None:
                 kv.store(seqs, pb)
                 step_gen = torch.Generator().manual_seed(batch)
                 t0 = time.perf_counter()
+                # "triton-nosplit": the Triton kernel with one program per (row, kv head), as before
+                # the split of few rows' positions (triton_decode.SPLIT_PROGRAMS), in the same run.
+                triton_decode.SPLIT_PROGRAMS = 0 if attention.endswith("-nosplit") else split_default
                 try:
-                    row, outs, stepper = run_variant(stage, kv, device, batch, attention, cuda, a.steps, a.replays,
-                                                     vocab, step_gen)
+                    row, outs, stepper = run_variant(stage, kv, device, batch, attention.removesuffix("-nosplit"),
+                                                     cuda, a.steps, a.replays, vocab, step_gen)
                 except Exception as exc:  # noqa: BLE001 - report the variant as failed, measure the others
                     msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
                     print(f"batch {batch:3d} {attention:6s} {comp:8s} {'fused' if on else 'layer':5s}: FAILED {msg}",
