@@ -52,10 +52,9 @@ if triton is not None:
         first = tl.maximum(last - window + 1, 0)  # no window: `window` is larger than any position
         lo = first // BLOCK_T
         hi = last // BLOCK_T + 1
-        n_split = 1
+        sp = tl.program_id(2)  # (0 when not split: a grid of one split)
+        n_split = tl.cdiv(hi - lo, per_split)
         if SPLIT:  # this program's share of the row's blocks: `per_split` of them, from split `sp`
-            sp = tl.program_id(2)
-            n_split = tl.cdiv(hi - lo, per_split)
             lo = lo + sp * per_split
             hi = tl.minimum(hi, lo + per_split)
         if lo < hi:  # a split past the row's last block has nothing to do
@@ -80,7 +79,11 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
                 m_i = m_new
             out_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + rd[None, :]
-            if n_split == 1:
+            # (Two branches, not `not SPLIT or ...`: SPLIT is a compile-time constant, so the
+            # unsplit kernel has no scratch and no atomics compiled in.)
+            if not SPLIT:  # noqa: SIM114
+                tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=hmask[:, None])
+            elif n_split == 1:
                 tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=hmask[:, None])
             else:
                 # Flash-decoding: the split's unnormalised sum and its softmax statistics go to a
