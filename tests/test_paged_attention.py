@@ -133,6 +133,7 @@ def test_split_plan_splits_few_rows_into_whole_blocks() -> None:
     assert split_plan(64, 8, 256, 64, 528) == (2, 2)
     assert split_plan(128, 8, 4096, 64, 528) == (64, 1)  # enough programs already: one per row
     assert split_plan(8, 8, 1024, 64, 0) == (16, 1)  # splitting off
+    assert split_plan(64, 8, 256, 64, 264) == (4, 1)  # the default: 64 rows are enough
     assert split_plan(1, 1, 1, 64, 528) == (1, 1)
 
 

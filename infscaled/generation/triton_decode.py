@@ -120,14 +120,16 @@ if triton is not None:
                     tl.store(out_ptrs, (o_all / l_all[:, None]).to(out_ptr.dtype.element_ty), mask=hmask[:, None])
 
 
-# The launch's tile and schedule (benchmarks/paged_decode_tune.py measures the alternatives).
+# The launch's tile and schedule (benchmarks/paged_decode_tune.py measures the alternatives;
+# BENCHMARKS.md section 27: these were the least total time over 8 / 64 / 128 rows of 192 and
+# 1,024 positions on an H200).
 BLOCK_T = 64
 NUM_WARPS = 4
-NUM_STAGES: int | None = None  # Triton's default
+NUM_STAGES: int | None = 2  # None: Triton's default (3)
 # Split a row's positions across programs (flash-decoding) while the batch alone gives fewer
 # than SPLIT_PROGRAMS programs (sequences x kv heads): few rows of long contexts are otherwise
 # one program per (row, kv head) walking every block in turn, most multiprocessors idle. 0: never.
-SPLIT_PROGRAMS = 528  # 4 per multiprocessor of an H200
+SPLIT_PROGRAMS = 264  # 2 per multiprocessor of an H200 (528 split 64 rows in two: slower)
 
 _counters: dict[torch.device, torch.Tensor] = {}
 _retired: list[torch.Tensor] = []  # outgrown counters: a captured graph may still use them
