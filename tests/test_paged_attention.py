@@ -173,3 +173,28 @@ def test_triton_split_decode_equals_the_torch_path(window: int, block_t: int, pr
         assert torch.equal(outs[0][:-1], outs[1][:-1])
         counts = triton_decode._counters.get(q.device)
         assert counts is None or int(counts.abs().sum()) == 0
+
+
+@pytest.mark.gpu
+def test_a_capture_without_counters_launches_unsplit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counters are never made inside a CUDA graph capture (they would live in that graph's
+    private pool): a capture that finds none runs the row unsplit, correctly, and makes none;
+    the next launch outside a capture makes them and splits. On CUDA or TRITON_INTERPRET=1."""
+    import os
+
+    from infscaled.generation import triton_decode
+
+    if not triton_decode.available():
+        pytest.skip("needs triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA (or TRITON_INTERPRET=1)")
+    monkeypatch.setattr(triton_decode, "_counters", {})
+    query, pool_k, pool_v, table, positions = _triton_case(device, torch.float32, 5, 3)
+    q = query.squeeze(2).contiguous()
+    plain = torch_decode(query, pool_k, pool_v, table, positions, 128 ** -0.5, 0).squeeze(2)
+    for capturing in (True, False):
+        monkeypatch.setattr(triton_decode, "_capturing", lambda _device, c=capturing: c)
+        out = triton_decode._launch(q, pool_k, pool_v, table, positions, 128 ** -0.5, 0, split_programs=10_000)
+        torch.testing.assert_close(out[:-1], plain[:-1], rtol=1e-5, atol=1e-5)
+        assert (q.device in triton_decode._counters) == (not capturing)

@@ -135,17 +135,25 @@ _counters: dict[torch.device, torch.Tensor] = {}
 _retired: list[torch.Tensor] = []  # outgrown counters: a captured graph may still use them
 
 
-def _counts(device: torch.device, rows: int) -> torch.Tensor:
+def _counts(device: torch.device, rows: int) -> torch.Tensor | None:
     """The split kernel's per-(row, kv head) arrival counters on `device`: zero between launches
     (each launch's last split resets its own), so one buffer serves every launch and graph
     replay on the device as long as they run one after another, as a stage's decode steps do
-    (one compute stream); grown by replacement (4,096 rows x kv heads at first), never freed."""
+    (one compute stream); grown by replacement (4,096 rows x kv heads at first), never freed.
+    None while a CUDA graph is being captured and no buffer fits: one made inside a capture
+    would come from (and could later be reused through) that graph's private memory pool."""
     have = _counters.get(device)
     if have is None or have.numel() < rows:
+        if _capturing(device):
+            return None
         if have is not None:
             _retired.append(have)
         have = _counters[device] = torch.zeros(max(rows, 4096), dtype=torch.int32, device=device)
     return have
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def split_plan(rows: int, kv_heads: int, positions: int, block_t: int, programs: int) -> tuple[int, int]:
@@ -174,12 +182,13 @@ def _launch(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, tab
     per_split, splits = split_plan(b, hkv, table.shape[1] * page, block_t,
                                    SPLIT_PROGRAMS if split_programs is None else split_programs)
     out = torch.empty_like(query)
-    if splits > 1:
+    counts = _counts(query.device, b * hkv) if splits > 1 else None
+    if counts is None:  # not split (or no counters inside a capture: that graph runs unsplit)
+        per_split, splits = per_split * splits, 1
+        part = ml = counts = out  # not read: the kernel's SPLIT branch is compiled out
+    else:
         part = torch.empty(b * hkv * splits * block_h * dh, dtype=torch.float32, device=query.device)
         ml = torch.empty(b * hkv * splits * 2 * block_h, dtype=torch.float32, device=query.device)
-        counts = _counts(query.device, b * hkv)
-    else:
-        part = ml = counts = out  # not read: the kernel's SPLIT branch is compiled out
     grid: Any = (b, hkv, splits)
     _paged_decode_kernel[grid](
         query, pool_k, pool_v, table, positions, out, part, ml, counts,
