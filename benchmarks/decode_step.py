@@ -268,7 +268,7 @@ def main() -> None:
                 step_gen = torch.Generator().manual_seed(batch)
                 t0 = time.perf_counter()
                 # "triton-nosplit": the Triton kernel with one program per (row, kv head), as before
-                # the split of few rows' positions (triton_decode.SPLIT_PROGRAMS), in the same run.
+                # the split of few rows' positions (triton_decode.split_threshold), in the same run.
                 triton_decode.SPLIT_PROGRAMS = 0 if attention.endswith("-nosplit") else split_default
                 try:
                     row, outs, stepper = run_variant(stage, kv, device, batch, attention.removesuffix("-nosplit"),

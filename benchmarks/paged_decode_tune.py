@@ -7,7 +7,7 @@ tiles of BLOCK_T positions. Per batch size and context length this times every c
 --block-t x --warps x --stages: --layers launches (each layer its own pools, as a model's step
 reads them: nothing stays in L2) captured in one CUDA graph, replayed --replays times between
 CUDA events; and --split-programs, the split of few rows' positions across programs
-(triton_decode.SPLIT_PROGRAMS, 0 = none). Reports µs per layer, the bandwidth of the keys and
+(triton_decode.split_threshold, 0 = none). Reports µs per layer, the bandwidth of the keys and
 values it reads, and the largest difference of each configuration's output from the default's
 (all must agree within rounding: the math is the same, only the schedule differs). Writes DIR/paged_decode_tune.json.
 """
@@ -62,8 +62,9 @@ def main() -> None:
     ap.add_argument("--block-t", default="16,32,64,128")
     ap.add_argument("--warps", default="1,2,4,8")
     ap.add_argument("--stages", default="1,2,3,4")
-    ap.add_argument("--split-programs", default=f"0,{triton_decode.SPLIT_PROGRAMS}",
-                    help="triton_decode.SPLIT_PROGRAMS values (0: one program per row and kv head)")
+    ap.add_argument("--split-programs", default="",
+                    help="split thresholds in programs (0: one program per row and kv head; default: 0 and "
+                         "triton_decode.split_threshold of the card, 264 on an H200)")
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--heads", default="24,8,128", help="query heads, kv heads, head size (llama-3b)")
     ap.add_argument("--replays", type=int, default=20)
@@ -71,10 +72,12 @@ def main() -> None:
     ap.add_argument("--out", default="out/paged_decode_tune")
     args = ap.parse_args()
     hq, hkv, dh = (int(x) for x in args.heads.split(","))
-    doc: dict[str, Any] = {"card": torch.cuda.get_device_name(), "heads": [hq, hkv, dh],
-                           "default": {"block_t": triton_decode.BLOCK_T, "num_warps": triton_decode.NUM_WARPS,
-                                       "num_stages": triton_decode.NUM_STAGES,
-                                       "split_programs": triton_decode.SPLIT_PROGRAMS}, "cases": []}
+    threshold = triton_decode.split_threshold(torch.device("cuda"))
+    args.split_programs = args.split_programs or f"0,{threshold}"
+    default = {"block_t": triton_decode.BLOCK_T, "num_warps": triton_decode.NUM_WARPS,
+               "num_stages": triton_decode.NUM_STAGES, "split_programs": threshold}
+    doc: dict[str, Any] = {"card": torch.cuda.get_device_name(), "heads": [hq, hkv, dh], "default": default,
+                           "cases": []}
     for batch, context in itertools.product((int(b) for b in args.batches.split(",")),
                                             (int(c) for c in args.contexts.split(","))):
         layers = _case(batch, context, args.layers, hq, hkv, dh, "cuda", seed=batch + context)

@@ -137,6 +137,18 @@ def test_split_plan_splits_few_rows_into_whole_blocks() -> None:
     assert split_plan(1, 1, 1, 64, 528) == (1, 1)
 
 
+def test_split_threshold_is_two_programs_per_multiprocessor_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    from infscaled.generation import triton_decode
+
+    assert triton_decode.SPLIT_PROGRAMS is None
+    assert triton_decode.split_threshold(torch.device("cpu")) == 264  # (the interpreter's: as an H200)
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert triton_decode.split_threshold(torch.device("cuda", 0)) == 2 * sms
+    monkeypatch.setattr(triton_decode, "SPLIT_PROGRAMS", 0)
+    assert triton_decode.split_threshold(torch.device("cpu")) == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [0, 40])
 @pytest.mark.parametrize(("block_t", "programs"), [(64, 10_000), (16, 48), (16, 0)])

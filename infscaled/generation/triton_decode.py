@@ -7,10 +7,10 @@ group's outputs. It reads each visible key and value once and nothing else: no b
 build, no per-shape compilation (Triton compiles once per head size and group, not per batch
 shape), so a new decode bucket costs no compile time.
 
-With few rows (fewer than SPLIT_PROGRAMS sequence x kv-head programs) each row's blocks are
-split across programs (flash-decoding, `split_plan`): each split keeps its own softmax
-statistics, and the last of a row's splits to finish merges them in the same launch (an atomic
-counter per row and kv head), so there is no second kernel.
+With few rows (fewer sequence x kv-head programs than `split_threshold`, two per
+multiprocessor) each row's blocks are split across programs (flash-decoding, `split_plan`):
+each split keeps its own softmax statistics, and the last of a row's splits to finish merges
+them in the same launch (an atomic counter per row and kv head), so there is no second kernel.
 
 Registered as the custom op `infscaled::paged_decode` so a compiled decoder layer calls it as
 one opaque kernel. CUDA only; `TRITON_INTERPRET=1` runs it on the CPU (tests).
@@ -127,9 +127,27 @@ BLOCK_T = 64
 NUM_WARPS = 4
 NUM_STAGES: int | None = 2  # None: Triton's default (3)
 # Split a row's positions across programs (flash-decoding) while the batch alone gives fewer
-# than SPLIT_PROGRAMS programs (sequences x kv heads): few rows of long contexts are otherwise
-# one program per (row, kv head) walking every block in turn, most multiprocessors idle. 0: never.
-SPLIT_PROGRAMS = 264  # 2 per multiprocessor of an H200 (528 split 64 rows in two: slower)
+# than `split_threshold(device)` programs (sequences x kv heads): few rows of long contexts are
+# otherwise one program per (row, kv head) walking every block in turn, most multiprocessors
+# idle. SPLITS_PER_SM per multiprocessor (on an H200, 132 of them: 264; 4 per multiprocessor
+# split 64 rows in two, which was slower); SPLIT_PROGRAMS, when set, overrides it (0: never).
+SPLITS_PER_SM = 2
+SPLIT_PROGRAMS: int | None = None
+_SMS_OFF_CUDA = 132  # Triton's interpreter (tests): as an H200
+
+
+def split_threshold(device: torch.device) -> int:
+    """The program count below which a launch on `device` splits its rows' positions."""
+    if SPLIT_PROGRAMS is not None:
+        return SPLIT_PROGRAMS
+    sms = _sms.get(device)
+    if sms is None:
+        sms = _sms[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                              if device.type == "cuda" else _SMS_OFF_CUDA)
+    return SPLITS_PER_SM * sms
+
+
+_sms: dict[torch.device, int] = {}
 
 _counters: dict[torch.device, torch.Tensor] = {}
 _retired: list[torch.Tensor] = []  # outgrown counters: a captured graph may still use them
@@ -180,7 +198,7 @@ def _launch(query: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, tab
     block_t = block_t or BLOCK_T
     block_h = max(16, triton.next_power_of_2(group))
     per_split, splits = split_plan(b, hkv, table.shape[1] * page, block_t,
-                                   SPLIT_PROGRAMS if split_programs is None else split_programs)
+                                   split_threshold(query.device) if split_programs is None else split_programs)
     out = torch.empty_like(query)
     counts = _counts(query.device, b * hkv) if splits > 1 else None
     if counts is None:  # not split (or no counters inside a capture: that graph runs unsplit)
