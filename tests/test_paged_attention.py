@@ -125,6 +125,27 @@ def test_triton_paged_decode_equals_the_torch_path(window: int, group: int) -> N
         assert torch.isfinite(fast).all()
 
 
+def _kernel_device() -> str:
+    """Where the decode kernel runs in a test: "cuda", or "cpu" under Triton's interpreter
+    (TRITON_INTERPRET=1; Triton >= 3.9 there: 3.6's interpreter cannot loop over a range read
+    from memory, which compiled kernels do on any version); else the test skips."""
+    import os
+
+    from infscaled.generation import triton_decode
+
+    if not triton_decode.available():
+        pytest.skip("needs triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs CUDA (or TRITON_INTERPRET=1)")
+    import triton
+
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter: the decode kernel needs >= 3.9 there")
+    return "cpu"
+
+
 def test_split_plan_splits_few_rows_into_whole_blocks() -> None:
     from infscaled.generation.triton_decode import split_plan
 
@@ -158,15 +179,9 @@ def test_triton_split_decode_equals_the_torch_path(window: int, block_t: int, pr
     splits, split counts that do not divide the blocks, a window; the counters are zero after
     each launch, so a second launch (a graph replay) on the same counters gives the same output.
     On CUDA, or on the CPU under TRITON_INTERPRET=1."""
-    import os
-
     from infscaled.generation import triton_decode
 
-    if not triton_decode.available():
-        pytest.skip("needs triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA (or TRITON_INTERPRET=1)")
+    device = _kernel_device()
     # (bf16 on CUDA only: Triton 3.9's interpreter returns garbage for this kernel's bf16 dots,
     # split or not, while the unsplit kernel's bf16 test above passes on an H200.)
     dtypes = ((torch.float32, 1e-5), (torch.bfloat16, 2e-2))[:2 if device == "cuda" else 1]
@@ -192,15 +207,9 @@ def test_a_capture_without_counters_launches_unsplit(monkeypatch: pytest.MonkeyP
     """Counters are never made inside a CUDA graph capture (they would live in that graph's
     private pool): a capture that finds none runs the row unsplit, correctly, and makes none;
     the next launch outside a capture makes them and splits. On CUDA or TRITON_INTERPRET=1."""
-    import os
-
     from infscaled.generation import triton_decode
 
-    if not triton_decode.available():
-        pytest.skip("needs triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA (or TRITON_INTERPRET=1)")
+    device = _kernel_device()
     monkeypatch.setattr(triton_decode, "_counters", {})
     query, pool_k, pool_v, table, positions = _triton_case(device, torch.float32, 5, 3)
     q = query.squeeze(2).contiguous()

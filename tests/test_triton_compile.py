@@ -63,7 +63,9 @@ def _compile(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
             signature[name] = "fp32"
     signature |= dict.fromkeys(kwargs, "constexpr")
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=kwargs),
+        # Constants keyed by (argument index,): what every Triton since 3.2 takes (newer ones take names too).
+        constants = {(kernel.arg_names.index(n),): v for n, v in kwargs.items()}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                   target=GPUTarget("cuda", 90, 32), options=options)
     except RuntimeError as exc:  # the wheel has no ptxas for this platform: the front end ran
         if "ptxas" not in str(exc).lower():
