@@ -460,10 +460,19 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
                                             sliding_window_pattern=2), "Gemma3ForCausalLM"),
         "granite": (hf.GraniteConfig(**common, embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
                                      attention_multiplier=0.0625), "GraniteForCausalLM"),
+        "mixtral": (hf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
+                    "MixtralForCausalLM"),
+        "qwen2_moe": (hf.Qwen2MoeConfig(**common, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                                        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2),
+                      "Qwen2MoeForCausalLM"),
+        "qwen3_moe": (hf.Qwen3MoeConfig(**common, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                        num_experts_per_tok=2), "Qwen3MoeForCausalLM"),
+        "olmoe": (hf.OlmoeConfig(**common, num_experts=4, num_experts_per_tok=2), "OlmoeForCausalLM"),
     }
 
 
-LLAMA_LIKE = ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3_text", "granite"]
+LLAMA_LIKE = ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3_text", "granite",
+              "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 
 @pytest.mark.parametrize("model_type", LLAMA_LIKE)
@@ -489,3 +498,33 @@ def test_llama_like_paged_decode_logits_equal_the_models_own_forward(model_type:
     config, cls_name = llama_like_configs()[model_type]
     _save_model(tmp_path, config, cls_name)
     decode_logits_equal_forward(model_type, str(tmp_path))
+
+
+def test_moe_checkpoint_missing_an_expert_is_a_clear_error(tmp_path: Path) -> None:
+    """A mixture-of-experts checkpoint keeps its experts one tensor each (models/weights.py
+    CHECKPOINT_LAYOUTS stacks them): one expert's tensor missing names it and the parameter; a
+    checkpoint that already holds the fused tensors loads them as they are (same logits)."""
+    from safetensors.torch import load_file, save_file
+
+    from infscaled.errors import ModelError
+
+    config, cls_name = llama_like_configs()["mixtral"]
+    _save_model(tmp_path, config, cls_name)
+    resolved = resolve(str(tmp_path))
+    sk = skeleton(resolved)
+    whole = materialize(sk, 0, sk.unit_count - 1, "cpu", "float32", 0, str(tmp_path))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    # The same weights in transformers' own in-memory layout: loaded without assembling.
+    fused_dir = tmp_path / "fused"
+    fused_dir.mkdir()
+    (fused_dir / "config.json").write_text((tmp_path / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in _reference(str(tmp_path)).state_dict().items()},
+              str(fused_dir / "model.safetensors"))
+    again = materialize(skeleton(resolve(str(fused_dir))), 0, sk.unit_count - 1, "cpu", "float32", 0, str(fused_dir))
+    for (name, a), (_, b) in zip(whole.named_parameters(), again.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    del tensors["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelError, match=r"no tensor model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight "
+                                         r"for parameter model\.layers\.1\.mlp\.experts\.gate_up_proj \(4 experts\)"):
+        materialize(skeleton(resolve(str(tmp_path))), 2, 2, "cpu", "float32", 0, str(tmp_path))

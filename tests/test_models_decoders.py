@@ -125,11 +125,11 @@ def test_sliding_window_layers_match_monolith(model_type: str, fused: bool) -> N
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2",
-                                        "gemma3_text", "granite"])
+                                        "gemma3_text", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_llama_like_model_types_match_monolith(model_type: str) -> None:
     """The further model types of the Llama adapter (configs: test_generation_differential) cut
     1-4 ways; their layers run as transformers' own, never the fused Llama step (which would
-    drop their q/k norms or mis-read their projections)."""
+    drop their q/k norms, mis-read their projections or skip their experts)."""
     from test_generation_differential import llama_like_configs
 
     from infscaled.models.families import fused_decode

@@ -159,9 +159,12 @@ def _value(full: list[str], shape: torch.Size, seed: int, ckpt: Checkpoint | Non
     if ckpt is None:
         return seeded_tensor(full[0], shape, seed)
     key = ckpt.find(full, prefix)
-    if key is None:
+    if key is not None:
+        value = ckpt.load(key, device)
+    elif (built := ckpt.assembled(full[0], shape[0] if len(shape) else 0, prefix, device)) is not None:
+        value, key = built, f"(assembled for {full[0]})"
+    else:
         raise ModelError(f"{ckpt.directory}: checkpoint has no tensor for parameter {full[0]}")
-    value = ckpt.load(key, device)
     if value.shape != shape:
         raise ModelError(f"{ckpt.directory}: tensor {key} has shape {tuple(value.shape)}, "
                          f"the model expects {tuple(shape)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -69,3 +70,45 @@ class Checkpoint:
     def load(self, key: str, device: torch.device | str) -> torch.Tensor:
         with self._open(str(self._file_of[key]), framework="pt", device=str(device)) as f:
             return f.get_tensor(key)
+
+    def assembled(self, name: str, experts: int, prefix: str, device: torch.device | str) -> torch.Tensor | None:
+        """The parameter `name` built from the tensors a checkpoint keeps in its place
+        (`CHECKPOINT_LAYOUTS`: a mixture-of-experts layer's experts one by one), or None when no
+        layout matches. `experts`: the parameter's first dimension (its experts' count)."""
+        for pattern, sources in CHECKPOINT_LAYOUTS:
+            match = re.match(pattern, name)
+            if match is None:
+                continue
+            per_expert = "{e}" in sources[0]
+            first = [match.expand(src).format(e=0) for src in sources]
+            if any(self.find([key], prefix) is None for key in first):
+                continue
+            if not per_expert:
+                return self.load(self.find(first, prefix) or "", device)
+            parts = []
+            for src in sources:
+                keys = [self.find([match.expand(src).format(e=e)], prefix) for e in range(experts)]
+                missing = [match.expand(src).format(e=e) for e, k in enumerate(keys) if k is None]
+                if missing:
+                    raise ModelError(f"{self.directory}: checkpoint has no tensor {missing[0]} for parameter {name} "
+                                     f"({experts} experts)")
+                parts.append(torch.stack([self.load(k or "", device) for k in keys]))
+            return torch.cat(parts, dim=1)
+        return None
+
+
+# Where a checkpoint keeps what transformers 5 holds as one tensor (its checkpoint conversion
+# mapping, applied here a parameter at a time): (the parameter's name, what the checkpoint has
+# instead). "{e}" numbers experts: their tensors are stacked (dim 0), then the sources are
+# concatenated (dim 1: gate, then up). Without "{e}": a renamed tensor.
+CHECKPOINT_LAYOUTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # Qwen2-MoE, Qwen3-MoE, OLMoE
+    (r"^(.*)\.mlp\.experts\.gate_up_proj$",
+     (r"\1.mlp.experts.{e}.gate_proj.weight", r"\1.mlp.experts.{e}.up_proj.weight")),
+    (r"^(.*)\.mlp\.experts\.down_proj$", (r"\1.mlp.experts.{e}.down_proj.weight",)),
+    # Mixtral: w1 = gate, w3 = up, w2 = down, under `block_sparse_moe`
+    (r"^(.*)\.mlp\.experts\.gate_up_proj$",
+     (r"\1.block_sparse_moe.experts.{e}.w1.weight", r"\1.block_sparse_moe.experts.{e}.w3.weight")),
+    (r"^(.*)\.mlp\.experts\.down_proj$", (r"\1.block_sparse_moe.experts.{e}.w2.weight",)),
+    (r"^(.*)\.mlp\.gate\.weight$", (r"\1.block_sparse_moe.gate.weight",)),
+)

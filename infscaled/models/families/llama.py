@@ -1,7 +1,8 @@
 """Decoders of Llama's model structure: Llama, Mistral, Qwen2, and Qwen3, Phi-3, OLMo-2,
-StarCoder2, SmolLM3, Gemma 1-3 (text) and Granite, whose transformers models differ from Llama's
-only inside their modules (q/k norms, fused or biased projections, LayerNorm, no-rope layers, a
-scaled embedding, soft-capped attention), which run as transformers' own, and in what the embed
+StarCoder2, SmolLM3, Gemma 1-3 (text), Granite and the mixture-of-experts Mixtral, Qwen2-MoE,
+Qwen3-MoE and OLMoE, whose transformers models differ from Llama's only inside their modules
+(q/k norms, fused or biased projections, LayerNorm, no-rope layers, a scaled embedding,
+soft-capped attention, routed experts), which run as transformers' own, and in what the embed
 and head units apply (Granite's multipliers, Gemma 2's logits soft-cap) and the rotary
 frequencies per layer type (Gemma 3); `_TYPES` says which type does what:
 units = [embed (embed_tokens), decoder layer 0..n-1, head (norm + lm_head)].
@@ -66,6 +67,12 @@ _TYPES = {
     "gemma2": _Type("Gemma2ForCausalLM", _Mask.LAYER_TYPES, logits_softcap=True),
     "gemma3_text": _Type("Gemma3ForCausalLM", _Mask.LAYER_TYPES, rope_per_layer_type=True, logits_softcap=True),
     "granite": _Type("GraniteForCausalLM", _Mask.FULL, multipliers=True),
+    # Mixture-of-experts MLPs (their checkpoints keep one tensor per expert: models/weights.py
+    # stacks them into transformers' fused experts tensors).
+    "mixtral": _Type("MixtralForCausalLM", _Mask.ONE),
+    "qwen2_moe": _Type("Qwen2MoeForCausalLM", _Mask.LAYER_TYPES),
+    "qwen3_moe": _Type("Qwen3MoeForCausalLM", _Mask.ONE),
+    "olmoe": _Type("OlmoeForCausalLM", _Mask.FULL),
 }
 
 
