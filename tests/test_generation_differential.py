@@ -460,6 +460,21 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
                                             sliding_window_pattern=2), "Gemma3ForCausalLM"),
         "granite": (hf.GraniteConfig(**common, embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
                                      attention_multiplier=0.0625), "GraniteForCausalLM"),
+        # Dense models of Llama's structure whose layers differ inside: OLMo's parameter-free
+        # LayerNorm, GLM's interleaved rotary and biased q/k/v, GLM-4's extra post-norms, Helium,
+        # Arcee's ReLU² MLP without gate, Seed-OSS's biased q/k/v, Hunyuan's q/k norms, Apertus'
+        # xIELU and q/k norms, Ministral's sliding layers, EXAONE 4's sliding and full layers with
+        # post-norms and q/k norms.
+        "olmo": (hf.OlmoConfig(**common), "OlmoForCausalLM"),
+        "glm": (hf.GlmConfig(**common, head_dim=16), "GlmForCausalLM"),
+        "glm4": (hf.Glm4Config(**common, head_dim=16), "Glm4ForCausalLM"),
+        "helium": (hf.HeliumConfig(**common, head_dim=16), "HeliumForCausalLM"),
+        "arcee": (hf.ArceeConfig(**common), "ArceeForCausalLM"),
+        "seed_oss": (hf.SeedOssConfig(**common, head_dim=16), "SeedOssForCausalLM"),
+        "hunyuan_v1_dense": (hf.HunYuanDenseV1Config(**common, head_dim=16), "HunYuanDenseV1ForCausalLM"),
+        "apertus": (hf.ApertusConfig(**common), "ApertusForCausalLM"),
+        "ministral": (hf.MinistralConfig(**common, head_dim=16, sliding_window=8), "MinistralForCausalLM"),
+        "exaone4": (hf.Exaone4Config(**common, head_dim=16, sliding_window=8), "Exaone4ForCausalLM"),
         "mixtral": (hf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
                     "MixtralForCausalLM"),
         "qwen2_moe": (hf.Qwen2MoeConfig(**common, moe_intermediate_size=32, shared_expert_intermediate_size=64,
@@ -472,7 +487,8 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
 
 
 LLAMA_LIKE = ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3_text", "granite",
-              "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+              "olmo", "glm", "glm4", "helium", "arcee", "seed_oss", "hunyuan_v1_dense", "apertus", "ministral",
+              "exaone4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 
 @pytest.mark.parametrize("model_type", LLAMA_LIKE)

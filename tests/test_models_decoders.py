@@ -125,7 +125,9 @@ def test_sliding_window_layers_match_monolith(model_type: str, fused: bool) -> N
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2",
-                                        "gemma3_text", "granite", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+                                        "gemma3_text", "granite", "olmo", "glm", "glm4", "helium", "arcee",
+                                        "seed_oss", "hunyuan_v1_dense", "apertus", "ministral", "exaone4",
+                                        "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_llama_like_model_types_match_monolith(model_type: str) -> None:
     """The further model types of the Llama adapter (configs: test_generation_differential) cut
     1-4 ways; their layers run as transformers' own, never the fused Llama step (which would

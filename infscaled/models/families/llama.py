@@ -1,5 +1,6 @@
 """Decoders of Llama's model structure: Llama, Mistral, Qwen2, and Qwen3, Phi-3, OLMo-2,
-StarCoder2, SmolLM3, Gemma 1-3 (text), Granite and the mixture-of-experts Mixtral, Qwen2-MoE,
+StarCoder2, SmolLM3, Gemma 1-3 (text), Granite, OLMo, GLM, GLM-4, Helium, Arcee, Seed-OSS,
+Hunyuan (dense), Apertus, Ministral, EXAONE 4 and the mixture-of-experts Mixtral, Qwen2-MoE,
 Qwen3-MoE and OLMoE, whose transformers models differ from Llama's only inside their modules
 (q/k norms, fused or biased projections, LayerNorm, no-rope layers, a scaled embedding,
 soft-capped attention, routed experts), which run as transformers' own, and in what the embed
@@ -67,6 +68,16 @@ _TYPES = {
     "gemma2": _Type("Gemma2ForCausalLM", _Mask.LAYER_TYPES, logits_softcap=True),
     "gemma3_text": _Type("Gemma3ForCausalLM", _Mask.LAYER_TYPES, rope_per_layer_type=True, logits_softcap=True),
     "granite": _Type("GraniteForCausalLM", _Mask.FULL, multipliers=True),
+    "olmo": _Type("OlmoForCausalLM", _Mask.FULL),
+    "glm": _Type("GlmForCausalLM", _Mask.FULL),
+    "glm4": _Type("Glm4ForCausalLM", _Mask.FULL),
+    "helium": _Type("HeliumForCausalLM", _Mask.FULL),
+    "arcee": _Type("ArceeForCausalLM", _Mask.FULL),
+    "seed_oss": _Type("SeedOssForCausalLM", _Mask.FULL),
+    "hunyuan_v1_dense": _Type("HunYuanDenseV1ForCausalLM", _Mask.FULL),
+    "apertus": _Type("ApertusForCausalLM", _Mask.FULL),
+    "ministral": _Type("MinistralForCausalLM", _Mask.LAYER_TYPES),
+    "exaone4": _Type("Exaone4ForCausalLM", _Mask.LAYER_TYPES),
     # Mixture-of-experts MLPs (their checkpoints keep one tensor per expert: models/weights.py
     # stacks them into transformers' fused experts tensors).
     "mixtral": _Type("MixtralForCausalLM", _Mask.ONE),
