@@ -475,6 +475,10 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
         "apertus": (hf.ApertusConfig(**common), "ApertusForCausalLM"),
         "ministral": (hf.MinistralConfig(**common, head_dim=16, sliding_window=8), "MinistralForCausalLM"),
         "exaone4": (hf.Exaone4Config(**common, head_dim=16, sliding_window=8), "Exaone4ForCausalLM"),
+        # Cohere's parallel attention and MLP, LayerNorm, q/k norms and its logits scaled outside any
+        # module; Cohere 2's sliding layers (with rotary) and full ones (without).
+        "cohere": (hf.CohereConfig(**common, use_qk_norm=True, logit_scale=0.5), "CohereForCausalLM"),
+        "cohere2": (hf.Cohere2Config(**common, sliding_window=8, logit_scale=0.5), "Cohere2ForCausalLM"),
         "mixtral": (hf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
                     "MixtralForCausalLM"),
         "qwen2_moe": (hf.Qwen2MoeConfig(**common, moe_intermediate_size=32, shared_expert_intermediate_size=64,
@@ -488,7 +492,7 @@ def llama_like_configs() -> dict[str, tuple[Any, str]]:
 
 LLAMA_LIKE = ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2", "gemma3_text", "granite",
               "olmo", "glm", "glm4", "helium", "arcee", "seed_oss", "hunyuan_v1_dense", "apertus", "ministral",
-              "exaone4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+              "exaone4", "cohere", "cohere2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 
 @pytest.mark.parametrize("model_type", LLAMA_LIKE)

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_generation_differential import LLAMA_LIKE
 from test_generation_pipeline import hf_greedy, run_staggered
 
 from infscaled.config import parse_job
@@ -135,10 +136,7 @@ def test_later_chunks_replayed_from_graphs_give_hf_generate_tokens() -> None:
 
 
 @pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
-@pytest.mark.parametrize("model_type", ["qwen3", "gemma", "gemma2", "gemma3_text", "granite", "phi3", "olmo2",
-                                        "starcoder2", "smollm3", "olmo", "glm", "glm4", "helium", "arcee",
-                                        "seed_oss", "hunyuan_v1_dense", "apertus", "ministral", "exaone4",
-                                        "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
 def test_llama_like_families_on_cuda_stages_with_graphs_equal_hf_generate(model_type: str, tmp_path: Path) -> None:
     """The Llama adapter's further model types (test_generation_differential's configs) on CUDA:
     their layers are transformers' own (never the fused step), decode steps replayed from CUDA

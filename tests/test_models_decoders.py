@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from test_generation_differential import LLAMA_LIKE
 from torch import nn
 
 from infscaled.models.builtins import builtin_config
@@ -124,10 +125,7 @@ def test_sliding_window_layers_match_monolith(model_type: str, fused: bool) -> N
     assert not torch.allclose(alone(unwindowed.forward, requests[2]), results[2], **F32)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma", "gemma2",
-                                        "gemma3_text", "granite", "olmo", "glm", "glm4", "helium", "arcee",
-                                        "seed_oss", "hunyuan_v1_dense", "apertus", "ministral", "exaone4",
-                                        "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("model_type", LLAMA_LIKE)
 def test_llama_like_model_types_match_monolith(model_type: str) -> None:
     """The further model types of the Llama adapter (configs: test_generation_differential) cut
     1-4 ways; their layers run as transformers' own, never the fused Llama step (which would

@@ -19,7 +19,8 @@ from infscaled.models.base import Family
 # without importing that module.
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "starcoder2", "smollm3", "gemma",
               "gemma2", "gemma3_text", "granite", "olmo", "glm", "glm4", "helium", "arcee", "seed_oss",
-              "hunyuan_v1_dense", "apertus", "ministral", "exaone4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+              "hunyuan_v1_dense", "apertus", "ministral", "exaone4", "cohere", "cohere2", "mixtral", "qwen2_moe",
+              "qwen3_moe", "olmoe")
 
 # transformers model_type -> module under infscaled.models.families and its class.
 # Mistral, Qwen2 and the others of families/llama.py share Llama's model structure, so one

@@ -1,11 +1,11 @@
 """Decoders of Llama's model structure: Llama, Mistral, Qwen2, and Qwen3, Phi-3, OLMo-2,
 StarCoder2, SmolLM3, Gemma 1-3 (text), Granite, OLMo, GLM, GLM-4, Helium, Arcee, Seed-OSS,
-Hunyuan (dense), Apertus, Ministral, EXAONE 4 and the mixture-of-experts Mixtral, Qwen2-MoE,
-Qwen3-MoE and OLMoE, whose transformers models differ from Llama's only inside their modules
-(q/k norms, fused or biased projections, LayerNorm, no-rope layers, a scaled embedding,
+Hunyuan (dense), Apertus, Ministral, EXAONE 4, Cohere 1-2 and the mixture-of-experts Mixtral,
+Qwen2-MoE, Qwen3-MoE and OLMoE, whose transformers models differ from Llama's only inside their
+modules (q/k norms, fused or biased projections, LayerNorm, no-rope layers, a scaled embedding,
 soft-capped attention, routed experts), which run as transformers' own, and in what the embed
-and head units apply (Granite's multipliers, Gemma 2's logits soft-cap) and the rotary
-frequencies per layer type (Gemma 3); `_TYPES` says which type does what:
+and head units apply (Granite's multipliers, Gemma 2's logits soft-cap, Cohere's logit scale)
+and the rotary frequencies per layer type (Gemma 3); `_TYPES` says which type does what:
 units = [embed (embed_tokens), decoder layer 0..n-1, head (norm + lm_head)].
 
 Rotary embeddings are parameter-free and needed by every layer, so the model's rotary
@@ -53,6 +53,7 @@ class _Type:
     # logits by `logits_scaling`, outside any module.
     multipliers: bool = False
     logits_softcap: bool = False  # Gemma 2 / 3: logits soft-capped by `final_logit_softcapping`
+    logit_scale: bool = False  # Cohere 1 / 2: logits multiplied by `logit_scale`, outside any module
 
 
 _TYPES = {
@@ -78,6 +79,8 @@ _TYPES = {
     "apertus": _Type("ApertusForCausalLM", _Mask.FULL),
     "ministral": _Type("MinistralForCausalLM", _Mask.LAYER_TYPES),
     "exaone4": _Type("Exaone4ForCausalLM", _Mask.LAYER_TYPES),
+    "cohere": _Type("CohereForCausalLM", _Mask.FULL, logit_scale=True),
+    "cohere2": _Type("Cohere2ForCausalLM", _Mask.LAYER_TYPES, logit_scale=True),
     # Mixture-of-experts MLPs (their checkpoints keep one tensor per expert: models/weights.py
     # stacks them into transformers' fused experts tensors).
     "mixtral": _Type("MixtralForCausalLM", _Mask.ONE),
@@ -190,12 +193,13 @@ class LlamaHead(Unit):
     on B rows instead of B * T)."""
 
     def __init__(self, norm: nn.Module, lm_head: nn.Module, last: bool = False, divisor: float = 1.0,
-                 softcap: float = 0.0) -> None:
+                 softcap: float = 0.0, scale: float = 1.0) -> None:
         super().__init__()
         self.norm, self.lm_head = norm, lm_head
         self.last = last
         self.divisor = divisor
         self.softcap = softcap
+        self.scale = scale
 
     def forward(self, act: Activation, ctx: Context) -> Activation:
         hidden = act["hidden"]  # [B, T, D]
@@ -204,6 +208,8 @@ class LlamaHead(Unit):
         logits = self.lm_head(self.norm(hidden))  # [B, T, V] or [B, V]
         if self.divisor != 1.0:
             logits = logits / self.divisor
+        if self.scale != 1.0:
+            logits = logits * self.scale
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return {"output": logits}
@@ -235,7 +241,8 @@ class LlamaFamily(Family):
             *(LlamaBlock(layer, config, kind) for layer, kind in zip(base.layers, kinds, strict=True)),
             LlamaHead(base.norm, causal_lm.lm_head, last=self.last,
                       divisor=float(config.logits_scaling) if spec.multipliers else 1.0,
-                      softcap=float(config.final_logit_softcapping or 0.0) if spec.logits_softcap else 0.0),
+                      softcap=float(config.final_logit_softcapping or 0.0) if spec.logits_softcap else 0.0,
+                      scale=float(config.logit_scale) if spec.logit_scale else 1.0),
         ]
 
     def shared(self, model: nn.Module) -> dict[str, nn.Module]:
