@@ -108,13 +108,7 @@ def test_prefills_replayed_from_graphs_give_hf_generate_tokens(stages: int) -> N
     cfg = parse_job({"name": "gen-gpu-prefill", "model": {"source": "builtin:llama-tiny"},
                      "pipeline": {"stages": stages}, "placement": {"devices": devices},
                      "generation": {"max_batch_sequences": 4, "warmup_s": 0}})
-    gen = torch.Generator().manual_seed(12)
-    work = [(torch.randint(0, 512, (n,), generator=gen).tolist(), 6) for n in (3, 16, 9, 12, 5, 14, 7, 11)]
-    mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
-    expected = [hf_greedy(mono, p, n) for p, n in work]
-    with LocalJob(prepare(cfg)) as job:
-        got = one_by_one_then_together(job, work, 5)
-    assert got == expected
+    assert_one_by_one_then_together_equal_hf(cfg, 12, (3, 16, 9, 12, 5, 14, 7, 11), 6)
 
 
 @pytest.mark.skipif(GPUS < 1, reason="needs CUDA")
@@ -126,8 +120,15 @@ def test_later_chunks_replayed_from_graphs_give_hf_generate_tokens() -> None:
     cfg = parse_job({"name": "gen-gpu-chunks", "model": {"source": "builtin:llama-tiny"},
                      "pipeline": {"stages": 1}, "placement": {"devices": ["cuda:0"]},
                      "generation": {"max_batch_sequences": 4, "warmup_s": 0, "prefill_chunk_tokens": 16}})
-    gen = torch.Generator().manual_seed(13)
-    work = [(torch.randint(0, 512, (n,), generator=gen).tolist(), 5) for n in (40, 40, 40, 33, 33, 40, 33, 21)]
+    assert_one_by_one_then_together_equal_hf(cfg, 13, (40, 40, 40, 33, 33, 40, 33, 21), 5)
+
+
+def assert_one_by_one_then_together_equal_hf(cfg: Any, seed: int, prompt_lengths: tuple[int, ...], new: int) -> None:
+    """Random prompts of `prompt_lengths` (generator seeded `seed`), `new` tokens each, served by a
+    job of `cfg` as `one_by_one_then_together` submits them (the first five alone, then the
+    rest at once): greedy tokens equal HF `generate` on the CPU monolith (float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    work = [(torch.randint(0, 512, (n,), generator=gen).tolist(), new) for n in prompt_lengths]
     mono = Monolith(resolve(cfg.model.source), "cpu", "float32", 0)
     expected = [hf_greedy(mono, p, n) for p, n in work]
     with LocalJob(prepare(cfg)) as job:
