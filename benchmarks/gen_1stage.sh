@@ -7,24 +7,28 @@
 # MBIF: the job's [generation] micro_batches_in_flight (absent: the default).
 # WARMUP_S: the job's [generation] warmup_s (decode buckets warmed before READY; absent: the default).
 # PREFILL_CHUNK: the job's [generation] prefill_chunk_tokens (absent: the default).
+# STAGES: the pipeline's stages instead of 1 (files get a suffix _sSTAGES); DEVICES: their
+# placement as TOML list items (default: every stage on "cuda:0").
 set -u
 out=${1:-out/gen_1stage}
 cases=${2:-"8:16:true 64:128:true 8:16:false 64:128:false"}
 mkdir -p "$out"
 for c in $cases; do
   IFS=: read -r batch live compile <<<"$c"
-  job="$out/job_${batch}_${live}_${compile}.toml"
+  tag="${batch}_${live}_${compile}${STAGES:+_s$STAGES}"
+  job="$out/job_${tag}.toml"
+  devices=${DEVICES:-$(for _ in $(seq "${STAGES:-1}"); do printf '"cuda:0",'; done)}
   cat >"$job" <<TOML
 name = "gen-1stage-${batch}-${live}"
 [model]
 source = "builtin:llama-3b"
 dtype = "bfloat16"
 [pipeline]
-stages = 1
+stages = ${STAGES:-1}
 cuda_graphs = true
 compile = ${compile}
 [placement]
-devices = ["cuda:0"]
+devices = [${devices%,}]
 [generation]
 max_batch_sequences = ${batch}
 kv_budget_tokens = $((live * 272))
@@ -39,10 +43,10 @@ concurrency = ${live}
 seed = 0
 TOML
   # GEN_LOG=INFO: the workers' log (graph captures per decode bucket) goes to the .txt as well.
-  timeout "${RUN_TIMEOUT:-240}" python3 -m infscaled.cli ${GEN_LOG:+--log-level $GEN_LOG} run "$job" --no-progress --json "$out/run_${batch}_${live}_${compile}.json" \
-    >"$out/run_${batch}_${live}_${compile}.txt" 2>&1
-  echo "case batch=${batch} live=${live} compile=${compile} rc=$?"
-  python3 - "$out/run_${batch}_${live}_${compile}.json" <<'PY'
+  timeout "${RUN_TIMEOUT:-240}" python3 -m infscaled.cli ${GEN_LOG:+--log-level $GEN_LOG} run "$job" --no-progress --json "$out/run_${tag}.json" \
+    >"$out/run_${tag}.txt" 2>&1
+  echo "case batch=${batch} live=${live} compile=${compile} stages=${STAGES:-1} rc=$?"
+  python3 - "$out/run_${tag}.json" <<'PY'
 import json, sys
 try:
     d = json.load(open(sys.argv[1]))

@@ -282,3 +282,28 @@ def test_after_warm_up_the_first_decode_steps_replay_graphs(stages: int, compile
         print(f"warmup_s {warmup_s}, compile {compiled}: graph replays per stage {replays} for {steps} decode steps")
         assert replays == [want] * stages
         assert all(s is not None and s.kv_sequences == 0 and s.kv_reserved_tokens == 0 for s in stats)
+
+
+def test_a_generation_stage_stages_only_the_activations_of_the_stage_before(monkeypatch: Any) -> None:
+    """engine/cuda.py's receivers copy onto a CUDA stage's device what `Program.staged` picks: for a
+    generation stage only the activations (`x`) from the stage before; stage 0's prompts from the
+    dispatcher, tokens round the loop and every table, spec, mask and free list stay host data
+    (their values decide on the host). A forward stage stages all but tables and masks."""
+    from infscaled.engine.edges import EdgeEnd
+    from infscaled.engine.programs.forward import ForwardStage
+    from infscaled.protocol import generation as g
+    from infscaled.protocol.plan import DISPATCHER, EdgePlan
+    from infscaled.worker.router import Router
+
+    programs, _ = _stages(monkeypatch, 2)
+    first, second = Node(0, 0), Node(1, 0)
+    from_stage = EdgeEnd(EdgePlan(first, second, "127.0.0.1", 1), second)
+    from_dispatcher = EdgeEnd(EdgePlan(DISPATCHER, first, "127.0.0.1", 2), first)
+    round_the_loop = EdgeEnd(EdgePlan(second, first, "127.0.0.1", 3), first)
+    host = (g.REQUESTS, g.MASK, g.SPECS, g.FREE_IDS, g.STARTS, g.TOKENS, g.DONE)
+    assert programs[1].staged(from_stage, g.X)
+    assert not any(programs[1].staged(from_stage, k) for k in host)
+    assert not any(programs[0].staged(end, k) for end in (from_dispatcher, round_the_loop) for k in (g.X, *host))
+    forward = ForwardStage(build_stage(resolve(MODEL), 0, 1, "cpu", "float32", 0), "cpu", Router("round_robin"))
+    assert forward.staged(from_stage, "input_ids") and forward.staged(from_stage, "hidden")
+    assert not forward.staged(from_stage, "requests") and not forward.staged(from_stage, "attention_mask")

@@ -21,6 +21,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 
 from infscaled.config import parse_job
 from infscaled.errors import TransportError
-from infscaled.protocol.plan import EdgePlan, JobPlan, Node, StagePlan, WorkerPlan
+from infscaled.protocol.plan import EdgePlan, GenerationPlan, JobPlan, Node, StagePlan, WorkerPlan
 from infscaled.protocol.wire import DATA, STOP, STOP_ACK
 from infscaled.runner.launcher import LocalJob, prepare
 from infscaled.runner.run import verify_outcomes
@@ -72,6 +73,12 @@ def test_transport_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert got == {"dispatcher->0.0": "tcp",  # the dispatcher is a CPU process
                    "0.0->1.0": "nccl", "1.0->2.0": "tcp",  # one GPU cannot hold both ranks
                    "2.0->3.0": "tcp", "3.0->dispatcher": "tcp"}
+    # A generation job's edges the same way, the loop's last -> first edge too: its stages follow
+    # the stream contract of engine/cuda.py (activations device to device, tokens on the host).
+    gen = replace(_plan(["cuda:0", "cuda:1"]), generation=GenerationPlan(1000, 4, 2))
+    gen = replace(gen, edges=(*gen.edges, EdgePlan(Node(1, 0), Node(0, 0), HOST, 2000)))
+    assert {e.key: nccl.edge_backend(gen, e) for e in gen.edges} == {
+        "dispatcher->0.0": "tcp", "0.0->1.0": "nccl", "1.0->dispatcher": "tcp", "1.0->0.0": "nccl"}
     monkeypatch.setenv(nccl.TRANSPORT_ENV, "tcp")
     assert {nccl.edge_backend(plan, e) for e in plan.edges} == {"tcp"}
     monkeypatch.delenv(nccl.TRANSPORT_ENV)

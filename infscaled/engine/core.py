@@ -32,9 +32,10 @@ peer died, or sent garbage); the node keeps serving on its other edges, and what
 the broken one is lost here and replayed by the dispatcher (dispatch/core.py).
 
 CUDA stages (Program.cuda_streams): the engine owns the data-plane streams (engine/cuda.py):
-receivers stage gloo inputs into device buffers on their own stream, NCCL inputs land in pool
-buffers; senders wait for a message's `ready` event on the host (the peer's receive kernel
-must not spin for a whole compute time) and copy to pinned host memory for gloo outputs.
+receivers stage gloo inputs (the tensors `Program.staged` picks) into device buffers on their own
+stream, NCCL inputs land in pool buffers; senders wait for a message's `ready` event on the host
+(the peer's receive kernel must not spin for a whole compute time) and copy to pinned host memory
+for gloo outputs.
 """
 
 from __future__ import annotations
@@ -505,7 +506,7 @@ class Engine:
                     self._inbox.put(_InputStopped(end))
                     return
                 if self.cuda is not None and not edge.device_channel:
-                    msg = self.cuda.to_device(msg, end)
+                    msg = self.cuda.to_device(msg, end, self.program.staged)
                 now = time.monotonic()
                 table = msg.tensors.get(REQUESTS_KEY)
                 samples = int(table[:, 1].sum()) if table is not None and table.numel() else 0

@@ -4,13 +4,17 @@ Stream contract (every stream owned by the stage, on its device; the default str
 data-plane work):
 - receive (receiver thread of in-edge i, on `recv{i}`): an NCCL in-edge receives device
   tensors into `pool` buffers (a reused buffer is first ordered after its previous reader's
-  event); a gloo in-edge lands in pinned host memory and is copied into pool buffers with
-  non-blocking copies. Either way an event `ready` recorded on `recv{i}` after the data travels
-  with the message. Host-side tensors (HOST_KEYS: the request table, attention masks) stay in
-  host memory: they ride the header channel, and models decide "nothing is padded" on the host.
-- compute (the program, on `compute`): waits for `ready`, runs between a `start` and an `end`
-  event, hands input buffers back to the pool with `end`, and sends its outputs with
-  `ready = end` (engine/programs/forward.py).
+  event); a gloo in-edge lands in pinned host memory and the tensors the program stages
+  (`Program.staged`) are copied into pool buffers with non-blocking copies. Either way an event
+  `ready` recorded on `recv{i}` after the data travels with the message (a message with nothing
+  staged travels as it came). Host-side tensors (by default program.HOST_KEYS: the request table,
+  attention masks; a generation stage keeps everything but its activations there) stay in host
+  memory: they ride the header channel, and models decide "nothing is padded" on the host.
+- compute (the program): waits for `ready` on its stream, hands input buffers back to the pool
+  with an event recorded after its last read, and sends device outputs with `ready` = an event
+  recorded after they were written. A forward stage computes on `compute` between a `start` and
+  an `end` event (engine/programs/forward.py); a generation stage on the compute thread's
+  current stream, where its warm-up captured its CUDA graphs (engine/programs/generation.py).
 - send (sender thread of each out-edge): first waits on the host for `ready` (a blocking-sync
   event: the thread sleeps) so that the header, and with it the peer's NCCL receive kernel, goes
   out only when the data exists; an NCCL out-edge then sends device to device on `send`, a gloo
@@ -21,17 +25,14 @@ data-plane work):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd
 from infscaled.worker.nccl import BufferPool
 from infscaled.worker.transport import Message
-
-# Tensors a CUDA stage keeps in host memory (see the contract above).
-HOST_KEYS = frozenset({REQUESTS_KEY, "attention_mask"})
 
 
 class CudaStreams:
@@ -58,15 +59,18 @@ class CudaStreams:
             transport.recv_stream = end.recv_stream
             transport.pool = self.pool
 
-    def to_device(self, msg: Message, end: EdgeEnd) -> Message:
-        """Receiver thread, gloo in-edge: pinned host tensors -> pool buffers on the edge's stream."""
+    def to_device(self, msg: Message, end: EdgeEnd, staged: Callable[[EdgeEnd, str], bool]) -> Message:
+        """Receiver thread, gloo in-edge: the pinned host tensors `staged` picks -> pool buffers on
+        the edge's stream."""
+        if not any(staged(end, name) for name in msg.tensors):
+            return msg
         stream: Any = end.recv_stream
         tensors: dict[str, torch.Tensor] = {}
         buffers: list[torch.Tensor] = []
         # Not under inference_mode: pool buffers are reused by NCCL receives, which run outside it.
         with torch.cuda.stream(stream):
             for name, t in msg.tensors.items():
-                if name in HOST_KEYS:
+                if not staged(end, name):
                     tensors[name] = t
                     continue
                 buf = self.pool.take(t.shape, t.dtype, stream)

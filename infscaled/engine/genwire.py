@@ -18,6 +18,8 @@ from infscaled.protocol import generation as g
 from infscaled.protocol.wire import MsgKind
 from infscaled.worker.transport import Message
 
+X_KEY = g.X  # the activations' tensor: the only one a CUDA stage stages onto its device (engine/cuda.py)
+
 
 @dataclass
 class Prefill:

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Tensors a CUDA stage keeps in host memory by default (engine/cuda.py): the request table, and
+# attention masks (models decide "nothing is padded" on the host).
+HOST_KEYS = frozenset({"requests", "attention_mask"})
+
 
 class Program:
     cuda_streams = False  # True: on a CUDA device the engine stages inputs and outputs on its streams
@@ -49,6 +53,12 @@ class Program:
 
     def on_local(self, item: object) -> None:
         raise TypeError(f"{type(self).__name__} takes no local items, got {type(item).__name__}")
+
+    def staged(self, end: EdgeEnd, name: str) -> bool:
+        """CUDA stages (`cuda_streams`): whether tensor `name` of a message that arrives on `end`
+        over a host transport is copied onto the device by the engine's receiver (engine/cuda.py);
+        the others stay in host memory. Called on the receiver thread (keep it a pure function)."""
+        return name not in HOST_KEYS
 
     def poll(self, now: float) -> float | None:
         """Do timed work; return the seconds until the next deadline, or None when idle."""

@@ -83,10 +83,6 @@ def edge_backend(plan: JobPlan, edge: EdgePlan) -> str:
     """"nccl" when both ends are CUDA devices (on different GPUs, or on different hosts), else "tcp"."""
     if os.environ.get(TRANSPORT_ENV, "").lower() in ("tcp", "gloo") or not nccl_available():
         return "tcp"
-    if plan.generation is not None:
-        # Generation stages (engine/programs/generation.py) do not follow the CUDA stream
-        # contract of engine/cuda.py (ready events, buffer pool) yet: their edges stay on TCP.
-        return "tcp"
     (src_host, src), (dst_host, dst) = _device_of(plan, edge.src), _device_of(plan, edge.dst)
     if src.type != "cuda" or dst.type != "cuda":
         return "tcp"

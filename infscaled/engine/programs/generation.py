@@ -12,6 +12,16 @@ stage has work (a one-stage chain launches its next step before the host has thi
 own seeded generator), decides `done` (max_new_tokens or a stop id), frees its own cache of
 finished sequences, and sends the tokens to the dispatcher and round the loop.
 
+CUDA stages follow the stream contract of engine/cuda.py: a stage's activations (the only tensor
+that is not host data) go to the next stage device to device over an NCCL edge (stages on two GPUs
+or hosts), or through pinned host memory copied on the engine's sender thread (two stages on one
+GPU); either way the compute thread never waits for the GPU to hand them on. It sends a copy of
+them (a replayed step's outputs are its graph's static buffers, which the bucket's next step
+overwrites) with the event after it, which the sender waits for; a received activation arrives in a
+pool buffer with its `ready` event, which the stage's stream waits on before the step reads it, and
+goes back to the pool with an event after the step. Tokens and everything else (sequence specs,
+masks, frees) are host data: the host decides when a sequence is done and streams its tokens.
+
 Ending: the dispatcher's STOP reaches stage 0, which drops what it holds and closes its output;
 STOP flows down the chain, the last stage passes it to the dispatcher and round the loop, and
 stage 0 ends once the loop's STOP arrived too.
@@ -65,6 +75,7 @@ log = logging.getLogger(__name__)
 
 PREFILL_GATHER_S = 0.02  # the longest stage 0 holds a prefill back to merge it with later ones
 NO_CHUNKS = 1 << 62  # prefill_chunk_tokens = 0: a micro-batch's prompts are not split
+TIMING_POLL_S = 0.005  # CUDA stages but the last: how soon to look again for a step's end event
 
 
 @dataclass
@@ -109,6 +120,8 @@ class _Chain:
 
 
 class GenerationStage(Program):
+    cuda_streams = True  # activations device to device (see the module's docstring)
+
     def __init__(self, stage: torch.nn.Module, device: str, plan: GenerationPlan, stages: int,
                  cuda_graphs: bool = True) -> None:
         super().__init__()
@@ -130,6 +143,9 @@ class GenerationStage(Program):
         # and completes them in `poll` once their copy has landed: no blocking sync per step.
         self._pending: list[_Pending] = []
         self._began: Any = None  # the current step's start event (CUDA, last stage)
+        # CUDA, not the last stage: (rows, start, end event) of steps whose activations are on their
+        # way, oldest first; counted in the stage's stats once their end event has passed (`poll`).
+        self._timings: list[tuple[int, Any, Any]] = []
         self._trace = StepTrace(300, 40)  # INFSCALED_PROFILE_DIR: engine/profile.py
 
     def attach(self, engine: object) -> None:
@@ -151,6 +167,11 @@ class GenerationStage(Program):
     def start(self) -> None:
         torch.set_grad_enabled(False)
 
+    def staged(self, end: EdgeEnd, name: str) -> bool:
+        """Only activations from the stage before go onto the device (stage 0's prompts and every
+        table, mask and token stay host data; see the module's docstring)."""
+        return name == gw.X_KEY and not self.first  # (stage 0's in-edges: the dispatcher's, the loop's)
+
     def on_message(self, end: EdgeEnd, wire: Message) -> None:
         if self.lost is not None or (end.peer.is_dispatcher and end.state is EdgeState.BROKEN):
             self.engine.dropped += 1  # in flight when the chain broke: nobody can use it now
@@ -158,6 +179,12 @@ class GenerationStage(Program):
             self.engine.ack(end, Ack(ACK, wire.mb_id, int(wire.tensors[REQUESTS_KEY].shape[0]), 0))
             return
         msg = gw.decode(wire)
+        stream = None
+        if wire.ready is not None:  # activations in pool buffers (engine/cuda.py): read after they landed
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(wire.ready)
+            for buf in wire.buffers:
+                buf.record_stream(stream)
         with torch.inference_mode():
             if isinstance(msg, gw.Tokens):  # stage 0: the loop brought the next tokens
                 self.chain.inflight -= 1
@@ -174,6 +201,11 @@ class GenerationStage(Program):
                     self._decode(msg.seqs, msg.x)
                 elif self.chain.pending_free and not self.first:
                     self._send_next(gw.Free([]))  # a free list only: pass it down
+        if stream is not None and wire.buffers:
+            read = torch.cuda.Event()  # the step that read them is queued: the buffers go back after it
+            read.record(stream)
+            for buf in wire.buffers:
+                self.engine.cuda.pool.give(buf, read)
         self.engine.passed_on()
         self.engine.ack(end, Ack(ACK, wire.mb_id, int(wire.tensors[REQUESTS_KEY].shape[0]), 0))
 
@@ -229,6 +261,7 @@ class GenerationStage(Program):
                         "dropped; serving on for the next dispatcher", self.engine.node, why, len(seqs), held)
 
     def poll(self, now: float) -> float | None:
+        self._count_sent()
         if self._stopped or self.lost is not None:
             self._pending.clear()
             return None
@@ -245,7 +278,15 @@ class GenerationStage(Program):
                 self._complete(self._pending.pop(0))
                 if self.first:
                     self._schedule()
-        return 0.0 if self._runnable() or self._pending else None
+        if self._runnable() or self._pending:
+            return 0.0
+        return TIMING_POLL_S if self._timings else None
+
+    def _count_sent(self) -> None:
+        """Count the steps (not the last stage, CUDA) whose activations have been computed."""
+        while self._timings and self._timings[0][2].query():
+            rows, began, ended = self._timings.pop(0)
+            self.engine.computed(rows, began.elapsed_time(ended) / 1e3)
 
     def _runnable(self) -> bool:
         chain = self.chain
@@ -349,7 +390,8 @@ class GenerationStage(Program):
                 act["position_ids"] = torch.tensor(starts).unsqueeze(1) + torch.arange(msg.x.shape[1])  # [n, T]
             out = self._run(act, kv, seqs)
         if not self.last:
-            self._send_next(gw.Prefill(msg.specs, out["hidden"], msg.attention_mask, starts=msg.starts))
+            self._send_next(gw.Prefill(msg.specs, out["hidden"], msg.attention_mask, starts=msg.starts),
+                            self._computed())
             return
         final = [i for i, f in enumerate(msg.finals()) if f]  # rows whose prompt this chunk ends
         if not final:
@@ -375,7 +417,7 @@ class GenerationStage(Program):
     def _decode(self, seqs: list[int], x: torch.Tensor) -> None:
         out = self._timed(seqs, lambda: self.decoder.step(x, seqs))
         if not self.last:
-            self._send_next(gw.Decode(seqs, out["hidden"]))
+            self._send_next(gw.Decode(seqs, out["hidden"]), self._computed())
             return
         logits = out["output"]
         self._sampled(seqs, logits[:, -1] if logits.dim() == 3 else logits)
@@ -393,19 +435,32 @@ class GenerationStage(Program):
 
     def _timed(self, seqs: list[int], forward: object) -> dict[str, torch.Tensor]:
         self._trace.step(self.engine.node, self.device)
-        if self.last and self.device.type == "cuda":
-            # No sync here: the step's GPU time is read from events when its tokens are back
-            # (`_complete`), so the host can launch the next micro-batch meanwhile.
-            self._began = torch.cuda.Event(enable_timing=True)
-            self._began.record(torch.cuda.current_stream(self.device))
+        if self.device.type == "cuda":
+            # No sync here: the step's GPU time is read from events later (the last stage's when its
+            # tokens are back, `_complete`; the others' once their activations exist, `poll`), so the
+            # host launches the next micro-batch meanwhile.
+            stream = torch.cuda.current_stream(self.device)
+            began = torch.cuda.Event(enable_timing=True)
+            began.record(stream)
             out: dict[str, torch.Tensor] = forward()  # type: ignore[operator]
-            return out
+            if self.last:
+                self._began = began
+                return out
+            # A copy: a replayed step's outputs are its graph's static buffers (generation/graphs.py).
+            hidden = out["hidden"].clone()
+            # blocking: the sender thread sleeps on it rather than spinning (engine/cuda.py before_send)
+            ended = torch.cuda.Event(enable_timing=True, blocking=True)
+            ended.record(stream)
+            self._timings.append((len(seqs), began, ended))
+            return {"hidden": hidden}
         started = time.perf_counter()
         out = forward()  # type: ignore[operator]
-        if not self.last:
-            out = {"hidden": out["hidden"].cpu()}  # the gloo edges carry host tensors
         self.engine.computed(len(seqs), time.perf_counter() - started)
         return out
+
+    def _computed(self) -> Any:
+        """The event after which the step just launched has written its activations (CUDA), else None."""
+        return self._timings[-1][2] if self.device.type == "cuda" else None
 
     def _sampled(self, seqs: list[int], logits: torch.Tensor,
                  prompt_lps: list[PromptLogprobs | None] | None = None) -> None:
@@ -506,14 +561,16 @@ class GenerationStage(Program):
 
     # -- sending ---------------------------------------------------------------------------------
 
-    def _send_next(self, msg: gw.GenMessage) -> None:
+    def _send_next(self, msg: gw.GenMessage, ready: Any = None) -> None:
+        """`msg` down the chain (with the frees pending here); `ready`: the event after which its
+        device tensors exist (the engine's sender waits for it, engine/cuda.py)."""
         assert self.next_node is not None
         if self.chain.pending_free and isinstance(msg, gw.Prefill | gw.Decode | gw.Free):
             msg.free = self.chain.pending_free
             self.chain.pending_free = []
-        self._send_to(self.next_node, msg)
+        self._send_to(self.next_node, msg, ready)
 
-    def _send_to(self, peer: Node, msg: gw.GenMessage) -> None:
+    def _send_to(self, peer: Node, msg: gw.GenMessage, ready: Any = None) -> None:
         if self._stopped or self.lost is not None:
             return  # STOP went down this edge already, or the chain is lost (on_broken said why)
         end = self.engine.output_to(peer)
@@ -523,7 +580,9 @@ class GenerationStage(Program):
         if end is None:
             raise RuntimeError(f"{self.engine.node}: no edge to {peer} in this job's plan")
         self._mb_ids += 1
-        self.engine.send(end, gw.encode(msg, self._mb_ids))
+        wire = gw.encode(msg, self._mb_ids)
+        wire.ready = ready
+        self.engine.send(end, wire)
 
 
 @dataclass

@@ -35,7 +35,7 @@ def position_ids(act: Activation, ctx: Context) -> torch.Tensor:
 def device_mask(act: Activation) -> torch.Tensor | None:
     """The padding mask [B, T] for the hidden states' device, without a device sync.
 
-    On a CUDA stage the mask stays in (pinned) host memory (engine/cuda.py HOST_KEYS): if
+    On a CUDA stage the mask stays in (pinned) host memory (engine/program.py HOST_KEYS): if
     nothing is padded this returns None, decided on the host, which lets transformers skip the
     mask (sdpa's `is_causal` fast path) exactly as it does after its own `mask.all()` check;
     otherwise a non-blocking copy to the device. Where mask and hidden share a device (CPU
