@@ -276,3 +276,52 @@ def test_a_static_prefill_batch_refuses_what_it_cannot_hold() -> None:
     narrow = PagedBatch.static_prefill(kv, 2, 16, pages=1)
     with pytest.raises(ValueError, match="chunks reaching 2 pages do not fit a static batch of 1"):
         narrow.load_prefill([1], [8], [16])
+
+
+def test_failed_captures_start_a_fresh_pool_and_stop_after_three_with_none_succeeding(monkeypatch: Any,
+                                                                                       caplog: Any) -> None:
+    """generation/graphs.py `_Captures` (a step kind's graphs): each failed capture leaves its bucket
+    eager and drops the memory pool (PyTorch's allocator fails an assertion on the next capture
+    into a pool a capture failed in), so the next capture gets a fresh one; after three failures
+    with none succeeding (a model no step of which can be captured: transformers' MoE layers on
+    CUDA) later buckets run eagerly without trying, and one warning says so. Once one capture
+    succeeded, failures never stop later tries. CUDA calls are replaced (CPU)."""
+    import logging
+
+    from infscaled.generation import graphs
+
+    pools = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(pools))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: "capture stream")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: "compute stream")
+    tried: list[Any] = []
+    succeed: set[int] = set()
+
+    def fake_capture(forward: Any, compute: Any, stream: Any, pool: Any) -> tuple[Any, Any]:
+        tried.append(pool)
+        if len(tried) in succeed:
+            return "graph", {"hidden": torch.zeros(1)}
+        raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+
+    monkeypatch.setattr(graphs, "capture", fake_capture)
+    captures = graphs._Captures(torch.device("cpu"))
+    buckets = [graphs._Bucket(batch=None) for _ in range(5)]  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="infscaled.generation.graphs"):
+        for i, b in enumerate(buckets):
+            captures.capture(b, lambda: None, f"decode step {i}")
+    assert tried == [0, 1, 2]  # three tries, each in a fresh pool; none after
+    assert all(b.eager and b.graph is None for b in buckets)
+    assert captures.given_up and captures.failed == 3
+    gave_up = [r.getMessage() for r in caplog.records if "without trying again" in r.getMessage()]
+    assert gave_up == ["decode step 2: 3 CUDA graph captures failed and none succeeded: these steps run eagerly "
+                       "from now on, without trying again"]
+
+    tried.clear()
+    succeed.add(1)  # the first capture works: later failures never stop the tries
+    captures = graphs._Captures(torch.device("cpu"))
+    buckets = [graphs._Bucket(batch=None) for _ in range(6)]  # type: ignore[arg-type]
+    for i, b in enumerate(buckets):
+        captures.capture(b, lambda: None, f"decode step {i}")
+    assert len(tried) == 6 and buckets[0].graph == "graph" and not buckets[0].eager
+    assert all(b.eager for b in buckets[1:]) and not captures.given_up
+    assert tried[:3] == [3, 3, 4]  # the pool is kept after a success, dropped after each failure

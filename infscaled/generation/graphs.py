@@ -146,16 +146,37 @@ class DecodeStep:
                              f"decode step of {key[0]} rows x {key[1]} pages")
 
 
+MAX_FAILED_CAPTURES = 3  # failed captures, none succeeding, after which a step kind stops trying
+
+
 class _Captures:
-    """A step kind's CUDA graphs: one memory pool and capture stream, made on first use."""
+    """A step kind's CUDA graphs: one memory pool and capture stream, made on first use.
+
+    A failed capture leaves its pool unusable for the next (PyTorch's caching allocator then fails
+    an internal assertion on the next capture into it: seen on the H200 after transformers' MoE
+    layers failed one), so a failure drops the pool and the next capture starts a fresh one. A
+    model whose steps cannot be captured at all (an operation that copies from pageable host
+    memory, as transformers' grouped expert product does) would otherwise fail, warn and pay an
+    extra eager step in every bucket: after MAX_FAILED_CAPTURES failures with no capture
+    succeeding, the step kind stops trying (one warning says so) and runs eagerly.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pool: Any = None
         self._stream: Any = None
+        self.failed = 0  # captures that failed
+        self.captured = 0  # and that succeeded
+
+    @property
+    def given_up(self) -> bool:
+        return self.captured == 0 and self.failed >= MAX_FAILED_CAPTURES
 
     def capture(self, b: _Bucket, forward: Any, what: str) -> None:
         """Capture `forward()` as `b`'s graph; a failure logs a warning and leaves `b` eager for good."""
+        if self.given_up:
+            b.eager = True
+            return
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(self.device)
@@ -164,8 +185,14 @@ class _Captures:
         except Exception:  # noqa: BLE001 - a graph is an optimisation: fall back to eager, loudly
             log.warning("%s: CUDA graph capture failed; this shape runs eagerly", what, exc_info=True)
             b.eager = True
+            self._pool = None  # (see the class docstring)
+            self.failed += 1
+            if self.given_up:
+                log.warning("%s: %d CUDA graph captures failed and none succeeded: these steps run eagerly "
+                            "from now on, without trying again", what, self.failed)
             return
         b.graph, b.out = graph, out
+        self.captured += 1
         log.info("%s captured as a CUDA graph", what)
 
 
