@@ -4,7 +4,9 @@ Marked `gpu`: skipped without CUDA (CI is CPU only); run on the device (BENCHMAR
 float32 with TF32 off (what workers set for float32 jobs), so greedy tokens on the GPU equal the
 CPU reference token for token. Sequences of different prompt and output lengths join while
 others run, so the decode batches change size (graph buckets of 1, 2 and 4 rows) and graphs are
-captured and replayed for some buckets while others still run eagerly.
+captured and replayed for some buckets while others still run eagerly. Two-stage cases put
+their stages on cuda:0 and cuda:1 where two GPUs exist, so the activations go over an NCCL edge
+(engine/cuda.py's stream contract); on one GPU the same contract runs over TCP.
 """
 
 from __future__ import annotations
