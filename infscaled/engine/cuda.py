@@ -62,7 +62,8 @@ class CudaStreams:
     def to_device(self, msg: Message, end: EdgeEnd, staged: Callable[[EdgeEnd, str], bool]) -> Message:
         """Receiver thread, gloo in-edge: the pinned host tensors `staged` picks -> pool buffers on
         the edge's stream."""
-        if not any(staged(end, name) for name in msg.tensors):
+        picked = {name for name in msg.tensors if staged(end, name)}
+        if not picked:
             return msg
         stream: Any = end.recv_stream
         tensors: dict[str, torch.Tensor] = {}
@@ -70,7 +71,7 @@ class CudaStreams:
         # Not under inference_mode: pool buffers are reused by NCCL receives, which run outside it.
         with torch.cuda.stream(stream):
             for name, t in msg.tensors.items():
-                if not staged(end, name):
+                if name not in picked:
                     tensors[name] = t
                     continue
                 buf = self.pool.take(t.shape, t.dtype, stream)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from infscaled.engine.core import REQUESTS_KEY
 from infscaled.engine.edges import EdgeEnd, EdgeState
 from infscaled.routing.policies import NoRouteError
 from infscaled.worker.router import Router
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # Tensors a CUDA stage keeps in host memory by default (engine/cuda.py): the request table, and
 # attention masks (models decide "nothing is padded" on the host).
-HOST_KEYS = frozenset({"requests", "attention_mask"})
+HOST_KEYS = frozenset({REQUESTS_KEY, "attention_mask"})
 
 
 class Program:
